@@ -1,0 +1,149 @@
+//! Command-line parsing shared by the subcommands, and the logger.
+
+use std::time::Duration;
+
+mod serve;
+
+const USAGE: &str = "\
+wsloop: a small WebSocket server and client on one poll loop
+
+Usage:
+  wsloop [serve] [OPTIONS]     serve WebSocket (default: echo on 127.0.0.1:9001)
+  wsloop help                  this text
+
+Run `wsloop serve --help` for the options of a subcommand.
+Durations are written like 2s, 500ms, 0.5s, 1m.";
+
+/// Runs the CLI; returns the exit code.
+pub fn main() -> i32 {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let sub = args.first().and_then(|a| a.to_str()).map(str::to_string);
+    let result = match sub.as_deref() {
+        Some("serve") => {
+            args.remove(0);
+            serve::run(args)
+        }
+        Some("help") | Some("--help") | Some("-h") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some("--version") | Some("-V") => {
+            println!("wsloop {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Some(s) if !s.starts_with('-') => Err(format!("unknown command '{s}' (try: wsloop help)")),
+        _ => serve::run(args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("wsloop: {e}");
+            2
+        }
+    }
+}
+
+/// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h`, or `0`/`off` (as zero).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration '{s}' (use e.g. 2s, 500ms, 0.5s, 1m)");
+    let t = s.trim();
+    if t == "0" || t.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || !(0.0..=86_400.0 * 20.0).contains(&secs) {
+        return Err(format!("duration '{s}' out of range (at most 20 days)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a byte count: `1048576`, `64KiB`, `16MiB`, `1k`, `2M`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let bad = || format!("invalid size '{s}' (use e.g. 65536, 64KiB, 16MiB)");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num.parse().map_err(|_| bad())?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+/// The value of an option, as a `String`.
+pub fn value(p: &mut lexopt::Parser) -> Result<String, String> {
+    p.value()
+        .map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|v| format!("option value is not UTF-8: {v:?}"))
+}
+
+/// Turns a lexopt error into our one-line message.
+pub fn arg_err(e: lexopt::Error) -> String {
+    e.to_string()
+}
+
+/// A logger that writes `LEVEL message` lines to stderr.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr().lock(), "{:<5} {}", r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Installs the stderr logger at `level` (error, warn, info, debug, trace, off).
+pub fn init_log(level: &str) -> Result<(), String> {
+    let filter: log::LevelFilter = level
+        .parse()
+        .map_err(|_| format!("invalid log level '{level}' (error, warn, info, debug, trace, off)"))?;
+    let _ = log::set_logger(&StderrLogger);
+    log::set_max_level(filter);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("off"), Ok(Duration::ZERO));
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("2 weeks").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_bytes("64k"), Ok(64 << 10));
+        assert_eq!(parse_bytes("125"), Ok(125));
+        assert!(parse_bytes("lots").is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! Bytes waiting for a socket to become writable.
+//!
+//! A connection has an [`Outbox`] only while the kernel would not take everything at once;
+//! the common case writes straight to the socket and allocates nothing. Broadcast frames are
+//! queued as shared, reference-counted bytes: one copy however many peers wait for them.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::rc::Rc;
+
+/// One queued piece.
+#[derive(Debug)]
+pub(crate) enum Chunk {
+    /// Bytes for this connection only.
+    Owned(Vec<u8>),
+    /// Bytes shared with other connections (a broadcast frame).
+    Shared(Rc<[u8]>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(v) => v,
+            Chunk::Shared(r) => r,
+        }
+    }
+}
+
+/// A queue of unsent bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    front_written: usize,
+    /// Unsent bytes in total.
+    len: usize,
+}
+
+/// Owned pieces smaller than this are merged into the previous owned piece.
+const MERGE_BELOW: usize = 4096;
+
+impl Outbox {
+    /// Unsent bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Queues a copy of `bytes`.
+    pub(crate) fn push_slice(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.len += bytes.len();
+        if let Some(Chunk::Owned(last)) = self.chunks.back_mut() {
+            if bytes.len() < MERGE_BELOW || last.len() < MERGE_BELOW {
+                last.extend_from_slice(bytes);
+                return;
+            }
+        }
+        self.chunks.push_back(Chunk::Owned(bytes.to_vec()));
+    }
+
+    /// Queues `bytes[skip..]`, taking ownership (no copy of a large buffer).
+    pub(crate) fn push_vec(&mut self, bytes: Vec<u8>, skip: usize) {
+        if skip >= bytes.len() {
+            return;
+        }
+        if bytes.len() - skip < MERGE_BELOW || !self.chunks.is_empty() {
+            self.push_slice(&bytes[skip..]);
+            return;
+        }
+        self.len += bytes.len() - skip;
+        self.front_written = skip;
+        self.chunks.push_back(Chunk::Owned(bytes));
+    }
+
+    /// Queues shared bytes, `skip` of which were already written.
+    pub(crate) fn push_shared(&mut self, bytes: Rc<[u8]>, skip: usize) {
+        if skip >= bytes.len() {
+            return;
+        }
+        if self.chunks.is_empty() {
+            self.front_written = skip;
+        } else {
+            debug_assert_eq!(skip, 0);
+        }
+        self.len += bytes.len() - skip;
+        self.chunks.push_back(Chunk::Shared(bytes));
+    }
+
+    /// Drops everything queued.
+    pub(crate) fn clear(&mut self) {
+        self.chunks.clear();
+        self.front_written = 0;
+        self.len = 0;
+    }
+
+    /// Writes as much as `w` takes. Returns `Ok(true)` when the queue is empty.
+    pub(crate) fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<bool> {
+        while self.len > 0 {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut n = 0;
+            for (i, c) in self.chunks.iter().take(slices.len()).enumerate() {
+                let b = c.bytes();
+                slices[i] = IoSlice::new(if i == 0 { &b[self.front_written..] } else { b });
+                n += 1;
+            }
+            let written = match w.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            self.advance(written);
+        }
+        Ok(true)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.len -= n;
+        while n > 0 {
+            let front = self.chunks.front().expect("advance within len").bytes().len() - self.front_written;
+            if n < front {
+                self.front_written += n;
+                return;
+            }
+            n -= front;
+            self.chunks.pop_front();
+            self.front_written = 0;
+        }
+    }
+}
+
+/// Writes `bytes` until the kernel stops taking them; returns how many went out.
+pub(crate) fn write_some<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match w.write(&bytes[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => done += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that takes at most `cap` bytes per call and then blocks once.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+        block_next: bool,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.block_next {
+                self.block_next = false;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.block_next = true;
+            let n = buf.len().min(self.cap);
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn keeps_order_across_owned_and_shared() {
+        let mut o = Outbox::default();
+        let shared: Rc<[u8]> = Rc::from(&b"SHARED"[..]);
+        o.push_vec(vec![9; 10_000], 2);
+        o.push_shared(shared.clone(), 0);
+        o.push_slice(b"tail");
+        assert_eq!(o.len(), 9_998 + 6 + 4);
+        let mut w = Trickle {
+            got: Vec::new(),
+            cap: 777,
+            block_next: false,
+        };
+        let mut rounds = 0;
+        while !o.write_to(&mut w).unwrap() {
+            rounds += 1;
+            assert!(rounds < 1000);
+        }
+        let mut want = vec![9; 9_998];
+        want.extend_from_slice(b"SHAREDtail");
+        assert_eq!(w.got, want);
+        assert_eq!(o.len(), 0);
+        assert_eq!(Rc::strong_count(&shared), 1, "sent shared bytes are released");
+    }
+}

@@ -1,0 +1,106 @@
+//! Payload masking (RFC 6455 §5.3): XOR with a 4-byte key, a word at a time.
+
+use std::cell::RefCell;
+
+/// XORs `buf` with `key`, as if `buf` started `offset` bytes into the masked payload.
+///
+/// Masking is its own inverse, so this both masks and unmasks. `offset` lets a payload that arrives
+/// in several reads be unmasked piece by piece.
+#[inline]
+pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
+    // Rotate the key so that buf[0] lines up with key[offset % 4].
+    let o = offset % 4;
+    let key_bytes = [key[o], key[(o + 1) % 4], key[(o + 2) % 4], key[(o + 3) % 4]];
+    let k = u32::from_ne_bytes(key_bytes);
+    let wide = u64::from(k) | (u64::from(k) << 32);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        // Eight bytes at a time; the compiler turns this loop into wide vector XORs.
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(w) ^ wide).to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key_bytes[i % 4];
+    }
+}
+
+/// Simple byte-at-a-time reference, used by tests to check [`apply_mask`].
+#[cfg(test)]
+pub(crate) fn apply_mask_slow(buf: &mut [u8], key: [u8; 4], offset: usize) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b ^= key[(i + offset) % 4];
+    }
+}
+
+thread_local! {
+    static MASK_RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::with_seed(os_seed()));
+}
+
+fn os_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // The OS source is only read once per thread; if it fails we still need a key, and a
+    // clock-derived seed keeps masks unpredictable enough for their only purpose (proxy cache
+    // poisoning resistance) while being loud in the log.
+    if getrandom::fill(&mut seed).is_err() {
+        log::warn!("OS random source unavailable; seeding frame masks from the clock");
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        return t ^ (std::process::id() as u64).rotate_left(32);
+    }
+    u64::from_ne_bytes(seed)
+}
+
+/// A fresh, unpredictable masking key for one client frame.
+pub fn new_mask_key() -> [u8; 4] {
+    MASK_RNG.with(|r| r.borrow_mut().u32(..)).to_ne_bytes()
+}
+
+/// Fills `buf` from the operating system's random source (used for `Sec-WebSocket-Key`).
+pub fn os_random(buf: &mut [u8]) -> std::io::Result<()> {
+    getrandom::fill(buf).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_reference_for_every_offset_and_length() {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        for offset in 0..8 {
+            for len in 0..70 {
+                let data: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(31)).collect();
+                let mut fast = data.clone();
+                let mut slow = data.clone();
+                apply_mask(&mut fast, key, offset);
+                apply_mask_slow(&mut slow, key, offset);
+                assert_eq!(fast, slow, "offset {offset} len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn split_unmasking_equals_whole() {
+        let key = [1, 2, 3, 4];
+        let data: Vec<u8> = (0..=255).collect();
+        let mut whole = data.clone();
+        apply_mask(&mut whole, key, 0);
+        for cut in 0..data.len() {
+            let mut parts = data.clone();
+            let (a, b) = parts.split_at_mut(cut);
+            apply_mask(a, key, 0);
+            apply_mask(b, key, cut);
+            assert_eq!(parts, whole, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn mask_keys_vary() {
+        let a = new_mask_key();
+        let keys: Vec<[u8; 4]> = (0..16).map(|_| new_mask_key()).collect();
+        assert!(keys.iter().any(|k| *k != a));
+    }
+}

@@ -1,0 +1,53 @@
+//! Autobahn conformance of `wsloop serve --mode echo`, driven by kosoku.
+
+mod common;
+
+use std::time::Duration;
+
+use common::autobahn::{self, Kosoku, EXPECTED_CASES};
+
+/// kosoku is killed after this long (a run normally takes seconds).
+const RUN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+#[test]
+fn autobahn_server_cases() {
+    let Some(kosoku) = Kosoku::setup() else {
+        return;
+    };
+    let mut server = common::spawn_server(&["--mode", "echo"]);
+    let outdir = common::target_dir().join("autobahn-reports").join("server");
+
+    let run = kosoku.run_fuzzingclient(server.addr, &outdir, 4, RUN_TIMEOUT);
+    println!("autobahn server: kosoku took {:.1?}", run.elapsed);
+
+    let server_log = |server: &common::ServerProcess| {
+        format!(
+            "--- wsloop stderr (tail) ---\n{}\n--- end of wsloop stderr ---",
+            common::tail(&server.stderr(), 16384)
+        )
+    };
+    if run.timed_out {
+        panic!(
+            "kosoku did not finish within {RUN_TIMEOUT:?}\n{}\n{}",
+            run.describe(),
+            server_log(&server)
+        );
+    }
+    if let Ok(Some(status)) = server.child_mut().try_wait() {
+        panic!(
+            "the server exited during the Autobahn run ({status})\n{}\n{}",
+            run.describe(),
+            server_log(&server)
+        );
+    }
+
+    let results = autobahn::read_results(&kosoku, &outdir, None)
+        .unwrap_or_else(|e| panic!("no Autobahn results: {e}\n{}\n{}", run.describe(), server_log(&server)));
+    autobahn::assert_conformance(
+        "server",
+        &outdir,
+        &results,
+        EXPECTED_CASES,
+        &format!("{}\n{}", run.describe(), server_log(&server)),
+    );
+}

@@ -1,0 +1,617 @@
+//! Autobahn conformance runs with `kosoku` (PyPI), shared by the server and
+//! client conformance tests.
+//!
+//! * [`Kosoku::setup`] makes (once) a Python venv at `<target>/autobahn-venv`
+//!   with `kosoku` installed; it returns `None` (skip) when Python or its venv
+//!   module is missing outside CI, and panics under `CI=true`.
+//! * Server under test: [`Kosoku::run_fuzzingclient`] drives it.
+//! * Client under test: [`Kosoku::start_fuzzingserver`] starts kosoku as the
+//!   server; the client then calls `/getCaseCount`,
+//!   `/runCase?case=N&agent=NAME` for N = 1..=count and finally
+//!   `/updateReports?agent=NAME`, after which kosoku writes its reports and
+//!   exits ([`FuzzingServer::wait`]).
+//! * [`read_results`] reads `OUTDIR/index.json`, which kosoku writes as
+//!   `{ agent: { case id: { "behavior", "behaviorClose", "remoteCloseCode",
+//!   "duration", "reportfile" } } }`; [`assert_conformance`] checks it.
+
+use std::fs;
+use std::io::{BufRead, Cursor};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{drain_lines, parse_listening_line, require_tool, tail, target_dir, wait_for_line};
+
+/// The kosoku release the tests are written against.
+pub const KOSOKU_VERSION: &str = "0.1.0";
+
+/// Case groups left out: 12.* and 13.* are permessage-deflate, not implemented.
+pub const EXCLUDED_GROUPS: [&str; 2] = ["12.*", "13.*"];
+
+/// Number of cases kosoku 0.1.0 runs with [`EXCLUDED_GROUPS`] left out.
+pub const EXPECTED_CASES: usize = 301;
+
+/// Verdicts accepted for both `behavior` and `behaviorClose`.
+pub const ACCEPTED: [&str; 2] = ["OK", "INFORMATIONAL"];
+
+/// How long kosoku in fuzzingserver mode may take to start listening.
+const FUZZINGSERVER_STARTUP: Duration = Duration::from_secs(30);
+
+/// A venv with kosoku installed.
+pub struct Kosoku {
+    venv: PathBuf,
+}
+
+/// How a kosoku process ended.
+#[derive(Debug)]
+pub struct KosokuRun {
+    /// Exit status; `None` when it was killed after the timeout.
+    pub status: Option<ExitStatus>,
+    pub timed_out: bool,
+    pub elapsed: Duration,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl KosokuRun {
+    /// The run's output, for panic messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "kosoku {} after {:.1?}\n--- kosoku stdout ---\n{}\n--- kosoku stderr ---\n{}\n--- end of kosoku output ---",
+            match (&self.status, self.timed_out) {
+                (_, true) => "was KILLED (timeout)".to_string(),
+                (Some(status), false) => format!("exited with {status}"),
+                (None, false) => "ended in an unknown way".to_string(),
+            },
+            self.elapsed,
+            tail(&self.stdout, 8192),
+            tail(&self.stderr, 16384),
+        )
+    }
+}
+
+/// An exclusive lock on a file (released when dropped), so that test binaries
+/// running at the same time do not build the venv twice.
+struct FileLock(fs::File);
+
+impl FileLock {
+    fn acquire(path: &Path) -> FileLock {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("cannot open lock file {}: {e}", path.display()));
+        loop {
+            // SAFETY: flock on a descriptor owned by `file`, which outlives the call.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return FileLock(file);
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                panic!("cannot lock {}: {err}", path.display());
+            }
+        }
+    }
+}
+
+/// Whether `venv` has the pinned kosoku version's dist-info in site-packages.
+fn has_pinned_kosoku(venv: &Path) -> bool {
+    let wanted = format!("kosoku-{KOSOKU_VERSION}.dist-info");
+    let Ok(entries) = fs::read_dir(venv.join("lib")) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .any(|e| e.path().join("site-packages").join(&wanted).is_dir())
+}
+
+fn runs_ok(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Removes `dir` if present and creates it empty.
+pub fn fresh_dir(dir: &Path) {
+    if dir.exists() {
+        fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("cannot remove {}: {e}", dir.display()));
+    }
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+}
+
+/// Waits for `child` up to `timeout`, killing it when the time is up.
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> (Option<ExitStatus>, bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return (Some(status), false),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return (None, true);
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("cannot wait for kosoku: {e}"),
+        }
+    }
+}
+
+fn snapshot(buf: &Arc<Mutex<String>>) -> String {
+    buf.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+impl Kosoku {
+    /// The venv directory used by all Autobahn tests.
+    pub fn venv_dir() -> PathBuf {
+        target_dir().join("autobahn-venv")
+    }
+
+    /// Creates the venv and installs kosoku on first use; afterwards reuses it.
+    /// Returns `None` when Python 3 or its venv module is missing and `CI` is
+    /// not `true` (the caller skips); panics under `CI=true`.
+    pub fn setup() -> Option<Kosoku> {
+        let target = target_dir();
+        fs::create_dir_all(&target).unwrap_or_else(|e| panic!("cannot create {}: {e}", target.display()));
+        let _lock = FileLock::acquire(&target.join("autobahn-venv.lock"));
+        let venv = Self::venv_dir();
+        let kosoku = Kosoku { venv: venv.clone() };
+
+        let python_works = runs_ok(Command::new(kosoku.python()).args(["-c", ""]));
+        if kosoku.bin().is_file() && python_works && has_pinned_kosoku(&venv) {
+            return Some(kosoku);
+        }
+
+        let have_python = runs_ok(Command::new("python3").arg("--version"));
+        if !require_tool("python3", have_python) {
+            return None;
+        }
+        if !python_works {
+            // Missing, half-made, or pointing at an interpreter that is gone.
+            if venv.exists() {
+                fs::remove_dir_all(&venv).unwrap_or_else(|e| panic!("cannot remove {}: {e}", venv.display()));
+            }
+            eprintln!("autobahn: creating venv {}", venv.display());
+            let out = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run python3 -m venv: {e}"));
+            if !out.status.success() {
+                eprintln!(
+                    "`python3 -m venv {}` failed ({}):\n{}{}",
+                    venv.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let _ = fs::remove_dir_all(&venv);
+                require_tool("python3-venv (`python3 -m venv` with pip)", false);
+                return None;
+            }
+        }
+
+        eprintln!("autobahn: pip install kosoku=={KOSOKU_VERSION} into {}", venv.display());
+        let out = Command::new(kosoku.python())
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "-q",
+            ])
+            .arg(format!("kosoku=={KOSOKU_VERSION}"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run pip in {}: {e}", venv.display()));
+        if !out.status.success() || !kosoku.bin().is_file() {
+            panic!(
+                "pip install kosoku=={KOSOKU_VERSION} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Some(kosoku)
+    }
+
+    pub fn venv(&self) -> &Path {
+        &self.venv
+    }
+
+    /// `venv/bin/kosoku`.
+    pub fn bin(&self) -> PathBuf {
+        self.venv.join("bin").join("kosoku")
+    }
+
+    /// `venv/bin/python`.
+    pub fn python(&self) -> PathBuf {
+        self.venv.join("bin").join("python")
+    }
+
+    /// Runs `kosoku -x '12.*' -x '13.*' -p PARALLELISM -o OUTDIR SERVER`
+    /// (fuzzingclient mode) against a server under test, in a fresh `outdir`,
+    /// killing it after `timeout`.
+    pub fn run_fuzzingclient(
+        &self,
+        server: SocketAddr,
+        outdir: &Path,
+        parallelism: u32,
+        timeout: Duration,
+    ) -> KosokuRun {
+        fresh_dir(outdir);
+        let mut cmd = Command::new(self.bin());
+        for group in EXCLUDED_GROUPS {
+            cmd.args(["-x", group]);
+        }
+        cmd.arg("-p")
+            .arg(parallelism.to_string())
+            .arg("-o")
+            .arg(outdir)
+            .arg(server.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin().display()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let t_out = drain_lines(child.stdout.take().expect("piped"), Arc::clone(&stdout), None);
+        let t_err = drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
+        let (status, timed_out) = wait_with_timeout(&mut child, timeout);
+        let _ = t_out.join();
+        let _ = t_err.join();
+        KosokuRun {
+            status,
+            timed_out,
+            elapsed: started.elapsed(),
+            stdout: snapshot(&stdout),
+            stderr: snapshot(&stderr),
+        }
+    }
+
+    /// Starts `kosoku -m fuzzingserver -x '12.*' -x '13.*' -o OUTDIR
+    /// 127.0.0.1:0` (fresh `outdir`), reads the port it bound from its
+    /// `fuzzingserver listening on ws://127.0.0.1:PORT` line and returns once
+    /// that port accepts TCP connections.
+    pub fn start_fuzzingserver(&self, outdir: &Path) -> FuzzingServer {
+        fresh_dir(outdir);
+        let mut cmd = Command::new(self.bin());
+        cmd.args(["-m", "fuzzingserver"]);
+        for group in EXCLUDED_GROUPS {
+            cmd.args(["-x", group]);
+        }
+        cmd.arg("-o")
+            .arg(outdir)
+            .arg("127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin().display()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        drain_lines(child.stdout.take().expect("piped"), Arc::clone(&stdout), None);
+        let (stderr, found) = wait_for_line(child.stderr.take().expect("piped"), FUZZINGSERVER_STARTUP, |line| {
+            if line.contains("fuzzingserver listening on") {
+                parse_listening_line(line)
+            } else {
+                None
+            }
+        });
+        let mut server = FuzzingServer {
+            addr: "127.0.0.1:0".parse().expect("valid address"),
+            outdir: outdir.to_path_buf(),
+            child,
+            stdout,
+            stderr,
+            started,
+        };
+        match found {
+            Ok(addr) => server.addr = addr,
+            Err(why) => {
+                let _ = server.child.kill();
+                let _ = server.child.wait();
+                thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "kosoku fuzzingserver did not start: {why}\n--- stderr ---\n{}\n--- stdout ---\n{}",
+                    server.stderr(),
+                    server.stdout()
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&server.addr, Duration::from_secs(1)).is_err() {
+            if Instant::now() >= deadline {
+                panic!(
+                    "kosoku fuzzingserver said it listens on {} but the port refuses connections\n--- stderr ---\n{}",
+                    server.addr,
+                    server.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+}
+
+/// kosoku running in fuzzingserver mode; killed on drop.
+pub struct FuzzingServer {
+    /// Where it listens (127.0.0.1 and the port it bound).
+    pub addr: SocketAddr,
+    /// Its report directory.
+    pub outdir: PathBuf,
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+impl FuzzingServer {
+    /// `ws://127.0.0.1:PORT`, the base of `/getCaseCount`, `/runCase?...`, ...
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn stdout(&self) -> String {
+        snapshot(&self.stdout)
+    }
+
+    pub fn stderr(&self) -> String {
+        snapshot(&self.stderr)
+    }
+
+    /// Waits (up to `timeout`, then kills it) for kosoku to exit, which it
+    /// does once the client has called `/updateReports?agent=NAME` and the
+    /// reports are written.
+    pub fn wait(&mut self, timeout: Duration) -> KosokuRun {
+        let (status, timed_out) = wait_with_timeout(&mut self.child, timeout);
+        // Let the drain threads pick up the last lines.
+        thread::sleep(Duration::from_millis(100));
+        KosokuRun {
+            status,
+            timed_out,
+            elapsed: self.started.elapsed(),
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Drop for FuzzingServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One row of `index.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseResult {
+    pub agent: String,
+    /// Case id, e.g. `7.1.5`.
+    pub id: String,
+    /// OK, NON-STRICT, INFORMATIONAL, UNIMPLEMENTED, FAILED, ...
+    pub behavior: String,
+    /// OK, INFORMATIONAL, WRONG CODE, UNCLEAN, FAILED, FAILED BY CLIENT, ...
+    pub behavior_close: String,
+    /// The close code the peer under test sent, empty when none.
+    pub remote_close_code: String,
+    pub duration_ms: u64,
+    /// Per-case JSON report file name (the `.html` one sits beside it).
+    pub report_file: String,
+    /// kosoku's explanation of `behavior` / `behavior_close`; only filled in
+    /// for cases outside [`ACCEPTED`].
+    pub result: String,
+    pub result_close: String,
+}
+
+impl CaseResult {
+    /// Both verdicts are OK or INFORMATIONAL.
+    pub fn accepted(&self) -> bool {
+        ACCEPTED.contains(&self.behavior.as_str()) && ACCEPTED.contains(&self.behavior_close.as_str())
+    }
+}
+
+/// Flattens index.json to one tab-separated line per case; for unaccepted
+/// cases it adds kosoku's prose from the per-case report.
+const SUMMARY_PY: &str = r#"
+import json, os, sys
+outdir = sys.argv[1]
+accepted = ("OK", "INFORMATIONAL")
+def clean(v):
+    return "" if v is None else " ".join(str(v).split())
+with open(os.path.join(outdir, "index.json"), encoding="utf-8") as f:
+    index = json.load(f)
+for agent, cases in index.items():
+    for case_id, r in cases.items():
+        result = result_close = ""
+        if r.get("behavior") not in accepted or r.get("behaviorClose") not in accepted:
+            try:
+                with open(os.path.join(outdir, r.get("reportfile") or ""), encoding="utf-8") as f:
+                    detail = json.load(f)
+                result, result_close = detail.get("result"), detail.get("resultClose")
+            except (OSError, ValueError):
+                pass
+        print("\t".join(clean(v) for v in (
+            agent, case_id, r.get("behavior"), r.get("behaviorClose"),
+            r.get("remoteCloseCode"), r.get("duration"), r.get("reportfile"),
+            result, result_close)))
+"#;
+
+fn case_sort_key(id: &str) -> Vec<u64> {
+    id.split('.').map(|p| p.parse().unwrap_or(u64::MAX)).collect()
+}
+
+/// Parses the output of [`SUMMARY_PY`].
+pub fn parse_summary(text: &str) -> Result<Vec<CaseResult>, String> {
+    let mut results = Vec::new();
+    for line in Cursor::new(text).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 9 {
+            return Err(format!(
+                "unexpected summary line (want 9 tab-separated fields): {line:?}"
+            ));
+        }
+        results.push(CaseResult {
+            agent: f[0].to_string(),
+            id: f[1].to_string(),
+            behavior: f[2].to_string(),
+            behavior_close: f[3].to_string(),
+            remote_close_code: f[4].to_string(),
+            duration_ms: f[5].parse().unwrap_or(0),
+            report_file: f[6].to_string(),
+            result: f[7].to_string(),
+            result_close: f[8].to_string(),
+        });
+    }
+    results.sort_by(|a, b| (a.agent.as_str(), case_sort_key(&a.id)).cmp(&(b.agent.as_str(), case_sort_key(&b.id))));
+    Ok(results)
+}
+
+/// Reads `outdir/index.json` (with the venv's Python). With `agent`, keeps
+/// only that agent's cases and fails if there are none; without, returns all.
+pub fn read_results(kosoku: &Kosoku, outdir: &Path, agent: Option<&str>) -> Result<Vec<CaseResult>, String> {
+    let index = outdir.join("index.json");
+    if !index.is_file() {
+        return Err(format!("{} was not written", index.display()));
+    }
+    let out = Command::new(kosoku.python())
+        .args(["-c", SUMMARY_PY])
+        .arg(outdir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", kosoku.python().display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "summarising {} failed ({}):\n{}",
+            index.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let all = parse_summary(&String::from_utf8_lossy(&out.stdout))?;
+    let Some(agent) = agent else {
+        return Ok(all);
+    };
+    let mut agents: Vec<&str> = all.iter().map(|r| r.agent.as_str()).collect();
+    agents.dedup();
+    let mine: Vec<CaseResult> = all.iter().filter(|r| r.agent == agent).cloned().collect();
+    if mine.is_empty() {
+        return Err(format!(
+            "{} has no results for agent {agent:?}; agents present: {agents:?}",
+            index.display()
+        ));
+    }
+    Ok(mine)
+}
+
+/// Counts of a run: both verdicts OK; accepted with at least one
+/// INFORMATIONAL; anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tally {
+    pub total: usize,
+    pub ok: usize,
+    pub informational: usize,
+    pub other: usize,
+}
+
+pub fn tally(results: &[CaseResult]) -> Tally {
+    let mut t = Tally {
+        total: results.len(),
+        ..Tally::default()
+    };
+    for r in results {
+        if r.behavior == "OK" && r.behavior_close == "OK" {
+            t.ok += 1;
+        } else if r.accepted() {
+            t.informational += 1;
+        } else {
+            t.other += 1;
+        }
+    }
+    t
+}
+
+/// Checks the count and that every case is accepted. `Ok` holds the summary
+/// line, `Err` the summary line followed by every offending case.
+pub fn check_conformance(
+    label: &str,
+    outdir: &Path,
+    results: &[CaseResult],
+    expected_cases: usize,
+) -> Result<String, String> {
+    let t = tally(results);
+    let summary = format!(
+        "autobahn {label}: {} cases: {} OK, {} INFORMATIONAL, {} other",
+        t.total, t.ok, t.informational, t.other
+    );
+    let mut problems = Vec::new();
+    if t.total != expected_cases {
+        problems.push(format!("expected {expected_cases} cases, index.json has {}", t.total));
+    }
+    let bad: Vec<&CaseResult> = results.iter().filter(|r| !r.accepted()).collect();
+    if !bad.is_empty() {
+        problems.push(format!(
+            "{} case(s) not OK/INFORMATIONAL (reports in {}):",
+            bad.len(),
+            outdir.display()
+        ));
+        for r in bad {
+            let html = r
+                .report_file
+                .strip_suffix(".json")
+                .map(|stem| format!("{stem}.html"))
+                .unwrap_or_else(|| r.report_file.clone());
+            problems.push(format!(
+                "  {}: behavior={} behaviorClose={} remoteCloseCode={} duration={}ms [{}] [{}] {}",
+                r.id,
+                r.behavior,
+                r.behavior_close,
+                if r.remote_close_code.is_empty() {
+                    "none"
+                } else {
+                    &r.remote_close_code
+                },
+                r.duration_ms,
+                r.result,
+                r.result_close,
+                html
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(summary)
+    } else {
+        Err(format!("{summary}\n{}", problems.join("\n")))
+    }
+}
+
+/// Prints the summary line and panics, listing every offending case (and
+/// `context`, e.g. the tail of the peer's log), unless the run conforms.
+pub fn assert_conformance(label: &str, outdir: &Path, results: &[CaseResult], expected_cases: usize, context: &str) {
+    match check_conformance(label, outdir, results, expected_cases) {
+        Ok(summary) => println!("{summary}"),
+        Err(report) => {
+            println!("{}", report.lines().next().unwrap_or_default());
+            panic!("{report}\n{context}");
+        }
+    }
+}

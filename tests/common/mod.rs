@@ -1,0 +1,232 @@
+//! Helpers shared by the integration tests.
+//!
+//! Every test binary that says `mod common;` compiles this module on its own,
+//! and not every binary uses every helper, hence the blanket `dead_code` allow.
+#![allow(dead_code)]
+
+pub mod autobahn;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long `spawn_server` waits for the "listening on" line.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `wsloop serve` child process; killed and reaped on drop.
+pub struct ServerProcess {
+    /// The address the server reported it is listening on.
+    pub addr: SocketAddr,
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl ServerProcess {
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Everything the server wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The child's process id (for `/proc/PID/status`, signals, ...).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The child process itself, e.g. to send a signal and `wait` for it.
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Waits up to `timeout` until the server's stderr contains `needle`.
+    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Appends everything read from `pipe` to `buf`, line by line, until EOF.
+/// Each complete line is also offered to `lines` (ignored once nobody listens).
+pub fn drain_lines(
+    pipe: impl Read + Send + 'static,
+    buf: Arc<Mutex<String>>,
+    lines: Option<mpsc::Sender<String>>,
+) -> thread::JoinHandle<()> {
+    let mut reader = BufReader::new(pipe);
+    thread::spawn(move || {
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&raw).into_owned();
+                    buf.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line);
+                    if let Some(tx) = &lines {
+                        let _ = tx.send(line);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Starts draining `stderr` into a shared buffer and waits (up to `timeout`)
+/// for a line for which `find` returns `Some`. On timeout or early EOF the
+/// error carries what was collected so far.
+pub fn wait_for_line<T>(
+    stderr: ChildStderr,
+    timeout: Duration,
+    mut find: impl FnMut(&str) -> Option<T>,
+) -> (Arc<Mutex<String>>, Result<T, String>) {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    drain_lines(stderr, Arc::clone(&buf), Some(tx));
+    let deadline = Instant::now() + timeout;
+    let result = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(found) = find(&line) {
+                    break Ok(found);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                break Err(format!("no such line within {timeout:?}"));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err("the process closed its stderr (exited?)".to_string());
+            }
+        }
+    };
+    (buf, result)
+}
+
+/// Parses the address out of a line like `... listening on 127.0.0.1:PORT`
+/// (an optional `ws://` prefix and trailing punctuation are tolerated).
+pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let token = rest.split_whitespace().next()?;
+    let token = token.strip_prefix("ws://").unwrap_or(token);
+    let token = token.trim_end_matches(|c: char| !c.is_ascii_digit());
+    token.parse().ok()
+}
+
+/// Runs `wsloop serve --listen 127.0.0.1:0 ARGS...` and waits until it logs
+/// `listening on 127.0.0.1:PORT` on stderr. Panics (with the stderr collected)
+/// if that line does not appear within 10 seconds.
+pub fn spawn_server(args: &[&str]) -> ServerProcess {
+    let exe = env!("CARGO_BIN_EXE_wsloop");
+    let mut child = Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
+
+    let stdout = Arc::new(Mutex::new(String::new()));
+    drain_lines(child.stdout.take().expect("stdout is piped"), Arc::clone(&stdout), None);
+    let (stderr, found) = wait_for_line(
+        child.stderr.take().expect("stderr is piped"),
+        STARTUP_TIMEOUT,
+        parse_listening_line,
+    );
+    match found {
+        Ok(addr) => ServerProcess {
+            addr,
+            child,
+            stderr,
+            stdout,
+        },
+        Err(why) => {
+            let _ = child.kill();
+            let status = match child.wait() {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            // Give the drain thread a moment to pick up the last lines.
+            thread::sleep(Duration::from_millis(50));
+            let collected = stderr.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            panic!(
+                "`wsloop serve --listen 127.0.0.1:0 {}` did not log \
+                 `listening on 127.0.0.1:PORT`: {why}; the process ended with {status}\n\
+                 --- stderr ---\n{collected}--- end of stderr ---",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+/// Whether `CI=true` is set (as `.ci/run` is run).
+pub fn under_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        .unwrap_or(false)
+}
+
+/// Decides what to do when an external tool a test needs is missing:
+/// returns `true` when `found`; otherwise panics under `CI=true` and, outside
+/// CI, prints a loud warning and returns `false` (the caller then skips).
+pub fn require_tool(name: &str, found: bool) -> bool {
+    if found {
+        return true;
+    }
+    if under_ci() {
+        panic!("{name} is required under CI=true; .ci/run installs it");
+    }
+    let bar = "!".repeat(72);
+    eprintln!(
+        "\n{bar}\n!!! SKIPPED: {name} not installed, so this test did NOT run.\n\
+         !!! CI (CI=true) treats a missing {name} as a failure; .ci/run installs it.\n{bar}\n"
+    );
+    false
+}
+
+/// The last `max_bytes` (or slightly fewer, on a char boundary) of `text`.
+pub fn tail(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut start = text.len() - max_bytes;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR` (relative to the package
+/// root if relative) or `<package root>/target`.
+pub fn target_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
