@@ -61,16 +61,19 @@ impl Outbox {
     }
 
     /// Queues `bytes[skip..]`, taking ownership (no copy of a large buffer).
+    /// `skip` may be non-zero only while the queue is empty.
     pub(crate) fn push_vec(&mut self, bytes: Vec<u8>, skip: usize) {
         if skip >= bytes.len() {
             return;
         }
-        if bytes.len() - skip < MERGE_BELOW || !self.chunks.is_empty() {
+        if bytes.len() - skip < MERGE_BELOW || (skip > 0 && !self.chunks.is_empty()) {
             self.push_slice(&bytes[skip..]);
             return;
         }
+        if self.chunks.is_empty() {
+            self.front_written = skip;
+        }
         self.len += bytes.len() - skip;
-        self.front_written = skip;
         self.chunks.push_back(Chunk::Owned(bytes));
     }
 
@@ -88,11 +91,15 @@ impl Outbox {
         self.chunks.push_back(Chunk::Shared(bytes));
     }
 
-    /// Drops everything queued.
+    /// Drops everything queued except the rest of a frame already partly written: cutting
+    /// that one short would corrupt the stream, and whatever is queued next with it.
     pub(crate) fn clear(&mut self) {
-        self.chunks.clear();
-        self.front_written = 0;
-        self.len = 0;
+        let keep = usize::from(self.front_written > 0).min(self.chunks.len());
+        self.chunks.truncate(keep);
+        self.len = self.chunks.front().map_or(0, |c| c.bytes().len() - self.front_written);
+        if keep == 0 {
+            self.front_written = 0;
+        }
     }
 
     /// Writes as much as `w` takes. Returns `Ok(true)` when the queue is empty.
@@ -197,5 +204,30 @@ mod tests {
         assert_eq!(w.got, want);
         assert_eq!(o.len(), 0);
         assert_eq!(Rc::strong_count(&shared), 1, "sent shared bytes are released");
+    }
+
+    #[test]
+    fn clear_keeps_a_partly_written_frame() {
+        let shared: Rc<[u8]> = Rc::from(&[7u8; 5000][..]);
+        let mut o = Outbox::default();
+        o.push_shared(shared.clone(), 1000);
+        o.push_shared(shared.clone(), 0);
+        o.clear();
+        assert_eq!(o.len(), 4000, "the rest of the started frame stays");
+        o.push_slice(b"close");
+        let mut w = Trickle {
+            got: Vec::new(),
+            cap: 1 << 20,
+            block_next: false,
+        };
+        while !o.write_to(&mut w).unwrap() {}
+        assert_eq!(w.got.len(), 4005);
+        assert_eq!(&w.got[4000..], b"close");
+
+        let mut o = Outbox::default();
+        o.push_shared(shared.clone(), 0);
+        o.push_shared(shared, 0);
+        o.clear();
+        assert_eq!(o.len(), 0, "nothing started: everything goes");
     }
 }

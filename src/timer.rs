@@ -50,7 +50,14 @@ impl TimerQueue {
     /// Removes and returns an entry that is due at `now`.
     pub(crate) fn pop_due(&mut self, now: u64) -> Option<(u64, usize, u32)> {
         match self.heap.peek() {
-            Some(Reverse((when, _, _))) if *when <= now => self.heap.pop().map(|Reverse(e)| e),
+            Some(Reverse((when, _, _))) if *when <= now => {
+                let e = self.heap.pop().map(|Reverse(e)| e);
+                // After a burst (thousands of handshakes, each with a deadline), give the memory back.
+                if self.heap.capacity() > 1024 && self.heap.len() < self.heap.capacity() / 4 {
+                    self.heap.shrink_to(self.heap.len() * 2);
+                }
+                e
+            }
             _ => None,
         }
     }

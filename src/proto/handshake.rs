@@ -175,7 +175,7 @@ pub fn parse_request(buf: &[u8], policy: &HandshakePolicy) -> Result<Option<(Req
         Err(httparse::Error::TooManyHeaders) => {
             return Err(Reject::new(431, "too many request headers"));
         }
-        Err(httparse::Error::Version) => {
+        Err(httparse::Error::Version) if names_another_http_version(buf) => {
             return Err(Reject::new(505, "only HTTP/1.1 can be upgraded to WebSocket"));
         }
         Err(_) => return Err(Reject::new(400, "malformed HTTP request")),
@@ -242,6 +242,14 @@ pub fn parse_request(buf: &[u8], policy: &HandshakePolicy) -> Result<Option<(Req
         }),
         len,
     )))
+}
+
+/// Whether the request line ends in an HTTP version other than 1.x (e.g. `HTTP/2.0`), as opposed
+/// to not being HTTP at all.
+fn names_another_http_version(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf).trim_ascii();
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
+    version.len() > 5 && version[..5].eq_ignore_ascii_case(b"HTTP/") && version[5].is_ascii_digit()
 }
 
 /// Whether a comma-separated list holds `token` exactly (subprotocol names are case-sensitive).
@@ -434,6 +442,8 @@ mod tests {
             400
         );
         assert_eq!(status("garbage\r\n\r\n"), 400);
+        assert_eq!(status("this is not http\r\n\r\n"), 400);
+        assert_eq!(status(&GOOD.replace("HTTP/1.1", "HTTP/2.0")), 505);
         let many: String = (0..100).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(status(&GOOD.replace("Origin:", &format!("{many}Origin:"))), 431);
         let policy = HandshakePolicy {

@@ -1,0 +1,465 @@
+//! The server against real peers: tungstenite for the happy paths, raw TCP for bad input.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::Message as TMessage;
+use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
+
+const KEY_REQUEST: &str = "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+
+fn ws_connect(addr: SocketAddr) -> tungstenite::WebSocket<TcpStream> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (ws, resp) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends raw bytes and reads until the server closes (or 5 s pass).
+fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    read_to_close(&mut s)
+}
+
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => break,
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+fn status_of(response: &[u8]) -> u16 {
+    let text = String::from_utf8_lossy(response);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+fn masked(fin: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    write_frame(&mut v, fin, op, Some(MASK), payload);
+    v
+}
+
+/// Parses server frames after the 101 head: (opcode, payload) pairs.
+fn frames_after_head(bytes: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("no 101 head") + 4;
+    assert!(
+        bytes.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(bytes)
+    );
+    let mut rest = &bytes[head_end..];
+    let mut out = Vec::new();
+    while let Ok(Some((h, n))) = FrameHeader::parse(rest) {
+        assert!(h.mask.is_none(), "server frames are never masked");
+        let end = n + h.payload_len as usize;
+        if rest.len() < end {
+            break;
+        }
+        out.push((h.opcode, rest[n..end].to_vec()));
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// The close code of the last frame, which must be a close.
+fn close_code_of(frames: &[(OpCode, Vec<u8>)]) -> u16 {
+    let (op, payload) = frames.last().expect("no frames");
+    assert_eq!(*op, OpCode::Close, "last frame is not a close: {frames:?}");
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+fn upgraded_then(addr: SocketAddr, frames: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
+    let mut req = KEY_REQUEST.as_bytes().to_vec();
+    req.extend_from_slice(frames);
+    frames_after_head(&raw_exchange(addr, &req))
+}
+
+fn assert_still_serving(addr: SocketAddr) {
+    let mut ws = ws_connect(addr);
+    ws.send(TMessage::text("still here")).unwrap();
+    assert_eq!(ws.read().unwrap(), TMessage::text("still here"));
+    ws.close(None).unwrap();
+}
+
+#[test]
+fn echoes_text_and_binary_of_every_size() {
+    let server = common::spawn_server(&[]);
+    let mut ws = ws_connect(server.addr);
+    for len in [0usize, 1, 125, 126, 127, 65535, 65536, 65537, 1 << 20, 16 << 20] {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        ws.send(TMessage::binary(data.clone())).unwrap();
+        match ws.read().unwrap() {
+            TMessage::Binary(b) => assert!(b[..] == data[..], "binary echo of {len} bytes differs"),
+            m => panic!("unexpected {m:?}"),
+        }
+        if len <= 1 << 20 {
+            let text: String = (0..len).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            ws.send(TMessage::text(text.clone())).unwrap();
+            assert_eq!(ws.read().unwrap(), TMessage::text(text));
+        }
+    }
+    let utf8 = "κόσμε 𝄞 fine thank you";
+    ws.send(TMessage::text(utf8)).unwrap();
+    assert_eq!(ws.read().unwrap(), TMessage::text(utf8));
+    ws.close(None).unwrap();
+}
+
+#[test]
+fn message_of_exactly_the_limit_passes_and_one_more_byte_gets_1009() {
+    let server = common::spawn_server(&["--max-message", "1000"]);
+    let mut ws = ws_connect(server.addr);
+    ws.send(TMessage::binary(vec![7u8; 1000])).unwrap();
+    assert_eq!(ws.read().unwrap(), TMessage::binary(vec![7u8; 1000]));
+    // Fragmented over the limit: 600 + 401.
+    let mut frames = masked(false, OpCode::Binary, &[1; 600]);
+    frames.extend(masked(true, OpCode::Continuation, &[1; 401]));
+    assert_eq!(close_code_of(&upgraded_then(server.addr, &frames)), 1009);
+    assert_eq!(
+        close_code_of(&upgraded_then(server.addr, &masked(true, OpCode::Text, &[b'a'; 1001]))),
+        1009
+    );
+    assert_still_serving(server.addr);
+}
+
+#[test]
+fn fragmented_messages_and_interleaved_ping() {
+    let server = common::spawn_server(&[]);
+    let mut bytes = masked(false, OpCode::Text, "κό".as_bytes());
+    bytes.extend(masked(true, OpCode::Ping, b"mid"));
+    bytes.extend(masked(false, OpCode::Continuation, &"σμε".as_bytes()[..3])); // cut inside a char
+    bytes.extend(masked(true, OpCode::Continuation, &"σμε".as_bytes()[3..]));
+    bytes.extend(masked(true, OpCode::Close, &1000u16.to_be_bytes()));
+    let frames = upgraded_then(server.addr, &bytes);
+    assert_eq!(
+        frames,
+        vec![
+            (OpCode::Pong, b"mid".to_vec()),
+            (OpCode::Text, "κόσμε".as_bytes().to_vec()),
+            (OpCode::Close, 1000u16.to_be_bytes().to_vec()),
+        ]
+    );
+}
+
+#[test]
+fn request_and_frames_split_into_single_bytes() {
+    let server = common::spawn_server(&[]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut all = KEY_REQUEST.as_bytes().to_vec();
+    all.extend(masked(true, OpCode::Text, b"slow but fine"));
+    all.extend(masked(true, OpCode::Close, &1000u16.to_be_bytes()));
+    for b in &all {
+        s.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let frames = frames_after_head(&read_to_close(&mut s));
+    assert_eq!(frames[0], (OpCode::Text, b"slow but fine".to_vec()));
+    assert_eq!(close_code_of(&frames), 1000);
+}
+
+#[test]
+fn ping_pong_and_close_both_ways() {
+    let server = common::spawn_server(&[]);
+    let mut ws = ws_connect(server.addr);
+    ws.send(TMessage::Ping(b"are you there".to_vec().into())).unwrap();
+    match ws.read().unwrap() {
+        TMessage::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        m => panic!("unexpected {m:?}"),
+    }
+    // Client-initiated close with a code and reason: the server answers with the same code.
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Library(4000),
+        reason: "bye".into(),
+    }))
+    .unwrap();
+    loop {
+        match ws.read() {
+            Ok(TMessage::Close(Some(f))) => {
+                assert_eq!(u16::from(f.code), 4000);
+            }
+            Ok(m) => panic!("unexpected {m:?}"),
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("unclean close: {e}"),
+        }
+    }
+}
+
+#[test]
+fn heartbeat_keeps_answering_peers_and_idle_timeout_closes_silent_ones() {
+    let server = common::spawn_server(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
+    // tungstenite answers pings, so it stays connected well past the idle timeout.
+    let mut ws = ws_connect(server.addr);
+    ws.get_mut().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        match ws.read() {
+            Ok(TMessage::Ping(_)) => pings += 1,
+            Ok(m) => panic!("unexpected {m:?}"),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("answering peer was dropped: {e}"),
+        }
+    }
+    assert!(pings >= 3, "only {pings} heartbeat pings in 1.5 s");
+    // A raw peer that never answers gets one ping, then close 1001 after the idle timeout.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(KEY_REQUEST.as_bytes()).unwrap();
+    let start = Instant::now();
+    let frames = frames_after_head(&read_to_close(&mut s));
+    let waited = start.elapsed();
+    assert_eq!(frames[0].0, OpCode::Ping, "{frames:?}");
+    assert_eq!(close_code_of(&frames), 1001);
+    assert!(waited >= Duration::from_millis(550), "closed too early: {waited:?}");
+    assert!(waited < Duration::from_secs(5), "closed too late: {waited:?}");
+}
+
+#[test]
+fn bad_handshakes_get_their_status() {
+    let server = common::spawn_server(&["--origin", "https://good.example"]);
+    let good = KEY_REQUEST;
+    let cases: Vec<(String, u16)> = vec![
+        (good.replace("GET", "POST"), 405),
+        (good.replace("HTTP/1.1", "HTTP/1.0"), 505),
+        (good.replace("Host: localhost\r\n", ""), 400),
+        (good.replace("Upgrade: websocket", "Upgrade: h2c"), 400),
+        (good.replace("Connection: Upgrade", "Connection: close"), 400),
+        (good.replace("Version: 13", "Version: 8"), 426),
+        (good.replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="), 400),
+        (good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400),
+        (
+            good.replace("Host:", &format!("X-Big: {}\r\nHost:", "a".repeat(9000))),
+            431,
+        ),
+        (good.replace("Host:", "Origin: https://evil.example\r\nHost:"), 403),
+        ("this is not http\r\n\r\n".to_string(), 400),
+    ];
+    for (req, want) in &cases {
+        let resp = raw_exchange(server.addr, req.as_bytes());
+        assert_eq!(status_of(&resp), *want, "for request {:?}", &req[..req.len().min(80)]);
+        let text = String::from_utf8_lossy(&resp);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(!body.trim().is_empty(), "error answers say what was wrong: {text}");
+        if *want == 426 {
+            assert!(text.contains("Sec-WebSocket-Version: 13\r\n"));
+        }
+    }
+    // The allowed origin and no origin at all both pass.
+    let ok = good.replace("Host:", "Origin: https://good.example\r\nHost:");
+    assert_eq!(status_of(&raw_exchange(server.addr, ok.as_bytes())), 101);
+    assert_still_serving(server.addr);
+}
+
+#[test]
+fn bad_frames_get_their_close_code() {
+    let server = common::spawn_server(&[]);
+    let mut unmasked = Vec::new();
+    write_frame(&mut unmasked, true, OpCode::Text, None, b"hi");
+    let mut rsv = masked(true, OpCode::Text, b"hi");
+    rsv[0] |= 0x40;
+    let mut reserved_op = masked(true, OpCode::Text, b"hi");
+    reserved_op[0] = 0x83;
+    let mut reserved_ctl = masked(true, OpCode::Ping, b"");
+    reserved_ctl[0] = 0x8b;
+    let mut new_in_frag = masked(false, OpCode::Text, b"a");
+    new_in_frag.extend(masked(true, OpCode::Text, b"b"));
+    let mut bad_utf8_frag = masked(false, OpCode::Text, b"ok");
+    bad_utf8_frag.extend(masked(false, OpCode::Continuation, &[0xf4, 0x90]));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("unmasked", unmasked, 1002),
+        ("reserved bits", rsv, 1002),
+        ("reserved opcode", reserved_op, 1002),
+        ("reserved control opcode", reserved_ctl, 1002),
+        ("fragmented ping", masked(false, OpCode::Ping, b"x"), 1002),
+        ("long ping", masked(true, OpCode::Ping, &[0; 126]), 1002),
+        ("continuation first", masked(true, OpCode::Continuation, b"x"), 1002),
+        ("new message in fragmented", new_in_frag, 1002),
+        ("invalid utf-8", masked(true, OpCode::Text, &[b'a', 0xff]), 1007),
+        ("invalid utf-8 in fragment", bad_utf8_frag, 1007),
+        (
+            "close code 1005",
+            masked(true, OpCode::Close, &1005u16.to_be_bytes()),
+            1002,
+        ),
+        (
+            "close code 999",
+            masked(true, OpCode::Close, &999u16.to_be_bytes()),
+            1002,
+        ),
+        ("close with 1 byte", masked(true, OpCode::Close, &[3]), 1002),
+        (
+            "close reason not utf-8",
+            masked(true, OpCode::Close, &[3, 232, 0xff]),
+            1007,
+        ),
+    ];
+    for (name, bytes, code) in cases {
+        let frames = upgraded_then(server.addr, &bytes);
+        assert_eq!(close_code_of(&frames), code, "{name}");
+    }
+    // An echo queued before the error still goes out before the close.
+    let mut bytes = masked(true, OpCode::Text, b"first");
+    bytes.extend(masked(true, OpCode::Text, &[0xff]));
+    let frames = upgraded_then(server.addr, &bytes);
+    assert_eq!(frames[0], (OpCode::Text, b"first".to_vec()));
+    assert_eq!(close_code_of(&frames), 1007);
+    assert_still_serving(server.addr);
+}
+
+#[test]
+fn over_max_connections_gets_503() {
+    let server = common::spawn_server(&["--max-connections", "2"]);
+    let a = ws_connect(server.addr);
+    let b = ws_connect(server.addr);
+    let resp = raw_exchange(server.addr, KEY_REQUEST.as_bytes());
+    assert_eq!(status_of(&resp), 503);
+    drop((a, b));
+    // Slots free up once those peers are gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = raw_exchange(server.addr, KEY_REQUEST.as_bytes());
+        if status_of(&resp) == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots never freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn handshake_timeout_closes_slow_clients() {
+    let server = common::spawn_server(&["--handshake-timeout", "300ms"]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap(); // never finished
+    let start = Instant::now();
+    let got = read_to_close(&mut s);
+    let waited = start.elapsed();
+    assert!(got.is_empty() || status_of(&got) == 408, "{got:?}");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+    assert_still_serving(server.addr);
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_peer_that_never_reads_cannot_grow_the_server() {
+    let server = common::spawn_server(&["--max-backpressure", "256KiB"]);
+    let before = vm_rss_kib(server.pid());
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.write_all(KEY_REQUEST.as_bytes()).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    // Send up to 64 MiB of 64 KiB messages without reading a byte. The server must stop reading
+    // (so our writes block) long before it has buffered all of that.
+    let frame = masked(true, OpCode::Binary, &[5u8; 65536]);
+    let mut sent = 0usize;
+    while sent < 64 << 20 {
+        match s.write(&frame) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(sent < 64 << 20, "the server kept reading while its replies piled up");
+    let grown = vm_rss_kib(server.pid()).saturating_sub(before);
+    assert!(grown < 16 * 1024, "server RSS grew by {grown} KiB");
+    // Reading now drains everything, and the connection still works.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    let want = sent / frame.len() * (65536 + 4); // every whole frame comes back (header 4 bytes)
+    while got < want {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got >= want, "got {got} of {want} echoed bytes");
+}
+
+#[test]
+fn sigterm_closes_peers_with_1001_and_exits_0() {
+    let mut server = common::spawn_server(&[]);
+    let mut ws = ws_connect(server.addr);
+    ws.send(TMessage::text("hello")).unwrap();
+    assert_eq!(ws.read().unwrap(), TMessage::text("hello"));
+    let pid = server.pid();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let code = match ws.read() {
+        Ok(TMessage::Close(Some(f))) => u16::from(f.code),
+        Ok(m) => panic!("unexpected {m:?}"),
+        Err(e) => panic!("no close frame: {e}"),
+    };
+    assert_eq!(code, 1001);
+    // Answer the close; the server then exits on its own.
+    let _ = ws.flush();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = server.child_mut().try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(server.stderr().contains("shutdown complete"), "{}", server.stderr());
+}
+
+#[test]
+fn bad_flags_and_busy_port_give_one_line_errors() {
+    let bin = env!("CARGO_BIN_EXE_wsloop");
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--mode", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--mode"), "{err}");
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--idle-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
+    let server = common::spawn_server(&[]);
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--listen", &server.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
