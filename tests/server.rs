@@ -463,3 +463,59 @@ fn bad_flags_and_busy_port_give_one_line_errors() {
     assert!(err.contains("cannot listen on"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap() // utime + stime
+}
+
+#[test]
+fn out_of_descriptors_pauses_accepting_without_spinning() {
+    let server = common::spawn_server(&[]);
+    let pid = server.pid().to_string();
+    // Lower the running server's descriptor limit far below its connection limit.
+    let lowered = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=32:32"])
+        .status();
+    if !common::require_tool("prlimit (util-linux)", lowered.is_ok()) {
+        return;
+    }
+    assert!(lowered.unwrap().success());
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(server.addr).unwrap(); // the kernel's backlog takes them all
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(KEY_REQUEST.as_bytes()).unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(server.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(server.pid()) - before;
+    assert!(spent < 20, "server burned {spent} ticks in 1 s while out of descriptors");
+    let log = server.stderr();
+    assert_eq!(log.matches("accept failed").count(), 1, "{log}");
+    // Connections it did accept keep working...
+    let mut head = [0u8; 129];
+    held[0].read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    held[0].write_all(&masked(true, OpCode::Text, b"ok")).unwrap();
+    let mut echo = [0u8; 4];
+    held[0].read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"\x81\x02ok");
+    // ...and once descriptors free up, the waiting ones are served.
+    held.drain(..20);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let last = held.last_mut().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.starts_with(b"HTTP/1.1 101") && Instant::now() < deadline {
+        if let Ok(n) = last.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"), "the last waiting connection was never served");
+}
