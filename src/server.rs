@@ -1,7 +1,7 @@
 //! The server: one mio poll loop, connections in a slab, a [`Handler`] for the application.
 //!
 //! The loop accepts, reads and writes until `WouldBlock` (readiness is edge-triggered), hands
-//! received bytes to the sans-IO [`Connection`](crate::proto::Connection), and calls the handler
+//! received bytes to the sans-IO [`Connection`], and calls the handler
 //! with complete messages. One read buffer serves every connection; a connection owns memory only
 //! while a frame is split across reads or bytes wait to be written.
 
@@ -326,9 +326,9 @@ impl Ctx<'_> {
         let frame: Rc<[u8]> = Rc::from(frame);
         let current = self.current.as_ref().map(|(k, _)| *k);
         let mut sent = 0;
-        let keys: Vec<usize> = self.core.slots.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            let slot = &self.core.slots[key];
+        // Index the slab instead of collecting keys: no allocation per broadcast.
+        for key in 0..self.core.slots.capacity() {
+            let Some(slot) = self.core.slots.get(key) else { continue };
             if except.is_some_and(|e| e.key() == key && e.gen() == slot.gen) {
                 continue;
             }
@@ -802,8 +802,8 @@ impl Core {
         let max = self.cfg.max_message;
         // Move the protocol state out so the handler may borrow every other slot.
         let mut conn = std::mem::replace(&mut self.slots[key].conn, Connection::new(Role::Server));
+        let before = conn.state();
         self.close_current = None;
-        let mut closed_by_peer = false;
         let result = conn.receive(data, max, out, &mut |ev, out| match ev {
             Event::Message(msg) => {
                 self.stats.messages_in += 1;
@@ -813,7 +813,6 @@ impl Core {
                 }
             }
             Event::Close { code, reason } => {
-                closed_by_peer = true;
                 let code = code.unwrap_or(close_code::NO_STATUS);
                 if self.slots[key].flags & OPENED != 0 {
                     self.slots[key].flags &= !OPENED;
@@ -827,19 +826,14 @@ impl Core {
         if let Some((code, reason)) = self.close_current.take() {
             let _ = conn.close(code, &reason, out);
         }
-        let state = conn.state();
+        let changed = conn.state() != before;
         self.slots[key].conn = conn;
         if let Err(e) = result {
             log::debug!("{}: protocol error: {e}", peer.addr);
             self.notify_close(h, key, e.code, e.reason);
         }
-        if state != State::Open && !closed_by_peer {
+        if changed {
             // Entered closing or closed: the close timeout starts now.
-            if self.slots[key].flags & SHUT_WR == 0 && (state == State::Closed || self.slots[key].queued == 0) {
-                self.slots[key].since = self.now as u32;
-            }
-        }
-        if closed_by_peer {
             self.slots[key].since = self.now as u32;
         }
     }
