@@ -63,7 +63,8 @@ impl TimerQueue {
     }
 }
 
-/// The poll timeout that wakes the loop at `deadline` (rounded up so it is never early).
+/// The poll timeout that wakes the loop at `deadline` (deadlines are in whole milliseconds of a
+/// truncating clock, so a timer may fire up to 1 ms before its exact due time).
 pub(crate) fn poll_timeout(now: u64, deadline: Option<u64>) -> Option<Duration> {
     deadline.map(|d| Duration::from_millis(d.saturating_sub(now)))
 }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+mod bench;
+mod client;
 mod serve;
 
 const USAGE: &str = "\
@@ -9,6 +11,8 @@ wsloop: a small WebSocket server and client on one poll loop
 
 Usage:
   wsloop [serve] [OPTIONS]     serve WebSocket (default: echo on 127.0.0.1:9001)
+  wsloop bench [URL] [OPTIONS] open many connections to an echo server and measure
+  wsloop client [URL] [OPTS]   send `how are you?` every 2s and print the replies
   wsloop help                  this text
 
 Run `wsloop serve --help` for the options of a subcommand.
@@ -22,6 +26,14 @@ pub fn main() -> i32 {
         Some("serve") => {
             args.remove(0);
             serve::run(args)
+        }
+        Some("bench") => {
+            args.remove(0);
+            bench::run(args)
+        }
+        Some("client") => {
+            args.remove(0);
+            client::run(args)
         }
         Some("help") | Some("--help") | Some("-h") => {
             println!("{USAGE}");

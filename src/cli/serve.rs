@@ -1,9 +1,12 @@
 //! `wsloop serve`.
 
 use std::ffi::OsString;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
 
-use wsloop::server::{Config, Echo, Reply, SlowConsumer};
-use wsloop::Server;
+use wsloop::modes::{self, Broadcast, PageKind};
+use wsloop::server::{Config, Echo, Reply, SlowConsumer, Stats};
+use wsloop::{Ctx, Handler, Message, Peer, Request, Server};
 
 use super::{arg_err, init_log, parse_bytes, parse_duration, value};
 
@@ -12,8 +15,12 @@ Usage: wsloop serve [OPTIONS]
 
 Options:
   --listen ADDR            address to listen on [default: 127.0.0.1:9001]
-  --mode MODE              echo | reply [default: echo]
+  --mode MODE              echo | reply | broadcast [default: echo]
   --reply TEXT             the answer in reply mode [default: fine thank you]
+  --no-echo-self           broadcast mode: do not send a message back to its sender
+  --announce               broadcast mode: tell everyone when a peer joins or leaves
+  --no-page                answer a plain `GET /` with 426 instead of the browser page
+  --stats DUR              print a stats line on stderr every DUR [default: off]
   --max-connections N      connections held; more get 503 [default: open-file limit - 64]
   --max-message BYTES      largest message; larger gets close 1009 [default: 16MiB]
   --max-backpressure BYTES outbound bytes queued per peer before reading pauses [default: 1MiB]
@@ -43,12 +50,26 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut mode = "echo".to_string();
     let mut reply = "fine thank you".to_string();
     let mut log_level = "info".to_string();
+    let mut bcast = Broadcast::default();
+    let mut bcast_flags = false;
+    let mut serve_page = true;
+    let mut stats_every = None;
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next().map_err(arg_err)? {
         match arg {
             Long("listen") => listen = value(&mut p)?,
             Long("mode") => mode = value(&mut p)?,
             Long("reply") => reply = value(&mut p)?,
+            Long("no-echo-self") => {
+                bcast.echo_self = false;
+                bcast_flags = true;
+            }
+            Long("announce") => {
+                bcast.announce = true;
+                bcast_flags = true;
+            }
+            Long("no-page") => serve_page = false,
+            Long("stats") => stats_every = opt_duration(&value(&mut p)?)?,
             Long("max-connections") => {
                 let v = value(&mut p)?;
                 cfg.max_connections = v
@@ -80,16 +101,104 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             _ => return Err(arg.unexpected().to_string()),
         }
     }
-    if !matches!(mode.as_str(), "echo" | "reply") {
-        return Err(format!("invalid --mode '{mode}' (echo or reply)"));
+    let kind = match mode.as_str() {
+        "echo" => PageKind::Echo,
+        "reply" => PageKind::Reply,
+        "broadcast" => PageKind::Chat,
+        _ => return Err(format!("invalid --mode '{mode}' (echo, reply or broadcast)")),
+    };
+    if bcast_flags && kind != PageKind::Chat {
+        return Err("--no-echo-self and --announce need --mode broadcast".to_string());
+    }
+    if serve_page {
+        cfg.page = Some(modes::page(kind));
     }
     init_log(&log_level)?;
     let server = Server::bind(listen.as_str(), cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     log::info!("listening on {}", server.local_addr());
-    let result = match mode.as_str() {
-        "echo" => server.run(Echo),
-        "reply" => server.run(Reply(reply)),
-        _ => unreachable!("mode checked above"),
+    if stats_every.is_some() {
+        // The first wake-up arms the stats timer before any client connects.
+        server
+            .handle()
+            .wake()
+            .map_err(|e| format!("cannot wake the loop: {e}"))?;
+    }
+    let result = match kind {
+        PageKind::Echo => server.run(WithStats::new(Echo, stats_every)),
+        PageKind::Reply => server.run(WithStats::new(Reply(reply), stats_every)),
+        PageKind::Chat => server.run(WithStats::new(bcast, stats_every)),
     };
     result.map_err(|e| format!("server failed: {e}"))
+}
+
+/// Wraps a handler that uses no timer of its own, and prints a stats line on stderr every
+/// `every`: open connections, messages in and out per second, bytes queued, messages dropped
+/// (in total and since the last line) and the process's resident memory.
+struct WithStats<H> {
+    inner: H,
+    every: Option<Duration>,
+    /// When the previous line was printed, and the counters then.
+    last: Option<(Instant, Stats)>,
+}
+
+impl<H: Handler> WithStats<H> {
+    fn new(inner: H, every: Option<Duration>) -> Self {
+        WithStats {
+            inner,
+            every,
+            last: None,
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(every) = self.every else { return };
+        let now = Instant::now();
+        let stats = ctx.stats();
+        if let Some((then, prev)) = self.last {
+            let secs = now.duration_since(then).as_secs_f64().max(1e-3);
+            let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+            let line = format!(
+                "stats open={} in={:.1}/s out={:.1}/s queued={}B dropped={} (+{}) rss={}",
+                stats.open,
+                rate(stats.messages_in, prev.messages_in),
+                rate(stats.messages_out, prev.messages_out),
+                stats.bytes_queued,
+                stats.dropped,
+                stats.dropped.saturating_sub(prev.dropped),
+                rss_kib().map_or_else(|| "?".to_string(), |k| format!("{k}KiB")),
+            );
+            // Not eprintln!: a closed stderr must not bring the server down.
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }
+        self.last = Some((now, stats));
+        ctx.set_timer(every);
+    }
+}
+
+impl<H: Handler> Handler for WithStats<H> {
+    fn on_open(&mut self, ctx: &mut Ctx<'_>, peer: Peer, request: &Request) {
+        self.inner.on_open(ctx, peer, request);
+    }
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
+        self.inner.on_message(ctx, peer, msg);
+    }
+    fn on_close(&mut self, ctx: &mut Ctx<'_>, peer: Peer, code: u16, reason: &str) {
+        self.inner.on_close(ctx, peer, code, reason);
+    }
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>) {
+        self.tick(ctx);
+    }
+    fn on_wake(&mut self, ctx: &mut Ctx<'_>) {
+        if self.last.is_none() {
+            self.tick(ctx);
+        }
+        self.inner.on_wake(ctx);
+    }
+}
+
+/// This process's resident set size in KiB (`VmRSS` in `/proc/self/status`), if readable.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

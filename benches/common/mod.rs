@@ -1,0 +1,156 @@
+//! Helpers shared by the benchmarks that run servers as child processes.
+
+#![allow(dead_code)] // each bench uses a different part
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server running as a child process; killed when dropped.
+pub struct ServerProc {
+    /// A short name for tables.
+    pub name: &'static str,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ServerProc {
+    /// `wsloop serve` with default settings on a free loopback port.
+    pub fn wsloop() -> ServerProc {
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+            .args(["serve", "--listen", &addr.to_string(), "--log", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start wsloop serve");
+        let mut s = ServerProc {
+            name: "wsloop",
+            addr,
+            child,
+        };
+        s.wait_listening();
+        s
+    }
+
+    /// A reference peer from benches/peers (`tt-echo` or `fws-echo`), if it was built.
+    pub fn peer(name: &'static str) -> Option<ServerProc> {
+        let path = peer_path(name);
+        if !path.exists() {
+            return None;
+        }
+        let mut child = Command::new(&path)
+            .arg("127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
+        // It prints `listening on ADDR` first; later lines (errors) are passed through.
+        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        let addr: SocketAddr = first
+            .strip_prefix("listening on ")
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name}: unexpected first line {first:?}"));
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                eprintln!("[{name}] {l}");
+            }
+        });
+        let mut s = ServerProc { name, addr, child };
+        s.wait_listening();
+        Some(s)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The URL to benchmark.
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!("{} exited early: {status}", self.name);
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                // Let it finish with the probe connection before measuring.
+                std::thread::sleep(Duration::from_millis(200));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} is not listening on {} after 10 s", self.name, self.addr);
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where `cargo build --release --manifest-path benches/peers/Cargo.toml` puts a peer.
+pub fn peer_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("benches/peers/target/release")
+        .join(name)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// An environment variable parsed, or a default.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The median of some values (the mean of the middle two for an even count).
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The machine, for the output's header.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0);
+    format!(
+        "{cpu}, {cores} cores, {} GiB RAM, Linux {}",
+        mem_kb >> 20,
+        kernel.trim()
+    )
+}

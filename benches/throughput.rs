@@ -1,0 +1,165 @@
+//! Throughput against peers: `wsloop serve` vs a tokio-tungstenite echo server (tokio
+//! multi-thread runtime) and a fastwebsockets echo server, driven by the same load generator
+//! (`wsloop::bench`, in this process) in the same run.
+//!
+//! Build the peers first (they are a separate Cargo workspace, so the library and `cargo test`
+//! never compile them): `cargo build --release --manifest-path benches/peers/Cargo.toml`.
+//! Then `cargo bench --bench throughput`. Environment: `WSLOOP_BENCH_REPS=5` (repetitions; the
+//! medians are reported), `WSLOOP_BENCH_SECS=5` (measured seconds per run).
+//!
+//! Each repetition runs every server once per case, in rotating order, so slow drifts of a
+//! shared machine spread over all of them. Reported per server: echoes per second, p99 round
+//! trip, and echoes per server CPU-second (utime + stime of the server process during the
+//! measured phase), with wsloop's ratio to each peer.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{env_or, machine, median, peer_path, ServerProc};
+use wsloop::bench::{self, Config, Load, Target};
+
+struct Case {
+    name: &'static str,
+    connections: usize,
+    inflight: u32,
+    size: usize,
+}
+
+const CASES: [Case; 4] = [
+    Case {
+        name: "1 conn x 1 in flight x 16 B",
+        connections: 1,
+        inflight: 1,
+        size: 16,
+    },
+    Case {
+        name: "100 x 1 x 16 B",
+        connections: 100,
+        inflight: 1,
+        size: 16,
+    },
+    Case {
+        name: "100 x 16 x 16 B",
+        connections: 100,
+        inflight: 16,
+        size: 16,
+    },
+    Case {
+        name: "10 x 1 x 64 KiB",
+        connections: 10,
+        inflight: 1,
+        size: 64 << 10,
+    },
+];
+
+#[derive(Default)]
+struct Samples {
+    rate: Vec<f64>,
+    p99_us: Vec<f64>,
+    per_cpu: Vec<f64>,
+    unclean: usize,
+}
+
+fn main() {
+    let reps: usize = env_or("WSLOOP_BENCH_REPS", 5);
+    let secs: u64 = env_or("WSLOOP_BENCH_SECS", 5);
+    let mut servers = vec![ServerProc::wsloop()];
+    for name in ["tt-echo", "fws-echo"] {
+        match ServerProc::peer(name) {
+            Some(s) => servers.push(s),
+            None => eprintln!(
+                "{} not built: run `cargo build --release --manifest-path benches/peers/Cargo.toml`; skipping it",
+                peer_path(name).display()
+            ),
+        }
+    }
+    let label = |name: &str| {
+        match name {
+            "tt-echo" => "tokio-tungstenite",
+            "fws-echo" => "fastwebsockets",
+            n => n,
+        }
+        .to_string()
+    };
+    println!("wsloop throughput vs peers: echo servers driven by the same load generator, in one run");
+    println!("machine: {}", machine());
+    println!(
+        "NOTE: the load generator (one thread) and the server under test share these cores; \
+         the tokio peers run a multi-thread runtime (one worker per core)."
+    );
+    println!("{reps} repetition(s) x {secs} s per case and server; medians; binary messages, every echo verified\n");
+    let mut table = Vec::new();
+    for case in &CASES {
+        let mut samples: Vec<Samples> = servers.iter().map(|_| Samples::default()).collect();
+        for rep in 0..reps {
+            for i in 0..servers.len() {
+                let idx = (i + rep) % servers.len();
+                let s = &servers[idx];
+                let mut cfg = Config::new(Target::parse(&s.url()).expect("url"));
+                cfg.connections = case.connections;
+                cfg.load = Load::Saturate(case.inflight);
+                cfg.size = case.size;
+                cfg.duration = Duration::from_secs(secs);
+                cfg.server_pid = Some(s.pid());
+                match bench::run(&cfg, &mut |_| {}) {
+                    Ok(r) => {
+                        let out = &mut samples[idx];
+                        out.rate.push(r.msgs_per_sec);
+                        out.p99_us
+                            .push(r.latency.map_or(f64::NAN, |l| l.p99.as_nanos() as f64 / 1e3));
+                        out.per_cpu.push(r.msgs_per_server_cpu_sec().unwrap_or(f64::NAN));
+                        if !r.is_clean() {
+                            out.unclean += 1;
+                            eprintln!("{} / {}: not clean: {:?}", case.name, s.name, r.first_error);
+                        }
+                    }
+                    Err(e) => eprintln!("{} / {}: {e}", case.name, s.name),
+                }
+            }
+        }
+        let meds: Vec<(f64, f64, f64, usize)> = samples
+            .iter_mut()
+            .map(|m| {
+                (
+                    median(&mut m.rate),
+                    median(&mut m.p99_us),
+                    median(&mut m.per_cpu),
+                    m.unclean,
+                )
+            })
+            .collect();
+        table.push(meds);
+    }
+    println!("| case | server | msgs/s | p99 | msgs per server CPU-s | wsloop ratio (msgs/CPU-s) | wsloop ratio (msgs/s) | wsloop p99 / peer p99 |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for (case, meds) in CASES.iter().zip(&table) {
+        let ours = meds[0];
+        for (s, m) in servers.iter().zip(meds) {
+            let ratio = |a: f64, b: f64| {
+                if s.name == "wsloop" {
+                    "–".to_string()
+                } else {
+                    format!("{:.2}x", a / b)
+                }
+            };
+            println!(
+                "| {} | {} | {:.0} | {:.0} µs | {:.0} | {} | {} | {} |{}",
+                case.name,
+                label(s.name),
+                m.0,
+                m.1,
+                m.2,
+                ratio(ours.2, m.2),
+                ratio(ours.0, m.0),
+                ratio(ours.1, m.1),
+                if m.3 > 0 {
+                    format!(" ({} unclean runs)", m.3)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    println!("\nratio = wsloop / peer (above 1 is better for wsloop, except p99 where below 1 is better).");
+}

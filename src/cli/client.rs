@@ -1,0 +1,479 @@
+//! `wsloop client`: the original note's client, on the library's [`Client`].
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
+use wsloop::proto::close_code;
+
+use super::{arg_err, init_log, parse_bytes, parse_duration, value};
+
+const HELP: &str = "\
+Usage: wsloop client [URL] [OPTIONS]
+
+Connects to URL [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
+and prints each message received on stdout, one per line. Logs go to stderr.
+
+Options:
+  --every DUR            time between sends [default: 2s]
+  --send TEXT            the message sent [default: how are you?]
+  --count N              stop after N sends and their replies, then close with 1000
+  --stdin                send each line of standard input instead, as it comes;
+                         close once the input ends and the replies are in
+  --reconnect            when connecting fails or the connection ends, try again
+                         (waiting 0.5s, 1s, 2s, ... at most 30s)
+  --protocol NAME        offer a subprotocol (repeatable)
+  --header 'NAME: VALUE' add a request header (repeatable)
+  --connect-timeout DUR  time for the TCP connect and the handshake [default: 10s]
+  --max-message BYTES    largest message accepted; larger closes with 1009 [default: 16MiB]
+  --log LEVEL            error | warn | info | debug | trace | off [default: info]
+
+Exits 0 after a clean close (code 1000); otherwise prints the reason and exits non-zero.
+";
+
+/// How long to wait for the last replies before closing anyway.
+const REPLY_WAIT: Duration = Duration::from_secs(5);
+/// Reconnect backoff bounds.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Unsent bytes above which standard input is not read until they drain.
+const INPUT_BACKPRESSURE: usize = 1 << 20;
+/// How often a paused input checks whether the queue has drained.
+const INPUT_RETRY: Duration = Duration::from_millis(20);
+/// Reads of standard input per event, so that a fast producer cannot hold up receiving.
+const INPUT_CHUNKS: usize = 64;
+
+struct Options {
+    url: String,
+    every: Duration,
+    send: String,
+    count: Option<u64>,
+    stdin: bool,
+    reconnect: bool,
+    cfg: ClientConfig,
+}
+
+/// Sends and replies over the whole run (across reconnects).
+#[derive(Default)]
+struct Progress {
+    sent: u64,
+    replies: u64,
+}
+
+/// How a connection ended without an error.
+enum End {
+    /// We closed it: our work is done.
+    Done,
+    /// The server closed it.
+    ServerClosed { code: u16, reason: String },
+}
+
+/// Parses the options and runs the client until it is done.
+pub fn run(args: Vec<OsString>) -> Result<(), String> {
+    use lexopt::prelude::*;
+    let mut o = Options {
+        url: "ws://127.0.0.1:9001/".to_string(),
+        every: Duration::from_secs(2),
+        send: "how are you?".to_string(),
+        count: None,
+        stdin: false,
+        reconnect: false,
+        cfg: ClientConfig::default(),
+    };
+    let mut log_level = "info".to_string();
+    let (mut every_set, mut send_set, mut url_set) = (false, false, false);
+    let mut p = lexopt::Parser::from_args(args);
+    while let Some(arg) = p.next().map_err(arg_err)? {
+        match arg {
+            Long("every") => {
+                o.every = parse_duration(&value(&mut p)?)?;
+                if o.every.is_zero() {
+                    return Err("--every must be more than 0".to_string());
+                }
+                every_set = true;
+            }
+            Long("send") => {
+                o.send = value(&mut p)?;
+                send_set = true;
+            }
+            Long("count") => {
+                let v = value(&mut p)?;
+                o.count = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or(format!("invalid --count '{v}'"))?,
+                );
+            }
+            Long("stdin") => o.stdin = true,
+            Long("reconnect") => o.reconnect = true,
+            Long("protocol") => o.cfg.protocols.push(value(&mut p)?),
+            Long("header") => {
+                let v = value(&mut p)?;
+                let (name, val) = v
+                    .split_once(':')
+                    .ok_or(format!("invalid --header '{v}' (NAME: VALUE)"))?;
+                o.cfg.headers.push((name.trim().to_string(), val.trim().to_string()));
+            }
+            Long("connect-timeout") => {
+                o.cfg.connect_timeout = parse_duration(&value(&mut p)?)?;
+                if o.cfg.connect_timeout.is_zero() {
+                    return Err("--connect-timeout must be more than 0".to_string());
+                }
+            }
+            Long("max-message") => o.cfg.max_message = parse_bytes(&value(&mut p)?)?,
+            Long("log") => log_level = value(&mut p)?,
+            Short('h') | Long("help") => {
+                print!("{HELP}");
+                return Ok(());
+            }
+            Value(v) if !url_set => {
+                o.url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?;
+                url_set = true;
+            }
+            _ => return Err(arg.unexpected().to_string()),
+        }
+    }
+    if o.stdin && (every_set || send_set) {
+        return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
+    }
+    init_log(&log_level)?;
+    let mut input = if o.stdin { Some(Input::open()?) } else { None };
+    let mut progress = Progress::default();
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let ended = match Client::connect(&o.url, o.cfg.clone()) {
+            Ok(client) => {
+                log::info!("connected to {}", o.url);
+                backoff = BACKOFF_FIRST;
+                Session::new(client, &o, input.as_mut(), &mut progress).run()
+            }
+            Err(e @ (ClientError::InvalidUrl { .. } | ClientError::InvalidConfig(_))) => return Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let why = match ended {
+            Ok(End::Done) => return Ok(()),
+            Ok(End::ServerClosed { code, reason }) => {
+                let clean = matches!(code, close_code::NORMAL | close_code::NO_STATUS);
+                let what = format!("server closed the connection: {code} {reason}");
+                if !o.reconnect {
+                    return if clean {
+                        Ok(())
+                    } else {
+                        Err(what.trim_end().to_string())
+                    };
+                }
+                what.trim_end().to_string()
+            }
+            Err(e) => e,
+        };
+        let finished = input.as_ref().is_some_and(|i| i.eof) || o.count.is_some_and(|n| progress.sent >= n);
+        if !o.reconnect || finished {
+            return Err(why);
+        }
+        log::warn!("{why}; reconnecting in {backoff:?}");
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection's run.
+struct Session<'a> {
+    client: Client,
+    o: &'a Options,
+    input: Option<&'a mut Input>,
+    p: &'a mut Progress,
+    /// Everything is sent; the timer is the deadline for the last replies.
+    sending_done: bool,
+    /// Standard input is not read until the send queue drains.
+    input_paused: bool,
+    /// We sent our close frame.
+    closing: bool,
+}
+
+impl<'a> Session<'a> {
+    fn new(client: Client, o: &'a Options, input: Option<&'a mut Input>, p: &'a mut Progress) -> Self {
+        // Replies to messages sent on an earlier connection are not coming.
+        p.replies = p.sent;
+        Session {
+            client,
+            o,
+            input,
+            p,
+            sending_done: false,
+            input_paused: false,
+            closing: false,
+        }
+    }
+
+    fn run(mut self) -> Result<End, String> {
+        match self.input.as_deref() {
+            Some(input) => {
+                self.client
+                    .watch(input.fd())
+                    .map_err(|e| format!("cannot watch standard input: {e}"))?;
+                self.read_input()?;
+            }
+            None => self.send_next()?,
+        }
+        loop {
+            let event = self.client.next_event(None).map_err(|e| e.to_string())?;
+            match event {
+                Some(ClientEvent::Text(text)) => self.print(text.as_bytes())?,
+                Some(ClientEvent::Binary(data)) => self.print(&data)?,
+                Some(ClientEvent::Timer) if self.sending_done => {
+                    let missing = self.p.sent - self.p.replies.min(self.p.sent);
+                    log::warn!("{missing} message(s) got no reply within {REPLY_WAIT:?}; closing");
+                    self.close()?;
+                }
+                Some(ClientEvent::Timer) if self.input.is_some() => self.read_input()?,
+                Some(ClientEvent::Timer) => self.send_next()?,
+                Some(ClientEvent::Readable(_)) => self.read_input()?,
+                Some(ClientEvent::Closed { code, reason }) => {
+                    return Ok(if self.closing {
+                        End::Done
+                    } else {
+                        End::ServerClosed { code, reason }
+                    })
+                }
+                Some(ClientEvent::Pong(_)) | None => {}
+            }
+        }
+    }
+
+    /// Prints a message and closes once every send has its reply.
+    fn print(&mut self, msg: &[u8]) -> Result<(), String> {
+        let mut out = io::stdout().lock();
+        out.write_all(msg)
+            .and_then(|()| out.write_all(b"\n"))
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+        self.p.replies += 1;
+        if self.sending_done && self.p.replies >= self.p.sent {
+            self.close()?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<(), String> {
+        if !self.closing {
+            self.closing = true;
+            // Fails only when the server is closing too: its close frame then ends the run.
+            let _ = self.client.close(close_code::NORMAL, "");
+        }
+        Ok(())
+    }
+
+    fn count_reached(&self) -> bool {
+        self.o.count.is_some_and(|n| self.p.sent >= n)
+    }
+
+    /// Nothing more will be sent: close now if every reply is in, else after a grace period.
+    fn finish_sending(&mut self) -> Result<(), String> {
+        self.sending_done = true;
+        if self.p.replies >= self.p.sent {
+            return self.close();
+        }
+        self.client.set_timer(REPLY_WAIT);
+        Ok(())
+    }
+
+    /// Periodic mode: send the message and set the timer for the next one.
+    fn send_next(&mut self) -> Result<(), String> {
+        if !self.client.is_open() {
+            return Ok(());
+        }
+        self.send(self.o.send.as_bytes())?;
+        if self.count_reached() {
+            return self.finish_sending();
+        }
+        self.client.set_timer(self.o.every);
+        Ok(())
+    }
+
+    fn send(&mut self, line: &[u8]) -> Result<(), String> {
+        let sent = match std::str::from_utf8(line) {
+            Ok(text) => self.client.send_text(text),
+            Err(_) => self.client.send_binary(line), // not UTF-8: sent as it is, as binary
+        };
+        match sent {
+            Ok(()) => {
+                self.p.sent += 1;
+                Ok(())
+            }
+            // The server is closing; its close frame ends the run.
+            Err(ClientError::NotOpen) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// `--stdin`: sends the complete lines that are there, pausing while the queue is full.
+    fn read_input(&mut self) -> Result<(), String> {
+        let max_line = self.o.cfg.max_message;
+        for _ in 0..INPUT_CHUNKS {
+            if self.sending_done || self.closing || !self.client.is_open() {
+                return Ok(());
+            }
+            if self.client.buffered_amount() > INPUT_BACKPRESSURE {
+                self.input_paused = true;
+                self.client.set_timer(INPUT_RETRY);
+                return Ok(());
+            }
+            self.input_paused = false;
+            let Some(input) = self.input.as_deref_mut() else {
+                return Ok(());
+            };
+            let lines = input.read_lines(max_line)?;
+            let (eof, idle) = (input.eof, input.idle);
+            for line in &lines {
+                if self.count_reached() {
+                    break;
+                }
+                self.send(line)?;
+            }
+            if self.count_reached() || eof {
+                if let Some(input) = self.input.as_deref() {
+                    let _ = self.client.unwatch(input.fd());
+                }
+                return self.finish_sending();
+            }
+            if idle {
+                return Ok(()); // wait for the next readable event
+            }
+        }
+        // Input keeps coming: let received messages through, then read on.
+        self.input_paused = true;
+        self.client.set_timer(INPUT_RETRY);
+        Ok(())
+    }
+}
+
+/// Standard input as a non-blocking descriptor the client's poll can watch.
+///
+/// A pipe or terminal is reopened through `/proc/self/fd/0` with `O_NONBLOCK`: a new open file
+/// description, so the shell's terminal is left blocking. What epoll cannot watch (a regular
+/// file, `/dev/null`) or what cannot be reopened (a socket) is copied by a thread into a socket
+/// pair instead.
+struct Input {
+    source: Box<dyn ReadFd>,
+    /// An unfinished line.
+    partial: Vec<u8>,
+    /// The input ended.
+    eof: bool,
+    /// The last read would have blocked.
+    idle: bool,
+}
+
+trait ReadFd: Read {
+    fn raw_fd(&self) -> RawFd;
+}
+
+impl ReadFd for File {
+    fn raw_fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+impl ReadFd for UnixStream {
+    fn raw_fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+impl Input {
+    fn open() -> Result<Input, String> {
+        let source: Box<dyn ReadFd> = match Self::reopen() {
+            Some(file) => Box::new(file),
+            None => {
+                let (reader, mut writer) =
+                    UnixStream::pair().map_err(|e| format!("cannot read standard input: {e}"))?;
+                reader
+                    .set_nonblocking(true)
+                    .map_err(|e| format!("cannot read standard input: {e}"))?;
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut io::stdin().lock(), &mut writer);
+                });
+                Box::new(reader)
+            }
+        };
+        Ok(Input {
+            source,
+            partial: Vec::new(),
+            eof: false,
+            idle: false,
+        })
+    }
+
+    /// Standard input reopened non-blocking, if it is something epoll can watch.
+    fn reopen() -> Option<File> {
+        let meta = File::from(io::stdin().as_fd().try_clone_to_owned().ok()?)
+            .metadata()
+            .ok()?;
+        if meta.is_file() {
+            return None;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open("/proc/self/fd/0")
+            .ok()?;
+        // Character devices such as /dev/null cannot be polled; find out now.
+        let probe = mio::Poll::new().ok()?;
+        let fd = file.as_raw_fd();
+        probe
+            .registry()
+            .register(&mut mio::unix::SourceFd(&fd), mio::Token(0), mio::Interest::READABLE)
+            .ok()?;
+        Some(file)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.source.raw_fd()
+    }
+
+    /// Reads once; returns the complete lines (without `\n` or `\r\n`). At the end of input an
+    /// unfinished last line counts as a line.
+    fn read_lines(&mut self, max_line: usize) -> Result<Vec<Vec<u8>>, String> {
+        let mut buf = [0u8; 16 << 10];
+        self.idle = false;
+        let n = loop {
+            match self.source.read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.idle = true;
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(format!("cannot read standard input: {e}")),
+            }
+        };
+        let mut lines = Vec::new();
+        if n == 0 {
+            self.eof = true;
+            if !self.partial.is_empty() {
+                lines.push(std::mem::take(&mut self.partial));
+            }
+            return Ok(lines);
+        }
+        let mut rest = &buf[..n];
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            self.partial.extend_from_slice(&rest[..i]);
+            let mut line = std::mem::take(&mut self.partial);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            lines.push(line);
+            rest = &rest[i + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        if self.partial.len() > max_line {
+            return Err(format!("an input line is longer than {max_line} bytes"));
+        }
+        Ok(lines)
+    }
+}

@@ -1,0 +1,121 @@
+//! Ready-made handlers beyond [`Echo`](crate::server::Echo) and [`Reply`](crate::server::Reply),
+//! and the built-in browser page.
+//!
+//! - [`Broadcast`]: a chat room; every message goes to every open connection.
+//! - [`page`]: a small self-contained HTML page (no external assets) for [`Config::page`]: it
+//!   connects back to the host that served it, shows the connection state and a message log,
+//!   has an input box, and reconnects with backoff.
+//!
+//! [`Config::page`]: crate::server::Config::page
+
+use std::sync::OnceLock;
+
+use crate::proto::{Message, Request};
+use crate::server::{Ctx, Handler, Peer};
+
+/// A handler that sends every message from any client to every open connection: a chat room.
+///
+/// Each message is encoded once and its bytes shared by every peer's queue (see
+/// [`Ctx::broadcast`]); peers whose queue is full meet the server's
+/// [`SlowConsumer`](crate::server::SlowConsumer) policy.
+#[derive(Clone, Copy, Debug)]
+pub struct Broadcast {
+    /// Send a message back to its sender too (default: true).
+    pub echo_self: bool,
+    /// Tell everyone when a peer joins or leaves, as text lines like
+    /// `* 127.0.0.1:50312 joined (3 online)` (default: false).
+    pub announce: bool,
+}
+
+impl Default for Broadcast {
+    fn default() -> Self {
+        Broadcast {
+            echo_self: true,
+            announce: false,
+        }
+    }
+}
+
+impl Handler for Broadcast {
+    fn on_open(&mut self, ctx: &mut Ctx<'_>, peer: Peer, _request: &Request) {
+        if self.announce {
+            let line = format!("* {} joined ({} online)", peer.addr, ctx.len());
+            ctx.broadcast(Message::Text(&line), None);
+        }
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
+        let except = if self.echo_self { None } else { Some(peer.id) };
+        ctx.broadcast(msg, except);
+    }
+
+    fn on_close(&mut self, ctx: &mut Ctx<'_>, peer: Peer, _code: u16, _reason: &str) {
+        if self.announce {
+            let line = format!("* {} left ({} online)", peer.addr, ctx.len());
+            // The leaving peer has already sent or received its close frame: skip it.
+            ctx.broadcast(Message::Text(&line), Some(peer.id));
+        }
+    }
+}
+
+/// Which flavour of the built-in page to serve; they differ only in title and hint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageKind {
+    /// An echo console: what you send comes back.
+    Echo,
+    /// A console for a server that answers every message with the same text.
+    Reply,
+    /// A chat room: messages go to everyone connected.
+    Chat,
+}
+
+/// The page's source; `{{MODE}}`, `{{TITLE}}` and `{{HINT}}` are filled in by [`page`].
+const TEMPLATE: &str = include_str!("page.html");
+
+/// The built-in page for `kind`, ready for [`Config::page`](crate::server::Config::page).
+/// It is under 8 KiB, loads nothing from elsewhere, and derives its WebSocket URL from
+/// `location.host`, so it works behind a reverse proxy too.
+pub fn page(kind: PageKind) -> &'static str {
+    static PAGES: [OnceLock<String>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let (i, mode, title, hint) = match kind {
+        PageKind::Echo => (0, "echo", "echo console", "every message comes back to you"),
+        PageKind::Reply => (1, "reply", "reply console", "every message gets the same answer"),
+        PageKind::Chat => (2, "broadcast", "chat", "every message goes to everyone connected"),
+    };
+    PAGES[i].get_or_init(|| {
+        TEMPLATE
+            .replace("{{MODE}}", mode)
+            .replace("{{TITLE}}", title)
+            .replace("{{HINT}}", hint)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_small_and_self_contained() {
+        for kind in [PageKind::Echo, PageKind::Reply, PageKind::Chat] {
+            let p = page(kind);
+            assert!(p.len() < 8 * 1024, "{kind:?} page is {} bytes", p.len());
+            assert!(!p.contains("{{"), "unfilled placeholder in {kind:?} page");
+            for external in ["http://", "https://", "src=", "@import", "url("] {
+                assert!(
+                    !p.contains(external),
+                    "{kind:?} page refers to something external: {external}"
+                );
+            }
+            for (i, _) in p.match_indices("href=") {
+                assert!(
+                    p[i..].starts_with("href=\"data:"),
+                    "{kind:?} page links out: {}",
+                    &p[i..i + 40]
+                );
+            }
+            assert!(p.contains("location.host"));
+        }
+        assert!(page(PageKind::Chat).contains("data-mode=\"broadcast\""));
+        assert!(std::ptr::eq(page(PageKind::Echo), page(PageKind::Echo)));
+    }
+}

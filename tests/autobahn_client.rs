@@ -1,0 +1,39 @@
+//! Autobahn conformance of the client: kosoku is the fuzzing server and the driver in
+//! `examples/autobahn_client.rs` (compiled into this test, one copy of it) is the client.
+
+mod common;
+
+#[allow(dead_code)] // its `main` is for `cargo run --example`
+#[path = "../examples/autobahn_client.rs"]
+mod driver;
+
+use std::time::Duration;
+
+use common::autobahn::{self, Kosoku, EXPECTED_CASES};
+
+const AGENT: &str = "wsloop";
+
+/// The driver gives up after this long (a run normally takes well under a minute).
+const RUN_BUDGET: Duration = Duration::from_secs(10 * 60);
+
+#[test]
+fn autobahn_client_cases() {
+    let Some(kosoku) = Kosoku::setup() else {
+        return;
+    };
+    let outdir = common::target_dir().join("autobahn-reports").join("client");
+    let mut server = kosoku.start_fuzzingserver(&outdir);
+
+    let driven = driver::run(&server.url(), AGENT, RUN_BUDGET);
+    let run = server.wait(Duration::from_secs(60));
+    println!("autobahn client: kosoku ran {:.1?}", run.elapsed);
+    let summary = driven.unwrap_or_else(|e| panic!("the client driver failed: {e}\n{}", run.describe()));
+    println!("{summary}");
+    if run.timed_out {
+        panic!("kosoku did not exit after /updateReports\n{}", run.describe());
+    }
+
+    let results = autobahn::read_results(&kosoku, &outdir, Some(AGENT))
+        .unwrap_or_else(|e| panic!("no Autobahn results: {e}\n{}", run.describe()));
+    autobahn::assert_conformance("client", &outdir, &results, EXPECTED_CASES, &run.describe());
+}

@@ -1,0 +1,931 @@
+//! The client: the original demo end to end with the real binary, the library against a
+//! tungstenite server, and failures against small hand-made TCP servers. Every wait is bounded.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use tungstenite::handshake::server::{Request, Response};
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode as TOpCode};
+use tungstenite::protocol::frame::{CloseFrame, Frame};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message as TMessage, WebSocket};
+
+use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
+use wsloop::proto::frame::{FrameHeader, OpCode};
+use wsloop::proto::handshake::{accept_key, ResponseError};
+use wsloop::proto::mask::apply_mask;
+
+/// The longest any single step may take.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The next event, which must come within [`WAIT`].
+fn next(c: &mut Client) -> ClientEvent {
+    match c.next_event(Some(WAIT)) {
+        Ok(Some(ev)) => ev,
+        Ok(None) => panic!("no event within {WAIT:?}"),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+/// The error that ends the connection, which must come within [`WAIT`] after at most a few events.
+fn next_error(c: &mut Client) -> ClientError {
+    for _ in 0..8 {
+        match c.next_event(Some(WAIT)) {
+            Err(e) => return e,
+            Ok(Some(ClientEvent::Closed { code, reason })) => panic!("closed cleanly ({code} {reason}), not an error"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("no error within {WAIT:?}"),
+        }
+    }
+    panic!("too many events before the error")
+}
+
+fn connect(addr: SocketAddr) -> Client {
+    Client::connect(&format!("ws://{addr}/"), ClientConfig::default())
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
+}
+
+fn connect_err(url: &str, cfg: ClientConfig) -> ClientError {
+    let started = Instant::now();
+    let e = Client::connect(url, cfg).expect_err("connecting should fail");
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+    e
+}
+
+/// A tungstenite server for one connection, running `f` in a thread.
+fn tungstenite_server<F>(f: F) -> (SocketAddr, JoinHandle<()>)
+where
+    F: FnOnce(WebSocket<TcpStream>) + Send + 'static,
+{
+    tungstenite_server_hdr(|_req, res| res, f)
+}
+
+/// Like [`tungstenite_server`], with `on_request` inspecting the request and shaping the answer.
+fn tungstenite_server_hdr<C, F>(on_request: C, f: F) -> (SocketAddr, JoinHandle<()>)
+where
+    C: FnOnce(&Request, Response) -> Response + Send + 'static,
+    F: FnOnce(WebSocket<TcpStream>) + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    (addr, serve_tungstenite(listener, on_request, f))
+}
+
+fn serve_tungstenite<C, F>(listener: TcpListener, on_request: C, f: F) -> JoinHandle<()>
+where
+    C: FnOnce(&Request, Response) -> Response + Send + 'static,
+    F: FnOnce(WebSocket<TcpStream>) + Send + 'static,
+{
+    thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        let cfg = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(None);
+        #[allow(clippy::result_large_err)] // the error type is tungstenite's
+        let callback = |req: &Request, res: Response| Ok(on_request(req, res));
+        let ws = tungstenite::accept_hdr_with_config(stream, callback, Some(cfg)).expect("tungstenite handshake");
+        f(ws);
+    })
+}
+
+/// Echoes until the client closes; returns the client's close frame.
+fn echo_until_close(ws: &mut WebSocket<TcpStream>) -> Option<CloseFrame> {
+    loop {
+        match ws.read() {
+            Ok(m @ (TMessage::Text(_) | TMessage::Binary(_))) => ws.send(m).expect("echo"),
+            Ok(TMessage::Close(frame)) => {
+                drain_close(ws);
+                return frame;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("server read failed: {e}"),
+        }
+    }
+}
+
+/// Drives a close handshake to its end on the tungstenite side.
+fn drain_close(ws: &mut WebSocket<TcpStream>) {
+    for _ in 0..100 {
+        match ws.read() {
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn join(h: JoinHandle<()>) {
+    h.join().expect("the server thread panicked");
+}
+
+/// A one-connection TCP server running `f` on the accepted stream.
+fn raw_server<F>(f: F) -> (SocketAddr, JoinHandle<()>)
+where
+    F: FnOnce(TcpStream) + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let h = thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(WAIT)).expect("timeout");
+        f(stream);
+    });
+    (addr, h)
+}
+
+/// Reads a request head; returns its text.
+fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => panic!("the request head ended early: {:?}", String::from_utf8_lossy(&head)),
+        }
+    }
+    String::from_utf8(head).expect("ASCII head")
+}
+
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// Reads the request and answers `101` with the right accept value; returns the request head.
+fn accept(s: &mut TcpStream) -> String {
+    let head = read_head(s);
+    let key = header(&head, "Sec-WebSocket-Key").expect("a key");
+    write!(
+        s,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        accept_key(key.as_bytes())
+    )
+    .expect("write answer");
+    head
+}
+
+/// A server frame: `first` is the whole first byte (FIN, RSV, opcode); never masked.
+fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n <= 0xffff => {
+            f.push(126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// One frame from the client: checks it is masked, returns opcode, FIN, mask key and payload.
+fn read_frame(s: &mut TcpStream) -> (OpCode, bool, [u8; 4], Vec<u8>) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    let (h, _) = loop {
+        s.read_exact(&mut b).expect("a frame header");
+        head.push(b[0]);
+        if let Some(parsed) = FrameHeader::parse(&head).expect("a valid header") {
+            break parsed;
+        }
+    };
+    let key = h.mask.expect("client frames are masked");
+    let mut payload = vec![0u8; h.payload_len as usize];
+    s.read_exact(&mut payload).expect("the payload");
+    apply_mask(&mut payload, key, 0);
+    (h.opcode, h.fin, key, payload)
+}
+
+fn close_code_of(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+/// Reads until the client ends the TCP connection (or the read timeout).
+fn wait_eof(s: &mut TcpStream) {
+    let mut sink = [0u8; 1024];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+struct CliRun {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `wsloop ARGS` with `input` on stdin (or none), killing it after `timeout`.
+fn run_cli(args: &[&str], input: Option<&str>, timeout: Duration) -> CliRun {
+    let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
+    run_cli_with(args, stdin, input, timeout)
+}
+
+/// Like [`run_cli`] with the given stdin; `input` is written to it when it is a pipe.
+fn run_cli_with(args: &[&str], stdin: Stdio, input: Option<&str>, timeout: Duration) -> CliRun {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+        .args(args)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wsloop");
+    if let Some(input) = input {
+        let mut w = child.stdin.take().expect("piped");
+        let input = input.to_string();
+        thread::spawn(move || {
+            let _ = w.write_all(input.as_bytes());
+        });
+    }
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().expect("piped")));
+    let err = read_all(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`wsloop {}` did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                args.join(" "),
+                out.join().unwrap_or_default(),
+                err.join().unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    CliRun {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// A local port with nothing listening on it (just released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line
+
+#[test]
+fn original_demo_prints_five_replies() {
+    let server = common::spawn_server(&["--mode", "reply"]);
+    let url = format!("ws://{}/", server.addr);
+    let run = run_cli(&["client", &url, "--every", "50ms", "--count", "5"], None, WAIT);
+    assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
+    assert_eq!(run.stdout, "fine thank you\n".repeat(5), "stderr:\n{}", run.stderr);
+    assert!(
+        server.wait_for_stderr("disconnected (1000)", WAIT),
+        "the client should close with 1000; server log:\n{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn stdin_lines_are_sent_as_they_come() {
+    let server = common::spawn_server(&["--mode", "echo"]);
+    let url = format!("ws://{}", server.addr);
+    let run = run_cli(
+        &["client", &url, "--stdin"],
+        Some("one\r\ntwo\n\nlast without newline"),
+        WAIT,
+    );
+    assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
+    assert_eq!(run.stdout, "one\ntwo\n\nlast without newline\n");
+
+    let run = run_cli(&["client", &url, "--stdin", "--count", "2"], Some("a\nb\nc\nd\n"), WAIT);
+    assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
+    assert_eq!(run.stdout, "a\nb\n");
+
+    // epoll cannot watch a regular file or /dev/null: a thread reads those instead.
+    let path = common::target_dir().join("client-stdin-test.txt");
+    std::fs::write(&path, "from\na file\n").unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let run = run_cli_with(&["client", &url, "--stdin"], Stdio::from(file), None, WAIT);
+    assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
+    assert_eq!(run.stdout, "from\na file\n");
+    let _ = std::fs::remove_file(&path);
+    let run = run_cli(&["client", &url, "--stdin"], None, WAIT);
+    assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
+    assert_eq!(run.stdout, "");
+}
+
+#[test]
+fn cli_failures_are_one_line() {
+    let port = free_port();
+    let run = run_cli(&["client", &format!("ws://127.0.0.1:{port}/")], None, WAIT);
+    assert!(!run.status.success());
+    assert_eq!(
+        run.stderr.trim_end(),
+        format!("wsloop: connection refused to 127.0.0.1:{port}")
+    );
+
+    let (addr, h) = raw_server(|mut s| {
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+    });
+    let run = run_cli(&["client", &format!("ws://{addr}/nope")], None, WAIT);
+    join(h);
+    assert!(!run.status.success());
+    assert_eq!(
+        run.stderr.trim_end(),
+        "wsloop: server answered 404 Not Found: not a WebSocket endpoint"
+    );
+
+    let run = run_cli(&["client", "wss://example.com/"], None, WAIT);
+    assert!(!run.status.success());
+    assert!(run.stderr.contains("TLS (wss://) is not supported"), "{}", run.stderr);
+
+    // The server closes with 1001 after 300 ms of silence: not a clean close for the client.
+    let server = common::spawn_server(&["--idle-timeout", "300ms"]);
+    let url = format!("ws://{}/", server.addr);
+    let run = run_cli(&["client", &url, "--every", "10s", "--log", "off"], None, WAIT);
+    assert!(!run.status.success());
+    assert_eq!(run.stdout, "how are you?\n");
+    assert_eq!(
+        run.stderr.trim_end(),
+        "wsloop: server closed the connection: 1001 idle timeout"
+    );
+}
+
+#[test]
+fn reconnect_retries_until_the_server_is_up() {
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/");
+    let starter = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(800));
+        common::spawn_server(&["--listen", &format!("127.0.0.1:{port}"), "--mode", "reply"])
+    });
+    let run = run_cli(
+        &["client", &url, "--reconnect", "--every", "50ms", "--count", "2"],
+        None,
+        Duration::from_secs(20),
+    );
+    let server = starter.join().expect("server started");
+    assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
+    assert_eq!(run.stdout, "fine thank you\n".repeat(2));
+    assert!(
+        run.stderr.contains(&format!(
+            "connection refused to 127.0.0.1:{port}; reconnecting in 500ms"
+        )),
+        "{}",
+        run.stderr
+    );
+    drop(server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The library against tungstenite
+
+#[test]
+fn text_binary_and_16_mib() {
+    let (addr, h) = tungstenite_server(|mut ws| {
+        let close = echo_until_close(&mut ws).expect("a close frame");
+        assert_eq!((u16::from(close.code), close.reason.as_str()), (1000, "done"));
+    });
+    let mut c = connect(addr);
+    assert!(c.is_open());
+    c.send_text("hello").unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Text("hello".into()));
+    c.send_binary(&[0, 1, 2, 255]).unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Binary(vec![0, 1, 2, 255]));
+    c.send_text("").unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Text(String::new()));
+    let big: Vec<u8> = (0..16usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+    c.send_binary(&big).unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Binary(big));
+    let text = "κόσμε ".repeat(100_000);
+    c.send_text(&text).unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Text(text));
+    c.close(1000, "done").unwrap();
+    assert!(!c.is_open());
+    assert!(matches!(c.send_text("late"), Err(ClientError::NotOpen)));
+    assert_eq!(
+        next(&mut c),
+        ClientEvent::Closed {
+            code: 1000,
+            reason: "done".into()
+        }
+    );
+    assert!(matches!(c.next_event(None), Err(ClientError::NotOpen)));
+    join(h);
+}
+
+#[test]
+fn fragments_both_ways() {
+    let (addr, h) = tungstenite_server(|mut ws| {
+        for (data, op, fin) in [
+            ("frag", TOpCode::Data(Data::Text), false),
+            ("men", TOpCode::Data(Data::Continue), false),
+            ("ted κ", TOpCode::Data(Data::Continue), true),
+        ] {
+            ws.send(TMessage::Frame(Frame::message(data.as_bytes().to_vec(), op, fin)))
+                .unwrap();
+        }
+        match ws.read().unwrap() {
+            TMessage::Binary(b) => assert_eq!(&b[..], b"abcdef"),
+            m => panic!("expected the reassembled binary message, got {m:?}"),
+        }
+        echo_until_close(&mut ws);
+    });
+    let mut c = connect(addr);
+    assert_eq!(next(&mut c), ClientEvent::Text("fragmented κ".into()));
+    c.send_frame(OpCode::Binary, false, b"ab").unwrap();
+    c.send_frame(OpCode::Continuation, false, b"").unwrap();
+    c.send_frame(OpCode::Continuation, true, b"cdef").unwrap();
+    c.close(1000, "").unwrap();
+    assert!(matches!(next(&mut c), ClientEvent::Closed { code: 1000, .. }));
+    join(h);
+}
+
+#[test]
+fn pings_both_ways() {
+    let (addr, h) = tungstenite_server(|mut ws| {
+        ws.send(TMessage::Ping(b"server ping".to_vec().into())).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                TMessage::Pong(p) => {
+                    assert_eq!(&p[..], b"server ping");
+                    break;
+                }
+                TMessage::Ping(_) => {} // tungstenite answers on its own
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        ws.send(TMessage::text("pong seen")).unwrap();
+        echo_until_close(&mut ws);
+    });
+    let mut c = connect(addr);
+    c.ping(b"client ping").unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(next(&mut c));
+    }
+    got.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        got,
+        vec![
+            ClientEvent::Pong(b"client ping".to_vec()),
+            ClientEvent::Text("pong seen".into())
+        ]
+    );
+    c.close(1000, "").unwrap();
+    assert!(matches!(next(&mut c), ClientEvent::Closed { code: 1000, .. }));
+    join(h);
+}
+
+#[test]
+fn close_codes_both_ways() {
+    // The client closes with an application code; tungstenite echoes it.
+    let (addr, h) = tungstenite_server(|mut ws| {
+        let close = echo_until_close(&mut ws).expect("a close frame");
+        assert_eq!((u16::from(close.code), close.reason.as_str()), (4000, "bye"));
+    });
+    let mut c = connect(addr);
+    c.close(4000, "bye").unwrap();
+    assert_eq!(
+        next(&mut c),
+        ClientEvent::Closed {
+            code: 4000,
+            reason: "bye".into()
+        }
+    );
+    join(h);
+
+    // The server closes; the client answers and reports the server's code and reason.
+    for (code, reason) in [(1001u16, "going away"), (4001, "server bye"), (1011, "")] {
+        let (addr, h) = tungstenite_server(move |mut ws| {
+            ws.close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            }))
+            .unwrap();
+            drain_close(&mut ws);
+        });
+        let mut c = connect(addr);
+        assert_eq!(
+            next(&mut c),
+            ClientEvent::Closed {
+                code,
+                reason: reason.into()
+            }
+        );
+        join(h);
+    }
+}
+
+#[test]
+fn subprotocols_and_extra_headers() {
+    let (addr, h) = tungstenite_server_hdr(
+        |req, mut res| {
+            assert_eq!(req.uri().path(), "/chat");
+            assert_eq!(req.uri().query(), Some("room=1"));
+            assert_eq!(req.headers()["x-test"], "yes");
+            assert_eq!(req.headers()["sec-websocket-protocol"], "superchat, chat");
+            res.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "chat".parse().unwrap());
+            res
+        },
+        |mut ws| {
+            echo_until_close(&mut ws);
+        },
+    );
+    let cfg = ClientConfig {
+        protocols: vec!["superchat".into(), "chat".into()],
+        headers: vec![("X-Test".into(), "yes".into())],
+        ..ClientConfig::default()
+    };
+    let mut c = Client::connect(&format!("ws://{addr}/chat?room=1"), cfg).unwrap();
+    assert_eq!(c.protocol(), Some("chat"));
+    assert_eq!(c.peer_addr(), addr);
+    c.close(1000, "").unwrap();
+    assert!(matches!(next(&mut c), ClientEvent::Closed { code: 1000, .. }));
+    join(h);
+}
+
+#[test]
+fn timers_and_timeouts() {
+    let (addr, h) = tungstenite_server(|mut ws| {
+        echo_until_close(&mut ws);
+    });
+    let mut c = connect(addr);
+    let t = Instant::now();
+    assert_eq!(c.next_event(Some(Duration::from_millis(30))).unwrap(), None);
+    assert!(t.elapsed() >= Duration::from_millis(30));
+    assert_eq!(c.next_event(Some(Duration::ZERO)).unwrap(), None);
+
+    let t = Instant::now();
+    c.set_timer(Duration::from_millis(50));
+    assert_eq!(next(&mut c), ClientEvent::Timer);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    // A new timer replaces the old one.
+    let t = Instant::now();
+    c.set_timer(Duration::from_secs(30));
+    c.set_timer(Duration::from_millis(20));
+    assert_eq!(next(&mut c), ClientEvent::Timer);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(c.next_event(Some(Duration::from_millis(50))).unwrap(), None);
+
+    // Timers and messages interleave.
+    c.set_timer(Duration::from_millis(100));
+    c.send_text("x").unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Text("x".into()));
+    assert_eq!(next(&mut c), ClientEvent::Timer);
+    c.close(1000, "").unwrap();
+    assert!(matches!(next(&mut c), ClientEvent::Closed { .. }));
+    join(h);
+}
+
+#[test]
+fn ipv6_and_host_names() {
+    // A host name: `localhost` may resolve to ::1 first, where nothing listens; 127.0.0.1 follows.
+    let (addr, h) = tungstenite_server(|mut ws| {
+        echo_until_close(&mut ws);
+    });
+    let mut c = Client::connect(&format!("ws://localhost:{}/", addr.port()), ClientConfig::default()).unwrap();
+    c.send_text("by name").unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Text("by name".into()));
+    c.close(1000, "").unwrap();
+    assert!(matches!(next(&mut c), ClientEvent::Closed { .. }));
+    join(h);
+
+    let Ok(listener) = TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here: skipping the [::1] part");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    let h = serve_tungstenite(
+        listener,
+        move |req, res| {
+            assert_eq!(req.headers()["host"], format!("[::1]:{port}").as_str());
+            res
+        },
+        |mut ws| {
+            echo_until_close(&mut ws);
+        },
+    );
+    let mut c = Client::connect(&format!("ws://[::1]:{port}/"), ClientConfig::default()).unwrap();
+    c.send_text("over IPv6").unwrap();
+    assert_eq!(next(&mut c), ClientEvent::Text("over IPv6".into()));
+    c.close(1000, "").unwrap();
+    assert!(matches!(next(&mut c), ClientEvent::Closed { .. }));
+    join(h);
+}
+
+#[test]
+fn fresh_key_per_connection_and_fresh_mask_per_frame() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = thread::spawn(move || {
+        let mut keys = Vec::new();
+        let mut masks = Vec::new();
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            let head = accept(&mut s);
+            keys.push(header(&head, "Sec-WebSocket-Key").unwrap().to_string());
+            for _ in 0..8 {
+                let (op, fin, mask, payload) = read_frame(&mut s);
+                assert_eq!((op, fin, &payload[..]), (OpCode::Text, true, &b"same text"[..]));
+                masks.push(mask);
+            }
+        }
+        (keys, masks)
+    });
+    for _ in 0..2 {
+        let mut c = connect(addr);
+        for _ in 0..8 {
+            c.send_text("same text").unwrap();
+        }
+        // Let the bytes go out before the client is dropped.
+        let _ = c.next_event(Some(Duration::from_millis(50)));
+    }
+    let (keys, mut masks) = h.join().unwrap();
+    assert_ne!(keys[0], keys[1]);
+    for k in &keys {
+        assert_eq!(k.len(), 24, "base64 of 16 bytes: {k}");
+    }
+    masks.sort();
+    masks.dedup();
+    assert!(masks.len() >= 14, "mask keys repeat: {masks:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures: each a clear error, never a panic or a hang
+
+#[test]
+fn refused_port() {
+    let port = free_port();
+    let e = connect_err(&format!("ws://127.0.0.1:{port}/"), ClientConfig::default());
+    assert!(matches!(e, ClientError::Refused(_)), "{e:?}");
+    assert_eq!(e.to_string(), format!("connection refused to 127.0.0.1:{port}"));
+}
+
+#[test]
+fn http_answers_that_are_not_upgrades() {
+    for (answer, message) in [
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            "server answered 200 OK: not a WebSocket endpoint",
+        ),
+        (
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            "server answered 404 Not Found: not a WebSocket endpoint",
+        ),
+        (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+            "invalid handshake answer: wrong Sec-WebSocket-Accept",
+        ),
+        ("SSH-2.0-OpenSSH\r\n\r\n", "server answered with something that is not HTTP"),
+    ] {
+        let (addr, h) = raw_server(move |mut s| {
+            read_head(&mut s);
+            s.write_all(answer.as_bytes()).unwrap();
+            wait_eof(&mut s);
+        });
+        let e = connect_err(&format!("ws://{addr}/"), ClientConfig::default());
+        assert!(matches!(e, ClientError::Handshake(_)), "{e:?}");
+        assert_eq!(e.to_string(), message);
+        join(h);
+    }
+    let (addr, h) = raw_server(|mut s| {
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+    });
+    let e = connect_err(&format!("ws://{addr}/"), ClientConfig::default());
+    assert!(
+        matches!(e, ClientError::Handshake(ResponseError::Status { code: 200, .. })),
+        "{e:?}"
+    );
+    join(h);
+}
+
+#[test]
+fn handshake_cut_short_or_never_answered() {
+    let (addr, h) = raw_server(|mut s| {
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 101 Swit").unwrap();
+    });
+    let e = connect_err(&format!("ws://{addr}/"), ClientConfig::default());
+    assert_eq!(
+        e.to_string(),
+        "handshake failed: the server closed the connection in the middle of its answer"
+    );
+    join(h);
+
+    let (addr, h) = raw_server(|mut s| {
+        read_head(&mut s);
+    });
+    let e = connect_err(&format!("ws://{addr}/"), ClientConfig::default());
+    assert_eq!(
+        e.to_string(),
+        "handshake failed: the server closed the connection without answering"
+    );
+    join(h);
+
+    let (addr, h) = raw_server(|mut s| {
+        read_head(&mut s);
+        wait_eof(&mut s);
+    });
+    let cfg = ClientConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..ClientConfig::default()
+    };
+    let t = Instant::now();
+    let e = connect_err(&format!("ws://{addr}/"), cfg);
+    assert!(matches!(e, ClientError::Timeout { handshake: true, .. }), "{e:?}");
+    assert_eq!(e.to_string(), format!("no handshake answer from {addr} within 300ms"));
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    join(h);
+}
+
+#[test]
+fn server_drops_the_connection() {
+    // In the middle of a message.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        let f = frame(0x82, &[7u8; 100]);
+        s.write_all(&f[..30]).unwrap();
+    });
+    let mut c = connect(addr);
+    let e = next_error(&mut c);
+    assert!(matches!(e, ClientError::Abnormal(_)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "connection closed abnormally (1006): the server dropped the connection mid-message"
+    );
+    join(h);
+
+    // Between messages, without a close frame: what came before still arrives.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        s.write_all(&frame(0x81, b"last words")).unwrap();
+    });
+    let mut c = connect(addr);
+    assert_eq!(next(&mut c), ClientEvent::Text("last words".into()));
+    let e = next_error(&mut c);
+    assert_eq!(
+        e.to_string(),
+        "connection closed abnormally (1006): the server closed the TCP connection without a close frame"
+    );
+    join(h);
+
+    // Reset while the client waits for the answer to its close.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        let (op, _, _, _) = read_frame(&mut s);
+        assert_eq!(op, OpCode::Close);
+        let _ = s.shutdown(Shutdown::Both);
+    });
+    let mut c = connect(addr);
+    c.close(1000, "").unwrap();
+    let e = next_error(&mut c);
+    assert!(matches!(e, ClientError::Abnormal(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("before the server answered the close")
+            || e.to_string().ends_with("without answering the close"),
+        "{e}"
+    );
+    join(h);
+}
+
+#[test]
+fn protocol_errors_close_with_their_code() {
+    let masked = {
+        let mut f = vec![0x81, 0x80 | 2, 1, 2, 3, 4];
+        f.extend_from_slice(&[b'h' ^ 1, b'i' ^ 2]);
+        f
+    };
+    let cases: [(Vec<u8>, u16, &str); 4] = [
+        (masked, 1002, "server frame masked"),
+        (frame(0x81, &[0xce, 0xba, 0xff]), 1007, "invalid UTF-8 in text message"),
+        (frame(0x82, &[0u8; 2000]), 1009, "message too big"),
+        (frame(0x83, b""), 1002, "reserved opcode"),
+    ];
+    for (bytes, code, reason) in cases {
+        let (addr, h) = raw_server(move |mut s| {
+            accept(&mut s);
+            s.write_all(&bytes).unwrap();
+            let (op, _, _, payload) = read_frame(&mut s);
+            assert_eq!((op, close_code_of(&payload)), (OpCode::Close, code));
+            // The server answers the close and ends the connection, as a server should.
+            s.write_all(&frame(0x88, &code.to_be_bytes())).unwrap();
+        });
+        let cfg = ClientConfig {
+            max_message: 1000,
+            ..ClientConfig::default()
+        };
+        let mut c = Client::connect(&format!("ws://{addr}/"), cfg).unwrap();
+        let e = next_error(&mut c);
+        match &e {
+            ClientError::Protocol(p) => assert_eq!((p.code, p.reason), (code, reason)),
+            e => panic!("expected a protocol error, got {e:?}"),
+        }
+        assert_eq!(
+            e.to_string(),
+            format!("protocol error by the server: {reason} (closed with {code})")
+        );
+        join(h);
+    }
+}
+
+#[test]
+fn answers_go_out_before_the_close_frame() {
+    // A message then a protocol error in one write: the echo still precedes the close (1002).
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        let mut bytes = frame(0x81, b"first");
+        bytes.extend(frame(0x81 | 0x20, b"bad RSV"));
+        bytes.extend(frame(0x89, b"never answered"));
+        s.write_all(&bytes).unwrap();
+        let (op, _, _, payload) = read_frame(&mut s);
+        assert_eq!((op, &payload[..]), (OpCode::Text, &b"first"[..]));
+        let (op, _, _, payload) = read_frame(&mut s);
+        assert_eq!((op, close_code_of(&payload)), (OpCode::Close, 1002));
+    });
+    let mut c = connect(addr);
+    assert_eq!(next(&mut c), ClientEvent::Text("first".into()));
+    c.send_text("first").unwrap();
+    assert!(matches!(next_error(&mut c), ClientError::Protocol(p) if p.code == 1002));
+    join(h);
+
+    // A message, a ping and the server's close in one write: echo, pong, then the close reply.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        let mut bytes = frame(0x82, b"data");
+        bytes.extend(frame(0x89, b"ping"));
+        bytes.extend(frame(0x88, &[0x0f, 0xa0, b'o', b'k']));
+        s.write_all(&bytes).unwrap();
+        let (op, _, _, payload) = read_frame(&mut s);
+        assert_eq!((op, &payload[..]), (OpCode::Binary, &b"data"[..]));
+        let (op, _, _, payload) = read_frame(&mut s);
+        assert_eq!((op, &payload[..]), (OpCode::Pong, &b"ping"[..]));
+        let (op, _, _, payload) = read_frame(&mut s);
+        assert_eq!((op, close_code_of(&payload)), (OpCode::Close, 4000));
+    });
+    let mut c = connect(addr);
+    assert_eq!(next(&mut c), ClientEvent::Binary(b"data".to_vec()));
+    c.send_binary(b"data").unwrap();
+    assert_eq!(
+        next(&mut c),
+        ClientEvent::Closed {
+            code: 4000,
+            reason: "ok".into()
+        }
+    );
+    assert!(matches!(c.send_text("too late"), Err(ClientError::NotOpen)));
+    join(h);
+}
+
+#[test]
+fn no_close_answer_times_out() {
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        let (op, _, _, _) = read_frame(&mut s);
+        assert_eq!(op, OpCode::Close);
+        wait_eof(&mut s);
+    });
+    let cfg = ClientConfig {
+        close_timeout: Duration::from_millis(200),
+        ..ClientConfig::default()
+    };
+    let mut c = Client::connect(&format!("ws://{addr}/"), cfg).unwrap();
+    c.close(1000, "").unwrap();
+    let e = next_error(&mut c);
+    assert_eq!(
+        e.to_string(),
+        "connection closed abnormally (1006): the server did not answer the close within 200ms"
+    );
+    join(h);
+}

@@ -1,0 +1,96 @@
+// Drives wsloop's built-in page in headless Chromium (Debian's /usr/bin/chromium) with
+// playwright-core.
+//
+// Usage: node browser.mjs chat|reconnect http://127.0.0.1:PORT/ SCREENSHOT.png USER_DATA_DIR
+//
+// chat: two pages join a broadcast-mode server, each sends a line, and both must see both lines.
+// reconnect: one page on an echo-mode server; after "ok A connected" the caller restarts the
+// server on the same port; the page must show the loss, reconnect by itself and echo again.
+// A screenshot of the first page is saved. Prints one "ok ..." line per check; exits non-zero
+// on the first failure.
+import { chromium } from 'playwright-core';
+
+const [scenario, base, screenshot, userDataDir] = process.argv.slice(2);
+const WAIT = 15000; // ms for any single step
+const ARGS = [
+  '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+
+let context;
+const watchdog = setTimeout(() => fail(new Error('the whole run took too long')), 6 * WAIT);
+
+async function fail(e) {
+  console.error('FAILED: ' + (e && e.stack ? e.stack : String(e)));
+  try { if (context) await context.close(); } catch (_) { /* already gone */ }
+  process.exit(1);
+}
+
+async function openPage(name) {
+  const page = await context.newPage();
+  page.on('pageerror', (e) => fail(new Error(`${name}: script error on the page: ${e.message}`)));
+  page.on('console', (m) => console.log(`[${name} console.${m.type()}] ${m.text()}`));
+  const response = await page.goto(base, { timeout: WAIT });
+  if (!response || response.status() !== 200) throw new Error(`${name}: GET / gave ${response && response.status()}`);
+  await page.waitForFunction(() => document.getElementById('state').className === 'open', null, { timeout: WAIT });
+  console.log(`ok ${name} connected`);
+  return page;
+}
+
+async function say(page, text) {
+  await page.fill('#msg', text);
+  await page.press('#msg', 'Enter');
+}
+
+// Waits until the page's log has received (class "in") every one of `lines`.
+async function received(page, lines) {
+  await page.waitForFunction((want) => {
+    const got = [...document.querySelectorAll('#log li.in')].map((li) => li.textContent);
+    return want.every((w) => got.includes(w));
+  }, lines, { timeout: WAIT });
+}
+
+async function chat() {
+  const a = await openPage('A');
+  const b = await openPage('B');
+  const title = await a.title();
+  if (title !== 'wsloop chat') throw new Error('title is ' + JSON.stringify(title));
+  await say(a, 'hello from A');
+  await say(b, 'hello from B');
+  for (const [name, page] of [['A', a], ['B', b]]) {
+    await received(page, ['hello from A', 'hello from B']);
+    console.log(`ok ${name} sees both lines`);
+  }
+  return a;
+}
+
+async function reconnect() {
+  const a = await openPage('A'); // the caller now restarts the server
+  await a.waitForFunction(() => document.getElementById('state').className === 'closed', null, { timeout: WAIT });
+  console.log('ok A saw the connection drop');
+  await a.waitForFunction(() => document.getElementById('state').className === 'open', null, { timeout: 2 * WAIT });
+  console.log('ok A reconnected');
+  await say(a, 'back again');
+  await received(a, ['back again']);
+  console.log('ok A echo after reconnect');
+  return a;
+}
+
+async function main() {
+  // A persistent context is how playwright takes a fresh --user-data-dir of our choosing.
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    args: ARGS,
+    viewport: { width: 760, height: 420 },
+    timeout: WAIT,
+  });
+  const a = scenario === 'reconnect' ? await reconnect() : await chat();
+  await a.screenshot({ path: screenshot });
+  console.log('ok screenshot ' + screenshot);
+  await context.close();
+  clearTimeout(watchdog);
+  process.exit(0);
+}
+
+main().catch(fail);

@@ -1,0 +1,235 @@
+//! Deployment behind nginx: nginx on a loopback port with the standard WebSocket proxy settings
+//! (the README's snippet) in front of `wsloop serve`; an echo and the browser page pass end to
+//! end. Everything nginx writes (pid, logs, temp files) stays under the target directory.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{drain_lines, require_tool, spawn_server, tail, target_dir};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::Message as WsMessage;
+
+const NGINX: &str = "/usr/sbin/nginx";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The proxy part of the configuration, as the README shows it (`UPSTREAM` is filled in).
+const PROXY_SNIPPET: &str = "
+    map $http_upgrade $connection_upgrade {
+        default upgrade;
+        ''      close;
+    }
+    server {
+        listen 127.0.0.1:LISTEN_PORT;
+        location / {
+            proxy_pass http://UPSTREAM;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+    }
+";
+
+/// nginx in the foreground (`daemon off; master_process off;`); killed on drop.
+struct Nginx {
+    addr: SocketAddr,
+    dir: PathBuf,
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Nginx {
+    fn error_log(&self) -> String {
+        let file = fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+        let err = self.stderr.lock().unwrap().clone();
+        format!("{}{}", tail(&err, 4096), tail(&file, 8192))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn write_conf(dir: &Path, port: u16, upstream: SocketAddr) -> PathBuf {
+    let d = dir.display();
+    let proxy = PROXY_SNIPPET
+        .replace("LISTEN_PORT", &port.to_string())
+        .replace("UPSTREAM", &upstream.to_string());
+    let conf = format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{
+    worker_connections 256;
+}}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{proxy}}}
+"
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).expect("write nginx.conf");
+    path
+}
+
+/// Starts nginx on a free loopback port in front of `upstream`, in `<target>/nginx-test/NAME`
+/// (kept after the test for a look at its logs); retries a few ports in case
+/// another process takes the one picked.
+fn start_nginx(name: &str, upstream: SocketAddr) -> Nginx {
+    let dir = target_dir().join("nginx-test").join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create the nginx directory");
+    let mut last_log = String::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let conf = write_conf(&dir, port, upstream);
+        let mut child = Command::new(NGINX)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {NGINX}: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut nginx = Nginx {
+            addr,
+            dir: dir.clone(),
+            child,
+            stderr,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(_)) = nginx.child.try_wait() {
+                last_log = nginx.error_log();
+                break; // exited: most likely the port was taken; try another
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return nginx;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen on {addr} within {WAIT:?}\n{}",
+                nginx.error_log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("nginx would not start\n{last_log}");
+}
+
+fn have_nginx() -> bool {
+    require_tool("nginx", Path::new(NGINX).is_file())
+}
+
+#[test]
+fn echo_through_nginx() {
+    if !have_nginx() {
+        return;
+    }
+    let server = spawn_server(&["--mode", "echo"]);
+    let nginx = start_nginx("echo", server.addr);
+    let context = || {
+        format!(
+            "--- nginx ---\n{}\n--- wsloop ---\n{}",
+            nginx.error_log(),
+            server.stderr()
+        )
+    };
+
+    let stream = TcpStream::connect(nginx.addr).expect("connect to nginx");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut ws, response) = tungstenite::client(format!("ws://{}/", nginx.addr), stream)
+        .unwrap_or_else(|e| panic!("handshake through nginx: {e}\n{}", context()));
+    assert_eq!(response.status(), 101);
+
+    ws.send(WsMessage::text("through the proxy")).unwrap();
+    assert_eq!(
+        ws.read().unwrap(),
+        WsMessage::text("through the proxy"),
+        "{}",
+        context()
+    );
+    let big: Vec<u8> = (0..(256 << 10)).map(|i| (i % 251) as u8).collect();
+    ws.send(WsMessage::binary(big.clone())).unwrap();
+    assert_eq!(ws.read().unwrap(), WsMessage::binary(big), "{}", context());
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .unwrap();
+    loop {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("closing through nginx: {e}\n{}", context()),
+        }
+    }
+    assert!(
+        server.wait_for_stderr("disconnected (1000)", WAIT),
+        "the close reached wsloop with 1000\n{}",
+        context()
+    );
+    // The upgrade really went through nginx: its access log has the 101.
+    let deadline = Instant::now() + WAIT;
+    while !fs::read_to_string(nginx.dir.join("access.log")).is_ok_and(|l| l.contains("\"GET / HTTP/1.1\" 101")) {
+        assert!(Instant::now() < deadline, "no 101 in nginx's access log\n{}", context());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn page_through_nginx() {
+    if !have_nginx() {
+        return;
+    }
+    let server = spawn_server(&["--mode", "broadcast"]);
+    let nginx = start_nginx("page", server.addr);
+    let mut s = TcpStream::connect(nginx.addr).expect("connect to nginx");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", nginx.addr).unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("read the page");
+    assert!(
+        body.starts_with("HTTP/1.1 200"),
+        "{}\n{}",
+        tail(&body, 2048),
+        nginx.error_log()
+    );
+    assert!(body.contains("location.host"), "the page came through");
+}
