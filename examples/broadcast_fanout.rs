@@ -13,6 +13,13 @@
 //! cargo run --release --example broadcast_fanout -- --peers 10000 --sizes 16,4096,65536 --rounds 3
 //! ```
 //!
+//! On loopback the kernel's socket buffers usually take a whole frame at once, so the server
+//! queues nothing in user space and the RSS figures show only that nothing was copied on the
+//! way. To make the server queue the frame for (nearly) every peer, shrink the peers' sockets:
+//! `--mss 536 --rcvbuf 4096 --sizes 131072 --rounds 1` (fresh connections: their kernel buffers
+//! grow with use). The `queued (max)` column then shows what the peers' queues hold by their own
+//! accounting — hundreds of MiB — while the RSS peak grows by a few MiB at most.
+//!
 //! The server and this client are separate processes because each needs one descriptor per
 //! connection and the open-file limit here is 20,000. Loopback only; every phase is bounded in
 //! count and time.

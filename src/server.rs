@@ -57,7 +57,10 @@ pub struct Config {
     pub close_timeout: Duration,
     /// How long a shutdown waits for peers to answer the close (default 3 s).
     pub shutdown_timeout: Duration,
-    /// Size of the one read buffer shared by all connections (default 64 KiB).
+    /// Size of the one read buffer shared by all connections (default 256 KiB). A frame that
+    /// fits in one read is unmasked in place; a larger one is assembled per connection, which
+    /// costs copies and allocations (64 KiB made every 64 KiB message take that path). Pages
+    /// of the buffer that no read has reached are not resident.
     pub read_buffer_size: usize,
     /// TCP keep-alive probes after this much idle time (default: off).
     pub tcp_keepalive: Option<Duration>,
@@ -82,7 +85,7 @@ impl Default for Config {
             idle_timeout: None,
             close_timeout: Duration::from_secs(3),
             shutdown_timeout: Duration::from_secs(3),
-            read_buffer_size: 64 << 10,
+            read_buffer_size: 256 << 10,
             tcp_keepalive: None,
             policy: HandshakePolicy::default(),
             page: None,

@@ -3,6 +3,8 @@
 //! with their queues bounded, `Handle` reaches the loop from another thread, and the handler sees
 //! ids and peer addresses.
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
@@ -11,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::Tcp;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message as WsMessage, WebSocket};
@@ -18,7 +21,7 @@ use wsloop::modes::Broadcast;
 use wsloop::server::{SlowConsumer, Stats};
 use wsloop::{Config, ConnId, Ctx, Handle, Handler, Message, Peer, Request, Server};
 
-type Client = WebSocket<TcpStream>;
+type Client = WebSocket<Tcp>;
 
 /// Upper bound on any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
@@ -211,7 +214,7 @@ fn connect(addr: SocketAddr, rcvbuf: Option<usize>) -> Client {
     sock.connect(&addr.into()).expect("connect");
     let stream: TcpStream = sock.into();
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("handshake");
+    let (ws, _) = tungstenite::client(format!("ws://{addr}/"), Tcp(stream)).expect("handshake");
     ws
 }
 
@@ -287,10 +290,10 @@ fn announce_tells_everyone_about_joins_and_leaves() {
         },
     );
     let mut a = connect(srv.addr, None);
-    let a_addr = a.get_ref().local_addr().unwrap();
+    let a_addr = a.get_ref().0.local_addr().unwrap();
     assert_eq!(text(&next_data(&mut a)), format!("* {a_addr} joined (1 online)"));
     let mut b = connect(srv.addr, None);
-    let b_addr = b.get_ref().local_addr().unwrap();
+    let b_addr = b.get_ref().0.local_addr().unwrap();
     assert_eq!(text(&next_data(&mut a)), format!("* {b_addr} joined (2 online)"));
     assert_eq!(text(&next_data(&mut b)), format!("* {b_addr} joined (2 online)"));
     b.close(None).unwrap();
@@ -301,7 +304,7 @@ fn announce_tells_everyone_about_joins_and_leaves() {
 fn handler_sees_ids_and_peer_addresses() {
     let srv = start(Config::default(), Broadcast::default());
     let mut c: Vec<Client> = (0..3).map(|_| connect(srv.addr, None)).collect();
-    let local: Vec<SocketAddr> = c.iter().map(|w| w.get_ref().local_addr().unwrap()).collect();
+    let local: Vec<SocketAddr> = c.iter().map(|w| w.get_ref().0.local_addr().unwrap()).collect();
     let opens = srv.wait_opens(3);
 
     // Every open names a distinct id and the client's own address.
@@ -455,7 +458,7 @@ fn drop_policy_skips_messages_for_a_slow_consumer() {
     };
     let srv = start(cfg, Broadcast::default());
     let mut slow = connect(srv.addr, Some(4096)); // never reads until the end
-    let slow_addr = slow.get_ref().local_addr().unwrap();
+    let slow_addr = slow.get_ref().0.local_addr().unwrap();
     let fast = reader(connect(srv.addr, None));
     let opens = srv.wait_opens(2);
     let slow_peer = *opens.iter().find(|p| p.addr == slow_addr).unwrap();
@@ -474,7 +477,11 @@ fn drop_policy_skips_messages_for_a_slow_consumer() {
     );
     assert!(flooded.dropped >= 10, "{flooded:?}");
     // Every (peer, message) pair was either queued or dropped (+1: the direct END).
-    assert_eq!(stats.messages_out + stats.dropped, 2 * (sent as u64 + 1) + 1, "{stats:?}");
+    assert_eq!(
+        stats.messages_out + stats.dropped,
+        2 * (sent as u64 + 1) + 1,
+        "{stats:?}"
+    );
 
     // The slow consumer now reads: an intact stream of whole messages, with the gaps.
     let mut slow_got = 0;
@@ -507,7 +514,7 @@ fn close_policy_closes_a_slow_consumer_with_1008() {
     };
     let srv = start(cfg, Broadcast::default());
     let mut slow = connect(srv.addr, Some(4096));
-    let slow_addr = slow.get_ref().local_addr().unwrap();
+    let slow_addr = slow.get_ref().0.local_addr().unwrap();
     let fast = reader(connect(srv.addr, None));
     let opens = srv.wait_opens(2);
     let slow_peer = *opens.iter().find(|p| p.addr == slow_addr).unwrap();

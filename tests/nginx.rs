@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{drain_lines, require_tool, spawn_server, tail, target_dir};
+use common::{drain_lines, require_tool, spawn_server, tail, target_dir, Tcp};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as WsMessage;
@@ -174,7 +174,7 @@ fn echo_through_nginx() {
 
     let stream = TcpStream::connect(nginx.addr).expect("connect to nginx");
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    let (mut ws, response) = tungstenite::client(format!("ws://{}/", nginx.addr), stream)
+    let (mut ws, response) = tungstenite::client(format!("ws://{}/", nginx.addr), Tcp(stream))
         .unwrap_or_else(|e| panic!("handshake through nginx: {e}\n{}", context()));
     assert_eq!(response.status(), 101);
 

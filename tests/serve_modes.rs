@@ -8,15 +8,15 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::spawn_server;
+use common::{spawn_server, Tcp};
 use tungstenite::{Message as WsMessage, WebSocket};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn connect(addr: SocketAddr) -> WebSocket<TcpStream> {
+fn connect(addr: SocketAddr) -> WebSocket<Tcp> {
     let stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    tungstenite::client(format!("ws://{addr}/"), stream)
+    tungstenite::client(format!("ws://{addr}/"), Tcp(stream))
         .expect("handshake")
         .0
 }
@@ -31,7 +31,7 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     response
 }
 
-fn read_text(ws: &mut WebSocket<TcpStream>) -> String {
+fn read_text(ws: &mut WebSocket<Tcp>) -> String {
     match ws.read().expect("read") {
         WsMessage::Text(t) => t.as_str().to_string(),
         other => panic!("expected text, got {other:?}"),
@@ -64,10 +64,10 @@ fn page_is_served_in_every_mode_and_no_page_turns_it_off() {
 fn broadcast_mode_with_announce_and_no_echo_self() {
     let server = spawn_server(&["--mode", "broadcast", "--no-echo-self", "--announce"]);
     let mut a = connect(server.addr);
-    let a_addr = a.get_ref().local_addr().unwrap();
+    let a_addr = a.get_ref().0.local_addr().unwrap();
     assert_eq!(read_text(&mut a), format!("* {a_addr} joined (1 online)"));
     let mut b = connect(server.addr);
-    let b_addr = b.get_ref().local_addr().unwrap();
+    let b_addr = b.get_ref().0.local_addr().unwrap();
     assert_eq!(read_text(&mut a), format!("* {b_addr} joined (2 online)"));
     assert_eq!(read_text(&mut b), format!("* {b_addr} joined (2 online)"));
 

@@ -209,6 +209,39 @@ pub fn require_tool(name: &str, found: bool) -> bool {
     false
 }
 
+/// A `TcpStream` whose reads and writes retry on `EINTR`.
+///
+/// A blocking socket call with a timeout (`set_read_timeout`) can fail with `Interrupted` on
+/// Linux even with no signal handler installed (signal(7): after a stop and continue); this was
+/// seen here under load. tungstenite passes it up as a failed handshake or read, so test
+/// clients wrap their socket in this.
+pub struct Tcp(pub std::net::TcpStream);
+
+impl Read for Tcp {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl std::io::Write for Tcp {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// The last `max_bytes` (or slightly fewer, on a char boundary) of `text`.
 pub fn tail(text: &str, max_bytes: usize) -> &str {
     if text.len() <= max_bytes {
