@@ -417,9 +417,6 @@ impl Wire {
 /// [`next_event`](Self::next_event) writes out. Call `next_event` until it returns
 /// [`ClientEvent::Closed`] or an error; dropping a client ends the TCP connection at once
 /// (the server sees `1006`).
-///
-/// A client is not `Send` (its send queue is the server's, built on `Rc`): create it on the
-/// thread that uses it.
 pub struct Client {
     poll: Poll,
     events: Events,

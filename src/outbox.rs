@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// One queued piece.
 #[derive(Debug)]
@@ -14,7 +14,7 @@ pub(crate) enum Chunk {
     /// Bytes for this connection only.
     Owned(Vec<u8>),
     /// Bytes shared with other connections (a broadcast frame).
-    Shared(Rc<[u8]>),
+    Shared(Arc<Vec<u8>>),
 }
 
 impl Chunk {
@@ -78,7 +78,7 @@ impl Outbox {
     }
 
     /// Queues shared bytes, `skip` of which were already written.
-    pub(crate) fn push_shared(&mut self, bytes: Rc<[u8]>, skip: usize) {
+    pub(crate) fn push_shared(&mut self, bytes: Arc<Vec<u8>>, skip: usize) {
         if skip >= bytes.len() {
             return;
         }
@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn keeps_order_across_owned_and_shared() {
         let mut o = Outbox::default();
-        let shared: Rc<[u8]> = Rc::from(&b"SHARED"[..]);
+        let shared = Arc::new(b"SHARED".to_vec());
         o.push_vec(vec![9; 10_000], 2);
         o.push_shared(shared.clone(), 0);
         o.push_slice(b"tail");
@@ -203,12 +203,12 @@ mod tests {
         want.extend_from_slice(b"SHAREDtail");
         assert_eq!(w.got, want);
         assert_eq!(o.len(), 0);
-        assert_eq!(Rc::strong_count(&shared), 1, "sent shared bytes are released");
+        assert_eq!(Arc::strong_count(&shared), 1, "sent shared bytes are released");
     }
 
     #[test]
     fn clear_keeps_a_partly_written_frame() {
-        let shared: Rc<[u8]> = Rc::from(&[7u8; 5000][..]);
+        let shared = Arc::new(vec![7u8; 5000]);
         let mut o = Outbox::default();
         o.push_shared(shared.clone(), 1000);
         o.push_shared(shared.clone(), 0);

@@ -8,7 +8,6 @@
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -225,7 +224,14 @@ enum Command {
     Wake,
 }
 
+/// Commands waiting for the loop; more are refused so that a producer faster than the loop
+/// cannot grow memory without bound.
+const MAX_COMMANDS: usize = 1024;
+
 /// Lets other threads reach a running server: broadcast, wake the handler, or stop it.
+///
+/// At most 1,024 commands wait at once; past that the calls return
+/// [`WouldBlock`](io::ErrorKind::WouldBlock) until the loop catches up.
 #[derive(Clone)]
 pub struct Handle {
     waker: Arc<Waker>,
@@ -240,7 +246,16 @@ impl std::fmt::Debug for Handle {
 
 impl Handle {
     fn send(&self, c: Command) -> io::Result<()> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(c);
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= MAX_COMMANDS {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the server has not caught up with earlier commands",
+                ));
+            }
+            q.push_back(c);
+        }
         self.waker.wake()
     }
 
@@ -285,6 +300,9 @@ struct Core {
     commands: Arc<Mutex<VecDeque<Command>>>,
     /// Slots to remove once the current wakeup's work is done.
     dead: Vec<usize>,
+    /// Slots this server started closing from inside a handler call, with the close code:
+    /// `on_close` is called for them once that call returns.
+    failed: Vec<(usize, u16)>,
     /// The current connection's close request, made from inside its own message callback.
     close_current: Option<(u16, String)>,
     /// Scratch for frames sent to other connections.
@@ -310,7 +328,7 @@ impl Ctx<'_> {
         let key = id.key();
         if let Some((cur, out)) = &mut self.current {
             if *cur == key && self.core.slots.get(key).is_some_and(|s| s.gen == id.gen()) {
-                if self.core.close_current.is_some() {
+                if !self.core.current_may_send(key) {
                     return false;
                 }
                 write_frame(out, true, msg.opcode(), None, msg.as_bytes());
@@ -326,7 +344,7 @@ impl Ctx<'_> {
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
         let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
         write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
-        let frame: Rc<[u8]> = Rc::from(frame);
+        let frame = Arc::new(frame);
         let current = self.current.as_ref().map(|(k, _)| *k);
         let mut sent = 0;
         // Index the slab instead of collecting keys: no allocation per broadcast.
@@ -336,7 +354,7 @@ impl Ctx<'_> {
                 continue;
             }
             if Some(key) == current {
-                if self.core.close_current.is_none() {
+                if self.core.current_may_send(key) {
                     if let Some((_, out)) = &mut self.current {
                         out.extend_from_slice(&frame);
                         sent += 1;
@@ -420,7 +438,7 @@ impl Ctx<'_> {
     }
 }
 
-/// A bound server, ready to [`run`](Server::run).
+/// A bound server, ready to [`run`](Server::run). It may be moved to the thread that runs it.
 pub struct Server {
     core: Core,
     local_addr: SocketAddr,
@@ -478,6 +496,7 @@ impl Server {
                 shutdown_deadline: None,
                 commands: commands.clone(),
                 dead: Vec::new(),
+                failed: Vec::new(),
                 close_current: None,
                 tmp: Vec::new(),
                 stats: Stats::default(),
@@ -573,6 +592,12 @@ impl Server {
 }
 
 impl Core {
+    /// Whether the connection being processed may still get data frames: it is open (not past
+    /// its close, when `on_close` runs) and the handler has not asked to close it.
+    fn current_may_send(&self, key: usize) -> bool {
+        self.close_current.is_none() && self.slots[key].flags & OPENED != 0
+    }
+
     fn now32(&self) -> u32 {
         self.now as u32
     }
@@ -971,7 +996,7 @@ impl Core {
 
     /// Queues a shared frame for a connection other than the current one, applying the slow
     /// consumer policy. Returns whether it was queued.
-    fn queue_shared(&mut self, key: usize, frame: &Rc<[u8]>) -> bool {
+    fn queue_shared(&mut self, key: usize, frame: &Arc<Vec<u8>>) -> bool {
         let slot = &mut self.slots[key];
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
         // shared, and refusing would fail every peer on one large message.
@@ -1001,6 +1026,7 @@ impl Core {
                     }
                     self.tmp = b;
                     self.arm(key);
+                    self.failed.push((key, close_code::POLICY_VIOLATION));
                     return false;
                 }
             }
@@ -1085,6 +1111,12 @@ impl Core {
 
     /// Removes the slots whose writes failed during this wakeup.
     fn reap<H: Handler>(&mut self, h: &mut H) {
+        // Connections this server gave up on while a handler was running hear about it now.
+        while let Some((key, code)) = self.failed.pop() {
+            if self.slots.contains(key) {
+                self.notify_close(h, key, code, "slow consumer");
+            }
+        }
         while let Some(key) = self.dead.pop() {
             if self.slots.get(key).is_some_and(|s| s.flags & DEAD != 0) {
                 self.notify_close(h, key, close_code::ABNORMAL, "");
@@ -1270,6 +1302,13 @@ impl Handler for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_can_move_to_its_thread() {
+        fn is_send<T: Send>() {}
+        is_send::<Server>();
+        is_send::<Handle>();
+    }
 
     #[test]
     fn idle_slot_is_small() {

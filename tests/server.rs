@@ -530,3 +530,36 @@ fn out_of_descriptors_pauses_accepting_without_spinning() {
         "the last waiting connection was never served"
     );
 }
+
+/// A handler that tries to talk to a peer from inside that peer's `on_close`.
+struct ChattyOnClose;
+
+impl wsloop::Handler for ChattyOnClose {
+    fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_>, peer: wsloop::Peer, msg: wsloop::Message<'_>) {
+        ctx.send(peer.id, msg);
+    }
+    fn on_close(&mut self, ctx: &mut wsloop::Ctx<'_>, peer: wsloop::Peer, _code: u16, _reason: &str) {
+        assert!(!ctx.send_text(peer.id, "too late"), "send after close must be refused");
+        ctx.broadcast(wsloop::Message::Text("bye"), None);
+    }
+}
+
+#[test]
+fn nothing_follows_the_close_reply() {
+    let server = wsloop::Server::bind("127.0.0.1:0", wsloop::Config::default()).unwrap();
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let thread = std::thread::spawn(move || server.run(ChattyOnClose));
+    let mut bytes = masked(true, OpCode::Text, b"hi");
+    bytes.extend(masked(true, OpCode::Close, &1000u16.to_be_bytes()));
+    let frames = upgraded_then(addr, &bytes);
+    assert_eq!(
+        frames,
+        vec![
+            (OpCode::Text, b"hi".to_vec()),
+            (OpCode::Close, 1000u16.to_be_bytes().to_vec())
+        ]
+    );
+    handle.shutdown().unwrap();
+    thread.join().unwrap().unwrap();
+}
