@@ -380,9 +380,9 @@ fn a_peer_that_never_reads_cannot_grow_the_server() {
     // Send up to 64 MiB of 64 KiB messages without reading a byte. The server must stop reading
     // (so our writes block) long before it has buffered all of that.
     let frame = masked(true, OpCode::Binary, &[5u8; 65536]);
-    let mut sent = 0usize;
+    let mut sent = 0usize; // bytes of the stream written, in whole and partial frames
     while sent < 64 << 20 {
-        match s.write(&frame) {
+        match s.write(&frame[sent % frame.len()..]) {
             Ok(n) => sent += n,
             Err(_) => break,
         }
@@ -395,13 +395,25 @@ fn a_peer_that_never_reads_cannot_grow_the_server() {
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0usize;
     let want = sent / frame.len() * (65536 + 4); // every whole frame comes back (header 4 bytes)
+    let mut end = None;
     while got < want {
         match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => {
+                end = Some("end of stream".to_string());
+                break;
+            }
+            Err(e) => {
+                end = Some(e.to_string());
+                break;
+            }
             Ok(n) => got += n,
         }
     }
-    assert!(got >= want, "got {got} of {want} echoed bytes");
+    assert!(
+        got >= want,
+        "got {got} of {want} echoed bytes ({end:?}); server log:\n{}",
+        server.stderr()
+    );
 }
 
 #[test]
