@@ -46,7 +46,7 @@
 //! | [`Config::max_backpressure`] | 1 MiB queued per peer | reading from that peer pauses; a broadcast closes it with `1008` or skips it ([`server::SlowConsumer`]) |
 //! | [`Config::idle_timeout`] / [`Config::ping_interval`] | off | ping after silence, close `1001` past the timeout |
 //! | [`Config::close_timeout`] | 3 s | connection dropped without the peer's close |
-//! | [`Config::read_buffer_size`] | 64 KiB, one for the whole loop | larger messages are assembled per connection |
+//! | [`Config::read_buffer_size`] | 256 KiB, one for the whole loop | larger frames are assembled per connection |
 //!
 //! # Memory
 //!
@@ -71,3 +71,8 @@ mod timer;
 pub use client::{Client, ClientConfig, ClientError, ClientEvent};
 pub use proto::{Message, Request};
 pub use server::{Config, ConnId, Ctx, Handle, Handler, Peer, Server};
+
+/// The README's Rust examples, compiled by `cargo test` so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
