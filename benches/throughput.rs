@@ -5,7 +5,9 @@
 //! Build the peers first (they are a separate Cargo workspace, so the library and `cargo test`
 //! never compile them): `cargo build --release --manifest-path benches/peers/Cargo.toml`.
 //! Then `cargo bench --bench throughput`. Environment: `WSLOOP_BENCH_REPS=5` (repetitions; the
-//! medians are reported), `WSLOOP_BENCH_SECS=5` (measured seconds per run).
+//! medians are reported), `WSLOOP_BENCH_SECS=5` (measured seconds per run),
+//! `WSLOOP_BENCH_CASE=64` (run only the cases whose name contains this), and
+//! `WSLOOP_BENCH_ALT=/path/to/other/wsloop` (add another wsloop build as a server, for A/B tests).
 //!
 //! Each repetition runs every server once per case, in rotating order, so slow drifts of a
 //! shared machine spread over all of them. Reported per server: echoes per second, p99 round
@@ -64,7 +66,11 @@ struct Samples {
 fn main() {
     let reps: usize = env_or("WSLOOP_BENCH_REPS", 5);
     let secs: u64 = env_or("WSLOOP_BENCH_SECS", 5);
+    let only: String = env_or("WSLOOP_BENCH_CASE", String::new());
     let mut servers = vec![ServerProc::wsloop()];
+    if let Ok(alt) = std::env::var("WSLOOP_BENCH_ALT") {
+        servers.push(ServerProc::wsloop_at(std::path::Path::new(&alt), "wsloop-alt"));
+    }
     for name in ["tt-echo", "fws-echo"] {
         match ServerProc::peer(name) {
             Some(s) => servers.push(s),
@@ -89,8 +95,9 @@ fn main() {
          the tokio peers run a multi-thread runtime (one worker per core)."
     );
     println!("{reps} repetition(s) x {secs} s per case and server; medians; binary messages, every echo verified\n");
+    let cases: Vec<&Case> = CASES.iter().filter(|c| c.name.contains(only.as_str())).collect();
     let mut table = Vec::new();
-    for case in &CASES {
+    for case in &cases {
         let mut samples: Vec<Samples> = servers.iter().map(|_| Samples::default()).collect();
         for rep in 0..reps {
             for i in 0..servers.len() {
@@ -133,7 +140,7 @@ fn main() {
     }
     println!("| case | server | msgs/s | p99 | msgs per server CPU-s | wsloop ratio (msgs/CPU-s) | wsloop ratio (msgs/s) | wsloop p99 / peer p99 |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    for (case, meds) in CASES.iter().zip(&table) {
+    for (case, meds) in cases.iter().zip(&table) {
         let ours = meds[0];
         for (s, m) in servers.iter().zip(meds) {
             let ratio = |a: f64, b: f64| {

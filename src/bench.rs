@@ -1464,6 +1464,9 @@ impl Engine<'_> {
         if self.phase == Phase::Connect && self.started == self.cfg.connections && self.pending == 0 {
             self.begin_measure();
         }
+        if self.phase == Phase::Measure && self.open == 0 {
+            self.begin_drain(); // nothing left to measure: every connection failed or was closed
+        }
         if self.phase == Phase::Drain && self.c.received + self.c.abandoned >= self.c.sent {
             self.begin_close();
         }
@@ -1729,6 +1732,41 @@ mod tests {
         assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
         assert!(parse_source_ips("nope").is_err());
+    }
+
+    /// The whole loop against the crate's own echo server: every load, every echo checked.
+    #[test]
+    fn runs_clean_against_the_echo_server() {
+        let server = crate::server::Server::bind("127.0.0.1:0", crate::server::Config::default()).unwrap();
+        let addr = server.local_addr();
+        let handle = server.handle();
+        let thread = std::thread::spawn(move || server.run(crate::server::Echo));
+        let target = Target::parse(&format!("ws://{addr}/")).unwrap();
+        for (load, size) in [
+            (Load::Saturate(4), 16),
+            (Load::Saturate(1), 100_000),
+            (Load::Periodic(Duration::from_millis(20)), 40),
+            (Load::Idle, 16),
+        ] {
+            let mut cfg = Config::new(target.clone());
+            cfg.connections = 20;
+            cfg.load = load;
+            cfg.size = size;
+            cfg.duration = Duration::from_millis(300);
+            cfg.server_pid = Some(std::process::id());
+            let mut calls = 0;
+            let r = run(&cfg, &mut |_| calls += 1).unwrap();
+            assert!(r.is_clean(), "{load:?}: {r}");
+            assert_eq!((r.held, r.opened), (20, 20), "{load:?}");
+            if load != Load::Idle {
+                assert!(r.received > 0 && r.received == r.sent, "{load:?}: {r}");
+                assert!(r.latency.is_some());
+            }
+            assert!(r.server.and_then(|s| s.rss_held).is_some());
+            assert!(r.to_json().contains("\"clean\":true"));
+        }
+        handle.shutdown().unwrap();
+        thread.join().unwrap().unwrap();
     }
 
     #[test]

@@ -20,18 +20,19 @@ pub struct ServerProc {
 impl ServerProc {
     /// `wsloop serve` with default settings on a free loopback port.
     pub fn wsloop() -> ServerProc {
+        Self::wsloop_at(Path::new(env!("CARGO_BIN_EXE_wsloop")), "wsloop")
+    }
+
+    /// `serve` with default settings from another build of wsloop (for A/B comparisons).
+    pub fn wsloop_at(bin: &Path, name: &'static str) -> ServerProc {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+        let child = Command::new(bin)
             .args(["serve", "--listen", &addr.to_string(), "--log", "warn"])
             .stdin(Stdio::null())
             .spawn()
-            .expect("start wsloop serve");
-        let mut s = ServerProc {
-            name: "wsloop",
-            addr,
-            child,
-        };
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let mut s = ServerProc { name, addr, child };
         s.wait_listening();
         s
     }
@@ -60,9 +61,8 @@ impl ServerProc {
                 eprintln!("[{name}] {l}");
             }
         });
-        let mut s = ServerProc { name, addr, child };
-        s.wait_listening();
-        Some(s)
+        // It bound before printing: no probe connection needed (the peers would log it).
+        Some(ServerProc { name, addr, child })
     }
 
     /// The process id.
@@ -75,6 +75,8 @@ impl ServerProc {
         format!("ws://{}/", self.addr)
     }
 
+    /// Waits until a TCP connect succeeds (the server then sees one connection that closes
+    /// without a handshake).
     fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
