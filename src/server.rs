@@ -161,6 +161,25 @@ pub trait Handler {
     }
 }
 
+/// A boxed handler is a handler, so one loop can serve a handler chosen at run time.
+impl<H: Handler + ?Sized> Handler for Box<H> {
+    fn on_open(&mut self, ctx: &mut Ctx<'_>, peer: Peer, request: &Request) {
+        (**self).on_open(ctx, peer, request)
+    }
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
+        (**self).on_message(ctx, peer, msg)
+    }
+    fn on_close(&mut self, ctx: &mut Ctx<'_>, peer: Peer, code: u16, reason: &str) {
+        (**self).on_close(ctx, peer, code, reason)
+    }
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>) {
+        (**self).on_timer(ctx)
+    }
+    fn on_wake(&mut self, ctx: &mut Ctx<'_>) {
+        (**self).on_wake(ctx)
+    }
+}
+
 /// Counters kept by the loop.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {

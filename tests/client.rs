@@ -322,7 +322,8 @@ fn stdin_lines_are_sent_as_they_come() {
     assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
     assert_eq!(run.stdout, "a\nb\n");
 
-    // epoll cannot watch a regular file or /dev/null: a thread reads those instead.
+    // epoll cannot watch a regular file or /dev/null; reading them never waits, so the loop
+    // reads them directly.
     let path = common::target_dir().join("client-stdin-test.txt");
     std::fs::write(&path, "from\na file\n").unwrap();
     let file = std::fs::File::open(&path).unwrap();
@@ -333,6 +334,16 @@ fn stdin_lines_are_sent_as_they_come() {
     let run = run_cli(&["client", &url, "--stdin"], None, WAIT);
     assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
     assert_eq!(run.stdout, "");
+    // A socket can be read neither without waiting nor through a reopen: a clear refusal.
+    let (sock, _other_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let run = run_cli_with(
+        &["client", &url, "--stdin"],
+        Stdio::from(std::os::fd::OwnedFd::from(sock)),
+        None,
+        WAIT,
+    );
+    assert!(!run.status.success());
+    assert!(run.stderr.contains("standard input is a socket"), "{}", run.stderr);
 }
 
 #[test]

@@ -4,8 +4,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::time::Duration;
 
 use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
@@ -214,9 +213,11 @@ impl<'a> Session<'a> {
     fn run(mut self) -> Result<End, String> {
         match self.input.as_deref() {
             Some(input) => {
-                self.client
-                    .watch(input.fd())
-                    .map_err(|e| format!("cannot watch standard input: {e}"))?;
+                if input.pollable {
+                    self.client
+                        .watch(input.fd())
+                        .map_err(|e| format!("cannot watch standard input: {e}"))?;
+                }
                 self.read_input()?;
             }
             None => self.send_next()?,
@@ -337,7 +338,7 @@ impl<'a> Session<'a> {
                 self.send(line)?;
             }
             if self.count_reached() || eof {
-                if let Some(input) = self.input.as_deref() {
+                if let Some(input) = self.input.as_deref().filter(|i| i.pollable) {
                     let _ = self.client.unwatch(input.fd());
                 }
                 return self.finish_sending();
@@ -353,14 +354,17 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Standard input as a non-blocking descriptor the client's poll can watch.
+/// Standard input, read without a thread and without blocking the loop.
 ///
 /// A pipe or terminal is reopened through `/proc/self/fd/0` with `O_NONBLOCK`: a new open file
-/// description, so the shell's terminal is left blocking. What epoll cannot watch (a regular
-/// file, `/dev/null`) or what cannot be reopened (a socket) is copied by a thread into a socket
-/// pair instead.
+/// description, so the shell's terminal is left blocking, and the client's poll watches it.
+/// What epoll cannot watch (a regular file, `/dev/null`) never makes a read wait, so it is read
+/// as it is, a piece per loop turn. A socket can be neither reopened nor read without waiting,
+/// and is refused with a message.
 struct Input {
-    source: Box<dyn ReadFd>,
+    source: File,
+    /// Whether `source` is watched by the poll (otherwise it is always ready).
+    pollable: bool,
     /// An unfinished line.
     partial: Vec<u8>,
     /// The input ended.
@@ -369,40 +373,24 @@ struct Input {
     idle: bool,
 }
 
-trait ReadFd: Read {
-    fn raw_fd(&self) -> RawFd;
-}
-
-impl ReadFd for File {
-    fn raw_fd(&self) -> RawFd {
-        self.as_raw_fd()
-    }
-}
-
-impl ReadFd for UnixStream {
-    fn raw_fd(&self) -> RawFd {
-        self.as_raw_fd()
-    }
-}
-
 impl Input {
     fn open() -> Result<Input, String> {
-        let source: Box<dyn ReadFd> = match Self::reopen() {
-            Some(file) => Box::new(file),
+        let (source, pollable) = match Self::reopen() {
+            Some(file) => (file, true),
             None => {
-                let (reader, mut writer) =
-                    UnixStream::pair().map_err(|e| format!("cannot read standard input: {e}"))?;
-                reader
-                    .set_nonblocking(true)
-                    .map_err(|e| format!("cannot read standard input: {e}"))?;
-                std::thread::spawn(move || {
-                    let _ = io::copy(&mut io::stdin().lock(), &mut writer);
-                });
-                Box::new(reader)
+                let err = |e: io::Error| format!("cannot read standard input: {e}");
+                let file = File::from(io::stdin().as_fd().try_clone_to_owned().map_err(err)?);
+                if file.metadata().map_err(err)?.file_type().is_socket() {
+                    return Err("standard input is a socket, which --stdin cannot read without \
+                                blocking; pipe it in instead (e.g. `... | cat | wsloop client --stdin`)"
+                        .to_string());
+                }
+                (file, false)
             }
         };
         Ok(Input {
             source,
+            pollable,
             partial: Vec::new(),
             eof: false,
             idle: false,
@@ -433,7 +421,7 @@ impl Input {
     }
 
     fn fd(&self) -> RawFd {
-        self.source.raw_fd()
+        self.source.as_raw_fd()
     }
 
     /// Reads once; returns the complete lines (without `\n` or `\r\n`). At the end of input an
