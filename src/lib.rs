@@ -52,7 +52,8 @@
 //!
 //! An idle open connection costs one slab slot (80 bytes on 64-bit Linux) and its kernel socket.
 //! A connection allocates only while a frame is split across reads or bytes wait to be written,
-//! and frees that memory as soon as it is done. Every outbound queue is bounded.
+//! and frees that memory as soon as it is done. Every outbound queue in the server is bounded;
+//! a client reports its own with [`Client::buffered_amount`].
 //!
 //! # Not supported
 //!
