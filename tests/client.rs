@@ -940,3 +940,37 @@ fn no_close_answer_times_out() {
     );
     join(h);
 }
+
+#[test]
+fn ctrl_c_closes_cleanly_with_1000_and_exits_0() {
+    let server = common::spawn_server(&["--mode", "reply"]);
+    let url = format!("ws://{}/", server.addr);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+        .args(["client", &url, "--every", "50ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wsloop client");
+    // Wait for the first reply, so the connection is open.
+    let mut out = child.stdout.take().expect("piped");
+    let mut first = [0u8; 15];
+    out.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"fine thank you\n");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "client did not exit after SIGINT");
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "exit {status}");
+    assert!(
+        server.wait_for_stderr("disconnected (1000)", Duration::from_secs(2)),
+        "{}",
+        server.stderr()
+    );
+}

@@ -5,6 +5,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
@@ -142,6 +145,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
         return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
     }
     init_log(&log_level)?;
+    let interrupts = Interrupts::install().map_err(|e| format!("cannot handle signals: {e}"))?;
     let mut input = if o.stdin { Some(Input::open()?) } else { None };
     let mut progress = Progress::default();
     let mut backoff = BACKOFF_FIRST;
@@ -150,7 +154,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Ok(client) => {
                 log::info!("connected to {}", o.url);
                 backoff = BACKOFF_FIRST;
-                Session::new(client, &o, input.as_mut(), &mut progress).run()
+                Session::new(client, &o, input.as_mut(), &mut progress).run(&interrupts)
             }
             Err(e @ (ClientError::InvalidUrl { .. } | ClientError::InvalidConfig(_))) => return Err(e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -178,6 +182,59 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
         log::warn!("{why}; reconnecting in {backoff:?}");
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// SIGINT and SIGTERM. While a connection is open the first one closes it cleanly (1000) and
+/// the run ends with exit status 0; a second one, or one while connecting or waiting to
+/// reconnect, ends the process at once.
+struct Interrupts {
+    pipe: UnixStream,
+    /// While set, a signal takes its default action (terminate).
+    hard: Arc<AtomicBool>,
+}
+
+/// Re-arms the default action when a session ends, however it ends.
+struct Graceful<'a>(&'a Interrupts);
+
+impl Drop for Graceful<'_> {
+    fn drop(&mut self) {
+        self.0.hard.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Interrupts {
+    fn install() -> io::Result<Interrupts> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let hard = Arc::new(AtomicBool::new(true));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_conditional_default(sig, Arc::clone(&hard))?;
+            signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
+        }
+        Ok(Interrupts { pipe: read, hard })
+    }
+
+    fn fd(&self) -> RawFd {
+        self.pipe.as_raw_fd()
+    }
+
+    /// Signals close `client` gracefully until the returned guard is dropped.
+    fn graceful(&self, client: &mut Client) -> Result<Graceful<'_>, String> {
+        self.take();
+        client
+            .watch(self.fd())
+            .map_err(|e| format!("cannot watch signals: {e}"))?;
+        self.hard.store(false, Ordering::SeqCst);
+        Ok(Graceful(self))
+    }
+
+    /// Empties the pipe; from now on the next signal is a hard one.
+    fn take(&self) {
+        let mut buf = [0u8; 16];
+        while matches!((&self.pipe).read(&mut buf), Ok(n) if n > 0) {}
+        self.hard.store(true, Ordering::SeqCst);
     }
 }
 
@@ -210,7 +267,8 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn run(mut self) -> Result<End, String> {
+    fn run(mut self, interrupts: &Interrupts) -> Result<End, String> {
+        let _graceful = interrupts.graceful(&mut self.client)?;
         match self.input.as_deref() {
             Some(input) => {
                 if input.pollable {
@@ -234,6 +292,11 @@ impl<'a> Session<'a> {
                 }
                 Some(ClientEvent::Timer) if self.input.is_some() => self.read_input()?,
                 Some(ClientEvent::Timer) => self.send_next()?,
+                Some(ClientEvent::Readable(fd)) if fd == interrupts.fd() => {
+                    interrupts.take();
+                    log::info!("interrupted: closing");
+                    self.close()?;
+                }
                 Some(ClientEvent::Readable(_)) => self.read_input()?,
                 Some(ClientEvent::Closed { code, reason }) => {
                     return Ok(if self.closing {
