@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{drain_lines, require_tool, spawn_server, tail, target_dir};
+use common::venv::{python_venv, venv_python};
+use common::{drain_lines, require_tool, runs_ok, spawn_server, tail};
 
 /// The `websockets` release the Python script is written against (asyncio API, 13.0+).
 const WEBSOCKETS_VERSION: &str = "15.0.1";
@@ -27,86 +28,14 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn runs_ok(cmd: &mut Command) -> bool {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Makes (once) `<target>/interop-venv` with `websockets` installed and returns its Python.
 /// `None` means skip (no Python outside CI); under `CI=true` a missing Python panics.
 fn python_with_websockets() -> Option<PathBuf> {
-    // Tests in this binary run on parallel threads: build the venv once.
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-
-    let venv = target_dir().join("interop-venv");
-    let python = venv.join("bin").join("python");
     let check = format!("import websockets, sys; sys.exit(websockets.version.version != '{WEBSOCKETS_VERSION}')");
-    if runs_ok(Command::new(&python).args(["-c", &check])) {
-        return Some(python);
-    }
-    if !require_tool("python3", runs_ok(Command::new("python3").arg("--version"))) {
-        return None;
-    }
-    // Build beside the final place and rename it in, so that another test binary running at
-    // the same time never sees a half-made venv.
-    let tmp = target_dir().join(format!("interop-venv.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(target_dir()).expect("create the target directory");
-    let out = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&tmp)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run python3 -m venv");
-    if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        eprintln!(
-            "python3 -m venv failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        require_tool("python3-venv (`python3 -m venv` with pip)", false);
-        return None;
-    }
-    eprintln!(
-        "interop: pip install websockets=={WEBSOCKETS_VERSION} into {}",
-        venv.display()
-    );
-    let out = Command::new(tmp.join("bin").join("python"))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-input",
-            "-q",
-        ])
-        .arg(format!("websockets=={WEBSOCKETS_VERSION}"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pip");
-    assert!(
-        out.status.success(),
-        "pip install websockets=={WEBSOCKETS_VERSION} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_dir_all(&venv);
-    if std::fs::rename(&tmp, &venv).is_err() {
-        // Another process won the race; use its venv.
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    assert!(
-        runs_ok(Command::new(&python).args(["-c", &check])),
-        "{} has no websockets {WEBSOCKETS_VERSION} after installing it",
-        venv.display()
-    );
-    Some(python)
+    let venv = python_venv("interop-venv", &format!("websockets=={WEBSOCKETS_VERSION}"), |venv| {
+        runs_ok(Command::new(venv_python(venv)).args(["-c", &check]))
+    })?;
+    Some(venv_python(&venv))
 }
 
 /// `node` with tests/js/node_modules/ws, or `None` (skip) outside CI.

@@ -1,37 +1,19 @@
 //! Byte-level tests of the sans-IO `Connection` state machine, through the public API only.
 
+mod common;
+
 use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
 use wsloop::proto::handshake::{self, HandshakePolicy, RequestHead};
 use wsloop::proto::mask::apply_mask;
 use wsloop::proto::{Connection, Event, HeadError, Message, NotOpen, ProtocolError, Role, State};
+
+use common::events::Ev;
 
 /// The masking key of the RFC 6455 §5.7 examples, used for every client→server frame here.
 const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 /// A message limit far above anything these tests send (unless a test says otherwise).
 const BIG: usize = 1 << 20;
-
-/// An owned copy of an [`Event`], so events can be collected and compared after `receive`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Ev {
-    Text(String),
-    Binary(Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
-    Close(Option<u16>, String),
-}
-
-impl From<Event<'_>> for Ev {
-    fn from(e: Event<'_>) -> Ev {
-        match e {
-            Event::Message(Message::Text(t)) => Ev::Text(t.to_owned()),
-            Event::Message(Message::Binary(b)) => Ev::Binary(b.to_vec()),
-            Event::Ping(p) => Ev::Ping(p.to_vec()),
-            Event::Pong(p) => Ev::Pong(p.to_vec()),
-            Event::Close { code, reason } => Ev::Close(code, reason.to_owned()),
-        }
-    }
-}
 
 fn text(s: &str) -> Ev {
     Ev::Text(s.to_owned())

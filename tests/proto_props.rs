@@ -1,5 +1,7 @@
 //! Property tests of the sans-IO protocol core, through the public API only.
 
+mod common;
+
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -8,32 +10,12 @@ use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
 use wsloop::proto::handshake::{self, HandshakePolicy, RequestHead};
 use wsloop::proto::mask::apply_mask;
 use wsloop::proto::utf8::Utf8Validator;
-use wsloop::proto::{Connection, Event, HeadError, Message, Role, State};
+use wsloop::proto::{Connection, Event, HeadError, Role, State};
+
+use common::events::Ev;
 
 /// A message limit above every payload generated here (unless a test picks a smaller one).
 const BIG: usize = 1 << 20;
-
-/// An owned copy of an [`Event`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Ev {
-    Text(String),
-    Binary(Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
-    Close(Option<u16>, String),
-}
-
-impl From<Event<'_>> for Ev {
-    fn from(e: Event<'_>) -> Ev {
-        match e {
-            Event::Message(Message::Text(t)) => Ev::Text(t.to_owned()),
-            Event::Message(Message::Binary(b)) => Ev::Binary(b.to_vec()),
-            Event::Ping(p) => Ev::Ping(p.to_vec()),
-            Event::Pong(p) => Ev::Pong(p.to_vec()),
-            Event::Close { code, reason } => Ev::Close(code, reason.to_owned()),
-        }
-    }
-}
 
 /// What feeding a byte stream to a fresh open connection produced.
 #[derive(Debug)]

@@ -17,14 +17,14 @@
 use std::fs;
 use std::io::{BufRead, Cursor};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{drain_lines, parse_listening_line, require_tool, tail, target_dir, wait_for_line};
+use super::venv::{python_venv, venv_dir, venv_python};
+use super::{drain_lines, parse_listening_line, tail, wait_for_line};
 
 /// The kosoku release the tests are written against.
 pub const KOSOKU_VERSION: &str = "0.1.0";
@@ -37,6 +37,9 @@ pub const EXPECTED_CASES: usize = 301;
 
 /// Verdicts accepted for both `behavior` and `behaviorClose`.
 pub const ACCEPTED: [&str; 2] = ["OK", "INFORMATIONAL"];
+
+/// The venv's directory name under the target directory.
+const VENV_NAME: &str = "autobahn-venv";
 
 /// How long kosoku in fuzzingserver mode may take to start listening.
 const FUZZINGSERVER_STARTUP: Duration = Duration::from_secs(30);
@@ -74,32 +77,6 @@ impl KosokuRun {
     }
 }
 
-/// An exclusive lock on a file (released when dropped), so that test binaries
-/// running at the same time do not build the venv twice.
-struct FileLock(fs::File);
-
-impl FileLock {
-    fn acquire(path: &Path) -> FileLock {
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .unwrap_or_else(|e| panic!("cannot open lock file {}: {e}", path.display()));
-        loop {
-            // SAFETY: flock on a descriptor owned by `file`, which outlives the call.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return FileLock(file);
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                panic!("cannot lock {}: {err}", path.display());
-            }
-        }
-    }
-}
-
 /// Whether `venv` has the pinned kosoku version's dist-info in site-packages.
 fn has_pinned_kosoku(venv: &Path) -> bool {
     let wanted = format!("kosoku-{KOSOKU_VERSION}.dist-info");
@@ -109,15 +86,6 @@ fn has_pinned_kosoku(venv: &Path) -> bool {
     entries
         .flatten()
         .any(|e| e.path().join("site-packages").join(&wanted).is_dir())
-}
-
-fn runs_ok(cmd: &mut Command) -> bool {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// Removes `dir` if present and creates it empty.
@@ -152,77 +120,17 @@ fn snapshot(buf: &Arc<Mutex<String>>) -> String {
 impl Kosoku {
     /// The venv directory used by all Autobahn tests.
     pub fn venv_dir() -> PathBuf {
-        target_dir().join("autobahn-venv")
+        venv_dir(VENV_NAME)
     }
 
     /// Creates the venv and installs kosoku on first use; afterwards reuses it.
     /// Returns `None` when Python 3 or its venv module is missing and `CI` is
     /// not `true` (the caller skips); panics under `CI=true`.
     pub fn setup() -> Option<Kosoku> {
-        let target = target_dir();
-        fs::create_dir_all(&target).unwrap_or_else(|e| panic!("cannot create {}: {e}", target.display()));
-        let _lock = FileLock::acquire(&target.join("autobahn-venv.lock"));
-        let venv = Self::venv_dir();
-        let kosoku = Kosoku { venv: venv.clone() };
-
-        let python_works = runs_ok(Command::new(kosoku.python()).args(["-c", ""]));
-        if kosoku.bin().is_file() && python_works && has_pinned_kosoku(&venv) {
-            return Some(kosoku);
-        }
-
-        let have_python = runs_ok(Command::new("python3").arg("--version"));
-        if !require_tool("python3", have_python) {
-            return None;
-        }
-        if !python_works {
-            // Missing, half-made, or pointing at an interpreter that is gone.
-            if venv.exists() {
-                fs::remove_dir_all(&venv).unwrap_or_else(|e| panic!("cannot remove {}: {e}", venv.display()));
-            }
-            eprintln!("autobahn: creating venv {}", venv.display());
-            let out = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run python3 -m venv: {e}"));
-            if !out.status.success() {
-                eprintln!(
-                    "`python3 -m venv {}` failed ({}):\n{}{}",
-                    venv.display(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let _ = fs::remove_dir_all(&venv);
-                require_tool("python3-venv (`python3 -m venv` with pip)", false);
-                return None;
-            }
-        }
-
-        eprintln!("autobahn: pip install kosoku=={KOSOKU_VERSION} into {}", venv.display());
-        let out = Command::new(kosoku.python())
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-                "-q",
-            ])
-            .arg(format!("kosoku=={KOSOKU_VERSION}"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run pip in {}: {e}", venv.display()));
-        if !out.status.success() || !kosoku.bin().is_file() {
-            panic!(
-                "pip install kosoku=={KOSOKU_VERSION} failed ({}):\n{}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Some(kosoku)
+        let venv = python_venv(VENV_NAME, &format!("kosoku=={KOSOKU_VERSION}"), |venv| {
+            venv.join("bin").join("kosoku").is_file() && has_pinned_kosoku(venv)
+        })?;
+        Some(Kosoku { venv })
     }
 
     pub fn venv(&self) -> &Path {
@@ -236,7 +144,7 @@ impl Kosoku {
 
     /// `venv/bin/python`.
     pub fn python(&self) -> PathBuf {
-        self.venv.join("bin").join("python")
+        venv_python(&self.venv)
     }
 
     /// Runs `kosoku -x '12.*' -x '13.*' -p PARALLELISM -o OUTDIR SERVER`

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod autobahn;
+pub mod events;
+pub mod venv;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -189,6 +191,15 @@ pub fn under_ci() -> bool {
     std::env::var("CI")
         .map(|v| v.eq_ignore_ascii_case("true") || v == "1")
         .unwrap_or(false)
+}
+
+/// Whether `cmd` runs and exits successfully (its output discarded).
+pub fn runs_ok(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Decides what to do when an external tool a test needs is missing:
