@@ -314,6 +314,8 @@ struct Core {
     /// Accepting resumes at this time after running out of descriptors.
     accept_paused: Option<u64>,
     emfile_logged: bool,
+    /// A handler asked for a shutdown; it starts at the end of this wakeup.
+    shutdown_requested: bool,
     /// Shutdown started; ends at this time at the latest.
     shutdown_deadline: Option<u64>,
     commands: Arc<Mutex<VecDeque<Command>>>,
@@ -453,7 +455,8 @@ impl Ctx<'_> {
     /// Starts a graceful shutdown: stop accepting, close every peer with 1001, then return from
     /// [`Server::run`].
     pub fn shutdown(&mut self) {
-        self.core.begin_shutdown();
+        // Applied once the handler returns: the connection being processed is mid-update.
+        self.core.shutdown_requested = true;
     }
 }
 
@@ -512,6 +515,7 @@ impl Server {
                 user_timer: None,
                 accept_paused: None,
                 emfile_logged: false,
+                shutdown_requested: false,
                 shutdown_deadline: None,
                 commands: commands.clone(),
                 dead: Vec::new(),
@@ -595,6 +599,9 @@ impl Server {
             }
             core.fire_timers(&mut handler, &mut out);
             core.reap(&mut handler);
+            if std::mem::take(&mut core.shutdown_requested) {
+                core.begin_shutdown();
+            }
             if let Some(d) = core.shutdown_deadline {
                 // Done once every peer's close handshake is over and our last bytes are out.
                 if core.slots.iter().all(|(_, s)| s.flags & SHUT_WR != 0) {

@@ -575,3 +575,30 @@ fn nothing_follows_the_close_reply() {
     handle.shutdown().unwrap();
     thread.join().unwrap().unwrap();
 }
+
+/// Shuts the server down from inside a message callback.
+struct StopOnMessage;
+
+impl wsloop::Handler for StopOnMessage {
+    fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_>, peer: wsloop::Peer, msg: wsloop::Message<'_>) {
+        ctx.send(peer.id, msg);
+        ctx.shutdown();
+    }
+}
+
+#[test]
+fn shutdown_from_inside_a_handler_closes_that_peer_with_1001() {
+    let server = wsloop::Server::bind("127.0.0.1:0", wsloop::Config::default()).unwrap();
+    let addr = server.local_addr();
+    let thread = std::thread::spawn(move || server.run(StopOnMessage));
+    let mut ws = ws_connect(addr);
+    ws.send(TMessage::text("stop")).unwrap();
+    assert_eq!(ws.read().unwrap(), TMessage::text("stop"));
+    match ws.read() {
+        Ok(TMessage::Close(Some(f))) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let _ = ws.flush();
+    drop(ws);
+    thread.join().unwrap().unwrap();
+}
