@@ -67,55 +67,31 @@ impl std::fmt::Display for Load {
 pub struct Target {
     /// The resolved address.
     pub addr: SocketAddr,
-    /// The `Host` header: the URL's authority as written.
+    /// The `Host` header: host and port (the port left out when it is 80).
     pub host: String,
     /// The request target, e.g. `/` or `/echo?x=1`.
     pub path: String,
 }
 
 impl Target {
-    /// Parses and resolves a `ws://` URL (a bare `HOST:PORT` is accepted too).
+    /// Parses and resolves a `ws://` URL (a bare `HOST:PORT` is accepted too), with the
+    /// client's URL parser.
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = if let Some(r) = url.strip_prefix("ws://") {
-            r
-        } else if url.starts_with("wss://") {
-            return Err("wss:// is not supported: wsloop speaks plain ws:// only".into());
-        } else if url.contains("://") {
-            return Err(format!("'{url}' is not a ws:// URL"));
+        let full = if url.contains("://") {
+            url.to_string()
         } else {
-            url
+            format!("ws://{url}")
         };
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], &rest[i..]),
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty() {
-            return Err(format!("'{url}' has no host"));
-        }
-        let path = if path.starts_with('?') {
-            format!("/{path}")
-        } else {
-            path.to_string()
-        };
-        // A port is present when the authority ends in `:digits` outside IPv6 brackets.
-        let has_port = authority
-            .rfind(':')
-            .is_some_and(|i| !authority[i..].contains(']') && authority[i + 1..].bytes().all(|b| b.is_ascii_digit()));
-        let with_port = if has_port {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-        let addr = with_port
+        let u = crate::client::WsUrl::parse(&full).map_err(|e| e.to_string())?;
+        let addr = (u.host.as_str(), u.port)
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve '{authority}': {e}"))?
+            .map_err(|e| format!("cannot resolve '{}': {e}", u.host))?
             .next()
-            .ok_or_else(|| format!("'{authority}' resolves to no address"))?;
+            .ok_or_else(|| format!("'{}' resolves to no address", u.host))?;
         Ok(Target {
             addr,
-            host: authority.to_string(),
-            path,
+            host: u.host_header(),
+            path: u.resource,
         })
     }
 

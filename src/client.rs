@@ -212,19 +212,19 @@ impl From<io::Error> for ClientError {
     }
 }
 
-/// Where a `ws://` URL points.
+/// Where a `ws://` URL points: the one URL parser, shared by the client and the load generator.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Target {
+pub(crate) struct WsUrl {
     /// Host name or address, without IPv6 brackets.
-    host: String,
-    port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// Path and query, starting with `/`.
-    resource: String,
+    pub(crate) resource: String,
 }
 
-impl Target {
+impl WsUrl {
     /// Parses `ws://host[:port][/path][?query]`; IPv6 addresses go in brackets.
-    fn parse(url: &str) -> Result<Target, ClientError> {
+    pub(crate) fn parse(url: &str) -> Result<WsUrl, ClientError> {
         let bad = |why| ClientError::InvalidUrl {
             url: url.to_string(),
             why,
@@ -284,7 +284,7 @@ impl Target {
             Some('?') => format!("/{resource}"),
             Some(_) => resource.to_string(),
         };
-        Ok(Target {
+        Ok(WsUrl {
             host: host.to_string(),
             port,
             resource,
@@ -292,7 +292,7 @@ impl Target {
     }
 
     /// The `Host` header value: the port is left out when it is the default.
-    fn host_header(&self) -> String {
+    pub(crate) fn host_header(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
@@ -475,7 +475,7 @@ impl Client {
     /// Blocks until the handshake is done or [`connect_timeout`](ClientConfig::connect_timeout)
     /// passes. A host name is resolved now; its addresses are tried in turn until one accepts.
     pub fn connect(url: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
-        let target = Target::parse(url)?;
+        let target = WsUrl::parse(url)?;
         check_request_parts(&cfg)?;
         let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
             .to_socket_addrs()
@@ -543,7 +543,7 @@ impl Client {
     }
 
     /// Sends the upgrade request and reads the answer; leftover bytes are the first frames.
-    fn handshake(&mut self, target: &Target, deadline: u64) -> Result<(), ClientError> {
+    fn handshake(&mut self, target: &WsUrl, deadline: u64) -> Result<(), ClientError> {
         let key = handshake::new_client_key()?;
         let mut request = Vec::new();
         handshake::write_request(
@@ -1023,12 +1023,12 @@ fn connect_tcp(
 mod tests {
     use super::*;
 
-    fn target(url: &str) -> Target {
-        Target::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"))
+    fn target(url: &str) -> WsUrl {
+        WsUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"))
     }
 
     fn why(url: &str) -> String {
-        Target::parse(url).unwrap_err().to_string()
+        WsUrl::parse(url).unwrap_err().to_string()
     }
 
     #[test]
