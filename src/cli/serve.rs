@@ -169,7 +169,8 @@ impl<H: Handler> WithStats<H> {
                 stats.bytes_queued,
                 stats.dropped,
                 stats.dropped.saturating_sub(prev.dropped),
-                rss_kib().map_or_else(|| "?".to_string(), |k| format!("{k}KiB")),
+                wsloop::bench::read_rss(std::process::id())
+                    .map_or_else(|| "?".to_string(), |b| format!("{}KiB", b / 1024)),
             );
             // Not eprintln!: a closed stderr must not bring the server down.
             let _ = writeln!(std::io::stderr().lock(), "{line}");
@@ -198,11 +199,4 @@ impl<H: Handler> Handler for WithStats<H> {
         }
         self.inner.on_wake(ctx);
     }
-}
-
-/// This process's resident set size in KiB (`VmRSS` in `/proc/self/status`), if readable.
-fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
