@@ -16,7 +16,7 @@ mod common;
 use std::time::Duration;
 
 use common::{env_or, machine, ServerProc};
-use wsloop::bench::{self, Config, Load, Report, Target};
+use wsloop::bench::{self, BenchConfig as Config, Load, Report, Target};
 
 fn main() {
     let counts: Vec<usize> = std::env::var("WSLOOP_BENCH_CONNS")

@@ -7,8 +7,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
-use wsloop::proto::handshake::{accept_key, parse_request, HandshakePolicy};
+use wsloop::proto::handshake::{accept_key, parse_request};
 use wsloop::proto::mask::apply_mask;
+use wsloop::proto::rand::NoRandom;
 use wsloop::proto::utf8::Utf8Validator;
 use wsloop::proto::{Connection, Event, Role};
 
@@ -84,9 +85,8 @@ fn utf8(c: &mut Criterion) {
 }
 
 fn handshake(c: &mut Criterion) {
-    let policy = HandshakePolicy::default();
     c.bench_function("handshake_parse_request", |b| {
-        b.iter(|| parse_request(black_box(REQUEST), &policy))
+        b.iter(|| parse_request(black_box(REQUEST)))
     });
     c.bench_function("handshake_accept_key", |b| {
         b.iter(|| accept_key(black_box(b"dGhlIHNhbXBsZSBub25jZQ==")))
@@ -97,19 +97,17 @@ fn handshake(c: &mut Criterion) {
 fn receive(c: &mut Criterion) {
     let mut frame = Vec::new();
     write_frame(&mut frame, true, OpCode::Binary, Some([9, 8, 7, 6]), &[b'x'; 16]);
-    let mut conn = Connection::new_open(Role::Server);
+    let mut conn = Connection::open(Role::Server, 0);
+    let cfg = wsloop::proto::Config::default();
     let mut out = Vec::new();
     let mut buf = frame.clone();
     c.bench_function("receive_16B_message", |b| {
         b.iter(|| {
             buf.copy_from_slice(&frame);
-            let mut n = 0;
-            let _ = conn.receive(black_box(&mut buf), 1 << 20, &mut out, &mut |ev, _| {
-                if let Event::Message(m) = ev {
-                    n += m.as_bytes().len();
-                }
-            });
-            n
+            match conn.read(&cfg, 0, black_box(&mut buf), &mut NoRandom, &mut out) {
+                Ok((_, Some(Event::Message(m)))) => m.as_message().as_bytes().len(),
+                _ => 0,
+            }
         })
     });
 }

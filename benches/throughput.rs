@@ -19,7 +19,7 @@ mod common;
 use std::time::Duration;
 
 use common::{env_or, machine, median, peer_path, ServerProc};
-use wsloop::bench::{self, Config, Load, Target};
+use wsloop::bench::{self, BenchConfig as Config, Load, Target};
 
 struct Case {
     name: &'static str,

@@ -73,10 +73,9 @@ enum CaseEnd {
 }
 
 fn config() -> ClientConfig {
-    ClientConfig {
-        connect_timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
-    }
+    let mut cfg = ClientConfig::default();
+    cfg.connect_timeout = Duration::from_secs(10);
+    cfg
 }
 
 /// Asks for the number of cases: the server sends it as a text message, then closes.

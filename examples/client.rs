@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 eprintln!("server closed the connection: {code} {reason}");
                 break;
             }
-            ClientEvent::Pong(_) | ClientEvent::Readable(_) => {}
+            _ => {}
         }
     }
     Ok(())

@@ -2,30 +2,39 @@
 //!
 //! Run with `cargo run --example echo`, then connect to ws://127.0.0.1:9001/.
 
-use wsloop::server::{Config, Ctx, Handler, Peer};
-use wsloop::{Message, Request, Server};
+use wsloop::server::{Conn, Ctx, Handler, Upgrade};
+use wsloop::{Message, Server, ServerConfig};
 
 struct Echo;
 
 impl Handler for Echo {
-    fn on_open(&mut self, _ctx: &mut Ctx<'_>, peer: Peer, request: &Request) {
-        println!("{} connected to {}", peer.addr, request.path);
+    /// Each connection remembers the path it asked for.
+    type State = String;
+
+    fn on_upgrade(
+        &mut self,
+        _ctx: &mut Ctx<'_, String>,
+        up: &mut Upgrade<'_>,
+    ) -> Result<String, wsloop::proto::Answer> {
+        Ok(up.request().path().to_string())
     }
 
-    fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
-        ctx.send(peer.id, msg);
+    fn on_open(&mut self, _ctx: &mut Ctx<'_, String>, conn: &mut Conn<String>) {
+        println!("{} connected to {}", conn.addr(), conn.state);
     }
 
-    fn on_close(&mut self, _ctx: &mut Ctx<'_>, peer: Peer, code: u16, _reason: &str) {
-        println!("{} left ({code})", peer.addr);
+    fn on_message(&mut self, ctx: &mut Ctx<'_, String>, conn: &mut Conn<String>, msg: Message<'_>) {
+        ctx.send(conn.id(), msg);
+    }
+
+    fn on_close(&mut self, _ctx: &mut Ctx<'_, String>, conn: &mut Conn<String>, code: u16, _reason: &str) {
+        println!("{} left {} ({code})", conn.addr(), conn.state);
     }
 }
 
 fn main() -> std::io::Result<()> {
-    let config = Config {
-        handle_signals: true, // Ctrl-C closes every peer with 1001, then run() returns
-        ..Config::default()
-    };
+    let mut config = ServerConfig::default();
+    config.handle_signals = true; // Ctrl-C closes every peer with 1001, then run() returns
     let server = Server::bind("127.0.0.1:9001", config)?;
     println!("listening on ws://{}/", server.local_addr());
     server.run(Echo)

@@ -5,33 +5,46 @@
 //!
 //! # Layers
 //!
-//! - [`proto`] is the sans-IO protocol core: the handshake ([`proto::handshake`]), the frame
-//!   codec ([`proto::frame`]), masking, incremental UTF-8 checks, and the per-connection state
-//!   machine [`proto::Connection`]. Bytes go in, events and bytes to send come out; no sockets,
-//!   no clocks. Server, client and load generator all use it.
-//! - [`server`] drives the core for many peers: accept, read into one buffer shared by every
-//!   connection, write until `WouldBlock`, one timer queue for every deadline. Your code is a
-//!   [`Handler`]; it talks back through [`Ctx`] (send, broadcast, close, iterate) and other
-//!   threads reach the loop through a [`Handle`].
-//! - [`client`] drives the core for one outgoing connection, with timers for periodic sends.
-//! - [`bench`](mod@bench) drives it for thousands of outgoing connections: the load generator.
+//! - [`proto`] is the sans-IO protocol core: one [`proto::Connection`] owns a connection's whole
+//!   life for either role, the handshake, frames, masking, UTF-8 checks, the close handshake and
+//!   every timeout. Bytes and time go in; events, bytes to send and the next deadline come out.
+//!   No sockets, no clocks, no globals; it needs only `core` and `alloc`
+//!   (`--no-default-features` builds it for firmware).
+//! - One IO layer (crate-private) under every driver: the transport seam, outbound queues that
+//!   exist only while bytes wait, interest updates, non-blocking connect, one timer queue, and
+//!   the engine that runs many connections on a poll loop with one read buffer for all.
+//! - Drivers: [`server`] accepts and dispatches to your [`Handler`]; [`client`] is one outgoing
+//!   connection with a pull API; [`bench`](mod@bench) runs thousands of clients and measures.
+//!
+//! # Cargo features
+//!
+//! | feature | what | default |
+//! |---|---|---|
+//! | `std` | the IO layer (sockets, the OS-seeded random source) | yes (through the others) |
+//! | `server` | [`Server`], [`Handler`], built-in modes | yes |
+//! | `client` | [`Client`] | yes |
+//! | `bench` | the load generator | yes |
+//! | `cli` | the `wsloop` binary | yes |
 //!
 //! # Quick start
 //!
 //! ```no_run
-//! use wsloop::server::{Config, Ctx, Handler, Peer};
-//! use wsloop::{Message, Server};
+//! # #[cfg(feature = "server")] {
+//! use wsloop::server::{Conn, Ctx, Handler};
+//! use wsloop::{Message, Server, ServerConfig};
 //!
 //! struct Echo;
 //!
 //! impl Handler for Echo {
-//!     fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
-//!         ctx.send(peer.id, msg); // or ctx.broadcast(msg, None)
+//!     type State = ();
+//!     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
+//!         ctx.send(conn.id(), msg); // or ctx.broadcast(msg, None)
 //!     }
 //! }
 //!
-//! let server = Server::bind("127.0.0.1:9001", Config::default())?;
+//! let server = Server::bind("127.0.0.1:9001", ServerConfig::default())?;
 //! server.run(Echo)?;
+//! # }
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
@@ -39,41 +52,57 @@
 //!
 //! | limit | default | what happens at it |
 //! |---|---|---|
-//! | [`Config::max_connections`] | open-file limit − 64 | `503 Service Unavailable` |
-//! | [`Config::max_request_head`] | 8 KiB | `431 Request Header Fields Too Large` |
-//! | [`Config::handshake_timeout`] | 10 s | connection dropped |
-//! | [`Config::max_message`] | 16 MiB | close `1009` |
-//! | [`Config::max_backpressure`] | 1 MiB queued per peer | reading from that peer pauses; a broadcast closes it with `1008` or skips it ([`server::SlowConsumer`]) |
-//! | [`Config::idle_timeout`] / [`Config::ping_interval`] | off | ping after silence, close `1001` past the timeout |
-//! | [`Config::close_timeout`] | 3 s | connection dropped without the peer's close |
-//! | [`Config::read_buffer_size`] | 256 KiB, one for the whole loop | larger frames are assembled per connection |
+//! | `ServerConfig::max_connections` | open-file limit − 64 | `503 Service Unavailable` |
+//! | `ServerConfig::max_request_head` | 8 KiB | `431 Request Header Fields Too Large` |
+//! | `ServerConfig::handshake_timeout` | 10 s | connection dropped |
+//! | `ServerConfig::max_message` | 16 MiB | close `1009` |
+//! | `ServerConfig::max_backpressure` | 1 MiB queued per peer | reading from that peer pauses; a broadcast closes it with `1008` or skips it |
+//! | `ServerConfig::idle_timeout` / `ping_interval` | off | ping after silence, close `1001` past the timeout |
+//! | `ServerConfig::close_timeout` | 3 s | connection dropped without the peer's close |
+//! | `ServerConfig::read_buffer_size` | 256 KiB, one for the whole loop | larger frames are assembled per connection |
 //!
 //! # Memory
 //!
-//! An idle open connection costs one slab slot (80 bytes on 64-bit Linux) and its kernel socket.
-//! A connection allocates only while a frame is split across reads or bytes wait to be written,
-//! and frees that memory as soon as it is done. Every outbound queue in the server is bounded;
-//! a client reports its own with [`Client::buffered_amount`].
+//! An idle open connection costs one slab slot (56 bytes on 64-bit Linux) and its kernel
+//! socket. A connection allocates only while a frame is split across reads or bytes wait to be
+//! written, and frees that memory as soon as it is done. Every outbound queue in the server is
+//! bounded; a client reports its own with [`Client::buffered_amount`].
 //!
 //! # Not supported
 //!
 //! TLS (`wss://`; put a TLS proxy in front), extensions such as `permessage-deflate`, HTTP/2
 //! WebSockets (RFC 8441), and more than one thread per loop.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod client;
-pub mod modes;
-mod outbox;
-pub mod proto;
-pub mod server;
-mod timer;
+extern crate alloc;
 
+pub mod proto;
+
+#[cfg(feature = "std")]
+pub(crate) mod io;
+
+#[cfg(feature = "bench")]
+pub mod bench;
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
+pub mod server;
+
+/// Reading the operating system: memory and CPU use of a process (for stats lines and the
+/// load generator's server figures).
+#[cfg(feature = "std")]
+pub mod sys {
+    pub use crate::io::sys::{read_cpu, read_rss};
+}
+
+#[cfg(feature = "client")]
 pub use client::{Client, ClientConfig, ClientError, ClientEvent};
 pub use proto::{Message, Request};
-pub use server::{Config, ConnId, Ctx, Handle, Handler, Peer, Server};
+#[cfg(feature = "server")]
+pub use server::{Conn, ConnId, Ctx, Handle, Handler, Server, ServerConfig};
 
 /// The README's Rust examples, compiled by `cargo test` so they cannot rot.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "server", feature = "client"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

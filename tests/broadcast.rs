@@ -17,9 +17,24 @@ use common::Tcp;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message as WsMessage, WebSocket};
-use wsloop::modes::Broadcast;
-use wsloop::server::{SlowConsumer, Stats};
-use wsloop::{Config, ConnId, Ctx, Handle, Handler, Message, Peer, Request, Server};
+use wsloop::server::{Broadcast, SlowConsumer, Stats};
+use wsloop::{Conn, ConnId, Ctx, Handle, Handler, Message, Server, ServerConfig as Config};
+
+/// A connection as the handler saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Peer {
+    id: ConnId,
+    addr: SocketAddr,
+}
+
+impl Peer {
+    fn of(conn: &Conn<()>) -> Peer {
+        Peer {
+            id: conn.id(),
+            addr: conn.addr(),
+        }
+    }
+}
 
 type Client = WebSocket<Tcp>;
 
@@ -60,20 +75,25 @@ struct Recorder {
 }
 
 impl Handler for Recorder {
-    fn on_open(&mut self, ctx: &mut Ctx<'_>, peer: Peer, request: &Request) {
-        self.shared.lock().unwrap().seen.push(Seen::Open(peer));
-        self.inner.on_open(ctx, peer, request);
+    type State = ();
+    fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
+        self.shared.lock().unwrap().seen.push(Seen::Open(Peer::of(conn)));
+        self.inner.on_open(ctx, conn);
     }
-    fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
+    fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
         let bytes = msg.as_bytes().to_vec();
-        self.shared.lock().unwrap().seen.push(Seen::Message(peer, bytes));
-        self.inner.on_message(ctx, peer, msg);
+        self.shared
+            .lock()
+            .unwrap()
+            .seen
+            .push(Seen::Message(Peer::of(conn), bytes));
+        self.inner.on_message(ctx, conn, msg);
     }
-    fn on_close(&mut self, ctx: &mut Ctx<'_>, peer: Peer, code: u16, reason: &str) {
-        self.shared.lock().unwrap().seen.push(Seen::Close(peer, code));
-        self.inner.on_close(ctx, peer, code, reason);
+    fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {
+        self.shared.lock().unwrap().seen.push(Seen::Close(Peer::of(conn), code));
+        self.inner.on_close(ctx, conn, code, reason);
     }
-    fn on_wake(&mut self, ctx: &mut Ctx<'_>) {
+    fn on_wake(&mut self, ctx: &mut Ctx<'_, ()>) {
         let actions = std::mem::take(&mut self.shared.lock().unwrap().actions);
         for a in actions {
             match a {
@@ -86,7 +106,7 @@ impl Handler for Recorder {
         let mut s = self.shared.lock().unwrap();
         s.stats = ctx.stats();
         s.len = ctx.len();
-        s.peers = ctx.peers().collect();
+        s.peers = ctx.peers().map(|(id, addr)| Peer { id, addr }).collect();
         s.wakes += 1;
     }
 }
@@ -451,11 +471,9 @@ fn flood(srv: &Running, max_backpressure: usize, stop: impl Fn(usize, &Stats) ->
 #[test]
 fn drop_policy_skips_messages_for_a_slow_consumer() {
     let max = 256 << 10;
-    let cfg = Config {
-        max_backpressure: max,
-        slow_consumer: SlowConsumer::Drop,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.max_backpressure = max;
+    cfg.slow_consumer = SlowConsumer::Drop;
     let srv = start(cfg, Broadcast::default());
     let mut slow = connect(srv.addr, Some(4096)); // never reads until the end
     let slow_addr = slow.get_ref().0.local_addr().unwrap();
@@ -506,12 +524,10 @@ fn drop_policy_skips_messages_for_a_slow_consumer() {
 #[test]
 fn close_policy_closes_a_slow_consumer_with_1008() {
     let max = 256 << 10;
-    let cfg = Config {
-        max_backpressure: max,
-        slow_consumer: SlowConsumer::Close,
-        close_timeout: Duration::from_secs(8),
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.max_backpressure = max;
+    cfg.slow_consumer = SlowConsumer::Close;
+    cfg.close_timeout = Duration::from_secs(8);
     let srv = start(cfg, Broadcast::default());
     let mut slow = connect(srv.addr, Some(4096));
     let slow_addr = slow.get_ref().0.local_addr().unwrap();

@@ -3,11 +3,11 @@
 mod common;
 
 use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
-use wsloop::proto::handshake::{self, HandshakePolicy, RequestHead};
+use wsloop::proto::handshake::ClientRequest;
 use wsloop::proto::mask::apply_mask;
-use wsloop::proto::{Connection, Event, HeadError, Message, NotOpen, ProtocolError, Role, State};
+use wsloop::proto::{Answer, Connection, Event, Message, NotOpen, ProtocolError, RandomSource, Request, Role, State};
 
-use common::events::Ev;
+use common::events::{cfg, protocol, read_request, rng, Ev, TOO_LARGE};
 
 /// The masking key of the RFC 6455 §5.7 examples, used for every client→server frame here.
 const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
@@ -30,7 +30,7 @@ struct Peer {
 impl Peer {
     fn new(role: Role) -> Peer {
         Peer {
-            conn: Connection::new_open(role),
+            conn: Connection::open(role, 0),
             out: Vec::new(),
             events: Vec::new(),
             max_message: BIG,
@@ -49,12 +49,16 @@ impl Peer {
     fn feed(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
         let mut data = bytes.to_vec();
         let events = &mut self.events;
-        self.conn.receive(
-            &mut data,
-            self.max_message,
-            &mut self.out,
-            &mut |e: Event<'_>, _: &mut Vec<u8>| events.push(e.into()),
-        )
+        self.conn
+            .receive(
+                &cfg(self.max_message),
+                0,
+                &mut data,
+                &mut rng(),
+                &mut self.out,
+                |e: Event<'_>, _: &mut Vec<u8>| events.push(e.into()),
+            )
+            .map_err(protocol)
     }
 
     /// Feeds `bytes` one byte per `receive` call, stopping at the first error.
@@ -288,14 +292,21 @@ fn ping_is_answered_with_the_same_payload() {
 #[test]
 fn pong_is_queued_before_the_callback_runs() {
     // The callback sees the pong already in `out`, so a reply it writes comes after it.
-    let mut conn = Connection::new_open(Role::Server);
+    let mut conn = Connection::open(Role::Server, 0);
     let mut out = Vec::new();
     let mut data = cf(true, OpCode::Ping, b"p");
     let mut seen = None;
-    conn.receive(&mut data, BIG, &mut out, &mut |e: Event<'_>, out: &mut Vec<u8>| {
-        seen = Some((Ev::from(e), out.clone()));
-        write_frame(out, true, OpCode::Text, None, b"after");
-    })
+    conn.receive(
+        &cfg(BIG),
+        0,
+        &mut data,
+        &mut rng(),
+        &mut out,
+        |e: Event<'_>, out: &mut Vec<u8>| {
+            seen = Some((Ev::from(e), out.clone()));
+            write_frame(out, true, OpCode::Text, None, b"after");
+        },
+    )
     .unwrap();
     let (ev, out_then) = seen.unwrap();
     assert_eq!(ev, Ev::Ping(b"p".to_vec()));
@@ -385,9 +396,9 @@ fn close_with_code_and_reason() {
     .unwrap();
     assert_eq!(p.events.len(), 1);
     assert_eq!(p.out.len(), before);
-    assert_eq!(p.conn.send(Message::Text("x"), &mut p.out), Err(NotOpen));
-    assert_eq!(p.conn.ping(b"", &mut p.out), Err(NotOpen));
-    assert_eq!(p.conn.close(1000, "", &mut p.out), Err(NotOpen));
+    assert_eq!(p.conn.send(Message::Text("x"), &mut rng(), &mut p.out), Err(NotOpen));
+    assert_eq!(p.conn.ping(b"", &mut rng(), &mut p.out), Err(NotOpen));
+    assert_eq!(p.conn.close(1000, "", 0, &mut rng(), &mut p.out), Err(NotOpen));
     assert_eq!(p.out.len(), before);
 }
 
@@ -766,7 +777,7 @@ fn huge_declared_length_is_refused_without_waiting() {
 
 #[test]
 fn echo_from_the_callback_comes_before_the_close_frame() {
-    let mut conn = Connection::new_open(Role::Server);
+    let mut conn = Connection::open(Role::Server, 0);
     let mut out = Vec::new();
     let mut data = concat(&[
         &cf(true, OpCode::Text, b"one"),
@@ -777,11 +788,14 @@ fn echo_from_the_callback_comes_before_the_close_frame() {
     ]);
     let mut echo = |e: Event<'_>, out: &mut Vec<u8>| {
         if let Event::Message(m) = e {
+            let m = m.as_message();
             write_frame(out, true, m.opcode(), None, m.as_bytes());
         }
     };
-    let e = conn.receive(&mut data, BIG, &mut out, &mut echo).unwrap_err();
-    assert_eq!(e.code, 1002);
+    let e = conn
+        .receive(&cfg(BIG), 0, &mut data, &mut rng(), &mut out, &mut echo)
+        .unwrap_err();
+    assert_eq!(protocol(e).code, 1002);
     let written = frames(&out);
     let kinds: Vec<(OpCode, Vec<u8>)> = written.iter().map(|f| (f.opcode, f.payload.clone())).collect();
     assert_eq!(
@@ -800,7 +814,7 @@ fn echo_from_the_callback_comes_before_the_close_frame() {
 
 #[test]
 fn echo_of_a_fragmented_message_comes_before_a_1007() {
-    let mut conn = Connection::new_open(Role::Server);
+    let mut conn = Connection::open(Role::Server, 0);
     let mut out = Vec::new();
     let mut data = concat(&[
         &cf(false, OpCode::Text, b"ab"),
@@ -809,11 +823,16 @@ fn echo_of_a_fragmented_message_comes_before_a_1007() {
     ]);
     let mut echo = |e: Event<'_>, out: &mut Vec<u8>| {
         if let Event::Message(m) = e {
+            let m = m.as_message();
             write_frame(out, true, m.opcode(), None, m.as_bytes());
         }
     };
     assert_eq!(
-        conn.receive(&mut data, BIG, &mut out, &mut echo).unwrap_err().code,
+        protocol(
+            conn.receive(&cfg(BIG), 0, &mut data, &mut rng(), &mut out, &mut echo)
+                .unwrap_err()
+        )
+        .code,
         1007
     );
     let written = frames(&out);
@@ -898,12 +917,13 @@ fn parse_one(bytes: &[u8]) -> (FrameHeader, Vec<u8>, usize) {
 
 #[test]
 fn client_sends_masked_frames_with_fresh_keys() {
-    let mut conn = Connection::new_open(Role::Client);
+    let mut conn = Connection::open(Role::Client, 0);
     let mut out = Vec::new();
     let long = "ünïcødé ".repeat(40);
-    conn.send(Message::Text(&long), &mut out).unwrap();
+    conn.send(Message::Text(&long), &mut rng(), &mut out).unwrap();
     let first_len = out.len();
-    conn.send(Message::Binary(&[1, 2, 3, 4, 5]), &mut out).unwrap();
+    conn.send(Message::Binary(&[1, 2, 3, 4, 5]), &mut rng(), &mut out)
+        .unwrap();
 
     let (h1, p1, n1) = parse_one(&out);
     assert_eq!(n1, first_len);
@@ -927,10 +947,12 @@ fn client_sends_masked_frames_with_fresh_keys() {
 
     // Fragmented sends, pings and closes are masked too.
     let mut out = Vec::new();
-    conn.send_frame(OpCode::Text, false, b"Hel", &mut out).unwrap();
-    conn.send_frame(OpCode::Continuation, true, b"lo", &mut out).unwrap();
-    conn.ping(b"p", &mut out).unwrap();
-    conn.close(1000, "done", &mut out).unwrap();
+    conn.send_frame(OpCode::Text, false, b"Hel", &mut rng(), &mut out)
+        .unwrap();
+    conn.send_frame(OpCode::Continuation, true, b"lo", &mut rng(), &mut out)
+        .unwrap();
+    conn.ping(b"p", &mut rng(), &mut out).unwrap();
+    conn.close(1000, "done", 0, &mut rng(), &mut out).unwrap();
     let written = frames(&out);
     assert!(written.iter().all(|f| f.masked));
     let mut server = Peer::server();
@@ -947,33 +969,36 @@ fn client_sends_masked_frames_with_fresh_keys() {
 
 #[test]
 fn server_sends_unmasked_frames() {
-    let mut conn = Connection::new_open(Role::Server);
+    let mut conn = Connection::open(Role::Server, 0);
     let mut out = Vec::new();
-    conn.send(Message::Text("Hello"), &mut out).unwrap();
+    conn.send(Message::Text("Hello"), &mut rng(), &mut out).unwrap();
     assert_eq!(out, [0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]);
     out.clear();
-    conn.send(Message::Binary(&[0; 256]), &mut out).unwrap();
+    conn.send(Message::Binary(&[0; 256]), &mut rng(), &mut out).unwrap();
     assert_eq!(&out[..4], &[0x82, 0x7e, 0x01, 0x00]);
     assert_eq!(out.len(), 4 + 256);
     out.clear();
     // Control opcodes cannot go through send_frame; ping payloads are cut to 125 bytes.
-    assert_eq!(conn.send_frame(OpCode::Ping, true, b"", &mut out), Err(NotOpen));
-    conn.ping(&[1; 300], &mut out).unwrap();
+    assert_eq!(
+        conn.send_frame(OpCode::Ping, true, b"", &mut rng(), &mut out),
+        Err(NotOpen)
+    );
+    conn.ping(&[1; 300], &mut rng(), &mut out).unwrap();
     let (h, p, _) = parse_one(&out);
     assert_eq!((h.opcode, h.mask, p.len()), (OpCode::Ping, None, 125));
 }
 
 #[test]
 fn sending_before_the_handshake_fails() {
-    let mut conn = Connection::new(Role::Client);
+    let mut request = Vec::new();
+    let mut conn = Connection::client(&ClientRequest::new("h", "/"), 0, &mut rng(), &mut request);
     let mut out = Vec::new();
     assert_eq!(conn.state(), State::Connecting);
-    assert_eq!(conn.send(Message::Text("x"), &mut out), Err(NotOpen));
-    assert_eq!(conn.close(1000, "", &mut out), Err(NotOpen));
+    assert_eq!(conn.send(Message::Text("x"), &mut rng(), &mut out), Err(NotOpen));
+    assert_eq!(conn.close(1000, "", 0, &mut rng(), &mut out), Err(NotOpen));
     assert!(out.is_empty());
-    conn.set_open();
+    let conn = Connection::open(Role::Client, 0);
     assert_eq!(conn.state(), State::Open);
-    conn.send(Message::Text("x"), &mut out).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -982,7 +1007,7 @@ fn sending_before_the_handshake_fails() {
 #[test]
 fn local_close_then_peer_close() {
     let mut p = Peer::server();
-    p.conn.close(1001, "shutting down", &mut p.out).unwrap();
+    p.conn.close(1001, "shutting down", 0, &mut rng(), &mut p.out).unwrap();
     assert_eq!(p.conn.state(), State::LocalClosing);
     let written = p.written();
     assert_eq!(written.len(), 1);
@@ -990,8 +1015,8 @@ fn local_close_then_peer_close() {
     assert_eq!(&written[0].payload[2..], b"shutting down");
 
     // Sending is over.
-    assert_eq!(p.conn.send(Message::Text("x"), &mut p.out), Err(NotOpen));
-    assert_eq!(p.conn.close(1000, "", &mut p.out), Err(NotOpen));
+    assert_eq!(p.conn.send(Message::Text("x"), &mut rng(), &mut p.out), Err(NotOpen));
+    assert_eq!(p.conn.close(1000, "", 0, &mut rng(), &mut p.out), Err(NotOpen));
 
     // Data messages, whole or fragmented, are dropped.
     p.feed(&concat(&[
@@ -1015,7 +1040,7 @@ fn local_close_then_peer_close() {
 fn local_close_with_an_invalid_code_sends_1000() {
     for code in [0, 1005, 1006, 1015, 2000, 5000] {
         let mut p = Peer::server();
-        p.conn.close(code, "", &mut p.out).unwrap();
+        p.conn.close(code, "", 0, &mut rng(), &mut p.out).unwrap();
         assert_eq!(p.written()[0].close_code(), Some(1000), "code {code}");
     }
 }
@@ -1023,7 +1048,7 @@ fn local_close_with_an_invalid_code_sends_1000() {
 #[test]
 fn local_close_then_protocol_error_writes_no_second_close() {
     let mut p = Peer::server();
-    p.conn.close(1000, "", &mut p.out).unwrap();
+    p.conn.close(1000, "", 0, &mut rng(), &mut p.out).unwrap();
     let before = p.out.clone();
     let e = p.feed(&sf(true, OpCode::Text, b"unmasked")).unwrap_err();
     assert_eq!(e.code, 1002);
@@ -1034,7 +1059,7 @@ fn local_close_then_protocol_error_writes_no_second_close() {
 #[test]
 fn local_close_split_peer_close() {
     let mut p = Peer::client();
-    p.conn.close(1000, "bye", &mut p.out).unwrap();
+    p.conn.close(1000, "bye", 0, &mut rng(), &mut p.out).unwrap();
     let before = p.out.clone();
     p.feed_bytewise(&concat(&[
         &sf(true, OpCode::Text, b"late"),
@@ -1141,26 +1166,15 @@ fn connection_is_small() {
 
 const REQUEST: &str = "GET /chat HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: http://example.com\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
-type HeadResult = Result<Option<(RequestHead, usize)>, HeadError<handshake::Reject>>;
-
-fn read_request(conn: &mut Connection, data: &[u8], max_len: usize) -> HeadResult {
-    let policy = HandshakePolicy::default();
-    conn.read_head(data, max_len, |b| handshake::parse_request(b, &policy))
-}
-
-fn assert_upgrade(head: &RequestHead) {
-    match head {
-        RequestHead::Upgrade(req) => {
-            assert_eq!(req.path, "/chat");
-            assert_eq!(req.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        }
-        other => panic!("not an upgrade: {other:?}"),
-    }
+fn assert_upgrade(req: &Request) {
+    assert!(req.is_upgrade());
+    assert_eq!(req.path(), "/chat");
+    assert_eq!(req.accept_key().as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
 }
 
 #[test]
 fn read_head_in_one_piece() {
-    let mut conn = Connection::new(Role::Server);
+    let mut conn = Connection::server(0);
     let (head, used) = read_request(&mut conn, REQUEST.as_bytes(), 4096).unwrap().unwrap();
     assert_upgrade(&head);
     assert_eq!(used, REQUEST.len());
@@ -1170,7 +1184,7 @@ fn read_head_in_one_piece() {
     let mut data = REQUEST.as_bytes().to_vec();
     let frame = cf(true, OpCode::Text, b"Hello");
     data.extend_from_slice(&frame);
-    let mut conn = Connection::new(Role::Server);
+    let mut conn = Connection::server(0);
     let (head, used) = read_request(&mut conn, &data, 4096).unwrap().unwrap();
     assert_upgrade(&head);
     assert_eq!(used, REQUEST.len());
@@ -1178,7 +1192,9 @@ fn read_head_in_one_piece() {
     assert!(!conn.is_buffering());
 
     // The rest goes to the opened connection.
-    conn.set_open();
+    let mut out = Vec::new();
+    assert!(conn.accept(&head, &Answer::accept(), None, 0, &mut out));
+    assert!(out.starts_with(b"HTTP/1.1 101 "));
     let mut p = Peer {
         conn,
         out: Vec::new(),
@@ -1194,7 +1210,7 @@ fn read_head_in_two_pieces() {
     let frame = cf(true, OpCode::Binary, &[1, 2, 3]);
     let data = concat(&[REQUEST.as_bytes(), &frame]);
     for cut in 1..REQUEST.len() {
-        let mut conn = Connection::new(Role::Server);
+        let mut conn = Connection::server(0);
         assert_eq!(read_request(&mut conn, &data[..cut], 4096), Ok(None), "cut {cut}");
         assert!(conn.is_buffering());
         let second = &data[cut..];
@@ -1213,7 +1229,7 @@ fn read_head_in_three_pieces() {
     let n = REQUEST.len();
     for a in 1..n {
         for b in (a + 1)..n {
-            let mut conn = Connection::new(Role::Server);
+            let mut conn = Connection::server(0);
             assert_eq!(read_request(&mut conn, &data[..a], 4096), Ok(None));
             assert_eq!(read_request(&mut conn, &data[a..b], 4096), Ok(None));
             let third = &data[b..];
@@ -1226,23 +1242,44 @@ fn read_head_in_three_pieces() {
     }
 }
 
+/// A random source that gives the RFC's sample nonce, so the key is the RFC's.
+struct SampleNonce;
+
+impl RandomSource for SampleNonce {
+    fn fill(&mut self, dest: &mut [u8]) {
+        for (d, s) in dest.iter_mut().zip(b"the sample nonce".iter().cycle()) {
+            *d = *s;
+        }
+    }
+}
+
 #[test]
 fn read_head_response_on_the_client() {
-    let key = "dGhlIHNhbXBsZSBub25jZQ==";
     let response = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
     let frame = sf(true, OpCode::Text, b"hi");
     let data = concat(&[response.as_bytes(), &frame]);
+    let cfg = wsloop::proto::Config::default();
     for cut in 0..response.len() {
-        let mut conn = Connection::new(Role::Client);
-        let parse = |b: &[u8]| handshake::parse_response(b, key, &[]);
-        assert!(
-            conn.read_head(&data[..cut], 1024, parse).unwrap().is_none(),
+        let mut req = Vec::new();
+        let mut conn = Connection::client(&ClientRequest::new("h", "/"), 0, &mut SampleNonce, &mut req);
+        assert!(String::from_utf8(req)
+            .unwrap()
+            .contains("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"));
+        let mut out = Vec::new();
+        let mut first = data[..cut].to_vec();
+        assert_eq!(
+            conn.read(&cfg, 0, &mut first, &mut SampleNonce, &mut out),
+            Ok((cut, None)),
             "cut {cut}"
         );
-        let rest = &data[cut..];
-        let (resp, used) = conn.read_head(rest, 1024, parse).unwrap().expect("complete");
-        assert_eq!(resp.protocol, None);
+        let mut rest = data[cut..].to_vec();
+        let (used, ev) = conn.read(&cfg, 0, &mut rest, &mut SampleNonce, &mut out).unwrap();
+        match ev {
+            Some(Event::Open(resp)) => assert_eq!(resp.protocol, None),
+            other => panic!("cut {cut}: {other:?}"),
+        }
         assert_eq!(&rest[used..], &frame[..], "cut {cut}");
+        assert!(!conn.is_buffering(), "cut {cut}");
     }
 }
 
@@ -1251,23 +1288,17 @@ fn read_head_over_the_limit() {
     let max = 64;
     assert!(REQUEST.len() > max);
     // In one piece with no end in sight.
-    let mut conn = Connection::new(Role::Server);
-    assert_eq!(
-        read_request(&mut conn, &REQUEST.as_bytes()[..max], max),
-        Err(HeadError::TooLarge)
-    );
+    let mut conn = Connection::server(0);
+    assert_eq!(read_request(&mut conn, &REQUEST.as_bytes()[..max], max), Err(TOO_LARGE));
     assert!(!conn.is_buffering());
     // Growing past the limit over several reads.
-    let mut conn = Connection::new(Role::Server);
+    let mut conn = Connection::server(0);
     assert_eq!(read_request(&mut conn, &REQUEST.as_bytes()[..30], max), Ok(None));
     assert_eq!(read_request(&mut conn, &REQUEST.as_bytes()[30..60], max), Ok(None));
-    assert_eq!(
-        read_request(&mut conn, &REQUEST.as_bytes()[60..], max),
-        Err(HeadError::TooLarge)
-    );
+    assert_eq!(read_request(&mut conn, &REQUEST.as_bytes()[60..], max), Err(TOO_LARGE));
     assert!(!conn.is_buffering());
     // An endless stream of header bytes.
-    let mut conn = Connection::new(Role::Server);
+    let mut conn = Connection::server(0);
     assert_eq!(read_request(&mut conn, b"GET / HTTP/1.1\r\n", 4096), Ok(None));
     let mut r = Ok(None);
     let filler = format!("X-Filler: {}\r\n", "a".repeat(200)); // few headers, many bytes
@@ -1277,7 +1308,7 @@ fn read_head_over_the_limit() {
             break;
         }
     }
-    assert_eq!(r, Err(HeadError::TooLarge));
+    assert_eq!(r.map(|_| ()), Err(TOO_LARGE));
 }
 
 #[test]
@@ -1286,16 +1317,16 @@ fn read_head_limit_does_not_depend_on_how_the_head_arrives() {
     // one exactly at the limit is accepted either way.
     let n = REQUEST.len();
     for (max, ok) in [(n - 1, false), (n, true), (n + 1, true)] {
-        let mut conn = Connection::new(Role::Server);
+        let mut conn = Connection::server(0);
         let whole = read_request(&mut conn, REQUEST.as_bytes(), max);
         assert_eq!(whole.is_ok(), ok, "whole, max {max}: {whole:?}");
         for cut in 1..n {
-            let mut conn = Connection::new(Role::Server);
+            let mut conn = Connection::server(0);
             let r = read_request(&mut conn, &REQUEST.as_bytes()[..cut], max)
                 .and_then(|_| read_request(&mut conn, &REQUEST.as_bytes()[cut..], max));
             assert_eq!(r.is_ok(), ok, "cut {cut}, max {max}: {r:?}");
             if !ok {
-                assert_eq!(r, Err(HeadError::TooLarge));
+                assert_eq!(r.map(|_| ()), Err(TOO_LARGE));
             }
         }
     }
@@ -1303,18 +1334,18 @@ fn read_head_limit_does_not_depend_on_how_the_head_arrives() {
 
 #[test]
 fn read_head_invalid_request() {
-    let mut conn = Connection::new(Role::Server);
+    let mut conn = Connection::server(0);
     assert_eq!(read_request(&mut conn, b"GET / HTTP/1.1\r\n", 4096), Ok(None));
     let r = read_request(&mut conn, b"Host x\r\n\r\n", 4096);
-    match r {
-        Err(HeadError::Invalid(rej)) => assert_eq!(rej.status, 400),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(r.map(|_| ()).unwrap_err().status, 400);
     assert!(!conn.is_buffering());
-    let mut conn = Connection::new(Role::Server);
+    let mut conn = Connection::server(0);
     let bad = REQUEST.replace("GET", "PUT");
-    match read_request(&mut conn, bad.as_bytes(), 4096) {
-        Err(HeadError::Invalid(rej)) => assert_eq!(rej.status, 405),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        read_request(&mut conn, bad.as_bytes(), 4096)
+            .map(|_| ())
+            .unwrap_err()
+            .status,
+        405
+    );
 }

@@ -7,12 +7,12 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
-use wsloop::proto::handshake::{self, HandshakePolicy, RequestHead};
+use wsloop::proto::handshake;
 use wsloop::proto::mask::apply_mask;
 use wsloop::proto::utf8::Utf8Validator;
-use wsloop::proto::{Connection, Event, HeadError, Role, State};
+use wsloop::proto::{Connection, Event, Request, Role, State};
 
-use common::events::Ev;
+use common::events::{cfg, protocol, read_request, rng, Ev, TOO_LARGE};
 
 /// A message limit above every payload generated here (unless a test picks a smaller one).
 const BIG: usize = 1 << 20;
@@ -32,7 +32,7 @@ struct Outcome {
 /// `receive` call per piece. Checks the error contract on the way: after an `Err` the state is
 /// `Closed`, and later calls are no-ops.
 fn feed(role: Role, stream: &[u8], cuts: &[usize], max_message: usize) -> Outcome {
-    feed_conn(Connection::new_open(role), stream, cuts, max_message)
+    feed_conn(Connection::open(role, 0), stream, cuts, max_message)
 }
 
 /// [`feed`] for a given connection.
@@ -44,12 +44,16 @@ fn feed_conn(mut conn: Connection, stream: &[u8], cuts: &[usize], max_message: u
     for end in cuts.iter().copied().chain([stream.len()]) {
         let mut piece = stream[start..end].to_vec();
         start = end;
-        let r = conn.receive(
-            &mut piece,
-            max_message,
-            &mut out,
-            &mut |e: Event<'_>, _: &mut Vec<u8>| events.push(Ev::from(e)),
-        );
+        let r = conn
+            .receive(
+                &cfg(max_message),
+                0,
+                &mut piece,
+                &mut rng(),
+                &mut out,
+                |e: Event<'_>, _: &mut Vec<u8>| events.push(Ev::from(e)),
+            )
+            .map_err(protocol);
         match r {
             Ok(()) => {}
             Err(e) => {
@@ -64,12 +68,16 @@ fn feed_conn(mut conn: Connection, stream: &[u8], cuts: &[usize], max_message: u
             // Nothing more is read or written.
             let (n_events, n_out) = (events.len(), out.len());
             let mut more = stream[start..].to_vec();
-            let r = conn.receive(
-                &mut more,
-                max_message,
-                &mut out,
-                &mut |e: Event<'_>, _: &mut Vec<u8>| events.push(Ev::from(e)),
-            );
+            let r = conn
+                .receive(
+                    &cfg(max_message),
+                    0,
+                    &mut more,
+                    &mut rng(),
+                    &mut out,
+                    |e: Event<'_>, _: &mut Vec<u8>| events.push(Ev::from(e)),
+                )
+                .map_err(protocol);
             assert_eq!(r, Ok(()));
             assert_eq!((events.len(), out.len()), (n_events, n_out));
             break;
@@ -267,10 +275,10 @@ fn check_against_model(
     max_message: usize,
     local_close: bool,
 ) -> Result<(), TestCaseError> {
-    let mut conn = Connection::new_open(role);
+    let mut conn = Connection::open(role, 0);
     let mut first = Vec::new();
     if local_close {
-        conn.close(1000, "", &mut first).unwrap();
+        conn.close(1000, "", 0, &mut rng(), &mut first).unwrap();
         prop_assert_eq!(conn.state(), State::LocalClosing);
     }
     let got = feed_conn(conn, stream, cuts, max_message);
@@ -897,16 +905,13 @@ proptest! {
 
     #[test]
     fn parse_request_never_panics(bytes in vec(any::<u8>(), 0..4096), like in head_like(REQUEST)) {
-        let open = HandshakePolicy::default();
-        let strict = HandshakePolicy {
-            origins: vec!["http://example.com".into()],
-            protocols: vec!["superchat".into(), "chat".into()],
-        };
         for input in [&bytes, &like] {
-            for policy in [&open, &strict] {
-                if let Ok(Some((_, n))) = handshake::parse_request(input, policy) {
-                    prop_assert!(n <= input.len());
-                }
+            if let Ok(Some((req, n))) = handshake::parse_request(input) {
+                prop_assert!(n <= input.len());
+                // Every accessor works on whatever was accepted.
+                let _ = (req.method(), req.path(), req.query(), req.origin(), req.accept_key());
+                prop_assert!(req.headers().count() <= handshake::MAX_HEADERS);
+                let _ = req.protocols().count() + req.extensions().count();
             }
         }
     }
@@ -920,8 +925,10 @@ proptest! {
         let protocols = ["chat".to_owned()];
         for input in [&bytes, &like] {
             for offered in [&[][..], &protocols[..]] {
-                if let Ok(Some((_, n))) = handshake::parse_response(input, KEY, offered) {
-                    prop_assert!(n <= input.len());
+                for eof in [false, true] {
+                    if let Ok(Some((_, n))) = handshake::parse_response(input, KEY, offered, eof, eof) {
+                        prop_assert!(n <= input.len());
+                    }
                 }
             }
         }
@@ -938,18 +945,17 @@ proptest! {
         idx in vec(any::<Index>(), 0..5),
         max_len in prop_oneof![Just(4096usize), 150usize..260],
     ) {
-        let policy = HandshakePolicy::default();
         let mut data = like.clone();
         data.extend_from_slice(&leftover);
         // What the head is, judged on all of it at once.
-        let whole = handshake::parse_request(&data, &policy);
+        let whole = handshake::parse_request(&data);
         let cuts = cut_points(data.len(), &idx);
-        let mut conn = Connection::new(Role::Server);
+        let mut conn = Connection::server(0);
         let mut start = 0;
         let mut result = Ok(None);
         let mut consumed = 0;
         for end in cuts.iter().copied().chain([data.len()]) {
-            result = conn.read_head(&data[start..end], max_len, |b| handshake::parse_request(b, &policy));
+            result = read_request(&mut conn, &data[start..end], max_len);
             match &result {
                 Ok(None) => consumed = end,
                 Ok(Some((_, used))) => {
@@ -963,17 +969,17 @@ proptest! {
         let finished = !matches!(result, Ok(None));
         match whole {
             Ok(Some((head, n))) if n <= max_len => {
-                let got: Option<RequestHead> = result.as_ref().ok().and_then(|r| r.as_ref().map(|x| x.0.clone()));
+                let got: Option<Request> = result.as_ref().ok().and_then(|r| r.as_ref().map(|x| x.0.clone()));
                 prop_assert_eq!(got, Some(head), "{:?}", result);
                 prop_assert_eq!(consumed, n);
             }
-            Ok(Some(_)) => prop_assert_eq!(result, Err(HeadError::TooLarge)),
-            Ok(None) if data.len() >= max_len => prop_assert_eq!(result, Err(HeadError::TooLarge)),
+            Ok(Some(_)) => prop_assert_eq!(result, Err(TOO_LARGE)),
+            Ok(None) if data.len() >= max_len => prop_assert_eq!(result, Err(TOO_LARGE)),
             Ok(None) => prop_assert_eq!(result, Ok(None)),
             Err(rej) => {
                 // Refused, unless the limit was reached before the parser saw the bad part.
                 prop_assert!(
-                    result == Err(HeadError::Invalid(rej)) || result == Err(HeadError::TooLarge),
+                    result == Err(rej) || result == Err(TOO_LARGE),
                     "{:?} vs {:?}", result, rej
                 );
             }

@@ -547,18 +547,22 @@ fn out_of_descriptors_pauses_accepting_without_spinning() {
 struct ChattyOnClose;
 
 impl wsloop::Handler for ChattyOnClose {
-    fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_>, peer: wsloop::Peer, msg: wsloop::Message<'_>) {
-        ctx.send(peer.id, msg);
+    type State = ();
+    fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, msg: wsloop::Message<'_>) {
+        ctx.send(conn.id(), msg);
     }
-    fn on_close(&mut self, ctx: &mut wsloop::Ctx<'_>, peer: wsloop::Peer, _code: u16, _reason: &str) {
-        assert!(!ctx.send_text(peer.id, "too late"), "send after close must be refused");
+    fn on_close(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, _code: u16, _reason: &str) {
+        assert!(
+            !ctx.send_text(conn.id(), "too late"),
+            "send after close must be refused"
+        );
         ctx.broadcast(wsloop::Message::Text("bye"), None);
     }
 }
 
 #[test]
 fn nothing_follows_the_close_reply() {
-    let server = wsloop::Server::bind("127.0.0.1:0", wsloop::Config::default()).unwrap();
+    let server = wsloop::Server::bind("127.0.0.1:0", wsloop::ServerConfig::default()).unwrap();
     let addr = server.local_addr();
     let handle = server.handle();
     let thread = std::thread::spawn(move || server.run(ChattyOnClose));
@@ -580,15 +584,16 @@ fn nothing_follows_the_close_reply() {
 struct StopOnMessage;
 
 impl wsloop::Handler for StopOnMessage {
-    fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_>, peer: wsloop::Peer, msg: wsloop::Message<'_>) {
-        ctx.send(peer.id, msg);
+    type State = ();
+    fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, msg: wsloop::Message<'_>) {
+        ctx.send(conn.id(), msg);
         ctx.shutdown();
     }
 }
 
 #[test]
 fn shutdown_from_inside_a_handler_closes_that_peer_with_1001() {
-    let server = wsloop::Server::bind("127.0.0.1:0", wsloop::Config::default()).unwrap();
+    let server = wsloop::Server::bind("127.0.0.1:0", wsloop::ServerConfig::default()).unwrap();
     let addr = server.local_addr();
     let thread = std::thread::spawn(move || server.run(StopOnMessage));
     let mut ws = ws_connect(addr);

@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 
-use wsloop::bench::{self, Config, Load, Phase, Progress, Target};
+use wsloop::bench::{self, BenchConfig, Load, Phase, Progress, Target};
 
 use super::{arg_err, parse_bytes, parse_duration, value};
 
@@ -64,7 +64,9 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("inflight") => inflight = Some(number::<u32>(&value(&mut p)?, "--inflight")?),
             Long("size") => size = parse_bytes(&value(&mut p)?)?,
             Long("duration") | Short('d') => duration = parse_duration(&value(&mut p)?)?,
-            Long("source-ips") => source_ips = Some(bench::parse_source_ips(&value(&mut p)?)?),
+            Long("source-ips") => {
+                source_ips = Some(bench::parse_source_ips(&value(&mut p)?).map_err(|e| e.to_string())?)
+            }
             Long("connect-timeout") => connect_timeout = Some(parse_duration(&value(&mut p)?)?),
             Long("server-pid") => server_pid = Some(number::<u32>(&value(&mut p)?, "--server-pid")?),
             Long("json") => json = true,
@@ -82,8 +84,8 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
         (None, Some(k)) => Load::Saturate(k),
         (None, None) => Load::Idle,
     };
-    let target = Target::parse(&url)?;
-    let mut cfg = Config::new(target);
+    let target = Target::parse(&url).map_err(|e| e.to_string())?;
+    let mut cfg = BenchConfig::new(target);
     cfg.source_ips = source_ips.unwrap_or_else(|| bench::default_source_ips(&cfg.target.addr));
     cfg.connections = connections;
     cfg.ramp = ramp;

@@ -156,7 +156,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 backoff = BACKOFF_FIRST;
                 Session::new(client, &o, input.as_mut(), &mut progress).run(&interrupts)
             }
-            Err(e @ (ClientError::InvalidUrl { .. } | ClientError::InvalidConfig(_))) => return Err(e.to_string()),
+            Err(e @ (ClientError::InvalidUrl(_) | ClientError::InvalidConfig(_))) => return Err(e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let why = match ended {
@@ -305,7 +305,7 @@ impl<'a> Session<'a> {
                         End::ServerClosed { code, reason }
                     })
                 }
-                Some(ClientEvent::Pong(_)) | None => {}
+                Some(_) | None => {}
             }
         }
     }

@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "bench")]
 mod bench;
+#[cfg(feature = "client")]
 mod client;
+#[cfg(feature = "server")]
 mod serve;
 
 const USAGE: &str = "\
@@ -23,14 +26,17 @@ pub fn main() -> i32 {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let sub = args.first().and_then(|a| a.to_str()).map(str::to_string);
     let result = match sub.as_deref() {
+        #[cfg(feature = "server")]
         Some("serve") => {
             args.remove(0);
             serve::run(args)
         }
+        #[cfg(feature = "bench")]
         Some("bench") => {
             args.remove(0);
             bench::run(args)
         }
+        #[cfg(feature = "client")]
         Some("client") => {
             args.remove(0);
             client::run(args)
@@ -44,7 +50,10 @@ pub fn main() -> i32 {
             Ok(())
         }
         Some(s) if !s.starts_with('-') => Err(format!("unknown command '{s}' (try: wsloop help)")),
+        #[cfg(feature = "server")]
         _ => serve::run(args),
+        #[cfg(not(feature = "server"))]
+        _ => Err("this build has no server (try: wsloop help)".to_string()),
     };
     match result {
         Ok(()) => 0,
@@ -55,7 +64,8 @@ pub fn main() -> i32 {
     }
 }
 
-/// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h`, or `0`/`off` (as zero).
+/// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h`, or `0`/`off` (as zero). Integer arithmetic only:
+/// the server-only binary carries no floating-point formatting or parsing.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("invalid duration '{s}' (use e.g. 2s, 500ms, 0.5s, 1m)");
     let t = s.trim();
@@ -64,18 +74,34 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
+    let nanos_per_unit: u128 = match unit {
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
         _ => return Err(bad()),
     };
-    if !secs.is_finite() || !(0.0..=86_400.0 * 20.0).contains(&secs) {
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    if whole.is_empty() && frac.is_empty() || frac.contains('.') || whole.len() > 12 || frac.len() > 9 {
+        return Err(bad());
+    }
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let frac_value: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
+    let scale = 10u128.pow(frac.len() as u32);
+    let nanos = whole * nanos_per_unit + frac_value * nanos_per_unit / scale;
+    const MAX: u128 = 20 * 86_400 * 1_000_000_000;
+    if nanos > MAX {
         return Err(format!("duration '{s}' out of range (at most 20 days)"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(Duration::from_nanos(nanos as u64))
 }
 
 /// Parses a byte count: `1048576`, `64KiB`, `16MiB`, `1k`, `2M`.
@@ -149,6 +175,13 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("2 weeks").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1.2.3s").is_err());
+        assert!(parse_duration(".s").is_err());
+        assert_eq!(parse_duration(".25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5ms"), Ok(Duration::from_micros(1500)));
+        assert_eq!(parse_duration("20d").map_err(|_| ()), Err(()));
+        assert!(parse_duration("21h").is_ok());
+        assert!(parse_duration("481h").unwrap_err().contains("out of range"));
     }
 
     #[test]

@@ -4,9 +4,10 @@ use std::ffi::OsString;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use wsloop::modes::{self, Broadcast, PageKind};
-use wsloop::server::{Config, Echo, Reply, SlowConsumer, Stats};
-use wsloop::{Ctx, Handler, Message, Peer, Request, Server};
+use wsloop::proto::Answer;
+use wsloop::server::modes::{self, Broadcast, Echo, PageKind, Reply};
+use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, Upgrade};
+use wsloop::Message;
 
 use super::{arg_err, init_log, parse_bytes, parse_duration, value};
 
@@ -42,10 +43,8 @@ fn opt_duration(s: &str) -> Result<Option<std::time::Duration>, String> {
 /// Parses the options and runs the server until it is stopped.
 pub fn run(args: Vec<OsString>) -> Result<(), String> {
     use lexopt::prelude::*;
-    let mut cfg = Config {
-        handle_signals: true,
-        ..Config::default()
-    };
+    let mut cfg = ServerConfig::default();
+    cfg.handle_signals = true;
     let mut listen = "127.0.0.1:9001".to_string();
     let mut mode = "echo".to_string();
     let mut reply = "fine thank you".to_string();
@@ -91,8 +90,8 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("idle-timeout") => cfg.idle_timeout = opt_duration(&value(&mut p)?)?,
             Long("ping-interval") => cfg.ping_interval = opt_duration(&value(&mut p)?)?,
             Long("tcp-keepalive") => cfg.tcp_keepalive = opt_duration(&value(&mut p)?)?,
-            Long("origin") => cfg.policy.origins.push(value(&mut p)?),
-            Long("protocol") => cfg.policy.protocols.push(value(&mut p)?),
+            Long("origin") => cfg.origins.push(value(&mut p)?),
+            Long("protocol") => cfg.protocols.push(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
             Short('h') | Long("help") => {
                 print!("{HELP}");
@@ -111,21 +110,14 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
         return Err("--no-echo-self and --announce need --mode broadcast".to_string());
     }
     if serve_page {
-        cfg.page = Some(modes::page(kind));
+        cfg.page = Some(modes::page(kind).into());
     }
     init_log(&log_level)?;
     let server = Server::bind(listen.as_str(), cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     log::info!("listening on {}", server.local_addr());
-    if stats_every.is_some() {
-        // The first wake-up arms the stats timer before any client connects.
-        server
-            .handle()
-            .wake()
-            .map_err(|e| format!("cannot wake the loop: {e}"))?;
-    }
     // One copy of the loop for every mode: a virtual call per callback costs nothing next to the
     // system calls around it, and three monomorphised loops would cost tens of KB of binary.
-    let handler: Box<dyn Handler> = match kind {
+    let handler: Box<dyn Handler<State = ()>> = match kind {
         PageKind::Echo => Box::new(Echo),
         PageKind::Reply => Box::new(Reply(reply)),
         PageKind::Chat => Box::new(bcast),
@@ -145,7 +137,7 @@ struct WithStats<H> {
     last: Option<(Instant, Stats)>,
 }
 
-impl<H: Handler> WithStats<H> {
+impl<H: Handler<State = ()>> WithStats<H> {
     fn new(inner: H, every: Option<Duration>) -> Self {
         WithStats {
             inner,
@@ -154,22 +146,26 @@ impl<H: Handler> WithStats<H> {
         }
     }
 
-    fn tick(&mut self, ctx: &mut Ctx<'_>) {
+    fn tick(&mut self, ctx: &mut Ctx<'_, ()>) {
         let Some(every) = self.every else { return };
         let now = Instant::now();
         let stats = ctx.stats();
         if let Some((then, prev)) = self.last {
-            let secs = now.duration_since(then).as_secs_f64().max(1e-3);
-            let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+            let ms = now.duration_since(then).as_millis().max(1) as u64;
+            // Per second with one decimal, in integers (no float formatting in the binary).
+            let rate = |a: u64, b: u64| {
+                let tenths = a.saturating_sub(b) * 10_000 / ms;
+                format!("{}.{}", tenths / 10, tenths % 10)
+            };
             let line = format!(
-                "stats open={} in={:.1}/s out={:.1}/s queued={}B dropped={} (+{}) rss={}",
+                "stats open={} in={}/s out={}/s queued={}B dropped={} (+{}) rss={}",
                 stats.open,
                 rate(stats.messages_in, prev.messages_in),
                 rate(stats.messages_out, prev.messages_out),
                 stats.bytes_queued,
                 stats.dropped,
                 stats.dropped.saturating_sub(prev.dropped),
-                wsloop::bench::read_rss(std::process::id())
+                wsloop::sys::read_rss(std::process::id())
                     .map_or_else(|| "?".to_string(), |b| format!("{}KiB", b / 1024)),
             );
             // Not eprintln!: a closed stderr must not bring the server down.
@@ -180,23 +176,28 @@ impl<H: Handler> WithStats<H> {
     }
 }
 
-impl<H: Handler> Handler for WithStats<H> {
-    fn on_open(&mut self, ctx: &mut Ctx<'_>, peer: Peer, request: &Request) {
-        self.inner.on_open(ctx, peer, request);
+impl<H: Handler<State = ()>> Handler for WithStats<H> {
+    type State = ();
+    fn on_start(&mut self, ctx: &mut Ctx<'_, ()>) {
+        self.tick(ctx);
+        self.inner.on_start(ctx);
     }
-    fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
-        self.inner.on_message(ctx, peer, msg);
+    fn on_upgrade(&mut self, ctx: &mut Ctx<'_, ()>, up: &mut Upgrade<'_>) -> Result<(), Answer> {
+        self.inner.on_upgrade(ctx, up)
     }
-    fn on_close(&mut self, ctx: &mut Ctx<'_>, peer: Peer, code: u16, reason: &str) {
-        self.inner.on_close(ctx, peer, code, reason);
+    fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
+        self.inner.on_open(ctx, conn);
     }
-    fn on_timer(&mut self, ctx: &mut Ctx<'_>) {
+    fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
+        self.inner.on_message(ctx, conn, msg);
+    }
+    fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {
+        self.inner.on_close(ctx, conn, code, reason);
+    }
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, _timer: Timer) {
         self.tick(ctx);
     }
-    fn on_wake(&mut self, ctx: &mut Ctx<'_>) {
-        if self.last.is_none() {
-            self.tick(ctx);
-        }
+    fn on_wake(&mut self, ctx: &mut Ctx<'_, ()>) {
         self.inner.on_wake(ctx);
     }
 }

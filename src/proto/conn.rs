@@ -1,15 +1,29 @@
-//! The per-connection protocol state machine, shared by server and client.
+//! One connection's whole life, for either role, without I/O.
 //!
-//! [`Connection`] never touches a socket. Received bytes go in through [`Connection::receive`]
-//! and come out as [`Event`]s; protocol answers (pong, the close reply) and everything sent with
-//! [`Connection::send`] are appended to a caller-owned `Vec<u8>` of bytes to write.
+//! A [`Connection`] starts in [`State::Connecting`]: a server waits for the upgrade request, a
+//! client has written its request and waits for the answer. Received bytes go in through
+//! [`read`](Connection::read), which returns how many it used and at most one [`Event`]; call
+//! it again with the rest. Everything the connection must send (the handshake answer, pongs,
+//! close frames, pings) and every message given to [`send`](Connection::send) is appended to a
+//! caller-owned `Vec<u8>`. Time goes in as milliseconds on any monotonic clock the caller
+//! likes: [`poll_timeout`](Connection::poll_timeout) says when the connection next needs
+//! [`handle_timeout`](Connection::handle_timeout), which runs the handshake, heartbeat, idle and
+//! close timeouts.
 //!
-//! An idle connection is 16 bytes. Parser state is heap-allocated only while a frame header, a
-//! frame or a fragmented message is split across calls, and freed as soon as it completes:
-//! a frame that arrives whole is unmasked in place in the caller's buffer and handed out as a slice.
+//! An idle connection is 16 bytes (12 on 32-bit targets). Parser state is allocated only while
+//! a handshake head, a frame header, a frame or a fragmented message is split across reads, and
+//! freed as soon as it completes: a frame that arrives whole is unmasked in place in the
+//! caller's buffer and handed out as a slice of it.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::time::Duration;
 
 use super::frame::{close_code, write_close, write_frame, FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
-use super::mask::{apply_mask, new_mask_key};
+use super::handshake::{self, Answer, ClientRequest, Reject, Request, Response, ResponseError};
+use super::mask::apply_mask;
+use super::rand::RandomSource;
 use super::utf8::Utf8Validator;
 
 /// Which end of the connection this is. Clients mask what they send; servers require masks.
@@ -35,7 +49,74 @@ pub enum State {
     Closed,
 }
 
-/// A complete data message.
+/// Limits and timeouts of a connection. One `Config` is shared by every connection of a loop;
+/// it is passed to each call rather than stored, which keeps an idle connection at 16 bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Largest message accepted, in bytes (default 16 MiB); larger gets close `1009`.
+    pub max_message: usize,
+    /// Largest handshake head: the request a server reads (answered `431` past it) or the
+    /// answer a client reads (default 8 KiB).
+    pub max_head: usize,
+    /// Time from the start of the connection to the end of the opening handshake (default 10 s).
+    pub handshake_timeout: Duration,
+    /// How long to wait for the peer's close frame after ours, and for the end of the TCP
+    /// connection after the close handshake (default 3 s).
+    pub close_timeout: Duration,
+    /// Send a ping after this much silence from the peer (default: off). A peer that stays
+    /// silent for another interval (or [`idle_timeout`](Self::idle_timeout)) is closed.
+    pub ping_interval: Option<Duration>,
+    /// Close a peer silent this long with `1001` (default: off).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Timeouts longer than this are refused by [`Config::check`]: deadlines are kept as 32-bit
+/// millisecond offsets.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(20 * 24 * 3600);
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_message: 16 << 20,
+            max_head: 8 << 10,
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(3),
+            ping_interval: None,
+            idle_timeout: None,
+        }
+    }
+}
+
+impl Config {
+    /// Refuses settings that cannot work: zero limits and timeouts, or timeouts over 20 days.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.max_message == 0 {
+            return Err("the message limit must be at least 1 byte");
+        }
+        if self.max_head < 256 {
+            return Err("the handshake head limit must be at least 256 bytes");
+        }
+        if self.handshake_timeout.is_zero() || self.close_timeout.is_zero() {
+            return Err("the handshake and close timeouts must be above zero");
+        }
+        let all = [
+            Some(self.handshake_timeout),
+            Some(self.close_timeout),
+            self.ping_interval,
+            self.idle_timeout,
+        ];
+        if all.iter().flatten().any(|d| *d > MAX_TIMEOUT) {
+            return Err("timeouts are limited to 20 days");
+        }
+        if all.iter().flatten().any(|d| d.is_zero()) {
+            return Err("a timeout of zero would fire at once; leave it unset to turn it off");
+        }
+        Ok(())
+    }
+}
+
+/// A complete data message, as sent or handed to an application.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message<'a> {
     /// A text message, already checked to be UTF-8.
@@ -62,27 +143,118 @@ impl<'a> Message<'a> {
     }
 }
 
+/// A received message: borrowed from the caller's buffer when it arrived in one read, owned
+/// when it had to be assembled from several.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload<'d> {
+    /// Text, in place in the caller's buffer.
+    Text(&'d str),
+    /// Binary, in place in the caller's buffer.
+    Binary(&'d [u8]),
+    /// Text assembled across reads or frames.
+    OwnedText(String),
+    /// Binary assembled across reads or frames.
+    OwnedBinary(Vec<u8>),
+}
+
+impl Payload<'_> {
+    /// The message, borrowed.
+    pub fn as_message(&self) -> Message<'_> {
+        match self {
+            Payload::Text(t) => Message::Text(t),
+            Payload::Binary(b) => Message::Binary(b),
+            Payload::OwnedText(t) => Message::Text(t),
+            Payload::OwnedBinary(b) => Message::Binary(b),
+        }
+    }
+
+    /// Whether it is text.
+    pub fn is_text(&self) -> bool {
+        matches!(self, Payload::Text(_) | Payload::OwnedText(_))
+    }
+}
+
+/// A control frame's payload (at most 125 bytes), copied out of the stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ControlPayload {
+    len: u8,
+    bytes: [u8; MAX_CONTROL_PAYLOAD],
+}
+
+impl ControlPayload {
+    fn new(b: &[u8]) -> Self {
+        let mut bytes = [0u8; MAX_CONTROL_PAYLOAD];
+        let len = b.len().min(MAX_CONTROL_PAYLOAD);
+        bytes[..len].copy_from_slice(&b[..len]);
+        ControlPayload { len: len as u8, bytes }
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    /// The bytes as text (close reasons are checked to be UTF-8; for others, lossy: empty).
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+}
+
+impl core::fmt::Debug for ControlPayload {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:?}", self.as_bytes())
+    }
+}
+
 /// Something the peer did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event<'a> {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event<'d> {
+    /// Server: a complete request. Answer it with [`Connection::accept`] before reading on.
+    Request(Request),
+    /// Client: the server accepted the upgrade; the connection is open.
+    Open(Response),
     /// A complete message.
-    Message(Message<'a>),
+    Message(Payload<'d>),
     /// A ping; the pong is already queued.
-    Ping(&'a [u8]),
+    Ping(ControlPayload),
     /// A pong.
-    Pong(&'a [u8]),
+    Pong(ControlPayload),
     /// The peer's close frame. When this end had not sent one, the reply is already queued.
     /// The state is now [`State::Closed`].
     Close {
         /// The status code, if the frame had one.
         code: Option<u16>,
         /// The reason text.
-        reason: &'a str,
+        reason: ControlPayload,
     },
 }
 
-/// Why the connection failed. The close frame carrying `code` is already queued (when the
-/// connection was still open), and the state is [`State::Closed`].
+/// Why the connection failed. Whatever the peer should be told is already queued, and the
+/// state is [`State::Closed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The peer broke the protocol; the close frame carrying the code is queued (when the
+    /// connection was open).
+    Protocol(ProtocolError),
+    /// Server: the request was refused; the HTTP answer is queued.
+    Rejected(Reject),
+    /// Client: the server's answer did not complete the handshake.
+    Response(ResponseError),
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Error::Protocol(e) => e.fmt(f),
+            Error::Rejected(r) => write!(f, "refused handshake: {r}"),
+            Error::Response(e) => e.fmt(f),
+        }
+    }
+}
+
+impl core::error::Error for Error {}
+
+/// A protocol violation by the peer, and the close code it is answered with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProtocolError {
     /// The close code sent: 1002, 1007 or 1009.
@@ -91,33 +263,38 @@ pub struct ProtocolError {
     pub reason: &'static str,
 }
 
-impl std::fmt::Display for ProtocolError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "{} ({})", self.reason, self.code)
     }
 }
 
-impl std::error::Error for ProtocolError {}
+impl core::error::Error for ProtocolError {}
 
 /// Returned when sending on a connection that is not open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NotOpen;
 
-impl std::fmt::Display for NotOpen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for NotOpen {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("connection is not open")
     }
 }
 
-impl std::error::Error for NotOpen {}
+impl core::error::Error for NotOpen {}
 
-/// A request or response head that did not fit in the configured limit.
+/// What a deadline did, from [`Connection::handle_timeout`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeadError<E> {
-    /// The head grew past the limit without ending.
-    TooLarge,
-    /// The parser refused it.
-    Invalid(E),
+pub enum Timeout {
+    /// The peer was silent for the ping interval: a ping is queued.
+    Ping,
+    /// The peer was silent too long: a close frame with `1001` is queued.
+    Idle,
+    /// The opening handshake did not finish in time: drop the transport.
+    Handshake,
+    /// The close handshake, or the wait for the end of the stream after it, ran out: drop
+    /// the transport.
+    Close,
 }
 
 /// A frame whose payload is still arriving.
@@ -126,6 +303,29 @@ struct FrameInProgress {
     header: FrameHeader,
     /// Payload bytes already consumed.
     done: u64,
+}
+
+/// What a client remembers between its request and the server's answer.
+struct ClientPending {
+    key: String,
+    protocols: Vec<String>,
+    extensions_offered: bool,
+}
+
+/// The client's answer check, behind a trait object: only programs that create client
+/// connections link it (a server-only build or firmware image does not carry it).
+trait AnswerCheck: Send + Sync {
+    fn check(&self, buf: &[u8], eof: bool) -> Result<Option<(Response, usize)>, ResponseError>;
+    fn heap_bytes(&self) -> usize;
+}
+
+impl AnswerCheck for ClientPending {
+    fn check(&self, buf: &[u8], eof: bool) -> Result<Option<(Response, usize)>, ResponseError> {
+        handshake::parse_response(buf, &self.key, &self.protocols, self.extensions_offered, eof)
+    }
+    fn heap_bytes(&self) -> usize {
+        core::mem::size_of::<ClientPending>() + self.key.capacity()
+    }
 }
 
 /// Parser state that exists only while something is split across calls.
@@ -142,6 +342,7 @@ struct Partial {
     /// A control frame's payload so far.
     control: [u8; MAX_CONTROL_PAYLOAD],
     control_len: u8,
+    client: Option<Box<dyn AnswerCheck>>,
 }
 
 impl Partial {
@@ -155,25 +356,39 @@ impl Partial {
             buf: Vec::new(),
             control: [0; MAX_CONTROL_PAYLOAD],
             control_len: 0,
+            client: None,
         })
     }
 
     fn is_empty(&self) -> bool {
-        self.head_len == 0 && self.frame.is_none() && self.message.is_none() && self.buf.is_empty()
+        self.head_len == 0
+            && self.frame.is_none()
+            && self.message.is_none()
+            && self.buf.is_empty()
+            && self.client.is_none()
     }
 }
 
+// Connection flags.
+const CLIENT: u8 = 1;
+/// A heartbeat ping is outstanding.
+const PINGED: u8 = 2;
+/// Server: a request was handed out and awaits its answer.
+const AWAITING_ANSWER: u8 = 4;
+
 /// One WebSocket connection's protocol state.
 pub struct Connection {
-    role: Role,
-    state: State,
     partial: Option<Box<Partial>>,
+    /// The loop clock (low 32 bits, milliseconds) of the last activity or state change.
+    since: u32,
+    state: State,
+    flags: u8,
 }
 
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Connection")
-            .field("role", &self.role)
+            .field("role", &self.role())
             .field("state", &self.state)
             .field("buffering", &self.partial.is_some())
             .finish()
@@ -184,22 +399,53 @@ const fn err(code: u16, reason: &'static str) -> ProtocolError {
     ProtocolError { code, reason }
 }
 
+/// The deadline `d` after the clock reading `since`, never early: the clock reads whole
+/// milliseconds rounded down, so the wait is rounded up and given one millisecond more.
+pub fn deadline_after(since: u64, d: Duration) -> u64 {
+    let ms = d.as_millis().min(u128::from(u64::MAX >> 2)) as u64;
+    since.saturating_add(ms + u64::from(d.subsec_nanos() % 1_000_000 != 0) + 1)
+}
+
 impl Connection {
-    /// A connection whose opening handshake is still to be done.
-    pub fn new(role: Role) -> Self {
+    /// A server connection that waits for the upgrade request; the handshake timeout runs
+    /// from `now`.
+    pub fn server(now: u64) -> Self {
         Connection {
-            role,
-            state: State::Connecting,
             partial: None,
+            since: now as u32,
+            state: State::Connecting,
+            flags: 0,
+        }
+    }
+
+    /// A client connection: writes the upgrade request to `out` and waits for the answer.
+    /// The handshake timeout runs from `now`.
+    pub fn client<R: RandomSource + ?Sized>(request: &ClientRequest, now: u64, rng: &mut R, out: &mut Vec<u8>) -> Self {
+        let mut nonce = [0u8; 16];
+        rng.fill(&mut nonce);
+        let key = handshake::client_key(nonce);
+        request.write(&key, out);
+        let mut p = Partial::new();
+        p.client = Some(Box::new(ClientPending {
+            key,
+            protocols: request.protocols.clone(),
+            extensions_offered: request.extensions.is_some(),
+        }));
+        Connection {
+            partial: Some(p),
+            since: now as u32,
+            state: State::Connecting,
+            flags: CLIENT,
         }
     }
 
     /// A connection that is already open (the handshake was done elsewhere).
-    pub fn new_open(role: Role) -> Self {
+    pub fn open(role: Role, now: u64) -> Self {
         Connection {
-            role,
-            state: State::Open,
             partial: None,
+            since: now as u32,
+            state: State::Open,
+            flags: if role == Role::Client { CLIENT } else { 0 },
         }
     }
 
@@ -210,46 +456,151 @@ impl Connection {
 
     /// The role.
     pub fn role(&self) -> Role {
-        self.role
+        if self.flags & CLIENT != 0 {
+            Role::Client
+        } else {
+            Role::Server
+        }
     }
 
-    /// Whether parser state is allocated (a frame or message is split across reads).
+    /// Whether messages may be sent.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Whether parser state is allocated (something is split across reads).
     pub fn is_buffering(&self) -> bool {
         self.partial.is_some()
     }
 
-    /// Marks the handshake as done.
-    pub fn set_open(&mut self) {
-        if self.state == State::Connecting {
-            self.state = State::Open;
+    /// Heap bytes this connection holds now: its parser state and the message it assembles.
+    pub fn buffered_bytes(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| {
+            core::mem::size_of::<Partial>() + p.buf.capacity() + p.client.as_ref().map_or(0, |c| c.heap_bytes())
+        })
+    }
+
+    /// Whether a fragmented or split message is being assembled.
+    pub fn in_message(&self) -> bool {
+        self.partial
+            .as_ref()
+            .is_some_and(|p| p.message.is_some() || p.frame.is_some())
+    }
+
+    fn mask<R: RandomSource + ?Sized>(&self, rng: &mut R) -> Option<[u8; 4]> {
+        (self.flags & CLIENT != 0).then(|| rng.mask_key())
+    }
+
+    fn set_state(&mut self, state: State, now: u64) {
+        self.state = state;
+        self.since = now as u32;
+        if state == State::Closed {
+            self.partial = None;
         }
     }
 
-    /// Marks the connection closed without a close handshake (e.g. the transport dropped).
-    pub fn set_closed(&mut self) {
-        self.state = State::Closed;
-        self.partial = None;
+    /// Marks the connection closed without a close handshake (the transport dropped).
+    pub fn set_closed(&mut self, now: u64) {
+        self.set_state(State::Closed, now);
     }
 
-    fn mask(&self) -> Option<[u8; 4]> {
-        match self.role {
-            Role::Client => Some(new_mask_key()),
-            Role::Server => None,
+    /// The peer ended its side of the stream. A client still waiting for the answer gets the
+    /// reason it will not come (or the refusal that came with it); otherwise the connection is
+    /// simply closed: a peer that vanishes without a close frame is an abnormal closure (1006).
+    pub fn read_eof(&mut self, now: u64) -> Option<Error> {
+        let mut failure = None;
+        if self.state == State::Connecting && self.flags & CLIENT != 0 {
+            if let Some(p) = &self.partial {
+                if let Some(c) = &p.client {
+                    if let Err(e) = c.check(&p.buf, true) {
+                        failure = Some(Error::Response(e));
+                    }
+                }
+            }
+            failure.get_or_insert(Error::Response(ResponseError::NoAnswer));
         }
+        self.set_closed(now);
+        failure
     }
 
-    /// Collects a handshake head (HTTP request or response) that may arrive in pieces.
+    /// Processes received bytes; returns how many it used and at most one event.
     ///
-    /// `parse` sees everything received so far and returns `Ok(None)` while the head is
-    /// incomplete, or what it parsed with the length of the head. On success this returns that
-    /// value and how many bytes of `data` the head used: the rest of `data` is WebSocket stream.
-    /// The head is copied aside only when it does not arrive in one piece.
-    pub fn read_head<T, E>(
+    /// `data` is unmasked in place, and message events borrow it. Call again with the bytes
+    /// after the used ones until all are used; a call that uses nothing and gives no event
+    /// means the connection waits for [`accept`](Self::accept). Protocol answers (the pong to a
+    /// ping, the reply to a close) are appended to `out` before the event is returned, so
+    /// replies the caller writes to the same `out` stay in order with them. On an error the
+    /// close frame or HTTP refusal is queued after everything earlier events produced.
+    pub fn read<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        let result = match self.state {
+            State::Connecting if self.flags & CLIENT != 0 => self.read_response(cfg, now, data),
+            State::Connecting => self.read_request(cfg, now, data, out),
+            State::Open | State::LocalClosing => {
+                if self.state == State::Open && !data.is_empty() {
+                    self.since = now as u32;
+                    self.flags &= !PINGED;
+                }
+                match self.read_frames(cfg, now, data, rng, out) {
+                    Ok(r) => Ok(r),
+                    Err(e) => Err(Error::Protocol(self.fail(e, now, rng, out))),
+                }
+            }
+            State::Closed => Ok((data.len(), None)),
+        };
+        if self.partial.as_ref().is_some_and(|p| p.is_empty()) {
+            self.partial = None;
+        }
+        result
+    }
+
+    /// Feeds all of `data`, handing each event to `on_event` with `out`. A server accepts every
+    /// valid upgrade (use [`read`](Self::read) and [`accept`](Self::accept) to decide).
+    pub fn receive<R, F>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &mut [u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+        mut on_event: F,
+    ) -> Result<(), Error>
+    where
+        R: RandomSource + ?Sized,
+        F: FnMut(Event<'_>, &mut Vec<u8>),
+    {
+        let mut pos = 0;
+        while pos < data.len() {
+            let (used, ev) = self.read(cfg, now, &mut data[pos..], rng, out)?;
+            pos += used;
+            match ev {
+                Some(Event::Request(req)) => {
+                    on_event(Event::Request(req.clone()), out);
+                    self.accept(&req, &Answer::accept(), None, now, out);
+                }
+                Some(ev) => on_event(ev, out),
+                None if used == 0 => break,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects a handshake head that may arrive in pieces. `parse` sees everything received so
+    /// far; on success this gives its value and how many bytes of `data` the head used.
+    fn read_head<T, E>(
         &mut self,
         data: &[u8],
         max_len: usize,
+        too_large: E,
         parse: impl FnOnce(&[u8]) -> Result<Option<(T, usize)>, E>,
-    ) -> Result<Option<(T, usize)>, HeadError<E>> {
+    ) -> Result<Option<(T, usize)>, E> {
         let spilled = self.partial.as_ref().map_or(0, |p| p.buf.len());
         let result = if spilled == 0 {
             parse(data)
@@ -260,73 +611,178 @@ impl Connection {
             parse(&p.buf)
         };
         match result {
-            Err(e) => {
-                self.partial = None;
-                Err(HeadError::Invalid(e))
-            }
+            Err(e) => Err(e),
             Ok(Some((value, len))) => {
-                self.partial = None;
+                if let Some(p) = &mut self.partial {
+                    p.buf = Vec::new();
+                }
                 if len > max_len {
                     // Only possible when the head came whole: a cut-up one is never read past max_len.
-                    return Err(HeadError::TooLarge);
+                    return Err(too_large);
                 }
                 Ok(Some((value, len.saturating_sub(spilled).min(data.len()))))
             }
             Ok(None) => {
-                let total = spilled + data.len();
-                if total >= max_len {
-                    self.partial = None;
-                    return Err(HeadError::TooLarge);
+                if spilled + data.len() >= max_len {
+                    return Err(too_large);
                 }
                 if spilled == 0 {
-                    let mut p = Partial::new();
-                    p.buf.extend_from_slice(data);
-                    self.partial = Some(p);
+                    self.partial
+                        .get_or_insert_with(Partial::new)
+                        .buf
+                        .extend_from_slice(data);
                 }
                 Ok(None)
             }
         }
     }
 
+    fn read_request<'d>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        if self.flags & AWAITING_ANSWER != 0 {
+            return Ok((0, None));
+        }
+        let too_large = Reject::new(431, "request head too large");
+        match self.read_head(data, cfg.max_head, too_large, handshake::parse_request) {
+            Ok(None) => Ok((data.len(), None)),
+            Ok(Some((req, used))) => {
+                self.flags |= AWAITING_ANSWER;
+                Ok((used, Some(Event::Request(req))))
+            }
+            Err(r) => {
+                r.write(out);
+                self.set_closed(now);
+                Err(Error::Rejected(r))
+            }
+        }
+    }
+
+    /// Answers the request handed out by [`read`](Self::read): upgrades (the connection is then
+    /// open) or refuses (the connection is closed once the answer is written). `extensions` is
+    /// the negotiated `Sec-WebSocket-Extensions` value, if any. Returns whether it upgraded.
+    pub fn accept(
+        &mut self,
+        request: &Request,
+        answer: &Answer,
+        extensions: Option<&str>,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        if self.state != State::Connecting || self.flags & (AWAITING_ANSWER | CLIENT) != AWAITING_ANSWER {
+            return false;
+        }
+        self.flags &= !AWAITING_ANSWER;
+        let upgraded = request.write_answer(answer, extensions, out);
+        self.set_state(if upgraded { State::Open } else { State::Closed }, now);
+        upgraded
+    }
+
+    fn read_response<'d>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        let Some(pending) = self.partial.as_mut().and_then(|p| p.client.take()) else {
+            self.set_closed(now);
+            return Err(Error::Response(ResponseError::Malformed));
+        };
+        let head = self.read_head(data, cfg.max_head, ResponseError::TooLarge, |b| pending.check(b, false));
+        match head {
+            Ok(None) => {
+                self.partial.get_or_insert_with(Partial::new).client = Some(pending);
+                Ok((data.len(), None))
+            }
+            Ok(Some((response, used))) => {
+                self.set_state(State::Open, now);
+                Ok((used, Some(Event::Open(response))))
+            }
+            Err(e) => {
+                self.set_closed(now);
+                Err(Error::Response(e))
+            }
+        }
+    }
+
     /// Sends a whole message as one frame.
-    pub fn send(&mut self, msg: Message<'_>, out: &mut Vec<u8>) -> Result<(), NotOpen> {
-        self.send_frame(msg.opcode(), true, msg.as_bytes(), out)
+    pub fn send<R: RandomSource + ?Sized>(
+        &mut self,
+        msg: Message<'_>,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
+        self.send_frame(msg.opcode(), true, msg.as_bytes(), rng, out)
     }
 
     /// Sends one frame of a message: the first with `Text` or `Binary`, later ones with
     /// `Continuation`, the last with `fin` set. Control opcodes go through [`ping`](Self::ping),
     /// [`pong`](Self::pong) and [`close`](Self::close).
-    pub fn send_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8], out: &mut Vec<u8>) -> Result<(), NotOpen> {
+    pub fn send_frame<R: RandomSource + ?Sized>(
+        &mut self,
+        opcode: OpCode,
+        fin: bool,
+        payload: &[u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
         if self.state != State::Open || opcode.is_control() {
             return Err(NotOpen);
         }
-        write_frame(out, fin, opcode, self.mask(), payload);
+        write_frame(out, fin, opcode, self.mask(rng), payload);
         Ok(())
     }
 
     /// Sends a ping (payload truncated to 125 bytes).
-    pub fn ping(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), NotOpen> {
-        self.control(OpCode::Ping, payload, out)
+    pub fn ping<R: RandomSource + ?Sized>(
+        &mut self,
+        payload: &[u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
+        self.control(OpCode::Ping, payload, rng, out)
     }
 
     /// Sends an unsolicited pong (a heartbeat that expects no answer).
-    pub fn pong(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), NotOpen> {
-        self.control(OpCode::Pong, payload, out)
+    pub fn pong<R: RandomSource + ?Sized>(
+        &mut self,
+        payload: &[u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
+        self.control(OpCode::Pong, payload, rng, out)
     }
 
-    fn control(&mut self, op: OpCode, payload: &[u8], out: &mut Vec<u8>) -> Result<(), NotOpen> {
+    fn control<R: RandomSource + ?Sized>(
+        &mut self,
+        op: OpCode,
+        payload: &[u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
         if self.state != State::Open {
             return Err(NotOpen);
         }
         let n = payload.len().min(MAX_CONTROL_PAYLOAD);
-        write_frame(out, true, op, self.mask(), &payload[..n]);
+        write_frame(out, true, op, self.mask(rng), &payload[..n]);
         Ok(())
     }
 
     /// Starts the close handshake. `code` must be valid on the wire (see
-    /// [`close_code::is_valid`]); an invalid one is sent as 1000. Afterwards incoming data
-    /// messages are dropped until the peer's close frame arrives.
-    pub fn close(&mut self, code: u16, reason: &str, out: &mut Vec<u8>) -> Result<(), NotOpen> {
+    /// [`close_code::is_valid`]); an invalid one is sent as 1000. The close timeout runs from
+    /// `now`; incoming data messages are dropped until the peer's close frame arrives.
+    pub fn close<R: RandomSource + ?Sized>(
+        &mut self,
+        code: u16,
+        reason: &str,
+        now: u64,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
         if self.state != State::Open {
             return Err(NotOpen);
         }
@@ -335,75 +791,111 @@ impl Connection {
         } else {
             close_code::NORMAL
         };
-        write_close(out, self.mask(), Some(code), reason);
-        self.state = State::LocalClosing;
+        write_close(out, self.mask(rng), Some(code), reason);
+        self.set_state(State::LocalClosing, now);
         Ok(())
     }
 
-    fn fail(&mut self, e: ProtocolError, out: &mut Vec<u8>) -> ProtocolError {
+    fn fail<R: RandomSource + ?Sized>(
+        &mut self,
+        e: ProtocolError,
+        now: u64,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> ProtocolError {
         if self.state == State::Open {
-            write_close(out, self.mask(), Some(e.code), e.reason);
+            write_close(out, self.mask(rng), Some(e.code), e.reason);
         }
-        self.set_closed();
+        self.set_closed(now);
         e
     }
 
-    /// Processes received bytes.
-    ///
-    /// `data` is unmasked in place. `on_event` is called for each event with `out`, so replies it
-    /// writes stay in order with the protocol's own answers. On a protocol error the close frame
-    /// is queued after everything the earlier events produced, and the error is returned.
-    pub fn receive<F>(
-        &mut self,
-        data: &mut [u8],
-        max_message: usize,
-        out: &mut Vec<u8>,
-        on_event: &mut F,
-    ) -> Result<(), ProtocolError>
-    where
-        F: FnMut(Event<'_>, &mut Vec<u8>),
-    {
-        let result = self.receive_inner(data, max_message, out, on_event);
-        if let Err(e) = result {
-            return Err(self.fail(e, out));
-        }
-        if self.partial.as_ref().is_some_and(|p| p.is_empty()) {
-            self.partial = None;
-        }
-        Ok(())
+    /// When [`handle_timeout`](Self::handle_timeout) is next needed, on the caller's clock
+    /// (`now` is any recent reading of it), or `None` while nothing is timed.
+    pub fn poll_timeout(&self, cfg: &Config, now: u64) -> Option<u64> {
+        let since = now.saturating_sub(u64::from((now as u32).wrapping_sub(self.since)));
+        let after = match self.state {
+            State::Connecting => cfg.handshake_timeout,
+            State::Open => match (cfg.ping_interval, cfg.idle_timeout) {
+                (Some(p), _) if self.flags & PINGED == 0 => p,
+                (_, Some(idle)) => idle,
+                (Some(p), None) => p + p,
+                (None, None) => return None,
+            },
+            State::LocalClosing | State::Closed => cfg.close_timeout,
+        };
+        Some(deadline_after(since, after))
     }
 
-    fn receive_inner<F>(
+    /// Runs whatever deadline has passed at `now` (nothing when none has). What it queues goes
+    /// to `out`.
+    pub fn handle_timeout<R: RandomSource + ?Sized>(
         &mut self,
-        data: &mut [u8],
-        max_message: usize,
+        cfg: &Config,
+        now: u64,
+        rng: &mut R,
         out: &mut Vec<u8>,
-        on_event: &mut F,
-    ) -> Result<(), ProtocolError>
-    where
-        F: FnMut(Event<'_>, &mut Vec<u8>),
-    {
-        let mut pos = 0;
+    ) -> Option<Timeout> {
+        if self.poll_timeout(cfg, now).is_none_or(|d| d > now) {
+            return None;
+        }
+        match self.state {
+            State::Connecting => {
+                self.set_closed(now);
+                Some(Timeout::Handshake)
+            }
+            State::Open if cfg.ping_interval.is_some() && self.flags & PINGED == 0 => {
+                let _ = self.ping(b"", rng, out);
+                self.flags |= PINGED;
+                Some(Timeout::Ping)
+            }
+            State::Open => {
+                let _ = self.close(close_code::GOING_AWAY, "idle timeout", now, rng, out);
+                Some(Timeout::Idle)
+            }
+            State::LocalClosing | State::Closed => {
+                self.set_closed(now);
+                Some(Timeout::Close)
+            }
+        }
+    }
+
+    fn read_frames<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), ProtocolError> {
+        let total = data.len();
+        let mut rest = data;
         loop {
+            let pos = total - rest.len();
             if !matches!(self.state, State::Open | State::LocalClosing) {
-                return Ok(());
+                // The close handshake ended: whatever follows is not read.
+                return Ok((total, None));
             }
             if self.partial.as_ref().is_some_and(|p| p.frame.is_some()) {
-                pos += self.continue_frame(&mut data[pos..], out, on_event)?;
+                let (took, ev) = self.continue_frame(rest, now, rng, out)?;
+                rest = &mut core::mem::take(&mut rest)[took..];
+                if ev.is_some() {
+                    return Ok((total - rest.len(), ev));
+                }
                 if self.partial.as_ref().is_some_and(|p| p.frame.is_some()) {
-                    return Ok(()); // all of `data` went into the unfinished frame
+                    return Ok((total, None)); // all of `data` went into the unfinished frame
                 }
                 continue;
             }
-            if pos == data.len() {
-                return Ok(());
+            if rest.is_empty() {
+                return Ok((pos, None));
             }
             // A header: from the spill if a previous read cut one, else straight from `data`.
             let spilled = self.partial.as_ref().map_or(0, |p| p.head_len as usize);
             let (header, used) = if spilled > 0 {
                 let p = self.partial.as_mut().expect("spilled implies partial");
-                let take = (MAX_HEADER_LEN - spilled).min(data.len() - pos);
-                p.head[spilled..spilled + take].copy_from_slice(&data[pos..pos + take]);
+                let take = (MAX_HEADER_LEN - spilled).min(rest.len());
+                p.head[spilled..spilled + take].copy_from_slice(&rest[..take]);
                 match FrameHeader::parse(&p.head[..spilled + take]).map_err(frame_error)? {
                     Some((h, n)) => {
                         p.head_len = 0;
@@ -411,47 +903,47 @@ impl Connection {
                     }
                     None => {
                         p.head_len = (spilled + take) as u8;
-                        return Ok(());
+                        return Ok((total, None));
                     }
                 }
             } else {
-                match FrameHeader::parse(&data[pos..]).map_err(frame_error)? {
+                match FrameHeader::parse(rest).map_err(frame_error)? {
                     Some(x) => x,
                     None => {
                         let p = self.partial.get_or_insert_with(Partial::new);
-                        let rest = &data[pos..];
                         p.head[..rest.len()].copy_from_slice(rest);
                         p.head_len = rest.len() as u8;
-                        return Ok(());
+                        return Ok((total, None));
                     }
                 }
             };
-            pos += used;
-            self.check_header(&header, max_message)?;
+            rest = &mut core::mem::take(&mut rest)[used..];
+            self.check_header(&header, cfg.max_message)?;
             let len = header.payload_len;
-            let avail = (data.len() - pos) as u64;
             let in_message = self.partial.as_ref().is_some_and(|p| p.message.is_some());
-            if len <= avail
+            if len <= rest.len() as u64
                 && (header.opcode.is_control() || (header.fin && !in_message && header.opcode != OpCode::Continuation))
             {
                 // Fast path: the whole frame is here and it is a whole message or a control frame.
-                let payload = &mut data[pos..pos + len as usize];
-                pos += len as usize;
+                let (payload, after) = core::mem::take(&mut rest).split_at_mut(len as usize);
+                rest = after;
                 if let Some(key) = header.mask {
                     apply_mask(payload, key, 0);
                 }
-                if header.opcode.is_control() {
-                    self.on_control(header.opcode, payload, out, on_event)?;
+                let ev = if header.opcode.is_control() {
+                    self.on_control(header.opcode, payload, now, rng, out)?
                 } else {
-                    let msg = match header.opcode {
-                        OpCode::Text => Message::Text(
-                            std::str::from_utf8(payload).map_err(|_| err(1007, "invalid UTF-8 in text message"))?,
+                    let payload: &'d [u8] = payload;
+                    let p = match header.opcode {
+                        OpCode::Text => Payload::Text(
+                            core::str::from_utf8(payload).map_err(|_| err(1007, "invalid UTF-8 in text message"))?,
                         ),
-                        _ => Message::Binary(payload),
+                        _ => Payload::Binary(payload),
                     };
-                    if self.state == State::Open {
-                        on_event(Event::Message(msg), out);
-                    }
+                    (self.state == State::Open).then_some(Event::Message(p))
+                };
+                if ev.is_some() {
+                    return Ok((total - rest.len(), ev));
                 }
                 continue;
             }
@@ -471,9 +963,9 @@ impl Connection {
 
     /// Rules that depend on role and on what came before.
     fn check_header(&self, h: &FrameHeader, max_message: usize) -> Result<(), ProtocolError> {
-        match (self.role, h.mask.is_some()) {
-            (Role::Server, false) => return Err(err(1002, "client frame not masked")),
-            (Role::Client, true) => return Err(err(1002, "server frame masked")),
+        match (self.flags & CLIENT != 0, h.mask.is_some()) {
+            (false, false) => return Err(err(1002, "client frame not masked")),
+            (true, true) => return Err(err(1002, "server frame masked")),
             _ => {}
         }
         if h.opcode.is_control() {
@@ -494,16 +986,15 @@ impl Connection {
         Ok(())
     }
 
-    /// Feeds payload bytes to the frame in progress; returns how many of `data` it took.
-    fn continue_frame<F>(
+    /// Feeds payload bytes to the frame in progress; returns how many of `data` it took and the
+    /// event the frame completed, if any.
+    fn continue_frame<R: RandomSource + ?Sized>(
         &mut self,
         data: &mut [u8],
+        now: u64,
+        rng: &mut R,
         out: &mut Vec<u8>,
-        on_event: &mut F,
-    ) -> Result<usize, ProtocolError>
-    where
-        F: FnMut(Event<'_>, &mut Vec<u8>),
-    {
+    ) -> Result<(usize, Option<Event<'static>>), ProtocolError> {
         let p = self.partial.as_mut().expect("frame in progress implies partial");
         let mut f = p.frame.expect("checked by caller");
         let remaining = f.header.payload_len - f.done;
@@ -519,13 +1010,14 @@ impl Connection {
             let at = p.control_len as usize;
             p.control[at..at + take].copy_from_slice(chunk);
             p.control_len += take as u8;
-            if complete {
-                let mut payload = p.control;
-                let n = p.control_len as usize;
-                p.control_len = 0;
-                self.on_control(f.header.opcode, &mut payload[..n], out, on_event)?;
+            if !complete {
+                return Ok((take, None));
             }
-            return Ok(take);
+            let mut payload = p.control;
+            let n = p.control_len as usize;
+            p.control_len = 0;
+            let ev = self.on_control(f.header.opcode, &mut payload[..n], now, rng, out)?;
+            return Ok((take, ev));
         }
         if p.message == Some(OpCode::Text) {
             p.utf8
@@ -533,72 +1025,67 @@ impl Connection {
                 .map_err(|_| err(1007, "invalid UTF-8 in text message"))?;
         }
         p.buf.extend_from_slice(chunk);
-        if complete && f.header.fin {
-            let kind = p.message.take();
-            if kind == Some(OpCode::Text) {
-                p.utf8
-                    .finish()
-                    .map_err(|_| err(1007, "text message ends inside a character"))?;
-            }
-            let buf = std::mem::take(&mut p.buf);
-            if self.state == State::Open {
-                let msg = match kind {
-                    // Already checked piece by piece; this second pass only converts the type.
-                    Some(OpCode::Text) => Message::Text(
-                        std::str::from_utf8(&buf).map_err(|_| err(1007, "invalid UTF-8 in text message"))?,
-                    ),
-                    _ => Message::Binary(&buf),
-                };
-                on_event(Event::Message(msg), out);
-            }
+        if !(complete && f.header.fin) {
+            return Ok((take, None));
         }
-        Ok(take)
+        let kind = p.message.take();
+        let buf = core::mem::take(&mut p.buf);
+        if kind == Some(OpCode::Text) {
+            p.utf8
+                .finish()
+                .map_err(|_| err(1007, "text message ends inside a character"))?;
+        }
+        if self.state != State::Open {
+            return Ok((take, None));
+        }
+        let payload = match kind {
+            // Already checked piece by piece; this second pass only converts the type.
+            Some(OpCode::Text) => {
+                Payload::OwnedText(String::from_utf8(buf).map_err(|_| err(1007, "invalid UTF-8 in text message"))?)
+            }
+            _ => Payload::OwnedBinary(buf),
+        };
+        Ok((take, Some(Event::Message(payload))))
     }
 
-    fn on_control<F>(
+    fn on_control<R: RandomSource + ?Sized>(
         &mut self,
         op: OpCode,
         payload: &mut [u8],
+        now: u64,
+        rng: &mut R,
         out: &mut Vec<u8>,
-        on_event: &mut F,
-    ) -> Result<(), ProtocolError>
-    where
-        F: FnMut(Event<'_>, &mut Vec<u8>),
-    {
+    ) -> Result<Option<Event<'static>>, ProtocolError> {
         match op {
-            OpCode::Ping => {
-                if self.state == State::Open {
-                    write_frame(out, true, OpCode::Pong, self.mask(), payload);
-                    on_event(Event::Ping(payload), out);
-                }
+            OpCode::Ping if self.state == State::Open => {
+                write_frame(out, true, OpCode::Pong, self.mask(rng), payload);
+                Ok(Some(Event::Ping(ControlPayload::new(payload))))
             }
-            OpCode::Pong => {
-                if self.state == State::Open {
-                    on_event(Event::Pong(payload), out);
-                }
-            }
+            OpCode::Pong if self.state == State::Open => Ok(Some(Event::Pong(ControlPayload::new(payload)))),
+            OpCode::Ping | OpCode::Pong => Ok(None),
             _ => {
                 let (code, reason) = match payload.len() {
-                    0 => (None, ""),
+                    0 => (None, &payload[..0]),
                     1 => return Err(err(1002, "close frame with a 1-byte payload")),
                     _ => {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
                         if !close_code::is_valid(code) {
                             return Err(err(1002, "invalid close code"));
                         }
-                        let reason =
-                            std::str::from_utf8(&payload[2..]).map_err(|_| err(1007, "close reason is not UTF-8"))?;
-                        (Some(code), reason)
+                        core::str::from_utf8(&payload[2..]).map_err(|_| err(1007, "close reason is not UTF-8"))?;
+                        (Some(code), &payload[2..])
                     }
                 };
                 if self.state == State::Open {
-                    write_close(out, self.mask(), code, "");
+                    write_close(out, self.mask(rng), code, "");
                 }
-                self.set_closed();
-                on_event(Event::Close { code, reason }, out);
+                self.set_closed(now);
+                Ok(Some(Event::Close {
+                    code,
+                    reason: ControlPayload::new(reason),
+                }))
             }
         }
-        Ok(())
     }
 }
 
@@ -614,4 +1101,162 @@ fn frame_error(e: super::frame::FrameError) -> ProtocolError {
             LengthOverflow => "payload length over 2^63",
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rand::NoRandom;
+    use super::*;
+
+    /// A counter standing in for a random source, so tests are deterministic.
+    struct Counter(u8);
+    impl RandomSource for Counter {
+        fn fill(&mut self, dest: &mut [u8]) {
+            for b in dest {
+                self.0 = self.0.wrapping_add(1);
+                *b = self.0;
+            }
+        }
+    }
+
+    #[test]
+    fn idle_connection_is_small() {
+        assert!(core::mem::size_of::<Connection>() <= 2 * core::mem::size_of::<usize>());
+    }
+
+    #[test]
+    fn whole_life_of_a_client_and_a_server_talking() {
+        let cfg = Config::default();
+        let mut rng = Counter(0);
+        let mut to_server = Vec::new();
+        let mut client = Connection::client(&ClientRequest::new("h", "/x"), 0, &mut rng, &mut to_server);
+        let mut server = Connection::server(0);
+        let mut to_client = Vec::new();
+        // The request arrives; the server accepts; the answer arrives.
+        let (used, ev) = server
+            .read(&cfg, 1, &mut to_server, &mut NoRandom, &mut to_client)
+            .unwrap();
+        let Some(Event::Request(req)) = ev else {
+            panic!("no request")
+        };
+        assert_eq!((used, req.path()), (to_server.len(), "/x"));
+        assert_eq!(
+            server.read(&cfg, 1, &mut [1, 2], &mut NoRandom, &mut to_client),
+            Ok((0, None))
+        );
+        assert!(server.accept(&req, &Answer::accept(), None, 1, &mut to_client));
+        assert_eq!(server.state(), State::Open);
+        server.send(Message::Text("hi"), &mut NoRandom, &mut to_client).unwrap();
+        let mut bytes = core::mem::take(&mut to_client);
+        let (used, ev) = client.read(&cfg, 2, &mut bytes, &mut rng, &mut to_server).unwrap();
+        assert!(matches!(ev, Some(Event::Open(_))));
+        assert!(!client.is_buffering(), "the handshake state is freed");
+        let (_, ev) = client
+            .read(&cfg, 2, &mut bytes[used..], &mut rng, &mut to_server)
+            .unwrap();
+        assert_eq!(ev, Some(Event::Message(Payload::Text("hi"))));
+        // The client closes; the server replies; both end Closed.
+        to_server.clear();
+        client.close(1000, "bye", 3, &mut rng, &mut to_server).unwrap();
+        let (_, ev) = server
+            .read(&cfg, 4, &mut to_server, &mut NoRandom, &mut to_client)
+            .unwrap();
+        let Some(Event::Close { code, reason }) = ev else {
+            panic!()
+        };
+        assert_eq!((code, reason.as_str()), (Some(1000), "bye"));
+        assert_eq!(server.state(), State::Closed);
+        let (_, ev) = client.read(&cfg, 5, &mut to_client, &mut rng, &mut to_server).unwrap();
+        assert!(matches!(ev, Some(Event::Close { code: Some(1000), .. })));
+        assert_eq!(client.state(), State::Closed);
+    }
+
+    #[test]
+    fn deadlines_are_never_early() {
+        assert_eq!(deadline_after(100, Duration::from_millis(5)), 106);
+        assert_eq!(deadline_after(100, Duration::from_micros(5_500)), 107);
+        assert_eq!(deadline_after(100, Duration::ZERO), 101);
+    }
+
+    #[test]
+    fn timeouts_run_inside_the_connection() {
+        let cfg = Config {
+            ping_interval: Some(Duration::from_secs(1)),
+            idle_timeout: Some(Duration::from_secs(3)),
+            ..Config::default()
+        };
+        let mut out = Vec::new();
+        // Handshake timeout.
+        let mut c = Connection::server(0);
+        assert_eq!(c.poll_timeout(&cfg, 0), Some(10_001));
+        assert_eq!(c.handle_timeout(&cfg, 10_000, &mut NoRandom, &mut out), None);
+        assert_eq!(
+            c.handle_timeout(&cfg, 10_001, &mut NoRandom, &mut out),
+            Some(Timeout::Handshake)
+        );
+        assert_eq!(c.state(), State::Closed);
+        // Ping after silence, activity resets it, idle closes with 1001, close times out.
+        let mut c = Connection::open(Role::Server, 0);
+        assert_eq!(c.poll_timeout(&cfg, 0), Some(1_001));
+        assert_eq!(
+            c.handle_timeout(&cfg, 1_001, &mut NoRandom, &mut out),
+            Some(Timeout::Ping)
+        );
+        assert_eq!(out, [0x89, 0x00]);
+        assert_eq!(c.poll_timeout(&cfg, 1_001), Some(3_001));
+        let mut pong = [0x8a, 0x80, 1, 2, 3, 4];
+        c.read(&cfg, 2_000, &mut pong, &mut NoRandom, &mut out).unwrap();
+        assert_eq!(
+            c.poll_timeout(&cfg, 2_000),
+            Some(3_001),
+            "activity restarts the ping interval"
+        );
+        assert_eq!(
+            c.handle_timeout(&cfg, 3_001, &mut NoRandom, &mut out),
+            Some(Timeout::Ping)
+        );
+        out.clear();
+        assert_eq!(
+            c.handle_timeout(&cfg, 5_001, &mut NoRandom, &mut out),
+            Some(Timeout::Idle)
+        );
+        assert_eq!(&out[..4], [0x88, 0x0e, 0x03, 0xe9]);
+        assert_eq!(c.state(), State::LocalClosing);
+        assert_eq!(c.poll_timeout(&cfg, 5_001), Some(8_002));
+        assert_eq!(
+            c.handle_timeout(&cfg, 8_002, &mut NoRandom, &mut out),
+            Some(Timeout::Close)
+        );
+        assert_eq!(c.state(), State::Closed);
+        // Nothing is timed on an open connection without heartbeat or idle timeout.
+        let c = Connection::open(Role::Server, 0);
+        assert_eq!(c.poll_timeout(&Config::default(), 0), None);
+    }
+
+    #[test]
+    fn the_clock_may_wrap_32_bits() {
+        let cfg = Config::default();
+        let start = u64::from(u32::MAX) - 5;
+        let c = Connection::server(start);
+        assert_eq!(c.poll_timeout(&cfg, start + 100), Some(start + 10_001));
+    }
+
+    #[test]
+    fn a_client_sees_eof_before_the_answer() {
+        let mut rng = Counter(0);
+        let mut out = Vec::new();
+        let mut c = Connection::client(&ClientRequest::new("h", "/"), 0, &mut rng, &mut out);
+        assert_eq!(c.read_eof(1), Some(Error::Response(ResponseError::NoAnswer)));
+        let mut c = Connection::client(&ClientRequest::new("h", "/"), 0, &mut rng, &mut out);
+        let mut refusal = *b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nno";
+        let n = refusal.len();
+        assert_eq!(
+            c.read(&Config::default(), 1, &mut refusal, &mut rng, &mut out),
+            Ok((n, None))
+        );
+        let Some(Error::Response(ResponseError::Status { code, body, .. })) = c.read_eof(2) else {
+            panic!()
+        };
+        assert_eq!((code, body.as_str()), (404, "no"));
+    }
 }

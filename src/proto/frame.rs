@@ -1,5 +1,7 @@
 //! The frame codec (RFC 6455 §5.2): header parsing and frame encoding.
 
+use alloc::vec::Vec;
+
 use super::mask::apply_mask;
 
 /// A frame's opcode.
@@ -74,8 +76,8 @@ pub enum FrameError {
     LengthOverflow,
 }
 
-impl std::fmt::Display for FrameError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             FrameError::ReservedBits => f.write_str("reserved bits set"),
             FrameError::ReservedOpcode(op) => write!(f, "reserved opcode {op:#x}"),
@@ -86,7 +88,7 @@ impl std::fmt::Display for FrameError {
     }
 }
 
-impl std::error::Error for FrameError {}
+impl core::error::Error for FrameError {}
 
 impl FrameHeader {
     /// Parses a header from the start of `buf`.

@@ -1,7 +1,5 @@
 //! Payload masking (RFC 6455 §5.3): XOR with a 4-byte key, a word at a time.
 
-use std::cell::RefCell;
-
 /// XORs `buf` with `key`, as if `buf` started `offset` bytes into the masked payload.
 ///
 /// Masking is its own inverse, so this both masks and unmasks. `offset` lets a payload that arrives
@@ -31,36 +29,6 @@ pub(crate) fn apply_mask_slow(buf: &mut [u8], key: [u8; 4], offset: usize) {
     for (i, b) in buf.iter_mut().enumerate() {
         *b ^= key[(i + offset) % 4];
     }
-}
-
-thread_local! {
-    static MASK_RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::with_seed(os_seed()));
-}
-
-fn os_seed() -> u64 {
-    let mut seed = [0u8; 8];
-    // The OS source is only read once per thread; if it fails we still need a key, and a
-    // clock-derived seed keeps masks unpredictable enough for their only purpose (proxy cache
-    // poisoning resistance) while being loud in the log.
-    if getrandom::fill(&mut seed).is_err() {
-        log::warn!("OS random source unavailable; seeding frame masks from the clock");
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9_7f4a_7c15);
-        return t ^ (std::process::id() as u64).rotate_left(32);
-    }
-    u64::from_ne_bytes(seed)
-}
-
-/// A fresh, unpredictable masking key for one client frame.
-pub fn new_mask_key() -> [u8; 4] {
-    MASK_RNG.with(|r| r.borrow_mut().u32(..)).to_ne_bytes()
-}
-
-/// Fills `buf` from the operating system's random source (used for `Sec-WebSocket-Key`).
-pub fn os_random(buf: &mut [u8]) -> std::io::Result<()> {
-    getrandom::fill(buf).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 #[cfg(test)]
@@ -95,12 +63,5 @@ mod tests {
             apply_mask(b, key, cut);
             assert_eq!(parts, whole, "cut at {cut}");
         }
-    }
-
-    #[test]
-    fn mask_keys_vary() {
-        let a = new_mask_key();
-        let keys: Vec<[u8; 4]> = (0..16).map(|_| new_mask_key()).collect();
-        assert!(keys.iter().any(|k| *k != a));
     }
 }

@@ -1,17 +1,26 @@
-//! The sans-IO protocol core: bytes in, events and bytes out. No sockets, no clocks.
+//! The sans-IO protocol core: bytes in, events and bytes out, time in, next deadline out.
 //!
-//! - [`handshake`]: the opening handshake, both sides.
+//! Nothing here touches a socket, reads a clock or keeps a global: the caller passes the time
+//! (milliseconds on any monotonic clock it likes) and a [`RandomSource`]. The core needs only
+//! `core` and `alloc`, so it builds for firmware (`--no-default-features`).
+//!
+//! - [`Connection`]: one connection's whole life, for either role: the opening handshake, frames,
+//!   the close handshake, heartbeat, idle, handshake and close timeouts.
+//! - [`handshake`]: parsing and writing the HTTP upgrade, both sides.
 //! - [`frame`]: frame headers and encoding, close codes.
-//! - [`mask`]: payload masking and masking keys.
+//! - [`mask`]: payload masking.
 //! - [`utf8`]: incremental UTF-8 validation.
-//! - [`conn`]: the connection state machine that ties them together.
 
 pub mod conn;
 pub mod frame;
 pub mod handshake;
 pub mod mask;
+pub mod rand;
 pub mod utf8;
 
-pub use conn::{Connection, Event, HeadError, Message, NotOpen, ProtocolError, Role, State};
+pub use conn::{
+    Config, Connection, ControlPayload, Error, Event, Message, NotOpen, Payload, ProtocolError, Role, State, Timeout,
+};
 pub use frame::{close_code, FrameHeader, OpCode};
-pub use handshake::Request;
+pub use handshake::{Answer, ClientRequest, Reject, Request, Response, ResponseError};
+pub use rand::RandomSource;

@@ -15,13 +15,13 @@ pub struct Utf8Validator {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvalidUtf8;
 
-impl std::fmt::Display for InvalidUtf8 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for InvalidUtf8 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("invalid UTF-8")
     }
 }
 
-impl std::error::Error for InvalidUtf8 {}
+impl core::error::Error for InvalidUtf8 {}
 
 /// Length of the code point that starts with `lead` (0 for a byte that cannot start one).
 fn sequence_len(lead: u8) -> usize {
@@ -52,7 +52,7 @@ impl Utf8Validator {
             let take = (need - have).min(bytes.len());
             self.tail[have..have + take].copy_from_slice(&bytes[..take]);
             let now = have + take;
-            match std::str::from_utf8(&self.tail[..now]) {
+            match core::str::from_utf8(&self.tail[..now]) {
                 Ok(_) => self.tail_len = 0,
                 Err(e) if e.error_len().is_none() => {
                     // Still a valid prefix; wait for more.
@@ -63,7 +63,7 @@ impl Utf8Validator {
             }
             bytes = &bytes[take..];
         }
-        match std::str::from_utf8(bytes) {
+        match core::str::from_utf8(bytes) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_none() => {
                 // The piece ends inside a code point that is valid so far.
@@ -93,7 +93,7 @@ mod tests {
     use super::*;
 
     fn check_split(bytes: &[u8]) -> Result<(), InvalidUtf8> {
-        let expected = std::str::from_utf8(bytes).is_ok();
+        let expected = core::str::from_utf8(bytes).is_ok();
         for cut1 in 0..=bytes.len() {
             for cut2 in cut1..=bytes.len() {
                 let mut v = Utf8Validator::new();

@@ -5,8 +5,10 @@
 //! queued as shared, reference-counted bytes: one copy however many peers wait for them.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::sync::Arc;
+
+use super::transport::Transport;
 
 /// One queued piece.
 #[derive(Debug)]
@@ -103,7 +105,7 @@ impl Outbox {
     }
 
     /// Writes as much as `w` takes. Returns `Ok(true)` when the queue is empty.
-    pub(crate) fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<bool> {
+    pub(crate) fn write_to<W: Transport + ?Sized>(&mut self, w: &mut W) -> io::Result<bool> {
         while self.len > 0 {
             let mut slices = [IoSlice::new(&[]); 16];
             let mut n = 0;
@@ -139,8 +141,8 @@ impl Outbox {
     }
 }
 
-/// Writes `bytes` until the kernel stops taking them; returns how many went out.
-pub(crate) fn write_some<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<usize> {
+/// Writes `bytes` until the transport stops taking them; returns how many went out.
+pub(crate) fn write_some<W: Transport + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < bytes.len() {
         match w.write(&bytes[done..]) {
@@ -154,6 +156,85 @@ pub(crate) fn write_some<W: Write>(w: &mut W, bytes: &[u8]) -> io::Result<usize>
     Ok(done)
 }
 
+/// Unsent remainders at least this large move into the queue instead of being copied.
+const MOVE_ABOVE: usize = 64 << 10;
+
+/// Write-or-queue: a connection's transport and the queue that exists only while bytes wait.
+/// Every function writes straight to the transport when nothing is queued (no allocation in the
+/// common case) and queues what the transport did not take.
+pub(crate) fn send_slice<T: Transport + ?Sized>(
+    t: &mut T,
+    out: &mut Option<Box<Outbox>>,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let skip = match out {
+        Some(_) => 0,
+        None => write_some(t, bytes)?,
+    };
+    if skip < bytes.len() {
+        out.get_or_insert_with(Default::default).push_slice(&bytes[skip..]);
+    }
+    Ok(())
+}
+
+/// Like [`send_slice`], but a large remainder moves into the queue without a copy. `bytes` is
+/// left empty, its allocation kept for reuse unless it moved.
+pub(crate) fn send_vec<T: Transport + ?Sized>(
+    t: &mut T,
+    out: &mut Option<Box<Outbox>>,
+    bytes: &mut Vec<u8>,
+) -> io::Result<()> {
+    let skip = match out {
+        Some(_) => 0,
+        None => match write_some(t, bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                bytes.clear();
+                return Err(e);
+            }
+        },
+    };
+    if skip == bytes.len() {
+        bytes.clear();
+        return Ok(());
+    }
+    let queue = out.get_or_insert_with(Default::default);
+    if bytes.len() - skip >= MOVE_ABOVE {
+        queue.push_vec(std::mem::take(bytes), skip);
+    } else {
+        queue.push_slice(&bytes[skip..]);
+        bytes.clear();
+    }
+    Ok(())
+}
+
+/// Sends bytes shared with other connections (a broadcast frame).
+pub(crate) fn send_shared<T: Transport + ?Sized>(
+    t: &mut T,
+    out: &mut Option<Box<Outbox>>,
+    frame: &Arc<Vec<u8>>,
+) -> io::Result<()> {
+    let skip = match out {
+        Some(_) => 0,
+        None => write_some(t, frame)?,
+    };
+    if skip < frame.len() {
+        out.get_or_insert_with(Default::default)
+            .push_shared(frame.clone(), skip);
+    }
+    Ok(())
+}
+
+/// Writes queued bytes after a writable event; frees the queue once it is empty.
+pub(crate) fn flush<T: Transport + ?Sized>(t: &mut T, out: &mut Option<Box<Outbox>>) -> io::Result<()> {
+    if let Some(q) = out {
+        if q.write_to(t)? {
+            *out = None;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,19 +246,44 @@ mod tests {
         block_next: bool,
     }
 
-    impl Write for Trickle {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+    impl mio::event::Source for Trickle {
+        fn register(&mut self, _: &mio::Registry, _: mio::Token, _: mio::Interest) -> io::Result<()> {
+            Ok(())
+        }
+        fn reregister(&mut self, _: &mio::Registry, _: mio::Token, _: mio::Interest) -> io::Result<()> {
+            Ok(())
+        }
+        fn deregister(&mut self, _: &mio::Registry) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Transport for Trickle {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
             if self.block_next {
                 self.block_next = false;
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             self.block_next = true;
-            let n = buf.len().min(self.cap);
-            self.got.extend_from_slice(&buf[..n]);
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.cap - n);
+                self.got.extend_from_slice(&b[..take]);
+                n += take;
+            }
             Ok(n)
         }
-        fn flush(&mut self) -> io::Result<()> {
+        fn shutdown_write(&mut self) -> io::Result<()> {
             Ok(())
+        }
+        fn short_read_drains(&self) -> bool {
+            true
+        }
+        fn tcp(&self) -> &mio::net::TcpStream {
+            unreachable!("not a socket")
         }
     }
 
@@ -204,6 +310,29 @@ mod tests {
         assert_eq!(w.got, want);
         assert_eq!(o.len(), 0);
         assert_eq!(Arc::strong_count(&shared), 1, "sent shared bytes are released");
+    }
+
+    #[test]
+    fn write_or_queue_allocates_only_when_the_transport_stalls() {
+        let mut t = Trickle {
+            got: Vec::new(),
+            cap: 1 << 20,
+            block_next: false,
+        };
+        let mut out = None;
+        send_slice(&mut t, &mut out, b"whole").unwrap();
+        assert!(out.is_none(), "written at once: no queue");
+        // The next write blocks: everything is queued, in order, and flushed later.
+        let mut big = vec![5u8; 100_000];
+        send_vec(&mut t, &mut out, &mut big).unwrap();
+        assert!(big.is_empty());
+        send_slice(&mut t, &mut out, b"tail").unwrap();
+        assert_eq!(out.as_ref().map(|o| o.len()), Some(100_004));
+        while out.is_some() {
+            flush(&mut t, &mut out).unwrap();
+        }
+        assert_eq!(t.got.len(), 5 + 100_004);
+        assert_eq!(&t.got[t.got.len() - 4..], b"tail");
     }
 
     #[test]

@@ -1,23 +1,45 @@
-//! Ready-made handlers beyond [`Echo`](crate::server::Echo) and [`Reply`](crate::server::Reply),
-//! and the built-in browser page.
+//! Ready-made handlers and the built-in browser page.
 //!
+//! - [`Echo`]: every message goes back to its sender.
+//! - [`Reply`]: every message is answered with the same text, as in the original note.
 //! - [`Broadcast`]: a chat room; every message goes to every open connection.
-//! - [`page`]: a small self-contained HTML page (no external assets) for [`Config::page`]: it
-//!   connects back to the host that served it, shows the connection state and a message log,
-//!   has an input box, and reconnects with backoff.
-//!
-//! [`Config::page`]: crate::server::Config::page
+//! - [`page`]: a small self-contained HTML page (no external assets) for
+//!   [`ServerConfig::page`](super::ServerConfig::page): it connects back to the host that served
+//!   it, shows the connection state and a message log, has an input box, and reconnects with
+//!   backoff.
 
 use std::sync::OnceLock;
 
-use crate::proto::{Message, Request};
-use crate::server::{Ctx, Handler, Peer};
+use super::{Conn, Ctx, Handler};
+use crate::proto::Message;
+
+/// A handler that echoes every message back: the default mode.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Echo;
+
+impl Handler for Echo {
+    type State = ();
+    fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
+        ctx.send(conn.id(), msg);
+    }
+}
+
+/// A handler that answers every message with the same text, as the original note's server did.
+#[derive(Clone, Debug)]
+pub struct Reply(pub String);
+
+impl Handler for Reply {
+    type State = ();
+    fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, _msg: Message<'_>) {
+        ctx.send_text(conn.id(), &self.0);
+    }
+}
 
 /// A handler that sends every message from any client to every open connection: a chat room.
 ///
 /// Each message is encoded once and its bytes shared by every peer's queue (see
 /// [`Ctx::broadcast`]); peers whose queue is full meet the server's
-/// [`SlowConsumer`](crate::server::SlowConsumer) policy.
+/// [`SlowConsumer`](super::SlowConsumer) policy.
 #[derive(Clone, Copy, Debug)]
 pub struct Broadcast {
     /// Send a message back to its sender too (default: true).
@@ -37,23 +59,25 @@ impl Default for Broadcast {
 }
 
 impl Handler for Broadcast {
-    fn on_open(&mut self, ctx: &mut Ctx<'_>, peer: Peer, _request: &Request) {
+    type State = ();
+
+    fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         if self.announce {
-            let line = format!("* {} joined ({} online)", peer.addr, ctx.len());
+            let line = format!("* {} joined ({} online)", conn.addr(), ctx.len());
             ctx.broadcast(Message::Text(&line), None);
         }
     }
 
-    fn on_message(&mut self, ctx: &mut Ctx<'_>, peer: Peer, msg: Message<'_>) {
-        let except = if self.echo_self { None } else { Some(peer.id) };
+    fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
+        let except = if self.echo_self { None } else { Some(conn.id()) };
         ctx.broadcast(msg, except);
     }
 
-    fn on_close(&mut self, ctx: &mut Ctx<'_>, peer: Peer, _code: u16, _reason: &str) {
+    fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, _code: u16, _reason: &str) {
         if self.announce {
-            let line = format!("* {} left ({} online)", peer.addr, ctx.len());
+            let line = format!("* {} left ({} online)", conn.addr(), ctx.len());
             // The leaving peer has already sent or received its close frame: skip it.
-            ctx.broadcast(Message::Text(&line), Some(peer.id));
+            ctx.broadcast(Message::Text(&line), Some(conn.id()));
         }
     }
 }
@@ -72,7 +96,7 @@ pub enum PageKind {
 /// The page's source; `{{MODE}}`, `{{TITLE}}` and `{{HINT}}` are filled in by [`page`].
 const TEMPLATE: &str = include_str!("page.html");
 
-/// The built-in page for `kind`, ready for [`Config::page`](crate::server::Config::page).
+/// The built-in page for `kind`, ready for [`ServerConfig::page`](super::ServerConfig::page).
 /// It is under 8 KiB, loads nothing from elsewhere, and derives its WebSocket URL from
 /// `location.host`, so it works behind a reverse proxy too.
 pub fn page(kind: PageKind) -> &'static str {
@@ -83,11 +107,34 @@ pub fn page(kind: PageKind) -> &'static str {
         PageKind::Chat => (2, "broadcast", "chat", "every message goes to everyone connected"),
     };
     PAGES[i].get_or_init(|| {
-        TEMPLATE
-            .replace("{{MODE}}", mode)
-            .replace("{{TITLE}}", title)
-            .replace("{{HINT}}", hint)
+        fill(
+            TEMPLATE,
+            &[("{{MODE}}", mode), ("{{TITLE}}", title), ("{{HINT}}", hint)],
+        )
     })
+}
+
+/// Replaces each placeholder with its value in one pass (a character scan: smaller code than
+/// substring search).
+fn fill(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        match vars.iter().find(|(k, _)| rest.starts_with(k)) {
+            Some((k, v)) => {
+                out.push_str(v);
+                rest = &rest[k.len()..];
+            }
+            None => {
+                out.push('{');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]

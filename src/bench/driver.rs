@@ -1,0 +1,643 @@
+//! The load generator's driver over the IO layer's engine: opens connections, applies the
+//! load, checks the echoes, closes.
+
+use std::io;
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use mio::{Events, Poll};
+
+use super::histogram::Histogram;
+use super::{online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
+use super::{KernelUsage, MESSAGE_HEADER};
+use crate::io::engine::{Cause, Driver, Engine};
+use crate::io::sys::{read_cpu, read_rss};
+use crate::io::timer::{deadline_after, poll_timeout};
+use crate::proto::handshake::ClientRequest;
+use crate::proto::rand::OsSeeded;
+use crate::proto::{self, close_code, Connection, Event, Message, Payload, Timeout};
+
+/// Where a connection is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// TCP connect in progress.
+    Connecting,
+    /// Request sent, waiting for the 101.
+    Handshaking,
+    /// Upgraded.
+    Open,
+    /// Our close frame is sent, or the server's arrived; waiting for the end of the stream.
+    Closing,
+    /// Counted already; waiting to be removed.
+    Done,
+}
+
+/// What the load generator keeps per connection beside the engine's slot.
+struct BenchConn {
+    stage: Stage,
+    /// Sequence number of the next message to send.
+    next_seq: u64,
+    /// Sequence number of the next echo expected.
+    expect_seq: u64,
+}
+
+type BenchEngine = Engine<TcpStream, BenchConn, OsSeeded>;
+
+// Driver timer ids: a kind in the top two bits.
+const PROGRESS_TIMER: u64 = 1 << 62;
+const RAMP_TIMER: u64 = (1 << 62) | 1;
+const PHASE_TIMER: u64 = 2 << 62;
+const SEND_TIMER: u64 = 3 << 62;
+const KIND: u64 = 3 << 62;
+
+fn send_timer(key: usize, gen: u32) -> u64 {
+    SEND_TIMER | (u64::from(gen) << 32) | (key as u64 & 0xFFFF_FFFF)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    opened: u64,
+    connect_failures: u64,
+    handshake_failures: u64,
+    closed_early: u64,
+    protocol_errors: u64,
+    close_timeouts: u64,
+    sent: u64,
+    received: u64,
+    corrupted: u64,
+    /// Messages in flight on connections that ended before answering them.
+    abandoned: u64,
+    measured_received: u64,
+}
+
+struct Bench<'a> {
+    cfg: &'a BenchConfig,
+    progress: &'a mut dyn FnMut(&Progress),
+    request: ClientRequest,
+    phase: Phase,
+    /// Incremented for each phase; a phase timer carries the number it was set in.
+    phase_no: u64,
+    /// Connections attempted.
+    started: usize,
+    /// Connections connecting or handshaking now.
+    pending: usize,
+    /// Connections open now.
+    open: usize,
+    ramp_armed: bool,
+    /// A message template: header space, then the pattern.
+    template: Vec<u8>,
+    hist: Histogram,
+    c: Counters,
+    first_error: Option<String>,
+    connect_time: Duration,
+    measure_start: u64,
+    /// Nanoseconds since the start when the measured phase ended (`u64::MAX` before).
+    measure_end_ns: u64,
+    measured: Duration,
+    held: usize,
+    /// The close phase ran out of time.
+    close_expired: bool,
+    last_progress: (u64, u64),
+    server: Option<ServerUsage>,
+    server_cpu_start: Option<Duration>,
+    kernel: Option<KernelUsage>,
+}
+
+pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Report, BenchError> {
+    let pcfg = proto::Config {
+        max_message: (cfg.size * 2).max(8 << 10),
+        handshake_timeout: cfg.connect_timeout,
+        close_timeout: cfg.close_timeout,
+        ..proto::Config::default()
+    };
+    let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?);
+    let mut template = vec![0u8; cfg.size];
+    for (i, b) in template.iter_mut().enumerate().skip(MESSAGE_HEADER) {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+    }
+    let mut b = Bench {
+        cfg,
+        progress,
+        request: ClientRequest::new(cfg.target.host.clone(), cfg.target.path.clone()),
+        phase: Phase::Connect,
+        phase_no: 0,
+        started: 0,
+        pending: 0,
+        open: 0,
+        ramp_armed: false,
+        template,
+        hist: Histogram::new(),
+        c: Counters::default(),
+        first_error: None,
+        connect_time: Duration::ZERO,
+        measure_start: 0,
+        measure_end_ns: u64::MAX,
+        measured: Duration::ZERO,
+        held: 0,
+        close_expired: false,
+        last_progress: (0, 0),
+        server: cfg.server_pid.map(|pid| ServerUsage {
+            pid,
+            rss_before: read_rss(pid),
+            ..ServerUsage::default()
+        }),
+        server_cpu_start: None,
+        kernel: read_kernel(),
+    };
+    let mut events = Events::with_capacity(1024);
+    let mut rbuf = vec![0u8; 256 << 10];
+    eng.tick();
+    eng.set_timer_at(1000, PROGRESS_TIMER);
+    b.open_more(&mut eng);
+    b.advance(&mut eng);
+    while !(b.phase == Phase::Close && (eng.slots.is_empty() || b.close_expired)) {
+        let now = eng.tick();
+        match eng.poll.poll(&mut events, poll_timeout(now, eng.next_deadline())) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+        eng.tick();
+        for ev in events.iter() {
+            eng.on_ready(&mut b, ev.token().0, ev, &mut rbuf);
+        }
+        eng.fire_timers(&mut b);
+        eng.reap(&mut b);
+        b.advance(&mut eng);
+    }
+    // Whatever is left did not close in time.
+    for (_, slot) in eng.slots.iter() {
+        b.c.close_timeouts += 1;
+        b.c.abandoned += slot.data.next_seq.saturating_sub(slot.data.expect_seq);
+    }
+    let lost = b.c.sent.saturating_sub(b.c.received);
+    let secs = b.measured.as_secs_f64();
+    Ok(Report {
+        url: cfg.target.url(),
+        connections: cfg.connections,
+        load: cfg.load,
+        size: cfg.size,
+        opened: b.c.opened,
+        held: b.held,
+        connect_failures: b.c.connect_failures,
+        handshake_failures: b.c.handshake_failures,
+        closed_early: b.c.closed_early,
+        protocol_errors: b.c.protocol_errors,
+        close_timeouts: b.c.close_timeouts,
+        connect_time: b.connect_time,
+        measured: b.measured,
+        sent: b.c.sent,
+        received: b.c.received,
+        lost,
+        corrupted: b.c.corrupted,
+        msgs_per_sec: if secs > 0.0 {
+            b.c.measured_received as f64 / secs
+        } else {
+            0.0
+        },
+        measured_received: b.c.measured_received,
+        latency: b.hist.summary(),
+        server: b.server,
+        kernel: b.kernel,
+        first_error: b.first_error,
+        cores: online_cpus(),
+    })
+}
+
+/// Checks an echo against the next expected sequence number and the pattern; returns its send
+/// time. `sent` is how many messages went out: a sequence number never sent is corrupt and
+/// moves nothing. A wrong (but sent) sequence number resynchronises on it, so one reordering
+/// counts once.
+fn check_echo(b: &[u8], expect: &mut u64, sent: u64, template: &[u8]) -> Option<u64> {
+    if b.len() != template.len() {
+        return None;
+    }
+    let seq = u64::from_le_bytes(b[..8].try_into().ok()?);
+    let ts = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    if seq >= sent {
+        return None;
+    }
+    if seq != *expect {
+        *expect = (*expect).max(seq + 1);
+        return None;
+    }
+    *expect += 1;
+    (b[MESSAGE_HEADER..] == template[MESSAGE_HEADER..]).then_some(ts)
+}
+
+impl Bench<'_> {
+    fn note_error(&mut self, what: impl FnOnce() -> String) {
+        if self.first_error.is_none() {
+            self.first_error = Some(what());
+        }
+    }
+
+    /// Opens as many connections as the ramp and the pending limit allow.
+    fn open_more(&mut self, eng: &mut BenchEngine) {
+        if self.phase != Phase::Connect {
+            return;
+        }
+        let n = self.cfg.connections;
+        let allowed = match self.cfg.ramp {
+            Some(r) => ((eng.now.saturating_mul(u64::from(r)) / 1000) as usize)
+                .saturating_add(1)
+                .min(n),
+            None => n,
+        };
+        while self.started < allowed && self.pending < self.cfg.max_pending {
+            self.open_one(eng);
+        }
+        if let Some(r) = self.cfg.ramp {
+            if self.started < n && self.started >= allowed && !self.ramp_armed {
+                // When the next connection is allowed: started * 1000 / r, rounded up.
+                let when = (self.started as u64 * 1000).div_ceil(u64::from(r)).max(eng.now + 1);
+                self.ramp_armed = true;
+                eng.set_timer_at(when, RAMP_TIMER);
+            }
+        }
+    }
+
+    fn open_one(&mut self, eng: &mut BenchEngine) {
+        let i = self.started;
+        self.started += 1;
+        let ips = &self.cfg.source_ips;
+        let src = (!ips.is_empty()).then(|| ips[i % ips.len()]);
+        let stream = match crate::io::connect::start(self.cfg.target.addr, src) {
+            Ok(s) => s,
+            Err(e) => {
+                self.c.connect_failures += 1;
+                self.note_error(|| format!("connect from {}: {e}", src.map_or("any".into(), |s| s.to_string())));
+                return;
+            }
+        };
+        let mut first = Vec::new();
+        let conn = Connection::client(&self.request, eng.now, &mut eng.rng, &mut first);
+        let data = BenchConn {
+            stage: Stage::Connecting,
+            next_seq: 0,
+            expect_seq: 0,
+        };
+        match eng.insert_connecting(stream, conn, data, &first) {
+            Ok(_) => self.pending += 1,
+            Err(e) => {
+                self.c.connect_failures += 1;
+                self.note_error(|| format!("register: {e}"));
+            }
+        }
+    }
+
+    /// Sends the connection's next message.
+    fn push_message(&mut self, eng: &mut BenchEngine, key: usize) {
+        let now_ns = eng.clock.now_ns();
+        let data = &mut eng.slots[key].data;
+        self.template[..8].copy_from_slice(&data.next_seq.to_le_bytes());
+        self.template[8..16].copy_from_slice(&now_ns.to_le_bytes());
+        data.next_seq += 1;
+        if eng.send(key, Message::Binary(&self.template)).is_ok() {
+            self.c.sent += 1;
+        } else {
+            eng.slots[key].data.next_seq -= 1;
+        }
+    }
+
+    fn on_echo(&mut self, eng: &mut BenchEngine, key: usize, payload: &Payload<'_>) {
+        let now_ns = eng.clock.now_ns();
+        self.c.received += 1;
+        if now_ns < self.measure_end_ns {
+            self.c.measured_received += 1;
+        }
+        let data = &mut eng.slots[key].data;
+        let ok = match payload.as_message() {
+            Message::Binary(b) => check_echo(b, &mut data.expect_seq, data.next_seq, &self.template),
+            Message::Text(_) => None,
+        };
+        match ok {
+            Some(ts) => self.hist.record(now_ns.saturating_sub(ts)),
+            None => self.c.corrupted += 1,
+        }
+        if self.phase == Phase::Measure && matches!(self.cfg.load, Load::Saturate(_)) {
+            self.push_message(eng, key);
+        }
+    }
+
+    fn report_progress(&mut self, eng: &BenchEngine) {
+        let (t, r) = self.last_progress;
+        let dt = eng.now.saturating_sub(t).max(1) as f64 / 1000.0;
+        let rate = self.c.received.saturating_sub(r) as f64 / dt;
+        self.last_progress = (eng.now, self.c.received);
+        (self.progress)(&Progress {
+            elapsed: Duration::from_millis(eng.now),
+            phase: self.phase,
+            open: self.open,
+            target: self.cfg.connections,
+            failed: self.c.connect_failures + self.c.handshake_failures,
+            msgs_per_sec: rate,
+            p99: self.hist.quantile(0.99).map(Duration::from_nanos),
+        });
+    }
+
+    fn set_phase(&mut self, eng: &mut BenchEngine, phase: Phase, timeout: Duration) {
+        self.phase = phase;
+        self.phase_no += 1;
+        eng.set_timer_at(deadline_after(eng.now, timeout), PHASE_TIMER | self.phase_no);
+    }
+
+    /// Moves to the next phase when the current one is done.
+    fn advance(&mut self, eng: &mut BenchEngine) {
+        if self.phase == Phase::Connect && self.started == self.cfg.connections && self.pending == 0 {
+            self.begin_measure(eng);
+        }
+        if self.phase == Phase::Measure && self.open == 0 {
+            self.begin_drain(eng); // nothing left to measure: every connection failed or was closed
+        }
+        if self.phase == Phase::Drain && self.c.received + self.c.abandoned >= self.c.sent {
+            self.begin_close(eng);
+        }
+    }
+
+    fn phase_timeout(&mut self, eng: &mut BenchEngine) {
+        match self.phase {
+            Phase::Connect => {}
+            Phase::Measure => self.begin_drain(eng),
+            Phase::Drain => self.begin_close(eng),
+            Phase::Close => self.close_expired = true,
+        }
+    }
+
+    fn open_keys(eng: &BenchEngine) -> Vec<usize> {
+        eng.slots
+            .iter()
+            .filter(|(_, s)| s.data.stage == Stage::Open && !s.is_dead())
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    fn begin_measure(&mut self, eng: &mut BenchEngine) {
+        self.connect_time = Duration::from_millis(eng.now);
+        if let Some(s) = &mut self.server {
+            s.rss_connected = read_rss(s.pid);
+            self.server_cpu_start = read_cpu(s.pid);
+        }
+        self.measure_start = eng.now;
+        self.set_phase(eng, Phase::Measure, self.cfg.duration);
+        let keys = Self::open_keys(eng);
+        match self.cfg.load {
+            Load::Idle => {}
+            Load::Saturate(k) => {
+                for key in keys {
+                    for _ in 0..k {
+                        self.push_message(eng, key);
+                    }
+                }
+            }
+            Load::Periodic(every) => {
+                // Spread the first sends evenly over one period.
+                let n = keys.len().max(1) as u64;
+                let every = every.as_millis().max(1) as u64;
+                for (i, key) in keys.into_iter().enumerate() {
+                    let gen = eng.slots[key].gen;
+                    eng.set_timer_at(eng.now + every * i as u64 / n, send_timer(key, gen));
+                }
+            }
+        }
+    }
+
+    fn periodic_send(&mut self, eng: &mut BenchEngine, key: usize, gen: u32) {
+        let Load::Periodic(every) = self.cfg.load else { return };
+        if self.phase != Phase::Measure || !eng.is_live(key, gen) || eng.slots[key].data.stage != Stage::Open {
+            return;
+        }
+        self.push_message(eng, key);
+        eng.set_timer_at(deadline_after(eng.now, every), send_timer(key, gen));
+    }
+
+    fn begin_drain(&mut self, eng: &mut BenchEngine) {
+        self.measure_end_ns = eng.clock.now_ns();
+        self.measured = Duration::from_millis(eng.now - self.measure_start);
+        self.held = self.open;
+        if let Some(s) = &mut self.server {
+            s.rss_held = read_rss(s.pid);
+            if let (Some(a), Some(b)) = (self.server_cpu_start, read_cpu(s.pid)) {
+                s.cpu = Some(b.saturating_sub(a));
+            }
+        }
+        if let (Some(k), Some(now)) = (&mut self.kernel, read_kernel()) {
+            k.tcp_inuse_held = now.tcp_inuse_before;
+            k.tcp_mem_held = now.tcp_mem_before;
+            k.slab_held = now.slab_before;
+        }
+        self.set_phase(eng, Phase::Drain, self.cfg.drain_timeout);
+    }
+
+    fn begin_close(&mut self, eng: &mut BenchEngine) {
+        self.set_phase(eng, Phase::Close, self.cfg.close_timeout);
+        let keys: Vec<usize> = eng.slots.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            match eng.slots[key].data.stage {
+                Stage::Open => {
+                    eng.slots[key].data.stage = Stage::Closing;
+                    self.open -= 1;
+                    let _ = eng.close(key, close_code::NORMAL, "");
+                }
+                Stage::Connecting | Stage::Handshaking => {
+                    eng.slots[key].data.stage = Stage::Done;
+                    self.pending -= 1;
+                    eng.kill(key, Cause::Dropped);
+                }
+                Stage::Closing | Stage::Done => {}
+            }
+        }
+    }
+}
+
+impl Driver<TcpStream, BenchConn, OsSeeded> for Bench<'_> {
+    fn on_connected(&mut self, eng: &mut BenchEngine, key: usize) {
+        eng.slots[key].data.stage = Stage::Handshaking;
+    }
+
+    fn on_event(&mut self, eng: &mut BenchEngine, key: usize, ev: Event<'_>) {
+        match ev {
+            Event::Open(_) => {
+                eng.slots[key].data.stage = Stage::Open;
+                self.pending -= 1;
+                self.open += 1;
+                self.c.opened += 1;
+                self.open_more(eng);
+            }
+            Event::Message(payload) => self.on_echo(eng, key, &payload),
+            Event::Close { .. } => {
+                let data = &mut eng.slots[key].data;
+                if data.stage == Stage::Open {
+                    data.stage = Stage::Closing;
+                    self.open -= 1;
+                    if self.phase != Phase::Close {
+                        self.c.closed_early += 1;
+                        self.note_error(|| "the server closed a connection".to_string());
+                    }
+                }
+            }
+            Event::Ping(_) | Event::Pong(_) | Event::Request(_) => {}
+        }
+    }
+
+    fn on_error(&mut self, eng: &mut BenchEngine, key: usize, err: &proto::Error) {
+        let data = &mut eng.slots[key].data;
+        let stage = std::mem::replace(&mut data.stage, Stage::Done);
+        match (stage, err) {
+            (Stage::Connecting | Stage::Handshaking, _) => {
+                self.pending -= 1;
+                self.c.handshake_failures += 1;
+                self.note_error(|| format!("handshake: {err}"));
+                self.open_more(eng);
+            }
+            (Stage::Open, _) => {
+                self.open -= 1;
+                self.c.protocol_errors += 1;
+                self.note_error(|| format!("protocol error from server: {err}"));
+            }
+            (_, _) => {
+                self.c.protocol_errors += 1;
+                self.note_error(|| format!("protocol error from server: {err}"));
+            }
+        }
+    }
+
+    fn on_removed(&mut self, eng: &mut BenchEngine, key: usize, cause: Cause) {
+        let data = &mut eng.slots[key].data;
+        self.c.abandoned += data.next_seq.saturating_sub(data.expect_seq);
+        match data.stage {
+            Stage::Connecting => {
+                self.pending -= 1;
+                self.c.connect_failures += 1;
+                self.note_error(|| match &cause {
+                    Cause::Timeout(_) => "connect: timed out".to_string(),
+                    c => format!("connect: {c:?}"),
+                });
+                self.open_more(eng);
+            }
+            Stage::Handshaking => {
+                self.pending -= 1;
+                self.c.handshake_failures += 1;
+                self.note_error(|| match &cause {
+                    Cause::Timeout(_) => "handshake: timed out".to_string(),
+                    Cause::Io(e) => format!("handshake: {e}"),
+                    _ => "handshake: the server closed the connection".to_string(),
+                });
+                self.open_more(eng);
+            }
+            Stage::Open => {
+                self.open -= 1;
+                self.c.closed_early += 1;
+                self.note_error(|| match &cause {
+                    Cause::Io(e) => format!("connection lost: {e}"),
+                    _ => "connection lost: the server closed it without a close frame".to_string(),
+                });
+            }
+            Stage::Closing => {
+                if matches!(cause, Cause::Timeout(Timeout::Close)) {
+                    self.c.close_timeouts += 1;
+                }
+            }
+            Stage::Done => {}
+        }
+    }
+
+    fn on_timer(&mut self, eng: &mut BenchEngine, id: u64) {
+        match id & KIND {
+            SEND_TIMER => {
+                let key = (id & 0xFFFF_FFFF) as usize;
+                let gen = ((id >> 32) & 0xFF_FFFF) as u32;
+                self.periodic_send(eng, key, gen);
+            }
+            PHASE_TIMER => {
+                if id & !KIND == self.phase_no {
+                    self.phase_timeout(eng);
+                }
+            }
+            _ if id == RAMP_TIMER => {
+                self.ramp_armed = false;
+                self.open_more(eng);
+            }
+            _ => {
+                self.report_progress(eng);
+                eng.set_timer_at(eng.now + 1000, PROGRESS_TIMER);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoes_are_checked_for_order_and_content() {
+        let mut t = vec![0u8; 32];
+        for (i, b) in t.iter_mut().enumerate().skip(MESSAGE_HEADER) {
+            *b = i as u8;
+        }
+        let msg = |seq: u64, ts: u64| {
+            let mut m = t.clone();
+            m[..8].copy_from_slice(&seq.to_le_bytes());
+            m[8..16].copy_from_slice(&ts.to_le_bytes());
+            m
+        };
+        let mut expect = 0;
+        let sent = 10;
+        assert_eq!(check_echo(&msg(0, 77), &mut expect, sent, &t), Some(77));
+        assert_eq!(check_echo(&msg(2, 5), &mut expect, sent, &t), None, "skipped 1");
+        assert_eq!(expect, 3);
+        assert_eq!(check_echo(&msg(3, 5), &mut expect, sent, &t), Some(5));
+        let mut bad = msg(4, 5);
+        bad[20] ^= 1;
+        assert_eq!(check_echo(&bad, &mut expect, sent, &t), None, "payload changed");
+        assert_eq!(check_echo(&msg(5, 5)[..31], &mut expect, sent, &t), None, "short");
+        // A sequence number never sent is corrupt and does not move the expectation past
+        // what was sent (no underflow when counting what is still in flight).
+        let before = expect;
+        assert_eq!(check_echo(&msg(u64::MAX, 5), &mut expect, sent, &t), None);
+        assert_eq!(check_echo(&msg(sent, 5), &mut expect, sent, &t), None);
+        assert_eq!(expect, before);
+        assert!(expect <= sent);
+    }
+
+    /// The whole loop against the crate's own echo server: every load, every echo checked.
+    #[cfg(feature = "server")]
+    #[test]
+    fn runs_clean_against_the_echo_server() {
+        use super::super::Target;
+        let server = crate::server::Server::bind("127.0.0.1:0", crate::server::ServerConfig::default()).unwrap();
+        let addr = server.local_addr();
+        let handle = server.handle();
+        let thread = std::thread::spawn(move || server.run(crate::server::Echo));
+        let target = Target::parse(&format!("ws://{addr}/")).unwrap();
+        for (load, size) in [
+            (Load::Saturate(4), 16),
+            (Load::Saturate(1), 100_000),
+            (Load::Periodic(Duration::from_millis(20)), 40),
+            (Load::Idle, 16),
+        ] {
+            let mut cfg = BenchConfig::new(target.clone());
+            cfg.connections = 20;
+            cfg.load = load;
+            cfg.size = size;
+            cfg.duration = Duration::from_millis(300);
+            cfg.server_pid = Some(std::process::id());
+            let mut calls = 0;
+            let r = super::super::run(&cfg, &mut |_| calls += 1).unwrap();
+            assert!(r.is_clean(), "{load:?}: {r}");
+            assert_eq!((r.held, r.opened), (20, 20), "{load:?}");
+            if load != Load::Idle {
+                assert!(r.received > 0 && r.received == r.sent, "{load:?}: {r}");
+                assert!(r.latency.is_some());
+            }
+            assert!(r.server.and_then(|s| s.rss_held).is_some());
+            let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("valid JSON");
+            assert_eq!(json["clean"], serde_json::Value::Bool(true));
+            assert_eq!(json["held"], 20);
+            assert_eq!(json["sent"].as_u64(), Some(r.sent));
+        }
+        handle.shutdown().unwrap();
+        thread.join().unwrap().unwrap();
+    }
+}

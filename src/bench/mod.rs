@@ -1,0 +1,488 @@
+//! The load generator behind `wsloop bench`: many client connections on one poll loop, a thin
+//! driver over the same engine as the server.
+//!
+//! A run has four phases, each bounded in time:
+//!
+//! 1. **connect**: open [`BenchConfig::connections`] sockets, at [`BenchConfig::ramp`] per
+//!    second or as fast as handshakes complete (at most [`BenchConfig::max_pending`] at once),
+//!    each bound to the next of [`BenchConfig::source_ips`] before it connects, and upgrade
+//!    them. Each gets [`BenchConfig::connect_timeout`] for TCP and the handshake together.
+//! 2. **measure**: for [`BenchConfig::duration`], apply the [`Load`].
+//! 3. **drain**: stop sending; wait up to [`BenchConfig::drain_timeout`] for the echoes in flight.
+//! 4. **close**: a close handshake on every connection, bounded by [`BenchConfig::close_timeout`].
+//!
+//! Every message is binary and [`BenchConfig::size`] bytes long: a sequence number and the send
+//! time (nanoseconds since the run started), little-endian, in the first 16 bytes, then a fixed
+//! pattern. Each echo is checked for length, order and content, and its round-trip time goes
+//! into a histogram. The server under test must echo.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+mod driver;
+mod histogram;
+mod report;
+
+pub use histogram::Latency;
+pub use report::{KernelUsage, Report, ServerUsage};
+
+/// Descriptors the load generator keeps for itself (poll, stdio, /proc reads) beyond one per
+/// connection.
+pub const FD_RESERVE: u64 = 32;
+
+/// Bytes at the start of every message: sequence number, then send time.
+pub const MESSAGE_HEADER: usize = 16;
+
+/// What each connection does during the measured phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// Open and hold; send nothing.
+    Idle,
+    /// Send one message every period (the sends of different connections are spread evenly
+    /// over the period).
+    Periodic(Duration),
+    /// Keep this many messages in flight: send a new one for every echo.
+    Saturate(u32),
+}
+
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Load::Idle => f.write_str("idle"),
+            Load::Periodic(d) => write!(f, "periodic, one message every {}", report::fmt_duration(*d)),
+            Load::Saturate(k) => write!(f, "saturate, {k} in flight per connection"),
+        }
+    }
+}
+
+/// Why a run could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// A setting that cannot work, and why.
+    InvalidConfig(String),
+    /// The URL is not a usable `ws://` URL.
+    Url(crate::client::UrlError),
+    /// The host did not resolve.
+    Resolve {
+        /// The host name.
+        host: String,
+        /// Why.
+        error: io::Error,
+    },
+    /// This process may not open enough sockets for the connections asked for.
+    TooFewDescriptors {
+        /// Connections asked for.
+        connections: usize,
+        /// Descriptors that needs (one per connection and [`FD_RESERVE`]).
+        needed: u64,
+        /// The open-file limit this process could reach.
+        limit: u64,
+    },
+    /// The source addresses do not have enough ports for the connections asked for.
+    TooFewPorts {
+        /// Connections asked for.
+        connections: usize,
+        /// Source addresses (at least one: the kernel's choice).
+        sources: usize,
+        /// Ephemeral ports per address.
+        ports: u64,
+    },
+    /// The poll or another resource could not be set up.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchError::InvalidConfig(why) => f.write_str(why),
+            BenchError::Url(e) => e.fmt(f),
+            BenchError::Resolve { host, error } => write!(f, "cannot resolve '{host}': {error}"),
+            BenchError::TooFewDescriptors {
+                connections,
+                needed,
+                limit,
+            } => write!(
+                f,
+                "{connections} connections need {needed} open files (one per connection and {FD_RESERVE} for \
+                 the loop), but the open-file limit of this process is {limit}: use {} connections or fewer per process",
+                limit.saturating_sub(FD_RESERVE)
+            ),
+            BenchError::TooFewPorts {
+                connections,
+                sources,
+                ports,
+            } => write!(
+                f,
+                "{connections} connections need more local ports than {sources} source address(es) give \
+                 ({ports} ports each): connect from more source addresses, e.g. 127.0.0.2-127.0.0.60"
+            ),
+            BenchError::Io(e) => write!(f, "I/O error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BenchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BenchError::Url(e) => Some(e),
+            BenchError::Resolve { error, .. } | BenchError::Io(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for BenchError {
+    fn from(e: io::Error) -> Self {
+        BenchError::Io(e)
+    }
+}
+
+/// Where to connect: `ws://HOST[:PORT][/PATH]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Target {
+    /// The resolved address.
+    pub addr: SocketAddr,
+    /// The `Host` header: host and port (the port left out when it is 80).
+    pub host: String,
+    /// The request target, e.g. `/` or `/echo?x=1`.
+    pub path: String,
+}
+
+impl Target {
+    /// Parses and resolves a `ws://` URL (a bare `HOST:PORT` is accepted too), with the
+    /// client's URL parser.
+    pub fn parse(url: &str) -> Result<Target, BenchError> {
+        let full = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("ws://{url}")
+        };
+        let u = crate::client::WsUrl::parse(&full).map_err(BenchError::Url)?;
+        let resolve = |error| BenchError::Resolve {
+            host: u.host.clone(),
+            error,
+        };
+        let addr = (u.host.as_str(), u.port)
+            .to_socket_addrs()
+            .map_err(resolve)?
+            .next()
+            .ok_or_else(|| resolve(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
+        Ok(Target {
+            addr,
+            host: u.host_header(),
+            path: u.resource,
+        })
+    }
+
+    /// The target as a URL.
+    pub fn url(&self) -> String {
+        format!("ws://{}{}", self.host, self.path)
+    }
+}
+
+/// Parses source addresses: `127.0.0.2`, `127.0.0.2-127.0.0.60` (an IPv4 range, inclusive),
+/// or a comma-separated list of either. At most 65,536 addresses.
+pub fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, BenchError> {
+    const MAX: usize = 1 << 16;
+    let invalid = |m: String| BenchError::InvalidConfig(m);
+    let mut ips = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = || {
+            invalid(format!(
+                "invalid source address '{item}' (use e.g. 127.0.0.2 or 127.0.0.2-127.0.0.60)"
+            ))
+        };
+        if let Some((a, b)) = item.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|_| bad())?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|_| bad())?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || (b - a) as usize >= MAX - ips.len().min(MAX) {
+                return Err(invalid(format!(
+                    "source range '{item}' is empty or too large (at most {MAX} addresses)"
+                )));
+            }
+            ips.extend((a..=b).map(|n| IpAddr::V4(Ipv4Addr::from(n))));
+        } else {
+            ips.push(item.parse::<IpAddr>().map_err(|_| bad())?);
+        }
+        if ips.len() > MAX {
+            return Err(invalid(format!("too many source addresses (at most {MAX})")));
+        }
+    }
+    if ips.is_empty() {
+        return Err(invalid(format!("no source address in '{s}'")));
+    }
+    Ok(ips)
+}
+
+/// The source addresses used when none are given and the target is on loopback: 59 addresses,
+/// each with its own ephemeral port range.
+pub fn default_source_ips(target: &SocketAddr) -> Vec<IpAddr> {
+    match target.ip() {
+        IpAddr::V4(v4) if v4.is_loopback() => (2..=60).map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Settings of one run.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BenchConfig {
+    /// The server.
+    pub target: Target,
+    /// Connections to open and hold.
+    pub connections: usize,
+    /// Connections opened per second; `None` opens them as fast as handshakes complete.
+    pub ramp: Option<u32>,
+    /// The load during the measured phase.
+    pub load: Load,
+    /// Bytes per message, at least [`MESSAGE_HEADER`].
+    pub size: usize,
+    /// Length of the measured phase (default 30 s).
+    pub duration: Duration,
+    /// Local addresses to bind before connecting, used in turn; empty lets the kernel choose.
+    pub source_ips: Vec<IpAddr>,
+    /// The server's process id, for its memory and CPU time from `/proc`.
+    pub server_pid: Option<u32>,
+    /// Time for TCP connect plus handshake, per connection (default 10 s).
+    pub connect_timeout: Duration,
+    /// Connects and handshakes in progress at once (default 128).
+    pub max_pending: usize,
+    /// How long to wait for echoes still in flight after the measured phase (default 5 s).
+    pub drain_timeout: Duration,
+    /// How long the close handshakes may take (default 5 s).
+    pub close_timeout: Duration,
+}
+
+impl BenchConfig {
+    /// A configuration with the defaults: one idle connection for 30 s, 16-byte messages.
+    pub fn new(target: Target) -> Self {
+        BenchConfig {
+            target,
+            connections: 1,
+            ramp: None,
+            load: Load::Idle,
+            size: 16,
+            duration: Duration::from_secs(30),
+            source_ips: Vec::new(),
+            server_pid: None,
+            connect_timeout: Duration::from_secs(10),
+            max_pending: 128,
+            drain_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks the settings and that the connections can fit in this process and in the source
+    /// addresses' port ranges. Raises the soft open-file limit up to the hard one when needed.
+    pub fn check(&self) -> Result<(), BenchError> {
+        let invalid = |m: String| Err(BenchError::InvalidConfig(m));
+        if self.connections == 0 {
+            return invalid("at least one connection is needed".into());
+        }
+        if self.size < MESSAGE_HEADER {
+            return invalid(format!(
+                "the message size must be at least {MESSAGE_HEADER} bytes (a sequence number and a timestamp)"
+            ));
+        }
+        if self.size > 64 << 20 {
+            return invalid("the message size must be at most 64 MiB".into());
+        }
+        if self.ramp == Some(0) {
+            return invalid("the ramp must be at least 1 connection per second".into());
+        }
+        match self.load {
+            Load::Periodic(d) if d.is_zero() => return invalid("the send period must be above zero".into()),
+            Load::Saturate(0) => return invalid("at least one message must be in flight".into()),
+            _ => {}
+        }
+        if self.max_pending == 0 {
+            return invalid("max_pending must be at least 1".into());
+        }
+        if [self.connect_timeout, self.drain_timeout, self.close_timeout]
+            .iter()
+            .any(|d| d.is_zero())
+        {
+            return invalid("the connect, drain and close timeouts must be above zero".into());
+        }
+        if let Some(ip) = self
+            .source_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() != self.target.addr.is_ipv4())
+        {
+            return invalid(format!(
+                "source address {ip} and target {} are of different IP versions",
+                self.target.addr
+            ));
+        }
+        let (lo, hi) = local_port_range();
+        let ports = u64::from(hi.saturating_sub(lo)) + 1;
+        let sources = self.source_ips.len().max(1);
+        if self.connections as u64 > ports * sources as u64 {
+            return Err(BenchError::TooFewPorts {
+                connections: self.connections,
+                sources,
+                ports,
+            });
+        }
+        check_fd_limit(self.connections).map(|_| ())
+    }
+}
+
+/// Makes sure this process may open `connections` sockets plus [`FD_RESERVE`]: raises the soft
+/// limit toward the hard one if needed. Returns the limit.
+pub fn check_fd_limit(connections: usize) -> Result<u64, BenchError> {
+    let needed = connections as u64 + FD_RESERVE;
+    let mut limit = crate::io::sys::fd_limit();
+    if limit < needed {
+        limit = crate::io::sys::raise_fd_limit();
+    }
+    if limit < needed {
+        return Err(BenchError::TooFewDescriptors {
+            connections,
+            needed,
+            limit,
+        });
+    }
+    Ok(limit)
+}
+
+fn local_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .filter(|(lo, hi)| lo <= hi)
+        .unwrap_or((32768, 60999))
+}
+
+/// The phase a run is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Opening connections.
+    Connect,
+    /// Applying the load.
+    Measure,
+    /// Waiting for the last echoes.
+    Drain,
+    /// Closing every connection.
+    Close,
+}
+
+/// A snapshot for the live progress line, taken once a second.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Progress {
+    /// Time since the run started.
+    pub elapsed: Duration,
+    /// The current phase.
+    pub phase: Phase,
+    /// Connections open now.
+    pub open: usize,
+    /// Connections asked for.
+    pub target: usize,
+    /// Connect and handshake failures so far.
+    pub failed: u64,
+    /// Echoes received per second over the last interval.
+    pub msgs_per_sec: f64,
+    /// The 99th percentile round trip so far.
+    pub p99: Option<Duration>,
+}
+
+/// Runs a benchmark to the end and reports. `progress` is called once a second.
+///
+/// Fails only when the run cannot start (bad settings, too few descriptors, no poll); failures
+/// of connections and messages are counted in the [`Report`].
+pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Report, BenchError> {
+    cfg.check()?;
+    driver::run(cfg, progress)
+}
+
+/// CPUs online, from `/sys/devices/system/cpu/online` (e.g. `0-1,4`).
+fn online_cpus() -> usize {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let n: usize = s
+        .trim()
+        .split(',')
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            Some(b.parse::<usize>().ok()?.checked_sub(a.parse().ok()?)? + 1)
+        })
+        .sum();
+    n.max(1)
+}
+
+/// TCP sockets in use, TCP buffer bytes, and kernel slab bytes, system-wide.
+fn read_kernel() -> Option<KernelUsage> {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let field = |name: &str| -> Option<u64> {
+        let mut it = tcp.split_whitespace();
+        it.find(|w| *w == name)?;
+        it.next()?.parse().ok()
+    };
+    let inuse = field("inuse")?;
+    let mem_pages = field("mem")?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let slab_kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("Slab:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(KernelUsage {
+        tcp_inuse_before: inuse,
+        tcp_mem_before: mem_pages * 4096,
+        slab_before: slab_kb * 1024,
+        ..KernelUsage::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_source_ranges() {
+        let t = Target::parse("ws://127.0.0.1:9001/chat?x=1").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!((t.host.as_str(), t.path.as_str()), ("127.0.0.1:9001", "/chat?x=1"));
+        assert_eq!(Target::parse("127.0.0.1:80").unwrap().path, "/");
+        assert_eq!(Target::parse("ws://[::1]:9/").unwrap().addr, "[::1]:9".parse().unwrap());
+        assert_eq!(Target::parse("ws://127.0.0.1").unwrap().addr.port(), 80);
+        assert!(Target::parse("wss://127.0.0.1/").is_err());
+        assert!(Target::parse("http://127.0.0.1/").is_err());
+        let ips = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
+        assert_eq!(ips.len(), 59);
+        assert_eq!(ips[58], "127.0.0.60".parse::<IpAddr>().unwrap());
+        assert_eq!(parse_source_ips("127.0.0.2, 127.0.0.9").unwrap().len(), 2);
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
+        assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
+        assert!(parse_source_ips("nope").is_err());
+    }
+
+    #[test]
+    fn errors_describe_settings_not_flags() {
+        let mut cfg = BenchConfig::new(Target::parse("ws://127.0.0.1:9/").unwrap());
+        for change in [
+            (|c: &mut BenchConfig| c.size = 3) as fn(&mut BenchConfig),
+            |c| c.connections = 0,
+            |c| c.ramp = Some(0),
+            |c| c.load = Load::Saturate(0),
+            |c| c.load = Load::Periodic(Duration::ZERO),
+        ] {
+            let mut c = cfg.clone();
+            change(&mut c);
+            let e = c.check().unwrap_err().to_string();
+            assert!(!e.contains("--"), "{e}");
+        }
+        cfg.connections = 1;
+        assert!(cfg.check().is_ok());
+    }
+}

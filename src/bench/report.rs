@@ -1,0 +1,417 @@
+//! The outcome of a run: counters, latency, the server's and the kernel's memory, as text or
+//! JSON.
+
+use std::time::Duration;
+
+use super::histogram::Latency;
+use super::Load;
+
+/// What the server process used, from `/proc/PID/status` and `/proc/PID/stat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerUsage {
+    /// The server's process id.
+    pub pid: u32,
+    /// Resident memory before the first connection, in bytes.
+    pub rss_before: Option<u64>,
+    /// Resident memory when every connection was open, in bytes.
+    pub rss_connected: Option<u64>,
+    /// Resident memory at the end of the measured phase, in bytes.
+    pub rss_held: Option<u64>,
+    /// CPU time (user + system) the server used during the measured phase.
+    pub cpu: Option<Duration>,
+}
+
+/// The kernel's view of TCP, system-wide (both ends of loopback connections count).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KernelUsage {
+    /// TCP sockets in use before the first connection (`/proc/net/sockstat`).
+    pub tcp_inuse_before: u64,
+    /// TCP sockets in use at the end of the measured phase.
+    pub tcp_inuse_held: u64,
+    /// Bytes of TCP buffer memory before (`mem` pages in `/proc/net/sockstat`).
+    pub tcp_mem_before: u64,
+    /// Bytes of TCP buffer memory at the end of the measured phase.
+    pub tcp_mem_held: u64,
+    /// Kernel slab memory before, in bytes (`Slab` in `/proc/meminfo`: socket, inode and file
+    /// structures live there).
+    pub slab_before: u64,
+    /// Kernel slab memory at the end of the measured phase.
+    pub slab_held: u64,
+}
+
+impl KernelUsage {
+    /// Slab bytes per socket opened, when the reading means something: sockets were opened and
+    /// slab memory grew by at least 1 KiB per socket (a loopback connection's two sockets
+    /// take about 10 KiB). Other activity on a busy machine can shrink or swamp the growth.
+    pub fn slab_per_socket(&self) -> Option<f64> {
+        let socks = self.tcp_inuse_held.saturating_sub(self.tcp_inuse_before);
+        let grew = self.slab_held.saturating_sub(self.slab_before);
+        (socks >= 100 && grew >= socks * 1024).then(|| grew as f64 / socks as f64)
+    }
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Report {
+    /// The target URL.
+    pub url: String,
+    /// Connections asked for.
+    pub connections: usize,
+    /// The load applied.
+    pub load: Load,
+    /// Bytes per message.
+    pub size: usize,
+    /// Connections whose handshake completed.
+    pub opened: u64,
+    /// Connections open at the end of the measured phase.
+    pub held: usize,
+    /// Sockets that could not be created, bound or connected, or timed out connecting.
+    pub connect_failures: u64,
+    /// Connections whose upgrade was refused, invalid or timed out.
+    pub handshake_failures: u64,
+    /// Open connections that the server closed or that broke before the close phase.
+    pub closed_early: u64,
+    /// Protocol errors in what the server sent.
+    pub protocol_errors: u64,
+    /// Connections that did not finish the close handshake in time.
+    pub close_timeouts: u64,
+    /// Time from the start until every connection was open or had failed.
+    pub connect_time: Duration,
+    /// Length of the measured phase as it ran.
+    pub measured: Duration,
+    /// Messages sent.
+    pub sent: u64,
+    /// Echoes received (corrupted ones included).
+    pub received: u64,
+    /// Messages never echoed: `sent - received`.
+    pub lost: u64,
+    /// Echoes with the wrong length, content or sequence number, or sent as text.
+    pub corrupted: u64,
+    /// Echoes received during the measured phase, per second of it.
+    pub msgs_per_sec: f64,
+    /// Echoes received during the measured phase.
+    pub measured_received: u64,
+    /// Round-trip latency of every echo.
+    pub latency: Option<Latency>,
+    /// The server's memory and CPU time, when its pid was given.
+    pub server: Option<ServerUsage>,
+    /// System-wide TCP and slab memory.
+    pub kernel: Option<KernelUsage>,
+    /// The first failure seen, for the summary.
+    pub first_error: Option<String>,
+    /// CPU cores of this machine (shared by the load generator and a local server).
+    pub cores: usize,
+}
+
+impl Report {
+    /// Whether every connection was held and every message came back intact.
+    pub fn is_clean(&self) -> bool {
+        self.held == self.connections
+            && self.connect_failures == 0
+            && self.handshake_failures == 0
+            && self.closed_early == 0
+            && self.protocol_errors == 0
+            && self.lost == 0
+            && self.corrupted == 0
+    }
+
+    /// Server resident memory per held connection: `(held - before) / held`, in bytes.
+    pub fn server_bytes_per_connection(&self) -> Option<f64> {
+        let s = self.server?;
+        let (before, held) = (s.rss_before?, s.rss_held?);
+        (self.held > 0).then(|| (held as f64 - before as f64) / self.held as f64)
+    }
+
+    /// Echoes per second of server CPU time during the measured phase.
+    pub fn msgs_per_server_cpu_sec(&self) -> Option<f64> {
+        let cpu = self.server?.cpu?.as_secs_f64();
+        (cpu > 0.0).then(|| self.measured_received as f64 / cpu)
+    }
+
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> String {
+        let mut j = Json::object();
+        j.str("url", &self.url);
+        j.num("connections", self.connections as f64);
+        j.raw(
+            "mode",
+            match self.load {
+                Load::Idle => "\"idle\"",
+                Load::Periodic(_) => "\"periodic\"",
+                Load::Saturate(_) => "\"saturate\"",
+            },
+        );
+        match self.load {
+            Load::Periodic(d) => j.num("every_ms", d.as_millis() as f64),
+            Load::Saturate(k) => j.num("inflight", f64::from(k)),
+            Load::Idle => {}
+        }
+        j.num("size", self.size as f64);
+        j.num("opened", self.opened as f64);
+        j.num("held", self.held as f64);
+        j.num("connect_failures", self.connect_failures as f64);
+        j.num("handshake_failures", self.handshake_failures as f64);
+        j.num("closed_early", self.closed_early as f64);
+        j.num("protocol_errors", self.protocol_errors as f64);
+        j.num("close_timeouts", self.close_timeouts as f64);
+        j.num("connect_s", self.connect_time.as_secs_f64());
+        j.num("measured_s", self.measured.as_secs_f64());
+        j.num("sent", self.sent as f64);
+        j.num("received", self.received as f64);
+        j.num("lost", self.lost as f64);
+        j.num("corrupted", self.corrupted as f64);
+        j.num("measured_received", self.measured_received as f64);
+        j.num("msgs_per_sec", self.msgs_per_sec);
+        match &self.latency {
+            Some(l) => {
+                let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
+                let mut o = Json::object();
+                o.num("count", l.count as f64);
+                o.num("p50", us(l.p50));
+                o.num("p90", us(l.p90));
+                o.num("p99", us(l.p99));
+                o.num("p99_9", us(l.p999));
+                o.num("max", us(l.max));
+                j.raw("latency_us", &o.finish());
+            }
+            None => j.raw("latency_us", "null"),
+        }
+        match &self.server {
+            Some(s) => {
+                let mut o = Json::object();
+                o.num("pid", f64::from(s.pid));
+                o.opt("rss_before", s.rss_before.map(|v| v as f64));
+                o.opt("rss_connected", s.rss_connected.map(|v| v as f64));
+                o.opt("rss_held", s.rss_held.map(|v| v as f64));
+                o.opt("bytes_per_connection", self.server_bytes_per_connection());
+                o.opt("cpu_s", s.cpu.map(|c| c.as_secs_f64()));
+                o.opt("msgs_per_cpu_s", self.msgs_per_server_cpu_sec());
+                j.raw("server", &o.finish());
+            }
+            None => j.raw("server", "null"),
+        }
+        match &self.kernel {
+            Some(k) => {
+                let mut o = Json::object();
+                o.num("tcp_inuse_before", k.tcp_inuse_before as f64);
+                o.num("tcp_inuse_held", k.tcp_inuse_held as f64);
+                o.num("tcp_mem_before", k.tcp_mem_before as f64);
+                o.num("tcp_mem_held", k.tcp_mem_held as f64);
+                o.num("slab_before", k.slab_before as f64);
+                o.num("slab_held", k.slab_held as f64);
+                o.opt("slab_per_socket", k.slab_per_socket());
+                j.raw("kernel", &o.finish());
+            }
+            None => j.raw("kernel", "null"),
+        }
+        match &self.first_error {
+            Some(e) => j.str("first_error", e),
+            None => j.raw("first_error", "null"),
+        }
+        j.num("cores", self.cores as f64);
+        j.raw("clean", if self.is_clean() { "true" } else { "false" });
+        j.finish()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "target       {}: {} connection(s), {}, {}-byte messages",
+            self.url, self.connections, self.load, self.size
+        )?;
+        writeln!(
+            f,
+            "machine      {} core(s), shared by this load generator and a local server",
+            self.cores
+        )?;
+        writeln!(
+            f,
+            "connections  held {} of {} (opened {} in {}); failed: connect {}, handshake {}; closed early {}; \
+             protocol errors {}; close timeouts {}",
+            self.held,
+            self.connections,
+            self.opened,
+            fmt_duration(self.connect_time),
+            self.connect_failures,
+            self.handshake_failures,
+            self.closed_early,
+            self.protocol_errors,
+            self.close_timeouts
+        )?;
+        writeln!(
+            f,
+            "messages     sent {}, received {}, lost {}, corrupted {}; {:.0} msgs/s over {}",
+            self.sent,
+            self.received,
+            self.lost,
+            self.corrupted,
+            self.msgs_per_sec,
+            fmt_duration(self.measured)
+        )?;
+        if let Some(l) = &self.latency {
+            writeln!(
+                f,
+                "latency      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({} round trips)",
+                fmt_duration(l.p50),
+                fmt_duration(l.p90),
+                fmt_duration(l.p99),
+                fmt_duration(l.p999),
+                fmt_duration(l.max),
+                l.count
+            )?;
+        }
+        if let Some(s) = &self.server {
+            let rss = |v: Option<u64>| v.map_or("?".to_string(), fmt_bytes);
+            write!(
+                f,
+                "server       pid {}: RSS {} before, {} connected, {} held",
+                s.pid,
+                rss(s.rss_before),
+                rss(s.rss_connected),
+                rss(s.rss_held)
+            )?;
+            if let Some(b) = self.server_bytes_per_connection() {
+                write!(f, " ({b:.0} bytes per connection)")?;
+            }
+            if let Some(c) = s.cpu {
+                write!(f, "; CPU {:.2} s", c.as_secs_f64())?;
+                if let Some(m) = self.msgs_per_server_cpu_sec() {
+                    write!(f, " ({m:.0} msgs per CPU-second)")?;
+                }
+            }
+            writeln!(f)?;
+        }
+        if let Some(k) = &self.kernel {
+            write!(
+                f,
+                "kernel       TCP sockets {} -> {}; TCP buffers {} -> {}; slab {} -> {}",
+                k.tcp_inuse_before,
+                k.tcp_inuse_held,
+                fmt_bytes(k.tcp_mem_before),
+                fmt_bytes(k.tcp_mem_held),
+                fmt_bytes(k.slab_before),
+                fmt_bytes(k.slab_held),
+            )?;
+            match k.slab_per_socket() {
+                Some(b) => writeln!(f, " ({b:.0} bytes of slab per socket; system-wide, both ends)")?,
+                // Other activity on the machine outweighed the sockets: no per-socket figure.
+                None => writeln!(f, " (system-wide, both ends; too noisy for a per-socket figure)")?,
+            }
+        }
+        if let Some(e) = &self.first_error {
+            writeln!(f, "first error  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    if ns < 1e3 {
+        format!("{ns:.0}ns")
+    } else if ns < 1e6 {
+        format!("{:.1}µs", ns / 1e3)
+    } else if ns < 1e9 {
+        format!("{:.2}ms", ns / 1e6)
+    } else {
+        format!("{:.2}s", ns / 1e9)
+    }
+}
+
+fn fmt_bytes(b: u64) -> String {
+    if b < 10 << 10 {
+        format!("{b} B")
+    } else if b < 10 << 20 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    }
+}
+
+/// One JSON object, written field by field: keys are fixed names, strings are escaped, and a
+/// number that is not finite becomes `null`.
+struct Json(String);
+
+impl Json {
+    fn object() -> Json {
+        Json(String::from("{"))
+    }
+
+    fn key(&mut self, k: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.0.push('"');
+        self.0.push_str(k);
+        self.0.push_str("\":");
+    }
+
+    fn raw(&mut self, k: &str, v: &str) {
+        self.key(k);
+        self.0.push_str(v);
+    }
+
+    fn num(&mut self, k: &str, v: f64) {
+        self.key(k);
+        if !v.is_finite() {
+            self.0.push_str("null");
+        } else if v.fract() == 0.0 && v.abs() < 9e15 {
+            self.0.push_str(&format!("{}", v as i64));
+        } else {
+            self.0.push_str(&format!("{v:.3}"));
+        }
+    }
+
+    fn opt(&mut self, k: &str, v: Option<f64>) {
+        match v {
+            Some(v) => self.num(k, v),
+            None => self.raw(k, "null"),
+        }
+    }
+
+    fn str(&mut self, k: &str, s: &str) {
+        self.key(k);
+        self.0.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => self.0.push_str("\\\""),
+                '\\' => self.0.push_str("\\\\"),
+                '\n' => self.0.push_str("\\n"),
+                '\r' => self.0.push_str("\\r"),
+                '\t' => self.0.push_str("\\t"),
+                c if (c as u32) < 0x20 => self.0.push_str(&format!("\\u{:04x}", c as u32)),
+                c => self.0.push(c),
+            }
+        }
+        self.0.push('"');
+    }
+
+    fn finish(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_escaped_and_numbers_are_plain() {
+        let mut j = Json::object();
+        j.str("s", "a\"b\\c\n\u{1}");
+        j.num("i", 3.0);
+        j.num("f", 2.5);
+        j.num("nan", f64::NAN);
+        j.opt("none", None);
+        assert_eq!(
+            j.finish(),
+            r#"{"s":"a\"b\\c\n\u0001","i":3,"f":2.500,"nan":null,"none":null}"#
+        );
+    }
+}

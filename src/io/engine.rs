@@ -1,0 +1,646 @@
+//! Many connections on one poll loop: the part of a loop that is the same for the server
+//! (accepted connections) and the load generator (opened connections).
+//!
+//! Connections live in a slab; a connection's token is its slab key. Removing a connection is
+//! deferred to the end of the loop turn ([`Engine::reap`]), so a key is never reused while
+//! events of the same `poll` batch may still name it, and a stale event cannot reach a new
+//! connection. That holds for any `usize` width: nothing is packed into the token.
+//!
+//! The engine reads into one buffer shared by every connection, hands the bytes to each
+//! connection's sans-IO [`Connection`], and gives the events to a [`Driver`]. Everything a
+//! connection answers while its bytes are processed (protocol replies and the driver's own
+//! sends to it) collects in one buffer and goes out in one write. Bytes the transport does not
+//! take wait in an [`Outbox`] that exists only while they wait; past
+//! [`Engine::max_backpressure`] the engine stops reading from that peer until its queue drains.
+
+use std::io;
+use std::sync::Arc;
+
+use mio::{Interest, Poll, Token};
+use slab::Slab;
+
+use super::outbox::{self, Outbox};
+use super::timer::{Clock, TimerQueue};
+use super::transport::Transport;
+use crate::proto::{self, Connection, Event, Message, NotOpen, RandomSource, Role, State, Timeout};
+
+// Slot flags.
+/// Registered for WRITABLE.
+const WRITE_INTEREST: u8 = 1;
+/// Registered without READABLE.
+const READ_OFF: u8 = 2;
+/// Backpressure: not reading until the queue drains.
+const READ_PAUSED: u8 = 4;
+/// Our FIN is sent.
+const SHUT_WR: u8 = 8;
+/// Removed at the end of this turn.
+const DEAD: u8 = 16;
+/// The peer's FIN arrived; only writing goes on.
+const EOF: u8 = 32;
+/// The TCP connect is in progress.
+const CONNECTING: u8 = 64;
+
+/// One connection. Kept small: for the server this is what an idle connection costs.
+pub(crate) struct Slot<T, P> {
+    pub(crate) stream: T,
+    pub(crate) conn: Connection,
+    pub(crate) out: Option<Box<Outbox>>,
+    /// Distinguishes this connection from earlier ones in the same slot.
+    pub(crate) gen: u32,
+    /// The deadline queued for this slot (low 32 bits of the clock), 0 for none.
+    armed: u32,
+    flags: u8,
+    /// The driver's per-connection data.
+    pub(crate) data: P,
+}
+
+impl<T, P> Slot<T, P> {
+    /// Bytes waiting to be written.
+    pub(crate) fn queued(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.len())
+    }
+
+    /// Whether the connection is being removed.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.flags & DEAD != 0
+    }
+}
+
+/// Why a connection was removed.
+#[derive(Debug)]
+pub(crate) enum Cause {
+    /// The close handshake is over and the stream ended.
+    Done,
+    /// The peer ended or reset the stream.
+    Eof,
+    /// Reading or writing failed.
+    Io(io::Error),
+    /// A deadline ran out (handshake or close).
+    Timeout(Timeout),
+    /// The driver removed it.
+    Dropped,
+}
+
+/// Keys in the timer queue: a connection's deadline, or one of the driver's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TimerKey {
+    Conn { key: usize, gen: u32 },
+    Driver(u64),
+}
+
+/// What the engine tells a driver.
+pub(crate) trait Driver<T, P, R> {
+    /// Connection `key` produced an event. A server answers [`Event::Request`] with
+    /// [`Engine::accept`] before returning.
+    fn on_event(&mut self, eng: &mut Engine<T, P, R>, key: usize, ev: Event<'_>);
+    /// The protocol core failed the connection (what the peer is told is already queued).
+    fn on_error(&mut self, eng: &mut Engine<T, P, R>, key: usize, err: &proto::Error);
+    /// A deadline did something (a ping, an idle close; or the end, followed by `on_removed`).
+    fn on_timeout(&mut self, eng: &mut Engine<T, P, R>, key: usize, t: Timeout) {
+        let _ = (eng, key, t);
+    }
+    /// A TCP connect completed (connections added with [`Engine::insert_connecting`]).
+    fn on_connected(&mut self, eng: &mut Engine<T, P, R>, key: usize) {
+        let _ = (eng, key);
+    }
+    /// The connection is being removed; its slot is still readable.
+    fn on_removed(&mut self, eng: &mut Engine<T, P, R>, key: usize, cause: Cause);
+    /// A driver timer set with [`Engine::set_timer`] came due.
+    fn on_timer(&mut self, eng: &mut Engine<T, P, R>, id: u64);
+}
+
+/// No key: the cork is not in use.
+const NONE: usize = usize::MAX;
+
+/// Unsent output buffers larger than this are not kept for reuse.
+const KEEP_BUFFER: usize = 64 << 10;
+
+/// The connections of one loop and what they share.
+pub(crate) struct Engine<T, P, R> {
+    pub(crate) poll: Poll,
+    pub(crate) slots: Slab<Slot<T, P>>,
+    pub(crate) cfg: proto::Config,
+    pub(crate) clock: Clock,
+    /// The clock at the start of this turn.
+    pub(crate) now: u64,
+    timers: TimerQueue<TimerKey>,
+    /// Masks and keys for client connections (servers pass one that is never used).
+    pub(crate) rng: R,
+    /// Queued bytes per connection above which reading from it pauses.
+    pub(crate) max_backpressure: usize,
+    /// Output for the connection whose bytes are being processed (`corked`).
+    cork: Vec<u8>,
+    corked: usize,
+    /// Frames encoded for other connections.
+    scratch: Vec<u8>,
+    dead: Vec<(usize, Cause)>,
+    next_gen: u32,
+}
+
+/// A 32-bit clock reading within ±24 days of `now`, back on the 64-bit clock.
+fn expand(now: u64, t: u32) -> u64 {
+    (now as i64 + i64::from(t.wrapping_sub(now as u32) as i32)).max(0) as u64
+}
+
+/// A token for a driver's own event source (listener, waker, signals): never a slab key.
+pub(crate) const fn reserved_token(i: usize) -> Token {
+    Token(usize::MAX - i)
+}
+
+impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
+    pub(crate) fn new(poll: Poll, cfg: proto::Config, max_backpressure: usize, rng: R) -> Self {
+        Engine {
+            poll,
+            slots: Slab::new(),
+            cfg,
+            clock: Clock::new(),
+            now: 0,
+            timers: TimerQueue::default(),
+            rng,
+            max_backpressure,
+            cork: Vec::new(),
+            corked: NONE,
+            scratch: Vec::new(),
+            dead: Vec::new(),
+            next_gen: 1,
+        }
+    }
+
+    /// Reads the clock for this turn.
+    pub(crate) fn tick(&mut self) -> u64 {
+        self.now = self.clock.now();
+        self.now
+    }
+
+    /// The next deadline of any timer.
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
+        self.timers.next()
+    }
+
+    /// Whether `key` names a live connection of generation `gen`.
+    pub(crate) fn is_live(&self, key: usize, gen: u32) -> bool {
+        self.slots.get(key).is_some_and(|s| s.gen == gen && !s.is_dead())
+    }
+
+    fn add(&mut self, mut stream: T, conn: Connection, data: P, flags: u8) -> io::Result<usize> {
+        let gen = self.next_gen;
+        // 24 bits: the rest of a `ConnId` names the loop.
+        self.next_gen = self.next_gen % 0xFF_FFFF + 1;
+        let entry = self.slots.vacant_entry();
+        let key = entry.key();
+        let interest = if flags & CONNECTING != 0 {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        self.poll.registry().register(&mut stream, Token(key), interest)?;
+        entry.insert(Slot {
+            stream,
+            conn,
+            out: None,
+            gen,
+            armed: 0,
+            flags: flags | if flags & CONNECTING != 0 { WRITE_INTEREST } else { 0 },
+            data,
+        });
+        Ok(key)
+    }
+
+    /// Adds an accepted connection.
+    pub(crate) fn insert(&mut self, stream: T, conn: Connection, data: P) -> io::Result<usize> {
+        let key = self.add(stream, conn, data, 0)?;
+        self.arm(key);
+        Ok(key)
+    }
+
+    /// Adds a connection whose TCP connect is in progress; `first` (the upgrade request) is
+    /// written once it completes.
+    pub(crate) fn insert_connecting(
+        &mut self,
+        stream: T,
+        conn: Connection,
+        data: P,
+        first: &[u8],
+    ) -> io::Result<usize> {
+        let key = self.add(stream, conn, data, CONNECTING)?;
+        let mut q = Box::<Outbox>::default();
+        q.push_slice(first);
+        self.slots[key].out = Some(q);
+        self.arm(key);
+        Ok(key)
+    }
+
+    /// Handles a readiness event for connection `key`. `rbuf` is the loop's read buffer.
+    pub(crate) fn on_ready<D: Driver<T, P, R>>(
+        &mut self,
+        d: &mut D,
+        key: usize,
+        ev: &mio::event::Event,
+        rbuf: &mut [u8],
+    ) {
+        let Some(slot) = self.slots.get_mut(key) else { return };
+        if slot.flags & DEAD != 0 {
+            return;
+        }
+        if slot.flags & CONNECTING != 0 {
+            match super::connect::finished(slot.stream.tcp()) {
+                Ok(true) => {
+                    slot.flags &= !CONNECTING;
+                    d.on_connected(self, key);
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    self.kill(key, Cause::Io(e));
+                    return;
+                }
+            }
+        }
+        if ev.is_writable() {
+            self.on_writable(key);
+        }
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            let hup = ev.is_read_closed() || ev.is_error();
+            self.on_readable(d, key, hup, rbuf);
+        }
+        self.settle(key);
+    }
+
+    fn on_writable(&mut self, key: usize) {
+        let slot = &mut self.slots[key];
+        if let Err(e) = outbox::flush(&mut slot.stream, &mut slot.out) {
+            self.kill(key, Cause::Io(e));
+        }
+    }
+
+    /// Reads and processes until the socket is drained. `hup` says the peer's FIN (or an error)
+    /// came with this event, so reading must go on until it shows.
+    fn on_readable<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, hup: bool, rbuf: &mut [u8]) {
+        loop {
+            let slot = &mut self.slots[key];
+            if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING) != 0 {
+                return;
+            }
+            let n = match slot.stream.read(rbuf) {
+                Ok(0) => {
+                    self.on_eof(d, key);
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // A reset: nothing more can be written either.
+                    slot.conn.set_closed(self.now);
+                    self.kill(key, Cause::Io(e));
+                    return;
+                }
+            };
+            // A read that did not fill the buffer took everything, where the transport says so:
+            // skip the read that would only return WouldBlock (one system call per message).
+            let drained = n < rbuf.len() && !hup && slot.stream.short_read_drains();
+            self.process(d, key, &mut rbuf[..n]);
+            self.settle(key);
+            if drained {
+                return;
+            }
+        }
+    }
+
+    /// The peer ended its side. What is queued for it still goes out (bounded by the close
+    /// timeout); then the connection is removed.
+    fn on_eof<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize) {
+        let slot = &mut self.slots[key];
+        slot.flags |= EOF;
+        if let Some(e) = slot.conn.read_eof(self.now) {
+            d.on_error(self, key, &e);
+        }
+        let slot = &mut self.slots[key];
+        if slot.out.is_none() {
+            let cause = if slot.flags & SHUT_WR != 0 {
+                Cause::Done
+            } else {
+                Cause::Eof
+            };
+            self.kill(key, cause);
+        }
+    }
+
+    /// Feeds received bytes to the connection and its events to the driver.
+    pub(crate) fn process<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, data: &mut [u8]) {
+        self.corked = key;
+        let mut pos = 0;
+        while pos < data.len() {
+            let slot = &mut self.slots[key];
+            if slot.flags & DEAD != 0 {
+                break;
+            }
+            match slot
+                .conn
+                .read(&self.cfg, self.now, &mut data[pos..], &mut self.rng, &mut self.cork)
+            {
+                Ok((used, ev)) => {
+                    pos += used;
+                    match ev {
+                        Some(ev) => d.on_event(self, key, ev),
+                        None if used == 0 => break,
+                        None => {}
+                    }
+                }
+                Err(e) => {
+                    d.on_error(self, key, &e);
+                    break;
+                }
+            }
+        }
+        self.uncork();
+    }
+
+    /// Writes what the corked connection produced, in one go.
+    fn uncork(&mut self) {
+        let key = std::mem::replace(&mut self.corked, NONE);
+        if self.cork.is_empty() {
+            return;
+        }
+        let slot = &mut self.slots[key];
+        if slot.flags & DEAD != 0 {
+            self.cork.clear();
+            return;
+        }
+        if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.cork) {
+            self.kill(key, Cause::Io(e));
+        }
+        if self.cork.capacity() > KEEP_BUFFER {
+            self.cork = Vec::new(); // one large message must not pin memory for good
+        }
+    }
+
+    /// After any work on a connection: apply backpressure, end a finished connection, keep
+    /// the registration and the deadline current.
+    pub(crate) fn settle(&mut self, key: usize) {
+        let Some(slot) = self.slots.get_mut(key) else { return };
+        if slot.flags & DEAD != 0 {
+            return;
+        }
+        let queued = slot.queued();
+        if queued > self.max_backpressure {
+            slot.flags |= READ_PAUSED;
+        } else if slot.flags & READ_PAUSED != 0 && queued <= self.max_backpressure / 2 {
+            slot.flags &= !READ_PAUSED;
+        }
+        if slot.out.is_none() && slot.flags & CONNECTING == 0 {
+            if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
+                // The server ends the TCP connection first (RFC 6455 §7.1.1); a client waits
+                // for it, unless the server has already gone.
+                if slot.conn.role() == Role::Server || slot.flags & EOF != 0 {
+                    slot.flags |= SHUT_WR;
+                    let _ = slot.stream.shutdown_write();
+                }
+            }
+            if slot.flags & EOF != 0 {
+                let cause = if slot.conn.state() == State::Closed && slot.flags & SHUT_WR != 0 {
+                    Cause::Done
+                } else {
+                    Cause::Eof
+                };
+                self.kill(key, cause);
+                return;
+            }
+        }
+        self.sync_interest(key);
+        self.arm(key);
+    }
+
+    /// Registers for exactly what the slot needs: READABLE unless paused or ended, WRITABLE
+    /// while bytes wait (or the connect is in progress).
+    fn sync_interest(&mut self, key: usize) {
+        let slot = &mut self.slots[key];
+        let want_read = slot.flags & (READ_PAUSED | EOF) == 0;
+        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0;
+        let has_write = slot.flags & WRITE_INTEREST != 0;
+        let has_read = slot.flags & READ_OFF == 0;
+        // mio needs some interest: a slot that wants neither keeps WRITABLE, which is quiet
+        // on a socket with nothing queued.
+        let write = want_write || !want_read;
+        if write == has_write && want_read == has_read {
+            return;
+        }
+        let interest = match (want_read, write) {
+            (true, true) => Interest::READABLE | Interest::WRITABLE,
+            (true, false) => Interest::READABLE,
+            (false, _) => Interest::WRITABLE,
+        };
+        if self
+            .poll
+            .registry()
+            .reregister(&mut slot.stream, Token(key), interest)
+            .is_ok()
+        {
+            slot.flags = (slot.flags & !(WRITE_INTEREST | READ_OFF))
+                | if write { WRITE_INTEREST } else { 0 }
+                | if want_read { 0 } else { READ_OFF };
+        }
+    }
+
+    /// Makes sure the slot's deadline is in the timer queue.
+    fn arm(&mut self, key: usize) {
+        let slot = &mut self.slots[key];
+        let Some(when) = slot.conn.poll_timeout(&self.cfg, self.now) else {
+            return;
+        };
+        if slot.armed != 0 && expand(self.now, slot.armed) <= when {
+            return; // an earlier entry is queued; it re-arms when it fires
+        }
+        slot.armed = (when as u32).max(1);
+        self.timers.push(when, TimerKey::Conn { key, gen: slot.gen });
+    }
+
+    /// Sets a driver timer `after` milliseconds of the loop clock from now.
+    pub(crate) fn set_timer_at(&mut self, when: u64, id: u64) {
+        self.timers.push(when, TimerKey::Driver(id));
+    }
+
+    /// Runs every deadline that has passed.
+    pub(crate) fn fire_timers<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        while let Some((when, key)) = self.timers.pop_due(self.now) {
+            match key {
+                TimerKey::Driver(id) => d.on_timer(self, id),
+                TimerKey::Conn { key, gen } => {
+                    let Some(slot) = self.slots.get_mut(key) else { continue };
+                    if slot.gen != gen || slot.armed != (when as u32).max(1) || slot.flags & DEAD != 0 {
+                        continue; // stale entry
+                    }
+                    slot.armed = 0;
+                    let mut out = std::mem::take(&mut self.scratch);
+                    out.clear();
+                    let t = slot.conn.handle_timeout(&self.cfg, self.now, &mut self.rng, &mut out);
+                    if !out.is_empty() {
+                        if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut out) {
+                            self.kill(key, Cause::Io(e));
+                        }
+                    }
+                    self.scratch = out;
+                    if let Some(t) = t {
+                        d.on_timeout(self, key, t);
+                        if matches!(t, Timeout::Handshake | Timeout::Close) {
+                            self.kill(key, Cause::Timeout(t));
+                        }
+                    }
+                    self.settle(key);
+                }
+            }
+        }
+    }
+
+    /// Marks a connection for removal at the end of the turn.
+    pub(crate) fn kill(&mut self, key: usize, cause: Cause) {
+        let slot = &mut self.slots[key];
+        if slot.flags & DEAD == 0 {
+            slot.flags |= DEAD;
+            self.dead.push((key, cause));
+        }
+    }
+
+    /// Removes the connections marked during this turn, telling the driver first.
+    pub(crate) fn reap<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        while let Some((key, cause)) = self.dead.pop() {
+            d.on_removed(self, key, cause);
+            let mut slot = self.slots.remove(key);
+            let _ = self.poll.registry().deregister(&mut slot.stream);
+        }
+    }
+
+    /// Answers the request connection `key` handed out (see [`Connection::accept`]).
+    pub(crate) fn accept(
+        &mut self,
+        key: usize,
+        req: &proto::Request,
+        answer: &proto::Answer,
+        extensions: Option<&str>,
+    ) -> bool {
+        let now = self.now;
+        let (slot, out, _) = self.output(key);
+        slot.conn.accept(req, answer, extensions, now, out)
+    }
+
+    /// The slot and where its output goes now: the cork while its bytes are being processed,
+    /// else the scratch buffer (sent by [`Engine::flush_scratch`]).
+    fn output(&mut self, key: usize) -> (&mut Slot<T, P>, &mut Vec<u8>, &mut R) {
+        let out = if key == self.corked {
+            &mut self.cork
+        } else {
+            self.scratch.clear();
+            &mut self.scratch
+        };
+        (&mut self.slots[key], out, &mut self.rng)
+    }
+
+    fn flush_scratch(&mut self, key: usize) {
+        if key == self.corked || self.scratch.is_empty() {
+            return;
+        }
+        let slot = &mut self.slots[key];
+        if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.scratch) {
+            self.kill(key, Cause::Io(e));
+        }
+        if self.scratch.capacity() > KEEP_BUFFER {
+            self.scratch = Vec::new();
+        }
+        self.settle(key);
+    }
+
+    /// Sends a message on connection `key`.
+    pub(crate) fn send(&mut self, key: usize, msg: Message<'_>) -> Result<(), NotOpen> {
+        let (slot, out, rng) = self.output(key);
+        if slot.flags & DEAD != 0 {
+            return Err(NotOpen);
+        }
+        slot.conn.send(msg, rng, out)?;
+        self.flush_scratch(key);
+        Ok(())
+    }
+
+    /// Sends a ping on connection `key`.
+    pub(crate) fn ping(&mut self, key: usize, payload: &[u8]) -> Result<(), NotOpen> {
+        let (slot, out, rng) = self.output(key);
+        if slot.flags & DEAD != 0 {
+            return Err(NotOpen);
+        }
+        slot.conn.ping(payload, rng, out)?;
+        self.flush_scratch(key);
+        Ok(())
+    }
+
+    /// Starts the close handshake on connection `key`.
+    pub(crate) fn close(&mut self, key: usize, code: u16, reason: &str) -> Result<(), NotOpen> {
+        let now = self.now;
+        let (slot, out, rng) = self.output(key);
+        if slot.flags & DEAD != 0 {
+            return Err(NotOpen);
+        }
+        slot.conn.close(code, reason, now, rng, out)?;
+        self.flush_scratch(key);
+        Ok(())
+    }
+
+    /// Sends bytes as they are (an HTTP answer written by the driver).
+    pub(crate) fn send_raw(&mut self, key: usize, bytes: &[u8]) {
+        let (slot, out, _) = self.output(key);
+        if slot.flags & DEAD == 0 {
+            out.extend_from_slice(bytes);
+        }
+        self.flush_scratch(key);
+    }
+
+    /// Sends a frame shared with other connections (encoded once for a broadcast).
+    pub(crate) fn send_shared(&mut self, key: usize, frame: &Arc<Vec<u8>>) {
+        if key == self.corked {
+            // Behind what this connection's read produced so far.
+            self.cork.extend_from_slice(frame);
+            return;
+        }
+        let slot = &mut self.slots[key];
+        if slot.flags & DEAD != 0 {
+            return;
+        }
+        if let Err(e) = outbox::send_shared(&mut slot.stream, &mut slot.out, frame) {
+            self.kill(key, Cause::Io(e));
+        }
+        self.settle(key);
+    }
+
+    /// Drops what is queued for connection `key` except the rest of a frame already partly
+    /// written (cutting that short would corrupt the stream).
+    pub(crate) fn clear_queue(&mut self, key: usize) {
+        if key == self.corked {
+            self.cork.clear();
+        }
+        if let Some(q) = self.slots[key].out.as_mut() {
+            q.clear();
+            if q.len() == 0 {
+                self.slots[key].out = None;
+            }
+        }
+    }
+
+    /// Bytes queued for connection `key`, counting what its current read produced.
+    pub(crate) fn queued(&self, key: usize) -> usize {
+        let corked = if key == self.corked { self.cork.len() } else { 0 };
+        self.slots.get(key).map_or(0, |s| s.queued() + corked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_server_slot_is_small() {
+        // What an idle connection costs the engine before the driver's data: a socket, the
+        // protocol state, the queue pointer, generation, deadline and flags.
+        // A socket is a 4-byte descriptor in release builds (debug builds of mio add a selector
+        // id to it), so the layout is measured with an `i32` in its place.
+        let size = std::mem::size_of::<Slot<i32, ()>>();
+        let limit = if cfg!(target_pointer_width = "64") { 40 } else { 32 };
+        assert!(size <= limit, "Slot is {size} bytes");
+    }
+}

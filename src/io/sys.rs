@@ -1,0 +1,43 @@
+//! What the drivers read from the operating system: descriptor limits, memory and CPU use.
+
+use std::io;
+use std::time::Duration;
+
+/// The process's soft open-file limit.
+pub(crate) fn fd_limit() -> u64 {
+    rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft)
+}
+
+/// Raises the soft open-file limit to the hard one; returns the soft limit now in force.
+pub(crate) fn raise_fd_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or_else(|_| fd_limit())
+}
+
+/// Whether an accept or socket error means the process ran out of descriptors or memory.
+pub(crate) fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// `VmRSS` of a process, in bytes.
+pub fn read_rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+pub fn read_cpu(pid: u32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // After ')' come field 3 (state) onward; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // USER_HZ is 100 on every Linux architecture (it is part of the ABI, unlike HZ).
+    Some(Duration::from_millis((utime + stime) * 10))
+}

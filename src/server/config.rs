@@ -1,0 +1,133 @@
+//! Server settings.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use crate::proto;
+
+/// What a broadcast does to a peer whose outbound queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Close it with 1008 (the default): the frame being written is finished, the rest of its
+    /// queue dropped, and the close frame sent.
+    Close,
+    /// Skip this message for that peer and count it as dropped.
+    Drop,
+}
+
+/// Server settings. Every limit has a default suited to a small machine; see each field.
+///
+/// ```
+/// let mut cfg = wsloop::ServerConfig::default();
+/// cfg.max_message = 1 << 20;
+/// cfg.check().unwrap();
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Open connections allowed; above it a new connection gets `503`.
+    /// Default: the process's open-file limit less 64 descriptors.
+    pub max_connections: usize,
+    /// Largest message accepted, in bytes (default 16 MiB); larger gets close `1009`.
+    pub max_message: usize,
+    /// Largest handshake request head (default 8 KiB); larger gets `431`.
+    pub max_request_head: usize,
+    /// Outbound bytes queued per connection before the server stops reading from it
+    /// (default 1 MiB). Broadcasts apply [`slow_consumer`](Self::slow_consumer) at this bound.
+    pub max_backpressure: usize,
+    /// What a broadcast does to a peer whose queue is full (default [`SlowConsumer::Close`]).
+    pub slow_consumer: SlowConsumer,
+    /// Time allowed from accepting a connection to the end of its handshake (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Send a ping after this much silence from the peer (default: off). A peer silent for
+    /// another interval after the ping is closed.
+    pub ping_interval: Option<Duration>,
+    /// Close a peer silent for this long with `1001` (default: off, as in the original design:
+    /// no timeout but ours).
+    pub idle_timeout: Option<Duration>,
+    /// How long to wait for the peer's close frame, and for its FIN after ours (default 3 s).
+    pub close_timeout: Duration,
+    /// How long a shutdown waits for peers to answer the close (default 3 s).
+    pub shutdown_timeout: Duration,
+    /// Size of the one read buffer shared by all connections (default 256 KiB). A frame that
+    /// fits in one read is unmasked in place; a larger one is assembled per connection. Pages
+    /// of the buffer that no read has reached are not resident.
+    pub read_buffer_size: usize,
+    /// TCP keep-alive probes after this much idle time (default: off).
+    pub tcp_keepalive: Option<Duration>,
+    /// Allowed `Origin` values; empty allows any (default). A request without `Origin` (not a
+    /// browser) is always allowed: the check exists to stop cross-site pages, which always
+    /// send one. Others get `403`.
+    pub origins: Vec<String>,
+    /// Subprotocols the server speaks, in order of preference (default none). The first one
+    /// the client offers is chosen, unless [`Handler::on_upgrade`](super::Handler::on_upgrade)
+    /// picks another.
+    pub protocols: Vec<String>,
+    /// An HTML page served for `GET /` and `HEAD /` (default: none; a plain request gets `426`).
+    pub page: Option<Cow<'static, str>>,
+    /// Stop gracefully on SIGINT and SIGTERM while running (default: off; the CLI turns it on).
+    pub handle_signals: bool,
+}
+
+/// Descriptors kept free for the listener, the poll, logging and the like.
+pub(crate) const FD_RESERVE: u64 = 64;
+
+/// The open-file limit less a reserve: how many connections the process can hold.
+pub fn default_max_connections() -> usize {
+    let soft = crate::io::sys::fd_limit();
+    soft.saturating_sub(FD_RESERVE).max(1).min(usize::MAX as u64) as usize
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: default_max_connections(),
+            max_message: 16 << 20,
+            max_request_head: 8 << 10,
+            max_backpressure: 1 << 20,
+            slow_consumer: SlowConsumer::Close,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: None,
+            idle_timeout: None,
+            close_timeout: Duration::from_secs(3),
+            shutdown_timeout: Duration::from_secs(3),
+            read_buffer_size: 256 << 10,
+            tcp_keepalive: None,
+            origins: Vec::new(),
+            protocols: Vec::new(),
+            page: None,
+            handle_signals: false,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Refuses settings that cannot work (zero limits, zero timeouts), with what is wrong.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1");
+        }
+        if self.max_backpressure == 0 {
+            return Err("max_backpressure must be at least 1 byte");
+        }
+        if self.read_buffer_size < 64 {
+            return Err("read_buffer_size must be at least 64 bytes");
+        }
+        if self.shutdown_timeout.is_zero() {
+            return Err("shutdown_timeout must be above zero");
+        }
+        self.protocol_config().check()
+    }
+
+    /// The settings of each connection's protocol core.
+    pub(crate) fn protocol_config(&self) -> proto::Config {
+        proto::Config {
+            max_message: self.max_message,
+            max_head: self.max_request_head,
+            handshake_timeout: self.handshake_timeout,
+            close_timeout: self.close_timeout,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
