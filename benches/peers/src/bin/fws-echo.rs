@@ -4,10 +4,16 @@
 //!
 //! Usage: `fws-echo ADDR` (e.g. `127.0.0.1:0`). Prints exactly one line,
 //! `listening on ADDR`, to stderr with the bound address, then serves until
-//! killed. Messages are reassembled with `FragmentCollector` and echoed whole;
-//! auto-pong and auto-close are on. fastwebsockets' default size limit
-//! (64 MiB) is kept, so 16 MiB messages are accepted. The only tuning is
-//! `TCP_NODELAY` on accepted sockets.
+//! killed. Written the way fastwebsockets' docs and echo example use it:
+//! messages are reassembled with `FragmentCollector` (an unfragmented frame
+//! passes through without a copy) and echoed whole; auto-pong and auto-close
+//! are on; payloads over 1 KiB go out with one `writev` of header and payload
+//! (no copy). `write_frame` writes each frame straight to the socket: the
+//! library keeps no write buffer over a plain TCP stream, and `read_frame` is
+//! not cancel-safe, so replies cannot be batched the way `tt-echo` batches
+//! them. fastwebsockets' default size limit (64 MiB) is kept, so 16 MiB
+//! messages are accepted. The only tuning is `TCP_NODELAY` on accepted
+//! sockets; tokio's multi-thread runtime, one worker per core.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -116,8 +122,10 @@ async fn handle(
 
 async fn echo(fut: UpgradeFut) -> Result<(), WebSocketError> {
     let mut ws = fut.await?;
+    // The defaults, stated: they are what this server relies on.
     ws.set_auto_pong(true);
     ws.set_auto_close(true);
+    ws.set_writev(true);
     let mut ws = FragmentCollector::new(ws);
     loop {
         let frame = ws.read_frame().await?;

@@ -3,16 +3,19 @@
 //!
 //! Usage: `tt-echo ADDR` (e.g. `127.0.0.1:0`). Prints exactly one line,
 //! `listening on ADDR`, to stderr with the bound address, then serves until
-//! killed. Everything is left at tokio-tungstenite's defaults (which accept
-//! frames up to 16 MiB and messages up to 64 MiB); the only tuning is
-//! `TCP_NODELAY` on accepted sockets.
+//! killed. Replies are batched with `feed` and one `flush` per burst of ready
+//! messages (see `wsloop_bench_peers::echo`). Everything else is left at
+//! tokio-tungstenite's defaults (frames up to 16 MiB, messages up to 64 MiB,
+//! 128 KiB write buffer) apart from `TCP_NODELAY` on accepted sockets. The
+//! runtime is tokio's multi-thread one, as users run it: one worker per core.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::{Error, Message};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Error;
+use wsloop_bench_peers::{echo, listen, log_error};
+
+const BIN: &str = "tt-echo";
 
 fn listen_arg() -> String {
     let mut args = std::env::args().skip(1);
@@ -27,34 +30,19 @@ fn listen_arg() -> String {
 
 #[tokio::main]
 async fn main() {
-    let addr = listen_arg();
-    let listener = match TcpListener::bind(&addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("tt-echo: cannot bind {addr}: {e}");
-            std::process::exit(1);
-        }
-    };
-    match listener.local_addr() {
-        Ok(local) => eprintln!("listening on {local}"),
-        Err(e) => {
-            eprintln!("tt-echo: local_addr: {e}");
-            std::process::exit(1);
-        }
-    }
-
+    let listener = listen(BIN, &listen_arg()).await;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 tokio::spawn(async move {
                     if let Err(e) = serve(stream).await {
-                        log_error(peer, &e);
+                        log_error(BIN, peer, &e);
                     }
                 });
             }
             Err(e) => {
                 // e.g. EMFILE: back off briefly instead of spinning.
-                eprintln!("tt-echo: accept: {e}");
+                eprintln!("{BIN}: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -64,22 +52,5 @@ async fn main() {
 async fn serve(stream: TcpStream) -> Result<(), Error> {
     stream.set_nodelay(true)?;
     let mut ws = tokio_tungstenite::accept_async(stream).await?;
-    while let Some(msg) = ws.next().await {
-        match msg? {
-            msg @ (Message::Text(_) | Message::Binary(_)) => ws.send(msg).await?,
-            // Pings are answered by tungstenite itself (the pong is flushed
-            // on the next read/write). On Close, tungstenite queues the
-            // reply; polling the stream again flushes it and then ends it.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
-        }
-    }
-    Ok(())
-}
-
-fn log_error(peer: SocketAddr, e: &Error) {
-    match e {
-        // Normal end of a connection, nothing to report.
-        Error::ConnectionClosed | Error::AlreadyClosed => {}
-        _ => eprintln!("tt-echo: {peer}: {e}"),
-    }
+    echo(&mut ws).await
 }
