@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// A server running as a child process; killed when dropped.
@@ -25,15 +25,20 @@ impl ServerProc {
 
     /// `serve` with default settings from another build of wsloop (for A/B comparisons).
     pub fn wsloop_at(bin: &Path, name: &'static str) -> ServerProc {
-        let port = free_port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Command::new(bin)
-            .args(["serve", "--listen", &addr.to_string(), "--log", "warn"])
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--listen", &addr.to_string(), "--log", "warn"]);
+        Self::spawn(name, cmd, addr, Duration::from_secs(10))
+    }
+
+    /// Runs `cmd`, a server that will listen on `addr`, and waits up to `startup` until it does.
+    pub fn spawn(name: &'static str, mut cmd: Command, addr: SocketAddr, startup: Duration) -> ServerProc {
+        let child = cmd
             .stdin(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("start {}: {e}", cmd.get_program().to_string_lossy()));
         let mut s = ServerProc { name, addr, child };
-        s.wait_listening();
+        s.wait_listening(startup);
         s
     }
 
@@ -75,10 +80,30 @@ impl ServerProc {
         format!("ws://{}/", self.addr)
     }
 
+    /// Sends SIGINT and waits up to `timeout` for the exit status (if it times out, the drop kills it).
+    pub fn interrupt(mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        if unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) } != 0 {
+            return Err(format!("SIGINT to {}: {}", self.name, std::io::Error::last_os_error()));
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "{} still running {} s after SIGINT",
+            self.name,
+            timeout.as_secs()
+        ))
+    }
+
     /// Waits until a TCP connect succeeds (the server then sees one connection that closes
     /// without a handshake).
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    fn wait_listening(&mut self, startup: Duration) {
+        let deadline = Instant::now() + startup;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 panic!("{} exited early: {status}", self.name);
@@ -90,7 +115,12 @@ impl ServerProc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("{} is not listening on {} after 10 s", self.name, self.addr);
+        panic!(
+            "{} is not listening on {} after {} s",
+            self.name,
+            self.addr,
+            startup.as_secs()
+        );
     }
 }
 
