@@ -416,19 +416,19 @@ impl Client {
                     Ok((used, ev)) => {
                         self.rpos += used;
                         if let Some(Event::Open(response)) = ev {
-                            self.protocol = response.protocol;
+                            self.protocol = response.protocol.clone();
                             log::debug!("{}: handshake done", self.peer);
                             return Ok(());
                         }
                     }
-                    Err(proto::Error::Response(e)) => return Err(ClientError::Handshake(e)),
+                    Err(proto::Error::Response(e)) => return Err(ClientError::Handshake(*e)),
                     Err(e) => return Err(ClientError::Abnormal(e.to_string())),
                 }
                 continue;
             }
             if self.read_closed {
                 return Err(match self.conn.read_eof(self.clock.now()) {
-                    Some(proto::Error::Response(e)) => ClientError::Handshake(e),
+                    Some(proto::Error::Response(e)) => ClientError::Handshake(*e),
                     _ => ClientError::Handshake(ResponseError::NoAnswer),
                 });
             }

@@ -128,6 +128,8 @@ pub(crate) struct Engine<T, P, R> {
     pub(crate) rng: R,
     /// Queued bytes per connection above which reading from it pauses.
     pub(crate) max_backpressure: usize,
+    /// The protocol settings time open connections (ping or idle timeout).
+    timed_open: bool,
     /// Output for the connection whose bytes are being processed (`corked`).
     cork: Vec<u8>,
     corked: usize,
@@ -151,6 +153,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     pub(crate) fn new(poll: Poll, cfg: proto::Config, max_backpressure: usize, rng: R) -> Self {
         Engine {
             poll,
+            timed_open: cfg.ping_interval.is_some() || cfg.idle_timeout.is_some(),
             slots: Slab::new(),
             cfg,
             clock: Clock::new(),
@@ -299,8 +302,13 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             // skip the read that would only return WouldBlock (one system call per message).
             let drained = n < rbuf.len() && !hup && slot.stream.short_read_drains();
             self.process(d, key, &mut rbuf[..n]);
-            self.settle(key);
             if drained {
+                return;
+            }
+            // Reading on: not past this peer's queue bound (`settle` resumes it later).
+            let slot = &mut self.slots[key];
+            if slot.queued() > self.max_backpressure {
+                slot.flags |= READ_PAUSED;
                 return;
             }
         }
@@ -366,6 +374,16 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             self.cork.clear();
             return;
         }
+        if slot.out.is_none() {
+            // Usually the kernel takes it all in one write.
+            if let Ok(n) = slot.stream.write(&self.cork) {
+                if n == self.cork.len() {
+                    self.cork.clear();
+                    return;
+                }
+                self.cork.drain(..n);
+            }
+        }
         if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.cork) {
             self.kill(key, Cause::Io(e));
         }
@@ -378,6 +396,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// the registration and the deadline current.
     pub(crate) fn settle(&mut self, key: usize) {
         let Some(slot) = self.slots.get_mut(key) else { return };
+        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() {
+            return; // an open connection with nothing queued, nothing paused, nothing timed
+        }
         if slot.flags & DEAD != 0 {
             return;
         }
@@ -550,11 +571,24 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Sends a message on connection `key`.
     pub(crate) fn send(&mut self, key: usize, msg: Message<'_>) -> Result<(), NotOpen> {
-        let (slot, out, rng) = self.output(key);
-        if slot.flags & DEAD != 0 {
+        let gen = self.slots[key].gen;
+        self.send_to(key, gen, msg)
+    }
+
+    /// Sends a message on connection `key` if it is still generation `gen` (one lookup: this
+    /// is every reply's path).
+    pub(crate) fn send_to(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return Err(NotOpen);
+        };
+        if slot.gen != gen || slot.flags & DEAD != 0 {
             return Err(NotOpen);
         }
-        slot.conn.send(msg, rng, out)?;
+        if key == self.corked {
+            return slot.conn.send(msg, &mut self.rng, &mut self.cork);
+        }
+        self.scratch.clear();
+        slot.conn.send(msg, &mut self.rng, &mut self.scratch)?;
         self.flush_scratch(key);
         Ok(())
     }

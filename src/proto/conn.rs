@@ -158,6 +158,19 @@ pub enum Payload<'d> {
 }
 
 impl Payload<'_> {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.as_message().as_bytes()
+    }
+
+    /// The text, or `""` for a binary payload.
+    pub fn as_str(&self) -> &str {
+        match self.as_message() {
+            Message::Text(t) => t,
+            Message::Binary(_) => "",
+        }
+    }
+
     /// The message, borrowed.
     pub fn as_message(&self) -> Message<'_> {
         match self {
@@ -174,59 +187,50 @@ impl Payload<'_> {
     }
 }
 
-/// A control frame's payload (at most 125 bytes), copied out of the stream.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct ControlPayload {
-    len: u8,
-    bytes: [u8; MAX_CONTROL_PAYLOAD],
-}
-
-impl ControlPayload {
-    fn new(b: &[u8]) -> Self {
-        let mut bytes = [0u8; MAX_CONTROL_PAYLOAD];
-        let len = b.len().min(MAX_CONTROL_PAYLOAD);
-        bytes[..len].copy_from_slice(&b[..len]);
-        ControlPayload { len: len as u8, bytes }
-    }
-
-    /// The bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
-    }
-
-    /// The bytes as text (close reasons are checked to be UTF-8; for others, lossy: empty).
-    pub fn as_str(&self) -> &str {
-        core::str::from_utf8(self.as_bytes()).unwrap_or("")
-    }
-}
-
-impl core::fmt::Debug for ControlPayload {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{:?}", self.as_bytes())
-    }
-}
-
 /// Something the peer did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event<'d> {
     /// Server: a complete request. Answer it with [`Connection::accept`] before reading on.
-    Request(Request),
+    Request(Box<Request>),
     /// Client: the server accepted the upgrade; the connection is open.
-    Open(Response),
+    Open(Box<Response>),
     /// A complete message.
     Message(Payload<'d>),
-    /// A ping; the pong is already queued.
-    Ping(ControlPayload),
-    /// A pong.
-    Pong(ControlPayload),
+    /// A ping (its payload, as binary); the pong is already queued.
+    Ping(Payload<'d>),
+    /// A pong (its payload, as binary).
+    Pong(Payload<'d>),
     /// The peer's close frame. When this end had not sent one, the reply is already queued.
     /// The state is now [`State::Closed`].
     Close {
         /// The status code, if the frame had one.
         code: Option<u16>,
-        /// The reason text.
-        reason: ControlPayload,
+        /// The reason (text).
+        reason: Payload<'d>,
     },
+}
+
+impl Event<'_> {
+    /// The event with nothing borrowed (payloads copied out).
+    pub fn into_owned(self) -> Event<'static> {
+        let own = |p: Payload<'_>| match p {
+            Payload::Text(t) => Payload::OwnedText(String::from(t)),
+            Payload::Binary(b) => Payload::OwnedBinary(b.to_vec()),
+            Payload::OwnedText(t) => Payload::OwnedText(t),
+            Payload::OwnedBinary(b) => Payload::OwnedBinary(b),
+        };
+        match self {
+            Event::Request(r) => Event::Request(r),
+            Event::Open(r) => Event::Open(r),
+            Event::Message(p) => Event::Message(own(p)),
+            Event::Ping(p) => Event::Ping(own(p)),
+            Event::Pong(p) => Event::Pong(own(p)),
+            Event::Close { code, reason } => Event::Close {
+                code,
+                reason: own(reason),
+            },
+        }
+    }
 }
 
 /// Why the connection failed. Whatever the peer should be told is already queued, and the
@@ -239,7 +243,7 @@ pub enum Error {
     /// Server: the request was refused; the HTTP answer is queued.
     Rejected(Reject),
     /// Client: the server's answer did not complete the handshake.
-    Response(ResponseError),
+    Response(Box<ResponseError>),
 }
 
 impl core::fmt::Display for Error {
@@ -513,11 +517,11 @@ impl Connection {
             if let Some(p) = &self.partial {
                 if let Some(c) = &p.client {
                     if let Err(e) = c.check(&p.buf, true) {
-                        failure = Some(Error::Response(e));
+                        failure = Some(Error::Response(Box::new(e)));
                     }
                 }
             }
-            failure.get_or_insert(Error::Response(ResponseError::NoAnswer));
+            failure.get_or_insert_with(|| Error::Response(Box::new(ResponseError::NoAnswer)));
         }
         self.set_closed(now);
         failure
@@ -539,6 +543,11 @@ impl Connection {
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), Error> {
+        if self.partial.is_none() && self.state == State::Open {
+            if let Some((head, len)) = self.small_message(cfg, data) {
+                return self.take_small_message(now, data, head, len, rng, out);
+            }
+        }
         let result = match self.state {
             State::Connecting if self.flags & CLIENT != 0 => self.read_response(cfg, now, data),
             State::Connecting => self.read_request(cfg, now, data, out),
@@ -558,6 +567,57 @@ impl Connection {
             self.partial = None;
         }
         result
+    }
+
+    /// The common case, decided on the first two bytes: a whole, final text or binary frame
+    /// under 126 bytes, masked as the role requires, with no parser state. Returns the header
+    /// and payload lengths; `None` sends everything else down the general path (which handles
+    /// these frames too).
+    #[inline]
+    fn small_message(&self, cfg: &Config, data: &[u8]) -> Option<(usize, usize)> {
+        let [b0, b1, ..] = *data else { return None };
+        let masked = b1 & 0x80 != 0;
+        // FIN and no reserved bits: exactly 0x81 (text) or 0x82 (binary).
+        if !(b0 == 0x81 || b0 == 0x82) || masked == (self.flags & CLIENT != 0) {
+            return None;
+        }
+        let len = usize::from(b1 & 0x7f);
+        let head = if masked { 6 } else { 2 };
+        (len < 126 && len <= cfg.max_message && data.len() >= head + len).then_some((head, len))
+    }
+
+    /// Hands out the frame [`small_message`](Self::small_message) found.
+    #[inline]
+    fn take_small_message<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        now: u64,
+        data: &'d mut [u8],
+        head: usize,
+        len: usize,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        let text = data[0] == 0x81;
+        let (h, rest) = data.split_at_mut(head);
+        let payload = &mut rest[..len];
+        if head == 6 {
+            apply_mask(payload, [h[2], h[3], h[4], h[5]], 0);
+        }
+        self.since = now as u32;
+        self.flags &= !PINGED;
+        let payload: &'d [u8] = payload;
+        let p = if text {
+            match core::str::from_utf8(payload) {
+                Ok(t) => Payload::Text(t),
+                Err(_) => {
+                    let e = self.fail(err(1007, "invalid UTF-8 in text message"), now, rng, out);
+                    return Err(Error::Protocol(e));
+                }
+            }
+        } else {
+            Payload::Binary(payload)
+        };
+        Ok((head + len, Some(Event::Message(p))))
     }
 
     /// Feeds all of `data`, handing each event to `on_event` with `out`. A server accepts every
@@ -652,7 +712,7 @@ impl Connection {
             Ok(None) => Ok((data.len(), None)),
             Ok(Some((req, used))) => {
                 self.flags |= AWAITING_ANSWER;
-                Ok((used, Some(Event::Request(req))))
+                Ok((used, Some(Event::Request(Box::new(req)))))
             }
             Err(r) => {
                 r.write(out);
@@ -690,7 +750,7 @@ impl Connection {
     ) -> Result<(usize, Option<Event<'d>>), Error> {
         let Some(pending) = self.partial.as_mut().and_then(|p| p.client.take()) else {
             self.set_closed(now);
-            return Err(Error::Response(ResponseError::Malformed));
+            return Err(Error::Response(Box::new(ResponseError::Malformed)));
         };
         let head = self.read_head(data, cfg.max_head, ResponseError::TooLarge, |b| pending.check(b, false));
         match head {
@@ -700,11 +760,11 @@ impl Connection {
             }
             Ok(Some((response, used))) => {
                 self.set_state(State::Open, now);
-                Ok((used, Some(Event::Open(response))))
+                Ok((used, Some(Event::Open(Box::new(response)))))
             }
             Err(e) => {
                 self.set_closed(now);
-                Err(Error::Response(e))
+                Err(Error::Response(Box::new(e)))
             }
         }
     }
@@ -813,6 +873,9 @@ impl Connection {
     /// When [`handle_timeout`](Self::handle_timeout) is next needed, on the caller's clock
     /// (`now` is any recent reading of it), or `None` while nothing is timed.
     pub fn poll_timeout(&self, cfg: &Config, now: u64) -> Option<u64> {
+        if self.state == State::Open && cfg.ping_interval.is_none() && cfg.idle_timeout.is_none() {
+            return None; // the common case, checked first: it runs after every read
+        }
         let since = now.saturating_sub(u64::from((now as u32).wrapping_sub(self.since)));
         let after = match self.state {
             State::Connecting => cfg.handshake_timeout,
@@ -931,7 +994,7 @@ impl Connection {
                     apply_mask(payload, key, 0);
                 }
                 let ev = if header.opcode.is_control() {
-                    self.on_control(header.opcode, payload, now, rng, out)?
+                    self.on_control(header.opcode, payload, false, now, rng, out)?
                 } else {
                     let payload: &'d [u8] = payload;
                     let p = match header.opcode {
@@ -971,7 +1034,15 @@ impl Connection {
         if h.opcode.is_control() {
             return Ok(());
         }
-        let in_message = self.partial.as_ref().and_then(|p| p.message);
+        let Some(p) = self.partial.as_deref() else {
+            // Nothing in progress: the common case.
+            return match h.opcode {
+                OpCode::Continuation => Err(err(1002, "continuation frame without a message to continue")),
+                _ if h.payload_len > max_message as u64 => Err(err(1009, "message too big")),
+                _ => Ok(()),
+            };
+        };
+        let in_message = p.message;
         match (h.opcode, in_message) {
             (OpCode::Continuation, None) => return Err(err(1002, "continuation frame without a message to continue")),
             (OpCode::Text | OpCode::Binary, Some(_)) => {
@@ -979,7 +1050,7 @@ impl Connection {
             }
             _ => {}
         }
-        let so_far = self.partial.as_ref().map_or(0, |p| p.buf.len() as u64);
+        let so_far = p.buf.len() as u64;
         if so_far.saturating_add(h.payload_len) > max_message as u64 {
             return Err(err(1009, "message too big"));
         }
@@ -1013,11 +1084,11 @@ impl Connection {
             if !complete {
                 return Ok((take, None));
             }
-            let mut payload = p.control;
+            let payload = p.control;
             let n = p.control_len as usize;
             p.control_len = 0;
-            let ev = self.on_control(f.header.opcode, &mut payload[..n], now, rng, out)?;
-            return Ok((take, ev));
+            let ev = self.on_control(f.header.opcode, &payload[..n], true, now, rng, out)?;
+            return Ok((take, ev.map(Event::into_owned)));
         }
         if p.message == Some(OpCode::Text) {
             p.utf8
@@ -1048,42 +1119,55 @@ impl Connection {
         Ok((take, Some(Event::Message(payload))))
     }
 
-    fn on_control<R: RandomSource + ?Sized>(
+    /// Handles a whole control frame. `owned` says the payload must be copied out (it lives
+    /// in the parser state, not in the caller's buffer).
+    fn on_control<'d, R: RandomSource + ?Sized>(
         &mut self,
         op: OpCode,
-        payload: &mut [u8],
+        payload: &'d [u8],
+        owned: bool,
         now: u64,
         rng: &mut R,
         out: &mut Vec<u8>,
-    ) -> Result<Option<Event<'static>>, ProtocolError> {
+    ) -> Result<Option<Event<'d>>, ProtocolError> {
+        let bytes = |b: &'d [u8]| {
+            if owned {
+                Payload::OwnedBinary(b.to_vec())
+            } else {
+                Payload::Binary(b)
+            }
+        };
         match op {
             OpCode::Ping if self.state == State::Open => {
                 write_frame(out, true, OpCode::Pong, self.mask(rng), payload);
-                Ok(Some(Event::Ping(ControlPayload::new(payload))))
+                Ok(Some(Event::Ping(bytes(payload))))
             }
-            OpCode::Pong if self.state == State::Open => Ok(Some(Event::Pong(ControlPayload::new(payload)))),
+            OpCode::Pong if self.state == State::Open => Ok(Some(Event::Pong(bytes(payload)))),
             OpCode::Ping | OpCode::Pong => Ok(None),
             _ => {
                 let (code, reason) = match payload.len() {
-                    0 => (None, &payload[..0]),
+                    0 => (None, ""),
                     1 => return Err(err(1002, "close frame with a 1-byte payload")),
                     _ => {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
                         if !close_code::is_valid(code) {
                             return Err(err(1002, "invalid close code"));
                         }
-                        core::str::from_utf8(&payload[2..]).map_err(|_| err(1007, "close reason is not UTF-8"))?;
-                        (Some(code), &payload[2..])
+                        let reason =
+                            core::str::from_utf8(&payload[2..]).map_err(|_| err(1007, "close reason is not UTF-8"))?;
+                        (Some(code), reason)
                     }
                 };
                 if self.state == State::Open {
                     write_close(out, self.mask(rng), code, "");
                 }
                 self.set_closed(now);
-                Ok(Some(Event::Close {
-                    code,
-                    reason: ControlPayload::new(reason),
-                }))
+                let reason = if owned {
+                    Payload::OwnedText(String::from(reason))
+                } else {
+                    Payload::Text(reason)
+                };
+                Ok(Some(Event::Close { code, reason }))
             }
         }
     }
@@ -1117,6 +1201,14 @@ mod tests {
                 *b = self.0;
             }
         }
+    }
+
+    #[test]
+    fn events_and_results_are_small() {
+        // They are returned for every message: large ones cost a copy each time.
+        let w = core::mem::size_of::<usize>();
+        assert!(core::mem::size_of::<Event<'_>>() <= 5 * w);
+        assert!(core::mem::size_of::<Result<(usize, Option<Event<'_>>), Error>>() <= 7 * w);
     }
 
     #[test]
@@ -1246,7 +1338,7 @@ mod tests {
         let mut rng = Counter(0);
         let mut out = Vec::new();
         let mut c = Connection::client(&ClientRequest::new("h", "/"), 0, &mut rng, &mut out);
-        assert_eq!(c.read_eof(1), Some(Error::Response(ResponseError::NoAnswer)));
+        assert_eq!(c.read_eof(1), Some(Error::Response(Box::new(ResponseError::NoAnswer))));
         let mut c = Connection::client(&ClientRequest::new("h", "/"), 0, &mut rng, &mut out);
         let mut refusal = *b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nno";
         let n = refusal.len();
@@ -1254,7 +1346,10 @@ mod tests {
             c.read(&Config::default(), 1, &mut refusal, &mut rng, &mut out),
             Ok((n, None))
         );
-        let Some(Error::Response(ResponseError::Status { code, body, .. })) = c.read_eof(2) else {
+        let Some(Error::Response(e)) = c.read_eof(2) else {
+            panic!()
+        };
+        let ResponseError::Status { code, body, .. } = *e else {
             panic!()
         };
         assert_eq!((code, body.as_str()), (404, "no"));

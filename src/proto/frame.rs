@@ -97,16 +97,12 @@ impl FrameHeader {
     /// with its length in bytes. Checks everything a header alone can show; whether a mask is
     /// required and how fragments fit together is the connection's business.
     pub fn parse(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, FrameError> {
-        let (b0, b1) = match buf {
-            [b0, b1, ..] => (*b0, *b1),
-            _ => return Ok(None),
-        };
+        let [b0, b1, ..] = *buf else { return Ok(None) };
         if b0 & 0x70 != 0 {
             return Err(FrameError::ReservedBits);
         }
         let fin = b0 & 0x80 != 0;
         let opcode = OpCode::from_u8(b0 & 0x0f).ok_or(FrameError::ReservedOpcode(b0 & 0x0f))?;
-        let masked = b1 & 0x80 != 0;
         let len7 = b1 & 0x7f;
         if opcode.is_control() {
             if !fin {
@@ -116,32 +112,23 @@ impl FrameHeader {
                 return Err(FrameError::ControlTooLong);
             }
         }
-        let ext = match len7 {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        let header_len = 2 + ext + if masked { 4 } else { 0 };
-        if buf.len() < header_len {
-            return Ok(None);
-        }
-        let payload_len = match ext {
-            2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
-            8 => {
+        let mask_len = if b1 & 0x80 != 0 { 4 } else { 0 };
+        let (payload_len, at) = match len7 {
+            126 if buf.len() >= 4 + mask_len => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+            127 if buf.len() >= 10 + mask_len => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&buf[2..10]);
                 let len = u64::from_be_bytes(b);
                 if len >> 63 != 0 {
                     return Err(FrameError::LengthOverflow);
                 }
-                len
+                (len, 10)
             }
-            _ => u64::from(len7),
+            126 | 127 => return Ok(None),
+            n if buf.len() >= 2 + mask_len => (u64::from(n), 2),
+            _ => return Ok(None),
         };
-        let mask = masked.then(|| {
-            let m = 2 + ext;
-            [buf[m], buf[m + 1], buf[m + 2], buf[m + 3]]
-        });
+        let mask = (mask_len != 0).then(|| [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
         Ok(Some((
             FrameHeader {
                 fin,
@@ -149,7 +136,7 @@ impl FrameHeader {
                 mask,
                 payload_len,
             },
-            header_len,
+            at + mask_len,
         )))
     }
 
@@ -179,6 +166,13 @@ impl FrameHeader {
 
 /// Appends one whole frame to `out`: header, then the payload, masked when `mask` is given.
 pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, mask: Option<[u8; 4]>, payload: &[u8]) {
+    if mask.is_none() && payload.len() < 126 {
+        // A server's small frame: two header bytes and the payload (the common case).
+        out.reserve(2 + payload.len());
+        out.extend_from_slice(&[u8::from(fin) << 7 | opcode as u8, payload.len() as u8]);
+        out.extend_from_slice(payload);
+        return;
+    }
     let header = FrameHeader {
         fin,
         opcode,

@@ -18,9 +18,7 @@ pub mod mask;
 pub mod rand;
 pub mod utf8;
 
-pub use conn::{
-    Config, Connection, ControlPayload, Error, Event, Message, NotOpen, Payload, ProtocolError, Role, State, Timeout,
-};
+pub use conn::{Config, Connection, Error, Event, Message, NotOpen, Payload, ProtocolError, Role, State, Timeout};
 pub use frame::{close_code, FrameHeader, OpCode};
 pub use handshake::{Answer, ClientRequest, Reject, Request, Response, ResponseError};
 pub use rand::RandomSource;

@@ -257,8 +257,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Sends a message to one connection. Returns false if it is not open.
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        let Some(key) = self.slot_key(id) else { return false };
-        let ok = self.eng.send(key, msg).is_ok();
+        let ok = self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
         ok
     }

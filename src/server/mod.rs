@@ -701,11 +701,10 @@ impl<H: Handler> Srv<H> {
 impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
     fn on_event(&mut self, eng: &mut ServerEngine<H::State>, key: usize, ev: Event<'_>) {
         match ev {
-            Event::Request(req) => self.on_request(eng, key, req),
+            Event::Request(req) => self.on_request(eng, key, *req),
             Event::Message(payload) => {
                 self.shared.stats.messages_in += 1;
                 let msg = payload.as_message();
-                log::trace!("{:?}: {} byte message", eng.slots[key].data.addr, msg.as_bytes().len());
                 self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));
             }
             Event::Close { code, reason } => {

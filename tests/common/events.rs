@@ -60,7 +60,7 @@ pub fn read_request(
     let mut data = data.to_vec();
     let mut out = Vec::new();
     match conn.read(&c, 0, &mut data, &mut wsloop::proto::rand::NoRandom, &mut out) {
-        Ok((used, Some(Event::Request(req)))) => Ok(Some((req, used))),
+        Ok((used, Some(Event::Request(req)))) => Ok(Some((*req, used))),
         Ok((_, None)) => Ok(None),
         Ok((_, Some(other))) => panic!("not a request: {other:?}"),
         Err(wsloop::proto::Error::Rejected(r)) => Err(r),
