@@ -1213,7 +1213,8 @@ mod tests {
 
     #[test]
     fn idle_connection_is_small() {
-        assert!(core::mem::size_of::<Connection>() <= 2 * core::mem::size_of::<usize>());
+        // 16 bytes on 64-bit targets, 12 on 32-bit ones: a pointer, a clock reading, two bytes.
+        assert!(core::mem::size_of::<Connection>() <= 8 + core::mem::size_of::<usize>());
     }
 
     #[test]
