@@ -75,7 +75,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 print!("{HELP}");
                 return Ok(());
             }
-            _ => return Err(arg.unexpected().to_string()),
+            _ => return Err(super::unexpected(arg, "bench")),
         }
     }
     let load = match (every, inflight) {

@@ -138,7 +138,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 o.url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?;
                 url_set = true;
             }
-            _ => return Err(arg.unexpected().to_string()),
+            _ => return Err(super::unexpected(arg, "client")),
         }
     }
     if o.stdin && (every_set || send_set) {

@@ -343,6 +343,8 @@ struct Partial {
     utf8: Utf8Validator,
     /// The message so far (or, while connecting, the handshake head so far).
     buf: Vec<u8>,
+    /// Bytes of the current message read but not kept (it arrived after this end's close).
+    skipped: u64,
     /// A control frame's payload so far.
     control: [u8; MAX_CONTROL_PAYLOAD],
     control_len: u8,
@@ -358,6 +360,7 @@ impl Partial {
             message: None,
             utf8: Utf8Validator::new(),
             buf: Vec::new(),
+            skipped: 0,
             control: [0; MAX_CONTROL_PAYLOAD],
             control_len: 0,
             client: None,
@@ -853,6 +856,11 @@ impl Connection {
         };
         write_close(out, self.mask(rng), Some(code), reason);
         self.set_state(State::LocalClosing, now);
+        // A message being assembled will not be delivered: free it now.
+        if let Some(p) = &mut self.partial {
+            p.skipped += p.buf.len() as u64;
+            p.buf = Vec::new();
+        }
         Ok(())
     }
 
@@ -1016,6 +1024,7 @@ impl Connection {
                 p.message = Some(header.opcode);
                 p.utf8 = Utf8Validator::new();
                 p.buf.clear();
+                p.skipped = 0;
             }
             if header.opcode.is_control() {
                 p.control_len = 0;
@@ -1050,7 +1059,7 @@ impl Connection {
             }
             _ => {}
         }
-        let so_far = p.buf.len() as u64;
+        let so_far = p.buf.len() as u64 + p.skipped;
         if so_far.saturating_add(h.payload_len) > max_message as u64 {
             return Err(err(1009, "message too big"));
         }
@@ -1095,12 +1104,18 @@ impl Connection {
                 .feed(chunk)
                 .map_err(|_| err(1007, "invalid UTF-8 in text message"))?;
         }
-        p.buf.extend_from_slice(chunk);
+        // After this end's close frame, data is read to find the peer's close but not kept.
+        if self.state == State::Open {
+            p.buf.extend_from_slice(chunk);
+        } else {
+            p.skipped += take as u64;
+        }
         if !(complete && f.header.fin) {
             return Ok((take, None));
         }
         let kind = p.message.take();
         let buf = core::mem::take(&mut p.buf);
+        p.skipped = 0;
         if kind == Some(OpCode::Text) {
             p.utf8
                 .finish()
