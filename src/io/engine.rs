@@ -106,6 +106,11 @@ struct TimerKey(u64);
 const DRIVER_TIMER: u64 = 1 << 63;
 /// Give freed memory back to the operating system.
 const TRIM_TIMER: u64 = 1 << 62;
+/// Look at connections paused for memory.
+const STALL_TIMER: u64 = (1 << 62) | 1;
+
+/// A connection paused this long for memory, while memory stays short, is closed.
+const MEM_STALL_MS: u64 = 5000;
 
 impl TimerKey {
     fn conn(key: usize, gen: u32) -> TimerKey {
@@ -168,14 +173,15 @@ pub(crate) struct Engine<T, P, R> {
     next_gen: u32,
     /// What every connection holds, against the limit.
     pub(crate) budget: Arc<Budget>,
-    /// Connections not read from until the budget recovers.
-    mem_paused: Vec<(usize, u32)>,
+    /// Connections not read from until the budget recovers, and since when.
+    mem_paused: Vec<(usize, u32, u64)>,
     /// Connections to close for the budget at the end of the turn.
     shed: Vec<(usize, u32)>,
     /// Memory freed since the last trim, and when that was.
     freed: usize,
     last_trim: u64,
     trim_armed: bool,
+    stall_armed: bool,
 }
 
 /// A 32-bit clock reading within ±24 days of `now`, back on the 64-bit clock.
@@ -197,6 +203,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             freed: 0,
             last_trim: 0,
             trim_armed: false,
+            stall_armed: false,
             poll,
             timed_open: cfg.ping_interval.is_some() || cfg.idle_timeout.is_some(),
             slots: Slab::new(),
@@ -304,13 +311,21 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
         }
-        let before = self.slots[key].charge();
+        let mut before = self.slots[key].charge();
         if ev.is_writable() {
             self.on_writable(key);
         }
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             let hup = ev.is_read_closed() || ev.is_error();
-            self.on_readable(d, key, hup, rbuf);
+            let slot = &mut self.slots[key];
+            if hup && slot.flags & MEM_PAUSED != 0 {
+                // The peer left while the budget kept us from reading its unfinished message:
+                // nothing it sent can be used any more.
+                slot.conn.set_closed(self.now);
+                self.kill(key, Cause::Eof);
+            } else {
+                self.on_readable(d, key, hup, rbuf, &mut before);
+            }
         }
         self.account(key, before);
         self.settle(key);
@@ -343,15 +358,15 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         let gen = slot.gen;
         if used > self.budget.limit() {
             self.shed.push((key, gen));
-        } else if slot.flags & MEM_PAUSED == 0 {
-            self.slots[key].flags |= MEM_PAUSED;
-            self.mem_paused.push((key, gen));
+        } else {
+            self.mem_pause(key);
         }
     }
 
     /// Closes the connections the budget could not hold (with 1013: the server is short of
-    /// memory, try again later), dropping their partial messages and queues, and reads from
-    /// paused ones again once memory has come back. Runs once per turn, outside handlers.
+    /// memory, try again later), dropping their partial messages and queues, closes those
+    /// paused for memory for 5 s while it stays short, and reads from paused ones again once
+    /// memory has come back. Runs once per turn, outside handlers.
     pub(crate) fn apply_budget<D: Driver<T, P, R>>(&mut self, d: &mut D) {
         while let Some((key, gen)) = self.shed.pop() {
             if !self.is_live(key, gen) {
@@ -365,11 +380,40 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             }
             self.settle(key);
         }
-        if !self.mem_paused.is_empty() && self.budget.used() < self.budget.low() {
-            for (key, gen) in std::mem::take(&mut self.mem_paused) {
+        if !self.mem_paused.is_empty() && self.budget.used() >= self.budget.low() {
+            // Memory stays short: a connection paused this long is not going to finish (its
+            // peer may be gone behind a closed window, or be stalling on purpose).
+            let now = self.now;
+            let mut i = 0;
+            while i < self.mem_paused.len() {
+                let (key, gen, since) = self.mem_paused[i];
+                if now.saturating_sub(since) < MEM_STALL_MS {
+                    i += 1;
+                    continue;
+                }
+                self.mem_paused.swap_remove(i);
                 if let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == gen) {
                     slot.flags &= !MEM_PAUSED;
-                    self.settle(key);
+                    self.shed.push((key, gen));
+                }
+            }
+            if !self.shed.is_empty() {
+                return self.apply_budget(d);
+            }
+            if let Some(first) = self.mem_paused.iter().map(|e| e.2).min() {
+                if !self.stall_armed {
+                    self.stall_armed = true;
+                    self.timers.push(first + MEM_STALL_MS, TimerKey(STALL_TIMER));
+                }
+            }
+        }
+        if !self.mem_paused.is_empty() && self.budget.used() < self.budget.low() {
+            for (key, gen, _) in std::mem::take(&mut self.mem_paused) {
+                if let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == gen) {
+                    slot.flags &= !MEM_PAUSED;
+                    if slot.flags & (READ_PAUSED | DEAD) == 0 {
+                        self.sync_interest(key, true);
+                    }
                 }
             }
         }
@@ -405,13 +449,23 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Reads and processes until the socket is drained. `hup` says the peer's FIN (or an error)
     /// came with this event, so reading must go on until it shows.
-    fn on_readable<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, hup: bool, rbuf: &mut [u8]) {
+    /// `before` is what the connection held when it was last charged: each read is charged
+    /// as it goes, so that the budget stops a connection that is reading a lot.
+    fn on_readable<D: Driver<T, P, R>>(
+        &mut self,
+        d: &mut D,
+        key: usize,
+        hup: bool,
+        rbuf: &mut [u8],
+        before: &mut usize,
+    ) {
         loop {
+            let cap = self.read_cap(rbuf.len());
             let slot = &mut self.slots[key];
             if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED) != 0 {
                 return;
             }
-            let n = match slot.stream.read(rbuf) {
+            let n = match slot.stream.read(&mut rbuf[..cap]) {
                 Ok(0) => {
                     self.on_eof(d, key);
                     return;
@@ -428,18 +482,45 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             };
             // A read that did not fill the buffer took everything, where the transport says so:
             // skip the read that would only return WouldBlock (one system call per message).
-            let drained = n < rbuf.len() && !hup && slot.stream.short_read_drains();
+            let drained = n < cap && !hup && slot.stream.short_read_drains();
             self.process(d, key, &mut rbuf[..n]);
+            self.account(key, *before);
+            *before = self.slots[key].charge();
             if drained {
                 return;
             }
-            // Reading on: not past this peer's queue bound (`settle` resumes it later).
+            // Reading on: not past this peer's queue bound (`settle` resumes it later), nor
+            // past the budget.
             let slot = &mut self.slots[key];
             if slot.queue_held() > self.max_backpressure {
                 slot.flags |= READ_PAUSED;
                 return;
             }
+            if self.budget.used() > self.budget.limit() {
+                self.mem_pause(key);
+                return;
+            }
         }
+    }
+
+    /// Stops reading from `key` until the budget recovers.
+    fn mem_pause(&mut self, key: usize) {
+        let slot = &mut self.slots[key];
+        if slot.flags & MEM_PAUSED == 0 {
+            slot.flags |= MEM_PAUSED;
+            self.mem_paused.push((key, slot.gen, self.now));
+        }
+    }
+
+    /// How much one read may take: the whole buffer, but less and less as the budget runs
+    /// short (never under 256 bytes, so that small messages still flow), which bounds how
+    /// far the connections read in one turn can overshoot it.
+    fn read_cap(&self, len: usize) -> usize {
+        let used = self.budget.used();
+        if used <= self.budget.soft() {
+            return len;
+        }
+        (self.budget.limit().saturating_sub(used) / 8).clamp(256, len)
     }
 
     /// The peer ended its side. What is queued for it still goes out (bounded by the close
@@ -531,11 +612,14 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             return;
         }
         let queued = slot.queue_held();
+        let mut resumed = false;
         if queued > self.max_backpressure {
             slot.flags |= READ_PAUSED;
         } else if slot.flags & READ_PAUSED != 0 && queued <= self.max_backpressure / 2 {
             slot.flags &= !READ_PAUSED;
+            resumed = slot.flags & MEM_PAUSED == 0;
         }
+        slot.conn.output_pending(slot.out.is_some(), self.now);
         if slot.out.is_none() && slot.flags & CONNECTING == 0 {
             if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
                 // The server ends the TCP connection first (RFC 6455 §7.1.1); a client waits
@@ -555,22 +639,25 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 return;
             }
         }
-        self.sync_interest(key);
+        self.sync_interest(key, resumed);
         self.arm(key);
     }
 
     /// Registers for exactly what the slot needs: READABLE unless paused or ended, WRITABLE
     /// while bytes wait (or the connect is in progress).
-    fn sync_interest(&mut self, key: usize) {
+    fn sync_interest(&mut self, key: usize, resumed: bool) {
         let slot = &mut self.slots[key];
-        let want_read = slot.flags & (READ_PAUSED | EOF | MEM_PAUSED) == 0;
+        // A paused connection stays registered for READABLE (its bytes wait in the kernel) so
+        // that a peer that leaves is noticed; resuming re-arms the edge so that what arrived
+        // meanwhile raises an event.
+        let want_read = slot.flags & EOF == 0;
         let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0;
         let has_write = slot.flags & WRITE_INTEREST != 0;
         let has_read = slot.flags & READ_OFF == 0;
         // mio needs some interest: a slot that wants neither keeps WRITABLE, which is quiet
         // on a socket with nothing queued.
         let write = want_write || !want_read;
-        if write == has_write && want_read == has_read {
+        if write == has_write && want_read == has_read && !resumed {
             return;
         }
         let interest = match (want_read, write) {
@@ -626,6 +713,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             if k == TRIM_TIMER {
                 self.trim_armed = false;
                 self.maybe_trim();
+                continue;
+            }
+            if k == STALL_TIMER {
+                // apply_budget, at the end of this turn, looks at the paused connections.
+                self.stall_armed = false;
                 continue;
             }
             let (key, gen) = ((k & 0xFFFF_FFFF) as usize, (k >> 32) as u32);

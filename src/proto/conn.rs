@@ -382,6 +382,9 @@ const CLIENT: u8 = 1;
 const PINGED: u8 = 2;
 /// Server: a request was handed out and awaits its answer.
 const AWAITING_ANSWER: u8 = 4;
+/// Closing, and this end's close frame is still waiting behind data the peer has not read
+/// (see `sending`).
+const CLOSE_QUEUED: u8 = 8;
 
 /// One WebSocket connection's protocol state.
 pub struct Connection {
@@ -390,6 +393,8 @@ pub struct Connection {
     since: u32,
     state: State,
     flags: u8,
+    /// Bytes received since the last activity without completing a frame (see `read`).
+    trickle: u16,
 }
 
 impl core::fmt::Debug for Connection {
@@ -422,6 +427,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: 0,
+            trickle: 0,
         }
     }
 
@@ -443,6 +449,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: CLIENT,
+            trickle: 0,
         }
     }
 
@@ -453,6 +460,7 @@ impl Connection {
             since: now as u32,
             state: State::Open,
             flags: if role == Role::Client { CLIENT } else { 0 },
+            trickle: 0,
         }
     }
 
@@ -506,6 +514,23 @@ impl Connection {
         }
     }
 
+    /// Tells the connection whether what it wrote is still waiting to go out (`pending`) or
+    /// has all been handed to the transport. While closing, a close frame that waits behind
+    /// data a slow peer has not read yet gets ten times the close timeout; once everything has
+    /// left, the close timeout starts over. Drivers that never call this get the plain close
+    /// timeout from the moment the close started.
+    pub fn output_pending(&mut self, pending: bool, now: u64) {
+        if !matches!(self.state, State::LocalClosing | State::Closed) {
+            return;
+        }
+        if pending {
+            self.flags |= CLOSE_QUEUED;
+        } else if self.flags & CLOSE_QUEUED != 0 {
+            self.flags &= !CLOSE_QUEUED;
+            self.since = now as u32;
+        }
+    }
+
     /// Marks the connection closed without a close handshake (the transport dropped).
     pub fn set_closed(&mut self, now: u64) {
         self.set_state(State::Closed, now);
@@ -555,12 +580,21 @@ impl Connection {
             State::Connecting if self.flags & CLIENT != 0 => self.read_response(cfg, now, data),
             State::Connecting => self.read_request(cfg, now, data, out),
             State::Open | State::LocalClosing => {
-                if self.state == State::Open && !data.is_empty() {
-                    self.since = now as u32;
-                    self.flags &= !PINGED;
-                }
+                let open = self.state == State::Open;
                 match self.read_frames(cfg, now, data, rng, out) {
-                    Ok(r) => Ok(r),
+                    Ok((used, ev)) => {
+                        // Activity, for the heartbeat and idle timeout, is a frame that
+                        // completes or at least 4 KiB of one: a peer that trickles a frame a
+                        // byte at a time is idle.
+                        self.trickle = self.trickle.saturating_add(used.min(usize::from(u16::MAX)) as u16);
+                        let done = ev.is_some() || self.partial.as_ref().is_none_or(|p| p.frame.is_none());
+                        if open && used > 0 && (done || self.trickle >= 4096) {
+                            self.since = now as u32;
+                            self.flags &= !PINGED;
+                            self.trickle = 0;
+                        }
+                        Ok((used, ev))
+                    }
                     Err(e) => Err(Error::Protocol(self.fail(e, now, rng, out))),
                 }
             }
@@ -608,6 +642,7 @@ impl Connection {
         }
         self.since = now as u32;
         self.flags &= !PINGED;
+        self.trickle = 0;
         let payload: &'d [u8] = payload;
         let p = if text {
             match core::str::from_utf8(payload) {
@@ -893,6 +928,9 @@ impl Connection {
                 (Some(p), None) => p + p,
                 (None, None) => return None,
             },
+            // While this end's close frame waits behind a slow reader it may wait ten times as
+            // long; once it has left, the peer has the close timeout to finish.
+            State::LocalClosing | State::Closed if self.flags & CLOSE_QUEUED != 0 => cfg.close_timeout * 10,
             State::LocalClosing | State::Closed => cfg.close_timeout,
         };
         Some(deadline_after(since, after))
@@ -1339,6 +1377,52 @@ mod tests {
         // Nothing is timed on an open connection without heartbeat or idle timeout.
         let c = Connection::open(Role::Server, 0);
         assert_eq!(c.poll_timeout(&Config::default(), 0), None);
+    }
+
+    #[test]
+    fn a_close_frame_stuck_behind_unread_data_waits_longer() {
+        let cfg = Config::default(); // close timeout 3 s
+        let mut out = Vec::new();
+        let mut c = Connection::open(Role::Server, 0);
+        c.close(1008, "slow consumer", 1000, &mut NoRandom, &mut out).unwrap();
+        assert_eq!(c.poll_timeout(&cfg, 1000), Some(4_001));
+        c.output_pending(true, 1000);
+        assert_eq!(c.poll_timeout(&cfg, 1000), Some(31_001), "ten times, while it waits");
+        c.output_pending(false, 20_000);
+        assert_eq!(
+            c.poll_timeout(&cfg, 20_000),
+            Some(23_001),
+            "then the close timeout from now"
+        );
+        // Open connections are not affected.
+        let mut c = Connection::open(Role::Server, 0);
+        c.output_pending(true, 5);
+        assert_eq!(c.poll_timeout(&cfg, 5), None);
+    }
+
+    #[test]
+    fn a_frame_trickled_a_byte_at_a_time_is_idle() {
+        let cfg = Config {
+            idle_timeout: Some(Duration::from_secs(10)),
+            ..Config::default()
+        };
+        let mut out = Vec::new();
+        let mut c = Connection::open(Role::Server, 0);
+        // The header of a 1 MiB masked binary frame, then a byte every second.
+        let mut head = [0x82, 0xff, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 2, 3, 4];
+        c.read(&cfg, 0, &mut head, &mut NoRandom, &mut out).unwrap();
+        for t in 1..=9 {
+            c.read(&cfg, t * 1000, &mut [7], &mut NoRandom, &mut out).unwrap();
+        }
+        assert_eq!(c.poll_timeout(&cfg, 9000), Some(10_001), "no byte counted as activity");
+        // 4 KiB of it does count.
+        c.read(&cfg, 9500, &mut [7; 4096], &mut NoRandom, &mut out).unwrap();
+        assert_eq!(c.poll_timeout(&cfg, 9500), Some(19_501));
+        // So does a whole frame.
+        let mut c = Connection::open(Role::Server, 0);
+        let mut ping = [0x89, 0x80, 1, 2, 3, 4];
+        c.read(&cfg, 5000, &mut ping, &mut NoRandom, &mut out).unwrap();
+        assert_eq!(c.poll_timeout(&cfg, 5000), Some(15_001));
     }
 
     #[test]
