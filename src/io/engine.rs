@@ -574,7 +574,19 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Writes what the corked connection produced, in one go.
     fn uncork(&mut self) {
-        let key = std::mem::replace(&mut self.corked, NONE);
+        self.flush_cork();
+        self.corked = NONE;
+    }
+
+    /// The connection whose read is being processed, if any.
+    pub(crate) fn corked(&self) -> Option<usize> {
+        (self.corked != NONE).then_some(self.corked)
+    }
+
+    /// Writes what the corked connection produced so far, now (before a broadcast reaches
+    /// everyone else, the sender's own copy goes first).
+    pub(crate) fn flush_cork(&mut self) {
+        let key = self.corked;
         if self.cork.is_empty() {
             return;
         }

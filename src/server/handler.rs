@@ -303,13 +303,22 @@ impl<'a, S> Ctx<'a, S> {
         write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
         let frame = self.eng.shared_frame(frame);
         let mut sent = 0;
+        let recipient = |slot: &crate::io::engine::Slot<TcpStream, ConnData<S>>, key: usize| {
+            !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen))
+        };
+        // The connection whose message this usually is gets its copy first: its round trip
+        // should not wait for everyone else's.
+        let first = self.eng.corked();
+        if let Some(key) = first.filter(|&k| recipient(&self.eng.slots[k], k)) {
+            if self.queue_shared(key, &frame) {
+                sent += 1;
+            }
+            self.eng.flush_cork();
+        }
         // Index the slab instead of collecting keys: no allocation per broadcast.
         for key in 0..self.eng.slots.capacity() {
             let Some(slot) = self.eng.slots.get(key) else { continue };
-            if slot.is_dead() || slot.conn.state() != State::Open {
-                continue;
-            }
-            if except.is_some_and(|e| e == ConnId::new(key, slot.gen)) {
+            if Some(key) == first || !recipient(slot, key) {
                 continue;
             }
             if self.queue_shared(key, &frame) {
