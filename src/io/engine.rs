@@ -70,6 +70,7 @@ impl<T, P> Slot<T, P> {
     }
 
     /// Memory this connection holds against the budget (shared frames count by themselves).
+    #[inline]
     fn charge(&self) -> usize {
         self.conn.buffered_bytes() + self.out.as_ref().map_or(0, |o| o.charge())
     }
@@ -327,6 +328,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 self.on_readable(d, key, hup, rbuf, &mut before);
             }
         }
+        let slot = &self.slots[key];
+        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() && slot.charge() == before
+        {
+            return; // the common case after a read: nothing to charge, nothing to change
+        }
         self.account(key, before);
         self.settle(key);
     }
@@ -334,12 +340,18 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// Brings the budget up to date with what connection `key` holds now (it held `before`),
     /// and applies the budget to it: a connection holding more than its share while memory is
     /// short stops being read; past the limit it is closed.
+    #[inline]
     fn account(&mut self, key: usize, before: usize) {
         let slot = &self.slots[key];
         let now = slot.charge();
         if now == before {
             return;
         }
+        self.charge_changed(key, before, now);
+    }
+
+    fn charge_changed(&mut self, key: usize, before: usize, now: usize) {
+        let slot = &self.slots[key];
         if now < before {
             self.budget.sub(before - now);
             self.freed += before - now;
@@ -484,11 +496,13 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             // skip the read that would only return WouldBlock (one system call per message).
             let drained = n < cap && !hup && slot.stream.short_read_drains();
             self.process(d, key, &mut rbuf[..n]);
+            if drained {
+                return; // charged by the caller
+            }
+            // Reading on: charge this read first, so that the budget can stop a connection
+            // that is sending a lot.
             self.account(key, *before);
             *before = self.slots[key].charge();
-            if drained {
-                return;
-            }
             // Reading on: not past this peer's queue bound (`settle` resumes it later), nor
             // past the budget.
             let slot = &mut self.slots[key];
@@ -585,6 +599,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Writes what the corked connection produced so far, now (before a broadcast reaches
     /// everyone else, the sender's own copy goes first).
+    #[inline]
     pub(crate) fn flush_cork(&mut self) {
         let key = self.corked;
         if self.cork.is_empty() {

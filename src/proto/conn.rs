@@ -489,6 +489,7 @@ impl Connection {
     }
 
     /// Heap bytes this connection holds now: its parser state and the message it assembles.
+    #[inline]
     pub fn buffered_bytes(&self) -> usize {
         self.partial.as_ref().map_or(0, |p| {
             core::mem::size_of::<Partial>() + p.buf.capacity() + p.client.as_ref().map_or(0, |c| c.heap_bytes())
