@@ -1066,8 +1066,7 @@ fn upgrade_request(t: &Target) -> Vec<u8> {
     let mut key = [0u8; 16];
     let mut rng = rng();
     rng.fill(&mut key);
-    use base64::Engine as _;
-    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let key = wsloop::proto::handshake::client_key(key);
     format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",

@@ -329,8 +329,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             }
         }
         let slot = &self.slots[key];
-        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() && slot.charge() == before
-        {
+        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() && slot.charge() == before {
             return; // the common case after a read: nothing to charge, nothing to change
         }
         self.account(key, before);

@@ -316,14 +316,45 @@ struct ClientPending {
     extensions_offered: bool,
 }
 
-/// The client's answer check, behind a trait object: only programs that create client
-/// connections link it (a server-only build or firmware image does not carry it).
+/// The client's side of the opening handshake, behind a trait object: only programs that create
+/// client connections link it (a server-only build or firmware image does not carry it).
 trait AnswerCheck: Send + Sync {
+    /// Reads (part of) the server's answer for `conn`, which has taken this check out of its
+    /// parser state and gets it back while the answer is incomplete.
+    fn read(
+        self: Box<Self>,
+        conn: &mut Connection,
+        max_head: usize,
+        now: u64,
+        data: &[u8],
+    ) -> Result<(usize, Option<Event<'static>>), Error>;
     fn check(&self, buf: &[u8], eof: bool) -> Result<Option<(Response, usize)>, ResponseError>;
     fn heap_bytes(&self) -> usize;
 }
 
 impl AnswerCheck for ClientPending {
+    fn read(
+        self: Box<Self>,
+        conn: &mut Connection,
+        max_head: usize,
+        now: u64,
+        data: &[u8],
+    ) -> Result<(usize, Option<Event<'static>>), Error> {
+        match conn.read_head(data, max_head, ResponseError::TooLarge, |b| self.check(b, false)) {
+            Ok(None) => {
+                conn.partial.get_or_insert_with(Partial::new).client = Some(self);
+                Ok((data.len(), None))
+            }
+            Ok(Some((response, used))) => {
+                conn.set_state(State::Open, now);
+                Ok((used, Some(Event::Open(Box::new(response)))))
+            }
+            Err(e) => {
+                conn.set_closed(now);
+                Err(Error::Response(Box::new(e)))
+            }
+        }
+    }
     fn check(&self, buf: &[u8], eof: bool) -> Result<Option<(Response, usize)>, ResponseError> {
         handshake::parse_response(buf, &self.key, &self.protocols, self.extensions_offered, eof)
     }
@@ -345,9 +376,8 @@ struct Partial {
     buf: Vec<u8>,
     /// Bytes of the current message read but not kept (it arrived after this end's close).
     skipped: u64,
-    /// A control frame's payload so far.
-    control: [u8; MAX_CONTROL_PAYLOAD],
-    control_len: u8,
+    /// A control frame's payload so far (allocated only while one is split across reads).
+    control: Vec<u8>,
     client: Option<Box<dyn AnswerCheck>>,
 }
 
@@ -361,8 +391,7 @@ impl Partial {
             utf8: Utf8Validator::new(),
             buf: Vec::new(),
             skipped: 0,
-            control: [0; MAX_CONTROL_PAYLOAD],
-            control_len: 0,
+            control: Vec::new(),
             client: None,
         })
     }
@@ -492,7 +521,10 @@ impl Connection {
     #[inline]
     pub fn buffered_bytes(&self) -> usize {
         self.partial.as_ref().map_or(0, |p| {
-            core::mem::size_of::<Partial>() + p.buf.capacity() + p.client.as_ref().map_or(0, |c| c.heap_bytes())
+            core::mem::size_of::<Partial>()
+                + p.buf.capacity()
+                + p.control.capacity()
+                + p.client.as_ref().map_or(0, |c| c.heap_bytes())
         })
     }
 
@@ -511,7 +543,7 @@ impl Connection {
         self.state = state;
         self.since = now as u32;
         if state == State::Closed {
-            self.partial = None;
+            self.free_partial();
         }
     }
 
@@ -530,6 +562,14 @@ impl Connection {
             self.flags &= !CLOSE_QUEUED;
             self.since = now as u32;
         }
+    }
+
+    /// Frees the parser state. Out of line: its drop code would otherwise sit in the message
+    /// path that inlines `read` (measured: 4 instructions more per echoed message).
+    #[cold]
+    #[inline(never)]
+    fn free_partial(&mut self) {
+        self.partial = None;
     }
 
     /// Marks the connection closed without a close handshake (the transport dropped).
@@ -602,7 +642,7 @@ impl Connection {
             State::Closed => Ok((data.len(), None)),
         };
         if self.partial.as_ref().is_some_and(|p| p.is_empty()) {
-            self.partial = None;
+            self.free_partial();
         }
         result
     }
@@ -791,21 +831,7 @@ impl Connection {
             self.set_closed(now);
             return Err(Error::Response(Box::new(ResponseError::Malformed)));
         };
-        let head = self.read_head(data, cfg.max_head, ResponseError::TooLarge, |b| pending.check(b, false));
-        match head {
-            Ok(None) => {
-                self.partial.get_or_insert_with(Partial::new).client = Some(pending);
-                Ok((data.len(), None))
-            }
-            Ok(Some((response, used))) => {
-                self.set_state(State::Open, now);
-                Ok((used, Some(Event::Open(Box::new(response)))))
-            }
-            Err(e) => {
-                self.set_closed(now);
-                Err(Error::Response(Box::new(e)))
-            }
-        }
+        pending.read(self, cfg.max_head, now, data)
     }
 
     /// Sends a whole message as one frame.
@@ -1066,7 +1092,7 @@ impl Connection {
                 p.skipped = 0;
             }
             if header.opcode.is_control() {
-                p.control_len = 0;
+                p.control = Vec::with_capacity(header.payload_len as usize);
             }
             p.frame = Some(FrameInProgress { header, done: 0 });
         }
@@ -1126,16 +1152,12 @@ impl Connection {
         let complete = f.done == f.header.payload_len;
         p.frame = if complete { None } else { Some(f) };
         if f.header.opcode.is_control() {
-            let at = p.control_len as usize;
-            p.control[at..at + take].copy_from_slice(chunk);
-            p.control_len += take as u8;
+            p.control.extend_from_slice(chunk);
             if !complete {
                 return Ok((take, None));
             }
-            let payload = p.control;
-            let n = p.control_len as usize;
-            p.control_len = 0;
-            let ev = self.on_control(f.header.opcode, &payload[..n], true, now, rng, out)?;
+            let payload = core::mem::take(&mut p.control);
+            let ev = self.on_control(f.header.opcode, &payload, true, now, rng, out)?;
             return Ok((take, ev.map(Event::into_owned)));
         }
         if p.message == Some(OpCode::Text) {

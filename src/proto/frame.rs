@@ -128,7 +128,10 @@ impl FrameHeader {
             n if buf.len() >= 2 + mask_len => (u64::from(n), 2),
             _ => return Ok(None),
         };
-        let mask = (mask_len != 0).then(|| [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+        let mask = match buf.get(at..at + mask_len) {
+            Some(&[a, b, c, d]) => Some([a, b, c, d]),
+            _ => None,
+        };
         Ok(Some((
             FrameHeader {
                 fin,
