@@ -9,10 +9,10 @@ use mio::{Events, Poll};
 
 use super::histogram::Histogram;
 use super::{online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
-use super::{KernelUsage, MESSAGE_HEADER};
+use super::{KernelUsage, Observer, MESSAGE_HEADER};
 use crate::io::budget::Budget;
 use crate::io::engine::{Cause, Driver, Engine};
-use crate::io::sys::{read_cpu, read_rss};
+use crate::io::sys::{children_of, count_fds, read_cpu, read_rss};
 use crate::io::timer::{deadline_after, poll_timeout};
 use crate::proto::handshake::ClientRequest;
 use crate::proto::rand::OsSeeded;
@@ -73,7 +73,7 @@ struct Counters {
 
 struct Bench<'a> {
     cfg: &'a BenchConfig,
-    progress: &'a mut dyn FnMut(&Progress),
+    observer: &'a mut dyn Observer,
     request: ClientRequest,
     phase: Phase,
     /// Incremented for each phase; a phase timer carries the number it was set in.
@@ -90,6 +90,8 @@ struct Bench<'a> {
     hist: Histogram,
     c: Counters,
     first_error: Option<String>,
+    /// When the connect phase began (after the other parts of the run, if any, were ready).
+    connect_start: u64,
     connect_time: Duration,
     measure_start: u64,
     /// Nanoseconds since the start when the measured phase ended (`u64::MAX` before).
@@ -104,7 +106,28 @@ struct Bench<'a> {
     kernel: Option<KernelUsage>,
 }
 
-pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Report, BenchError> {
+/// The server's processes: the one given and its children (the workers of a server with
+/// several processes).
+fn server_processes(pid: u32) -> Vec<u32> {
+    let mut pids = children_of(pid);
+    pids.insert(0, pid);
+    pids
+}
+
+/// Resident memory summed over the server's processes; `None` when the server is gone.
+fn server_rss(pid: u32) -> Option<u64> {
+    let pids = server_processes(pid);
+    read_rss(pid)?;
+    Some(pids.iter().filter_map(|&p| read_rss(p)).sum())
+}
+
+/// CPU time summed over the server's processes.
+fn server_cpu(pid: u32) -> Option<Duration> {
+    read_cpu(pid)?;
+    Some(server_processes(pid).iter().filter_map(|&p| read_cpu(p)).sum())
+}
+
+pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Report, BenchError> {
     let pcfg = proto::Config {
         max_message: (cfg.size * 2).max(8 << 10),
         handshake_timeout: cfg.connect_timeout,
@@ -118,7 +141,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
     }
     let mut b = Bench {
         cfg,
-        progress,
+        observer,
         request: ClientRequest::new(cfg.target.host.clone(), cfg.target.path.clone()),
         phase: Phase::Connect,
         phase_no: 0,
@@ -130,6 +153,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         hist: Histogram::new(),
         c: Counters::default(),
         first_error: None,
+        connect_start: 0,
         connect_time: Duration::ZERO,
         measure_start: 0,
         measure_end_ns: u64::MAX,
@@ -139,7 +163,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         last_progress: (0, 0),
         server: cfg.server_pid.map(|pid| ServerUsage {
             pid,
-            rss_before: read_rss(pid),
+            rss_before: server_rss(pid),
             ..ServerUsage::default()
         }),
         server_cpu_start: None,
@@ -147,8 +171,10 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
     };
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; 256 << 10];
-    eng.tick();
-    eng.set_timer_at(1000, PROGRESS_TIMER);
+    b.observer.before(Phase::Connect);
+    b.connect_start = eng.tick();
+    b.last_progress = (eng.now, 0);
+    eng.set_timer_at(eng.now + 1000, PROGRESS_TIMER);
     b.open_more(&mut eng);
     b.advance(&mut eng);
     while !(b.phase == Phase::Close && (eng.slots.is_empty() || b.close_expired)) {
@@ -203,6 +229,8 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         kernel: b.kernel,
         first_error: b.first_error,
         cores: online_cpus(),
+        processes: 1,
+        hist: Box::new(b.hist),
     })
 }
 
@@ -327,7 +355,7 @@ impl Bench<'_> {
         let dt = eng.now.saturating_sub(t).max(1) as f64 / 1000.0;
         let rate = self.c.received.saturating_sub(r) as f64 / dt;
         self.last_progress = (eng.now, self.c.received);
-        (self.progress)(&Progress {
+        self.observer.progress(&Progress {
             elapsed: Duration::from_millis(eng.now),
             phase: self.phase,
             open: self.open,
@@ -347,6 +375,9 @@ impl Bench<'_> {
     /// Moves to the next phase when the current one is done.
     fn advance(&mut self, eng: &mut BenchEngine) {
         if self.phase == Phase::Connect && self.started == self.cfg.connections && self.pending == 0 {
+            self.connect_time = Duration::from_millis(eng.now - self.connect_start);
+            self.observer.before(Phase::Measure);
+            eng.tick();
             self.begin_measure(eng);
         }
         if self.phase == Phase::Measure && self.open == 0 {
@@ -375,10 +406,9 @@ impl Bench<'_> {
     }
 
     fn begin_measure(&mut self, eng: &mut BenchEngine) {
-        self.connect_time = Duration::from_millis(eng.now);
         if let Some(s) = &mut self.server {
-            s.rss_connected = read_rss(s.pid);
-            self.server_cpu_start = read_cpu(s.pid);
+            s.rss_connected = server_rss(s.pid);
+            self.server_cpu_start = server_cpu(s.pid);
         }
         self.measure_start = eng.now;
         self.set_phase(eng, Phase::Measure, self.cfg.duration);
@@ -418,10 +448,17 @@ impl Bench<'_> {
         self.measured = Duration::from_millis(eng.now - self.measure_start);
         self.held = self.open;
         if let Some(s) = &mut self.server {
-            s.rss_held = read_rss(s.pid);
-            if let (Some(a), Some(b)) = (self.server_cpu_start, read_cpu(s.pid)) {
+            s.rss_held = server_rss(s.pid);
+            if let (Some(a), Some(b)) = (self.server_cpu_start, server_cpu(s.pid)) {
                 s.cpu = Some(b.saturating_sub(a));
             }
+            let pids = server_processes(s.pid);
+            s.processes = pids.len() as u32;
+            // Connections are held by the children when there are any.
+            let holders = if pids.len() > 1 { &pids[1..] } else { &pids[..] };
+            let fds: Vec<u64> = holders.iter().filter_map(|&p| count_fds(p)).collect();
+            s.descriptors_min = fds.iter().copied().min();
+            s.descriptors_max = fds.iter().copied().max();
         }
         if let (Some(k), Some(now)) = (&mut self.kernel, read_kernel()) {
             k.tcp_inuse_held = now.tcp_inuse_before;
@@ -432,6 +469,8 @@ impl Bench<'_> {
     }
 
     fn begin_close(&mut self, eng: &mut BenchEngine) {
+        self.observer.before(Phase::Close);
+        eng.tick();
         self.set_phase(eng, Phase::Close, self.cfg.close_timeout);
         let keys: Vec<usize> = eng.slots.iter().map(|(k, _)| k).collect();
         for key in keys {
@@ -639,6 +678,54 @@ mod tests {
             assert_eq!(json["held"], 20);
             assert_eq!(json["sent"].as_u64(), Some(r.sent));
         }
+        handle.shutdown().unwrap();
+        thread.join().unwrap().unwrap();
+    }
+
+    /// A periodic load whose period is the measured phase sends exactly one message on every
+    /// connection; reports pass through their text form unchanged and merge exactly.
+    #[cfg(feature = "server")]
+    #[test]
+    fn one_message_per_connection_and_reports_merge() {
+        use super::super::Target;
+        let server = crate::server::Server::bind("127.0.0.1:0", crate::server::ServerConfig::default()).unwrap();
+        let addr = server.local_addr();
+        let handle = server.handle();
+        let thread = std::thread::spawn(move || server.run(crate::server::Echo));
+        let mut cfg = BenchConfig::new(Target::parse(&format!("ws://{addr}/")).unwrap());
+        cfg.connections = 30;
+        cfg.load = Load::Periodic(Duration::from_millis(300));
+        cfg.duration = Duration::from_millis(300);
+        let a = super::super::run(&cfg, &mut |_| {}).unwrap();
+        assert!(a.is_clean(), "{a}");
+        assert_eq!((a.sent, a.received), (30, 30), "{a}");
+        cfg.connections = 20;
+        cfg.load = Load::Saturate(2);
+        cfg.server_pid = Some(std::process::id());
+        let b = super::super::run(&cfg, &mut |_| {}).unwrap();
+        assert!(b.is_clean() && b.sent > 40, "{b}");
+        for r in [&a, &b] {
+            let back = Report::decode(&r.encode()).expect("decodes");
+            assert_eq!(back.to_json(), r.to_json());
+            assert!(*back.hist == *r.hist);
+        }
+        // A report with a first error (spaces, a colon) passes through too.
+        let mut refused = BenchConfig::new(Target::parse("ws://127.0.0.1:9/").unwrap());
+        refused.connections = 2;
+        let r = super::super::run(&refused, &mut |_| {}).unwrap();
+        assert!(r.first_error.as_deref().is_some_and(|e| e.contains(' ')), "{r}");
+        assert_eq!(Report::decode(&r.encode()).unwrap().to_json(), r.to_json());
+        assert!(Report::decode("url=x").is_none());
+        let m = Report::merge(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!((m.connections, m.held, m.opened, m.processes), (50, 50, 50, 2));
+        assert_eq!((m.sent, m.received), (a.sent + b.sent, a.received + b.received));
+        let l = m.latency.unwrap();
+        assert_eq!(l.count, m.received);
+        assert_eq!(l.max, a.latency.unwrap().max.max(b.latency.unwrap().max));
+        assert_eq!(m.server, b.server, "the first part with server figures");
+        assert_eq!(m.connect_time, a.connect_time.max(b.connect_time));
+        assert!(m.is_clean());
+        assert!(Report::merge(&[]).is_none());
         handle.shutdown().unwrap();
         thread.join().unwrap().unwrap();
     }

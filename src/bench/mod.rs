@@ -398,9 +398,96 @@ pub struct Progress {
 ///
 /// Fails only when the run cannot start (bad settings, too few descriptors, no poll); failures
 /// of connections and messages are counted in the [`Report`].
-pub fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Report, BenchError> {
+pub fn run(cfg: &BenchConfig, mut progress: &mut dyn FnMut(&Progress)) -> Result<Report, BenchError> {
+    run_observed(cfg, &mut progress)
+}
+
+/// What a run tells as it goes, and where it waits when it is one part of a run split over
+/// several processes (see [`split`]).
+pub trait Observer {
+    /// Called once a second.
+    fn progress(&mut self, p: &Progress);
+
+    /// Called just before the run starts `phase` ([`Phase::Connect`], [`Phase::Measure`] and
+    /// [`Phase::Close`]); the phase starts when this returns. A part of a split run returns
+    /// once every part got there, so that the parts measure together and the server is
+    /// measured while all of them hold their connections. The default returns at once.
+    fn before(&mut self, phase: Phase) {
+        let _ = phase;
+    }
+}
+
+impl Observer for &mut dyn FnMut(&Progress) {
+    fn progress(&mut self, p: &Progress) {
+        self(p)
+    }
+}
+
+/// [`run`] with an [`Observer`].
+pub fn run_observed(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Report, BenchError> {
     cfg.check()?;
-    driver::run(cfg, progress)
+    driver::run(cfg, observer)
+}
+
+/// Connections one process can hold: its open-file limit (the soft limit raised to the hard
+/// one) less [`FD_RESERVE`].
+pub fn connections_per_process() -> usize {
+    crate::io::sys::raise_fd_limit()
+        .saturating_sub(FD_RESERVE)
+        .min(usize::MAX as u64) as usize
+}
+
+/// Splits a run into parts that each fit in one process: one part (the run itself) when
+/// [`connections_per_process`] allows it, else as many parts as needed, with the connections
+/// and the ramp shared out evenly. Connection number `n` of the whole run connects from source
+/// address `n` modulo their count, whichever part opens it, so every address carries the same
+/// number of connections. Only the first part measures the server (over all of its
+/// processes) and its figures stand for the run: run the parts at once, with an [`Observer`]
+/// that keeps them in step, and [`Report::merge`] their reports.
+pub fn split(cfg: &BenchConfig) -> Result<Vec<BenchConfig>, BenchError> {
+    split_by(cfg, connections_per_process())
+}
+
+fn split_by(cfg: &BenchConfig, per_process: usize) -> Result<Vec<BenchConfig>, BenchError> {
+    if cfg.connections <= per_process {
+        cfg.check()?;
+        return Ok(vec![cfg.clone()]);
+    }
+    let (lo, hi) = local_port_range();
+    let ports = u64::from(hi.saturating_sub(lo)) + 1;
+    let sources = cfg.source_ips.len().max(1);
+    if cfg.connections as u64 > ports * sources as u64 {
+        return Err(BenchError::TooFewPorts {
+            connections: cfg.connections,
+            sources,
+            ports,
+        });
+    }
+    let n = cfg.connections;
+    let parts = n.div_ceil(per_process.max(1));
+    let mut out = Vec::with_capacity(parts);
+    let mut first = 0;
+    for i in 0..parts {
+        let share = n / parts + usize::from(i < n % parts);
+        let mut part = cfg.clone();
+        part.connections = share;
+        part.ramp = cfg.ramp.map(|r| {
+            u32::try_from(u64::from(r) * share as u64 / n as u64)
+                .unwrap_or(r)
+                .max(1)
+        });
+        if !part.source_ips.is_empty() {
+            let at = first % part.source_ips.len();
+            part.source_ips.rotate_left(at);
+        }
+        if i > 0 {
+            part.server_pid = None;
+        }
+        part.check()?;
+        first += share;
+        out.push(part);
+    }
+    Ok(out)
 }
 
 /// CPUs online, from `/sys/devices/system/cpu/online` (e.g. `0-1,4`).
@@ -465,6 +552,34 @@ mod tests {
         assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
         assert!(parse_source_ips("nope").is_err());
+    }
+
+    #[test]
+    fn a_run_too_large_for_one_process_is_split_evenly() {
+        let mut cfg = BenchConfig::new(Target::parse("ws://127.0.0.1:9/").unwrap());
+        cfg.source_ips = parse_source_ips("127.0.0.2-127.0.0.4").unwrap();
+        cfg.connections = 100;
+        cfg.ramp = Some(1000);
+        cfg.server_pid = Some(7);
+        assert_eq!(split_by(&cfg, 100).unwrap().len(), 1);
+        let parts = split_by(&cfg, 30).unwrap();
+        let shares: Vec<usize> = parts.iter().map(|p| p.connections).collect();
+        assert_eq!(shares, [25, 25, 25, 25]);
+        assert_eq!(parts.iter().filter_map(|p| p.ramp).sum::<u32>(), 1000);
+        assert_eq!(parts[0].server_pid, Some(7));
+        assert!(parts[1..].iter().all(|p| p.server_pid.is_none()));
+        // Connection n of the whole run uses address n mod 3: part 1 starts at connection 25.
+        assert_eq!(parts[1].source_ips[0], cfg.source_ips[25 % 3]);
+        let mut sources = [0usize; 3];
+        for p in &parts {
+            for i in 0..p.connections {
+                let ip = p.source_ips[i % 3];
+                sources[cfg.source_ips.iter().position(|s| *s == ip).unwrap()] += 1;
+            }
+        }
+        assert_eq!(sources, [34, 33, 33]);
+        cfg.connections = 10_000_000;
+        assert!(matches!(split_by(&cfg, 20_000), Err(BenchError::TooFewPorts { .. })));
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use super::histogram::Latency;
+use super::histogram::{Histogram, Latency};
 use super::Load;
 
-/// What the server process used, from `/proc/PID/status` and `/proc/PID/stat`.
+/// What the server used, from `/proc/PID/status` and `/proc/PID/stat`: the process given and
+/// its child processes (the workers of `wsloop serve --processes N`), summed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServerUsage {
@@ -20,6 +21,14 @@ pub struct ServerUsage {
     pub rss_held: Option<u64>,
     /// CPU time (user + system) the server used during the measured phase.
     pub cpu: Option<Duration>,
+    /// Server processes at the end of the measured phase: the one given and its children.
+    pub processes: u32,
+    /// Fewest descriptors open in one process that serves connections (each child when there
+    /// are children, else the process itself) at the end of the measured phase: how evenly
+    /// the connections were spread.
+    pub descriptors_min: Option<u64>,
+    /// Most descriptors open in one such process.
+    pub descriptors_max: Option<u64>,
 }
 
 /// The kernel's view of TCP, system-wide (both ends of loopback connections count).
@@ -104,6 +113,10 @@ pub struct Report {
     pub first_error: Option<String>,
     /// CPU cores of this machine (shared by the load generator and a local server).
     pub cores: usize,
+    /// Load generator processes whose reports were merged into this one (1 for one run).
+    pub processes: usize,
+    /// Every round trip, for merging reports exactly.
+    pub(crate) hist: Box<Histogram>,
 }
 
 impl Report {
@@ -129,6 +142,176 @@ impl Report {
     pub fn msgs_per_server_cpu_sec(&self) -> Option<f64> {
         let cpu = self.server?.cpu?.as_secs_f64();
         (cpu > 0.0).then(|| self.measured_received as f64 / cpu)
+    }
+
+    /// Merges the reports of the parts of one run (see [`split`](super::split)): counters
+    /// and round-trip histograms are summed (the percentiles are those of every round trip),
+    /// the connect and measured times are the longest, and the server's and the kernel's
+    /// figures are the first part's (it measures for all). `None` for no parts.
+    pub fn merge(parts: &[Report]) -> Option<Report> {
+        let (first, rest) = parts.split_first()?;
+        let mut m = first.clone();
+        for p in rest {
+            m.connections += p.connections;
+            m.opened += p.opened;
+            m.held += p.held;
+            m.connect_failures += p.connect_failures;
+            m.handshake_failures += p.handshake_failures;
+            m.closed_early += p.closed_early;
+            m.protocol_errors += p.protocol_errors;
+            m.close_timeouts += p.close_timeouts;
+            m.connect_time = m.connect_time.max(p.connect_time);
+            m.measured = m.measured.max(p.measured);
+            m.sent += p.sent;
+            m.received += p.received;
+            m.lost += p.lost;
+            m.corrupted += p.corrupted;
+            m.msgs_per_sec += p.msgs_per_sec;
+            m.measured_received += p.measured_received;
+            m.hist.merge(&p.hist);
+            m.server = m.server.or(p.server);
+            m.kernel = m.kernel.or(p.kernel);
+            m.first_error = m.first_error.take().or_else(|| p.first_error.clone());
+            m.processes += p.processes;
+        }
+        m.latency = m.hist.summary();
+        Some(m)
+    }
+
+    /// The report as one line of text, its histogram included, to pass it from one process of
+    /// a run to another; [`decode`](Self::decode) reads it back. The form may change between
+    /// versions of this crate.
+    pub fn encode(&self) -> String {
+        let s = self.server.unwrap_or_default();
+        let k = self.kernel.unwrap_or_default();
+        let (load, param) = match self.load {
+            Load::Idle => (0, 0),
+            Load::Periodic(d) => (1, d.as_nanos() as u64),
+            Load::Saturate(k) => (2, u64::from(k)),
+        };
+        let opt = |v: Option<u64>| v.unwrap_or(NONE);
+        let nums: [u64; WIRE_NUMBERS] = [
+            self.connections as u64,
+            load,
+            param,
+            self.size as u64,
+            self.opened,
+            self.held as u64,
+            self.connect_failures,
+            self.handshake_failures,
+            self.closed_early,
+            self.protocol_errors,
+            self.close_timeouts,
+            self.connect_time.as_nanos() as u64,
+            self.measured.as_nanos() as u64,
+            self.sent,
+            self.received,
+            self.lost,
+            self.corrupted,
+            self.msgs_per_sec.to_bits(),
+            self.measured_received,
+            self.cores as u64,
+            self.processes as u64,
+            u64::from(self.server.is_some()),
+            u64::from(s.pid),
+            opt(s.rss_before),
+            opt(s.rss_connected),
+            opt(s.rss_held),
+            opt(s.cpu.map(|c| c.as_nanos() as u64)),
+            u64::from(s.processes),
+            opt(s.descriptors_min),
+            opt(s.descriptors_max),
+            u64::from(self.kernel.is_some()),
+            k.tcp_inuse_before,
+            k.tcp_inuse_held,
+            k.tcp_mem_before,
+            k.tcp_mem_held,
+            k.slab_before,
+            k.slab_held,
+        ];
+        let mut out = String::new();
+        for n in nums {
+            out.push_str(&n.to_string());
+            out.push(' ');
+        }
+        out.push_str(&self.hist.encode());
+        out.push(' ');
+        out.push_str(&escape(&self.url));
+        if let Some(e) = &self.first_error {
+            out.push(' ');
+            out.push_str(&escape(e));
+        }
+        out
+    }
+
+    /// Reads a report written by [`encode`](Self::encode); `None` if the text is not one.
+    pub fn decode(line: &str) -> Option<Report> {
+        let mut words = line.split(' ');
+        let mut n = [0u64; WIRE_NUMBERS];
+        for v in n.iter_mut() {
+            *v = words.next()?.parse().ok()?;
+        }
+        let hist = Box::new(Histogram::decode(words.next()?)?);
+        let url = unescape(words.next()?)?;
+        let first_error = match words.next() {
+            Some(e) => Some(unescape(e)?),
+            None => None,
+        };
+        if words.next().is_some() {
+            return None;
+        }
+        let opt = |v: u64| (v != NONE).then_some(v);
+        let [connections, load, param, size, opened, held, connect_failures, handshake_failures, closed_early, protocol_errors, close_timeouts, connect_ns, measured_ns, sent, received, lost, corrupted, rate, measured_received, cores, processes, has_server, pid, rss_before, rss_connected, rss_held, cpu_ns, server_processes, descriptors_min, descriptors_max, has_kernel, tcp_inuse_before, tcp_inuse_held, tcp_mem_before, tcp_mem_held, slab_before, slab_held] =
+            n;
+        Some(Report {
+            url,
+            connections: connections as usize,
+            load: match load {
+                0 => Load::Idle,
+                1 => Load::Periodic(Duration::from_nanos(param)),
+                2 => Load::Saturate(u32::try_from(param).ok()?),
+                _ => return None,
+            },
+            size: size as usize,
+            opened,
+            held: held as usize,
+            connect_failures,
+            handshake_failures,
+            closed_early,
+            protocol_errors,
+            close_timeouts,
+            connect_time: Duration::from_nanos(connect_ns),
+            measured: Duration::from_nanos(measured_ns),
+            sent,
+            received,
+            lost,
+            corrupted,
+            msgs_per_sec: f64::from_bits(rate),
+            measured_received,
+            latency: hist.summary(),
+            server: (has_server == 1).then(|| ServerUsage {
+                pid: pid as u32,
+                rss_before: opt(rss_before),
+                rss_connected: opt(rss_connected),
+                rss_held: opt(rss_held),
+                cpu: opt(cpu_ns).map(Duration::from_nanos),
+                processes: server_processes as u32,
+                descriptors_min: opt(descriptors_min),
+                descriptors_max: opt(descriptors_max),
+            }),
+            kernel: (has_kernel == 1).then_some(KernelUsage {
+                tcp_inuse_before,
+                tcp_inuse_held,
+                tcp_mem_before,
+                tcp_mem_held,
+                slab_before,
+                slab_held,
+            }),
+            first_error,
+            cores: cores as usize,
+            processes: processes as usize,
+            hist,
+        })
     }
 
     /// The report as one JSON object.
@@ -189,6 +372,9 @@ impl Report {
                 o.opt("bytes_per_connection", self.server_bytes_per_connection());
                 o.opt("cpu_s", s.cpu.map(|c| c.as_secs_f64()));
                 o.opt("msgs_per_cpu_s", self.msgs_per_server_cpu_sec());
+                o.num("processes", f64::from(s.processes));
+                o.opt("descriptors_min", s.descriptors_min.map(|v| v as f64));
+                o.opt("descriptors_max", s.descriptors_max.map(|v| v as f64));
                 j.raw("server", &o.finish());
             }
             None => j.raw("server", "null"),
@@ -212,6 +398,7 @@ impl Report {
             None => j.raw("first_error", "null"),
         }
         j.num("cores", self.cores as f64);
+        j.num("bench_processes", self.processes as f64);
         j.raw("clean", if self.is_clean() { "true" } else { "false" });
         j.finish()
     }
@@ -224,11 +411,11 @@ impl std::fmt::Display for Report {
             "target       {}: {} connection(s), {}, {}-byte messages",
             self.url, self.connections, self.load, self.size
         )?;
-        writeln!(
-            f,
-            "machine      {} core(s), shared by this load generator and a local server",
-            self.cores
-        )?;
+        write!(f, "machine      {} core(s), shared by this load generator", self.cores)?;
+        if self.processes > 1 {
+            write!(f, " ({} processes)", self.processes)?;
+        }
+        writeln!(f, " and a local server")?;
         writeln!(
             f,
             "connections  held {} of {} (opened {} in {}); failed: connect {}, handshake {}; closed early {}; \
@@ -267,10 +454,13 @@ impl std::fmt::Display for Report {
         }
         if let Some(s) = &self.server {
             let rss = |v: Option<u64>| v.map_or("?".to_string(), fmt_bytes);
+            write!(f, "server       pid {}", s.pid)?;
+            if s.processes > 1 {
+                write!(f, " and {} child processes, summed", s.processes - 1)?;
+            }
             write!(
                 f,
-                "server       pid {}: RSS {} before, {} connected, {} held",
-                s.pid,
+                ": RSS {} before, {} connected, {} held",
                 rss(s.rss_before),
                 rss(s.rss_connected),
                 rss(s.rss_held)
@@ -283,6 +473,9 @@ impl std::fmt::Display for Report {
                 if let Some(m) = self.msgs_per_server_cpu_sec() {
                     write!(f, " ({m:.0} msgs per CPU-second)")?;
                 }
+            }
+            if let (true, Some(lo), Some(hi)) = (s.processes > 1, s.descriptors_min, s.descriptors_max) {
+                write!(f, "; descriptors per child {lo}..{hi}")?;
             }
             writeln!(f)?;
         }
@@ -331,6 +524,39 @@ fn fmt_bytes(b: u64) -> String {
     } else {
         format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
     }
+}
+
+/// Numbers in the text form of a report, before its histogram and strings.
+const WIRE_NUMBERS: usize = 37;
+
+/// An absent number in the text form.
+const NONE: u64 = u64::MAX;
+
+/// Percent-escapes bytes that are not printable ASCII, and `%` itself: one word of text.
+fn escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02x}"));
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// One JSON object, written field by field: keys are fixed names, strings are escaped, and a

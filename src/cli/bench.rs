@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 
 use wsloop::bench::{self, BenchConfig, Load, Phase, Progress, Target};
 
+use super::fleet::{self, Totals};
 use super::{arg_err, parse_bytes, parse_duration, value};
 
 const HELP: &str = "\
@@ -18,7 +19,9 @@ Arguments:
   URL                      ws://HOST:PORT/PATH [default: ws://127.0.0.1:9001/]
 
 Options:
-  --connections N          connections to open and hold [default: 1]
+  --connections N          connections to open and hold [default: 1]; more than one
+                           process may open are opened by several, forked, each with its
+                           share (the live line then shows their sums and highest p99)
   --ramp R                 open R connections per second (also R/s) [default: as fast as
                            handshakes complete, 128 at a time]
   --every DUR              periodic load: each connection sends one message every DUR
@@ -29,7 +32,8 @@ Options:
   --source-ips RANGE       local addresses to connect from, in turn: 127.0.0.2-127.0.0.60
                            or a comma list [default for a loopback target: that range]
   --connect-timeout DUR    TCP connect plus handshake, per connection [default: 10s]
-  --server-pid PID         report this server process's RSS and CPU time
+  --server-pid PID         report this server's RSS and CPU time, summed over the process
+                           and its children (the workers of serve --processes)
   --json                   print the summary as one JSON object
   --quiet                  no progress line
 Exit status: 0 when every connection was held and every echo came back intact, 1 otherwise.
@@ -98,11 +102,11 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     }
     let live = std::io::stderr().is_terminal();
     let mut shown = false;
-    let mut on_progress = |p: &Progress| {
+    let mut on_line = |t: &Totals| {
         if quiet {
             return;
         }
-        let line = progress_line(p);
+        let line = progress_line(t);
         let mut err = std::io::stderr().lock();
         // On a terminal the line rewrites itself; in a log it is one line a second.
         let _ = if live {
@@ -112,7 +116,12 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
         };
         shown = true;
     };
-    let report = bench::run(&cfg, &mut on_progress).map_err(|e| e.to_string())?;
+    let parts = bench::split(&cfg).map_err(|e| e.to_string())?;
+    let report = if parts.len() == 1 {
+        bench::run(&cfg, &mut |p: &Progress| on_line(&Totals::from(p))).map_err(|e| e.to_string())?
+    } else {
+        fleet::run(&parts, &mut on_line)?
+    };
     if shown && live {
         eprintln!();
     }
@@ -135,7 +144,7 @@ fn number<T: std::str::FromStr>(s: &str, flag: &str) -> Result<T, String> {
     s.trim().parse().map_err(|_| format!("invalid {flag} '{s}'"))
 }
 
-fn progress_line(p: &Progress) -> String {
+fn progress_line(p: &Totals) -> String {
     let phase = match p.phase {
         Phase::Connect => "connect",
         Phase::Measure => "measure",
@@ -145,8 +154,13 @@ fn progress_line(p: &Progress) -> String {
     let p99 = p
         .p99
         .map_or("-".to_string(), |d| format!("{:.0}µs", d.as_nanos() as f64 / 1e3));
+    let procs = if p.processes > 1 {
+        format!("  ({} processes)", p.processes)
+    } else {
+        String::new()
+    };
     format!(
-        "[{:>4}s {phase:<7}] connected {}/{}  failed {}  {:.0} msgs/s  p99 {p99}",
+        "[{:>4}s {phase:<7}] connected {}/{}  failed {}  {:.0} msgs/s  p99 {p99}{procs}",
         p.elapsed.as_secs(),
         p.open,
         p.target,

@@ -6,8 +6,13 @@ use std::time::Duration;
 mod bench;
 #[cfg(feature = "client")]
 mod client;
+#[cfg(feature = "bench")]
+mod fleet;
+mod procs;
 #[cfg(feature = "server")]
 mod serve;
+#[cfg(feature = "server")]
+mod workers;
 
 const USAGE: &str = "\
 wsloop: a small WebSocket server and client on one poll loop

@@ -8,6 +8,7 @@ use wsloop::server::modes::{self, Broadcast, PageKind};
 use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId};
 use wsloop::Message;
 
+use super::workers::{self, Worker};
 use super::{arg_err, init_log, parse_bytes, parse_duration, value};
 
 const HELP: &str = "\
@@ -21,7 +22,11 @@ Options:
   --announce               broadcast mode: tell everyone when a peer joins or leaves
   --no-page                answer a plain `GET /` with 426 instead of the browser page
   --stats DUR              print a stats line on stderr every DUR [default: off]
-  --max-connections N      connections held; more get 503 [default: open-file limit - 64]
+  --processes N            N worker processes on one port (SO_REUSEPORT), restarted when
+                           they die; broadcast, announcements, peer counts and limits stay
+                           within each process [default: serve from this one]
+  --max-connections N      connections held; more get 503 [default: open-file limit - 64;
+                           with --processes: in all, each worker its share and headroom]
   --max-connections-per-ip N
                            connections from one address; more get 503 [default: no limit]
   --max-memory BYTES       memory for buffered data; past 3/4 of it the largest holders
@@ -57,6 +62,8 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut bcast_flags = false;
     let mut serve_page = true;
     let mut stats_every = None;
+    let mut processes = None;
+    let mut max_given = None;
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next().map_err(arg_err)? {
         match arg {
@@ -80,6 +87,16 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                     .ok()
                     .filter(|n| *n > 0)
                     .ok_or(format!("invalid --max-connections '{v}'"))?;
+                max_given = Some(cfg.max_connections);
+            }
+            Long("processes") => {
+                let v = value(&mut p)?;
+                processes = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=workers::MAX_PROCESSES).contains(n))
+                        .ok_or(format!("invalid --processes '{v}' (1 to {})", workers::MAX_PROCESSES))?,
+                );
             }
             Long("max-connections-per-ip") => {
                 let v = value(&mut p)?;
@@ -129,11 +146,27 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     init_log(&log_level)?;
     // An address, not a host name: a listening address is an interface's, and parsing it here
     // keeps the resolver out of the binary.
-    let addr: std::net::SocketAddr = listen
+    let mut addr: std::net::SocketAddr = listen
         .parse()
         .map_err(|_| format!("invalid --listen '{listen}' (use IP:PORT, e.g. 127.0.0.1:9001 or [::1]:9001)"))?;
+    let mut worker = None;
+    if let Some(n) = processes {
+        // Workers inherit the raised limit: each holds as many connections as it allows.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        cfg.max_connections = workers::per_worker(max_given, n, wsloop::server::default_max_connections())?;
+        cfg.reuse_port = true;
+        match workers::supervise(addr, n, cfg.shutdown_timeout, cfg.max_connections)? {
+            None => return Ok(()),
+            Some(w) => {
+                addr = w.addr;
+                worker = Some(w);
+            }
+        }
+    }
     let server = Server::bind(addr, cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    log::info!("listening on {}", server.local_addr());
+    if worker.is_none() {
+        log::info!("listening on {}", server.local_addr());
+    }
     let mode = match kind {
         PageKind::Echo => Mode::Echo,
         PageKind::Reply => Mode::Reply(reply),
@@ -144,6 +177,8 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
         every: stats_every,
         stats_timer: None,
         last: None,
+        tag: worker.as_ref().map_or(String::new(), |w| format!(" w{}", w.index)),
+        worker,
     };
     server.run(handler).map_err(|e| format!("server failed: {e}"))
 }
@@ -165,6 +200,10 @@ struct Cli {
     stats_timer: Option<TimerId>,
     /// When the previous line was printed, and the counters then.
     last: Option<(Instant, Stats)>,
+    /// ` wN` in worker N's stats lines.
+    tag: String,
+    /// Set in a worker until its server runs.
+    worker: Option<Worker>,
 }
 
 impl Cli {
@@ -180,7 +219,8 @@ impl Cli {
                 format!("{}.{}", tenths / 10, tenths % 10)
             };
             let line = format!(
-                "stats open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}",
+                "stats{} open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}",
+                self.tag,
                 stats.open,
                 rate(stats.messages_in, prev.messages_in),
                 rate(stats.messages_out, prev.messages_out),
@@ -204,6 +244,9 @@ impl Handler for Cli {
     type State = ();
 
     fn on_start(&mut self, ctx: &mut Ctx<'_, ()>) {
+        if let Some(w) = self.worker.take() {
+            w.serving();
+        }
         self.tick(ctx);
     }
 

@@ -62,3 +62,26 @@ pub fn read_cpu(pid: u32) -> Option<Duration> {
     // USER_HZ is 100 on every Linux architecture (it is part of the ABI, unlike HZ).
     Some(Duration::from_millis((utime + stime) * 10))
 }
+
+/// The processes whose parent is `pid` (the workers of a server started with several
+/// processes), from `/proc/*/stat`.
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| {
+                // After the command name: state, then the parent's pid.
+                s.rfind(')')
+                    .and_then(|at| s[at + 1..].split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// Descriptors a process has open (entries of `/proc/PID/fd`).
+pub(crate) fn count_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}

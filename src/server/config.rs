@@ -78,6 +78,11 @@ pub struct ServerConfig {
     pub page: Option<Cow<'static, str>>,
     /// Stop gracefully on SIGINT and SIGTERM while running (default: off; the CLI turns it on).
     pub handle_signals: bool,
+    /// Set `SO_REUSEPORT` on the listening socket (default: off), so that several servers of
+    /// the same user, in this process or others, listen on one port; the kernel hands each new
+    /// connection to one of them by a hash of its addresses. Broadcasts and
+    /// [`Ctx::peers`](super::Ctx::peers) stay within one server.
+    pub reuse_port: bool,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -117,6 +122,7 @@ impl Default for ServerConfig {
             protocols: Vec::new(),
             page: None,
             handle_signals: false,
+            reuse_port: false,
         }
     }
 }

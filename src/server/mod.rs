@@ -256,7 +256,7 @@ impl Server {
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to listen on"))?;
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = listen(addr, cfg.reuse_port)?;
         let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -387,6 +387,24 @@ impl Server {
             }
         }
     }
+}
+
+/// A listening socket as `TcpListener::bind` makes one (non-blocking, `SO_REUSEADDR`, a
+/// backlog of 128), or with `SO_REUSEPORT` and a backlog of 1,024: one of several listeners
+/// on a port is there for many connections, and a burst of them lands on each one unevenly.
+fn listen(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(if reuse_port { 1024 } else { 128 })?;
+    Ok(TcpListener::from_std(s.into()))
 }
 
 /// Marks the handle stopped when `run` returns, however it returns.

@@ -1,0 +1,172 @@
+//! `wsloop serve --processes N`: workers on one port, a killed worker restarted, SIGTERM passed
+//! on to every worker (close 1001 to every peer).
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tungstenite::Message as TMessage;
+
+type Ws = tungstenite::WebSocket<common::Tcp>;
+
+fn ws_connect(addr: SocketAddr) -> Ws {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (ws, resp) = tungstenite::client(format!("ws://{addr}/"), common::Tcp(stream)).expect("handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Whether the connection still echoes.
+fn echoes(ws: &mut Ws, text: &str) -> bool {
+    ws.send(TMessage::text(text)).is_ok() && matches!(ws.read(), Ok(TMessage::Text(t)) if t.as_str() == text)
+}
+
+/// The pid in the last `worker N started (pid P)` line.
+fn worker_pid(stderr: &str, n: usize) -> Option<u32> {
+    let pat = format!("worker {n} started (pid ");
+    let at = stderr.rfind(&pat)? + pat.len();
+    stderr[at..].split(')').next()?.parse().ok()
+}
+
+/// Worker `n`'s open connections in its last stats line after byte `from` of stderr.
+fn worker_open(stderr: &str, n: usize, from: usize) -> Option<u64> {
+    let pat = format!("stats w{n} open=");
+    let at = stderr.get(from..)?.rfind(&pat)? + from + pat.len();
+    stderr[at..].split(' ').next()?.parse().ok()
+}
+
+fn wait_until(what: &str, server: &common::ServerProcess, mut ok: impl FnMut(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok(&server.stderr()) {
+        assert!(Instant::now() < deadline, "{what}; stderr:\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(sig: &str, pid: u32) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn two_processes_share_the_port_restart_a_killed_worker_and_stop_on_sigterm() {
+    let mut server = common::spawn_server(&["--processes", "2", "--stats", "100ms"]);
+    let addr = server.addr;
+    // The listening line comes from the parent once both workers listen.
+    let (w1, w2) = {
+        let e = server.stderr();
+        (
+            worker_pid(&e, 1).expect("worker 1"),
+            worker_pid(&e, 2).expect("worker 2"),
+        )
+    };
+    assert_ne!(w1, w2);
+    let mut peers: Vec<Ws> = (0..40).map(|_| ws_connect(addr)).collect();
+    for (i, ws) in peers.iter_mut().enumerate() {
+        assert!(echoes(ws, &format!("hello {i}")));
+    }
+    // The kernel spread the connections over both workers (all 40 on one: odds of 2^-39).
+    let mut on_w1 = 0;
+    wait_until(
+        "both workers report their share of 40 connections",
+        &server,
+        |e| match (worker_open(e, 1, 0), worker_open(e, 2, 0)) {
+            (Some(a), Some(b)) if a + b == 40 => {
+                on_w1 = a;
+                a > 0 && b > 0
+            }
+            _ => false,
+        },
+    );
+
+    // A killed worker is reported and replaced; its peers lost their connections, the other
+    // worker's peers did not notice.
+    signal("-KILL", w1);
+    wait_until("worker 1's death reported and a new worker 1 started", &server, |e| {
+        e.contains(&format!(
+            "worker 1 (pid {w1}) killed by signal 9; restarting it in 100 ms"
+        )) && worker_pid(e, 1).is_some_and(|p| p != w1)
+    });
+    let after_restart = server.stderr().len();
+    let mut alive = Vec::new();
+    for (i, mut ws) in peers.drain(..).enumerate() {
+        if echoes(&mut ws, &format!("still there {i}")) {
+            alive.push(ws);
+        }
+    }
+    assert_eq!(alive.len() as u64, 40 - on_w1, "the connections of worker 2 survive");
+    // New connections reach the new worker 1 too (all 30 on worker 2: odds of 2^-30).
+    for _ in 0..30 {
+        let mut ws = ws_connect(addr);
+        assert!(echoes(&mut ws, "new"));
+        alive.push(ws);
+    }
+    wait_until("the new worker 1 serves", &server, |e| {
+        worker_open(e, 1, after_restart).is_some_and(|n| n > 0)
+    });
+
+    // SIGTERM to the parent: every peer of every worker gets close 1001, and the parent
+    // exits 0 once the workers have.
+    signal("-TERM", server.pid());
+    for mut ws in alive {
+        match ws.read() {
+            Ok(TMessage::Close(Some(f))) => assert_eq!(u16::from(f.code), 1001),
+            other => panic!("expected close 1001, got {other:?}"),
+        }
+        let _ = ws.flush();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = server.child_mut().try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the parent did not exit: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}: {}", server.stderr());
+    for pid in [w2, worker_pid(&server.stderr(), 1).unwrap()] {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} left behind"
+        );
+    }
+}
+
+#[test]
+fn a_busy_port_and_bad_counts_give_one_line_errors() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().to_string();
+    let bin = env!("CARGO_BIN_EXE_wsloop");
+    for (args, expect) in [
+        (vec!["serve", "--listen", &port, "--processes", "2"], "cannot listen on"),
+        (vec!["serve", "--processes", "0"], "invalid --processes"),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--processes",
+                "2",
+                "--max-connections",
+                "100000000",
+            ],
+            "processes are too few",
+        ),
+    ] {
+        let out = Command::new(bin).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+}
