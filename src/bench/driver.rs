@@ -447,6 +447,13 @@ impl Bench<'_> {
         self.measure_end_ns = eng.clock.now_ns();
         self.measured = Duration::from_millis(eng.now - self.measure_start);
         self.held = self.open;
+        // The kernel first: listing a process's descriptors below fills kernel caches (an
+        // inode and a dentry in /proc for each).
+        if let (Some(k), Some(now)) = (&mut self.kernel, read_kernel()) {
+            k.tcp_inuse_held = now.tcp_inuse_before;
+            k.tcp_mem_held = now.tcp_mem_before;
+            k.slab_held = now.slab_before;
+        }
         if let Some(s) = &mut self.server {
             s.rss_held = server_rss(s.pid);
             if let (Some(a), Some(b)) = (self.server_cpu_start, server_cpu(s.pid)) {
@@ -459,11 +466,6 @@ impl Bench<'_> {
             let fds: Vec<u64> = holders.iter().filter_map(|&p| count_fds(p)).collect();
             s.descriptors_min = fds.iter().copied().min();
             s.descriptors_max = fds.iter().copied().max();
-        }
-        if let (Some(k), Some(now)) = (&mut self.kernel, read_kernel()) {
-            k.tcp_inuse_held = now.tcp_inuse_before;
-            k.tcp_mem_held = now.tcp_mem_before;
-            k.slab_held = now.slab_before;
         }
         self.set_phase(eng, Phase::Drain, self.cfg.drain_timeout);
     }

@@ -29,9 +29,10 @@ Options:
                            (without --every or --inflight the connections stay idle)
   --size BYTES             message size, at least 16 [default: 16]
   --duration DUR           length of the measured phase [default: 30s]
-  --source-ips RANGE       local addresses to connect from, in turn: 127.0.0.2-127.0.0.60
+  --source-ips RANGE       local addresses to connect from, in turn: 127.0.0.2-127.0.0.254
                            or a comma list [default for a loopback target: that range]
   --connect-timeout DUR    TCP connect plus handshake, per connection [default: 10s]
+  --close-timeout DUR      the close phase: every close handshake, all at once [default: 5s]
   --server-pid PID         report this server's RSS and CPU time, summed over the process
                            and its children (the workers of serve --processes)
   --json                   print the summary as one JSON object
@@ -51,6 +52,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut duration = std::time::Duration::from_secs(30);
     let mut source_ips = None;
     let mut connect_timeout = None;
+    let mut close_timeout = None;
     let mut server_pid = None;
     let mut json = false;
     let mut quiet = false;
@@ -72,6 +74,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 source_ips = Some(bench::parse_source_ips(&value(&mut p)?).map_err(|e| e.to_string())?)
             }
             Long("connect-timeout") => connect_timeout = Some(parse_duration(&value(&mut p)?)?),
+            Long("close-timeout") => close_timeout = Some(parse_duration(&value(&mut p)?)?),
             Long("server-pid") => server_pid = Some(number::<u32>(&value(&mut p)?, "--server-pid")?),
             Long("json") => json = true,
             Long("quiet") | Short('q') => quiet = true,
@@ -97,6 +100,9 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     cfg.size = size;
     cfg.duration = duration;
     cfg.server_pid = server_pid;
+    if let Some(t) = close_timeout {
+        cfg.close_timeout = t;
+    }
     if let Some(t) = connect_timeout {
         cfg.connect_timeout = t;
     }

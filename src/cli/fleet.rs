@@ -123,7 +123,7 @@ pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, String> {
             }
         }
     }
-    let result = follow(&mut shared, &mut links, parts, line).and_then(|()| {
+    let result = follow(&mut shared, &mut links, &pids, parts, line).and_then(|()| {
         let mut reports = Vec::new();
         for link in &mut links {
             let mut text = String::new();
@@ -146,6 +146,7 @@ pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, String> {
 fn follow(
     shared: &mut UnixStream,
     links: &mut [UnixStream],
+    pids: &[i32],
     parts: &[BenchConfig],
     line: Line<'_>,
 ) -> Result<(), String> {
@@ -161,12 +162,15 @@ fn follow(
         let now = Instant::now();
         if now >= next_line {
             next_line += Duration::from_secs(1);
-            // A part that ended without saying it was done died.
-            if let Some((pid, status)) = procs::reap(false) {
-                return Err(format!(
-                    "a load generator process (pid {pid}) {}",
-                    procs::describe(status)
-                ));
+            // A part exits 0 only once it said it was done (its line may still be on its way);
+            // any other end is a death.
+            while let Some((pid, status)) = procs::reap(false) {
+                if pids.contains(&pid) && !procs::exited_ok(status) {
+                    return Err(format!(
+                        "a load generator process (pid {pid}) {}",
+                        procs::describe(status)
+                    ));
+                }
             }
             let sum = |k: usize| seen.iter().map(|s| s[k]).sum::<u64>();
             line(&Totals {

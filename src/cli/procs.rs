@@ -58,6 +58,11 @@ pub fn describe(status: i32) -> String {
     }
 }
 
+/// Whether a wait status is an exit with status 0.
+pub fn exited_ok(status: i32) -> bool {
+    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+}
+
 /// Whether a worker told to stop did: it exited with status 0, or SIGINT or SIGTERM ended it
 /// before its server ran (with no connections to close).
 pub fn stopped_cleanly(status: i32) -> bool {
