@@ -111,9 +111,10 @@ pub struct Upgrade<'a> {
     pub(crate) protocol: Option<String>,
 }
 
-impl Upgrade<'_> {
-    /// The request: method, path with query, every header.
-    pub fn request(&self) -> &Request {
+impl<'a> Upgrade<'a> {
+    /// The request: method, path with query, every header. It outlives the borrow of `self`,
+    /// so it can be read while [`set_protocol`](Self::set_protocol) is called.
+    pub fn request(&self) -> &'a Request {
         self.request
     }
 
@@ -238,6 +239,13 @@ pub struct Stats {
     pub refused: u64,
 }
 
+/// A message encoded once as an unmasked frame, to be shared by many queues.
+fn shared_frame(msg: Message<'_>) -> Arc<Vec<u8>> {
+    let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
+    write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
+    Arc::new(frame)
+}
+
 /// What the handler can do from inside the loop.
 pub struct Ctx<'a, S> {
     pub(crate) eng: &'a mut ServerEngine<S>,
@@ -270,9 +278,7 @@ impl<'a, S> Ctx<'a, S> {
     /// Sends a message to every open connection except `except`, encoding the frame once and
     /// sharing its bytes among all queues. Returns how many connections it was queued for.
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
-        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
-        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
-        let frame = Arc::new(frame);
+        let frame = shared_frame(msg);
         let mut sent = 0;
         // Index the slab instead of collecting keys: no allocation per broadcast.
         for key in 0..self.eng.slots.capacity() {
@@ -284,6 +290,54 @@ impl<'a, S> Ctx<'a, S> {
                 continue;
             }
             if self.queue_shared(key, &frame) {
+                sent += 1;
+            }
+        }
+        self.shared.stats.messages_out += sent as u64;
+        sent
+    }
+
+    /// Subscribes connection `id` to `topic` (any string; a topic exists while it has
+    /// subscribers). Returns false if the connection is not open or was already subscribed.
+    /// Subscriptions end when the connection does.
+    pub fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        self.slot_key(id).is_some() && self.shared.topics.subscribe(id, topic)
+    }
+
+    /// Unsubscribes connection `id` from `topic`. Returns whether it was subscribed.
+    pub fn unsubscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        self.shared.topics.unsubscribe(id, topic)
+    }
+
+    /// How many connections are subscribed to `topic`.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.shared.topics.count(topic)
+    }
+
+    /// Sends a message to every open connection subscribed to `topic` except `except`, as
+    /// [`broadcast`](Self::broadcast) does: the frame is encoded once and its bytes shared, and
+    /// full queues meet the [`SlowConsumer`] policy. The cost is O(subscribers of `topic`).
+    /// Returns how many connections it was queued for.
+    pub fn publish(&mut self, topic: &str, msg: Message<'_>, except: Option<ConnId>) -> usize {
+        let Some(t) = self.shared.topics.find(topic) else {
+            return 0;
+        };
+        let frame = shared_frame(msg);
+        let mut sent = 0;
+        let mut i = 0;
+        // By index: a slow consumer closed on the way stays subscribed until the turn ends.
+        while let Some(id) = self.shared.topics.subscriber(t, i) {
+            i += 1;
+            if except == Some(id) {
+                continue;
+            }
+            let key = id.key();
+            let open = self
+                .eng
+                .slots
+                .get(key)
+                .is_some_and(|s| s.gen == id.gen() && !s.is_dead() && s.conn.state() == State::Open);
+            if open && self.queue_shared(key, &frame) {
                 sent += 1;
             }
         }
@@ -347,7 +401,7 @@ impl<'a, S> Ctx<'a, S> {
     /// The state of another open connection. The connection a callback is about is not
     /// reachable here: its state is in that callback's [`Conn`].
     pub fn state_of(&mut self, id: ConnId) -> Option<&mut S> {
-        let key = self.slot_key(id)?;
+        let key = self.slot_key(id).filter(|k| *k != self.shared.lent)?;
         let data = &mut self.eng.slots[key].data;
         data.opened.then_some(&mut data.state)
     }

@@ -32,6 +32,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 pub mod config;
 pub mod handler;
 pub mod modes;
+mod topics;
 
 pub use config::{default_max_connections, ServerConfig, SlowConsumer};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
@@ -56,6 +57,7 @@ const ACCEPT_TIMER: u64 = u64::MAX;
 /// A command sent from another thread.
 enum Command {
     Broadcast(Vec<u8>, OpCode),
+    Publish(String, Vec<u8>, OpCode),
     Send(ConnId, Vec<u8>, OpCode),
     Shutdown,
     Wake,
@@ -157,6 +159,16 @@ impl Handle {
         self.send_command(Command::Broadcast(data.to_vec(), OpCode::Binary))
     }
 
+    /// Sends a text message to every connection subscribed to `topic` (see [`Ctx::subscribe`]).
+    pub fn publish_text(&self, topic: &str, text: &str) -> Result<(), HandleError> {
+        self.send_command(Command::Publish(topic.into(), text.as_bytes().to_vec(), OpCode::Text))
+    }
+
+    /// Sends a binary message to every connection subscribed to `topic`.
+    pub fn publish_binary(&self, topic: &str, data: &[u8]) -> Result<(), HandleError> {
+        self.send_command(Command::Publish(topic.into(), data.to_vec(), OpCode::Binary))
+    }
+
     /// Calls [`Handler::on_wake`] on the loop's thread.
     pub fn wake(&self) -> Result<(), HandleError> {
         self.send_command(Command::Wake)
@@ -178,6 +190,9 @@ pub(crate) struct Shared {
     pub(crate) timers: slab::Slab<(u32, Option<ConnId>)>,
     next_timer: u32,
     pub(crate) shutdown_requested: bool,
+    pub(crate) topics: topics::Topics,
+    /// The slot whose state a callback holds in its `Conn` (`usize::MAX`: none).
+    pub(crate) lent: usize,
 }
 
 impl Shared {
@@ -208,7 +223,8 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     cfg: ServerConfig,
-    handle: Handle,
+    /// Marks the handles stopped when the server is dropped without running, or `run` returns.
+    stop: StopGuard,
 }
 
 impl std::fmt::Debug for Server {
@@ -253,13 +269,13 @@ impl Server {
             listener,
             local_addr,
             cfg,
-            handle: Handle {
+            stop: StopGuard(Handle {
                 inner: Arc::new(HandleInner {
                     waker,
                     queue: Mutex::new(VecDeque::new()),
                     stopped: AtomicBool::new(false),
                 }),
-            },
+            }),
         })
     }
 
@@ -270,7 +286,7 @@ impl Server {
 
     /// A handle for other threads.
     pub fn handle(&self) -> Handle {
-        self.handle.clone()
+        self.stop.0.clone()
     }
 
     /// Runs the loop until a shutdown completes.
@@ -279,11 +295,11 @@ impl Server {
             poll,
             listener,
             cfg,
-            handle,
+            stop,
             ..
         } = self;
-        // However run ends, handles report it, and the signals go back to what they did.
-        let _stopped = StopGuard(handle.clone());
+        // `stop` lives to the end: however run ends, handles then report it.
+        let handle = stop.0.clone();
         let mut signals = if cfg.handle_signals {
             Some(Signals::install(&poll)?)
         } else {
@@ -299,6 +315,8 @@ impl Server {
                 timers: slab::Slab::new(),
                 next_timer: 0,
                 shutdown_requested: false,
+                topics: topics::Topics::default(),
+                lent: usize::MAX,
             },
             listener: Some(listener),
             accept_paused: false,
@@ -491,8 +509,10 @@ impl<H: Handler> Srv<H> {
             addr: slot.data.addr,
             state: std::mem::take(&mut slot.data.state),
         };
+        self.shared.lent = key;
         let (h, mut ctx) = self.ctx(eng);
         let r = f(h, &mut ctx, &mut conn);
+        self.shared.lent = usize::MAX;
         // Slots are removed only at the end of a turn, so this one is still here.
         eng.slots[key].data.state = conn.state;
         r
@@ -666,6 +686,11 @@ impl<H: Handler> Srv<H> {
                     }
                     None => continue,
                 },
+                Command::Publish(topic, bytes, op) => {
+                    if let Some(msg) = message(&bytes, op) {
+                        ctx.publish(&topic, msg, None);
+                    }
+                }
                 Command::Send(id, bytes, op) => {
                     if let Some(msg) = message(&bytes, op) {
                         ctx.send(id, msg);
@@ -747,6 +772,7 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
             _ => "",
         };
         self.notify_close(eng, key, close_code::ABNORMAL, reason);
+        self.shared.topics.remove_conn(key);
     }
 
     fn on_timer(&mut self, eng: &mut ServerEngine<H::State>, id: u64) {
@@ -756,10 +782,9 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
             return;
         }
         let Some(conn) = self.shared.take_timer(id) else { return };
-        if let Some(c) = conn {
-            if !eng.is_live(c.key(), c.gen()) {
-                return;
-            }
+        // A connection's timers end with it, even while its slot waits for the last bytes.
+        if conn.is_some_and(|c| !eng.is_live(c.key(), c.gen()) || !eng.slots[c.key()].data.opened) {
+            return;
         }
         let (h, mut ctx) = self.ctx(eng);
         h.on_timer(&mut ctx, Timer { id: TimerId(id), conn });
