@@ -298,10 +298,12 @@ impl<'a, S> Ctx<'a, S> {
     }
 
     /// Subscribes connection `id` to `topic` (any string; a topic exists while it has
-    /// subscribers). Returns false if the connection is not open or was already subscribed.
-    /// Subscriptions end when the connection does.
+    /// subscribers). Returns false if the connection is not open (from `on_open` until
+    /// `on_close`) or was already subscribed. A connection's subscriptions end right after its
+    /// `on_close`.
     pub fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
-        self.slot_key(id).is_some() && self.shared.topics.subscribe(id, topic)
+        let open = self.slot_key(id).is_some_and(|k| self.eng.slots[k].data.opened);
+        open && self.shared.topics.subscribe(id, topic)
     }
 
     /// Unsubscribes connection `id` from `topic`. Returns whether it was subscribed.

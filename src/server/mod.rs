@@ -666,6 +666,8 @@ impl<H: Handler> Srv<H> {
         self.shared.stats.open -= 1;
         log::info!("{:?} disconnected ({code})", slot.data.addr);
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
+        // Only an open connection subscribes, so its subscriptions end here.
+        self.shared.topics.remove_conn(key);
     }
 
     fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) {
@@ -772,7 +774,6 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
             _ => "",
         };
         self.notify_close(eng, key, close_code::ABNORMAL, reason);
-        self.shared.topics.remove_conn(key);
     }
 
     fn on_timer(&mut self, eng: &mut ServerEngine<H::State>, id: u64) {
