@@ -104,6 +104,8 @@ pub struct Report {
     pub first_error: Option<String>,
     /// CPU cores of this machine (shared by the load generator and a local server).
     pub cores: usize,
+    /// The run was cut short through [`BenchConfig::stop`](super::BenchConfig::stop).
+    pub interrupted: bool,
 }
 
 impl Report {
@@ -212,6 +214,7 @@ impl Report {
             None => j.raw("first_error", "null"),
         }
         j.num("cores", self.cores as f64);
+        j.raw("interrupted", if self.interrupted { "true" } else { "false" });
         j.raw("clean", if self.is_clean() { "true" } else { "false" });
         j.finish()
     }
@@ -305,6 +308,9 @@ impl std::fmt::Display for Report {
         }
         if let Some(e) = &self.first_error {
             writeln!(f, "first error  {e}")?;
+        }
+        if self.interrupted {
+            writeln!(f, "interrupted  the run was cut short; the figures cover what ran")?;
         }
         Ok(())
     }
