@@ -37,6 +37,7 @@ pub enum Failure {
     /// The command ran and failed (exit 1).
     Runtime(String),
     /// Failed, and has already said why (exit 1).
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
     Reported,
 }
 

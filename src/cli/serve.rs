@@ -129,7 +129,6 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     if serve_page {
         cfg.page = Some(modes::page(kind).into());
     }
-    cfg.check()?;
     init_log(&log_level)?;
     Ok(Asked::Run(Parsed {
         cfg,

@@ -28,6 +28,9 @@ pub(crate) struct Topics {
     by_name: Vec<u32>,
     /// Each subscribed connection's subscriptions, by slot key.
     members: KeyMap<Vec<Sub>>,
+    /// Ends a closed connection's subscriptions; set by the first subscription, so that a
+    /// program that never subscribes (the `wsloop` binary) does not carry that code at all.
+    cleanup: Option<fn(&mut Topics, usize)>,
 }
 
 impl Topics {
@@ -53,6 +56,7 @@ impl Topics {
 
     /// Subscribes `id`; false if it already was.
     pub(crate) fn subscribe(&mut self, id: ConnId, name: &str) -> bool {
+        self.cleanup = Some(Topics::remove_member);
         let t = match self.position(name) {
             Ok(i) => self.by_name[i],
             Err(i) => {
@@ -97,6 +101,12 @@ impl Topics {
 
     /// Ends every subscription of the connection in slot `key`.
     pub(crate) fn remove_conn(&mut self, key: usize) {
+        if let Some(cleanup) = self.cleanup {
+            cleanup(self, key);
+        }
+    }
+
+    fn remove_member(&mut self, key: usize) {
         if let Some(subs) = self.members.remove(key as u32) {
             for sub in subs {
                 self.detach(sub);
