@@ -8,8 +8,8 @@ use std::sync::Arc;
 use wsloop::bench::{self, BenchConfig, BenchError, Load, Phase, Progress, Target};
 
 use super::{
-    count, dispatch, duration_above_zero, parse_bytes, print_err, print_out, unexpected, value, Asked, Failure,
-    Outcome, EXIT_FAILURE,
+    count, dispatch, duration_above_zero, parse_bytes, parse_duration, print_err, print_out, unexpected, value, Asked,
+    Failure, Outcome, EXIT_FAILURE,
 };
 
 /// `wsloop bench --help`.
@@ -31,7 +31,8 @@ Options:
   --inflight K             saturating load: each connection keeps K messages in flight
                            (without --every or --inflight the connections stay idle)
   --size BYTES             message size, at least 16 [default: 16]
-  -d, --duration DUR       length of the measured phase [default: 30s]
+  -d, --duration DUR|off   length of the measured phase; 0 or off measures only the
+                           connecting [default: 30s]
   --source-ips RANGE       local addresses to connect from, in turn: 127.0.0.2-127.0.0.60
                            or a comma list [default for a loopback target: that range]
   --connect-timeout DUR    TCP connect plus handshake, per connection [default: 10s]
@@ -84,7 +85,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("every") => every = Some(duration_above_zero("--every", &value(&mut p)?)?),
             Long("inflight") => inflight = Some(number::<u32>(&value(&mut p)?, "--inflight")?),
             Long("size") => size = parse_bytes(&value(&mut p)?)?,
-            Long("duration") | Short('d') => duration = duration_above_zero("--duration", &value(&mut p)?)?,
+            Long("duration") | Short('d') => duration = parse_duration(&value(&mut p)?)?,
             Long("source-ips") => {
                 source_ips = Some(bench::parse_source_ips(&value(&mut p)?).map_err(|e| e.to_string())?)
             }
