@@ -181,6 +181,16 @@ fn runtime_failures_exit_1() {
     ]);
     assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
     assert!(run.stdout.contains("held 0 of 1"), "{}", run.stdout);
+    // One socket says nothing about slab memory per socket: no figure, and it says why.
+    let kernel = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("kernel"))
+        .expect("a kernel line");
+    assert!(
+        kernel.ends_with("(system-wide, both ends; too noisy for a per-socket figure)"),
+        "{kernel}"
+    );
     assert!(
         run.stderr.ends_with("not every echo came back intact\n"),
         "{}",

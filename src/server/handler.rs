@@ -178,8 +178,9 @@ pub trait Handler {
     /// A complete message arrived.
     fn on_message(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, msg: Message<'_>);
 
-    /// The connection ended: `code` is the peer's close code, or `1006` when it vanished
-    /// without a close frame, or the code this server sent when it failed the connection.
+    /// The connection ended: `code` is the peer's close code (`1005` when its close frame had
+    /// none), or `1006` when it vanished without a close frame, or the code this server sent
+    /// when it failed the connection. Its subscriptions and timers end right after this call.
     fn on_close(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, code: u16, reason: &str) {
         let _ = (ctx, conn, code, reason);
     }

@@ -81,7 +81,7 @@ const MAX_COMMANDS: usize = 1024;
 pub enum HandleError {
     /// 1,024 commands are already waiting; try again once the loop has caught up.
     Busy,
-    /// The server has stopped (or never ran): nothing will read the command.
+    /// The server has stopped, or was dropped without running: nothing will read the command.
     Stopped,
 }
 
@@ -102,7 +102,8 @@ struct HandleInner {
     stopped: AtomicBool,
 }
 
-/// Lets other threads reach a running server: send, broadcast, wake the handler, or stop it.
+/// Lets other threads reach a running server: send to one connection, publish to a topic,
+/// broadcast, wake the handler, or stop it.
 ///
 /// At most 1,024 commands wait at once; past that the calls return [`HandleError::Busy`]
 /// until the loop catches up. Once the server has stopped they return [`HandleError::Stopped`].
