@@ -91,6 +91,10 @@ impl Topics {
         let Some(i) = subs.iter().position(|s| s.topic == t) else {
             return false;
         };
+        // The slot may belong to a later connection than `id` by now.
+        if self.topics[t as usize].subs.get(subs[i].at as usize) != Some(&id) {
+            return false;
+        }
         let sub = subs.swap_remove(i);
         if subs.is_empty() {
             self.members.remove(key);
@@ -301,6 +305,9 @@ mod tests {
         assert!(t.unsubscribe(id(1), "b")); // the last subscriber moves into its place
         assert!(!t.unsubscribe(id(1), "b"));
         assert!(!t.unsubscribe(id(1), "nothing"));
+        // Another connection in the same slot (another generation) is not this one.
+        assert!(!t.unsubscribe(ConnId::new(2, 7), "b"));
+        assert_eq!(t.count("b"), 2);
         check(&t);
         t.remove_conn(2);
         check(&t);
