@@ -120,7 +120,7 @@ fn written_frames(mut bytes: &[u8]) -> Vec<Written> {
 }
 
 fn valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ fn close_payload() -> impl Strategy<Value = Vec<u8>> {
         4 => (
             prop_oneof![
                 prop::sample::select(vec![
-                    0u16, 999, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1011, 1012, 1015, 1016, 2999,
+                    0u16, 999, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1011, 1012, 1014, 1015, 1016, 2999,
                     3000, 4999, 5000,
                 ]),
                 any::<u16>(),
@@ -674,7 +674,7 @@ fn data_message(len: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = S
 /// Everything with a payload of at most 125 bytes, control frames included.
 fn small_message() -> impl Strategy<Value = Sent> {
     let close = proptest::option::of((
-        prop_oneof![1000u16..=1003, 1007u16..=1011, 3000u16..=4999],
+        prop_oneof![1000u16..=1003, 1007u16..=1014, 3000u16..=4999],
         text_of(0..=123),
     ));
     prop_oneof![

@@ -11,6 +11,7 @@ use mio::{Events, Poll};
 use super::histogram::Histogram;
 use super::{online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
 use super::{KernelUsage, MESSAGE_HEADER};
+use crate::io::budget::Budget;
 use crate::io::engine::{Cause, Driver, Engine};
 use crate::io::sys::{read_cpu, read_rss};
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -44,12 +45,12 @@ struct BenchConn {
 
 type BenchEngine = Engine<TcpStream, BenchConn, OsSeeded>;
 
-// Driver timer ids: a kind in the top two bits.
-const PROGRESS_TIMER: u64 = 1 << 62;
-const RAMP_TIMER: u64 = (1 << 62) | 1;
-const PHASE_TIMER: u64 = 2 << 62;
-const SEND_TIMER: u64 = 3 << 62;
-const KIND: u64 = 3 << 62;
+// Driver timer ids: a kind in bits 60 and 61 (the engine keeps the top bits for itself).
+const PROGRESS_TIMER: u64 = 1 << 60;
+const RAMP_TIMER: u64 = (1 << 60) | 1;
+const PHASE_TIMER: u64 = 2 << 60;
+const SEND_TIMER: u64 = 3 << 60;
+const KIND: u64 = 3 << 60;
 
 fn send_timer(key: usize, gen: u32) -> u64 {
     SEND_TIMER | (u64::from(gen) << 32) | (key as u64 & 0xFFFF_FFFF)
@@ -113,7 +114,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         close_timeout: cfg.close_timeout,
         ..proto::Config::default()
     };
-    let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?);
+    let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?, Budget::unlimited());
     let mut template = vec![0u8; cfg.size];
     for (i, b) in template.iter_mut().enumerate().skip(MESSAGE_HEADER) {
         *b = (i as u8).wrapping_mul(31).wrapping_add(7);
@@ -170,6 +171,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
             eng.on_ready(&mut b, ev.token().0, ev, &mut rbuf);
         }
         eng.fire_timers(&mut b);
+        eng.apply_budget(&mut b);
         eng.reap(&mut b);
         b.advance(&mut eng);
     }

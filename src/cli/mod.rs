@@ -50,11 +50,6 @@ impl From<lexopt::Error> for Failure {
 /// What a command ends with.
 pub type Outcome = Result<(), Failure>;
 
-/// An argument the command does not take, pointing to its help.
-pub fn unexpected(arg: lexopt::Arg<'_>, command: &str) -> String {
-    format!("{} (see `wsloop {command} --help`)", arg.unexpected())
-}
-
 /// What a command line asks for.
 pub enum Asked<T> {
     /// Run with these settings.
@@ -250,7 +245,17 @@ pub fn value(p: &mut lexopt::Parser) -> Result<String, String> {
     p.value()
         .map_err(|e| e.to_string())?
         .into_string()
-        .map_err(|v| format!("option value is not UTF-8: {v:?}"))
+        .map_err(|v| format!("option value is not UTF-8: '{}'", v.to_string_lossy()))
+}
+
+/// The one-line message for an argument `cmd` does not take, pointing to its help.
+pub fn unexpected(arg: lexopt::Arg<'_>, cmd: &str) -> String {
+    let what = match arg {
+        lexopt::Arg::Long(name) => format!("unknown option '--{name}'"),
+        lexopt::Arg::Short(c) => format!("unknown option '-{c}'"),
+        lexopt::Arg::Value(v) => format!("unexpected argument '{}'", v.to_string_lossy()),
+    };
+    format!("{what} (see wsloop {cmd} --help)")
 }
 
 /// A logger that writes `LEVEL message` lines to stderr.

@@ -4,14 +4,13 @@ use std::ffi::OsString;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use wsloop::proto::Answer;
-use wsloop::server::modes::{self, Broadcast, Echo, PageKind, Reply};
-use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, Upgrade};
+use wsloop::server::modes::{self, Broadcast, PageKind};
+use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId};
 use wsloop::Message;
 
 use super::{
-    count, dispatch, duration_above_zero, duration_or_off, init_log, size_above_zero, unexpected, value, Asked,
-    Failure, Outcome,
+    count, dispatch, duration_above_zero, duration_or_off, init_log, parse_bytes, size_above_zero, unexpected, value,
+    Asked, Failure, Outcome,
 };
 
 /// `wsloop serve --help`.
@@ -27,6 +26,11 @@ Options:
   --no-page                answer a plain `GET /` with 426 instead of the browser page
   --stats DUR|off          print a stats line on stderr every DUR [default: off]
   --max-connections N      connections held; more get 503 [default: open-file limit - 64]
+  --max-connections-per-ip N
+                           connections from one address; more get 503 [default: no limit]
+  --max-memory BYTES       memory for buffered data; past 3/4 of it the largest holders
+                           stop being read, past it they are closed with 1013
+                           [default: 1/4 of physical memory, 16MiB..1GiB]
   --max-message BYTES      largest message; larger gets close 1009 [default: 16MiB]
   --max-backpressure BYTES outbound bytes queued per peer before reading pauses [default: 1MiB]
   --slow-consumer POLICY   close | drop: a full queue on broadcast [default: close]
@@ -53,10 +57,8 @@ pub fn run(args: Vec<OsString>) -> Outcome {
 /// What the command line asks for.
 struct Parsed {
     cfg: ServerConfig,
-    listen: String,
-    kind: PageKind,
-    reply: String,
-    bcast: Broadcast,
+    addr: std::net::SocketAddr,
+    mode: Mode,
     stats_every: Option<Duration>,
 }
 
@@ -69,7 +71,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut mode = "echo".to_string();
     let mut reply = "fine thank you".to_string();
     let mut log_level = "info".to_string();
-    let mut bcast = Broadcast::default();
+    let mut bcast = Broadcast::new(true, false);
     let mut bcast_flags = false;
     let mut serve_page = true;
     let mut stats_every = None;
@@ -92,6 +94,16 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("max-connections") => {
                 let n = count("--max-connections", &value(&mut p)?)?;
                 cfg.max_connections = usize::try_from(n).unwrap_or(usize::MAX);
+            }
+            Long("max-connections-per-ip") => {
+                let n = count("--max-connections-per-ip", &value(&mut p)?)?;
+                cfg.max_connections_per_ip = Some(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            Long("max-memory") => {
+                cfg.max_memory = parse_bytes(&value(&mut p)?)?;
+                if cfg.max_memory < 1 << 20 {
+                    return Err("--max-memory must be at least 1MiB".to_string());
+                }
             }
             Long("max-message") => cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
             Long("max-backpressure") => cfg.max_backpressure = size_above_zero("--max-backpressure", &value(&mut p)?)?,
@@ -130,21 +142,28 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         cfg.page = Some(modes::page(kind).into());
     }
     init_log(&log_level)?;
+    // An address, not a host name: a listening address is an interface's, and parsing it here
+    // keeps the resolver out of the binary.
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("invalid --listen '{listen}' (use IP:PORT, e.g. 127.0.0.1:9001 or [::1]:9001)"))?;
+    let mode = match kind {
+        PageKind::Echo => Mode::Echo,
+        PageKind::Reply => Mode::Reply(reply),
+        PageKind::Chat => Mode::Broadcast(bcast),
+    };
     Ok(Asked::Run(Parsed {
         cfg,
-        listen,
-        kind,
-        reply,
-        bcast,
+        addr,
+        mode,
         stats_every,
     }))
 }
 
 fn serve(o: Parsed) -> Outcome {
-    let listen = o.listen;
-    let server = Server::bind(listen.as_str(), o.cfg).map_err(|e| {
-        let what = format!("cannot listen on {listen}: {e}");
-        // Settings the machine cannot honour, or an address that is not one, are usage errors.
+    let server = Server::bind(o.addr, o.cfg).map_err(|e| {
+        let what = format!("cannot listen on {}: {e}", o.addr);
+        // Settings the machine cannot honour are usage errors; a busy address is not.
         if e.kind() == std::io::ErrorKind::InvalidInput {
             Failure::Usage(what)
         } else {
@@ -152,37 +171,37 @@ fn serve(o: Parsed) -> Outcome {
         }
     })?;
     log::info!("listening on {}", server.local_addr());
-    // One copy of the loop for every mode: a virtual call per callback costs nothing next to the
-    // system calls around it, and three monomorphised loops would cost tens of KB of binary.
-    let handler: Box<dyn Handler<State = ()>> = match o.kind {
-        PageKind::Echo => Box::new(Echo),
-        PageKind::Reply => Box::new(Reply(o.reply)),
-        PageKind::Chat => Box::new(o.bcast),
+    let handler = Cli {
+        mode: o.mode,
+        every: o.stats_every,
+        stats_timer: None,
+        last: None,
     };
     server
-        .run(WithStats::new(handler, o.stats_every))
+        .run(handler)
         .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
 }
 
-/// Wraps a handler that uses no timer of its own, and prints a stats line on stderr every
-/// `every`: open connections, messages in and out per second, bytes queued, messages dropped
-/// (in total and since the last line) and the process's resident memory.
-struct WithStats<H> {
-    inner: H,
+/// What the server does with messages.
+enum Mode {
+    Echo,
+    Reply(String),
+    Broadcast(Broadcast),
+}
+
+/// The command line's handler: one type for every mode (one copy of the loop in the binary),
+/// printing a stats line on stderr every `every`: open connections, messages in and out per
+/// second, bytes queued, messages dropped (in total and since the last line), memory counted
+/// against the budget, and the process's resident memory.
+struct Cli {
+    mode: Mode,
     every: Option<Duration>,
+    stats_timer: Option<TimerId>,
     /// When the previous line was printed, and the counters then.
     last: Option<(Instant, Stats)>,
 }
 
-impl<H: Handler<State = ()>> WithStats<H> {
-    fn new(inner: H, every: Option<Duration>) -> Self {
-        WithStats {
-            inner,
-            every,
-            last: None,
-        }
-    }
-
+impl Cli {
     fn tick(&mut self, ctx: &mut Ctx<'_, ()>) {
         let Some(every) = self.every else { return };
         let now = Instant::now();
@@ -195,13 +214,15 @@ impl<H: Handler<State = ()>> WithStats<H> {
                 format!("{}.{}", tenths / 10, tenths % 10)
             };
             let line = format!(
-                "stats open={} in={}/s out={}/s queued={}B dropped={} (+{}) rss={}",
+                "stats open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}",
                 stats.open,
                 rate(stats.messages_in, prev.messages_in),
                 rate(stats.messages_out, prev.messages_out),
                 stats.bytes_queued,
                 stats.dropped,
                 stats.dropped.saturating_sub(prev.dropped),
+                stats.memory / 1024,
+                stats.memory_limit / 1024,
                 wsloop::sys::read_rss(std::process::id())
                     .map_or_else(|| "?".to_string(), |b| format!("{}KiB", b / 1024)),
             );
@@ -209,32 +230,46 @@ impl<H: Handler<State = ()>> WithStats<H> {
             let _ = writeln!(std::io::stderr().lock(), "{line}");
         }
         self.last = Some((now, stats));
-        ctx.set_timer(every);
+        self.stats_timer = Some(ctx.set_timer(every));
     }
 }
 
-impl<H: Handler<State = ()>> Handler for WithStats<H> {
+impl Handler for Cli {
     type State = ();
+
     fn on_start(&mut self, ctx: &mut Ctx<'_, ()>) {
         self.tick(ctx);
-        self.inner.on_start(ctx);
     }
-    fn on_upgrade(&mut self, ctx: &mut Ctx<'_, ()>, up: &mut Upgrade<'_>) -> Result<(), Answer> {
-        self.inner.on_upgrade(ctx, up)
-    }
+
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
-        self.inner.on_open(ctx, conn);
+        if let Mode::Broadcast(b) = &mut self.mode {
+            b.on_open(ctx, conn);
+        }
     }
+
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
-        self.inner.on_message(ctx, conn, msg);
+        match &mut self.mode {
+            Mode::Echo => {
+                ctx.send(conn.id(), msg);
+            }
+            Mode::Reply(text) => {
+                ctx.send_text(conn.id(), text);
+            }
+            Mode::Broadcast(b) => b.on_message(ctx, conn, msg),
+        }
     }
+
     fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {
-        self.inner.on_close(ctx, conn, code, reason);
+        if let Mode::Broadcast(b) = &mut self.mode {
+            b.on_close(ctx, conn, code, reason);
+        }
     }
-    fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, _timer: Timer) {
-        self.tick(ctx);
-    }
-    fn on_wake(&mut self, ctx: &mut Ctx<'_, ()>) {
-        self.inner.on_wake(ctx);
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, timer: Timer) {
+        if Some(timer.id) == self.stats_timer {
+            self.tick(ctx);
+        } else if let Mode::Broadcast(b) = &mut self.mode {
+            b.on_announce_timer(ctx, timer);
+        }
     }
 }

@@ -6,6 +6,7 @@
 // Each driver uses part of this layer; builds with only some drivers leave the rest unused.
 #![cfg_attr(not(all(feature = "server", feature = "bench")), allow(dead_code, unused_imports))]
 
+pub(crate) mod budget;
 pub(crate) mod connect;
 #[cfg(any(feature = "server", feature = "bench"))]
 pub(crate) mod engine;

@@ -21,6 +21,27 @@ pub(crate) fn is_resource_error(e: &io::Error) -> bool {
     )
 }
 
+/// Physical memory of this machine, in bytes (`MemTotal` in `/proc/meminfo`).
+pub(crate) fn physical_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Gives the heap's free memory back to the operating system. glibc keeps freed memory for
+/// reuse, so after a burst the process would stay at its peak; musl returns large blocks by
+/// itself.
+pub(crate) fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions: it only releases pages the allocator holds
+    // free, and may be called at any time from the thread that owns no allocator lock (any
+    // thread outside malloc).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// `VmRSS` of a process, in bytes.
 pub fn read_rss(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -343,6 +343,8 @@ struct Partial {
     utf8: Utf8Validator,
     /// The message so far (or, while connecting, the handshake head so far).
     buf: Vec<u8>,
+    /// Bytes of the current message read but not kept (it arrived after this end's close).
+    skipped: u64,
     /// A control frame's payload so far.
     control: [u8; MAX_CONTROL_PAYLOAD],
     control_len: u8,
@@ -358,6 +360,7 @@ impl Partial {
             message: None,
             utf8: Utf8Validator::new(),
             buf: Vec::new(),
+            skipped: 0,
             control: [0; MAX_CONTROL_PAYLOAD],
             control_len: 0,
             client: None,
@@ -379,6 +382,9 @@ const CLIENT: u8 = 1;
 const PINGED: u8 = 2;
 /// Server: a request was handed out and awaits its answer.
 const AWAITING_ANSWER: u8 = 4;
+/// Closing, and this end's close frame is still waiting behind data the peer has not read
+/// (see `sending`).
+const CLOSE_QUEUED: u8 = 8;
 
 /// One WebSocket connection's protocol state.
 pub struct Connection {
@@ -387,6 +393,8 @@ pub struct Connection {
     since: u32,
     state: State,
     flags: u8,
+    /// Bytes received since the last activity without completing a frame (see `read`).
+    trickle: u16,
 }
 
 impl core::fmt::Debug for Connection {
@@ -419,6 +427,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: 0,
+            trickle: 0,
         }
     }
 
@@ -440,6 +449,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: CLIENT,
+            trickle: 0,
         }
     }
 
@@ -450,6 +460,7 @@ impl Connection {
             since: now as u32,
             state: State::Open,
             flags: if role == Role::Client { CLIENT } else { 0 },
+            trickle: 0,
         }
     }
 
@@ -503,6 +514,23 @@ impl Connection {
         }
     }
 
+    /// Tells the connection whether what it wrote is still waiting to go out (`pending`) or
+    /// has all been handed to the transport. While closing, a close frame that waits behind
+    /// data a slow peer has not read yet gets ten times the close timeout; once everything has
+    /// left, the close timeout starts over. Drivers that never call this get the plain close
+    /// timeout from the moment the close started.
+    pub fn output_pending(&mut self, pending: bool, now: u64) {
+        if !matches!(self.state, State::LocalClosing | State::Closed) {
+            return;
+        }
+        if pending {
+            self.flags |= CLOSE_QUEUED;
+        } else if self.flags & CLOSE_QUEUED != 0 {
+            self.flags &= !CLOSE_QUEUED;
+            self.since = now as u32;
+        }
+    }
+
     /// Marks the connection closed without a close handshake (the transport dropped).
     pub fn set_closed(&mut self, now: u64) {
         self.set_state(State::Closed, now);
@@ -552,12 +580,21 @@ impl Connection {
             State::Connecting if self.flags & CLIENT != 0 => self.read_response(cfg, now, data),
             State::Connecting => self.read_request(cfg, now, data, out),
             State::Open | State::LocalClosing => {
-                if self.state == State::Open && !data.is_empty() {
-                    self.since = now as u32;
-                    self.flags &= !PINGED;
-                }
+                let open = self.state == State::Open;
                 match self.read_frames(cfg, now, data, rng, out) {
-                    Ok(r) => Ok(r),
+                    Ok((used, ev)) => {
+                        // Activity, for the heartbeat and idle timeout, is a frame that
+                        // completes or at least 4 KiB of one: a peer that trickles a frame a
+                        // byte at a time is idle.
+                        self.trickle = self.trickle.saturating_add(used.min(usize::from(u16::MAX)) as u16);
+                        let done = ev.is_some() || self.partial.as_ref().is_none_or(|p| p.frame.is_none());
+                        if open && used > 0 && (done || self.trickle >= 4096) {
+                            self.since = now as u32;
+                            self.flags &= !PINGED;
+                            self.trickle = 0;
+                        }
+                        Ok((used, ev))
+                    }
                     Err(e) => Err(Error::Protocol(self.fail(e, now, rng, out))),
                 }
             }
@@ -605,6 +642,7 @@ impl Connection {
         }
         self.since = now as u32;
         self.flags &= !PINGED;
+        self.trickle = 0;
         let payload: &'d [u8] = payload;
         let p = if text {
             match core::str::from_utf8(payload) {
@@ -853,6 +891,11 @@ impl Connection {
         };
         write_close(out, self.mask(rng), Some(code), reason);
         self.set_state(State::LocalClosing, now);
+        // A message being assembled will not be delivered: free it now.
+        if let Some(p) = &mut self.partial {
+            p.skipped += p.buf.len() as u64;
+            p.buf = Vec::new();
+        }
         Ok(())
     }
 
@@ -885,6 +928,9 @@ impl Connection {
                 (Some(p), None) => p + p,
                 (None, None) => return None,
             },
+            // While this end's close frame waits behind a slow reader it may wait ten times as
+            // long; once it has left, the peer has the close timeout to finish.
+            State::LocalClosing | State::Closed if self.flags & CLOSE_QUEUED != 0 => cfg.close_timeout * 10,
             State::LocalClosing | State::Closed => cfg.close_timeout,
         };
         Some(deadline_after(since, after))
@@ -1016,6 +1062,7 @@ impl Connection {
                 p.message = Some(header.opcode);
                 p.utf8 = Utf8Validator::new();
                 p.buf.clear();
+                p.skipped = 0;
             }
             if header.opcode.is_control() {
                 p.control_len = 0;
@@ -1050,7 +1097,7 @@ impl Connection {
             }
             _ => {}
         }
-        let so_far = p.buf.len() as u64;
+        let so_far = p.buf.len() as u64 + p.skipped;
         if so_far.saturating_add(h.payload_len) > max_message as u64 {
             return Err(err(1009, "message too big"));
         }
@@ -1095,12 +1142,18 @@ impl Connection {
                 .feed(chunk)
                 .map_err(|_| err(1007, "invalid UTF-8 in text message"))?;
         }
-        p.buf.extend_from_slice(chunk);
+        // After this end's close frame, data is read to find the peer's close but not kept.
+        if self.state == State::Open {
+            p.buf.extend_from_slice(chunk);
+        } else {
+            p.skipped += take as u64;
+        }
         if !(complete && f.header.fin) {
             return Ok((take, None));
         }
         let kind = p.message.take();
         let buf = core::mem::take(&mut p.buf);
+        p.skipped = 0;
         if kind == Some(OpCode::Text) {
             p.utf8
                 .finish()
@@ -1324,6 +1377,52 @@ mod tests {
         // Nothing is timed on an open connection without heartbeat or idle timeout.
         let c = Connection::open(Role::Server, 0);
         assert_eq!(c.poll_timeout(&Config::default(), 0), None);
+    }
+
+    #[test]
+    fn a_close_frame_stuck_behind_unread_data_waits_longer() {
+        let cfg = Config::default(); // close timeout 3 s
+        let mut out = Vec::new();
+        let mut c = Connection::open(Role::Server, 0);
+        c.close(1008, "slow consumer", 1000, &mut NoRandom, &mut out).unwrap();
+        assert_eq!(c.poll_timeout(&cfg, 1000), Some(4_001));
+        c.output_pending(true, 1000);
+        assert_eq!(c.poll_timeout(&cfg, 1000), Some(31_001), "ten times, while it waits");
+        c.output_pending(false, 20_000);
+        assert_eq!(
+            c.poll_timeout(&cfg, 20_000),
+            Some(23_001),
+            "then the close timeout from now"
+        );
+        // Open connections are not affected.
+        let mut c = Connection::open(Role::Server, 0);
+        c.output_pending(true, 5);
+        assert_eq!(c.poll_timeout(&cfg, 5), None);
+    }
+
+    #[test]
+    fn a_frame_trickled_a_byte_at_a_time_is_idle() {
+        let cfg = Config {
+            idle_timeout: Some(Duration::from_secs(10)),
+            ..Config::default()
+        };
+        let mut out = Vec::new();
+        let mut c = Connection::open(Role::Server, 0);
+        // The header of a 1 MiB masked binary frame, then a byte every second.
+        let mut head = [0x82, 0xff, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 2, 3, 4];
+        c.read(&cfg, 0, &mut head, &mut NoRandom, &mut out).unwrap();
+        for t in 1..=9 {
+            c.read(&cfg, t * 1000, &mut [7], &mut NoRandom, &mut out).unwrap();
+        }
+        assert_eq!(c.poll_timeout(&cfg, 9000), Some(10_001), "no byte counted as activity");
+        // 4 KiB of it does count.
+        c.read(&cfg, 9500, &mut [7; 4096], &mut NoRandom, &mut out).unwrap();
+        assert_eq!(c.poll_timeout(&cfg, 9500), Some(19_501));
+        // So does a whole frame.
+        let mut c = Connection::open(Role::Server, 0);
+        let mut ping = [0x89, 0x80, 1, 2, 3, 4];
+        c.read(&cfg, 5000, &mut ping, &mut NoRandom, &mut out).unwrap();
+        assert_eq!(c.poll_timeout(&cfg, 5000), Some(15_001));
     }
 
     #[test]

@@ -214,10 +214,13 @@ pub mod close_code {
     pub const MANDATORY_EXTENSION: u16 = 1010;
     /// An unexpected condition in the server.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// The server is overloaded (here: short of memory); try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 
-    /// Whether `code` may appear in a close frame on the wire.
+    /// Whether `code` may appear in a close frame on the wire: RFC 6455's codes, 1012..=1014
+    /// from the IANA registry, and 3000..=4999 for libraries and applications.
     pub fn is_valid(code: u16) -> bool {
-        matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
     }
 }
 

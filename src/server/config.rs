@@ -28,13 +28,24 @@ pub struct ServerConfig {
     /// Open connections allowed; above it a new connection gets `503`.
     /// Default: the process's open-file limit less 64 descriptors.
     pub max_connections: usize,
+    /// Open connections allowed from one IP address; more get `503` (default: no limit).
+    /// Behind a proxy every peer has the proxy's address: leave it off there.
+    pub max_connections_per_ip: Option<u32>,
     /// Largest message accepted, in bytes (default 16 MiB); larger gets close `1009`.
     pub max_message: usize,
     /// Largest handshake request head (default 8 KiB); larger gets `431`.
     pub max_request_head: usize,
     /// Outbound bytes queued per connection before the server stops reading from it
-    /// (default 1 MiB). Broadcasts apply [`slow_consumer`](Self::slow_consumer) at this bound.
+    /// (default 1 MiB), counting what the queue really holds (entries, buffers and the shared
+    /// frames it keeps alive). Broadcasts apply [`slow_consumer`](Self::slow_consumer) at this
+    /// bound. One message larger than the bound is still queued if the memory budget allows.
     pub max_backpressure: usize,
+    /// The memory budget: everything the server buffers for its peers (partial messages,
+    /// outbound queues, shared frames, handshake heads), in bytes. Default: a quarter of the
+    /// machine's physical memory, at least 16 MiB and at most 1 GiB. Past three quarters of
+    /// it, connections holding more than their share stop being read; past it, they are
+    /// closed with `1013` (try again later), their partial messages and queues dropped.
+    pub max_memory: usize,
     /// What a broadcast does to a peer whose queue is full (default [`SlowConsumer::Close`]).
     pub slow_consumer: SlowConsumer,
     /// Time allowed from accepting a connection to the end of its handshake (default 10 s).
@@ -78,13 +89,22 @@ pub fn default_max_connections() -> usize {
     soft.saturating_sub(FD_RESERVE).max(1).min(usize::MAX as u64) as usize
 }
 
+/// The default memory budget: a quarter of physical memory, within 16 MiB..=1 GiB (256 MiB when
+/// the machine does not say).
+pub fn default_max_memory() -> usize {
+    let quarter = crate::io::sys::physical_memory().map_or(256 << 20, |m| m / 4);
+    quarter.clamp(16 << 20, 1 << 30).min(usize::MAX as u64) as usize
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_connections: default_max_connections(),
+            max_connections_per_ip: None,
             max_message: 16 << 20,
             max_request_head: 8 << 10,
             max_backpressure: 1 << 20,
+            max_memory: default_max_memory(),
             slow_consumer: SlowConsumer::Close,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: None,
@@ -107,8 +127,14 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1");
         }
+        if self.max_connections_per_ip == Some(0) {
+            return Err("max_connections_per_ip must be at least 1");
+        }
         if self.max_backpressure == 0 {
             return Err("max_backpressure must be at least 1 byte");
+        }
+        if self.max_memory < 1 << 20 {
+            return Err("max_memory must be at least 1 MiB");
         }
         if self.read_buffer_size < 64 {
             return Err("read_buffer_size must be at least 64 bytes");

@@ -1,6 +1,6 @@
 //! The application's side of the server: [`Handler`], and [`Ctx`], through which it acts.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use mio::net::TcpStream;
 
 use super::config::SlowConsumer;
 use super::Shared;
+use crate::io::budget::SharedFrame;
 use crate::io::engine::Engine;
 use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
@@ -40,29 +41,52 @@ impl std::fmt::Display for ConnId {
     }
 }
 
-/// A peer address in 18 bytes (an IPv4 address is kept IPv4-mapped); `SocketAddr` takes 32.
+/// A peer address in 6 bytes: an IPv4 address (IPv4-mapped IPv6 addresses too) and its port,
+/// or, with port 0 (never a TCP peer's port), the index of a full address in the loop's
+/// [`PeerTable`]. `SocketAddr` takes 32 bytes: this keeps an idle connection's slot at 48.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PeerAddr {
-    ip: [u8; 16],
+    ip: [u8; 4],
     port: [u8; 2],
 }
 
+/// Addresses that do not fit a [`PeerAddr`] (IPv6 peers), kept only while they are connected.
+pub(crate) type PeerTable = slab::Slab<SocketAddr>;
+
 impl PeerAddr {
-    pub(crate) fn new(a: SocketAddr) -> Self {
-        let ip = match a.ip() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
+    pub(crate) fn new(a: SocketAddr, table: &mut PeerTable) -> Self {
+        let v4 = match a.ip() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
         };
-        PeerAddr {
-            ip: ip.octets(),
-            port: a.port().to_ne_bytes(),
+        match v4 {
+            Some(v4) if a.port() != 0 => PeerAddr {
+                ip: v4.octets(),
+                port: a.port().to_ne_bytes(),
+            },
+            _ => PeerAddr {
+                ip: (table.insert(a) as u32).to_ne_bytes(),
+                port: [0; 2],
+            },
         }
     }
 
-    pub(crate) fn get(&self) -> SocketAddr {
-        let v6 = Ipv6Addr::from(self.ip);
-        let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-        SocketAddr::new(ip, u16::from_ne_bytes(self.port))
+    fn index(&self) -> Option<usize> {
+        (self.port == [0; 2]).then(|| u32::from_ne_bytes(self.ip) as usize)
+    }
+
+    pub(crate) fn get(&self, table: &PeerTable) -> SocketAddr {
+        match self.index() {
+            Some(i) => table.get(i).copied().unwrap_or(SocketAddr::from(([0u16; 8], 0))),
+            None => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(self.ip)), u16::from_ne_bytes(self.port)),
+        }
+    }
+
+    /// Gives back the table entry, if the address has one (when its connection is removed).
+    pub(crate) fn release(&self, table: &mut PeerTable) {
+        if let Some(i) = self.index() {
+            table.try_remove(i);
+        }
     }
 }
 
@@ -71,6 +95,8 @@ pub(crate) struct ConnData<S> {
     pub(crate) addr: PeerAddr,
     /// `on_open` was called and `on_close` not yet.
     pub(crate) opened: bool,
+    /// Counted in the per-IP limit.
+    pub(crate) counted: bool,
     pub(crate) state: S,
 }
 
@@ -80,7 +106,7 @@ pub(crate) type ServerEngine<S> = Engine<TcpStream, ConnData<S>, NoRandom>;
 #[derive(Debug)]
 pub struct Conn<S> {
     pub(crate) id: ConnId,
-    pub(crate) addr: PeerAddr,
+    pub(crate) addr: SocketAddr,
     /// The application's state for this connection (see [`Handler::State`]).
     pub state: S,
 }
@@ -93,13 +119,7 @@ impl<S> Conn<S> {
 
     /// The peer's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr.get()
-    }
-}
-
-impl std::fmt::Debug for PeerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.get())
+        self.addr
     }
 }
 
@@ -234,17 +254,15 @@ pub struct Stats {
     pub messages_out: u64,
     /// Bytes waiting in outbound queues now.
     pub bytes_queued: usize,
+    /// Memory counted against the budget now (see
+    /// [`ServerConfig::max_memory`](super::ServerConfig::max_memory)).
+    pub memory: usize,
+    /// The budget.
+    pub memory_limit: usize,
     /// Broadcast messages skipped for slow consumers since start.
     pub dropped: u64,
     /// Connections refused with `503` since start.
     pub refused: u64,
-}
-
-/// A message encoded once as an unmasked frame, to be shared by many queues.
-fn shared_frame(msg: Message<'_>) -> Arc<Vec<u8>> {
-    let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
-    write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
-    Arc::new(frame)
 }
 
 /// What the handler can do from inside the loop.
@@ -254,6 +272,18 @@ pub struct Ctx<'a, S> {
 }
 
 impl<'a, S> Ctx<'a, S> {
+    fn addr_of(&self, key: usize) -> SocketAddr {
+        self.eng.slots[key].data.addr.get(&self.shared.peers)
+    }
+
+    /// A message encoded once as an unmasked frame, to be shared by many queues (and counted
+    /// once against the memory budget).
+    fn shared_frame(&self, msg: Message<'_>) -> Arc<SharedFrame> {
+        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
+        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
+        self.eng.shared_frame(frame)
+    }
+
     fn slot_key(&self, id: ConnId) -> Option<usize> {
         let key = id.key();
         self.eng.is_live(key, id.gen()).then_some(key)
@@ -279,15 +309,24 @@ impl<'a, S> Ctx<'a, S> {
     /// Sends a message to every open connection except `except`, encoding the frame once and
     /// sharing its bytes among all queues. Returns how many connections it was queued for.
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
-        let frame = shared_frame(msg);
+        let frame = self.shared_frame(msg);
         let mut sent = 0;
+        let recipient = |slot: &crate::io::engine::Slot<TcpStream, ConnData<S>>, key: usize| {
+            !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen))
+        };
+        // The connection whose message this usually is gets its copy first: its round trip
+        // should not wait for everyone else's.
+        let first = self.eng.corked();
+        if let Some(key) = first.filter(|&k| recipient(&self.eng.slots[k], k)) {
+            if self.queue_shared(key, &frame) {
+                sent += 1;
+            }
+            self.eng.flush_cork();
+        }
         // Index the slab instead of collecting keys: no allocation per broadcast.
         for key in 0..self.eng.slots.capacity() {
             let Some(slot) = self.eng.slots.get(key) else { continue };
-            if slot.is_dead() || slot.conn.state() != State::Open {
-                continue;
-            }
-            if except.is_some_and(|e| e == ConnId::new(key, slot.gen)) {
+            if Some(key) == first || !recipient(slot, key) {
                 continue;
             }
             if self.queue_shared(key, &frame) {
@@ -325,7 +364,7 @@ impl<'a, S> Ctx<'a, S> {
         let Some(t) = self.shared.topics.find(topic) else {
             return 0;
         };
-        let frame = shared_frame(msg);
+        let frame = self.shared_frame(msg);
         let mut sent = 0;
         let mut i = 0;
         // By index: a slow consumer closed on the way stays subscribed until the turn ends.
@@ -349,17 +388,21 @@ impl<'a, S> Ctx<'a, S> {
     }
 
     /// Queues a shared frame for one connection, applying the slow consumer policy.
-    fn queue_shared(&mut self, key: usize, frame: &Arc<Vec<u8>>) -> bool {
+    fn queue_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) -> bool {
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
         // shared, and refusing would fail every peer on one large message.
         let queued = self.eng.queued(key);
-        if queued > 0 && queued + frame.len() > self.shared.max_backpressure {
+        if queued > 0 && queued + frame.bytes().len() > self.shared.max_backpressure {
             match self.shared.slow_consumer {
                 SlowConsumer::Drop => {
                     self.shared.stats.dropped += 1;
                 }
                 SlowConsumer::Close => {
-                    log::info!("{:?}: slow consumer, closing", self.eng.slots[key].data.addr);
+                    super::peer_log(
+                        log::Level::Info,
+                        self.addr_of(key),
+                        format_args!(": slow consumer, closing"),
+                    );
                     self.eng.clear_queue(key);
                     let _ = self.eng.close(key, close_code::POLICY_VIOLATION, "slow consumer");
                 }
@@ -393,12 +436,12 @@ impl<'a, S> Ctx<'a, S> {
             .slots
             .iter()
             .filter(|(_, s)| s.data.opened && !s.is_dead())
-            .map(|(k, s)| (ConnId::new(k, s.gen), s.data.addr.get()))
+            .map(|(k, s)| (ConnId::new(k, s.gen), s.data.addr.get(&self.shared.peers)))
     }
 
     /// The peer address of a connection, if it is still there.
     pub fn peer_addr(&self, id: ConnId) -> Option<SocketAddr> {
-        self.slot_key(id).map(|k| self.eng.slots[k].data.addr.get())
+        self.slot_key(id).map(|k| self.addr_of(k))
     }
 
     /// The state of another open connection. The connection a callback is about is not
@@ -433,6 +476,8 @@ impl<'a, S> Ctx<'a, S> {
     pub fn stats(&self) -> Stats {
         let mut s = self.shared.stats;
         s.bytes_queued = self.eng.slots.iter().map(|(_, s)| s.queued()).sum();
+        s.memory = self.eng.budget.used();
+        s.memory_limit = self.eng.budget.limit();
         s
     }
 
@@ -466,7 +511,7 @@ mod tests {
             Vacant(usize),
             Occupied(S),
         }
-        let limit = if cfg!(target_pointer_width = "64") { 56 } else { 48 };
+        let limit = if cfg!(target_pointer_width = "64") { 48 } else { 40 };
         let slot = std::mem::size_of::<S>();
         let entry = std::mem::size_of::<Entry>();
         assert!(slot <= limit, "slot is {slot} bytes");
@@ -475,10 +520,25 @@ mod tests {
 
     #[test]
     fn peer_addresses_are_compact_and_exact() {
-        assert_eq!(std::mem::size_of::<PeerAddr>(), 18);
-        for a in ["127.0.0.1:9001", "[::1]:443", "[2001:db8::1]:65535", "0.0.0.0:0"] {
+        assert_eq!(std::mem::size_of::<PeerAddr>(), 6);
+        let mut table = PeerTable::new();
+        for a in [
+            "127.0.0.1:9001",
+            "[::1]:443",
+            "[2001:db8::1]:65535",
+            "0.0.0.0:0",
+            "[fe80::1%2]:80",
+        ] {
             let a: SocketAddr = a.parse().unwrap();
-            assert_eq!(PeerAddr::new(a).get(), a);
+            let p = PeerAddr::new(a, &mut table);
+            assert_eq!(p.get(&table), a);
+            p.release(&mut table);
         }
+        assert!(table.is_empty(), "every long address is given back");
+        // An IPv4-mapped address (a dual-stack listener's IPv4 peer) stays compact.
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
+        let p = PeerAddr::new(mapped, &mut table);
+        assert_eq!(p.get(&table), "10.0.0.1:5000".parse::<SocketAddr>().unwrap());
+        assert!(table.is_empty());
     }
 }

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,14 +31,16 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 pub mod config;
 pub mod handler;
+mod ipcount;
 pub mod modes;
 mod topics;
 
-pub use config::{default_max_connections, ServerConfig, SlowConsumer};
+pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
 pub use modes::{Broadcast, Echo, Reply};
 
-use crate::io::engine::{reserved_token, Cause, Driver, Engine};
+use crate::io::budget::Budget;
+use crate::io::engine::{reserved_token, Cause, Driver, Engine, SHED_CODE};
 use crate::io::outbox::write_some;
 use crate::io::sys::is_resource_error;
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -51,8 +53,17 @@ const LISTENER: Token = reserved_token(0);
 const WAKER: Token = reserved_token(1);
 const SIGNALS: Token = reserved_token(2);
 
+/// Logs a line about one peer: `ADDR` then `what`. One function for every such line keeps the
+/// binary small (each `log!` call site costs its own formatting and metadata).
+#[inline(never)]
+pub(crate) fn peer_log(level: log::Level, addr: SocketAddr, what: std::fmt::Arguments<'_>) {
+    if level <= log::max_level() {
+        log::log!(level, "{addr}{what}");
+    }
+}
+
 /// The driver timer that resumes accepting after running out of descriptors.
-const ACCEPT_TIMER: u64 = u64::MAX;
+const ACCEPT_TIMER: u64 = u64::MAX >> 1;
 
 /// A command sent from another thread.
 enum Command {
@@ -191,6 +202,8 @@ pub(crate) struct Shared {
     pub(crate) timers: slab::Slab<(u32, Option<ConnId>)>,
     next_timer: u32,
     pub(crate) shutdown_requested: bool,
+    /// Peer addresses too long for a slot.
+    pub(crate) peers: handler::PeerTable,
     pub(crate) topics: topics::Topics,
     /// The slot whose state a callback holds in its `Conn` (`usize::MAX`: none).
     pub(crate) lent: usize,
@@ -306,7 +319,9 @@ impl Server {
         } else {
             None
         };
-        let mut eng: ServerEngine<H::State> = Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom);
+        let budget = Budget::new(cfg.max_memory);
+        let mut eng: ServerEngine<H::State> =
+            Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom, budget);
         let mut srv = Srv {
             handler,
             shared: Shared {
@@ -316,6 +331,7 @@ impl Server {
                 timers: slab::Slab::new(),
                 next_timer: 0,
                 shutdown_requested: false,
+                peers: handler::PeerTable::new(),
                 topics: topics::Topics::default(),
                 lent: usize::MAX,
             },
@@ -325,6 +341,7 @@ impl Server {
             spare_fd: File::open("/dev/null").ok(),
             shutdown_deadline: None,
             handle,
+            per_ip: ipcount::IpCounts::new(),
             cfg,
         };
         let mut events = Events::with_capacity(1024);
@@ -366,6 +383,7 @@ impl Server {
                 }
             }
             eng.fire_timers(&mut srv);
+            eng.apply_budget(&mut srv);
             eng.reap(&mut srv);
             if std::mem::take(&mut srv.shared.shutdown_requested) {
                 srv.begin_shutdown(&mut eng);
@@ -484,6 +502,8 @@ struct Srv<H: Handler> {
     /// Shutdown started; ends at this time at the latest.
     shutdown_deadline: Option<u64>,
     handle: Handle,
+    /// Open connections per peer IP, kept only with a per-IP limit.
+    per_ip: ipcount::IpCounts,
 }
 
 impl<H: Handler> Srv<H> {
@@ -497,6 +517,17 @@ impl<H: Handler> Srv<H> {
         )
     }
 
+    /// One connection fewer from `ip` (with a per-IP limit).
+    fn uncount(&mut self, ip: IpAddr) {
+        if self.cfg.max_connections_per_ip.is_some() {
+            self.per_ip.remove(ip);
+        }
+    }
+
+    fn addr(&self, eng: &ServerEngine<H::State>, key: usize) -> SocketAddr {
+        eng.slots[key].data.addr.get(&self.shared.peers)
+    }
+
     /// Calls the handler about connection `key`, lending it the connection's state.
     fn with_conn<R>(
         &mut self,
@@ -507,7 +538,7 @@ impl<H: Handler> Srv<H> {
         let slot = &mut eng.slots[key];
         let mut conn = Conn {
             id: ConnId::new(key, slot.gen),
-            addr: slot.data.addr,
+            addr: slot.data.addr.get(&self.shared.peers),
             state: std::mem::take(&mut slot.data.state),
         };
         self.shared.lent = key;
@@ -539,7 +570,7 @@ impl<H: Handler> Srv<H> {
                     if self.spare_fd.take().is_some() {
                         if let Ok((mut s, a)) = listener.accept() {
                             self.shared.stats.refused += 1;
-                            log::debug!("{a}: refused, out of descriptors");
+                            peer_log(log::Level::Debug, a, format_args!(": refused, out of descriptors"));
                             let mut b = Vec::new();
                             Reject::new(503, "too many connections").write(&mut b);
                             let _ = write_some(&mut s, &b);
@@ -560,14 +591,29 @@ impl<H: Handler> Srv<H> {
     }
 
     fn add_connection(&mut self, eng: &mut ServerEngine<H::State>, stream: TcpStream, addr: SocketAddr) {
-        let over = eng.slots.len() >= self.cfg.max_connections;
+        let mut over = eng.slots.len() >= self.cfg.max_connections;
+        let mut why = "too many connections";
         if over {
-            self.shared.stats.refused += 1;
-            log::debug!("{addr}: refused, {} connections open", eng.slots.len());
+            peer_log(
+                log::Level::Debug,
+                addr,
+                format_args!(": refused, {} connections open", eng.slots.len()),
+            );
+        } else if let Some(limit) = self.cfg.max_connections_per_ip {
+            if !self.per_ip.add_below(addr.ip(), limit) {
+                over = true;
+                why = "too many connections from this address";
+                peer_log(
+                    log::Level::Debug,
+                    addr,
+                    format_args!(": refused, {limit} connections from this address"),
+                );
+            }
         }
         let mut refusal = Vec::new();
         if over {
-            Reject::new(503, "too many connections").write(&mut refusal);
+            self.shared.stats.refused += 1;
+            Reject::new(503, why).write(&mut refusal);
             if eng.slots.len() >= self.cfg.max_connections + (config::FD_RESERVE as usize / 2) {
                 // No room even to linger: write the answer if the kernel takes it, then drop.
                 let mut s = stream;
@@ -584,9 +630,11 @@ impl<H: Handler> Srv<H> {
         if over {
             conn.set_closed(eng.now);
         }
+        let peer = PeerAddr::new(addr, &mut self.shared.peers);
         let data = ConnData {
-            addr: PeerAddr::new(addr),
+            addr: peer,
             opened: false,
+            counted: !over && self.cfg.max_connections_per_ip.is_some(),
             state: H::State::default(),
         };
         match eng.insert(stream, conn, data) {
@@ -595,17 +643,24 @@ impl<H: Handler> Srv<H> {
                 eng.settle(key);
             }
             Ok(_) => {}
-            Err(e) => log::warn!("{addr}: register failed: {e}"),
+            Err(e) => {
+                peer.release(&mut self.shared.peers);
+                peer_log(log::Level::Warn, addr, format_args!(": register failed: {e}"));
+            }
         }
     }
 
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
     fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
-        let addr = eng.slots[key].data.addr.get();
+        let addr = self.addr(eng, key);
         let answer = if !req.is_upgrade() {
             self.plain_answer(&req)
         } else if let Some(origin) = req.origin().filter(|o| !self.origin_allowed(o)) {
-            log::info!("{addr}: refused handshake: origin {origin} not allowed");
+            peer_log(
+                log::Level::Info,
+                addr,
+                format_args!(": refused handshake: origin {origin} not allowed"),
+            );
             Answer::reject(403, "origin not allowed")
         } else {
             let protocol = self.cfg.protocols.iter().find(|p| req.offers_protocol(p)).cloned();
@@ -625,14 +680,18 @@ impl<H: Handler> Srv<H> {
         };
         if !eng.accept(key, &req, &answer, None) {
             if let Answer::Reject { status, body } = &answer {
-                log::info!("{addr}: refused handshake: {status} {}", body.trim());
+                peer_log(
+                    log::Level::Info,
+                    addr,
+                    format_args!(": refused handshake: {status} {}", body.trim()),
+                );
             }
             return;
         }
         let slot = &mut eng.slots[key];
         slot.data.opened = true;
         self.shared.stats.open += 1;
-        log::info!("{addr} connected");
+        peer_log(log::Level::Info, addr, format_args!(" connected"));
         self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
     }
 
@@ -665,7 +724,11 @@ impl<H: Handler> Srv<H> {
             return;
         }
         self.shared.stats.open -= 1;
-        log::info!("{:?} disconnected ({code})", slot.data.addr);
+        peer_log(
+            log::Level::Info,
+            slot.data.addr.get(&self.shared.peers),
+            format_args!(" disconnected ({code})"),
+        );
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
         // Only an open connection subscribes, so its subscriptions end here.
         self.shared.topics.remove_conn(key);
@@ -744,23 +807,25 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
     }
 
     fn on_error(&mut self, eng: &mut ServerEngine<H::State>, key: usize, err: &crate::proto::Error) {
-        let addr = eng.slots[key].data.addr;
+        let addr = self.addr(eng, key);
         match err {
             crate::proto::Error::Protocol(e) => {
-                log::debug!("{addr:?}: protocol error: {e}");
+                peer_log(log::Level::Debug, addr, format_args!(": protocol error: {e}"));
                 self.notify_close(eng, key, e.code, e.reason);
             }
-            crate::proto::Error::Rejected(r) => log::info!("{addr:?}: refused handshake: {r}"),
+            crate::proto::Error::Rejected(r) => {
+                peer_log(log::Level::Info, addr, format_args!(": refused handshake: {r}"))
+            }
             crate::proto::Error::Response(_) => {}
         }
     }
 
     fn on_timeout(&mut self, eng: &mut ServerEngine<H::State>, key: usize, t: Timeout) {
-        let addr = eng.slots[key].data.addr;
+        let addr = self.addr(eng, key);
         match t {
-            Timeout::Handshake => log::info!("{addr:?}: handshake timeout"),
-            Timeout::Idle => log::info!("{addr:?}: idle timeout"),
-            Timeout::Close => log::debug!("{addr:?}: close timeout"),
+            Timeout::Handshake => peer_log(log::Level::Info, addr, format_args!(": handshake timeout")),
+            Timeout::Idle => peer_log(log::Level::Info, addr, format_args!(": idle timeout")),
+            Timeout::Close => peer_log(log::Level::Debug, addr, format_args!(": close timeout")),
             Timeout::Ping => {}
         }
     }
@@ -769,12 +834,27 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
         let reason = match &cause {
             Cause::Timeout(Timeout::Close) => "close timeout",
             Cause::Io(e) => {
-                log::debug!("{:?}: {e}", eng.slots[key].data.addr);
+                peer_log(log::Level::Debug, self.addr(eng, key), format_args!(": {e}"));
                 ""
             }
             _ => "",
         };
         self.notify_close(eng, key, close_code::ABNORMAL, reason);
+        let data = &eng.slots[key].data;
+        if data.counted {
+            self.uncount(data.addr.get(&self.shared.peers).ip());
+        }
+        data.addr.release(&mut self.shared.peers);
+    }
+
+    fn on_shed(&mut self, eng: &mut ServerEngine<H::State>, key: usize) {
+        let addr = self.addr(eng, key);
+        peer_log(
+            log::Level::Warn,
+            addr,
+            format_args!(": closed with 1013, the server is short of memory"),
+        );
+        self.notify_close(eng, key, SHED_CODE, "server short of memory");
     }
 
     fn on_timer(&mut self, eng: &mut ServerEngine<H::State>, id: u64) {
