@@ -2,6 +2,7 @@
 //! load, checks the echoes, closes.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use mio::net::TcpStream;
@@ -102,6 +103,8 @@ struct Bench<'a> {
     server: Option<ServerUsage>,
     server_cpu_start: Option<Duration>,
     kernel: Option<KernelUsage>,
+    /// [`BenchConfig::stop`] was set.
+    interrupted: bool,
 }
 
 pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Report, BenchError> {
@@ -144,6 +147,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         }),
         server_cpu_start: None,
         kernel: read_kernel(),
+        interrupted: false,
     };
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; 256 << 10];
@@ -152,6 +156,10 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
     b.open_more(&mut eng);
     b.advance(&mut eng);
     while !(b.phase == Phase::Close && (eng.slots.is_empty() || b.close_expired)) {
+        // A signal interrupts the poll below, so the loop comes back here at once.
+        if !b.interrupted && cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            b.interrupt(&mut eng);
+        }
         let now = eng.tick();
         match eng.poll.poll(&mut events, poll_timeout(now, eng.next_deadline())) {
             Ok(()) => {}
@@ -203,6 +211,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         kernel: b.kernel,
         first_error: b.first_error,
         cores: online_cpus(),
+        interrupted: b.interrupted,
     })
 }
 
@@ -372,6 +381,21 @@ impl Bench<'_> {
             .filter(|(_, s)| s.data.stage == Stage::Open && !s.is_dead())
             .map(|(k, _)| k)
             .collect()
+    }
+
+    /// Cuts the run short: stops opening connections and ends the measured phase now.
+    fn interrupt(&mut self, eng: &mut BenchEngine) {
+        self.interrupted = true;
+        match self.phase {
+            Phase::Connect => {
+                self.started = self.cfg.connections;
+                self.connect_time = Duration::from_millis(eng.now);
+                self.measure_start = eng.now;
+                self.begin_drain(eng);
+            }
+            Phase::Measure => self.begin_drain(eng),
+            Phase::Drain | Phase::Close => {}
+        }
     }
 
     fn begin_measure(&mut self, eng: &mut BenchEngine) {

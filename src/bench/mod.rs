@@ -18,6 +18,8 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod driver;
@@ -255,6 +257,10 @@ pub struct BenchConfig {
     pub drain_timeout: Duration,
     /// How long the close handshakes may take (default 5 s).
     pub close_timeout: Duration,
+    /// Set it (from a signal handler, say) to cut the run short: no more connections are
+    /// opened, the measured phase ends, the echoes in flight are awaited, every connection
+    /// closes, and the report says it was interrupted.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl BenchConfig {
@@ -273,6 +279,7 @@ impl BenchConfig {
             max_pending: 128,
             drain_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
+            stop: None,
         }
     }
 

@@ -104,6 +104,8 @@ pub struct Report {
     pub first_error: Option<String>,
     /// CPU cores of this machine (shared by the load generator and a local server).
     pub cores: usize,
+    /// The run was cut short through [`BenchConfig::stop`](super::BenchConfig::stop).
+    pub interrupted: bool,
 }
 
 impl Report {
@@ -212,6 +214,7 @@ impl Report {
             None => j.raw("first_error", "null"),
         }
         j.num("cores", self.cores as f64);
+        j.raw("interrupted", if self.interrupted { "true" } else { "false" });
         j.raw("clean", if self.is_clean() { "true" } else { "false" });
         j.finish()
     }
@@ -305,6 +308,9 @@ impl std::fmt::Display for Report {
         }
         if let Some(e) = &self.first_error {
             writeln!(f, "first error  {e}")?;
+        }
+        if self.interrupted {
+            writeln!(f, "interrupted  the run was cut short; the figures cover what ran")?;
         }
         Ok(())
     }
@@ -412,6 +418,40 @@ mod tests {
         assert_eq!(
             j.finish(),
             r#"{"s":"a\"b\\c\n\u0001","i":3,"f":2.500,"nan":null,"none":null}"#
+        );
+    }
+
+    #[test]
+    fn slab_per_socket_only_when_the_sockets_explain_the_growth() {
+        let k = |sockets: u64, slab_before: u64, slab_held: u64| KernelUsage {
+            tcp_inuse_before: 10,
+            tcp_inuse_held: 10 + sockets,
+            slab_before,
+            slab_held,
+            ..KernelUsage::default()
+        };
+        // 2,000 sockets, 9.6 MB more slab: 4,800 bytes each.
+        assert_eq!(
+            k(2000, 100 << 20, (100 << 20) + 9_600_000).slab_per_socket(),
+            Some(4800.0)
+        );
+        // A busy machine freed slab meanwhile: no negative figure.
+        assert_eq!(k(2000, 100 << 20, 90 << 20).slab_per_socket(), None);
+        // Growth far below what the sockets take: other activity swamped it.
+        assert_eq!(k(2000, 100 << 20, (100 << 20) + 100_000).slab_per_socket(), None);
+        // Too few sockets for a reading.
+        assert_eq!(k(10, 0, 1 << 20).slab_per_socket(), None);
+        // Sockets closed rather than opened.
+        assert_eq!(
+            KernelUsage {
+                tcp_inuse_before: 5000,
+                tcp_inuse_held: 10,
+                slab_before: 0,
+                slab_held: 1 << 30,
+                ..KernelUsage::default()
+            }
+            .slab_per_socket(),
+            None
         );
     }
 }

@@ -8,9 +8,13 @@ use wsloop::server::modes::{self, Broadcast, PageKind};
 use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId};
 use wsloop::Message;
 
-use super::{arg_err, init_log, parse_bytes, parse_duration, value};
+use super::{
+    count, dispatch, duration_above_zero, duration_or_off, init_log, parse_bytes, size_above_zero, unexpected, value,
+    Asked, Failure, Outcome,
+};
 
-const HELP: &str = "\
+/// `wsloop serve --help`.
+pub const HELP: &str = "\
 Usage: wsloop serve [OPTIONS]
 
 Options:
@@ -20,7 +24,7 @@ Options:
   --no-echo-self           broadcast mode: do not send a message back to its sender
   --announce               broadcast mode: tell everyone when a peer joins or leaves
   --no-page                answer a plain `GET /` with 426 instead of the browser page
-  --stats DUR              print a stats line on stderr every DUR [default: off]
+  --stats DUR|off          print a stats line on stderr every DUR [default: off]
   --max-connections N      connections held; more get 503 [default: open-file limit - 64]
   --max-connections-per-ip N
                            connections from one address; more get 503 [default: no limit]
@@ -30,22 +34,36 @@ Options:
   --max-message BYTES      largest message; larger gets close 1009 [default: 16MiB]
   --max-backpressure BYTES outbound bytes queued per peer before reading pauses [default: 1MiB]
   --slow-consumer POLICY   close | drop: a full queue on broadcast [default: close]
-  --handshake-timeout DUR  time to send the request [default: 10s]
-  --idle-timeout DUR       close peers silent this long with 1001 [default: off]
-  --ping-interval DUR      ping peers silent this long [default: off]
-  --tcp-keepalive DUR      TCP keep-alive probes after this idle time [default: off]
+  --handshake-timeout DUR  time to send the request, above 0 [default: 10s]
+  --idle-timeout DUR|off   close peers silent this long with 1001 [default: off]
+  --ping-interval DUR|off  ping peers silent this long [default: off]
+  --tcp-keepalive DUR|off  TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
   --log LEVEL              error | warn | info | debug | trace | off [default: info]
+  -q, --quiet              only warnings and errors (--log warn)
+  -V, --version            print the version
+
+Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
+closed (at most 3s); a second one exits at once. Exit status: 0 done, 1 failed (e.g. the
+address is in use), 2 bad usage.
 ";
 
-fn opt_duration(s: &str) -> Result<Option<std::time::Duration>, String> {
-    let d = parse_duration(s)?;
-    Ok(if d.is_zero() { None } else { Some(d) })
+/// Parses the options and runs the server until it is stopped.
+pub fn run(args: Vec<OsString>) -> Outcome {
+    dispatch(parse(args), HELP, serve)
 }
 
-/// Parses the options and runs the server until it is stopped.
-pub fn run(args: Vec<OsString>) -> Result<(), String> {
+/// What the command line asks for.
+struct Parsed {
+    cfg: ServerConfig,
+    addr: std::net::SocketAddr,
+    mode: Mode,
+    stats_every: Option<Duration>,
+}
+
+/// Parses and checks the command line.
+fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     use lexopt::prelude::*;
     let mut cfg = ServerConfig::default();
     cfg.handle_signals = true;
@@ -58,7 +76,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut serve_page = true;
     let mut stats_every = None;
     let mut p = lexopt::Parser::from_args(args);
-    while let Some(arg) = p.next().map_err(arg_err)? {
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
             Long("listen") => listen = value(&mut p)?,
             Long("mode") => mode = value(&mut p)?,
@@ -72,27 +90,23 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 bcast_flags = true;
             }
             Long("no-page") => serve_page = false,
-            Long("stats") => stats_every = opt_duration(&value(&mut p)?)?,
+            Long("stats") => stats_every = duration_or_off(&value(&mut p)?)?,
             Long("max-connections") => {
-                let v = value(&mut p)?;
-                cfg.max_connections = v
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(format!("invalid --max-connections '{v}'"))?;
+                let n = count("--max-connections", &value(&mut p)?)?;
+                cfg.max_connections = usize::try_from(n).unwrap_or(usize::MAX);
             }
             Long("max-connections-per-ip") => {
-                let v = value(&mut p)?;
-                cfg.max_connections_per_ip = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or(format!("invalid --max-connections-per-ip '{v}' (a number above 0)"))?,
-                );
+                let n = count("--max-connections-per-ip", &value(&mut p)?)?;
+                cfg.max_connections_per_ip = Some(u32::try_from(n).unwrap_or(u32::MAX));
             }
-            Long("max-memory") => cfg.max_memory = parse_bytes(&value(&mut p)?)?,
-            Long("max-message") => cfg.max_message = parse_bytes(&value(&mut p)?)?,
-            Long("max-backpressure") => cfg.max_backpressure = parse_bytes(&value(&mut p)?)?,
+            Long("max-memory") => {
+                cfg.max_memory = parse_bytes(&value(&mut p)?)?;
+                if cfg.max_memory < 1 << 20 {
+                    return Err("--max-memory must be at least 1MiB".to_string());
+                }
+            }
+            Long("max-message") => cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
+            Long("max-backpressure") => cfg.max_backpressure = size_above_zero("--max-backpressure", &value(&mut p)?)?,
             Long("slow-consumer") => {
                 cfg.slow_consumer = match value(&mut p)?.as_str() {
                     "close" => SlowConsumer::Close,
@@ -100,18 +114,19 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                     v => return Err(format!("invalid --slow-consumer '{v}' (close or drop)")),
                 }
             }
-            Long("handshake-timeout") => cfg.handshake_timeout = parse_duration(&value(&mut p)?)?,
-            Long("idle-timeout") => cfg.idle_timeout = opt_duration(&value(&mut p)?)?,
-            Long("ping-interval") => cfg.ping_interval = opt_duration(&value(&mut p)?)?,
-            Long("tcp-keepalive") => cfg.tcp_keepalive = opt_duration(&value(&mut p)?)?,
+            Long("handshake-timeout") => {
+                cfg.handshake_timeout = duration_above_zero("--handshake-timeout", &value(&mut p)?)?
+            }
+            Long("idle-timeout") => cfg.idle_timeout = duration_or_off(&value(&mut p)?)?,
+            Long("ping-interval") => cfg.ping_interval = duration_or_off(&value(&mut p)?)?,
+            Long("tcp-keepalive") => cfg.tcp_keepalive = duration_or_off(&value(&mut p)?)?,
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
-            Short('h') | Long("help") => {
-                print!("{HELP}");
-                return Ok(());
-            }
-            _ => return Err(super::unexpected(arg, "serve")),
+            Short('q') | Long("quiet") => log_level = "warn".to_string(),
+            Short('h') | Long("help") => return Ok(Asked::Help),
+            Short('V') | Long("version") => return Ok(Asked::Version),
+            _ => return Err(unexpected(arg, "serve")),
         }
     }
     let kind = match mode.as_str() {
@@ -132,20 +147,39 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let addr: std::net::SocketAddr = listen
         .parse()
         .map_err(|_| format!("invalid --listen '{listen}' (use IP:PORT, e.g. 127.0.0.1:9001 or [::1]:9001)"))?;
-    let server = Server::bind(addr, cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    log::info!("listening on {}", server.local_addr());
     let mode = match kind {
         PageKind::Echo => Mode::Echo,
         PageKind::Reply => Mode::Reply(reply),
         PageKind::Chat => Mode::Broadcast(bcast),
     };
-    let handler = Cli {
+    Ok(Asked::Run(Parsed {
+        cfg,
+        addr,
         mode,
-        every: stats_every,
+        stats_every,
+    }))
+}
+
+fn serve(o: Parsed) -> Outcome {
+    let server = Server::bind(o.addr, o.cfg).map_err(|e| {
+        let what = format!("cannot listen on {}: {e}", o.addr);
+        // Settings the machine cannot honour are usage errors; a busy address is not.
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            Failure::Usage(what)
+        } else {
+            Failure::Runtime(what)
+        }
+    })?;
+    log::info!("listening on {}", server.local_addr());
+    let handler = Cli {
+        mode: o.mode,
+        every: o.stats_every,
         stats_timer: None,
         last: None,
     };
-    server.run(handler).map_err(|e| format!("server failed: {e}"))
+    server
+        .run(handler)
+        .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
 }
 
 /// What the server does with messages.

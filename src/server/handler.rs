@@ -131,9 +131,10 @@ pub struct Upgrade<'a> {
     pub(crate) protocol: Option<String>,
 }
 
-impl Upgrade<'_> {
-    /// The request: method, path with query, every header.
-    pub fn request(&self) -> &Request {
+impl<'a> Upgrade<'a> {
+    /// The request: method, path with query, every header. It outlives the borrow of `self`,
+    /// so it can be read while [`set_protocol`](Self::set_protocol) is called.
+    pub fn request(&self) -> &'a Request {
         self.request
     }
 
@@ -197,8 +198,9 @@ pub trait Handler {
     /// A complete message arrived.
     fn on_message(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, msg: Message<'_>);
 
-    /// The connection ended: `code` is the peer's close code, or `1006` when it vanished
-    /// without a close frame, or the code this server sent when it failed the connection.
+    /// The connection ended: `code` is the peer's close code (`1005` when its close frame had
+    /// none), or `1006` when it vanished without a close frame, or the code this server sent
+    /// when it failed the connection. Its subscriptions and timers end right after this call.
     fn on_close(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, code: u16, reason: &str) {
         let _ = (ctx, conn, code, reason);
     }
@@ -274,6 +276,14 @@ impl<'a, S> Ctx<'a, S> {
         self.eng.slots[key].data.addr.get(&self.shared.peers)
     }
 
+    /// A message encoded once as an unmasked frame, to be shared by many queues (and counted
+    /// once against the memory budget).
+    fn shared_frame(&self, msg: Message<'_>) -> Arc<SharedFrame> {
+        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
+        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
+        self.eng.shared_frame(frame)
+    }
+
     fn slot_key(&self, id: ConnId) -> Option<usize> {
         let key = id.key();
         self.eng.is_live(key, id.gen()).then_some(key)
@@ -299,9 +309,7 @@ impl<'a, S> Ctx<'a, S> {
     /// Sends a message to every open connection except `except`, encoding the frame once and
     /// sharing its bytes among all queues. Returns how many connections it was queued for.
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
-        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
-        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
-        let frame = self.eng.shared_frame(frame);
+        let frame = self.shared_frame(msg);
         let mut sent = 0;
         let recipient = |slot: &crate::io::engine::Slot<TcpStream, ConnData<S>>, key: usize| {
             !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen))
@@ -322,6 +330,56 @@ impl<'a, S> Ctx<'a, S> {
                 continue;
             }
             if self.queue_shared(key, &frame) {
+                sent += 1;
+            }
+        }
+        self.shared.stats.messages_out += sent as u64;
+        sent
+    }
+
+    /// Subscribes connection `id` to `topic` (any string; a topic exists while it has
+    /// subscribers). Returns false if the connection is not open (from `on_open` until
+    /// `on_close`) or was already subscribed. A connection's subscriptions end right after its
+    /// `on_close`.
+    pub fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        let open = self.slot_key(id).is_some_and(|k| self.eng.slots[k].data.opened);
+        open && self.shared.topics.subscribe(id, topic)
+    }
+
+    /// Unsubscribes connection `id` from `topic`. Returns whether it was subscribed.
+    pub fn unsubscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        self.shared.topics.unsubscribe(id, topic)
+    }
+
+    /// How many connections are subscribed to `topic`.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.shared.topics.count(topic)
+    }
+
+    /// Sends a message to every open connection subscribed to `topic` except `except`, as
+    /// [`broadcast`](Self::broadcast) does: the frame is encoded once and its bytes shared, and
+    /// full queues meet the [`SlowConsumer`] policy. The cost is O(subscribers of `topic`).
+    /// Returns how many connections it was queued for.
+    pub fn publish(&mut self, topic: &str, msg: Message<'_>, except: Option<ConnId>) -> usize {
+        let Some(t) = self.shared.topics.find(topic) else {
+            return 0;
+        };
+        let frame = self.shared_frame(msg);
+        let mut sent = 0;
+        let mut i = 0;
+        // By index: a slow consumer closed on the way stays subscribed until the turn ends.
+        while let Some(id) = self.shared.topics.subscriber(t, i) {
+            i += 1;
+            if except == Some(id) {
+                continue;
+            }
+            let key = id.key();
+            let open = self
+                .eng
+                .slots
+                .get(key)
+                .is_some_and(|s| s.gen == id.gen() && !s.is_dead() && s.conn.state() == State::Open);
+            if open && self.queue_shared(key, &frame) {
                 sent += 1;
             }
         }
@@ -389,7 +447,7 @@ impl<'a, S> Ctx<'a, S> {
     /// The state of another open connection. The connection a callback is about is not
     /// reachable here: its state is in that callback's [`Conn`].
     pub fn state_of(&mut self, id: ConnId) -> Option<&mut S> {
-        let key = self.slot_key(id)?;
+        let key = self.slot_key(id).filter(|k| *k != self.shared.lent)?;
         let data = &mut self.eng.slots[key].data;
         data.opened.then_some(&mut data.state)
     }

@@ -33,6 +33,7 @@ pub mod config;
 pub mod handler;
 mod ipcount;
 pub mod modes;
+mod topics;
 
 pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
@@ -67,6 +68,7 @@ const ACCEPT_TIMER: u64 = u64::MAX >> 1;
 /// A command sent from another thread.
 enum Command {
     Broadcast(Vec<u8>, OpCode),
+    Publish(String, Vec<u8>, OpCode),
     Send(ConnId, Vec<u8>, OpCode),
     Shutdown,
     Wake,
@@ -90,7 +92,7 @@ const MAX_COMMANDS: usize = 1024;
 pub enum HandleError {
     /// 1,024 commands are already waiting; try again once the loop has caught up.
     Busy,
-    /// The server has stopped (or never ran): nothing will read the command.
+    /// The server has stopped, or was dropped without running: nothing will read the command.
     Stopped,
 }
 
@@ -111,7 +113,8 @@ struct HandleInner {
     stopped: AtomicBool,
 }
 
-/// Lets other threads reach a running server: send, broadcast, wake the handler, or stop it.
+/// Lets other threads reach a running server: send to one connection, publish to a topic,
+/// broadcast, wake the handler, or stop it.
 ///
 /// At most 1,024 commands wait at once; past that the calls return [`HandleError::Busy`]
 /// until the loop catches up. Once the server has stopped they return [`HandleError::Stopped`].
@@ -168,6 +171,16 @@ impl Handle {
         self.send_command(Command::Broadcast(data.to_vec(), OpCode::Binary))
     }
 
+    /// Sends a text message to every connection subscribed to `topic` (see [`Ctx::subscribe`]).
+    pub fn publish_text(&self, topic: &str, text: &str) -> Result<(), HandleError> {
+        self.send_command(Command::Publish(topic.into(), text.as_bytes().to_vec(), OpCode::Text))
+    }
+
+    /// Sends a binary message to every connection subscribed to `topic`.
+    pub fn publish_binary(&self, topic: &str, data: &[u8]) -> Result<(), HandleError> {
+        self.send_command(Command::Publish(topic.into(), data.to_vec(), OpCode::Binary))
+    }
+
     /// Calls [`Handler::on_wake`] on the loop's thread.
     pub fn wake(&self) -> Result<(), HandleError> {
         self.send_command(Command::Wake)
@@ -191,6 +204,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown_requested: bool,
     /// Peer addresses too long for a slot.
     pub(crate) peers: handler::PeerTable,
+    pub(crate) topics: topics::Topics,
+    /// The slot whose state a callback holds in its `Conn` (`usize::MAX`: none).
+    pub(crate) lent: usize,
 }
 
 impl Shared {
@@ -221,7 +237,8 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     cfg: ServerConfig,
-    handle: Handle,
+    /// Marks the handles stopped when the server is dropped without running, or `run` returns.
+    stop: StopGuard,
 }
 
 impl std::fmt::Debug for Server {
@@ -266,13 +283,13 @@ impl Server {
             listener,
             local_addr,
             cfg,
-            handle: Handle {
+            stop: StopGuard(Handle {
                 inner: Arc::new(HandleInner {
                     waker,
                     queue: Mutex::new(VecDeque::new()),
                     stopped: AtomicBool::new(false),
                 }),
-            },
+            }),
         })
     }
 
@@ -283,7 +300,7 @@ impl Server {
 
     /// A handle for other threads.
     pub fn handle(&self) -> Handle {
-        self.handle.clone()
+        self.stop.0.clone()
     }
 
     /// Runs the loop until a shutdown completes.
@@ -292,11 +309,11 @@ impl Server {
             poll,
             listener,
             cfg,
-            handle,
+            stop,
             ..
         } = self;
-        // However run ends, handles report it, and the signals go back to what they did.
-        let _stopped = StopGuard(handle.clone());
+        // `stop` lives to the end: however run ends, handles then report it.
+        let handle = stop.0.clone();
         let mut signals = if cfg.handle_signals {
             Some(Signals::install(&poll)?)
         } else {
@@ -315,6 +332,8 @@ impl Server {
                 next_timer: 0,
                 shutdown_requested: false,
                 peers: handler::PeerTable::new(),
+                topics: topics::Topics::default(),
+                lent: usize::MAX,
             },
             listener: Some(listener),
             accept_paused: false,
@@ -522,8 +541,10 @@ impl<H: Handler> Srv<H> {
             addr: slot.data.addr.get(&self.shared.peers),
             state: std::mem::take(&mut slot.data.state),
         };
+        self.shared.lent = key;
         let (h, mut ctx) = self.ctx(eng);
         let r = f(h, &mut ctx, &mut conn);
+        self.shared.lent = usize::MAX;
         // Slots are removed only at the end of a turn, so this one is still here.
         eng.slots[key].data.state = conn.state;
         r
@@ -709,6 +730,8 @@ impl<H: Handler> Srv<H> {
             format_args!(" disconnected ({code})"),
         );
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
+        // Only an open connection subscribes, so its subscriptions end here.
+        self.shared.topics.remove_conn(key);
     }
 
     fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) {
@@ -729,6 +752,11 @@ impl<H: Handler> Srv<H> {
                     }
                     None => continue,
                 },
+                Command::Publish(topic, bytes, op) => {
+                    if let Some(msg) = message(&bytes, op) {
+                        ctx.publish(&topic, msg, None);
+                    }
+                }
                 Command::Send(id, bytes, op) => {
                     if let Some(msg) = message(&bytes, op) {
                         ctx.send(id, msg);
@@ -836,10 +864,9 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
             return;
         }
         let Some(conn) = self.shared.take_timer(id) else { return };
-        if let Some(c) = conn {
-            if !eng.is_live(c.key(), c.gen()) {
-                return;
-            }
+        // A connection's timers end with it, even while its slot waits for the last bytes.
+        if conn.is_some_and(|c| !eng.is_live(c.key(), c.gen()) || !eng.slots[c.key()].data.opened) {
+            return;
         }
         let (h, mut ctx) = self.ctx(eng);
         h.on_timer(&mut ctx, Timer { id: TimerId(id), conn });
