@@ -185,15 +185,14 @@ fn progress_line(p: &Progress) -> String {
         Phase::Drain => "drain",
         Phase::Close => "close",
     };
-    let p99 = p
-        .p99
-        .map_or("-".to_string(), |d| format!("{:.0}µs", d.as_nanos() as f64 / 1e3));
+    let p99 = p.p99.map_or("-".to_string(), |d| format!("{}µs", d.as_micros()));
     format!(
-        "[{:>4}s {phase:<7}] connected {}/{}  failed {}  {:.0} msgs/s  p99 {p99}",
+        "[{:>4}s {phase:<7}] connected {}/{}  failed {}  {} msgs/s  p99 {p99}",
         p.elapsed.as_secs(),
         p.open,
         p.target,
         p.failed,
-        p.msgs_per_sec
+        // Whole messages per second, printed without the float formatting code.
+        p.msgs_per_sec.max(0.0).round() as u64
     )
 }

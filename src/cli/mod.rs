@@ -151,8 +151,8 @@ fn help(command: Option<&str>) -> Outcome {
     print_out(text)
 }
 
-/// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h`, or `0`/`off` (as zero). Integer arithmetic only:
-/// the server-only binary carries no floating-point formatting or parsing.
+/// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h` (up to six decimals), or `0`/`off` (as zero).
+/// Integer arithmetic only: the server-only binary carries no floating-point formatting or parsing.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("invalid duration '{s}' (use e.g. 2s, 500ms, 0.5s, 1m)");
     let t = s.trim();
@@ -161,7 +161,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
     let (num, unit) = t.split_at(split);
-    let nanos_per_unit: u128 = match unit {
+    let per_unit: u64 = match unit {
         "ms" => 1_000_000,
         "s" => 1_000_000_000,
         "m" | "min" => 60_000_000_000,
@@ -169,26 +169,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
-    if whole.is_empty() && frac.is_empty() || frac.contains('.') || whole.len() > 12 || frac.len() > 9 {
+    // Six decimals keep `frac * per_unit` within u64 (no 128-bit arithmetic in the binary).
+    if whole.is_empty() && frac.is_empty() || frac.len() > 6 {
         return Err(bad());
     }
-    let whole: u128 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| bad())?
+    let digits = |d: &str| {
+        if d.is_empty() {
+            Ok(0)
+        } else {
+            d.parse::<u64>().map_err(|_| bad())
+        }
     };
-    let frac_value: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().map_err(|_| bad())?
-    };
-    let scale = 10u128.pow(frac.len() as u32);
-    let nanos = whole * nanos_per_unit + frac_value * nanos_per_unit / scale;
-    const MAX: u128 = 20 * 86_400 * 1_000_000_000;
-    if nanos > MAX {
-        return Err(format!("duration '{s}' out of range (at most 20 days)"));
+    let (whole, frac_value) = (digits(whole)?, digits(frac)?);
+    let frac_nanos = frac_value * per_unit / 10u64.pow(frac.len() as u32);
+    const MAX: u64 = 20 * 86_400 * 1_000_000_000;
+    match whole.checked_mul(per_unit).map(|w| w + frac_nanos) {
+        Some(nanos) if nanos <= MAX => Ok(Duration::from_nanos(nanos)),
+        _ => Err(format!("duration '{s}' out of range (at most 20 days)")),
     }
-    Ok(Duration::from_nanos(nanos as u64))
 }
 
 /// A duration that can be turned off: `0` or `off` is `None`.
