@@ -93,7 +93,7 @@ pub mod server;
 /// load generator's server figures).
 #[cfg(feature = "std")]
 pub mod sys {
-    pub use crate::io::sys::{read_cpu, read_rss};
+    pub use crate::io::sys::{cores, read_cpu, read_rss};
 }
 
 #[cfg(feature = "client")]

@@ -92,6 +92,10 @@ fn usage_errors_exit_2_with_one_line() {
             "--max-connections must be at least 1",
         ),
         (
+            &["serve", "--threads", "0"],
+            "invalid --threads '0' (1 to 256, or auto)",
+        ),
+        (
             &["serve", "--mode", "shout"],
             "invalid --mode 'shout' (echo, reply or broadcast)",
         ),
@@ -435,6 +439,30 @@ fn ctrl_c_exits_0_connected_connecting_or_waiting_to_reconnect() {
         "{}",
         server.stderr()
     );
+}
+
+#[test]
+fn sigterm_with_two_threads_closes_every_peer_with_1001_and_exits_0() {
+    let mut server = spawn_server(&["--threads", "2"]);
+    // 32 peers spread over both loops (all on one: odds of 2^-31).
+    let mut peers: Vec<_> = (0..32)
+        .map(|_| {
+            let stream = TcpStream::connect(server.addr).unwrap();
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            let url = format!("ws://{}/", server.addr);
+            tungstenite::client(url, common::Tcp(stream)).unwrap().0
+        })
+        .collect();
+    signal(server.child_mut(), libc::SIGTERM);
+    for (i, ws) in peers.iter_mut().enumerate() {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 1001, "peer {i}"),
+            other => panic!("peer {i}: expected close 1001, got {other:?}"),
+        }
+    }
+    drop(peers);
+    let status = wait(server.child_mut(), WAIT).expect("exits after the shutdown");
+    assert_eq!(status.code(), Some(0), "{status}\n{}", server.stderr());
 }
 
 /// A broadcast room with a chatty member: a thread that keeps sending `noise` until dropped.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::read_text;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message as TMessage;
 use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
@@ -102,16 +103,6 @@ fn connect_with(
 
 fn connect(addr: SocketAddr, path: &str) -> Ws {
     connect_with(addr, path, &[]).expect("handshake").0
-}
-
-fn read_text(ws: &mut Ws) -> String {
-    loop {
-        match ws.read().expect("read") {
-            TMessage::Text(t) => return t.to_string(),
-            TMessage::Ping(_) | TMessage::Pong(_) => {}
-            m => panic!("expected text, got {m:?}"),
-        }
-    }
 }
 
 /// Sends `request` on a raw socket and reads the whole answer (the server closes after it).

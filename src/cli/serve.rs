@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use wsloop::server::modes::{self, Broadcast, PageKind};
-use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId};
+use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId, MAX_THREADS};
 use wsloop::Message;
 
 use super::{
@@ -24,7 +24,10 @@ Options:
   --no-echo-self           broadcast mode: do not send a message back to its sender
   --announce               broadcast mode: tell everyone when a peer joins or leaves
   --no-page                answer a plain `GET /` with 426 instead of the browser page
-  --stats DUR|off          print a stats line on stderr every DUR [default: off]
+  --stats DUR|off          print a stats line on stderr every DUR (one per thread)
+                           [default: off]
+  --threads N|auto         event loops, one per thread, sharing the port (SO_REUSEPORT);
+                           auto: one per core. Broadcasts reach every loop [default: 1]
   --max-connections N      connections held; more get 503 [default: open-file limit - 64]
   --max-connections-per-ip N
                            connections from one address; more get 503 [default: no limit]
@@ -91,6 +94,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             }
             Long("no-page") => serve_page = false,
             Long("stats") => stats_every = duration_or_off(&value(&mut p)?)?,
+            Long("threads") => cfg.threads = threads(&value(&mut p)?)?,
             Long("max-connections") => {
                 let n = count("--max-connections", &value(&mut p)?)?;
                 cfg.max_connections = usize::try_from(n).unwrap_or(usize::MAX);
@@ -160,7 +164,19 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     }))
 }
 
+/// `--threads`: a count, or `auto` for one loop per core.
+fn threads(v: &str) -> Result<usize, String> {
+    if v == "auto" {
+        return Ok(wsloop::sys::cores().min(MAX_THREADS));
+    }
+    v.parse()
+        .ok()
+        .filter(|n| (1..=MAX_THREADS).contains(n))
+        .ok_or_else(|| format!("invalid --threads '{v}' (1 to {MAX_THREADS}, or auto)"))
+}
+
 fn serve(o: Parsed) -> Outcome {
+    let threads = o.cfg.threads;
     let server = Server::bind(o.addr, o.cfg).map_err(|e| {
         let what = format!("cannot listen on {}: {e}", o.addr);
         // Settings the machine cannot honour are usage errors; a busy address is not.
@@ -170,19 +186,23 @@ fn serve(o: Parsed) -> Outcome {
             Failure::Runtime(what)
         }
     })?;
-    log::info!("listening on {}", server.local_addr());
-    let handler = Cli {
-        mode: o.mode,
-        every: o.stats_every,
-        stats_timer: None,
-        last: None,
-    };
+    match threads {
+        1 => log::info!("listening on {}", server.local_addr()),
+        n => log::info!("listening on {} with {n} threads", server.local_addr()),
+    }
     server
-        .run(handler)
+        .run_threads(|lp| Cli {
+            mode: o.mode.clone(),
+            every: o.stats_every,
+            stats_timer: None,
+            last: None,
+            tag: if threads > 1 { format!(" t{lp}") } else { String::new() },
+        })
         .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
 }
 
 /// What the server does with messages.
+#[derive(Clone)]
 enum Mode {
     Echo,
     Reply(String),
@@ -199,6 +219,8 @@ struct Cli {
     stats_timer: Option<TimerId>,
     /// When the previous line was printed, and the counters then.
     last: Option<(Instant, Stats)>,
+    /// ` tN` in loop N's stats lines, with several threads.
+    tag: String,
 }
 
 impl Cli {
@@ -214,7 +236,8 @@ impl Cli {
                 format!("{}.{}", tenths / 10, tenths % 10)
             };
             let line = format!(
-                "stats open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}",
+                "stats{} open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}",
+                self.tag,
                 stats.open,
                 rate(stats.messages_in, prev.messages_in),
                 rate(stats.messages_out, prev.messages_out),

@@ -265,7 +265,7 @@ mod tests {
     }
 
     fn id(key: usize) -> ConnId {
-        ConnId::new(key, 1)
+        ConnId::new(key, 1, 0)
     }
 
     /// Checks every cross-reference: each subscription's place in its topic, names sorted.
@@ -306,7 +306,7 @@ mod tests {
         assert!(!t.unsubscribe(id(1), "b"));
         assert!(!t.unsubscribe(id(1), "nothing"));
         // Another connection in the same slot (another generation) is not this one.
-        assert!(!t.unsubscribe(ConnId::new(2, 7), "b"));
+        assert!(!t.unsubscribe(ConnId::new(2, 7, 0), "b"));
         assert_eq!(t.count("b"), 2);
         check(&t);
         t.remove_conn(2);

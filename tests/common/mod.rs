@@ -323,6 +323,17 @@ impl std::io::Write for Tcp {
     }
 }
 
+/// The next text message, skipping pings and pongs; panics on anything else.
+pub fn read_text<S: std::io::Read + std::io::Write>(ws: &mut tungstenite::WebSocket<S>) -> String {
+    loop {
+        match ws.read().expect("read") {
+            tungstenite::Message::Text(t) => return t.to_string(),
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => {}
+            m => panic!("expected text, got {m:?}"),
+        }
+    }
+}
+
 /// The last `max_bytes` (or slightly fewer, on a char boundary) of `text`.
 pub fn tail(text: &str, max_bytes: usize) -> &str {
     if text.len() <= max_bytes {
