@@ -35,6 +35,14 @@ Options:
   --log LEVEL              error | warn | info | debug | trace | off [default: info]
 ";
 
+#[cfg(feature = "tls")]
+const TLS_HELP: &str = "\
+  --tls-cert FILE          serve wss:// (and the page over https://): PEM certificate chain
+  --tls-key FILE           the PEM private key of --tls-cert
+";
+#[cfg(not(feature = "tls"))]
+const TLS_HELP: &str = "";
+
 fn opt_duration(s: &str) -> Result<Option<std::time::Duration>, String> {
     let d = parse_duration(s)?;
     Ok(if d.is_zero() { None } else { Some(d) })
@@ -53,6 +61,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut bcast_flags = false;
     let mut serve_page = true;
     let mut stats_every = None;
+    let (mut tls_cert, mut tls_key): (Option<OsString>, Option<OsString>) = (None, None);
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next().map_err(arg_err)? {
         match arg {
@@ -93,8 +102,10 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
+            Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(arg_err)?),
+            Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value().map_err(arg_err)?),
             Short('h') | Long("help") => {
-                print!("{HELP}");
+                print!("{HELP}{TLS_HELP}");
                 return Ok(());
             }
             _ => return Err(arg.unexpected().to_string()),
@@ -112,9 +123,18 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     if serve_page {
         cfg.page = Some(modes::page(kind).into());
     }
+    match (tls_cert, tls_key) {
+        (None, None) => {}
+        #[cfg(feature = "tls")]
+        (Some(cert), Some(key)) => {
+            cfg.tls = Some(wsloop::tls::ServerTls::from_pem_files(cert, key).map_err(|e| e.to_string())?);
+        }
+        (Some(_), None) => return Err("--tls-cert needs --tls-key".to_string()),
+        _ => return Err("--tls-key needs --tls-cert".to_string()),
+    }
     init_log(&log_level)?;
     let server = Server::bind(listen.as_str(), cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    log::info!("listening on {}", server.local_addr());
+    log::info!("listening on {}://{}", if tls_on(&server) { "wss" } else { "ws" }, server.local_addr());
     // One copy of the loop for every mode: a virtual call per callback costs nothing next to the
     // system calls around it, and three monomorphised loops would cost tens of KB of binary.
     let handler: Box<dyn Handler<State = ()>> = match kind {
@@ -125,6 +145,17 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     server
         .run(WithStats::new(handler, stats_every))
         .map_err(|e| format!("server failed: {e}"))
+}
+
+/// Whether the server speaks TLS.
+fn tls_on(server: &Server) -> bool {
+    #[cfg(feature = "tls")]
+    return server.is_tls();
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = server;
+        false
+    }
 }
 
 /// Wraps a handler that uses no timer of its own, and prints a stats line on stderr every

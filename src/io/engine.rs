@@ -264,6 +264,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             let hup = ev.is_read_closed() || ev.is_error();
             self.on_readable(d, key, hup, rbuf);
+            // A TLS handshake that completed while reading lets queued data out.
+            let slot = &mut self.slots[key];
+            if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
+                self.on_writable(key);
+            }
         }
         self.settle(key);
     }
@@ -323,7 +328,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             d.on_error(self, key, &e);
         }
         let slot = &mut self.slots[key];
-        if slot.out.is_none() {
+        if slot.out.is_none() && !slot.stream.wants_write() {
             let cause = if slot.flags & SHUT_WR != 0 {
                 Cause::Done
             } else {
@@ -396,7 +401,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// the registration and the deadline current.
     pub(crate) fn settle(&mut self, key: usize) {
         let Some(slot) = self.slots.get_mut(key) else { return };
-        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() {
+        let idle_stream = !slot.stream.wants_write();
+        if slot.flags == 0 && slot.out.is_none() && idle_stream && !self.timed_open && slot.conn.is_open() {
             return; // an open connection with nothing queued, nothing paused, nothing timed
         }
         if slot.flags & DEAD != 0 {
@@ -408,7 +414,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         } else if slot.flags & READ_PAUSED != 0 && queued <= self.max_backpressure / 2 {
             slot.flags &= !READ_PAUSED;
         }
-        if slot.out.is_none() && slot.flags & CONNECTING == 0 {
+        if slot.out.is_none() && idle_stream && slot.flags & CONNECTING == 0 {
             if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
                 // The server ends the TCP connection first (RFC 6455 §7.1.1); a client waits
                 // for it, unless the server has already gone.
@@ -436,7 +442,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     fn sync_interest(&mut self, key: usize) {
         let slot = &mut self.slots[key];
         let want_read = slot.flags & (READ_PAUSED | EOF) == 0;
-        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0;
+        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0 || slot.stream.wants_write();
         let has_write = slot.flags & WRITE_INTEREST != 0;
         let has_read = slot.flags & READ_OFF == 0;
         // mio needs some interest: a slot that wants neither keeps WRITABLE, which is quiet

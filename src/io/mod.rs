@@ -11,5 +11,8 @@ pub(crate) mod connect;
 pub(crate) mod engine;
 pub(crate) mod outbox;
 pub(crate) mod sys;
+pub(crate) mod stream;
 pub(crate) mod timer;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod transport;

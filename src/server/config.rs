@@ -67,6 +67,10 @@ pub struct ServerConfig {
     pub page: Option<Cow<'static, str>>,
     /// Stop gracefully on SIGINT and SIGTERM while running (default: off; the CLI turns it on).
     pub handle_signals: bool,
+    /// Serve TLS (`wss://`, and the page over `https://`) with this certificate and key
+    /// (default: none, plain TCP). The read buffer must then be at least 64 KiB.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -97,6 +101,8 @@ impl Default for ServerConfig {
             protocols: Vec::new(),
             page: None,
             handle_signals: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -112,6 +118,11 @@ impl ServerConfig {
         }
         if self.read_buffer_size < 64 {
             return Err("read_buffer_size must be at least 64 bytes");
+        }
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() && self.read_buffer_size < 64 << 10 {
+            // Its upper half must hold a whole TLS record (up to 18 KiB) and what is joined to it.
+            return Err("read_buffer_size must be at least 64 KiB with TLS");
         }
         if self.shutdown_timeout.is_zero() {
             return Err("shutdown_timeout must be above zero");

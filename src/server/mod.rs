@@ -44,7 +44,8 @@ use crate::io::timer::{deadline_after, poll_timeout};
 use crate::proto::frame::OpCode;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Event, Message, Reject, Request, State, Timeout};
-use handler::{ConnData, PeerAddr, ServerEngine};
+use crate::io::transport::Transport;
+use handler::{ConnData, PeerAddr, ServerEngine, ServerStream};
 
 const LISTENER: Token = reserved_token(0);
 const WAKER: Token = reserved_token(1);
@@ -181,7 +182,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn set_timer<S>(&mut self, eng: &mut ServerEngine<S>, after: Duration, conn: Option<ConnId>) -> TimerId {
+    pub(crate) fn set_timer<S, T: Transport>(
+        &mut self,
+        eng: &mut ServerEngine<S, T>,
+        after: Duration,
+        conn: Option<ConnId>,
+    ) -> TimerId {
         let gen = self.next_timer;
         self.next_timer = self.next_timer.wrapping_add(1);
         let key = self.timers.insert((gen, conn));
@@ -268,6 +274,12 @@ impl Server {
         self.local_addr
     }
 
+    /// Whether the server speaks TLS ([`ServerConfig::tls`]).
+    #[cfg(feature = "tls")]
+    pub fn is_tls(&self) -> bool {
+        self.cfg.tls.is_some()
+    }
+
     /// A handle for other threads.
     pub fn handle(&self) -> Handle {
         self.handle.clone()
@@ -289,8 +301,7 @@ impl Server {
         } else {
             None
         };
-        let mut eng: ServerEngine<H::State> = Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom);
-        let mut srv = Srv {
+        let srv = Srv {
             handler,
             shared: Shared {
                 stats: Stats::default(),
@@ -308,11 +319,26 @@ impl Server {
             handle,
             cfg,
         };
+        // The loop is compiled once per transport: the plain one carries no TLS branch.
+        #[cfg(feature = "tls")]
+        if srv.cfg.tls.is_some() {
+            return srv.run_loop::<handler::TlsServerStream>(poll, signals.as_mut());
+        }
+        srv.run_loop::<TcpStream>(poll, signals.as_mut())
+    }
+}
+
+impl<H: Handler> Srv<H> {
+    /// The poll loop, until a shutdown completes.
+    fn run_loop<T: ServerStream>(mut self, poll: Poll, mut signals: Option<&mut Signals>) -> io::Result<()> {
+        let srv = &mut self;
+        let mut eng: ServerEngine<H::State, T> =
+            Engine::new(poll, srv.cfg.protocol_config(), srv.cfg.max_backpressure, NoRandom);
         let mut events = Events::with_capacity(1024);
         let mut rbuf = vec![0u8; srv.cfg.read_buffer_size];
         eng.tick();
         srv.handler.on_start(&mut Ctx {
-            eng: &mut eng,
+            eng: T::eng(&mut eng),
             shared: &mut srv.shared,
         });
         let mut signals_seen = 0usize;
@@ -343,21 +369,21 @@ impl Server {
                         log::info!("signal received: shutting down");
                         srv.begin_shutdown(&mut eng);
                     }
-                    Token(key) => eng.on_ready(&mut srv, key, ev, &mut rbuf),
+                    Token(key) => eng.on_ready(srv, key, ev, &mut rbuf),
                 }
             }
-            eng.fire_timers(&mut srv);
-            eng.reap(&mut srv);
+            eng.fire_timers(srv);
+            eng.reap(srv);
             if std::mem::take(&mut srv.shared.shutdown_requested) {
                 srv.begin_shutdown(&mut eng);
-                eng.reap(&mut srv);
+                eng.reap(srv);
             }
             if let Some(d) = srv.shutdown_deadline {
                 // Done once every peer's close handshake is over and our last bytes are out.
                 if eng
                     .slots
                     .iter()
-                    .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none())
+                    .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none() && !s.stream.wants_write())
                 {
                     log::info!("shutdown complete");
                     return Ok(());
@@ -468,20 +494,20 @@ struct Srv<H: Handler> {
 }
 
 impl<H: Handler> Srv<H> {
-    fn ctx<'a>(&'a mut self, eng: &'a mut ServerEngine<H::State>) -> (&'a mut H, Ctx<'a, H::State>) {
+    fn ctx<'a, T: ServerStream>(&'a mut self, eng: &'a mut ServerEngine<H::State, T>) -> (&'a mut H, Ctx<'a, H::State>) {
         (
             &mut self.handler,
             Ctx {
-                eng,
+                eng: T::eng(eng),
                 shared: &mut self.shared,
             },
         )
     }
 
     /// Calls the handler about connection `key`, lending it the connection's state.
-    fn with_conn<R>(
+    fn with_conn<R, T: ServerStream>(
         &mut self,
-        eng: &mut ServerEngine<H::State>,
+        eng: &mut ServerEngine<H::State, T>,
         key: usize,
         f: impl FnOnce(&mut H, &mut Ctx<'_, H::State>, &mut Conn<H::State>) -> R,
     ) -> R {
@@ -498,7 +524,7 @@ impl<H: Handler> Srv<H> {
         r
     }
 
-    fn accept_all(&mut self, eng: &mut ServerEngine<H::State>) {
+    fn accept_all<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>) {
         if self.accept_paused {
             return;
         }
@@ -538,7 +564,7 @@ impl<H: Handler> Srv<H> {
         }
     }
 
-    fn add_connection(&mut self, eng: &mut ServerEngine<H::State>, stream: TcpStream, addr: SocketAddr) {
+    fn add_connection<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>, stream: TcpStream, addr: SocketAddr) {
         let over = eng.slots.len() >= self.cfg.max_connections;
         if over {
             self.shared.stats.refused += 1;
@@ -549,8 +575,10 @@ impl<H: Handler> Srv<H> {
             Reject::new(503, "too many connections").write(&mut refusal);
             if eng.slots.len() >= self.cfg.max_connections + (config::FD_RESERVE as usize / 2) {
                 // No room even to linger: write the answer if the kernel takes it, then drop.
-                let mut s = stream;
-                let _ = write_some(&mut s, &refusal);
+                if T::PLAIN {
+                    let mut s = stream;
+                    let _ = write_some(&mut s, &refusal);
+                }
                 return;
             }
         }
@@ -568,6 +596,13 @@ impl<H: Handler> Srv<H> {
             opened: false,
             state: H::State::default(),
         };
+        let stream = match T::wrap(stream, &self.cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("{addr}: {e}");
+                return;
+            }
+        };
         match eng.insert(stream, conn, data) {
             Ok(key) if over => {
                 eng.send_raw(key, &refusal);
@@ -579,7 +614,7 @@ impl<H: Handler> Srv<H> {
     }
 
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
-    fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
+    fn on_request<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, req: Request) {
         let addr = eng.slots[key].data.addr.get();
         let answer = if !req.is_upgrade() {
             self.plain_answer(&req)
@@ -638,7 +673,7 @@ impl<H: Handler> Srv<H> {
     }
 
     /// Calls `on_close` once for a connection that was open.
-    fn notify_close(&mut self, eng: &mut ServerEngine<H::State>, key: usize, code: u16, reason: &str) {
+    fn notify_close<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, code: u16, reason: &str) {
         let slot = &mut eng.slots[key];
         if !std::mem::take(&mut slot.data.opened) {
             return;
@@ -648,7 +683,7 @@ impl<H: Handler> Srv<H> {
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
     }
 
-    fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) {
+    fn run_commands<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>) {
         let cmds: Vec<Command> = self
             .handle
             .inner
@@ -677,7 +712,7 @@ impl<H: Handler> Srv<H> {
         }
     }
 
-    fn begin_shutdown(&mut self, eng: &mut ServerEngine<H::State>) {
+    fn begin_shutdown<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>) {
         if self.shutdown_deadline.is_some() {
             return;
         }
@@ -698,8 +733,8 @@ impl<H: Handler> Srv<H> {
     }
 }
 
-impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
-    fn on_event(&mut self, eng: &mut ServerEngine<H::State>, key: usize, ev: Event<'_>) {
+impl<H: Handler, T: ServerStream> Driver<T, ConnData<H::State>, NoRandom> for Srv<H> {
+    fn on_event(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, ev: Event<'_>) {
         match ev {
             Event::Request(req) => self.on_request(eng, key, *req),
             Event::Message(payload) => {
@@ -715,7 +750,7 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
         }
     }
 
-    fn on_error(&mut self, eng: &mut ServerEngine<H::State>, key: usize, err: &crate::proto::Error) {
+    fn on_error(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, err: &crate::proto::Error) {
         let addr = eng.slots[key].data.addr;
         match err {
             crate::proto::Error::Protocol(e) => {
@@ -727,7 +762,7 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
         }
     }
 
-    fn on_timeout(&mut self, eng: &mut ServerEngine<H::State>, key: usize, t: Timeout) {
+    fn on_timeout(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, t: Timeout) {
         let addr = eng.slots[key].data.addr;
         match t {
             Timeout::Handshake => log::info!("{addr:?}: handshake timeout"),
@@ -737,7 +772,7 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
         }
     }
 
-    fn on_removed(&mut self, eng: &mut ServerEngine<H::State>, key: usize, cause: Cause) {
+    fn on_removed(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, cause: Cause) {
         let reason = match &cause {
             Cause::Timeout(Timeout::Close) => "close timeout",
             Cause::Io(e) => {
@@ -749,7 +784,7 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
         self.notify_close(eng, key, close_code::ABNORMAL, reason);
     }
 
-    fn on_timer(&mut self, eng: &mut ServerEngine<H::State>, id: u64) {
+    fn on_timer(&mut self, eng: &mut ServerEngine<H::State, T>, id: u64) {
         if id == ACCEPT_TIMER {
             self.accept_paused = false;
             self.accept_all(eng);
