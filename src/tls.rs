@@ -49,7 +49,9 @@ fn certs(pem: &[u8], source: &str) -> Result<Vec<CertificateDer<'static>>, TlsCo
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsConfigError(format!("{source}: not a valid PEM certificate file: {e}")))?;
     if certs.is_empty() {
-        return Err(TlsConfigError(format!("{source}: no certificate (BEGIN CERTIFICATE) in it")));
+        return Err(TlsConfigError(format!(
+            "{source}: no certificate (BEGIN CERTIFICATE) in it"
+        )));
     }
     Ok(certs)
 }
@@ -73,7 +75,12 @@ impl ServerTls {
         let (cert, key) = (cert.as_ref(), key.as_ref());
         let cert_pem = read(cert, "certificate file")?;
         let key_pem = read(key, "key file")?;
-        Self::build(&cert_pem, &key_pem, &cert.display().to_string(), &key.display().to_string())
+        Self::build(
+            &cert_pem,
+            &key_pem,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
     }
 
     /// A PEM certificate chain and PEM private key held in memory.
@@ -124,7 +131,9 @@ pub struct ClientTls {
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls").field("verifies", &self.verifies).finish_non_exhaustive()
+        f.debug_struct("ClientTls")
+            .field("verifies", &self.verifies)
+            .finish_non_exhaustive()
     }
 }
 
@@ -196,7 +205,8 @@ impl ClientTls {
     /// Starts a session with `host` (SNI and the name checked; an IP address is checked
     /// against the certificate's IP addresses).
     pub(crate) fn session(&self, host: &str) -> Result<rustls::client::UnbufferedClientConnection, String> {
-        let name = ServerName::try_from(host.to_string()).map_err(|_| format!("'{host}' is not a valid TLS server name"))?;
+        let name =
+            ServerName::try_from(host.to_string()).map_err(|_| format!("'{host}' is not a valid TLS server name"))?;
         rustls::client::UnbufferedClientConnection::new(self.config.clone(), name).map_err(|e| e.to_string())
     }
 }

@@ -149,6 +149,10 @@ pub struct Target {
     pub host: String,
     /// The request target, e.g. `/` or `/echo?x=1`.
     pub path: String,
+    /// A `wss://` URL: connections speak TLS.
+    pub tls: bool,
+    /// The host name or address alone (the TLS server name).
+    pub server_name: String,
 }
 
 impl Target {
@@ -174,12 +178,14 @@ impl Target {
             addr,
             host: u.host_header(),
             path: u.resource,
+            tls: u.tls,
+            server_name: u.host,
         })
     }
 
     /// The target as a URL.
     pub fn url(&self) -> String {
-        format!("ws://{}{}", self.host, self.path)
+        format!("{}://{}{}", if self.tls { "wss" } else { "ws" }, self.host, self.path)
     }
 }
 
@@ -255,6 +261,9 @@ pub struct BenchConfig {
     pub drain_timeout: Duration,
     /// How long the close handshakes may take (default 5 s).
     pub close_timeout: Duration,
+    /// Whom to trust on a `wss://` target (default none: the system's CA bundle).
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl BenchConfig {
@@ -273,6 +282,8 @@ impl BenchConfig {
             max_pending: 128,
             drain_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 

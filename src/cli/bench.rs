@@ -15,7 +15,7 @@ checks every echo (length, order, content) and reports connections held, failure
 messages and round-trip latency.
 
 Arguments:
-  URL                      ws://HOST:PORT/PATH [default: ws://127.0.0.1:9001/]
+  URL                      ws://HOST:PORT/PATH or wss://... [default: ws://127.0.0.1:9001/]
 
 Options:
   --connections N          connections to open and hold [default: 1]
@@ -51,8 +51,14 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut json = false;
     let mut quiet = false;
     let mut p = lexopt::Parser::from_args(args);
+    #[cfg(feature = "tls")]
+    let mut tls = super::TlsArgs::default();
     while let Some(arg) = p.next().map_err(arg_err)? {
         match arg {
+            #[cfg(feature = "tls")]
+            Long("ca") => tls.ca = Some(p.value().map_err(arg_err)?),
+            #[cfg(feature = "tls")]
+            Long("insecure") => tls.insecure = true,
             Value(v) => url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?,
             Long("connections") | Short('c') => connections = number(&value(&mut p)?, "--connections")?,
             Long("ramp") => {
@@ -73,6 +79,8 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("quiet") | Short('q') => quiet = true,
             Short('h') | Long("help") => {
                 print!("{HELP}");
+                #[cfg(feature = "tls")]
+                print!("\nTLS options:\n{}", super::TlsArgs::HELP);
                 return Ok(());
             }
             _ => return Err(arg.unexpected().to_string()),
@@ -95,6 +103,10 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     cfg.server_pid = server_pid;
     if let Some(t) = connect_timeout {
         cfg.connect_timeout = t;
+    }
+    #[cfg(feature = "tls")]
+    {
+        cfg.tls = tls.config()?;
     }
     let live = std::io::stderr().is_terminal();
     let mut shown = false;

@@ -18,7 +18,7 @@ use super::{arg_err, init_log, parse_bytes, parse_duration, value};
 const HELP: &str = "\
 Usage: wsloop client [URL] [OPTIONS]
 
-Connects to URL [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
+Connects to URL (ws:// or wss://) [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
 and prints each message received on stdout, one per line. Logs go to stderr.
 
 Options:
@@ -90,8 +90,14 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut log_level = "info".to_string();
     let (mut every_set, mut send_set, mut url_set) = (false, false, false);
     let mut p = lexopt::Parser::from_args(args);
+    #[cfg(feature = "tls")]
+    let mut tls = super::TlsArgs::default();
     while let Some(arg) = p.next().map_err(arg_err)? {
         match arg {
+            #[cfg(feature = "tls")]
+            Long("ca") => tls.ca = Some(p.value().map_err(arg_err)?),
+            #[cfg(feature = "tls")]
+            Long("insecure") => tls.insecure = true,
             Long("every") => {
                 o.every = parse_duration(&value(&mut p)?)?;
                 if o.every.is_zero() {
@@ -132,6 +138,8 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("log") => log_level = value(&mut p)?,
             Short('h') | Long("help") => {
                 print!("{HELP}");
+                #[cfg(feature = "tls")]
+                print!("\nTLS options:\n{}", super::TlsArgs::HELP);
                 return Ok(());
             }
             Value(v) if !url_set => {
@@ -143,6 +151,10 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     }
     if o.stdin && (every_set || send_set) {
         return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
+    }
+    #[cfg(feature = "tls")]
+    {
+        o.cfg.tls = tls.config()?;
     }
     init_log(&log_level)?;
     let interrupts = Interrupts::install().map_err(|e| format!("cannot handle signals: {e}"))?;

@@ -134,6 +134,41 @@ pub fn arg_err(e: lexopt::Error) -> String {
     e.to_string()
 }
 
+/// `--ca FILE` and `--insecure`, for the client and the load generator on `wss://` URLs.
+#[cfg(all(feature = "tls", feature = "client"))]
+#[derive(Default)]
+pub struct TlsArgs {
+    /// `--ca FILE`.
+    pub ca: Option<std::ffi::OsString>,
+    /// `--insecure`.
+    pub insecure: bool,
+}
+
+#[cfg(all(feature = "tls", feature = "client"))]
+impl TlsArgs {
+    /// The help lines of these options.
+    pub const HELP: &'static str = "\
+  --ca FILE              wss://: trust only the CA certificates in this PEM file
+                         [default: the system's CA bundle]
+  --insecure             wss://: do not verify the server's certificate (says so on stderr)
+";
+
+    /// The client TLS settings the options ask for (`None`: the system's CA bundle).
+    pub fn config(&self) -> Result<Option<wsloop::tls::ClientTls>, String> {
+        match (&self.ca, self.insecure) {
+            (Some(_), true) => Err("--ca and --insecure exclude each other".to_string()),
+            (Some(f), false) => wsloop::tls::ClientTls::with_ca_file(f)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            (None, true) => {
+                eprintln!("wsloop: --insecure: the server's certificate is not verified");
+                Ok(Some(wsloop::tls::ClientTls::insecure()))
+            }
+            (None, false) => Ok(None),
+        }
+    }
+}
+
 /// A logger that writes `LEVEL message` lines to stderr.
 struct StderrLogger;
 

@@ -10,8 +10,8 @@ pub(crate) mod connect;
 #[cfg(any(feature = "server", feature = "bench"))]
 pub(crate) mod engine;
 pub(crate) mod outbox;
-pub(crate) mod sys;
 pub(crate) mod stream;
+pub(crate) mod sys;
 pub(crate) mod timer;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;

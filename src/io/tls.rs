@@ -85,16 +85,31 @@ pub(crate) struct TlsFailure(pub(crate) rustls::Error);
 
 impl std::fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TLS: {}", self.0)
+        use rustls::CertificateError as C;
+        match &self.0 {
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::UnknownIssuer => {
+                    f.write_str("the certificate is not signed by a trusted CA (--ca FILE trusts a private CA)")
+                }
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    f.write_str("the certificate is not valid for this host name")
+                }
+                C::Expired | C::ExpiredContext { .. } => f.write_str("the certificate has expired"),
+                C::NotValidYet | C::NotValidYetContext { .. } => f.write_str("the certificate is not valid yet"),
+                C::BadSignature => f.write_str("the certificate's signature is wrong"),
+                C::Other(o) => write!(f, "invalid certificate: {o}"),
+                c => write!(f, "invalid certificate: {c:?}"),
+            },
+            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+                write!(f, "the peer does not speak TLS ({})", self.0)
+            }
+            rustls::Error::AlertReceived(a) => write!(f, "the peer refused the TLS handshake (alert: {a:?})"),
+            e => write!(f, "TLS: {e}"),
+        }
     }
 }
 
 impl std::error::Error for TlsFailure {}
-
-/// The rustls error inside `e`, if `e` is a TLS failure.
-pub(crate) fn tls_failure(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref()?.downcast_ref::<TlsFailure>().map(|t| &t.0)
-}
 
 fn invalid(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
@@ -282,7 +297,11 @@ impl<S: Side> TlsStream<S> {
 
     /// Encrypts what `bufs` hold (up to [`WRITE_BUDGET`]) into `out`; returns the plaintext
     /// taken and the ciphertext length.
-    fn encrypt(w: &mut WriteTraffic<'_, S::Data>, bufs: &[IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<(usize, usize)> {
+    fn encrypt(
+        w: &mut WriteTraffic<'_, S::Data>,
+        bufs: &[IoSlice<'_>],
+        out: &mut Vec<u8>,
+    ) -> io::Result<(usize, usize)> {
         let (mut taken, mut used) = (0, 0);
         for b in bufs {
             let mut b: &[u8] = b;

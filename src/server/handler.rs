@@ -106,7 +106,8 @@ impl ServerStream for TlsServerStream {
     const PLAIN: bool = false;
     fn wrap(tcp: TcpStream, cfg: &super::ServerConfig) -> std::io::Result<Self> {
         let tls = cfg.tls.as_ref().expect("a TLS loop runs with a TLS config");
-        let conn = rustls::server::UnbufferedServerConnection::new(tls.config.clone()).map_err(std::io::Error::other)?;
+        let conn =
+            rustls::server::UnbufferedServerConnection::new(tls.config.clone()).map_err(std::io::Error::other)?;
         Ok(crate::io::tls::TlsStream::new(tcp, conn))
     }
     fn eng<S>(eng: &mut ServerEngine<S, Self>) -> Eng<'_, S> {
@@ -402,8 +403,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Bytes queued for a connection.
     pub fn queued(&self, id: ConnId) -> usize {
-        self.slot_key(id)
-            .map_or(0, |k| with_eng!(&self.eng, e => e.queued(k)))
+        self.slot_key(id).map_or(0, |k| with_eng!(&self.eng, e => e.queued(k)))
     }
 
     /// Calls [`Handler::on_timer`] after `after`. Any number of timers may be pending.

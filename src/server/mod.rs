@@ -41,10 +41,10 @@ use crate::io::engine::{reserved_token, Cause, Driver, Engine};
 use crate::io::outbox::write_some;
 use crate::io::sys::is_resource_error;
 use crate::io::timer::{deadline_after, poll_timeout};
+use crate::io::transport::Transport;
 use crate::proto::frame::OpCode;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Event, Message, Reject, Request, State, Timeout};
-use crate::io::transport::Transport;
 use handler::{ConnData, PeerAddr, ServerEngine, ServerStream};
 
 const LISTENER: Token = reserved_token(0);
@@ -494,7 +494,10 @@ struct Srv<H: Handler> {
 }
 
 impl<H: Handler> Srv<H> {
-    fn ctx<'a, T: ServerStream>(&'a mut self, eng: &'a mut ServerEngine<H::State, T>) -> (&'a mut H, Ctx<'a, H::State>) {
+    fn ctx<'a, T: ServerStream>(
+        &'a mut self,
+        eng: &'a mut ServerEngine<H::State, T>,
+    ) -> (&'a mut H, Ctx<'a, H::State>) {
         (
             &mut self.handler,
             Ctx {
@@ -564,7 +567,12 @@ impl<H: Handler> Srv<H> {
         }
     }
 
-    fn add_connection<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>, stream: TcpStream, addr: SocketAddr) {
+    fn add_connection<T: ServerStream>(
+        &mut self,
+        eng: &mut ServerEngine<H::State, T>,
+        stream: TcpStream,
+        addr: SocketAddr,
+    ) {
         let over = eng.slots.len() >= self.cfg.max_connections;
         if over {
             self.shared.stats.refused += 1;
@@ -673,7 +681,13 @@ impl<H: Handler> Srv<H> {
     }
 
     /// Calls `on_close` once for a connection that was open.
-    fn notify_close<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, code: u16, reason: &str) {
+    fn notify_close<T: ServerStream>(
+        &mut self,
+        eng: &mut ServerEngine<H::State, T>,
+        key: usize,
+        code: u16,
+        reason: &str,
+    ) {
         let slot = &mut eng.slots[key];
         if !std::mem::take(&mut slot.data.opened) {
             return;
