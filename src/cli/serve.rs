@@ -135,9 +135,13 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     init_log(&log_level)?;
     let server = Server::bind(listen.as_str(), cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     log::info!(
-        "listening on {}://{}",
-        if tls_on(&server) { "wss" } else { "ws" },
-        server.local_addr()
+        "listening on {}{}",
+        server.local_addr(),
+        if tls_on(&server) {
+            " (TLS: wss://, https://)"
+        } else {
+            ""
+        }
     );
     // One copy of the loop for every mode: a virtual call per callback costs nothing next to the
     // system calls around it, and three monomorphised loops would cost tens of KB of binary.

@@ -186,11 +186,12 @@ impl<S: Side> TlsStream<S> {
     }
 
     /// Marks the session failed, sends the alert rustls queued for the peer (best effort), and
-    /// returns the error.
-    fn fail(&mut self, err: rustls::Error) -> io::Error {
+    /// returns the error. `rest` is the received ciphertext not yet discarded: rustls may still
+    /// refer to it.
+    fn fail(&mut self, err: rustls::Error, rest: &mut [u8]) -> io::Error {
         let s = &mut *self.s;
         s.flags |= FAILED;
-        if let Ok(ConnectionState::EncodeTlsData(mut e)) = s.conn.process(&mut []).state {
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = s.conn.process(rest).state {
             encode(&mut e, &mut s.pending_out);
         }
         let _ = write_pending(&mut self.tcp, &mut s.pending_out);
@@ -205,13 +206,16 @@ impl<S: Side> TlsStream<S> {
         loop {
             let s = &mut *self.s;
             let UnbufferedStatus { mut discard, state } = s.conn.process(&mut inc[off..]);
-            let mut stop = false;
+            let (mut stop, mut failed) = (false, None);
             match state {
                 Ok(ConnectionState::ReadTraffic(mut r)) => {
                     while let Some(rec) = r.next_record() {
                         let rec = match rec {
                             Ok(rec) => rec,
-                            Err(e) => return Err(self.fail(e)),
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
                         };
                         let n = rec.payload.len();
                         // Plaintext is shorter than the ciphertext it came in, and `plain` is
@@ -241,9 +245,12 @@ impl<S: Side> TlsStream<S> {
                 }
                 // BlockedHandshake (more input needed), or early data, which is not enabled.
                 Ok(_) => stop = true,
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => failed = Some(e),
             }
             off += discard;
+            if let Some(e) = failed {
+                return Err(self.fail(e, &mut inc[off..]));
+            }
             if stop {
                 return Ok((off, pl));
             }
@@ -286,7 +293,11 @@ impl<S: Side> TlsStream<S> {
                 Ok(ConnectionState::PeerClosed) => None,
                 Ok(ConnectionState::Closed) => return Err(io::ErrorKind::BrokenPipe.into()),
                 Ok(_) => return Ok(None),
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => {
+                    s.pending_in.drain(..discard);
+                    let mut rest = std::mem::take(&mut s.pending_in);
+                    return Err(self.fail(e, &mut rest));
+                }
             };
             s.pending_in.drain(..discard);
             if let Some(r) = result {
