@@ -13,6 +13,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+// Builds with only the server or only the client leave the other side's settings unused.
+#![cfg_attr(not(all(feature = "server", feature = "client")), allow(dead_code))]
+
 use std::path::Path;
 use std::sync::Arc;
 

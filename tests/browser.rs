@@ -208,7 +208,11 @@ fn page_over_https_chats_over_wss() {
         "--tls-key",
         c.key.to_str().unwrap(),
     ]);
-    let script = Script::start_at("chat", "chat-https", &format!("https://localhost:{}/", server.addr.port()));
+    let script = Script::start_at(
+        "chat",
+        "chat-https",
+        &format!("https://localhost:{}/", server.addr.port()),
+    );
     script.finish(
         &server,
         &[

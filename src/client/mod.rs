@@ -87,7 +87,7 @@ pub struct ClientConfig {
     /// Unsent bytes above which the client stops reading from the server until they drain
     /// (default 1 MiB). Sending never blocks: see [`Client::buffered_amount`].
     pub max_backpressure: usize,
-    /// Size of the read buffer (default 64 KiB).
+    /// Size of the read buffer (default 64 KiB; at least 64 KiB for `wss://`).
     pub read_buffer_size: usize,
     /// Subprotocols to offer, in order of preference (default none).
     pub protocols: Vec<String>,
@@ -398,7 +398,8 @@ impl Client {
             write_interest: true,
             peer,
             conn,
-            rbuf: vec![0; cfg.read_buffer_size.max(256)],
+            // TLS needs room for a whole record (up to 18 KiB) in the upper half.
+            rbuf: vec![0; cfg.read_buffer_size.max(if target.tls { 64 << 10 } else { 256 })],
             rpos: 0,
             rlen: 0,
             cfg,

@@ -310,12 +310,13 @@ fn open_peers<S, T: Transport>(eng: &ServerEngine<S, T>) -> impl Iterator<Item =
 }
 
 /// One of two iterators (the plain or the TLS engine's).
+#[cfg(feature = "tls")]
 enum Either<A, B> {
     A(A),
-    #[allow(dead_code)]
     B(B),
 }
 
+#[cfg(feature = "tls")]
 impl<A: Iterator, B: Iterator<Item = A::Item>> Iterator for Either<A, B> {
     type Item = A::Item;
     fn next(&mut self) -> Option<A::Item> {
@@ -380,10 +381,15 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Every open connection: its id and peer address.
     pub fn peers(&self) -> impl Iterator<Item = (ConnId, SocketAddr)> + '_ {
-        match &self.eng {
+        #[cfg(feature = "tls")]
+        return match &self.eng {
             Eng::Plain(e) => Either::A(open_peers(e)),
-            #[cfg(feature = "tls")]
             Eng::Tls(e) => Either::B(open_peers(e)),
+        };
+        #[cfg(not(feature = "tls"))]
+        {
+            let Eng::Plain(e) = &self.eng;
+            open_peers(e)
         }
     }
 
