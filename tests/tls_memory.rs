@@ -4,7 +4,7 @@
 //!   1,000 idle `wss://` connections, and the heap growth per connection is asserted to be at
 //!   most 4 KiB (the slab slot, the TLS session, and the slab's growth, everything);
 //! - the floor: the heap of one rustls server session after a TLS 1.3 and after a TLS 1.2
-//!   handshake, made in memory.
+//!   handshake, made in memory (without the session cache, which is shared and bounded).
 //!
 //! Run with `--nocapture` to see the figures.
 
@@ -54,6 +54,9 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
+
+/// The tests of this binary count one process-wide heap: they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn live() -> isize {
     LIVE.load(Ordering::SeqCst)
@@ -127,6 +130,7 @@ fn heap_per_idle_connection(tls: Option<(&certs::TestCerts, ServerTls)>) -> f64 
 
 #[test]
 fn an_idle_tls_connection_costs_at_most_4_kib_of_heap() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = common::target_dir().join(format!("tls-memory-certs-{}", std::process::id()));
     let c = certs::make(&dir);
     let tls = ServerTls::from_pem_files(&c.cert, &c.key).unwrap();
@@ -191,9 +195,13 @@ fn handshake_in_memory(
 
 #[test]
 fn the_rustls_session_floor_for_tls_1_3_and_1_2() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = common::target_dir().join(format!("tls-memory-floor-{}", std::process::id()));
     let c = certs::make(&dir);
-    let scfg = rustls_server_config(&c);
+    // Without the shared session cache (256 entries at most, whatever the connection count):
+    // what is counted is the sessions alone.
+    let mut scfg = rustls_server_config(&c);
+    Arc::get_mut(&mut scfg).unwrap().session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(&c.ca).unwrap() {

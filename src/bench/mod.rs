@@ -467,7 +467,14 @@ mod tests {
         assert_eq!(Target::parse("127.0.0.1:80").unwrap().path, "/");
         assert_eq!(Target::parse("ws://[::1]:9/").unwrap().addr, "[::1]:9".parse().unwrap());
         assert_eq!(Target::parse("ws://127.0.0.1").unwrap().addr.port(), 80);
-        assert!(Target::parse("wss://127.0.0.1/").is_err());
+        let wss = Target::parse("wss://localhost/x");
+        if cfg!(feature = "tls") {
+            let t = wss.unwrap();
+            assert_eq!((t.addr.port(), t.tls, t.server_name.as_str()), (443, true, "localhost"));
+            assert_eq!(t.url(), "wss://localhost/x");
+        } else {
+            assert!(wss.is_err());
+        }
         assert!(Target::parse("http://127.0.0.1/").is_err());
         let ips = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
         assert_eq!(ips.len(), 59);
