@@ -9,6 +9,13 @@ use mio::net::TcpStream;
 use super::tls::TlsStream;
 use super::transport::Transport;
 
+/// A server connection's stream: TCP, with a TLS session beside it when the server serves TLS.
+#[cfg(feature = "tls")]
+pub(crate) use super::tls::ServerStream;
+/// A server connection's stream.
+#[cfg(not(feature = "tls"))]
+pub(crate) type ServerStream = TcpStream;
+
 /// Plain TCP or TLS over TCP.
 pub(crate) enum ClientStream {
     Plain(TcpStream),

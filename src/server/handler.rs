@@ -4,12 +4,10 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mio::net::TcpStream;
-
 use super::config::SlowConsumer;
 use super::Shared;
 use crate::io::engine::Engine;
-use crate::io::transport::Transport;
+use crate::io::stream::ServerStream;
 use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Message, Request, State};
@@ -75,63 +73,7 @@ pub(crate) struct ConnData<S> {
     pub(crate) state: S,
 }
 
-pub(crate) type ServerEngine<S, T = TcpStream> = Engine<T, ConnData<S>, NoRandom>;
-
-/// The server's TLS transport.
-#[cfg(feature = "tls")]
-pub(crate) type TlsServerStream = crate::io::tls::TlsStream<rustls::server::UnbufferedServerConnection>;
-
-/// A server transport: plain TCP, or TLS (chosen at bind time; the loop is compiled for each).
-pub(crate) trait ServerStream: Transport + Sized {
-    /// Bytes written to the socket reach the peer as they are.
-    const PLAIN: bool;
-    /// Wraps an accepted socket.
-    fn wrap(tcp: TcpStream, cfg: &super::ServerConfig) -> std::io::Result<Self>;
-    /// The engine as the handler's [`Ctx`] holds it.
-    fn eng<S>(eng: &mut ServerEngine<S, Self>) -> Eng<'_, S>;
-}
-
-impl ServerStream for TcpStream {
-    const PLAIN: bool = true;
-    fn wrap(tcp: TcpStream, _: &super::ServerConfig) -> std::io::Result<Self> {
-        Ok(tcp)
-    }
-    fn eng<S>(eng: &mut ServerEngine<S, Self>) -> Eng<'_, S> {
-        Eng::Plain(eng)
-    }
-}
-
-#[cfg(feature = "tls")]
-impl ServerStream for TlsServerStream {
-    const PLAIN: bool = false;
-    fn wrap(tcp: TcpStream, cfg: &super::ServerConfig) -> std::io::Result<Self> {
-        let tls = cfg.tls.as_ref().expect("a TLS loop runs with a TLS config");
-        let conn =
-            rustls::server::UnbufferedServerConnection::new(tls.config.clone()).map_err(std::io::Error::other)?;
-        Ok(crate::io::tls::TlsStream::new(tcp, conn))
-    }
-    fn eng<S>(eng: &mut ServerEngine<S, Self>) -> Eng<'_, S> {
-        Eng::Tls(eng)
-    }
-}
-
-/// The engine a [`Ctx`] acts on, whichever transport the server runs.
-pub(crate) enum Eng<'a, S> {
-    Plain(&'a mut ServerEngine<S>),
-    #[cfg(feature = "tls")]
-    Tls(&'a mut ServerEngine<S, TlsServerStream>),
-}
-
-/// Runs the same code on whichever engine a [`Ctx`] holds.
-macro_rules! with_eng {
-    ($eng:expr, $e:ident => $body:expr) => {
-        match $eng {
-            Eng::Plain($e) => $body,
-            #[cfg(feature = "tls")]
-            Eng::Tls($e) => $body,
-        }
-    };
-}
+pub(crate) type ServerEngine<S> = Engine<ServerStream, ConnData<S>, NoRandom>;
 
 /// The connection a callback is about: its id, its peer's address and its state.
 #[derive(Debug)]
@@ -297,40 +239,14 @@ pub struct Stats {
 
 /// What the handler can do from inside the loop.
 pub struct Ctx<'a, S> {
-    pub(crate) eng: Eng<'a, S>,
+    pub(crate) eng: &'a mut ServerEngine<S>,
     pub(crate) shared: &'a mut Shared,
-}
-
-/// Every open connection of one engine: its id and peer address.
-fn open_peers<S, T: Transport>(eng: &ServerEngine<S, T>) -> impl Iterator<Item = (ConnId, SocketAddr)> + '_ {
-    eng.slots
-        .iter()
-        .filter(|(_, s)| s.data.opened && !s.is_dead())
-        .map(|(k, s)| (ConnId::new(k, s.gen), s.data.addr.get()))
-}
-
-/// One of two iterators (the plain or the TLS engine's).
-#[cfg(feature = "tls")]
-enum Either<A, B> {
-    A(A),
-    B(B),
-}
-
-#[cfg(feature = "tls")]
-impl<A: Iterator, B: Iterator<Item = A::Item>> Iterator for Either<A, B> {
-    type Item = A::Item;
-    fn next(&mut self) -> Option<A::Item> {
-        match self {
-            Either::A(a) => a.next(),
-            Either::B(b) => b.next(),
-        }
-    }
 }
 
 impl<'a, S> Ctx<'a, S> {
     fn slot_key(&self, id: ConnId) -> Option<usize> {
         let key = id.key();
-        with_eng!(&self.eng, e => e.is_live(key, id.gen())).then_some(key)
+        self.eng.is_live(key, id.gen()).then_some(key)
     }
 
     /// Sends a text message to one connection. Returns false if it is not open.
@@ -340,15 +256,14 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Sends a message to one connection. Returns false if it is not open.
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        let ok = with_eng!(&mut self.eng, e => e.send_to(id.key(), id.gen(), msg)).is_ok();
+        let ok = self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
         ok
     }
 
     /// Sends a ping to one connection (the pong is not reported). Returns false if it is not open.
     pub fn ping(&mut self, id: ConnId) -> bool {
-        self.slot_key(id)
-            .is_some_and(|key| with_eng!(&mut self.eng, e => e.ping(key, b"")).is_ok())
+        self.slot_key(id).is_some_and(|key| self.eng.ping(key, b"").is_ok())
     }
 
     /// Sends a message to every open connection except `except`, encoding the frame once and
@@ -357,15 +272,50 @@ impl<'a, S> Ctx<'a, S> {
         let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
         write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
         let frame = Arc::new(frame);
-        let sent = with_eng!(&mut self.eng, e => broadcast_on(e, self.shared, &frame, except));
+        let mut sent = 0;
+        // Index the slab instead of collecting keys: no allocation per broadcast.
+        for key in 0..self.eng.slots.capacity() {
+            let Some(slot) = self.eng.slots.get(key) else { continue };
+            if slot.is_dead() || slot.conn.state() != State::Open {
+                continue;
+            }
+            if except.is_some_and(|e| e == ConnId::new(key, slot.gen)) {
+                continue;
+            }
+            if self.queue_shared(key, &frame) {
+                sent += 1;
+            }
+        }
         self.shared.stats.messages_out += sent as u64;
         sent
+    }
+
+    /// Queues a shared frame for one connection, applying the slow consumer policy.
+    fn queue_shared(&mut self, key: usize, frame: &Arc<Vec<u8>>) -> bool {
+        // A peer with nothing queued takes any frame (even one above the bound): the bytes are
+        // shared, and refusing would fail every peer on one large message.
+        let queued = self.eng.queued(key);
+        if queued > 0 && queued + frame.len() > self.shared.max_backpressure {
+            match self.shared.slow_consumer {
+                SlowConsumer::Drop => {
+                    self.shared.stats.dropped += 1;
+                }
+                SlowConsumer::Close => {
+                    log::info!("{:?}: slow consumer, closing", self.eng.slots[key].data.addr);
+                    self.eng.clear_queue(key);
+                    let _ = self.eng.close(key, close_code::POLICY_VIOLATION, "slow consumer");
+                }
+            }
+            return false;
+        }
+        self.eng.send_shared(key, frame);
+        true
     }
 
     /// Starts closing one connection with `code` and `reason`.
     pub fn close(&mut self, id: ConnId, code: u16, reason: &str) {
         if let Some(key) = self.slot_key(id) {
-            let _ = with_eng!(&mut self.eng, e => e.close(key, code, reason));
+            let _ = self.eng.close(key, code, reason);
         }
     }
 
@@ -381,45 +331,39 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Every open connection: its id and peer address.
     pub fn peers(&self) -> impl Iterator<Item = (ConnId, SocketAddr)> + '_ {
-        #[cfg(feature = "tls")]
-        return match &self.eng {
-            Eng::Plain(e) => Either::A(open_peers(e)),
-            Eng::Tls(e) => Either::B(open_peers(e)),
-        };
-        #[cfg(not(feature = "tls"))]
-        {
-            let Eng::Plain(e) = &self.eng;
-            open_peers(e)
-        }
+        self.eng
+            .slots
+            .iter()
+            .filter(|(_, s)| s.data.opened && !s.is_dead())
+            .map(|(k, s)| (ConnId::new(k, s.gen), s.data.addr.get()))
     }
 
     /// The peer address of a connection, if it is still there.
     pub fn peer_addr(&self, id: ConnId) -> Option<SocketAddr> {
-        self.slot_key(id)
-            .map(|k| with_eng!(&self.eng, e => e.slots[k].data.addr.get()))
+        self.slot_key(id).map(|k| self.eng.slots[k].data.addr.get())
     }
 
     /// The state of another open connection. The connection a callback is about is not
     /// reachable here: its state is in that callback's [`Conn`].
     pub fn state_of(&mut self, id: ConnId) -> Option<&mut S> {
         let key = self.slot_key(id)?;
-        let data = with_eng!(&mut self.eng, e => &mut e.slots[key].data);
+        let data = &mut self.eng.slots[key].data;
         data.opened.then_some(&mut data.state)
     }
 
     /// Bytes queued for a connection.
     pub fn queued(&self, id: ConnId) -> usize {
-        self.slot_key(id).map_or(0, |k| with_eng!(&self.eng, e => e.queued(k)))
+        self.slot_key(id).map_or(0, |k| self.eng.queued(k))
     }
 
     /// Calls [`Handler::on_timer`] after `after`. Any number of timers may be pending.
     pub fn set_timer(&mut self, after: Duration) -> TimerId {
-        with_eng!(&mut self.eng, e => self.shared.set_timer(e, after, None))
+        self.shared.set_timer(self.eng, after, None)
     }
 
     /// Calls [`Handler::on_timer`] after `after` for connection `id`, unless it has closed by then.
     pub fn set_conn_timer(&mut self, id: ConnId, after: Duration) -> TimerId {
-        with_eng!(&mut self.eng, e => self.shared.set_timer(e, after, Some(id)))
+        self.shared.set_timer(self.eng, after, Some(id))
     }
 
     /// Cancels a pending timer. Returns whether it was pending.
@@ -430,7 +374,7 @@ impl<'a, S> Ctx<'a, S> {
     /// The loop's counters.
     pub fn stats(&self) -> Stats {
         let mut s = self.shared.stats;
-        s.bytes_queued = with_eng!(&self.eng, e => e.slots.iter().map(|(_, s)| s.queued()).sum());
+        s.bytes_queued = self.eng.slots.iter().map(|(_, s)| s.queued()).sum();
         s
     }
 
@@ -439,57 +383,6 @@ impl<'a, S> Ctx<'a, S> {
     pub fn shutdown(&mut self) {
         self.shared.shutdown_requested = true;
     }
-}
-
-/// Queues a broadcast frame for every open connection of `eng` but `except`.
-fn broadcast_on<S, T: Transport>(
-    eng: &mut ServerEngine<S, T>,
-    shared: &mut Shared,
-    frame: &Arc<Vec<u8>>,
-    except: Option<ConnId>,
-) -> usize {
-    let mut sent = 0;
-    // Index the slab instead of collecting keys: no allocation per broadcast.
-    for key in 0..eng.slots.capacity() {
-        let Some(slot) = eng.slots.get(key) else { continue };
-        if slot.is_dead() || slot.conn.state() != State::Open {
-            continue;
-        }
-        if except.is_some_and(|e| e == ConnId::new(key, slot.gen)) {
-            continue;
-        }
-        if queue_shared(eng, shared, key, frame) {
-            sent += 1;
-        }
-    }
-    sent
-}
-
-/// Queues a shared frame for one connection, applying the slow consumer policy.
-fn queue_shared<S, T: Transport>(
-    eng: &mut ServerEngine<S, T>,
-    shared: &mut Shared,
-    key: usize,
-    frame: &Arc<Vec<u8>>,
-) -> bool {
-    // A peer with nothing queued takes any frame (even one above the bound): the bytes are
-    // shared, and refusing would fail every peer on one large message.
-    let queued = eng.queued(key);
-    if queued > 0 && queued + frame.len() > shared.max_backpressure {
-        match shared.slow_consumer {
-            SlowConsumer::Drop => {
-                shared.stats.dropped += 1;
-            }
-            SlowConsumer::Close => {
-                log::info!("{:?}: slow consumer, closing", eng.slots[key].data.addr);
-                eng.clear_queue(key);
-                let _ = eng.close(key, close_code::POLICY_VIOLATION, "slow consumer");
-            }
-        }
-        return false;
-    }
-    eng.send_shared(key, frame);
-    true
 }
 
 #[cfg(test)]

@@ -39,13 +39,14 @@ pub use modes::{Broadcast, Echo, Reply};
 
 use crate::io::engine::{reserved_token, Cause, Driver, Engine};
 use crate::io::outbox::write_some;
+use crate::io::stream::ServerStream;
 use crate::io::sys::is_resource_error;
 use crate::io::timer::{deadline_after, poll_timeout};
 use crate::io::transport::Transport;
 use crate::proto::frame::OpCode;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Event, Message, Reject, Request, State, Timeout};
-use handler::{ConnData, PeerAddr, ServerEngine, ServerStream};
+use handler::{ConnData, PeerAddr, ServerEngine};
 
 const LISTENER: Token = reserved_token(0);
 const WAKER: Token = reserved_token(1);
@@ -182,12 +183,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn set_timer<S, T: Transport>(
-        &mut self,
-        eng: &mut ServerEngine<S, T>,
-        after: Duration,
-        conn: Option<ConnId>,
-    ) -> TimerId {
+    pub(crate) fn set_timer<S>(&mut self, eng: &mut ServerEngine<S>, after: Duration, conn: Option<ConnId>) -> TimerId {
         let gen = self.next_timer;
         self.next_timer = self.next_timer.wrapping_add(1);
         let key = self.timers.insert((gen, conn));
@@ -301,7 +297,11 @@ impl Server {
         } else {
             None
         };
-        let srv = Srv {
+        // Dropped after the engine: the connections' TLS sessions live as long as the loop.
+        #[cfg(feature = "tls")]
+        let _tls = cfg.tls.is_some().then(crate::io::tls::ServingTls::start);
+        let mut eng: ServerEngine<H::State> = Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom);
+        let mut srv = Srv {
             handler,
             shared: Shared {
                 stats: Stats::default(),
@@ -319,26 +319,11 @@ impl Server {
             handle,
             cfg,
         };
-        // The loop is compiled once per transport: the plain one carries no TLS branch.
-        #[cfg(feature = "tls")]
-        if srv.cfg.tls.is_some() {
-            return srv.run_loop::<handler::TlsServerStream>(poll, signals.as_mut());
-        }
-        srv.run_loop::<TcpStream>(poll, signals.as_mut())
-    }
-}
-
-impl<H: Handler> Srv<H> {
-    /// The poll loop, until a shutdown completes.
-    fn run_loop<T: ServerStream>(mut self, poll: Poll, mut signals: Option<&mut Signals>) -> io::Result<()> {
-        let srv = &mut self;
-        let mut eng: ServerEngine<H::State, T> =
-            Engine::new(poll, srv.cfg.protocol_config(), srv.cfg.max_backpressure, NoRandom);
         let mut events = Events::with_capacity(1024);
         let mut rbuf = vec![0u8; srv.cfg.read_buffer_size];
         eng.tick();
         srv.handler.on_start(&mut Ctx {
-            eng: T::eng(&mut eng),
+            eng: &mut eng,
             shared: &mut srv.shared,
         });
         let mut signals_seen = 0usize;
@@ -369,14 +354,14 @@ impl<H: Handler> Srv<H> {
                         log::info!("signal received: shutting down");
                         srv.begin_shutdown(&mut eng);
                     }
-                    Token(key) => eng.on_ready(srv, key, ev, &mut rbuf),
+                    Token(key) => eng.on_ready(&mut srv, key, ev, &mut rbuf),
                 }
             }
-            eng.fire_timers(srv);
-            eng.reap(srv);
+            eng.fire_timers(&mut srv);
+            eng.reap(&mut srv);
             if std::mem::take(&mut srv.shared.shutdown_requested) {
                 srv.begin_shutdown(&mut eng);
-                eng.reap(srv);
+                eng.reap(&mut srv);
             }
             if let Some(d) = srv.shutdown_deadline {
                 // Done once every peer's close handshake is over and our last bytes are out.
@@ -394,6 +379,20 @@ impl<H: Handler> Srv<H> {
                 }
             }
         }
+    }
+}
+
+/// The stream for an accepted socket: TLS when the server has a TLS configuration.
+fn server_stream(tcp: TcpStream, cfg: &ServerConfig) -> io::Result<ServerStream> {
+    #[cfg(feature = "tls")]
+    return match &cfg.tls {
+        Some(t) => ServerStream::tls(tcp, &t.config),
+        None => Ok(ServerStream::plain(tcp)),
+    };
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = cfg;
+        Ok(tcp)
     }
 }
 
@@ -494,23 +493,20 @@ struct Srv<H: Handler> {
 }
 
 impl<H: Handler> Srv<H> {
-    fn ctx<'a, T: ServerStream>(
-        &'a mut self,
-        eng: &'a mut ServerEngine<H::State, T>,
-    ) -> (&'a mut H, Ctx<'a, H::State>) {
+    fn ctx<'a>(&'a mut self, eng: &'a mut ServerEngine<H::State>) -> (&'a mut H, Ctx<'a, H::State>) {
         (
             &mut self.handler,
             Ctx {
-                eng: T::eng(eng),
+                eng,
                 shared: &mut self.shared,
             },
         )
     }
 
     /// Calls the handler about connection `key`, lending it the connection's state.
-    fn with_conn<R, T: ServerStream>(
+    fn with_conn<R>(
         &mut self,
-        eng: &mut ServerEngine<H::State, T>,
+        eng: &mut ServerEngine<H::State>,
         key: usize,
         f: impl FnOnce(&mut H, &mut Ctx<'_, H::State>, &mut Conn<H::State>) -> R,
     ) -> R {
@@ -527,7 +523,7 @@ impl<H: Handler> Srv<H> {
         r
     }
 
-    fn accept_all<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>) {
+    fn accept_all(&mut self, eng: &mut ServerEngine<H::State>) {
         if self.accept_paused {
             return;
         }
@@ -567,12 +563,7 @@ impl<H: Handler> Srv<H> {
         }
     }
 
-    fn add_connection<T: ServerStream>(
-        &mut self,
-        eng: &mut ServerEngine<H::State, T>,
-        stream: TcpStream,
-        addr: SocketAddr,
-    ) {
+    fn add_connection(&mut self, eng: &mut ServerEngine<H::State>, stream: TcpStream, addr: SocketAddr) {
         let over = eng.slots.len() >= self.cfg.max_connections;
         if over {
             self.shared.stats.refused += 1;
@@ -583,7 +574,7 @@ impl<H: Handler> Srv<H> {
             Reject::new(503, "too many connections").write(&mut refusal);
             if eng.slots.len() >= self.cfg.max_connections + (config::FD_RESERVE as usize / 2) {
                 // No room even to linger: write the answer if the kernel takes it, then drop.
-                if T::PLAIN {
+                if !self.tls() {
                     let mut s = stream;
                     let _ = write_some(&mut s, &refusal);
                 }
@@ -604,7 +595,7 @@ impl<H: Handler> Srv<H> {
             opened: false,
             state: H::State::default(),
         };
-        let stream = match T::wrap(stream, &self.cfg) {
+        let stream = match server_stream(stream, &self.cfg) {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("{addr}: {e}");
@@ -622,7 +613,7 @@ impl<H: Handler> Srv<H> {
     }
 
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
-    fn on_request<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, req: Request) {
+    fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
         let addr = eng.slots[key].data.addr.get();
         let answer = if !req.is_upgrade() {
             self.plain_answer(&req)
@@ -658,6 +649,14 @@ impl<H: Handler> Srv<H> {
         self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
     }
 
+    /// Whether connections speak TLS.
+    fn tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.cfg.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
     fn origin_allowed(&self, origin: &str) -> bool {
         self.cfg.origins.is_empty() || self.cfg.origins.iter().any(|a| a.eq_ignore_ascii_case(origin))
     }
@@ -681,13 +680,7 @@ impl<H: Handler> Srv<H> {
     }
 
     /// Calls `on_close` once for a connection that was open.
-    fn notify_close<T: ServerStream>(
-        &mut self,
-        eng: &mut ServerEngine<H::State, T>,
-        key: usize,
-        code: u16,
-        reason: &str,
-    ) {
+    fn notify_close(&mut self, eng: &mut ServerEngine<H::State>, key: usize, code: u16, reason: &str) {
         let slot = &mut eng.slots[key];
         if !std::mem::take(&mut slot.data.opened) {
             return;
@@ -697,7 +690,7 @@ impl<H: Handler> Srv<H> {
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
     }
 
-    fn run_commands<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>) {
+    fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) {
         let cmds: Vec<Command> = self
             .handle
             .inner
@@ -726,7 +719,7 @@ impl<H: Handler> Srv<H> {
         }
     }
 
-    fn begin_shutdown<T: ServerStream>(&mut self, eng: &mut ServerEngine<H::State, T>) {
+    fn begin_shutdown(&mut self, eng: &mut ServerEngine<H::State>) {
         if self.shutdown_deadline.is_some() {
             return;
         }
@@ -747,8 +740,8 @@ impl<H: Handler> Srv<H> {
     }
 }
 
-impl<H: Handler, T: ServerStream> Driver<T, ConnData<H::State>, NoRandom> for Srv<H> {
-    fn on_event(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, ev: Event<'_>) {
+impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
+    fn on_event(&mut self, eng: &mut ServerEngine<H::State>, key: usize, ev: Event<'_>) {
         match ev {
             Event::Request(req) => self.on_request(eng, key, *req),
             Event::Message(payload) => {
@@ -764,7 +757,7 @@ impl<H: Handler, T: ServerStream> Driver<T, ConnData<H::State>, NoRandom> for Sr
         }
     }
 
-    fn on_error(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, err: &crate::proto::Error) {
+    fn on_error(&mut self, eng: &mut ServerEngine<H::State>, key: usize, err: &crate::proto::Error) {
         let addr = eng.slots[key].data.addr;
         match err {
             crate::proto::Error::Protocol(e) => {
@@ -776,7 +769,7 @@ impl<H: Handler, T: ServerStream> Driver<T, ConnData<H::State>, NoRandom> for Sr
         }
     }
 
-    fn on_timeout(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, t: Timeout) {
+    fn on_timeout(&mut self, eng: &mut ServerEngine<H::State>, key: usize, t: Timeout) {
         let addr = eng.slots[key].data.addr;
         match t {
             Timeout::Handshake => log::info!("{addr:?}: handshake timeout"),
@@ -786,7 +779,7 @@ impl<H: Handler, T: ServerStream> Driver<T, ConnData<H::State>, NoRandom> for Sr
         }
     }
 
-    fn on_removed(&mut self, eng: &mut ServerEngine<H::State, T>, key: usize, cause: Cause) {
+    fn on_removed(&mut self, eng: &mut ServerEngine<H::State>, key: usize, cause: Cause) {
         let reason = match &cause {
             Cause::Timeout(Timeout::Close) => "close timeout",
             Cause::Io(e) => {
@@ -798,7 +791,7 @@ impl<H: Handler, T: ServerStream> Driver<T, ConnData<H::State>, NoRandom> for Sr
         self.notify_close(eng, key, close_code::ABNORMAL, reason);
     }
 
-    fn on_timer(&mut self, eng: &mut ServerEngine<H::State, T>, id: u64) {
+    fn on_timer(&mut self, eng: &mut ServerEngine<H::State>, id: u64) {
         if id == ACCEPT_TIMER {
             self.accept_paused = false;
             self.accept_all(eng);
