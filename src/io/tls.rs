@@ -217,7 +217,7 @@ impl<S: Side> Tls<'_, S> {
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = s.conn.process(rest).state {
             encode(&mut e, &mut s.pending_out);
         }
-        let _ = write_pending(&mut self.tcp, &mut s.pending_out);
+        let _ = write_pending(self.tcp, &mut s.pending_out);
         io::Error::new(io::ErrorKind::InvalidData, TlsFailure(err))
     }
 
@@ -253,7 +253,7 @@ impl<S: Side> Tls<'_, S> {
                 }
                 Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, &mut s.pending_out),
                 Ok(ConnectionState::TransmitTlsData(t)) => {
-                    write_pending(&mut self.tcp, &mut s.pending_out)?;
+                    write_pending(self.tcp, &mut s.pending_out)?;
                     t.done();
                 }
                 Ok(ConnectionState::WriteTraffic(_)) => {
@@ -309,7 +309,7 @@ impl<S: Side> Tls<'_, S> {
                     None
                 }
                 Ok(ConnectionState::TransmitTlsData(t)) => {
-                    write_pending(&mut self.tcp, &mut s.pending_out)?;
+                    write_pending(self.tcp, &mut s.pending_out)?;
                     t.done();
                     None
                 }
@@ -440,7 +440,7 @@ impl<S: Side> Tls<'_, S> {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         if !self.s.pending_out.is_empty() {
-            write_pending(&mut self.tcp, &mut self.s.pending_out)?;
+            write_pending(self.tcp, &mut self.s.pending_out)?;
             if !self.s.pending_out.is_empty() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
@@ -484,7 +484,7 @@ impl<S: Side> Tls<'_, S> {
                 self.s.pending_out.extend_from_slice(&alert[..n]);
             }
         }
-        write_pending(&mut self.tcp, &mut self.s.pending_out)?;
+        write_pending(self.tcp, &mut self.s.pending_out)?;
         if self.s.pending_out.is_empty() {
             self.tcp.shutdown(Shutdown::Write)
         } else {
@@ -497,7 +497,7 @@ impl<S: Side> Tls<'_, S> {
         if self.s.pending_out.is_empty() {
             return Ok(());
         }
-        write_pending(&mut self.tcp, &mut self.s.pending_out)?;
+        write_pending(self.tcp, &mut self.s.pending_out)?;
         if self.s.pending_out.is_empty() && self.s.flags & FIN_PENDING != 0 {
             self.s.flags &= !FIN_PENDING;
             self.tcp.shutdown(Shutdown::Write)?;
