@@ -725,3 +725,14 @@ impl Transport for ServerStream {
         SERVING.get() && self.with_tls(|t| t.take_write_ready()).unwrap_or(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_stream_is_a_bare_socket() {
+        // The session lives beside the slot: a TLS connection's slot is a plain one's size.
+        assert_eq!(std::mem::size_of::<ServerStream>(), std::mem::size_of::<TcpStream>());
+    }
+}
