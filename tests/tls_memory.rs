@@ -1,7 +1,7 @@
 //! What an idle `wss://` connection costs the server's heap, counted by a global allocator:
 //!
 //! - end to end: a TLS server runs in this process, `wsloop bench` (a child process) opens
-//!   1,000 idle `wss://` connections, and the heap growth per connection is asserted to be at
+//!   500 idle `wss://` connections, and the heap growth per connection is asserted to be at
 //!   most 4 KiB (the slab slot, the TLS session, and the slab's growth, everything);
 //! - the floor: the heap of one rustls server session after a TLS 1.3 and after a TLS 1.2
 //!   handshake, made in memory (without the session cache, which is shared and bounded).
@@ -75,7 +75,7 @@ impl Handler for Count {
     }
 }
 
-const CONNECTIONS: usize = 1000;
+const CONNECTIONS: usize = 500;
 
 /// Heap bytes per idle connection of an in-process server, `tls` or plain, with `wsloop bench`
 /// holding the connections.
@@ -97,6 +97,9 @@ fn heap_per_idle_connection(tls: Option<(&certs::TestCerts, ServerTls)>) -> f64 
         CONNECTIONS.to_string(),
         "--duration".into(),
         "3s".into(),
+        // Debug builds of the crypto (and 32-bit ones) are slow: no handshake may time out.
+        "--connect-timeout".into(),
+        "120s".into(),
         "--quiet".into(),
     ];
     if let Some((c, _)) = &tls {
@@ -112,7 +115,7 @@ fn heap_per_idle_connection(tls: Option<(&certs::TestCerts, ServerTls)>) -> f64 
     let started = Instant::now();
     while open.load(Ordering::SeqCst) < CONNECTIONS {
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < Duration::from_secs(240),
             "only {} opened",
             open.load(Ordering::SeqCst)
         );

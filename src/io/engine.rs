@@ -265,7 +265,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             let hup = ev.is_read_closed() || ev.is_error();
             self.on_readable(d, key, hup, rbuf);
             // A TLS handshake that completed while reading lets queued data out.
-            // (Plain TCP answers false: all of this compiles away.)
+            // (Plain TCP answers false at once.)
             if let Some(slot) = self.slots.get_mut(key) {
                 if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
                     self.on_writable(key);
