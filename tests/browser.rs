@@ -59,15 +59,21 @@ struct Script {
 
 impl Script {
     fn start(scenario: &str, server: &ServerProcess) -> Script {
-        let screenshot = target_dir().join(format!("browser-{scenario}.png"));
-        let profile = target_dir().join(format!("browser-profile-{scenario}"));
+        Self::start_at(scenario, scenario, &format!("http://{}/", server.addr))
+    }
+
+    /// `name` names the screenshot and the profile; `base` is the page's URL.
+    fn start_at(scenario: &str, name: &str, base: &str) -> Script {
+        let scenario_name = name;
+        let screenshot = target_dir().join(format!("browser-{scenario_name}.png"));
+        let profile = target_dir().join(format!("browser-profile-{scenario_name}"));
         let _ = fs::remove_file(&screenshot);
         let _ = fs::remove_dir_all(&profile); // a fresh --user-data-dir every run
         fs::create_dir_all(&profile).expect("create the browser profile directory");
         let mut child = Command::new("node")
             .arg(js_dir().join("browser.mjs"))
             .arg(scenario)
-            .arg(format!("http://{}/", server.addr))
+            .arg(base)
             .arg(&screenshot)
             .arg(&profile)
             .current_dir(js_dir())
@@ -221,4 +227,39 @@ fn rooms_example_from_chromium() {
     ] {
         assert!(stdout.lines().any(|l| l == check), "missing `{check}`\n{report}");
     }
+}
+
+/// The page loaded over `https://` connects back over `wss://` (an `https://` page may not open
+/// `ws://`). Chromium is told to accept the test certificate (made at test time).
+#[cfg(feature = "tls")]
+#[test]
+fn page_over_https_chats_over_wss() {
+    if !have_browser_tools() {
+        return;
+    }
+    #[path = "common/certs.rs"]
+    mod certs;
+    let c = certs::make(&target_dir().join(format!("browser-tls-certs-{}", std::process::id())));
+    let server = spawn_server(&[
+        "--mode",
+        "broadcast",
+        "--tls-cert",
+        c.cert.to_str().unwrap(),
+        "--tls-key",
+        c.key.to_str().unwrap(),
+    ]);
+    let script = Script::start_at(
+        "chat",
+        "chat-https",
+        &format!("https://localhost:{}/", server.addr.port()),
+    );
+    script.finish(
+        &server,
+        &[
+            "ok A connected",
+            "ok B connected",
+            "ok A sees both lines",
+            "ok B sees both lines",
+        ],
+    );
 }

@@ -131,7 +131,7 @@ fn usage_errors_exit_2_with_one_line() {
         ),
         (
             &["client", "http://127.0.0.1/"],
-            "cannot use URL 'http://127.0.0.1/': only ws:// URLs are supported",
+            "cannot use URL 'http://127.0.0.1/': only ws:// and wss:// URLs are supported",
         ),
         (&["bench", "--connections", "0"], "--connections must be at least 1"),
         (

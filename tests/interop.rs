@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::venv::{python_venv, venv_python};
-use common::{drain_lines, require_tool, runs_ok, spawn_server, tail};
+use common::{drain_lines, require_tool, runs_ok, spawn_server, tail, INTEROP_CHECKS};
 
 /// The `websockets` release the Python script is written against (asyncio API, 13.0+).
 const WEBSOCKETS_VERSION: &str = "15.0.1";
@@ -95,13 +95,7 @@ fn run_client(program: &Path, script: &Path, mode: &str) {
         tail(&server.stderr(), 8192),
     );
     assert!(status.is_some_and(|s| s.success()), "{report}");
-    for check in [
-        "ok text",
-        "ok binary",
-        "ok 1 MiB in 16 fragments",
-        "ok ping",
-        "ok close 1000",
-    ] {
+    for check in INTEROP_CHECKS {
         assert!(out.lines().any(|l| l == check), "missing `{check}`\n{report}");
     }
     println!("{report}");

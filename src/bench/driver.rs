@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mio::net::TcpStream;
+use crate::io::stream::ClientStream;
 use mio::{Events, Poll};
 
 use super::histogram::Histogram;
@@ -43,7 +43,7 @@ struct BenchConn {
     expect_seq: u64,
 }
 
-type BenchEngine = Engine<TcpStream, BenchConn, OsSeeded>;
+type BenchEngine = Engine<ClientStream, BenchConn, OsSeeded>;
 
 // Driver timer ids: a kind in bits 60 and 61 (the engine keeps the top bits for itself).
 const PROGRESS_TIMER: u64 = 1 << 60;
@@ -100,6 +100,9 @@ struct Bench<'a> {
     /// The close phase ran out of time.
     close_expired: bool,
     last_progress: (u64, u64),
+    /// Whom to trust, for a `wss://` target.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
     server: Option<ServerUsage>,
     server_cpu_start: Option<Duration>,
     kernel: Option<KernelUsage>,
@@ -113,6 +116,14 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         handshake_timeout: cfg.connect_timeout,
         close_timeout: cfg.close_timeout,
         ..proto::Config::default()
+    };
+    #[cfg(feature = "tls")]
+    let tls = match (&cfg.tls, cfg.target.tls) {
+        (_, false) => None,
+        (Some(t), true) => Some(t.clone()),
+        (None, true) => {
+            Some(crate::tls::ClientTls::system_roots().map_err(|e| BenchError::InvalidConfig(e.to_string()))?)
+        }
     };
     let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?, Budget::unlimited());
     let mut template = vec![0u8; cfg.size];
@@ -140,6 +151,8 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         held: 0,
         close_expired: false,
         last_progress: (0, 0),
+        #[cfg(feature = "tls")]
+        tls,
         server: cfg.server_pid.map(|pid| ServerUsage {
             pid,
             rss_before: read_rss(pid),
@@ -281,6 +294,20 @@ impl Bench<'_> {
                 return;
             }
         };
+        #[cfg(feature = "tls")]
+        let stream = match &self.tls {
+            Some(tls) => match tls.session(&self.cfg.target.server_name) {
+                Ok(session) => ClientStream::Tls(crate::io::tls::TlsStream::new(stream, session)),
+                Err(e) => {
+                    self.c.connect_failures += 1;
+                    self.note_error(|| format!("TLS: {e}"));
+                    return;
+                }
+            },
+            None => ClientStream::Plain(stream),
+        };
+        #[cfg(not(feature = "tls"))]
+        let stream = ClientStream::Plain(stream);
         let mut first = Vec::new();
         let conn = Connection::client(&self.request, eng.now, &mut eng.rng, &mut first);
         let data = BenchConn {
@@ -476,7 +503,7 @@ impl Bench<'_> {
     }
 }
 
-impl Driver<TcpStream, BenchConn, OsSeeded> for Bench<'_> {
+impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
     fn on_connected(&mut self, eng: &mut BenchEngine, key: usize) {
         eng.slots[key].data.stage = Stage::Handshaking;
     }

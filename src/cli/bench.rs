@@ -13,7 +13,8 @@ use super::{
 };
 
 /// `wsloop bench --help`.
-pub const HELP: &str = "\
+pub const HELP: &str = concat!(
+    "\
 Usage: wsloop bench [URL] [OPTIONS]
 
 Opens many WebSocket connections to an echo server on one poll loop, applies a load,
@@ -21,7 +22,7 @@ checks every echo (length, order, content) and reports connections held, failure
 messages and round-trip latency.
 
 Arguments:
-  URL                      ws://HOST:PORT/PATH [default: ws://127.0.0.1:9001/]
+  URL                      ws://HOST:PORT/PATH or wss://... [default: ws://127.0.0.1:9001/]
 
 Options:
   -c, --connections N      connections to open and hold [default: 1]
@@ -40,12 +41,16 @@ Options:
   --json                   print the summary as one JSON object
   -q, --quiet              no progress line
   -V, --version            print the version
+",
+    client_tls_help!(),
+    "
 
 Ctrl-C or SIGTERM ends the measured phase early; the report then covers what ran. A second
 one exits at once, with status 1 and no report.
 Exit status: 0 when every connection was held and every echo came back intact, 1 otherwise,
 2 bad usage.
-";
+"
+);
 
 /// What the command line asks for.
 struct Parsed {
@@ -74,8 +79,14 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut json = false;
     let mut quiet = false;
     let mut p = lexopt::Parser::from_args(args);
+    #[cfg(feature = "tls")]
+    let mut tls = super::TlsArgs::default();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
+            #[cfg(feature = "tls")]
+            Long("ca") => tls.ca = Some(p.value().map_err(|e| e.to_string())?),
+            #[cfg(feature = "tls")]
+            Long("insecure") => tls.insecure = true,
             Value(v) => url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?,
             Long("connections") | Short('c') => connections = count("--connections", &value(&mut p)?)?,
             Long("ramp") => {
@@ -121,6 +132,10 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     cfg.server_pid = server_pid;
     if let Some(t) = connect_timeout {
         cfg.connect_timeout = t;
+    }
+    #[cfg(feature = "tls")]
+    {
+        cfg.tls = tls.config()?;
     }
     Ok(Asked::Run(Parsed { cfg, json, quiet }))
 }

@@ -20,10 +20,11 @@ use super::{
 };
 
 /// `wsloop client --help`.
-pub const HELP: &str = "\
+pub const HELP: &str = concat!(
+    "\
 Usage: wsloop client [URL] [OPTIONS]
 
-Connects to URL [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
+Connects to URL (ws:// or wss://) [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
 and prints each message received on stdout, one per line. Logs go to stderr.
 
 Options:
@@ -41,6 +42,9 @@ Options:
   --log LEVEL            error | warn | info | debug | trace | off [default: info]
   -q, --quiet            only warnings and errors (--log warn)
   -V, --version          print the version
+",
+    client_tls_help!(),
+    "
 
 Replies: when the server sends our messages back (echo, broadcast), those echoes are the
 replies and other messages are printed but answer nothing; from a server that never sends
@@ -51,7 +55,8 @@ Ctrl-C or SIGTERM closes with 1000 and exits 0 (at once while connecting or wait
 reconnect; a second one exits at once). When stdout is closed (`| head`) the client closes
 with 1000 and exits 0.
 Exit status: 0 done, 1 failed (refused, closed abnormally, replies missing), 2 bad usage.
-";
+"
+);
 
 /// How long to wait for the last replies before closing anyway.
 const REPLY_WAIT: Duration = Duration::from_secs(5);
@@ -184,8 +189,14 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
     let mut log_level = "info".to_string();
     let (mut every_set, mut send_set, mut url_set) = (false, false, false);
     let mut p = lexopt::Parser::from_args(args);
+    #[cfg(feature = "tls")]
+    let mut tls = super::TlsArgs::default();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
+            #[cfg(feature = "tls")]
+            Long("ca") => tls.ca = Some(p.value().map_err(|e| e.to_string())?),
+            #[cfg(feature = "tls")]
+            Long("insecure") => tls.insecure = true,
             Long("every") => {
                 o.every = duration_above_zero("--every", &value(&mut p)?)?;
                 every_set = true;
@@ -222,6 +233,10 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
     }
     if o.stdin && (every_set || send_set) {
         return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
+    }
+    #[cfg(feature = "tls")]
+    {
+        o.cfg.tls = tls.config()?;
     }
     init_log(&log_level)?;
     Ok(Asked::Run(o))

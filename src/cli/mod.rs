@@ -2,6 +2,41 @@
 
 use std::time::Duration;
 
+/// `serve`'s TLS options, in its help when the `tls` feature is built.
+#[cfg(all(feature = "tls", feature = "server"))]
+macro_rules! serve_tls_help {
+    () => {
+        "  --tls-cert FILE          serve wss:// (and the page over https://): PEM certificate chain
+  --tls-key FILE           the PEM private key of --tls-cert
+"
+    };
+}
+#[cfg(all(not(feature = "tls"), feature = "server"))]
+macro_rules! serve_tls_help {
+    () => {
+        ""
+    };
+}
+
+/// `client`'s and `bench`'s TLS options, in their help when the `tls` feature is built.
+#[cfg(all(feature = "tls", feature = "client"))]
+macro_rules! client_tls_help {
+    () => {
+        "
+TLS options (wss:// URLs):
+  --ca FILE              trust only the CA certificates in this PEM file
+                         [default: the system's CA bundle]
+  --insecure             do not verify the server's certificate (says so on stderr)
+"
+    };
+}
+#[cfg(all(not(feature = "tls"), feature = "client"))]
+macro_rules! client_tls_help {
+    () => {
+        ""
+    };
+}
+
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "client")]
@@ -190,6 +225,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A duration that can be turned off: `0` or `off` is `None`.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub fn duration_or_off(s: &str) -> Result<Option<Duration>, String> {
     let d = parse_duration(s)?;
     Ok((!d.is_zero()).then_some(d))
@@ -254,6 +290,34 @@ pub fn unexpected(arg: lexopt::Arg<'_>, cmd: &str) -> String {
         lexopt::Arg::Value(v) => format!("unexpected argument '{}'", v.to_string_lossy()),
     };
     format!("{what} (see wsloop {cmd} --help)")
+}
+
+/// `--ca FILE` and `--insecure`, for the client and the load generator on `wss://` URLs.
+#[cfg(all(feature = "tls", feature = "client"))]
+#[derive(Default)]
+pub struct TlsArgs {
+    /// `--ca FILE`.
+    pub ca: Option<std::ffi::OsString>,
+    /// `--insecure`.
+    pub insecure: bool,
+}
+
+#[cfg(all(feature = "tls", feature = "client"))]
+impl TlsArgs {
+    /// The client TLS settings the options ask for (`None`: the system's CA bundle).
+    pub fn config(&self) -> Result<Option<wsloop::tls::ClientTls>, String> {
+        match (&self.ca, self.insecure) {
+            (Some(_), true) => Err("--ca and --insecure exclude each other".to_string()),
+            (Some(f), false) => wsloop::tls::ClientTls::with_ca_file(f)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            (None, true) => {
+                eprintln!("wsloop: --insecure: the server's certificate is not verified");
+                Ok(Some(wsloop::tls::ClientTls::insecure()))
+            }
+            (None, false) => Ok(None),
+        }
+    }
 }
 
 /// A logger that writes `LEVEL message` lines to stderr.

@@ -14,7 +14,8 @@ use super::{
 };
 
 /// `wsloop serve --help`.
-pub const HELP: &str = "\
+pub const HELP: &str = concat!(
+    "\
 Usage: wsloop serve [OPTIONS]
 
 Options:
@@ -43,6 +44,9 @@ Options:
   --tcp-keepalive DUR|off  TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
+",
+    serve_tls_help!(),
+    "\
   --log LEVEL              error | warn | info | debug | trace | off [default: info]
   -q, --quiet              only warnings and errors (--log warn)
   -V, --version            print the version
@@ -50,7 +54,8 @@ Options:
 Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
 closed (at most 3s); a second one exits at once. Exit status: 0 done, 1 failed (e.g. the
 address is in use), 2 bad usage.
-";
+"
+);
 
 /// Parses the options and runs the server until it is stopped.
 pub fn run(args: Vec<OsString>) -> Outcome {
@@ -78,6 +83,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut bcast_flags = false;
     let mut serve_page = true;
     let mut stats_every = None;
+    let (mut tls_cert, mut tls_key): (Option<OsString>, Option<OsString>) = (None, None);
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
@@ -128,6 +134,8 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
+            Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),
+            Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value().map_err(|e| e.to_string())?),
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
             _ => return Err(unexpected(arg, "serve")),
@@ -144,6 +152,15 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     }
     if serve_page {
         cfg.page = Some(modes::page(kind).into());
+    }
+    match (tls_cert, tls_key) {
+        (None, None) => {}
+        #[cfg(feature = "tls")]
+        (Some(cert), Some(key)) => {
+            cfg.tls = Some(wsloop::tls::ServerTls::from_pem_files(cert, key).map_err(|e| e.to_string())?);
+        }
+        (Some(_), None) => return Err("--tls-cert needs --tls-key".to_string()),
+        _ => return Err("--tls-key needs --tls-cert".to_string()),
     }
     init_log(&log_level)?;
     // An address, not a host name: a listening address is an interface's, and parsing it here
@@ -190,6 +207,9 @@ fn serve(o: Parsed) -> Outcome {
         1 => log::info!("listening on {}", server.local_addr()),
         n => log::info!("listening on {} with {n} threads", server.local_addr()),
     }
+    if tls_on(&server) {
+        log::info!("TLS: wss:// and https://");
+    }
     server
         .run_threads(|lp| Cli {
             mode: o.mode.clone(),
@@ -199,6 +219,17 @@ fn serve(o: Parsed) -> Outcome {
             tag: if threads > 1 { format!(" t{lp}") } else { String::new() },
         })
         .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
+}
+
+/// Whether the server speaks TLS.
+fn tls_on(server: &Server) -> bool {
+    #[cfg(feature = "tls")]
+    return server.is_tls();
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = server;
+        false
+    }
 }
 
 /// What the server does with messages.

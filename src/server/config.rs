@@ -90,6 +90,10 @@ pub struct ServerConfig {
     /// [`Ctx::peers`](super::Ctx::peers) stay within one server. Always on with `threads`
     /// above 1.
     pub reuse_port: bool,
+    /// Serve TLS (`wss://`, and the page over `https://`) with this certificate and key
+    /// (default: none, plain TCP). The read buffer must then be at least 64 KiB.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -131,6 +135,8 @@ impl Default for ServerConfig {
             handle_signals: false,
             threads: 1,
             reuse_port: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -155,6 +161,11 @@ impl ServerConfig {
         }
         if !(1..=super::MAX_THREADS).contains(&self.threads) {
             return Err("threads must be 1 to 256");
+        }
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() && self.read_buffer_size < 64 << 10 {
+            // Its upper half must hold a whole TLS record (up to 18 KiB) and what is joined to it.
+            return Err("read_buffer_size must be at least 64 KiB with TLS");
         }
         if self.shutdown_timeout.is_zero() {
             return Err("shutdown_timeout must be above zero");

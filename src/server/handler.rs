@@ -4,12 +4,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mio::net::TcpStream;
-
 use super::config::SlowConsumer;
 use super::Shared;
 use crate::io::budget::SharedFrame;
 use crate::io::engine::Engine;
+use crate::io::stream::ServerStream;
 use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Message, Request, State};
@@ -113,7 +112,7 @@ pub(crate) struct ConnData<S> {
     pub(crate) state: S,
 }
 
-pub(crate) type ServerEngine<S> = Engine<TcpStream, ConnData<S>, NoRandom>;
+pub(crate) type ServerEngine<S> = Engine<ServerStream, ConnData<S>, NoRandom>;
 
 /// The connection a callback is about: its id, its peer's address and its state.
 #[derive(Debug)]
@@ -310,6 +309,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Sends a message to one connection of this loop. Returns false if it is not open here
     /// (a connection of another loop is reached through [`handle`](Self::handle)).
+    #[inline]
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
         let here = id.lp() == usize::from(self.shared.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
@@ -335,7 +335,7 @@ impl<'a, S> Ctx<'a, S> {
     pub(crate) fn deliver(&mut self, frame: &Arc<SharedFrame>, except: Option<ConnId>, forward: bool) -> usize {
         let mut sent = 0;
         let lp = self.shared.lp;
-        let recipient = |slot: &crate::io::engine::Slot<TcpStream, ConnData<S>>, key: usize| {
+        let recipient = |slot: &crate::io::engine::Slot<ServerStream, ConnData<S>>, key: usize| {
             !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen, lp))
         };
         // The connection whose message this usually is gets its copy first: its round trip

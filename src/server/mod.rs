@@ -42,8 +42,10 @@ pub use modes::{Broadcast, Echo, Reply};
 use crate::io::budget::{Budget, SharedFrame};
 use crate::io::engine::{reserved_token, Cause, Driver, Engine, SHED_CODE};
 use crate::io::outbox::write_some;
+use crate::io::stream::ServerStream;
 use crate::io::sys::is_resource_error;
 use crate::io::timer::{deadline_after, poll_timeout};
+use crate::io::transport::Transport;
 use crate::proto::frame::{write_frame, OpCode};
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Event, Message, Reject, Request, State, Timeout};
@@ -473,6 +475,12 @@ impl Server {
         self.local_addr
     }
 
+    /// Whether the server speaks TLS ([`ServerConfig::tls`]).
+    #[cfg(feature = "tls")]
+    pub fn is_tls(&self) -> bool {
+        self.cfg.tls.is_some()
+    }
+
     /// A handle for other threads.
     pub fn handle(&self) -> Handle {
         self.stop.0.clone()
@@ -604,6 +612,9 @@ fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
     } else {
         None
     };
+    // Dropped after the engine: the connections' TLS sessions live as long as the loop.
+    #[cfg(feature = "tls")]
+    let _tls = cfg.tls.is_some().then(crate::io::tls::ServingTls::start);
     let budget = Arc::clone(&handle.group.budget);
     let mut eng: ServerEngine<H::State> =
         Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom, budget);
@@ -686,7 +697,7 @@ fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
             if eng
                 .slots
                 .iter()
-                .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none())
+                .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none() && !s.stream.wants_write())
             {
                 if lp == 0 {
                     log::info!("shutdown complete");
@@ -720,6 +731,19 @@ struct StopGuard(Handle, Option<usize>);
 impl StopGuard {
     fn one(handle: &Handle, lp: usize) -> StopGuard {
         StopGuard(handle.clone(), Some(lp))
+    }
+}
+/// The stream for an accepted socket: TLS when the server has a TLS configuration.
+fn server_stream(tcp: TcpStream, cfg: &ServerConfig) -> io::Result<ServerStream> {
+    #[cfg(feature = "tls")]
+    return match &cfg.tls {
+        Some(t) => ServerStream::tls(tcp, &t.config),
+        None => Ok(ServerStream::plain(tcp)),
+    };
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = cfg;
+        Ok(tcp)
     }
 }
 
@@ -940,8 +964,10 @@ impl<H: Handler> Srv<H> {
             if slots >= self.cfg.max_connections + (config::FD_RESERVE as usize / 2) {
                 // No room even to linger: write the answer if the kernel takes it, then drop.
                 self.group().slots.fetch_sub(1, Ordering::Relaxed);
-                let mut s = stream;
-                let _ = write_some(&mut s, &refusal);
+                if !self.tls() {
+                    let mut s = stream;
+                    let _ = write_some(&mut s, &refusal);
+                }
                 return;
             }
         }
@@ -961,6 +987,18 @@ impl<H: Handler> Srv<H> {
             opened: false,
             counted: data_counted,
             state: H::State::default(),
+        };
+        let stream = match server_stream(stream, &self.cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                peer_log(log::Level::Warn, addr, format_args!(": {e}"));
+                peer.release(&mut self.shared.peers);
+                self.group().slots.fetch_sub(1, Ordering::Relaxed);
+                if data_counted {
+                    self.uncount(addr.ip());
+                }
+                return;
+            }
         };
         match eng.insert(stream, conn, data) {
             Ok(key) if over => {
@@ -1023,6 +1061,14 @@ impl<H: Handler> Srv<H> {
         self.group().open.fetch_add(1, Ordering::Relaxed);
         peer_log(log::Level::Info, addr, format_args!(" connected"));
         self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
+    }
+
+    /// Whether connections speak TLS.
+    fn tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.cfg.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
@@ -1127,7 +1173,7 @@ impl<H: Handler> Srv<H> {
     }
 }
 
-impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
+impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
     fn on_event(&mut self, eng: &mut ServerEngine<H::State>, key: usize, ev: Event<'_>) {
         match ev {
             Event::Request(req) => self.on_request(eng, key, *req),

@@ -355,3 +355,37 @@ pub fn target_dir() -> PathBuf {
         _ => root.join("target"),
     }
 }
+
+/// Debian's nginx binary.
+#[allow(dead_code)]
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+/// Starts nginx with the prefix `dir` and the configuration `conf`, its stderr collected.
+#[allow(dead_code)]
+pub fn spawn_nginx(dir: &std::path::Path, conf: &std::path::Path) -> (std::process::Child, Arc<Mutex<String>>) {
+    let mut child = Command::new(NGINX)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(conf)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {NGINX}: {e}"));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
+    (child, stderr)
+}
+
+/// The lines every interop script prints when all its checks passed.
+#[allow(dead_code)]
+pub const INTEROP_CHECKS: [&str; 5] = [
+    "ok text",
+    "ok binary",
+    "ok 1 MiB in 16 fragments",
+    "ok ping",
+    "ok close 1000",
+];
