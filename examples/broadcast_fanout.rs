@@ -11,6 +11,7 @@
 //! ```text
 //! cargo build --release
 //! cargo run --release --example broadcast_fanout -- --peers 10000 --sizes 16,4096,65536 --rounds 3
+//! cargo run --release --example broadcast_fanout -- --peers 10000 --threads 2   # two loops
 //! ```
 //!
 //! On loopback the kernel's socket buffers usually take a whole frame at once, so the server
@@ -53,6 +54,8 @@ struct Options {
     /// TCP_MAXSEG and SO_RCVBUF for the peers' sockets (0: the system's defaults).
     mss: u32,
     rcvbuf: usize,
+    /// The server's `--threads` (its loops; a broadcast is handed from one to the others).
+    threads: usize,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -64,6 +67,7 @@ fn parse_args() -> Result<Options, String> {
         server: default_server_path(),
         mss: 0,
         rcvbuf: 0,
+        threads: 1,
     };
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
@@ -79,10 +83,11 @@ fn parse_args() -> Result<Options, String> {
             Long("server") => o.server = PathBuf::from(val(&mut p)?),
             Long("mss") => o.mss = val(&mut p)?.parse().map_err(|e| format!("--mss: {e}"))?,
             Long("rcvbuf") => o.rcvbuf = val(&mut p)?.parse().map_err(|e| format!("--rcvbuf: {e}"))?,
+            Long("threads") => o.threads = val(&mut p)?.parse().map_err(|e| format!("--threads: {e}"))?,
             Long("help") | Short('h') => {
                 println!(
                     "broadcast_fanout [--peers N] [--sizes 16,4096,65536] [--rounds 3] [--server PATH] \
-                     [--mss BYTES] [--rcvbuf BYTES]"
+                     [--mss BYTES] [--rcvbuf BYTES] [--threads N]"
                 );
                 std::process::exit(0);
             }
@@ -158,7 +163,7 @@ fn watch_stderr(stderr: std::process::ChildStderr, watch: Arc<QueuedWatch>) {
     });
 }
 
-fn start_server(path: &PathBuf, watch: &Arc<QueuedWatch>) -> Result<(ServerChild, SocketAddr), String> {
+fn start_server(path: &PathBuf, threads: usize, watch: &Arc<QueuedWatch>) -> Result<(ServerChild, SocketAddr), String> {
     if !path.is_file() {
         return Err(format!(
             "{} not found: run `cargo build --release` first",
@@ -179,6 +184,8 @@ fn start_server(path: &PathBuf, watch: &Arc<QueuedWatch>) -> Result<(ServerChild
             "warn",
             "--stats",
             "10ms",
+            "--threads",
+            &threads.to_string(),
             "--listen",
         ])
         .arg(addr.to_string())
@@ -459,7 +466,7 @@ fn broadcast_round(
 
 fn run(o: &Options) -> Result<(), String> {
     let watch = Arc::new(QueuedWatch::default());
-    let (server, addr) = start_server(&o.server, &watch)?;
+    let (server, addr) = start_server(&o.server, o.threads, &watch)?;
     let pid = server.0.id();
     let (rss_idle, _) = memory_kib(pid).ok_or("cannot read the server's /proc status")?;
     println!(

@@ -183,6 +183,55 @@ fn a_bench_above_the_descriptor_limit_forks_helpers_and_sums_them() {
     assert!(lo > 100 && hi < 600 && lo <= hi, "{j}");
 }
 
+/// SIGTERM to a bench split over processes reaches every part once: they all end the measured
+/// phase early, close their connections and report, and the merged report says so.
+#[test]
+fn sigterm_to_a_split_bench_cuts_every_part_short() {
+    let server = common::spawn_server(&[]);
+    let url = format!("ws://{}/", server.addr);
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_wsloop"))
+        .args(["bench", &url, "--connections", "500", "--every", "100ms"])
+        .args(["--duration", "60s", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wsloop bench under ulimit");
+    let (stderr, measuring) =
+        common::wait_for_line(child.stderr.take().unwrap(), std::time::Duration::from_secs(20), |l| {
+            l.contains("measure").then(|| l.to_string())
+        });
+    let text = || stderr.lock().unwrap().clone();
+    // One live line for all the parts: their sums.
+    let live = measuring.unwrap_or_else(|e| panic!("{e}: {}", text()));
+    assert!(
+        live.contains("connected 500/500") && live.contains("(3 processes)"),
+        "{live}"
+    );
+    let asked = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(20),
+        "the parts did not stop: {}",
+        text()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", text());
+    let j: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(j["bench_processes"], 3, "{j}");
+    assert_eq!(j["interrupted"], true, "{j}");
+    assert_eq!(j["held"], 500, "{j}");
+    assert_eq!(j["close_timeouts"], 0, "{j}");
+    assert!(j["received"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(j["received"], j["sent"], "{j}");
+}
+
 #[test]
 fn a_refused_server_counts_as_connect_failures() {
     // Nothing listens on port 9 of 127.0.0.1 (discard, not running here).

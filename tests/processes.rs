@@ -147,9 +147,14 @@ fn a_busy_port_and_bad_counts_give_one_line_errors() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().to_string();
     let bin = env!("CARGO_BIN_EXE_wsloop");
-    for (args, expect) in [
-        (vec!["serve", "--listen", &port, "--processes", "2"], "cannot listen on"),
-        (vec!["serve", "--processes", "0"], "invalid --processes"),
+    // A busy port is a failure (status 1), bad counts are bad usage (status 2).
+    for (args, status, expect) in [
+        (
+            vec!["serve", "--listen", &port, "--processes", "2"],
+            1,
+            "cannot listen on",
+        ),
+        (vec!["serve", "--processes", "0"], 2, "invalid --processes"),
         (
             vec![
                 "serve",
@@ -160,13 +165,70 @@ fn a_busy_port_and_bad_counts_give_one_line_errors() {
                 "--max-connections",
                 "100000000",
             ],
+            2,
             "processes are too few",
         ),
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(expect), "{args:?}: {err}");
     }
+}
+
+/// Loop `t` of worker `n`: its open connections in its last stats line.
+fn loop_open(stderr: &str, n: usize, t: usize) -> Option<u64> {
+    let pat = format!("stats w{n} t{t} open=");
+    let at = stderr.rfind(&pat)? + pat.len();
+    stderr[at..].split(' ').next()?.parse().ok()
+}
+
+/// Whether the text message has arrived (waiting 50 ms at most).
+fn received(ws: &mut Ws, text: &str) -> bool {
+    ws.get_mut()
+        .0
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    matches!(ws.read(), Ok(TMessage::Text(t)) if t.as_str() == text)
+}
+
+#[test]
+fn workers_run_their_threads_and_a_broadcast_reaches_every_loop_of_its_process_only() {
+    let server = common::spawn_server(&[
+        "--processes",
+        "2",
+        "--threads",
+        "2",
+        "--mode",
+        "broadcast",
+        "--stats",
+        "100ms",
+    ]);
+    let mut peers: Vec<Ws> = (0..48).map(|_| ws_connect(server.addr)).collect();
+    // Four listeners on the port, two per worker; each gets some of the 48 (all 48 missing
+    // one of them: odds of 4 x (3/4)^48, under 1 in 20,000).
+    let mut open = [[0u64; 2]; 2];
+    wait_until("every loop of both workers reports its share of 48", &server, |e| {
+        for (w, row) in open.iter_mut().enumerate() {
+            for (t, n) in row.iter_mut().enumerate() {
+                *n = loop_open(e, w + 1, t).unwrap_or(0);
+            }
+        }
+        open.iter().flatten().sum::<u64>() == 48 && open.iter().flatten().all(|&n| n > 0)
+    });
+    // One peer's message reaches every peer of its own worker, on both of its loops (the
+    // sender included), and no peer of the other worker.
+    assert!(peers[0].send(TMessage::text("to my process")).is_ok());
+    std::thread::sleep(Duration::from_millis(500));
+    let got = peers
+        .iter_mut()
+        .map(|ws| received(ws, "to my process"))
+        .filter(|&r| r)
+        .count() as u64;
+    let per_worker = [open[0][0] + open[0][1], open[1][0] + open[1][1]];
+    assert!(
+        per_worker.contains(&got),
+        "{got} peers got it; per worker {per_worker:?}, per loop {open:?}"
+    );
 }

@@ -2,9 +2,10 @@
 //! load, checks the echoes, closes.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mio::net::TcpStream;
+use crate::io::stream::ClientStream;
 use mio::{Events, Poll};
 
 use super::histogram::Histogram;
@@ -42,7 +43,7 @@ struct BenchConn {
     expect_seq: u64,
 }
 
-type BenchEngine = Engine<TcpStream, BenchConn, OsSeeded>;
+type BenchEngine = Engine<ClientStream, BenchConn, OsSeeded>;
 
 // Driver timer ids: a kind in bits 60 and 61 (the engine keeps the top bits for itself).
 const PROGRESS_TIMER: u64 = 1 << 60;
@@ -101,9 +102,14 @@ struct Bench<'a> {
     /// The close phase ran out of time.
     close_expired: bool,
     last_progress: (u64, u64),
+    /// Whom to trust, for a `wss://` target.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
     server: Option<ServerUsage>,
     server_cpu_start: Option<Duration>,
     kernel: Option<KernelUsage>,
+    /// [`BenchConfig::stop`] was set.
+    interrupted: bool,
 }
 
 /// The server's processes: the one given and its children (the workers of a server with
@@ -134,6 +140,14 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         close_timeout: cfg.close_timeout,
         ..proto::Config::default()
     };
+    #[cfg(feature = "tls")]
+    let tls = match (&cfg.tls, cfg.target.tls) {
+        (_, false) => None,
+        (Some(t), true) => Some(t.clone()),
+        (None, true) => {
+            Some(crate::tls::ClientTls::system_roots().map_err(|e| BenchError::InvalidConfig(e.to_string()))?)
+        }
+    };
     let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?, Budget::unlimited());
     let mut template = vec![0u8; cfg.size];
     for (i, b) in template.iter_mut().enumerate().skip(MESSAGE_HEADER) {
@@ -161,6 +175,8 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         held: 0,
         close_expired: false,
         last_progress: (0, 0),
+        #[cfg(feature = "tls")]
+        tls,
         server: cfg.server_pid.map(|pid| ServerUsage {
             pid,
             rss_before: server_rss(pid),
@@ -168,6 +184,7 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         }),
         server_cpu_start: None,
         kernel: read_kernel(),
+        interrupted: false,
     };
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; 256 << 10];
@@ -178,6 +195,10 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
     b.open_more(&mut eng);
     b.advance(&mut eng);
     while !(b.phase == Phase::Close && (eng.slots.is_empty() || b.close_expired)) {
+        // A signal interrupts the poll below, so the loop comes back here at once.
+        if !b.interrupted && cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            b.interrupt(&mut eng);
+        }
         let now = eng.tick();
         match eng.poll.poll(&mut events, poll_timeout(now, eng.next_deadline())) {
             Ok(()) => {}
@@ -231,6 +252,7 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         cores: online_cpus(),
         processes: 1,
         hist: Box::new(b.hist),
+        interrupted: b.interrupted,
     })
 }
 
@@ -300,6 +322,20 @@ impl Bench<'_> {
                 return;
             }
         };
+        #[cfg(feature = "tls")]
+        let stream = match &self.tls {
+            Some(tls) => match tls.session(&self.cfg.target.server_name) {
+                Ok(session) => ClientStream::Tls(crate::io::tls::TlsStream::new(stream, session)),
+                Err(e) => {
+                    self.c.connect_failures += 1;
+                    self.note_error(|| format!("TLS: {e}"));
+                    return;
+                }
+            },
+            None => ClientStream::Plain(stream),
+        };
+        #[cfg(not(feature = "tls"))]
+        let stream = ClientStream::Plain(stream);
         let mut first = Vec::new();
         let conn = Connection::client(&self.request, eng.now, &mut eng.rng, &mut first);
         let data = BenchConn {
@@ -363,6 +399,7 @@ impl Bench<'_> {
             failed: self.c.connect_failures + self.c.handshake_failures,
             msgs_per_sec: rate,
             p99: self.hist.quantile(0.99).map(Duration::from_nanos),
+            processes: 1,
         });
     }
 
@@ -403,6 +440,21 @@ impl Bench<'_> {
             .filter(|(_, s)| s.data.stage == Stage::Open && !s.is_dead())
             .map(|(k, _)| k)
             .collect()
+    }
+
+    /// Cuts the run short: stops opening connections and ends the measured phase now.
+    fn interrupt(&mut self, eng: &mut BenchEngine) {
+        self.interrupted = true;
+        match self.phase {
+            Phase::Connect => {
+                self.started = self.cfg.connections;
+                self.connect_time = Duration::from_millis(eng.now - self.connect_start);
+                self.measure_start = eng.now;
+                self.begin_drain(eng);
+            }
+            Phase::Measure => self.begin_drain(eng),
+            Phase::Drain | Phase::Close => {}
+        }
     }
 
     fn begin_measure(&mut self, eng: &mut BenchEngine) {
@@ -493,7 +545,7 @@ impl Bench<'_> {
     }
 }
 
-impl Driver<TcpStream, BenchConn, OsSeeded> for Bench<'_> {
+impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
     fn on_connected(&mut self, eng: &mut BenchEngine, key: usize) {
         eng.slots[key].data.stage = Stage::Handshaking;
     }
@@ -644,16 +696,28 @@ mod tests {
         assert!(expect <= sent);
     }
 
+    /// The crate's own echo server on a thread: its URL, its handle and the thread.
+    #[cfg(feature = "server")]
+    fn echo_server() -> (
+        super::super::Target,
+        crate::server::Handle,
+        std::thread::JoinHandle<io::Result<()>>,
+    ) {
+        let server = crate::server::Server::bind("127.0.0.1:0", crate::server::ServerConfig::default()).unwrap();
+        let target = super::super::Target::parse(&format!("ws://{}/", server.local_addr())).unwrap();
+        let handle = server.handle();
+        (
+            target,
+            handle,
+            std::thread::spawn(move || server.run(crate::server::Echo)),
+        )
+    }
+
     /// The whole loop against the crate's own echo server: every load, every echo checked.
     #[cfg(feature = "server")]
     #[test]
     fn runs_clean_against_the_echo_server() {
-        use super::super::Target;
-        let server = crate::server::Server::bind("127.0.0.1:0", crate::server::ServerConfig::default()).unwrap();
-        let addr = server.local_addr();
-        let handle = server.handle();
-        let thread = std::thread::spawn(move || server.run(crate::server::Echo));
-        let target = Target::parse(&format!("ws://{addr}/")).unwrap();
+        let (target, handle, thread) = echo_server();
         for (load, size) in [
             (Load::Saturate(4), 16),
             (Load::Saturate(1), 100_000),
@@ -690,11 +754,8 @@ mod tests {
     #[test]
     fn one_message_per_connection_and_reports_merge() {
         use super::super::Target;
-        let server = crate::server::Server::bind("127.0.0.1:0", crate::server::ServerConfig::default()).unwrap();
-        let addr = server.local_addr();
-        let handle = server.handle();
-        let thread = std::thread::spawn(move || server.run(crate::server::Echo));
-        let mut cfg = BenchConfig::new(Target::parse(&format!("ws://{addr}/")).unwrap());
+        let (target, handle, thread) = echo_server();
+        let mut cfg = BenchConfig::new(target);
         cfg.connections = 30;
         cfg.load = Load::Periodic(Duration::from_millis(300));
         cfg.duration = Duration::from_millis(300);
@@ -728,6 +789,12 @@ mod tests {
         assert_eq!(m.connect_time, a.connect_time.max(b.connect_time));
         assert!(m.is_clean());
         assert!(Report::merge(&[]).is_none());
+        // A part cut short makes the whole run so.
+        let mut cut = a.clone();
+        cut.interrupted = true;
+        assert_eq!(Report::decode(&cut.encode()).unwrap().to_json(), cut.to_json());
+        assert!(Report::merge(&[b.clone(), cut]).unwrap().interrupted);
+        assert!(!m.interrupted);
         handle.shutdown().unwrap();
         thread.join().unwrap().unwrap();
     }

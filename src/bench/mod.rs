@@ -18,6 +18,8 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod driver;
@@ -149,6 +151,10 @@ pub struct Target {
     pub host: String,
     /// The request target, e.g. `/` or `/echo?x=1`.
     pub path: String,
+    /// A `wss://` URL: connections speak TLS.
+    pub tls: bool,
+    /// The host name or address alone (the TLS server name).
+    pub server_name: String,
 }
 
 impl Target {
@@ -174,12 +180,14 @@ impl Target {
             addr,
             host: u.host_header(),
             path: u.resource,
+            tls: u.tls,
+            server_name: u.host,
         })
     }
 
     /// The target as a URL.
     pub fn url(&self) -> String {
-        format!("ws://{}{}", self.host, self.path)
+        format!("{}://{}{}", if self.tls { "wss" } else { "ws" }, self.host, self.path)
     }
 }
 
@@ -258,6 +266,13 @@ pub struct BenchConfig {
     pub drain_timeout: Duration,
     /// How long the close handshakes may take (default 5 s).
     pub close_timeout: Duration,
+    /// Set it (from a signal handler, say) to cut the run short: no more connections are
+    /// opened, the measured phase ends, the echoes in flight are awaited, every connection
+    /// closes, and the report says it was interrupted.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Whom to trust on a `wss://` target (default none: the system's CA bundle).
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl BenchConfig {
@@ -276,7 +291,25 @@ impl BenchConfig {
             max_pending: 128,
             drain_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
+            stop: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Whether the source addresses' local port ranges hold the connections.
+    fn check_ports(&self) -> Result<(), BenchError> {
+        let (lo, hi) = local_port_range();
+        let ports = u64::from(hi.saturating_sub(lo)) + 1;
+        let sources = self.source_ips.len().max(1);
+        if self.connections as u64 > ports * sources as u64 {
+            return Err(BenchError::TooFewPorts {
+                connections: self.connections,
+                sources,
+                ports,
+            });
+        }
+        Ok(())
     }
 
     /// Checks the settings and that the connections can fit in this process and in the source
@@ -321,16 +354,7 @@ impl BenchConfig {
                 self.target.addr
             ));
         }
-        let (lo, hi) = local_port_range();
-        let ports = u64::from(hi.saturating_sub(lo)) + 1;
-        let sources = self.source_ips.len().max(1);
-        if self.connections as u64 > ports * sources as u64 {
-            return Err(BenchError::TooFewPorts {
-                connections: self.connections,
-                sources,
-                ports,
-            });
-        }
+        self.check_ports()?;
         check_fd_limit(self.connections).map(|_| ())
     }
 }
@@ -364,8 +388,8 @@ fn local_port_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
-/// The phase a run is in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The phase a run is in, in their order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     /// Opening connections.
     Connect,
@@ -395,6 +419,69 @@ pub struct Progress {
     pub msgs_per_sec: f64,
     /// The 99th percentile round trip so far.
     pub p99: Option<Duration>,
+    /// Load generator processes these figures sum (1 for one run; see [`split`]).
+    pub processes: usize,
+}
+
+impl Progress {
+    /// The figures of the parts of one split run as one: counts and rates summed, the phase
+    /// the furthest behind, the highest p99 and the longest time. `None` for no parts.
+    pub fn merge(parts: &[Progress]) -> Option<Progress> {
+        let (first, rest) = parts.split_first()?;
+        let mut m = *first;
+        for p in rest {
+            m.elapsed = m.elapsed.max(p.elapsed);
+            m.phase = m.phase.min(p.phase);
+            m.open += p.open;
+            m.target += p.target;
+            m.failed += p.failed;
+            m.msgs_per_sec += p.msgs_per_sec;
+            m.p99 = m.p99.max(p.p99);
+            m.processes += p.processes;
+        }
+        Some(m)
+    }
+
+    /// The snapshot as one line of text, to pass it from one process of a run to another;
+    /// [`decode`](Self::decode) reads it back. The form may change between versions.
+    pub fn encode(&self) -> String {
+        format!(
+            "{} {} {} {} {} {} {} {}",
+            self.elapsed.as_millis() as u64,
+            self.phase as u8,
+            self.open,
+            self.target,
+            self.failed,
+            self.msgs_per_sec.to_bits(),
+            self.p99.map_or(u64::MAX, |d| d.as_nanos() as u64),
+            self.processes
+        )
+    }
+
+    /// Reads a snapshot written by [`encode`](Self::encode); `None` if the text is not one.
+    pub fn decode(line: &str) -> Option<Progress> {
+        let mut n = [0u64; 8];
+        let mut words = line.split(' ');
+        for v in n.iter_mut() {
+            *v = words.next()?.parse().ok()?;
+        }
+        let [elapsed, phase, open, target, failed, rate, p99, processes] = n;
+        if words.next().is_some() {
+            return None;
+        }
+        Some(Progress {
+            elapsed: Duration::from_millis(elapsed),
+            phase: [Phase::Connect, Phase::Measure, Phase::Drain, Phase::Close]
+                .into_iter()
+                .nth(phase as usize)?,
+            open: usize::try_from(open).ok()?,
+            target: usize::try_from(target).ok()?,
+            failed,
+            msgs_per_sec: f64::from_bits(rate),
+            p99: (p99 != u64::MAX).then(|| Duration::from_nanos(p99)),
+            processes: usize::try_from(processes).ok()?,
+        })
+    }
 }
 
 /// Runs a benchmark to the end and reports. `progress` is called once a second.
@@ -456,16 +543,7 @@ fn split_by(cfg: &BenchConfig, per_process: usize) -> Result<Vec<BenchConfig>, B
         cfg.check()?;
         return Ok(vec![cfg.clone()]);
     }
-    let (lo, hi) = local_port_range();
-    let ports = u64::from(hi.saturating_sub(lo)) + 1;
-    let sources = cfg.source_ips.len().max(1);
-    if cfg.connections as u64 > ports * sources as u64 {
-        return Err(BenchError::TooFewPorts {
-            connections: cfg.connections,
-            sources,
-            ports,
-        });
-    }
+    cfg.check_ports()?;
     let n = cfg.connections;
     let parts = n.div_ceil(per_process.max(1));
     let mut out = Vec::with_capacity(parts);
@@ -546,7 +624,14 @@ mod tests {
         assert_eq!(Target::parse("127.0.0.1:80").unwrap().path, "/");
         assert_eq!(Target::parse("ws://[::1]:9/").unwrap().addr, "[::1]:9".parse().unwrap());
         assert_eq!(Target::parse("ws://127.0.0.1").unwrap().addr.port(), 80);
-        assert!(Target::parse("wss://127.0.0.1/").is_err());
+        let wss = Target::parse("wss://localhost/x");
+        if cfg!(feature = "tls") {
+            let t = wss.unwrap();
+            assert_eq!((t.addr.port(), t.tls, t.server_name.as_str()), (443, true, "localhost"));
+            assert_eq!(t.url(), "wss://localhost/x");
+        } else {
+            assert!(wss.is_err());
+        }
         assert!(Target::parse("http://127.0.0.1/").is_err());
         let ips = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
         assert_eq!(ips.len(), 59);
@@ -555,6 +640,41 @@ mod tests {
         assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
         assert!(parse_source_ips("nope").is_err());
+    }
+
+    #[test]
+    fn progress_crosses_processes_and_sums() {
+        let a = Progress {
+            elapsed: Duration::from_millis(2_500),
+            phase: Phase::Measure,
+            open: 10,
+            target: 12,
+            failed: 2,
+            msgs_per_sec: 100.5,
+            p99: Some(Duration::from_micros(900)),
+            processes: 1,
+        };
+        let b = Progress {
+            elapsed: Duration::from_millis(2_000),
+            phase: Phase::Connect,
+            open: 5,
+            target: 8,
+            failed: 0,
+            msgs_per_sec: 0.0,
+            p99: None,
+            processes: 1,
+        };
+        for p in [a, b] {
+            let back = Progress::decode(&p.encode()).expect("decodes");
+            assert_eq!(format!("{back:?}"), format!("{p:?}"));
+        }
+        assert!(Progress::decode("1 9 0 0 0 0 0 1").is_none(), "no phase 9");
+        assert!(Progress::decode(&format!("{} 1", a.encode())).is_none());
+        let m = Progress::merge(&[a, b]).unwrap();
+        assert_eq!((m.open, m.target, m.failed, m.processes), (15, 20, 2, 2));
+        assert_eq!((m.phase, m.elapsed, m.p99), (Phase::Connect, a.elapsed, a.p99));
+        assert_eq!(m.msgs_per_sec, 100.5);
+        assert!(Progress::merge(&[]).is_none());
     }
 
     #[test]

@@ -3,13 +3,15 @@
 //! Every part writes short lines (`INDEX KIND ...`) to one channel shared by all: its progress
 //! once a second, `b` when it waits before a phase, `d` when done, `e` if it cannot start. The
 //! parent answers a full round of `b` with one byte on each part's own line, and reads each
-//! report from that line at the end.
+//! report from that line at the end. A signal to the parent is passed on to every part once
+//! (each then cuts its run short, as one process would).
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::SIGKILL;
+use signal_hook::consts::{SIGKILL, SIGTERM};
 use wsloop::bench::{self, BenchConfig, Observer, Phase, Progress, Report};
 
 use super::procs;
@@ -37,15 +39,7 @@ impl Part {
 
 impl Observer for Part {
     fn progress(&mut self, p: &Progress) {
-        let phase = match p.phase {
-            Phase::Connect => 0,
-            Phase::Measure => 1,
-            Phase::Drain => 2,
-            Phase::Close => 3,
-        };
-        let p99 = p.p99.map_or(0, |d| d.as_nanos() as u64);
-        let rate = p.msgs_per_sec as u64;
-        self.send(format_args!("p {} {} {phase} {rate} {p99}", p.open, p.failed));
+        self.send(format_args!("p {}", p.encode()));
     }
 
     fn before(&mut self, _phase: Phase) {
@@ -56,34 +50,7 @@ impl Observer for Part {
     }
 }
 
-/// The figures of the live line, summed over the parts (the p99 is the highest of theirs).
-pub struct Totals {
-    pub elapsed: Duration,
-    pub phase: Phase,
-    pub open: usize,
-    pub target: usize,
-    pub failed: u64,
-    pub msgs_per_sec: f64,
-    pub p99: Option<Duration>,
-    pub processes: usize,
-}
-
-impl From<&Progress> for Totals {
-    fn from(p: &Progress) -> Totals {
-        Totals {
-            elapsed: p.elapsed,
-            phase: p.phase,
-            open: p.open,
-            target: p.target,
-            failed: p.failed,
-            msgs_per_sec: p.msgs_per_sec,
-            p99: p.p99,
-            processes: 1,
-        }
-    }
-}
-
-pub type Line<'a> = &'a mut dyn FnMut(&Totals);
+pub type Line<'a> = &'a mut dyn FnMut(&Progress);
 
 /// Runs the parts at once, one forked process each, keeps their phases in step and merges
 /// their reports. `line` is called once a second with the sums (and the highest p99).
@@ -99,6 +66,9 @@ pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, String> {
             None => {
                 // Only the parent keeps the other parts' lines and the channel's read end.
                 drop((links, link, shared));
+                // Out of the terminal's process group: Ctrl-C reaches the parent alone, which
+                // passes it on once (a second signal would end a part at once).
+                procs::leave_process_group();
                 procs::die_with_parent(me, SIGKILL);
                 let mut p = Part {
                     index,
@@ -151,14 +121,23 @@ fn follow(
     line: Line<'_>,
 ) -> Result<(), String> {
     let n = parts.len();
-    // Per part: open, failed, phase, echoes per second, p99 in ns.
-    let mut seen = vec![[0u64; 5]; n];
-    let (mut waiting, mut done) = (0, 0);
+    // Each part's latest snapshot.
+    let mut seen: Vec<Option<Progress>> = vec![None; n];
+    // Parts waiting before a phase.
+    let mut waits = vec![false; n];
+    let (mut done, mut stopping) = (0, false);
+    let stop = parts.first().and_then(|p| p.stop.as_ref());
     let mut pending = Vec::new();
     let start = Instant::now();
     let mut next_line = start + Duration::from_secs(1);
     let mut chunk = [0u8; 4096];
     while done < n {
+        if !stopping && stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            stopping = true;
+            for &pid in pids {
+                procs::kill(pid, SIGTERM);
+            }
+        }
         let now = Instant::now();
         if now >= next_line {
             next_line += Duration::from_secs(1);
@@ -172,27 +151,14 @@ fn follow(
                     ));
                 }
             }
-            let sum = |k: usize| seen.iter().map(|s| s[k]).sum::<u64>();
-            line(&Totals {
-                elapsed: start.elapsed(),
-                phase: match seen.iter().map(|s| s[2]).min() {
-                    Some(0) => Phase::Connect,
-                    Some(1) => Phase::Measure,
-                    Some(2) => Phase::Drain,
-                    _ => Phase::Close,
-                },
-                open: sum(0) as usize,
-                target: parts.iter().map(|p| p.connections).sum(),
-                failed: sum(1),
-                msgs_per_sec: sum(3) as f64,
-                p99: seen
-                    .iter()
-                    .map(|s| s[4])
-                    .max()
-                    .filter(|&v| v > 0)
-                    .map(Duration::from_nanos),
-                processes: n,
-            });
+            let reported: Vec<Progress> = seen.iter().flatten().copied().collect();
+            if let Some(mut sum) = Progress::merge(&reported) {
+                // Parts that have not reported yet count in the target and the processes.
+                sum.elapsed = start.elapsed();
+                sum.target = parts.iter().map(|p| p.connections).sum();
+                sum.processes = n;
+                line(&sum);
+            }
         }
         let _ = shared.set_read_timeout(Some(
             next_line.saturating_duration_since(now).max(Duration::from_millis(1)),
@@ -217,24 +183,21 @@ fn follow(
                 .filter(|&i| i < n)
                 .ok_or("bad line")?;
             match (words.next(), words.next().unwrap_or("")) {
-                (Some("p"), rest) => {
-                    for (slot, w) in seen[i].iter_mut().zip(rest.split(' ')) {
-                        *slot = w.parse().unwrap_or(0);
-                    }
-                }
-                (Some("b"), _) => {
-                    waiting += 1;
-                    if waiting == n {
-                        // Every part is ready for its next phase: let them all go.
-                        waiting = 0;
-                        for l in links.iter_mut() {
-                            l.write_all(b"g").map_err(|e| e.to_string())?;
-                        }
-                    }
-                }
+                (Some("p"), rest) => seen[i] = Some(Progress::decode(rest).ok_or("bad progress line")?),
+                (Some("b"), _) => waits[i] = true,
                 (Some("d"), _) => done += 1,
                 (Some("e"), why) => return Err(why.to_string()),
                 _ => return Err(format!("a load generator process sent '{text}'")),
+            }
+            // Every part is ready for its next phase or done (a part cut short skips the wait
+            // before measuring): let the waiting ones go.
+            let waiting = waits.iter().filter(|&&w| w).count();
+            if waiting > 0 && waiting + done == n {
+                for (l, w) in links.iter_mut().zip(waits.iter_mut()) {
+                    if std::mem::take(w) {
+                        l.write_all(b"g").map_err(|e| e.to_string())?;
+                    }
+                }
             }
         }
     }

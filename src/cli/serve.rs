@@ -5,13 +5,18 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use wsloop::server::modes::{self, Broadcast, PageKind};
-use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId};
+use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId, MAX_THREADS};
 use wsloop::Message;
 
 use super::workers::{self, Worker};
-use super::{arg_err, init_log, parse_bytes, parse_duration, value};
+use super::{
+    count, dispatch, duration_above_zero, duration_or_off, init_log, parse_bytes, size_above_zero, unexpected, value,
+    Asked, Failure, Outcome,
+};
 
-const HELP: &str = "\
+/// `wsloop serve --help`.
+pub const HELP: &str = concat!(
+    "\
 Usage: wsloop serve [OPTIONS]
 
 Options:
@@ -21,10 +26,13 @@ Options:
   --no-echo-self           broadcast mode: do not send a message back to its sender
   --announce               broadcast mode: tell everyone when a peer joins or leaves
   --no-page                answer a plain `GET /` with 426 instead of the browser page
-  --stats DUR              print a stats line on stderr every DUR [default: off]
-  --processes N            N worker processes on one port (SO_REUSEPORT), restarted when
-                           they die; broadcast, announcements, peer counts and limits stay
-                           within each process [default: serve from this one]
+  --stats DUR|off          print a stats line on stderr every DUR (one per thread)
+                           [default: off]
+  --threads N|auto         event loops, one per thread, sharing the port (SO_REUSEPORT);
+                           auto: one per core. Broadcasts reach every loop [default: 1]
+  --processes N            N worker processes on one port (SO_REUSEPORT), each with
+                           --threads loops, restarted when they die; broadcasts, peer
+                           counts and limits stay within each process [default: this one]
   --max-connections N      connections held; more get 503 [default: open-file limit - 64;
                            with --processes: in all, each worker its share and headroom]
   --max-connections-per-ip N
@@ -35,22 +43,43 @@ Options:
   --max-message BYTES      largest message; larger gets close 1009 [default: 16MiB]
   --max-backpressure BYTES outbound bytes queued per peer before reading pauses [default: 1MiB]
   --slow-consumer POLICY   close | drop: a full queue on broadcast [default: close]
-  --handshake-timeout DUR  time to send the request [default: 10s]
-  --idle-timeout DUR       close peers silent this long with 1001 [default: off]
-  --ping-interval DUR      ping peers silent this long [default: off]
-  --tcp-keepalive DUR      TCP keep-alive probes after this idle time [default: off]
+  --handshake-timeout DUR  time to send the request, above 0 [default: 10s]
+  --idle-timeout DUR|off   close peers silent this long with 1001 [default: off]
+  --ping-interval DUR|off  ping peers silent this long [default: off]
+  --tcp-keepalive DUR|off  TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
+",
+    serve_tls_help!(),
+    "\
   --log LEVEL              error | warn | info | debug | trace | off [default: info]
-";
+  -q, --quiet              only warnings and errors (--log warn)
+  -V, --version            print the version
 
-fn opt_duration(s: &str) -> Result<Option<std::time::Duration>, String> {
-    let d = parse_duration(s)?;
-    Ok(if d.is_zero() { None } else { Some(d) })
-}
+Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
+closed (at most 3s); a second one exits at once. Exit status: 0 done, 1 failed (e.g. the
+address is in use), 2 bad usage.
+"
+);
 
 /// Parses the options and runs the server until it is stopped.
-pub fn run(args: Vec<OsString>) -> Result<(), String> {
+pub fn run(args: Vec<OsString>) -> Outcome {
+    dispatch(parse(args), HELP, serve)
+}
+
+/// What the command line asks for.
+struct Parsed {
+    cfg: ServerConfig,
+    addr: std::net::SocketAddr,
+    mode: Mode,
+    stats_every: Option<Duration>,
+    /// `--processes`, and the `--max-connections` given (shared out over the workers).
+    processes: Option<usize>,
+    max_given: Option<usize>,
+}
+
+/// Parses and checks the command line.
+fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     use lexopt::prelude::*;
     let mut cfg = ServerConfig::default();
     cfg.handle_signals = true;
@@ -62,10 +91,10 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut bcast_flags = false;
     let mut serve_page = true;
     let mut stats_every = None;
-    let mut processes = None;
-    let mut max_given = None;
+    let (mut processes, mut max_given) = (None, None);
+    let (mut tls_cert, mut tls_key): (Option<OsString>, Option<OsString>) = (None, None);
     let mut p = lexopt::Parser::from_args(args);
-    while let Some(arg) = p.next().map_err(arg_err)? {
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
             Long("listen") => listen = value(&mut p)?,
             Long("mode") => mode = value(&mut p)?,
@@ -79,14 +108,11 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 bcast_flags = true;
             }
             Long("no-page") => serve_page = false,
-            Long("stats") => stats_every = opt_duration(&value(&mut p)?)?,
+            Long("stats") => stats_every = duration_or_off(&value(&mut p)?)?,
+            Long("threads") => cfg.threads = threads(&value(&mut p)?)?,
             Long("max-connections") => {
-                let v = value(&mut p)?;
-                cfg.max_connections = v
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(format!("invalid --max-connections '{v}'"))?;
+                let n = count("--max-connections", &value(&mut p)?)?;
+                cfg.max_connections = usize::try_from(n).unwrap_or(usize::MAX);
                 max_given = Some(cfg.max_connections);
             }
             Long("processes") => {
@@ -99,17 +125,17 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 );
             }
             Long("max-connections-per-ip") => {
-                let v = value(&mut p)?;
-                cfg.max_connections_per_ip = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or(format!("invalid --max-connections-per-ip '{v}' (a number above 0)"))?,
-                );
+                let n = count("--max-connections-per-ip", &value(&mut p)?)?;
+                cfg.max_connections_per_ip = Some(u32::try_from(n).unwrap_or(u32::MAX));
             }
-            Long("max-memory") => cfg.max_memory = parse_bytes(&value(&mut p)?)?,
-            Long("max-message") => cfg.max_message = parse_bytes(&value(&mut p)?)?,
-            Long("max-backpressure") => cfg.max_backpressure = parse_bytes(&value(&mut p)?)?,
+            Long("max-memory") => {
+                cfg.max_memory = parse_bytes(&value(&mut p)?)?;
+                if cfg.max_memory < 1 << 20 {
+                    return Err("--max-memory must be at least 1MiB".to_string());
+                }
+            }
+            Long("max-message") => cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
+            Long("max-backpressure") => cfg.max_backpressure = size_above_zero("--max-backpressure", &value(&mut p)?)?,
             Long("slow-consumer") => {
                 cfg.slow_consumer = match value(&mut p)?.as_str() {
                     "close" => SlowConsumer::Close,
@@ -117,18 +143,21 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                     v => return Err(format!("invalid --slow-consumer '{v}' (close or drop)")),
                 }
             }
-            Long("handshake-timeout") => cfg.handshake_timeout = parse_duration(&value(&mut p)?)?,
-            Long("idle-timeout") => cfg.idle_timeout = opt_duration(&value(&mut p)?)?,
-            Long("ping-interval") => cfg.ping_interval = opt_duration(&value(&mut p)?)?,
-            Long("tcp-keepalive") => cfg.tcp_keepalive = opt_duration(&value(&mut p)?)?,
+            Long("handshake-timeout") => {
+                cfg.handshake_timeout = duration_above_zero("--handshake-timeout", &value(&mut p)?)?
+            }
+            Long("idle-timeout") => cfg.idle_timeout = duration_or_off(&value(&mut p)?)?,
+            Long("ping-interval") => cfg.ping_interval = duration_or_off(&value(&mut p)?)?,
+            Long("tcp-keepalive") => cfg.tcp_keepalive = duration_or_off(&value(&mut p)?)?,
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
-            Short('h') | Long("help") => {
-                print!("{HELP}");
-                return Ok(());
-            }
-            _ => return Err(super::unexpected(arg, "serve")),
+            Short('q') | Long("quiet") => log_level = "warn".to_string(),
+            Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),
+            Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value().map_err(|e| e.to_string())?),
+            Short('h') | Long("help") => return Ok(Asked::Help),
+            Short('V') | Long("version") => return Ok(Asked::Version),
+            _ => return Err(unexpected(arg, "serve")),
         }
     }
     let kind = match mode.as_str() {
@@ -143,47 +172,117 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     if serve_page {
         cfg.page = Some(modes::page(kind).into());
     }
+    match (tls_cert, tls_key) {
+        (None, None) => {}
+        #[cfg(feature = "tls")]
+        (Some(cert), Some(key)) => {
+            cfg.tls = Some(wsloop::tls::ServerTls::from_pem_files(cert, key).map_err(|e| e.to_string())?);
+        }
+        (Some(_), None) => return Err("--tls-cert needs --tls-key".to_string()),
+        _ => return Err("--tls-key needs --tls-cert".to_string()),
+    }
     init_log(&log_level)?;
     // An address, not a host name: a listening address is an interface's, and parsing it here
     // keeps the resolver out of the binary.
-    let mut addr: std::net::SocketAddr = listen
+    let addr: std::net::SocketAddr = listen
         .parse()
         .map_err(|_| format!("invalid --listen '{listen}' (use IP:PORT, e.g. 127.0.0.1:9001 or [::1]:9001)"))?;
-    let mut worker = None;
-    if let Some(n) = processes {
-        // Workers inherit the raised limit: each holds as many connections as it allows.
-        let _ = rlimit::increase_nofile_limit(u64::MAX);
-        cfg.max_connections = workers::per_worker(max_given, n, wsloop::server::default_max_connections())?;
-        cfg.reuse_port = true;
-        match workers::supervise(addr, n, cfg.shutdown_timeout, cfg.max_connections)? {
-            None => return Ok(()),
-            Some(w) => {
-                addr = w.addr;
-                worker = Some(w);
-            }
-        }
-    }
-    let server = Server::bind(addr, cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    if worker.is_none() {
-        log::info!("listening on {}", server.local_addr());
-    }
     let mode = match kind {
         PageKind::Echo => Mode::Echo,
         PageKind::Reply => Mode::Reply(reply),
         PageKind::Chat => Mode::Broadcast(bcast),
     };
-    let handler = Cli {
+    Ok(Asked::Run(Parsed {
+        cfg,
+        addr,
         mode,
-        every: stats_every,
-        stats_timer: None,
-        last: None,
-        tag: worker.as_ref().map_or(String::new(), |w| format!(" w{}", w.index)),
-        worker,
+        stats_every,
+        processes,
+        max_given,
+    }))
+}
+
+/// `--threads`: a count, or `auto` for one loop per core.
+fn threads(v: &str) -> Result<usize, String> {
+    if v == "auto" {
+        return Ok(wsloop::sys::cores().min(MAX_THREADS));
+    }
+    v.parse()
+        .ok()
+        .filter(|n| (1..=MAX_THREADS).contains(n))
+        .ok_or_else(|| format!("invalid --threads '{v}' (1 to {MAX_THREADS}, or auto)"))
+}
+
+fn serve(mut o: Parsed) -> Outcome {
+    let threads = o.cfg.threads;
+    let mut worker = None;
+    if let Some(n) = o.processes {
+        // Workers inherit the raised limit: each holds as many connections as it allows.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        o.cfg.max_connections =
+            workers::per_worker(o.max_given, n, wsloop::server::default_max_connections()).map_err(Failure::Usage)?;
+        o.cfg.reuse_port = true;
+        match workers::supervise(o.addr, n, o.cfg.shutdown_timeout, o.cfg.max_connections).map_err(Failure::Runtime)? {
+            None => return Ok(()),
+            Some(w) => {
+                o.addr = w.addr;
+                worker = Some(w);
+            }
+        }
+    }
+    let server = Server::bind(o.addr, o.cfg).map_err(|e| {
+        let what = format!("cannot listen on {}: {e}", o.addr);
+        // Settings the machine cannot honour are usage errors; a busy address is not.
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            Failure::Usage(what)
+        } else {
+            Failure::Runtime(what)
+        }
+    })?;
+    // With workers the parent says where they listen.
+    let tag = match &worker {
+        Some(w) => format!(" w{}", w.index),
+        None => {
+            match threads {
+                1 => log::info!("listening on {}", server.local_addr()),
+                n => log::info!("listening on {} with {n} threads", server.local_addr()),
+            }
+            String::new()
+        }
     };
-    server.run(handler).map_err(|e| format!("server failed: {e}"))
+    if tls_on(&server) {
+        log::info!("TLS: wss:// and https://");
+    }
+    server
+        .run_threads(|lp| Cli {
+            mode: o.mode.clone(),
+            every: o.stats_every,
+            stats_timer: None,
+            last: None,
+            tag: if threads > 1 {
+                format!("{tag} t{lp}")
+            } else {
+                tag.clone()
+            },
+            // Loop 0 tells the parent once it serves.
+            worker: worker.take(),
+        })
+        .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
+}
+
+/// Whether the server speaks TLS.
+fn tls_on(server: &Server) -> bool {
+    #[cfg(feature = "tls")]
+    return server.is_tls();
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = server;
+        false
+    }
 }
 
 /// What the server does with messages.
+#[derive(Clone)]
 enum Mode {
     Echo,
     Reply(String),
@@ -200,9 +299,9 @@ struct Cli {
     stats_timer: Option<TimerId>,
     /// When the previous line was printed, and the counters then.
     last: Option<(Instant, Stats)>,
-    /// ` wN` in worker N's stats lines.
+    /// ` wN` in worker N's stats lines, ` tN` in loop N's with several threads.
     tag: String,
-    /// Set in a worker until its server runs.
+    /// Set in a worker's first loop until it runs.
     worker: Option<Worker>,
 }
 

@@ -58,87 +58,80 @@ pub fn per_worker(total: Option<usize>, n: usize, room: usize) -> Result<usize, 
     ))
 }
 
-/// What the parent keeps per worker.
+/// What the parent keeps per worker; times in milliseconds since the parent started.
 struct Slot {
     pid: Option<i32>,
-    started: Instant,
+    started: u64,
     /// The wait before the next restart: doubled while the worker dies young.
-    backoff: Duration,
-    start_at: Option<Instant>,
+    backoff: u64,
+    start_at: Option<u64>,
 }
 
 /// Starts `n` workers on `addr` and supervises them. Returns `Ok(None)` in the parent once
 /// every worker has stopped after a signal, and `Ok(Some(worker))` in a worker, which then
-/// binds (with `SO_REUSEPORT`), calls [`Worker::ready`] and serves.
+/// binds (with `SO_REUSEPORT`), runs its server and calls [`Worker::serving`].
 pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize) -> Result<Option<Worker>, String> {
-    let err = |e: std::io::Error| format!("cannot listen on {addr}: {e}");
     // Held bound but not listening (so it gets no connections): finds the port for port 0,
     // reports a busy port before any worker starts, and keeps the port while workers restart.
-    let reserve = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(err)?;
-    reserve.set_reuse_address(true).map_err(err)?;
-    reserve.set_reuse_port(true).map_err(err)?;
-    reserve.bind(&addr.into()).map_err(err)?;
+    let reserve = || -> std::io::Result<_> {
+        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        Ok(s)
+    };
+    let reserve = reserve().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let addr = reserve.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
     let io = |e: std::io::Error| format!("cannot supervise workers: {e}");
     // Signals and workers write to `tx`: a signal one `X`, a worker that listens one `R`.
     let (mut rx, tx) = UnixStream::pair().map_err(io)?;
     let term = Arc::new(AtomicBool::new(false));
     let mut ids = Vec::new();
-    for sig in [SIGINT, SIGTERM] {
-        ids.push(signal_hook::flag::register(sig, Arc::clone(&term)).map_err(io)?);
-    }
-    for sig in [SIGINT, SIGTERM, SIGCHLD] {
-        ids.push(signal_hook::low_level::pipe::register(sig, tx.try_clone().map_err(io)?).map_err(io)?);
-    }
+    let mut register = || -> std::io::Result<()> {
+        for sig in [SIGINT, SIGTERM] {
+            ids.push(signal_hook::flag::register(sig, Arc::clone(&term))?);
+        }
+        for sig in [SIGINT, SIGTERM, SIGCHLD] {
+            ids.push(signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?);
+        }
+        Ok(())
+    };
+    register().map_err(io)?;
     let me = std::process::id() as i32;
-    let now = Instant::now();
+    let t0 = Instant::now();
+    let ms = || t0.elapsed().as_millis() as u64;
+    let stop_ms = stop_timeout.as_millis() as u64 + 10_000;
     let mut slots: Vec<Slot> = (0..n)
         .map(|_| Slot {
             pid: None,
-            started: now,
-            backoff: Duration::from_millis(100),
-            start_at: Some(now),
+            started: 0,
+            backoff: 100,
+            start_at: Some(0),
         })
         .collect();
     let (mut ready, mut serving, mut stop_by, mut killed) = (0, false, None, false);
     let mut failure = None;
     loop {
-        let now = Instant::now();
+        let now = ms();
         for (i, slot) in slots.iter_mut().enumerate() {
             if stop_by.is_some() || slot.start_at.is_none_or(|t| t > now) {
                 continue;
             }
             match procs::fork().map_err(io)? {
-                None => {
-                    procs::leave_process_group();
-                    procs::die_with_parent(me, SIGTERM);
-                    // The parent's signal actions are copied into the child: drop them, and let
-                    // SIGINT and SIGTERM end the worker until its server handles them.
-                    for id in ids {
-                        signal_hook::low_level::unregister(id);
-                    }
-                    let default_action = Arc::new(AtomicBool::new(true));
-                    for sig in [SIGINT, SIGTERM] {
-                        signal_hook::flag::register_conditional_default(sig, Arc::clone(&default_action))
-                            .map_err(io)?;
-                    }
-                    return Ok(Some(Worker {
-                        index: i + 1,
-                        addr,
-                        parent: tx.try_clone().map_err(io)?,
-                        default_action,
-                    }));
-                }
+                None => return become_worker(me, ids, i + 1, addr, &tx).map(Some).map_err(io),
                 Some(pid) => {
                     say(log::Level::Info, format_args!("worker {} started (pid {pid})", i + 1));
-                    slot.pid = Some(pid);
-                    slot.started = now;
-                    slot.start_at = None;
+                    *slot = Slot {
+                        pid: Some(pid),
+                        started: now,
+                        backoff: slot.backoff,
+                        start_at: None,
+                    };
                 }
             }
         }
         let wake = slots.iter().filter_map(|s| s.start_at).chain(stop_by).min();
-        let _ = rx.set_read_timeout(wake.map(|t| t.saturating_duration_since(now).max(Duration::from_millis(1))));
+        let _ = rx.set_read_timeout(wake.map(|t| Duration::from_millis(t.saturating_sub(now).max(1))));
         let mut buf = [0u8; 64];
         if let Ok(k) = rx.read(&mut buf) {
             ready += buf[..k].iter().filter(|&&b| b == b'R').count();
@@ -153,7 +146,7 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
         if term.swap(false, Ordering::SeqCst) {
             if stop_by.is_none() {
                 say(log::Level::Info, format_args!("signal received: stopping the workers"));
-                stop_by = Some(Instant::now() + stop_timeout + Duration::from_secs(10));
+                stop_by = Some(ms() + stop_ms);
             } else {
                 say(log::Level::Warn, format_args!("second signal: the workers stop now"));
             }
@@ -170,36 +163,31 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
                     say(log::Level::Warn, format_args!("worker {} (pid {pid}) {what}", i + 1));
                     failure.get_or_insert_with(|| "not every worker stopped cleanly".to_string());
                 }
-                continue;
-            }
-            if !serving {
+            } else if !serving {
                 // A worker that cannot start would not start on a retry either (its error is
                 // on stderr): stop the others and give up.
-                stop_by = Some(Instant::now() + stop_timeout + Duration::from_secs(10));
+                stop_by = Some(ms() + stop_ms);
                 failure = Some(format!("worker {} {what} before it listened", i + 1));
                 signal_all(&slots, SIGTERM);
-                continue;
+            } else {
+                let now = ms();
+                if now - slot.started >= 10_000 {
+                    slot.backoff = 100;
+                }
+                let delay = slot.backoff;
+                slot.backoff = (delay * 2).min(10_000);
+                slot.start_at = Some(now + delay);
+                say(
+                    log::Level::Warn,
+                    format_args!("worker {} (pid {pid}) {what}; restarting it in {delay} ms", i + 1),
+                );
             }
-            if slot.started.elapsed() >= Duration::from_secs(10) {
-                slot.backoff = Duration::from_millis(100);
-            }
-            let delay = slot.backoff;
-            slot.backoff = (delay * 2).min(Duration::from_secs(10));
-            slot.start_at = Some(Instant::now() + delay);
-            say(
-                log::Level::Warn,
-                format_args!(
-                    "worker {} (pid {pid}) {what}; restarting it in {} ms",
-                    i + 1,
-                    delay.as_millis() as u64
-                ),
-            );
         }
         if let Some(by) = stop_by {
             if slots.iter().all(|s| s.pid.is_none()) {
                 break;
             }
-            if Instant::now() >= by && !killed {
+            if ms() >= by && !killed {
                 killed = true;
                 failure.get_or_insert_with(|| "not every worker stopped cleanly".to_string());
                 say(
@@ -217,6 +205,33 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
             Ok(None)
         }
     }
+}
+
+/// In a forked worker: out of the terminal's process group, ended with the parent, and rid of
+/// the parent's signal actions (copied into the child); SIGINT and SIGTERM end it until its
+/// server handles them.
+fn become_worker(
+    parent: i32,
+    ids: Vec<signal_hook::SigId>,
+    index: usize,
+    addr: SocketAddr,
+    tx: &UnixStream,
+) -> std::io::Result<Worker> {
+    procs::leave_process_group();
+    procs::die_with_parent(parent, SIGTERM);
+    for id in ids {
+        signal_hook::low_level::unregister(id);
+    }
+    let default_action = Arc::new(AtomicBool::new(true));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_default(sig, Arc::clone(&default_action))?;
+    }
+    Ok(Worker {
+        index,
+        addr,
+        parent: tx.try_clone()?,
+        default_action,
+    })
 }
 
 /// Logs a line of the supervisor's (one call for every line keeps the binary small).

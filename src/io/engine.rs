@@ -326,10 +326,23 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 self.kill(key, Cause::Eof);
             } else {
                 self.on_readable(d, key, hup, rbuf, &mut before);
+                // A TLS handshake that completed while reading lets queued data out.
+                // (Plain TCP answers false at once.)
+                if let Some(slot) = self.slots.get_mut(key) {
+                    if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
+                        self.on_writable(key);
+                    }
+                }
             }
         }
         let slot = &self.slots[key];
-        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() && slot.charge() == before {
+        if slot.flags == 0
+            && slot.out.is_none()
+            && !self.timed_open
+            && slot.conn.is_open()
+            && slot.charge() == before
+            && !slot.stream.wants_write()
+        {
             return; // the common case after a read: nothing to charge, nothing to change
         }
         self.account(key, before);
@@ -545,7 +558,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             d.on_error(self, key, &e);
         }
         let slot = &mut self.slots[key];
-        if slot.out.is_none() {
+        if slot.out.is_none() && !slot.stream.wants_write() {
             let cause = if slot.flags & SHUT_WR != 0 {
                 Cause::Done
             } else {
@@ -631,7 +644,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// the registration and the deadline current.
     pub(crate) fn settle(&mut self, key: usize) {
         let Some(slot) = self.slots.get_mut(key) else { return };
-        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() {
+        let idle_stream = !slot.stream.wants_write();
+        if slot.flags == 0 && slot.out.is_none() && idle_stream && !self.timed_open && slot.conn.is_open() {
             return; // an open connection with nothing queued, nothing paused, nothing timed
         }
         if slot.flags & DEAD != 0 {
@@ -645,8 +659,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             slot.flags &= !READ_PAUSED;
             resumed = slot.flags & MEM_PAUSED == 0;
         }
-        slot.conn.output_pending(slot.out.is_some(), self.now);
-        if slot.out.is_none() && slot.flags & CONNECTING == 0 {
+        slot.conn.output_pending(slot.out.is_some() || !idle_stream, self.now);
+        if slot.out.is_none() && idle_stream && slot.flags & CONNECTING == 0 {
             if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
                 // The server ends the TCP connection first (RFC 6455 §7.1.1); a client waits
                 // for it, unless the server has already gone.
@@ -677,7 +691,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         // that a peer that leaves is noticed; resuming re-arms the edge so that what arrived
         // meanwhile raises an event.
         let want_read = slot.flags & EOF == 0;
-        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0;
+        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0 || slot.stream.wants_write();
         let has_write = slot.flags & WRITE_INTEREST != 0;
         let has_read = slot.flags & READ_OFF == 0;
         // mio needs some interest: a slot that wants neither keeps WRITABLE, which is quiet

@@ -11,6 +11,9 @@ pub(crate) mod connect;
 #[cfg(any(feature = "server", feature = "bench"))]
 pub(crate) mod engine;
 pub(crate) mod outbox;
+pub(crate) mod stream;
 pub(crate) mod sys;
 pub(crate) mod timer;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod transport;

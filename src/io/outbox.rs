@@ -281,8 +281,10 @@ pub(crate) fn send_shared<T: Transport + ?Sized>(
     Ok(())
 }
 
-/// Writes queued bytes after a writable event; frees the queue once it is empty.
+/// Writes queued bytes after a writable event (the transport's own first); frees the queue
+/// once it is empty.
 pub(crate) fn flush<T: Transport + ?Sized>(t: &mut T, out: &mut Option<Box<Outbox>>) -> io::Result<()> {
+    t.flush_pending()?;
     if let Some(q) = out {
         if q.write_to(t)? {
             *out = None;

@@ -42,6 +42,31 @@ pub(crate) fn trim_heap() {
     }
 }
 
+/// The cores this process may run on (`Cpus_allowed_list` in `/proc/self/status`, e.g.
+/// `0-3,8`), or 1 when that cannot be read. Smaller in the binary than
+/// `std::thread::available_parallelism`, which also reads cgroup quotas (about 10 KB).
+pub fn cores() -> usize {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let list = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or("");
+    count_cpu_list(list).max(1)
+}
+
+/// How many CPUs a list like `0-3,8,10-11` names (0 when it is malformed).
+fn count_cpu_list(list: &str) -> usize {
+    let mut n = 0;
+    for part in list.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        match (a.parse::<usize>(), b.parse::<usize>()) {
+            (Ok(a), Ok(b)) if a <= b => n += b - a + 1,
+            _ => return 0,
+        }
+    }
+    n
+}
+
 /// `VmRSS` of a process, in bytes.
 pub fn read_rss(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -84,4 +109,19 @@ pub(crate) fn children_of(pid: u32) -> Vec<u32> {
 /// Descriptors a process has open (entries of `/proc/PID/fd`).
 pub(crate) fn count_fds(pid: u32) -> Option<u64> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpu_list("0-1\n"), 2);
+        assert_eq!(count_cpu_list("0-3,8,10-11"), 7);
+        assert_eq!(count_cpu_list("5"), 1);
+        assert_eq!(count_cpu_list(""), 0);
+        assert_eq!(count_cpu_list("3-1"), 0);
+        assert!(cores() >= 1);
+    }
 }

@@ -340,7 +340,15 @@ impl AnswerCheck for ClientPending {
         now: u64,
         data: &[u8],
     ) -> Result<(usize, Option<Event<'static>>), Error> {
-        match conn.read_head(data, max_head, ResponseError::TooLarge, |b| self.check(b, false)) {
+        // At the limit, a refusal is reported with as much of its body as came; a head still
+        // incomplete there is too large.
+        let head = conn.read_head(data, max_head, ResponseError::TooLarge, |b, full| {
+            match self.check(b, full) {
+                Err(ResponseError::CutShort) => Err(ResponseError::TooLarge),
+                r => r,
+            }
+        });
+        match head {
             Ok(None) => {
                 conn.partial.get_or_insert_with(Partial::new).client = Some(self);
                 Ok((data.len(), None))
@@ -688,8 +696,8 @@ impl Connection {
         let p = if text {
             match core::str::from_utf8(payload) {
                 Ok(t) => Payload::Text(t),
-                Err(_) => {
-                    let e = self.fail(err(1007, "invalid UTF-8 in text message"), now, rng, out);
+                Err(e) => {
+                    let e = self.fail(utf8_error(e), now, rng, out);
                     return Err(Error::Protocol(e));
                 }
             }
@@ -732,22 +740,25 @@ impl Connection {
     }
 
     /// Collects a handshake head that may arrive in pieces. `parse` sees everything received so
-    /// far; on success this gives its value and how many bytes of `data` the head used.
+    /// far, up to `max_len` bytes, and whether that is all it will see (the limit is reached); on
+    /// success this gives its value and how many bytes of `data` the head used. Whole or cut up,
+    /// the head is judged on the same bytes, so the verdict does not depend on how it arrived.
     fn read_head<T, E>(
         &mut self,
         data: &[u8],
         max_len: usize,
         too_large: E,
-        parse: impl FnOnce(&[u8]) -> Result<Option<(T, usize)>, E>,
+        parse: impl FnOnce(&[u8], bool) -> Result<Option<(T, usize)>, E>,
     ) -> Result<Option<(T, usize)>, E> {
         let spilled = self.partial.as_ref().map_or(0, |p| p.buf.len());
+        let took = max_len.saturating_sub(spilled).min(data.len());
+        let full = spilled + took >= max_len;
         let result = if spilled == 0 {
-            parse(data)
+            parse(&data[..took], full)
         } else {
             let p = self.partial.as_mut().expect("spilled implies partial");
-            let room = max_len.saturating_sub(p.buf.len()).min(data.len());
-            p.buf.extend_from_slice(&data[..room]);
-            parse(&p.buf)
+            p.buf.extend_from_slice(&data[..took]);
+            parse(&p.buf, full)
         };
         match result {
             Err(e) => Err(e),
@@ -755,16 +766,10 @@ impl Connection {
                 if let Some(p) = &mut self.partial {
                     p.buf = Vec::new();
                 }
-                if len > max_len {
-                    // Only possible when the head came whole: a cut-up one is never read past max_len.
-                    return Err(too_large);
-                }
-                Ok(Some((value, len.saturating_sub(spilled).min(data.len()))))
+                Ok(Some((value, len.saturating_sub(spilled).min(took))))
             }
+            Ok(None) if full => Err(too_large),
             Ok(None) => {
-                if spilled + data.len() >= max_len {
-                    return Err(too_large);
-                }
                 if spilled == 0 {
                     self.partial
                         .get_or_insert_with(Partial::new)
@@ -787,7 +792,7 @@ impl Connection {
             return Ok((0, None));
         }
         let too_large = Reject::new(431, "request head too large");
-        match self.read_head(data, cfg.max_head, too_large, handshake::parse_request) {
+        match self.read_head(data, cfg.max_head, too_large, |b, _| handshake::parse_request(b)) {
             Ok(None) => Ok((data.len(), None)),
             Ok(Some((req, used))) => {
                 self.flags |= AWAITING_ANSWER;
@@ -1071,9 +1076,7 @@ impl Connection {
                 } else {
                     let payload: &'d [u8] = payload;
                     let p = match header.opcode {
-                        OpCode::Text => Payload::Text(
-                            core::str::from_utf8(payload).map_err(|_| err(1007, "invalid UTF-8 in text message"))?,
-                        ),
+                        OpCode::Text => Payload::Text(core::str::from_utf8(payload).map_err(utf8_error)?),
                         _ => Payload::Binary(payload),
                     };
                     (self.state == State::Open).then_some(Event::Message(p))
@@ -1161,9 +1164,7 @@ impl Connection {
             return Ok((take, ev.map(Event::into_owned)));
         }
         if p.message == Some(OpCode::Text) {
-            p.utf8
-                .feed(chunk)
-                .map_err(|_| err(1007, "invalid UTF-8 in text message"))?;
+            p.utf8.feed(chunk).map_err(|_| err(1007, INVALID_UTF8))?;
         }
         // After this end's close frame, data is read to find the peer's close but not kept.
         if self.state == State::Open {
@@ -1178,18 +1179,14 @@ impl Connection {
         let buf = core::mem::take(&mut p.buf);
         p.skipped = 0;
         if kind == Some(OpCode::Text) {
-            p.utf8
-                .finish()
-                .map_err(|_| err(1007, "text message ends inside a character"))?;
+            p.utf8.finish().map_err(|_| err(1007, CUT_UTF8))?;
         }
         if self.state != State::Open {
             return Ok((take, None));
         }
         let payload = match kind {
             // Already checked piece by piece; this second pass only converts the type.
-            Some(OpCode::Text) => {
-                Payload::OwnedText(String::from_utf8(buf).map_err(|_| err(1007, "invalid UTF-8 in text message"))?)
-            }
+            Some(OpCode::Text) => Payload::OwnedText(String::from_utf8(buf).map_err(|_| err(1007, INVALID_UTF8))?),
             _ => Payload::OwnedBinary(buf),
         };
         Ok((take, Some(Event::Message(payload))))
@@ -1247,6 +1244,22 @@ impl Connection {
             }
         }
     }
+}
+
+const INVALID_UTF8: &str = "invalid UTF-8 in text message";
+const CUT_UTF8: &str = "text message ends inside a character";
+
+/// The close reason for a text frame that arrived whole: the same one the piece-by-piece check
+/// gives, so the peer is told the same thing however the bytes were cut.
+fn utf8_error(e: core::str::Utf8Error) -> ProtocolError {
+    err(
+        1007,
+        if e.error_len().is_none() {
+            CUT_UTF8
+        } else {
+            INVALID_UTF8
+        },
+    )
 }
 
 fn frame_error(e: super::frame::FrameError) -> ProtocolError {

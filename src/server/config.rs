@@ -78,11 +78,22 @@ pub struct ServerConfig {
     pub page: Option<Cow<'static, str>>,
     /// Stop gracefully on SIGINT and SIGTERM while running (default: off; the CLI turns it on).
     pub handle_signals: bool,
+    /// Event loops, one per thread (default 1, at most [`MAX_THREADS`](super::MAX_THREADS)),
+    /// each with its own listener on the same port (`SO_REUSEPORT`): the kernel spreads new
+    /// connections over them by a hash of their addresses. Run them with
+    /// [`Server::run_threads`](super::Server::run_threads). Each loop beyond the first holds
+    /// four descriptors (poll, waker, listener, spare) from the reserve below `max_connections`.
+    pub threads: usize,
     /// Set `SO_REUSEPORT` on the listening socket (default: off), so that several servers of
     /// the same user, in this process or others, listen on one port; the kernel hands each new
     /// connection to one of them by a hash of its addresses. Broadcasts and
-    /// [`Ctx::peers`](super::Ctx::peers) stay within one server.
+    /// [`Ctx::peers`](super::Ctx::peers) stay within one server. Always on with `threads`
+    /// above 1.
     pub reuse_port: bool,
+    /// Serve TLS (`wss://`, and the page over `https://`) with this certificate and key
+    /// (default: none, plain TCP). The read buffer must then be at least 64 KiB.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -122,7 +133,10 @@ impl Default for ServerConfig {
             protocols: Vec::new(),
             page: None,
             handle_signals: false,
+            threads: 1,
             reuse_port: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -144,6 +158,14 @@ impl ServerConfig {
         }
         if self.read_buffer_size < 64 {
             return Err("read_buffer_size must be at least 64 bytes");
+        }
+        if !(1..=super::MAX_THREADS).contains(&self.threads) {
+            return Err("threads must be 1 to 256");
+        }
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() && self.read_buffer_size < 64 << 10 {
+            // Its upper half must hold a whole TLS record (up to 18 KiB) and what is joined to it.
+            return Err("read_buffer_size must be at least 64 KiB with TLS");
         }
         if self.shutdown_timeout.is_zero() {
             return Err("shutdown_timeout must be above zero");

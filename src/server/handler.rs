@@ -4,24 +4,33 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mio::net::TcpStream;
-
 use super::config::SlowConsumer;
 use super::Shared;
 use crate::io::budget::SharedFrame;
 use crate::io::engine::Engine;
+use crate::io::stream::ServerStream;
 use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Message, Request, State};
 
-/// Identifies one connection for as long as it lives; a later connection never gets the same
-/// id (the generation part wraps only after 16 million connections in the same slot).
+/// Identifies one connection for as long as it lives, and the loop that owns it (with
+/// [`ServerConfig::threads`](super::ServerConfig::threads) above 1); a later connection never
+/// gets the same id (the generation part wraps only after 16 million connections in the same
+/// slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(u64);
 
 impl ConnId {
-    pub(crate) fn new(key: usize, gen: u32) -> Self {
-        ConnId((u64::from(gen & 0xFF_FFFF) << 32) | key as u64 & 0xFFFF_FFFF)
+    /// Bits: the loop (8), the slot's generation (24), the slot (32).
+    pub(crate) fn new(key: usize, gen: u32, lp: u8) -> Self {
+        ConnId((u64::from(lp) << 56) | (u64::from(gen & 0xFF_FFFF) << 32) | key as u64 & 0xFFFF_FFFF)
+    }
+    /// The index of the loop that owns the connection.
+    pub fn loop_index(self) -> usize {
+        (self.0 >> 56) as usize
+    }
+    pub(crate) fn lp(self) -> usize {
+        self.loop_index()
     }
     pub(crate) fn key(self) -> usize {
         (self.0 & 0xFFFF_FFFF) as usize
@@ -37,7 +46,10 @@ impl ConnId {
 
 impl std::fmt::Display for ConnId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "#{}.{}", self.key(), self.gen())
+        match self.lp() {
+            0 => write!(f, "#{}.{}", self.key(), self.gen()),
+            lp => write!(f, "#{lp}:{}.{}", self.key(), self.gen()),
+        }
     }
 }
 
@@ -100,7 +112,7 @@ pub(crate) struct ConnData<S> {
     pub(crate) state: S,
 }
 
-pub(crate) type ServerEngine<S> = Engine<TcpStream, ConnData<S>, NoRandom>;
+pub(crate) type ServerEngine<S> = Engine<ServerStream, ConnData<S>, NoRandom>;
 
 /// The connection a callback is about: its id, its peer's address and its state.
 #[derive(Debug)]
@@ -131,9 +143,10 @@ pub struct Upgrade<'a> {
     pub(crate) protocol: Option<String>,
 }
 
-impl Upgrade<'_> {
-    /// The request: method, path with query, every header.
-    pub fn request(&self) -> &Request {
+impl<'a> Upgrade<'a> {
+    /// The request: method, path with query, every header. It outlives the borrow of `self`,
+    /// so it can be read while [`set_protocol`](Self::set_protocol) is called.
+    pub fn request(&self) -> &'a Request {
         self.request
     }
 
@@ -197,8 +210,9 @@ pub trait Handler {
     /// A complete message arrived.
     fn on_message(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, msg: Message<'_>);
 
-    /// The connection ended: `code` is the peer's close code, or `1006` when it vanished
-    /// without a close frame, or the code this server sent when it failed the connection.
+    /// The connection ended: `code` is the peer's close code (`1005` when its close frame had
+    /// none), or `1006` when it vanished without a close frame, or the code this server sent
+    /// when it failed the connection. Its subscriptions and timers end right after this call.
     fn on_close(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, code: u16, reason: &str) {
         let _ = (ctx, conn, code, reason);
     }
@@ -274,9 +288,18 @@ impl<'a, S> Ctx<'a, S> {
         self.eng.slots[key].data.addr.get(&self.shared.peers)
     }
 
+    /// A message encoded once as an unmasked frame, to be shared by many queues (and counted
+    /// once against the memory budget).
+    fn shared_frame(&self, msg: Message<'_>) -> Arc<SharedFrame> {
+        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
+        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
+        self.eng.shared_frame(frame)
+    }
+
+    /// The slot of `id` if it is live on this loop (an id of another loop is not).
     fn slot_key(&self, id: ConnId) -> Option<usize> {
         let key = id.key();
-        self.eng.is_live(key, id.gen()).then_some(key)
+        (id.lp() == usize::from(self.shared.lp) && self.eng.is_live(key, id.gen())).then_some(key)
     }
 
     /// Sends a text message to one connection. Returns false if it is not open.
@@ -284,9 +307,12 @@ impl<'a, S> Ctx<'a, S> {
         self.send(id, Message::Text(text))
     }
 
-    /// Sends a message to one connection. Returns false if it is not open.
+    /// Sends a message to one connection of this loop. Returns false if it is not open here
+    /// (a connection of another loop is reached through [`handle`](Self::handle)).
+    #[inline]
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        let ok = self.eng.send_to(id.key(), id.gen(), msg).is_ok();
+        let here = id.lp() == usize::from(self.shared.lp);
+        let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
         ok
     }
@@ -297,23 +323,33 @@ impl<'a, S> Ctx<'a, S> {
     }
 
     /// Sends a message to every open connection except `except`, encoding the frame once and
-    /// sharing its bytes among all queues. Returns how many connections it was queued for.
+    /// sharing its bytes among all queues, on every loop. Returns how many connections of this
+    /// loop it was queued for (the other loops queue it for theirs).
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
-        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
-        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
-        let frame = self.eng.shared_frame(frame);
+        let frame = self.shared_frame(msg);
+        self.deliver(&frame, except, true)
+    }
+
+    /// Queues a shared frame for every open connection of this loop but `except`; `forward`
+    /// hands it to the other loops too.
+    pub(crate) fn deliver(&mut self, frame: &Arc<SharedFrame>, except: Option<ConnId>, forward: bool) -> usize {
         let mut sent = 0;
-        let recipient = |slot: &crate::io::engine::Slot<TcpStream, ConnData<S>>, key: usize| {
-            !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen))
+        let lp = self.shared.lp;
+        let recipient = |slot: &crate::io::engine::Slot<ServerStream, ConnData<S>>, key: usize| {
+            !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen, lp))
         };
         // The connection whose message this usually is gets its copy first: its round trip
         // should not wait for everyone else's.
         let first = self.eng.corked();
         if let Some(key) = first.filter(|&k| recipient(&self.eng.slots[k], k)) {
-            if self.queue_shared(key, &frame) {
+            if self.queue_shared(key, frame) {
                 sent += 1;
             }
             self.eng.flush_cork();
+        }
+        // The other loops work on it while this one does.
+        if forward {
+            self.shared.forward(frame, None, except);
         }
         // Index the slab instead of collecting keys: no allocation per broadcast.
         for key in 0..self.eng.slots.capacity() {
@@ -321,7 +357,67 @@ impl<'a, S> Ctx<'a, S> {
             if Some(key) == first || !recipient(slot, key) {
                 continue;
             }
-            if self.queue_shared(key, &frame) {
+            if self.queue_shared(key, frame) {
+                sent += 1;
+            }
+        }
+        self.shared.stats.messages_out += sent as u64;
+        sent
+    }
+
+    /// Subscribes connection `id` to `topic` (any string; a topic exists while it has
+    /// subscribers). Returns false if the connection is not open (from `on_open` until
+    /// `on_close`) or was already subscribed. A connection's subscriptions end right after its
+    /// `on_close`.
+    pub fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        let open = self.slot_key(id).is_some_and(|k| self.eng.slots[k].data.opened);
+        open && self.shared.topics.subscribe(id, topic)
+    }
+
+    /// Unsubscribes connection `id` from `topic`. Returns whether it was subscribed.
+    pub fn unsubscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        id.lp() == usize::from(self.shared.lp) && self.shared.topics.unsubscribe(id, topic)
+    }
+
+    /// How many connections of this loop are subscribed to `topic`.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.shared.topics.count(topic)
+    }
+
+    /// Sends a message to every open connection subscribed to `topic` except `except`, on every
+    /// loop, as [`broadcast`](Self::broadcast) does: the frame is encoded once and its bytes
+    /// shared, and full queues meet the [`SlowConsumer`] policy. The cost is O(subscribers of
+    /// `topic`). Returns how many connections of this loop it was queued for.
+    pub fn publish(&mut self, topic: &str, msg: Message<'_>, except: Option<ConnId>) -> usize {
+        let alone = self.shared.handle.group.inboxes.len() == 1;
+        if alone && self.shared.topics.find(topic).is_none() {
+            return 0;
+        }
+        let frame = self.shared_frame(msg);
+        self.shared.forward(&frame, Some(topic), except);
+        self.publish_here(topic, &frame, except)
+    }
+
+    /// Queues a shared frame for this loop's subscribers of `topic` but `except`.
+    pub(crate) fn publish_here(&mut self, topic: &str, frame: &Arc<SharedFrame>, except: Option<ConnId>) -> usize {
+        let Some(t) = self.shared.topics.find(topic) else {
+            return 0;
+        };
+        let mut sent = 0;
+        let mut i = 0;
+        // By index: a slow consumer closed on the way stays subscribed until the turn ends.
+        while let Some(id) = self.shared.topics.subscriber(t, i) {
+            i += 1;
+            if except == Some(id) {
+                continue;
+            }
+            let key = id.key();
+            let open = self
+                .eng
+                .slots
+                .get(key)
+                .is_some_and(|s| s.gen == id.gen() && !s.is_dead() && s.conn.state() == State::Open);
+            if open && self.queue_shared(key, frame) {
                 sent += 1;
             }
         }
@@ -362,9 +458,26 @@ impl<'a, S> Ctx<'a, S> {
         }
     }
 
-    /// Open connections.
+    /// Open connections on this loop.
     pub fn len(&self) -> usize {
         self.shared.stats.open
+    }
+
+    /// Open connections on every loop of the server (the same as [`len`](Self::len) with one
+    /// loop).
+    pub fn len_everywhere(&self) -> usize {
+        self.shared.open_everywhere()
+    }
+
+    /// This loop's index (0 to [`ServerConfig::threads`](super::ServerConfig::threads) - 1).
+    pub fn loop_index(&self) -> usize {
+        usize::from(self.shared.lp)
+    }
+
+    /// The server's [`Handle`](super::Handle): to reach a connection of another loop, or to
+    /// give to another thread.
+    pub fn handle(&self) -> super::Handle {
+        self.shared.handle.clone()
     }
 
     /// Whether no connection is open.
@@ -372,13 +485,14 @@ impl<'a, S> Ctx<'a, S> {
         self.len() == 0
     }
 
-    /// Every open connection: its id and peer address.
+    /// Every open connection of this loop: its id and peer address.
     pub fn peers(&self) -> impl Iterator<Item = (ConnId, SocketAddr)> + '_ {
+        let lp = self.shared.lp;
         self.eng
             .slots
             .iter()
             .filter(|(_, s)| s.data.opened && !s.is_dead())
-            .map(|(k, s)| (ConnId::new(k, s.gen), s.data.addr.get(&self.shared.peers)))
+            .map(move |(k, s)| (ConnId::new(k, s.gen, lp), s.data.addr.get(&self.shared.peers)))
     }
 
     /// The peer address of a connection, if it is still there.
@@ -389,7 +503,7 @@ impl<'a, S> Ctx<'a, S> {
     /// The state of another open connection. The connection a callback is about is not
     /// reachable here: its state is in that callback's [`Conn`].
     pub fn state_of(&mut self, id: ConnId) -> Option<&mut S> {
-        let key = self.slot_key(id)?;
+        let key = self.slot_key(id).filter(|k| *k != self.shared.lent)?;
         let data = &mut self.eng.slots[key].data;
         data.opened.then_some(&mut data.state)
     }
@@ -414,7 +528,7 @@ impl<'a, S> Ctx<'a, S> {
         self.shared.take_timer(id.0).is_some()
     }
 
-    /// The loop's counters.
+    /// The loop's counters (memory: the whole server's, shared by its loops).
     pub fn stats(&self) -> Stats {
         let mut s = self.shared.stats;
         s.bytes_queued = self.eng.slots.iter().map(|(_, s)| s.queued()).sum();
@@ -423,8 +537,8 @@ impl<'a, S> Ctx<'a, S> {
         s
     }
 
-    /// Starts a graceful shutdown once this callback returns: stop accepting, close every peer
-    /// with 1001, then return from [`Server::run`](super::Server::run).
+    /// Starts a graceful shutdown of every loop once this callback returns: stop accepting,
+    /// close every peer with 1001, then return from [`Server::run`](super::Server::run).
     pub fn shutdown(&mut self) {
         self.shared.shutdown_requested = true;
     }
@@ -436,9 +550,15 @@ mod tests {
 
     #[test]
     fn conn_ids_round_trip_on_any_width() {
-        let id = ConnId::new(12345, 0xab_cdef);
-        assert_eq!((id.key(), id.gen()), (12345, 0xab_cdef));
+        let id = ConnId::new(12345, 0xab_cdef, 0);
+        assert_eq!((id.key(), id.gen(), id.loop_index()), (12345, 0xab_cdef, 0));
         assert_eq!(id.to_string(), "#12345.11259375");
+        let id = ConnId::new(u32::MAX as usize, 0xFF_FFFF, 255);
+        assert_eq!(
+            (id.key(), id.gen(), id.loop_index()),
+            (u32::MAX as usize, 0xFF_FFFF, 255)
+        );
+        assert_eq!(ConnId::new(7, 3, 2).to_string(), "#2:7.3");
     }
 
     #[test]

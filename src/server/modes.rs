@@ -107,7 +107,7 @@ impl Broadcast {
             return false;
         }
         let p = std::mem::take(&mut self.pending);
-        let online = ctx.len();
+        let online = ctx.len_everywhere();
         let line = match p.only {
             Some((true, who)) => format!("* {who} joined ({online} online)"),
             Some((false, who)) => format!("* {who} left ({online} online)"),

@@ -373,12 +373,13 @@ fn check_upgrade<'h>(method: &str, hs: &'h [httparse::Header<'h>]) -> Result<&'h
     Ok(key)
 }
 
-/// Whether the request line ends in an HTTP version other than 1.x (e.g. `HTTP/2.0`), as opposed
-/// to not being HTTP at all.
+/// Whether the request line names an HTTP version httparse does not take (e.g. `HTTP/2.0`), as opposed
+/// to not being HTTP at all. httparse failed on the version, so the line so far is method, target
+/// and version, one space apart; only `HTTP/` and the digit after it are judged, which httparse
+/// must have read to fail there: the verdict does not depend on how much of the head has come.
 fn names_another_http_version(buf: &[u8]) -> bool {
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf).trim_ascii();
-    let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
-    version.len() > 5 && version[..5].eq_ignore_ascii_case(b"HTTP/") && version[5].is_ascii_digit()
+    let version = buf.splitn(3, |&b| b == b' ').nth(2).unwrap_or(b"");
+    version.len() > 5 && version.starts_with(b"HTTP/") && version[5].is_ascii_digit()
 }
 
 #[cfg(test)]
