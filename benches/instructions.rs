@@ -12,7 +12,9 @@
 //! `cargo bench --bench instructions` (needs valgrind). Environment: `WSLOOP_BENCH_SECS=5`,
 //! `WSLOOP_BENCH_CONNS=10`, `WSLOOP_BENCH_INFLIGHT=1`, `WSLOOP_BENCH_SIZE=16` (bytes), and
 //! `WSLOOP_BENCH_SERVER=/path/to/other/wsloop` (measure another build's `serve`, for A/B tests;
-//! the load generator stays this build's). The callgrind files are kept in target/tmp.
+//! the load generator stays this build's), `WSLOOP_BENCH_SERVE_ARGS="--threads 2"` (more `serve`
+//! options, split at spaces; callgrind runs a process's threads one at a time and counts them
+//! all). The callgrind files are kept in target/tmp.
 
 mod common;
 
@@ -61,7 +63,8 @@ fn main() {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("instructions");
     println!("wsloop instructions per echoed message: `serve` under callgrind, load generator outside it");
     println!("machine: {}; {valgrind}", machine());
-    println!("server: {}", server.display());
+    let extra = std::env::var("WSLOOP_BENCH_SERVE_ARGS").unwrap_or_default();
+    println!("server: {} serve {extra}", server.display());
     println!(
         "load: {} connections x {} in flight x {} B binary, {} s; every echo verified\n",
         load.connections,
@@ -118,7 +121,12 @@ fn run(bin: &Path, load: &Load, dir: &Path) -> Result<Run, String> {
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}/cg.out.%p", dir.display()))
         .arg(bin)
-        .args(["serve", "--listen", &addr.to_string(), "--log", "warn"]);
+        .args(["serve", "--listen", &addr.to_string(), "--log", "warn"])
+        .args(
+            std::env::var("WSLOOP_BENCH_SERVE_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        );
     // Valgrind takes a few seconds to start; both runs see the same probe connection.
     let server = ServerProc::spawn("wsloop under callgrind", cmd, addr, Duration::from_secs(60));
 

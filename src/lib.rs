@@ -1,7 +1,7 @@
 //! wsloop: a small RFC 6455 WebSocket server and client on one mio poll loop.
 //!
-//! One thread, one `mio::Poll`, connections in a `slab`. Built for machines where memory is
-//! scarce and for measuring how many connections a box can hold.
+//! One `mio::Poll` per thread (one thread unless asked for more), connections in a `slab`. Built
+//! for machines where memory is scarce and for measuring how many connections a box can hold.
 //!
 //! # Layers
 //!
@@ -64,15 +64,18 @@
 //!
 //! # Memory
 //!
-//! An idle open connection costs one slab slot (56 bytes on 64-bit Linux) and its kernel
+//! An idle open connection costs one slab slot (48 bytes on 64-bit Linux) and its kernel
 //! socket. A connection allocates only while a frame is split across reads or bytes wait to be
 //! written, and frees that memory as soon as it is done. Every outbound queue in the server is
-//! bounded; a client reports its own with [`Client::buffered_amount`].
+//! bounded, and everything the server buffers counts against one memory budget
+//! (`ServerConfig::max_memory`); a client reports its own queue with
+//! [`Client::buffered_amount`].
 //!
 //! # Not supported
 //!
-//! Extensions such as `permessage-deflate`, HTTP/2
-//! WebSockets (RFC 8441), and more than one thread per loop.
+//! WebSockets over HTTP/2 (RFC 8441), extensions other than `permessage-deflate`, and
+//! broadcasts or topics that cross processes (`wsloop serve --processes`): they reach every
+//! loop of one process.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
 

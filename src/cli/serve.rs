@@ -51,8 +51,7 @@ Options:
   --protocol NAME          a subprotocol to accept (repeatable)
 ",
     serve_tls_help!(),
-    "\
-  --log LEVEL              error | warn | info | debug | trace | off [default: info]
+    "  --log LEVEL              error | warn | info | debug | trace | off [default: info]
   -q, --quiet              only warnings and errors (--log warn)
   -V, --version            print the version
 

@@ -374,9 +374,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if used <= self.budget.soft() || slot.flags & DEAD != 0 {
             return;
         }
-        // A fair share of the memory: what lets every connection hold the same.
-        let share = (self.budget.soft() / self.slots.len().max(1)).max(1024);
-        if now <= share {
+        if now <= self.share() {
             return;
         }
         let gen = slot.gen;
@@ -385,6 +383,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         } else {
             self.mem_pause(key);
         }
+    }
+
+    /// A fair share of the memory while it is short: what lets every connection hold the same.
+    fn share(&self) -> usize {
+        (self.budget.soft() / self.slots.len().max(1)).max(1024)
     }
 
     /// Closes the connections the budget could not hold (with 1013: the server is short of
@@ -484,9 +487,22 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         before: &mut usize,
     ) {
         loop {
-            let cap = self.read_cap(rbuf.len());
+            let (cap, over) = self.read_cap(rbuf.len());
             let slot = &mut self.slots[key];
             if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED) != 0 {
+                return;
+            }
+            if over && slot.conn.is_open() && slot.conn.buffered_bytes() > 0 {
+                // Past the budget a read could still grow this connection's partial message
+                // (doubling its buffer): every connection of a turn doing so would overrun the
+                // budget by their sum before any is closed. One holding more than its share
+                // is closed, as `account` would have.
+                let (charge, gen) = (slot.charge(), slot.gen);
+                if !hup && charge > self.share() {
+                    self.shed.push((key, gen));
+                } else {
+                    self.mem_pause_or_drop(key, hup);
+                }
                 return;
             }
             let n = match slot.stream.read(&mut rbuf[..cap]) {
@@ -522,10 +538,22 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 slot.flags |= READ_PAUSED;
                 return;
             }
-            if self.budget.used() > self.budget.limit() {
-                self.mem_pause(key);
+            if self.budget.used() > self.budget.limit() && !(hup && slot.conn.buffered_bytes() == 0) {
+                self.mem_pause_or_drop(key, hup);
                 return;
             }
+        }
+    }
+
+    /// Stops reading from `key` until the budget recovers; but a peer that has hung up (`hup`:
+    /// this event was its last) in the middle of a message is dropped, as a paused one is when
+    /// it hangs up (`on_ready`): no later event would tell that it has gone.
+    fn mem_pause_or_drop(&mut self, key: usize, hup: bool) {
+        if hup {
+            self.slots[key].conn.set_closed(self.now);
+            self.kill(key, Cause::Eof);
+        } else {
+            self.mem_pause(key);
         }
     }
 
@@ -540,13 +568,15 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// How much one read may take: the whole buffer, but less and less as the budget runs
     /// short (never under 256 bytes, so that small messages still flow), which bounds how
-    /// far the connections read in one turn can overshoot it.
-    fn read_cap(&self, len: usize) -> usize {
+    /// far the connections read in one turn can overshoot it; and whether the budget is
+    /// overrun already.
+    fn read_cap(&self, len: usize) -> (usize, bool) {
         let used = self.budget.used();
         if used <= self.budget.soft() {
-            return len;
+            return (len, false);
         }
-        (self.budget.limit().saturating_sub(used) / 8).clamp(256, len)
+        let limit = self.budget.limit();
+        ((limit.saturating_sub(used) / 8).clamp(256, len), used > limit)
     }
 
     /// The peer ended its side. What is queued for it still goes out (bounded by the close

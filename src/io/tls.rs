@@ -19,7 +19,7 @@ use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus, WriteTraffic,
 };
 
-use super::transport::Transport;
+use super::transport::{tcp_read, tcp_write, tcp_write_vectored, Transport};
 
 /// One side of a TLS session, as the stream drives it.
 pub(crate) trait Side {
@@ -647,14 +647,14 @@ impl ServerStream {
     fn read_tls(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.with_tls(|t| t.read(buf)) {
             Some(r) => r,
-            None => Read::read(&mut self.0, buf),
+            None => tcp_read(&self.0, buf),
         }
     }
     #[inline(never)]
     fn write_tls(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self.with_tls(|t| t.write_vectored(bufs)) {
             Some(r) => r,
-            None => Write::write_vectored(&mut self.0, bufs),
+            None => tcp_write_vectored(&self.0, bufs),
         }
     }
     #[inline(never)]
@@ -677,21 +677,21 @@ impl Transport for ServerStream {
         if SERVING.get() {
             return self.read_tls(buf);
         }
-        Read::read(&mut self.0, buf)
+        tcp_read(&self.0, buf)
     }
     #[inline]
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         if SERVING.get() {
             return self.write_tls(bufs);
         }
-        Write::write_vectored(&mut self.0, bufs)
+        tcp_write_vectored(&self.0, bufs)
     }
     #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if SERVING.get() {
             return self.write_tls(&[IoSlice::new(buf)]);
         }
-        Write::write(&mut self.0, buf)
+        tcp_write(&self.0, buf)
     }
     fn shutdown_write(&mut self) -> io::Result<()> {
         if SERVING.get() {

@@ -1,7 +1,9 @@
 //! The transport seam: what the IO layer needs from a byte stream. Plain TCP is the first
 //! implementation; a TLS session over TCP is the second.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+use std::io::{Read, Write};
 use std::net::Shutdown;
 
 use mio::net::TcpStream;
@@ -43,14 +45,17 @@ pub(crate) trait Transport: mio::event::Source {
 }
 
 impl Transport for TcpStream {
+    #[inline]
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Read::read(self, buf)
+        tcp_read(self, buf)
     }
+    #[inline]
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        Write::write_vectored(self, bufs)
+        tcp_write_vectored(self, bufs)
     }
+    #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        Write::write(self, buf)
+        tcp_write(self, buf)
     }
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
@@ -64,5 +69,170 @@ impl Transport for TcpStream {
     }
     fn tcp(&self) -> &TcpStream {
         self
+    }
+}
+
+// The socket calls of the hot path. glibc's `recv`, `send` and `writev` are thread cancellation
+// points: once a process has a second thread (`serve --threads 2`), every call enables and
+// disables asynchronous cancellation around the system call, about 50 instructions each way
+// (`WSLOOP_BENCH_SERVE_ARGS="--threads 2" cargo bench --bench instructions`: 761 instructions per
+// echo against 582 for one thread, 102 of them in `__pthread_{en,dis}able_asynccancel`). No
+// loop is ever cancelled, so on glibc the system calls are made directly; elsewhere through std.
+
+/// Reads from a non-blocking TCP socket, as `recv(fd, buf, len, 0)`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[inline]
+pub(crate) fn tcp_read(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call, the descriptor
+    // is owned by `s` and open, and null address pointers ask for no source address (`recv`).
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            s.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            0,
+            std::ptr::null_mut::<libc::sockaddr>(),
+            std::ptr::null_mut::<libc::socklen_t>(),
+        )
+    };
+    result(n)
+}
+
+/// Writes to a non-blocking TCP socket, as std does: `send(fd, buf, len, MSG_NOSIGNAL)`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[inline]
+pub(crate) fn tcp_write(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call, the descriptor
+    // is owned by `s` and open, and a null address is what `send` passes.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            s.as_raw_fd(),
+            buf.as_ptr(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+            std::ptr::null::<libc::sockaddr>(),
+            0 as libc::socklen_t,
+        )
+    };
+    result(n)
+}
+
+/// Writes some of `bufs` to a non-blocking TCP socket, as std does: `writev`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[inline]
+pub(crate) fn tcp_write_vectored(s: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // Past IOV_MAX the kernel refuses the call (EINVAL); std caps the count the same way.
+    let count = bufs.len().min(1024);
+    // SAFETY: `IoSlice` is guaranteed ABI-compatible with `iovec` on Unix; the `count`
+    // entries and the bytes they point to stay borrowed for the whole call; the descriptor is
+    // owned by `s` and open.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_writev,
+            s.as_raw_fd(),
+            bufs.as_ptr().cast::<libc::iovec>(),
+            count,
+        )
+    };
+    result(n)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[inline]
+fn result(n: libc::c_long) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Reads from a non-blocking TCP socket.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[inline]
+pub(crate) fn tcp_read(mut s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    Read::read(&mut s, buf)
+}
+
+/// Writes to a non-blocking TCP socket.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[inline]
+pub(crate) fn tcp_write(mut s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    Write::write(&mut s, buf)
+}
+
+/// Writes some of `bufs` to a non-blocking TCP socket.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[inline]
+pub(crate) fn tcp_write_vectored(mut s: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    Write::write_vectored(&mut s, bufs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn socket_calls_move_bytes_and_report_errors() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let ours = TcpStream::from_std(ours);
+
+        // Nothing to read yet: WouldBlock, not 0.
+        let mut buf = [0u8; 64];
+        assert_eq!(tcp_read(&ours, &mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+
+        assert_eq!(tcp_write(&ours, b"one ").unwrap(), 4);
+        let parts = [IoSlice::new(b"two "), IoSlice::new(b""), IoSlice::new(b"three")];
+        assert_eq!(tcp_write_vectored(&ours, &parts).unwrap(), 9);
+        let mut got = [0u8; 13];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one two three");
+
+        peer.write_all(b"back").unwrap();
+        let start = std::time::Instant::now();
+        let n = loop {
+            match tcp_read(&ours, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed().as_secs() < 5 => {
+                    std::thread::yield_now()
+                }
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(&buf[..n], b"back");
+
+        // The peer's end: 0, the end of the stream.
+        drop(peer);
+        let start = std::time::Instant::now();
+        loop {
+            match tcp_read(&ours, &mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed().as_secs() < 5 => {
+                    std::thread::yield_now()
+                }
+                r => panic!("expected the end of the stream, got {r:?}"),
+            }
+        }
+        // Writing to a closed peer is an error, not a signal that kills the process.
+        let start = std::time::Instant::now();
+        let err = loop {
+            match tcp_write(&ours, &[0u8; 1024]) {
+                Ok(_) if start.elapsed().as_secs() < 5 => std::thread::yield_now(),
+                Ok(_) => panic!("writes to a closed peer kept succeeding"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset),
+            "{err:?}"
+        );
     }
 }

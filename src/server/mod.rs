@@ -67,6 +67,10 @@ pub(crate) fn peer_log(level: log::Level, addr: SocketAddr, what: std::fmt::Argu
 /// The driver timer that resumes accepting after running out of descriptors.
 const ACCEPT_TIMER: u64 = u64::MAX >> 1;
 
+/// Out of descriptors, waiting clients refused per pause (bounded: a peer reconnecting as fast
+/// as it is refused must not hold the loop).
+const REFUSE_AT_ONCE: usize = 256;
+
 /// A command for one loop, from a [`Handle`] or from another loop of the same server.
 enum Command {
     /// A frame encoded once, for every open connection (or the subscribers of `topic`) but
@@ -904,14 +908,16 @@ impl<H: Handler> Srv<H> {
                         log::warn!("accept failed: {e}; refusing new connections with 503 until descriptors free up (logged once)");
                         self.emfile_logged = true;
                     }
-                    // Out of descriptors: use the spare one to tell the next client why, then
-                    // pause accepting briefly instead of spinning on the same error.
+                    // Out of descriptors: the spare one lets each waiting client in to be told
+                    // why and closed at once (one at a time, it would leave the rest hanging in
+                    // the backlog), then accepting pauses briefly instead of spinning.
                     if self.spare_fd.take().is_some() {
-                        if let Ok((mut s, a)) = listener.accept() {
+                        let mut b = Vec::new();
+                        Reject::new(503, "too many connections").write(&mut b);
+                        for _ in 0..REFUSE_AT_ONCE {
+                            let Ok((mut s, a)) = listener.accept() else { break };
                             self.shared.stats.refused += 1;
                             peer_log(log::Level::Debug, a, format_args!(": refused, out of descriptors"));
-                            let mut b = Vec::new();
-                            Reject::new(503, "too many connections").write(&mut b);
                             let _ = write_some(&mut s, &b);
                         }
                         self.spare_fd = File::open("/dev/null").ok();
