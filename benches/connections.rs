@@ -2,7 +2,7 @@
 //! upgraded connection.
 //!
 //! For each count (1,000 / 10,000 / 19,000), a fresh server is started as a child process,
-//! the load generator in this process opens that many connections from 127.0.0.2-127.0.0.60,
+//! the load generator in this process opens that many connections from 127.0.0.2-127.0.0.254,
 //! holds them idle, and reads the server's `VmRSS` before and after: (after − before) / N is the
 //! server's user-space memory per connection. The kernel's side (socket buffers from
 //! `/proc/net/sockstat`, slab from `/proc/meminfo`) is system-wide and counts both ends.
