@@ -7,6 +7,8 @@
 //! - [`conn`]: the connection state machine that ties them together.
 
 pub mod conn;
+#[cfg(feature = "deflate")]
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;
