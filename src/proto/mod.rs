@@ -12,6 +12,8 @@
 //! - [`utf8`]: incremental UTF-8 validation.
 
 pub mod conn;
+#[cfg(feature = "deflate")]
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;
