@@ -2,6 +2,9 @@
 //! `wsloop serve` in echo and broadcast modes. Each client script (tests/py/interop_client.py,
 //! tests/js/interop.mjs) checks text, binary, a 1 MiB fragmented message, ping and a clean
 //! close with 1000, and in broadcast mode that a second connection gets the messages too.
+//! Both libraries offer permessage-deflate by default; with the `deflate` feature the scripts
+//! also check that the server agreed and that 256 KiB of text came back compressed to every
+//! connection.
 //!
 //! Python `websockets` is installed by the test into a venv under the target directory
 //! (`<target>/interop-venv`); Node `ws` comes from tests/js/node_modules (`.ci/run` runs
@@ -20,6 +23,12 @@ use common::{drain_lines, require_tool, runs_ok, spawn_server, tail};
 
 /// The `websockets` release the Python script is written against (asyncio API, 13.0+).
 const WEBSOCKETS_VERSION: &str = "15.0.1";
+
+/// What the scripts are told to check about permessage-deflate.
+#[cfg(feature = "deflate")]
+const COMPRESSION: &[&str] = &["deflate"];
+#[cfg(not(feature = "deflate"))]
+const COMPRESSION: &[&str] = &[];
 
 /// A client script is killed after this long (a run takes well under a second).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -57,6 +66,7 @@ fn run_client(program: &Path, script: &Path, mode: &str) {
         .arg(script)
         .arg(&url)
         .arg(mode)
+        .args(COMPRESSION)
         .current_dir(script.parent().expect("script in a directory"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -99,7 +109,10 @@ fn run_client(program: &Path, script: &Path, mode: &str) {
         "ok 1 MiB in 16 fragments",
         "ok ping",
         "ok close 1000",
-    ] {
+    ]
+    .into_iter()
+    .chain(COMPRESSION.iter().map(|_| "ok 256 KiB of text came compressed"))
+    {
         assert!(out.lines().any(|l| l == check), "missing `{check}`\n{report}");
     }
     println!("{report}");

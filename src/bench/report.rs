@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::histogram::Latency;
-use super::Load;
+use super::{Content, Load};
 
 /// What the server process used, from `/proc/PID/status` and `/proc/PID/stat`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,6 +52,34 @@ impl KernelUsage {
     }
 }
 
+/// permessage-deflate in a run where the connections offered it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Compression {
+    /// Connections whose handshake agreed on it.
+    pub agreed: u64,
+    /// Payload bytes of the messages sent compressed, before compression.
+    pub sent_raw: u64,
+    /// The same messages' payload bytes on the wire.
+    pub sent_wire: u64,
+    /// Compressed payload bytes received (the server's compressed echoes).
+    pub received_wire: u64,
+    /// What they inflated to.
+    pub received_raw: u64,
+}
+
+impl Compression {
+    /// Wire bytes per payload byte of what was sent compressed.
+    pub fn sent_ratio(&self) -> Option<f64> {
+        (self.sent_raw > 0).then(|| self.sent_wire as f64 / self.sent_raw as f64)
+    }
+
+    /// Wire bytes per payload byte of what was received compressed.
+    pub fn received_ratio(&self) -> Option<f64> {
+        (self.received_raw > 0).then(|| self.received_wire as f64 / self.received_raw as f64)
+    }
+}
+
 /// The outcome of a run.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -64,6 +92,10 @@ pub struct Report {
     pub load: Load,
     /// Bytes per message.
     pub size: usize,
+    /// What the messages carried.
+    pub content: Content,
+    /// permessage-deflate, when the connections offered it.
+    pub deflate: Option<Compression>,
     /// Connections whose handshake completed.
     pub opened: u64,
     /// Connections open at the end of the measured phase.
@@ -116,6 +148,7 @@ impl Report {
             && self.protocol_errors == 0
             && self.lost == 0
             && self.corrupted == 0
+            && self.deflate.is_none_or(|d| d.agreed == self.opened)
     }
 
     /// Server resident memory per held connection: `(held - before) / held`, in bytes.
@@ -150,6 +183,21 @@ impl Report {
             Load::Idle => {}
         }
         j.num("size", self.size as f64);
+        j.str("payload", self.content.name());
+        match &self.deflate {
+            Some(d) => {
+                let mut o = Json::object();
+                o.num("agreed", d.agreed as f64);
+                o.num("sent_raw", d.sent_raw as f64);
+                o.num("sent_wire", d.sent_wire as f64);
+                o.opt("sent_ratio", d.sent_ratio());
+                o.num("received_wire", d.received_wire as f64);
+                o.num("received_raw", d.received_raw as f64);
+                o.opt("received_ratio", d.received_ratio());
+                j.raw("deflate", &o.finish());
+            }
+            None => j.raw("deflate", "null"),
+        }
         j.num("opened", self.opened as f64);
         j.num("held", self.held as f64);
         j.num("connect_failures", self.connect_failures as f64);
@@ -221,8 +269,12 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "target       {}: {} connection(s), {}, {}-byte messages",
-            self.url, self.connections, self.load, self.size
+            "target       {}: {} connection(s), {}, {}-byte {} messages",
+            self.url,
+            self.connections,
+            self.load,
+            self.size,
+            self.content.name()
         )?;
         writeln!(
             f,
@@ -253,6 +305,21 @@ impl std::fmt::Display for Report {
             self.msgs_per_sec,
             fmt_duration(self.measured)
         )?;
+        if let Some(d) = &self.deflate {
+            let ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
+            writeln!(
+                f,
+                "deflate      agreed on {} of {} connection(s); sent {} as {} (ratio {}); received {} inflated to {} (ratio {})",
+                d.agreed,
+                self.opened,
+                fmt_bytes(d.sent_raw),
+                fmt_bytes(d.sent_wire),
+                ratio(d.sent_ratio()),
+                fmt_bytes(d.received_wire),
+                fmt_bytes(d.received_raw),
+                ratio(d.received_ratio()),
+            )?;
+        }
         if let Some(l) = &self.latency {
             writeln!(
                 f,

@@ -33,6 +33,8 @@ Options:
   --header 'NAME: VALUE' add a request header (repeatable)
   --connect-timeout DUR  time for the TCP connect and the handshake [default: 10s]
   --max-message BYTES    largest message accepted; larger closes with 1009 [default: 16MiB]
+  --deflate, --no-deflate
+                         offer permessage-deflate, as browsers do [default: --deflate]
   --log LEVEL            error | warn | info | debug | trace | off [default: info]
 
 Exits 0 after a clean close (code 1000); otherwise prints the reason and exits non-zero.
@@ -129,6 +131,14 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 }
             }
             Long("max-message") => o.cfg.max_message = parse_bytes(&value(&mut p)?)?,
+            #[cfg(feature = "deflate")]
+            Long("deflate") => o.cfg.deflate.enabled = true,
+            #[cfg(feature = "deflate")]
+            Long("no-deflate") => o.cfg.deflate.enabled = false,
+            #[cfg(not(feature = "deflate"))]
+            Long("deflate") => return Err(super::NO_DEFLATE.to_string()),
+            #[cfg(not(feature = "deflate"))]
+            Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
             Short('h') | Long("help") => {
                 print!("{HELP}");
@@ -152,7 +162,15 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     loop {
         let ended = match Client::connect(&o.url, o.cfg.clone()) {
             Ok(client) => {
-                log::info!("connected to {}", o.url);
+                #[cfg(feature = "deflate")]
+                let how = if client.deflate().is_some() {
+                    " (permessage-deflate)"
+                } else {
+                    ""
+                };
+                #[cfg(not(feature = "deflate"))]
+                let how = "";
+                log::info!("connected to {}{how}", o.url);
                 backoff = BACKOFF_FIRST;
                 Session::new(client, &o, input.as_mut(), &mut progress).run(&interrupts)
             }

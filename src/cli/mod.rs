@@ -21,6 +21,10 @@ Usage:
 Run `wsloop serve --help` for the options of a subcommand.
 Durations are written like 2s, 500ms, 0.5s, 1m.";
 
+/// What `--deflate` says in a build without the `deflate` feature.
+#[cfg(not(feature = "deflate"))]
+const NO_DEFLATE: &str = "this build has no permessage-deflate (cargo feature `deflate`)";
+
 /// Runs the CLI; returns the exit code.
 pub fn main() -> i32 {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();

@@ -32,6 +32,10 @@ Options:
   --tcp-keepalive DUR      TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
+  --deflate, --no-deflate  accept permessage-deflate when offered: no memory per idle
+                           connection, CPU per message compressed [default: --deflate]
+  --deflate-min-size BYTES send messages shorter than this uncompressed, and longer ones
+                           that do not shrink; 0 compresses every message [default: 64]
   --log LEVEL              error | warn | info | debug | trace | off [default: info]
 ";
 
@@ -92,6 +96,16 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("tcp-keepalive") => cfg.tcp_keepalive = opt_duration(&value(&mut p)?)?,
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
+            #[cfg(feature = "deflate")]
+            Long("deflate") => cfg.deflate.enabled = true,
+            #[cfg(feature = "deflate")]
+            Long("no-deflate") => cfg.deflate.enabled = false,
+            #[cfg(feature = "deflate")]
+            Long("deflate-min-size") => cfg.deflate.min_size = parse_bytes(&value(&mut p)?)?,
+            #[cfg(not(feature = "deflate"))]
+            Long("deflate" | "deflate-min-size") => return Err(super::NO_DEFLATE.to_string()),
+            #[cfg(not(feature = "deflate"))]
+            Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
             Short('h') | Long("help") => {
                 print!("{HELP}");

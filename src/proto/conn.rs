@@ -14,6 +14,13 @@
 //! a handshake head, a frame header, a frame or a fragmented message is split across reads, and
 //! freed as soon as it completes: a frame that arrives whole is unmasked in place in the
 //! caller's buffer and handed out as a slice of it.
+//!
+//! With the `deflate` feature, permessage-deflate (RFC 7692) is negotiated here for both roles
+//! (`Connection::accept_deflate`, and a client whose request offers `deflate::CLIENT_OFFER`)
+//! and applied in the frame path: the agreed parameters take one byte of the connection's
+//! padding, and the compressor and decompressor are the loop's, lent to `read_with` and
+//! `send_with` as a `deflate::Codec`. A compressed message split across frames or reads is
+//! buffered compressed (bounded by [`Config::max_message`]) and inflated once complete.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -25,6 +32,19 @@ use super::handshake::{self, Answer, ClientRequest, Reject, Request, Response, R
 use super::mask::apply_mask;
 use super::rand::RandomSource;
 use super::utf8::Utf8Validator;
+
+#[cfg(feature = "deflate")]
+use super::deflate::{self, Agreed, Codec, DeflateConfig, InflateError, InflateWindow};
+
+/// The loop's codec, where one was lent. Without the `deflate` feature there is none.
+#[cfg(feature = "deflate")]
+type CodecRef<'a> = Option<&'a mut Codec>;
+#[cfg(not(feature = "deflate"))]
+type CodecRef<'a> = Option<&'a mut NoCodec>;
+
+/// Stands in for the codec in builds without the `deflate` feature: it has no values.
+#[cfg(not(feature = "deflate"))]
+enum NoCodec {}
 
 /// Which end of the connection this is. Clients mask what they send; servers require masks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,6 +334,9 @@ struct ClientPending {
     key: String,
     protocols: Vec<String>,
     extensions_offered: bool,
+    /// The request offered [`deflate::CLIENT_OFFER`]: the answer is checked against it.
+    #[cfg(feature = "deflate")]
+    deflate_offered: bool,
 }
 
 /// The client's answer check, behind a trait object: only programs that create client
@@ -321,6 +344,9 @@ struct ClientPending {
 trait AnswerCheck: Send + Sync {
     fn check(&self, buf: &[u8], eof: bool) -> Result<Option<(Response, usize)>, ResponseError>;
     fn heap_bytes(&self) -> usize;
+    /// What an accepted answer agreed to about permessage-deflate.
+    #[cfg(feature = "deflate")]
+    fn deflate(&self, response: &Response) -> Result<Option<Agreed>, ResponseError>;
 }
 
 impl AnswerCheck for ClientPending {
@@ -329,6 +355,15 @@ impl AnswerCheck for ClientPending {
     }
     fn heap_bytes(&self) -> usize {
         core::mem::size_of::<ClientPending>() + self.key.capacity()
+    }
+    #[cfg(feature = "deflate")]
+    fn deflate(&self, response: &Response) -> Result<Option<Agreed>, ResponseError> {
+        match (&response.extensions, self.deflate_offered) {
+            (Some(e), true) => {
+                deflate::negotiate_client(&[e.as_bytes()]).map_err(|e| ResponseError::Invalid(e.message()))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -347,6 +382,12 @@ struct Partial {
     control: [u8; MAX_CONTROL_PAYLOAD],
     control_len: u8,
     client: Option<Box<dyn AnswerCheck>>,
+    /// The message being assembled had RSV1 set: `buf` holds it compressed.
+    #[cfg(feature = "deflate")]
+    compressed: bool,
+    /// Client whose server keeps its context: what it received last (kept between messages).
+    #[cfg(feature = "deflate")]
+    window: Option<InflateWindow>,
 }
 
 impl Partial {
@@ -361,6 +402,10 @@ impl Partial {
             control: [0; MAX_CONTROL_PAYLOAD],
             control_len: 0,
             client: None,
+            #[cfg(feature = "deflate")]
+            compressed: false,
+            #[cfg(feature = "deflate")]
+            window: None,
         })
     }
 
@@ -370,6 +415,34 @@ impl Partial {
             && self.message.is_none()
             && self.buf.is_empty()
             && self.client.is_none()
+            && self.window_is_none()
+    }
+
+    /// Whether the message being assembled is compressed.
+    fn is_compressed(&self) -> bool {
+        #[cfg(feature = "deflate")]
+        return self.compressed && self.message.is_some();
+        #[cfg(not(feature = "deflate"))]
+        false
+    }
+
+    #[cfg(feature = "deflate")]
+    fn window_is_none(&self) -> bool {
+        self.window.is_none()
+    }
+
+    #[cfg(not(feature = "deflate"))]
+    fn window_is_none(&self) -> bool {
+        true
+    }
+
+    /// Heap bytes of the inflate window, if any.
+    fn window_bytes(&self) -> usize {
+        #[cfg(feature = "deflate")]
+        if let Some(w) = &self.window {
+            return w.heap_bytes();
+        }
+        0
     }
 }
 
@@ -379,6 +452,9 @@ const CLIENT: u8 = 1;
 const PINGED: u8 = 2;
 /// Server: a request was handed out and awaits its answer.
 const AWAITING_ANSWER: u8 = 4;
+/// permessage-deflate: the peer keeps its LZ77 context between messages.
+#[cfg(feature = "deflate")]
+const PEER_TAKEOVER: u8 = 8;
 
 /// One WebSocket connection's protocol state.
 pub struct Connection {
@@ -387,6 +463,10 @@ pub struct Connection {
     since: u32,
     state: State,
     flags: u8,
+    /// permessage-deflate, when agreed: this end's window bits in the low nibble, the peer's in
+    /// the high one (each 8..=15); 0 when not agreed. It sits in what was padding.
+    #[cfg(feature = "deflate")]
+    deflate: u8,
 }
 
 impl core::fmt::Debug for Connection {
@@ -419,6 +499,8 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: 0,
+            #[cfg(feature = "deflate")]
+            deflate: 0,
         }
     }
 
@@ -434,12 +516,16 @@ impl Connection {
             key,
             protocols: request.protocols.clone(),
             extensions_offered: request.extensions.is_some(),
+            #[cfg(feature = "deflate")]
+            deflate_offered: request.extensions.as_deref() == Some(deflate::CLIENT_OFFER),
         }));
         Connection {
             partial: Some(p),
             since: now as u32,
             state: State::Connecting,
             flags: CLIENT,
+            #[cfg(feature = "deflate")]
+            deflate: 0,
         }
     }
 
@@ -450,6 +536,8 @@ impl Connection {
             since: now as u32,
             state: State::Open,
             flags: if role == Role::Client { CLIENT } else { 0 },
+            #[cfg(feature = "deflate")]
+            deflate: 0,
         }
     }
 
@@ -477,11 +565,44 @@ impl Connection {
         self.partial.is_some()
     }
 
-    /// Heap bytes this connection holds now: its parser state and the message it assembles.
+    /// Heap bytes this connection holds now: its parser state, the message it assembles
+    /// (compressed, for a compressed message) and, on a client whose server keeps its
+    /// compression context, the inflate window.
     pub fn buffered_bytes(&self) -> usize {
         self.partial.as_ref().map_or(0, |p| {
-            core::mem::size_of::<Partial>() + p.buf.capacity() + p.client.as_ref().map_or(0, |c| c.heap_bytes())
+            core::mem::size_of::<Partial>()
+                + p.buf.capacity()
+                + p.client.as_ref().map_or(0, |c| c.heap_bytes())
+                + p.window_bytes()
         })
+    }
+
+    /// The permessage-deflate parameters this connection agreed on, if it did.
+    #[cfg(feature = "deflate")]
+    pub fn deflate(&self) -> Option<Agreed> {
+        (self.deflate != 0).then_some(Agreed {
+            send_window_bits: self.deflate & 0x0f,
+            recv_window_bits: self.deflate >> 4,
+            recv_context_takeover: self.flags & PEER_TAKEOVER != 0,
+        })
+    }
+
+    #[cfg(feature = "deflate")]
+    fn set_deflate(&mut self, a: Agreed) {
+        let bits = |b: u8| b.clamp(8, deflate::MAX_WINDOW_BITS);
+        self.deflate = bits(a.send_window_bits) | bits(a.recv_window_bits) << 4;
+        if a.recv_context_takeover {
+            self.flags |= PEER_TAKEOVER;
+        }
+    }
+
+    /// Whether RSV1 may start a data message (permessage-deflate was agreed).
+    #[inline]
+    fn compression_agreed(&self) -> bool {
+        #[cfg(feature = "deflate")]
+        return self.deflate != 0;
+        #[cfg(not(feature = "deflate"))]
+        false
     }
 
     /// Whether a fragmented or split message is being assembled.
@@ -535,11 +656,43 @@ impl Connection {
     /// ping, the reply to a close) are appended to `out` before the event is returned, so
     /// replies the caller writes to the same `out` stay in order with them. On an error the
     /// close frame or HTTP refusal is queued after everything earlier events produced.
+    ///
+    /// A connection that agreed on permessage-deflate should be read with
+    /// `read_with` and the loop's codec; read here, each compressed message
+    /// gets a decompressor of its own (7 KB of zlib state and a 32 KiB window, freed after).
     pub fn read<'d, R: RandomSource + ?Sized>(
         &mut self,
         cfg: &Config,
         now: u64,
         data: &'d mut [u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        self.read_inner(cfg, now, data, None, rng, out)
+    }
+
+    /// [`read`](Self::read) with the loop's permessage-deflate codec, which inflates the
+    /// compressed messages of every connection that agreed on it.
+    #[cfg(feature = "deflate")]
+    pub fn read_with<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        codec: &mut Codec,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        self.read_inner(cfg, now, data, Some(codec), rng, out)
+    }
+
+    #[inline]
+    fn read_inner<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        codec: CodecRef<'_>,
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), Error> {
@@ -556,7 +709,7 @@ impl Connection {
                     self.since = now as u32;
                     self.flags &= !PINGED;
                 }
-                match self.read_frames(cfg, now, data, rng, out) {
+                match self.read_frames(cfg, now, data, codec, rng, out) {
                     Ok(r) => Ok(r),
                     Err(e) => Err(Error::Protocol(self.fail(e, now, rng, out))),
                 }
@@ -742,6 +895,39 @@ impl Connection {
         upgraded
     }
 
+    /// [`accept`](Self::accept) with permessage-deflate negotiated per `config`: when the
+    /// request offers it and the answer upgrades, the answer carries the agreed
+    /// `Sec-WebSocket-Extensions` (always with both `no_context_takeover` parameters, so this
+    /// connection holds no compression state) and the connection compresses from then on.
+    #[cfg(feature = "deflate")]
+    pub fn accept_deflate(
+        &mut self,
+        request: &Request,
+        answer: &Answer,
+        config: &DeflateConfig,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let accepted = match answer {
+            Answer::Accept { .. } if config.enabled => {
+                let offers: Vec<&[u8]> = request.extensions().collect();
+                deflate::negotiate_server(&offers, config)
+            }
+            _ => None,
+        };
+        let upgraded = self.accept(
+            request,
+            answer,
+            accepted.as_ref().map(|a| a.response.as_str()),
+            now,
+            out,
+        );
+        if let (true, Some(a)) = (upgraded, accepted) {
+            self.set_deflate(a.agreed);
+        }
+        upgraded
+    }
+
     fn read_response<'d>(
         &mut self,
         cfg: &Config,
@@ -759,6 +945,15 @@ impl Connection {
                 Ok((data.len(), None))
             }
             Ok(Some((response, used))) => {
+                #[cfg(feature = "deflate")]
+                match pending.deflate(&response) {
+                    Ok(Some(agreed)) => self.set_deflate(agreed),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.set_closed(now);
+                        return Err(Error::Response(Box::new(e)));
+                    }
+                }
                 self.set_state(State::Open, now);
                 Ok((used, Some(Event::Open(Box::new(response)))))
             }
@@ -777,6 +972,49 @@ impl Connection {
         out: &mut Vec<u8>,
     ) -> Result<(), NotOpen> {
         self.send_frame(msg.opcode(), true, msg.as_bytes(), rng, out)
+    }
+
+    /// [`send`](Self::send), compressed with the loop's codec where permessage-deflate was
+    /// agreed and it pays (see [`Codec::compress`]). [`send`](Self::send) and
+    /// [`send_frame`](Self::send_frame) never compress (RSV1 is per message: uncompressed
+    /// messages are always allowed).
+    #[cfg(feature = "deflate")]
+    #[inline]
+    pub fn send_with<R: RandomSource + ?Sized>(
+        &mut self,
+        msg: Message<'_>,
+        codec: &mut Codec,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
+        if self.deflate != 0 {
+            return self.send_compressed(msg, codec, rng, out);
+        }
+        self.send(msg, rng, out)
+    }
+
+    /// [`send_with`](Self::send_with) where compression was agreed; kept out of line so that
+    /// the path of connections without it stays as short as [`send`](Self::send).
+    #[cfg(feature = "deflate")]
+    #[inline(never)]
+    fn send_compressed<R: RandomSource + ?Sized>(
+        &mut self,
+        msg: Message<'_>,
+        codec: &mut Codec,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
+        if self.state != State::Open {
+            return Err(NotOpen);
+        }
+        if let Some(agreed) = self.deflate() {
+            if let Some(z) = codec.compress(&agreed, msg.as_bytes()) {
+                super::frame::write_compressed_frame(out, msg.opcode(), self.mask(rng), z);
+                return Ok(());
+            }
+        }
+        write_frame(out, true, msg.opcode(), self.mask(rng), msg.as_bytes());
+        Ok(())
     }
 
     /// Sends one frame of a message: the first with `Text` or `Binary`, later ones with
@@ -928,6 +1166,7 @@ impl Connection {
         cfg: &Config,
         now: u64,
         data: &'d mut [u8],
+        mut codec: CodecRef<'_>,
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), ProtocolError> {
@@ -940,7 +1179,7 @@ impl Connection {
                 return Ok((total, None));
             }
             if self.partial.as_ref().is_some_and(|p| p.frame.is_some()) {
-                let (took, ev) = self.continue_frame(rest, now, rng, out)?;
+                let (took, ev) = self.continue_frame(rest, cfg.max_message, now, codec.as_deref_mut(), rng, out)?;
                 rest = &mut core::mem::take(&mut rest)[took..];
                 if ev.is_some() {
                     return Ok((total - rest.len(), ev));
@@ -995,6 +1234,9 @@ impl Connection {
                 }
                 let ev = if header.opcode.is_control() {
                     self.on_control(header.opcode, payload, false, now, rng, out)?
+                } else if header.rsv1 {
+                    let message = self.inflate(header.opcode, payload, cfg.max_message, codec.as_deref_mut())?;
+                    (self.state == State::Open).then_some(Event::Message(message))
                 } else {
                     let payload: &'d [u8] = payload;
                     let p = match header.opcode {
@@ -1016,6 +1258,10 @@ impl Connection {
                 p.message = Some(header.opcode);
                 p.utf8 = Utf8Validator::new();
                 p.buf.clear();
+                #[cfg(feature = "deflate")]
+                {
+                    p.compressed = header.rsv1;
+                }
             }
             if header.opcode.is_control() {
                 p.control_len = 0;
@@ -1031,6 +1277,11 @@ impl Connection {
             (true, true) => return Err(err(1002, "server frame masked")),
             _ => {}
         }
+        // RSV1 marks the first frame of a compressed message, once compression is agreed
+        // (RFC 7692 §6); anywhere else it is a reserved bit.
+        if h.rsv1 && (h.opcode.is_control() || h.opcode == OpCode::Continuation || !self.compression_agreed()) {
+            return Err(err(1002, "reserved bits set"));
+        }
         if h.opcode.is_control() {
             return Ok(());
         }
@@ -1038,7 +1289,7 @@ impl Connection {
             // Nothing in progress: the common case.
             return match h.opcode {
                 OpCode::Continuation => Err(err(1002, "continuation frame without a message to continue")),
-                _ if h.payload_len > max_message as u64 => Err(err(1009, "message too big")),
+                _ if h.payload_len > wire_limit(max_message, h.rsv1) => Err(err(1009, "message too big")),
                 _ => Ok(()),
             };
         };
@@ -1051,7 +1302,7 @@ impl Connection {
             _ => {}
         }
         let so_far = p.buf.len() as u64;
-        if so_far.saturating_add(h.payload_len) > max_message as u64 {
+        if so_far.saturating_add(h.payload_len) > wire_limit(max_message, p.is_compressed() || h.rsv1) {
             return Err(err(1009, "message too big"));
         }
         Ok(())
@@ -1062,7 +1313,9 @@ impl Connection {
     fn continue_frame<R: RandomSource + ?Sized>(
         &mut self,
         data: &mut [u8],
+        max_message: usize,
         now: u64,
+        codec: CodecRef<'_>,
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'static>>), ProtocolError> {
@@ -1090,7 +1343,8 @@ impl Connection {
             let ev = self.on_control(f.header.opcode, &payload[..n], true, now, rng, out)?;
             return Ok((take, ev.map(Event::into_owned)));
         }
-        if p.message == Some(OpCode::Text) {
+        let compressed = p.is_compressed();
+        if p.message == Some(OpCode::Text) && !compressed {
             p.utf8
                 .feed(chunk)
                 .map_err(|_| err(1007, "invalid UTF-8 in text message"))?;
@@ -1101,6 +1355,13 @@ impl Connection {
         }
         let kind = p.message.take();
         let buf = core::mem::take(&mut p.buf);
+        if compressed {
+            // Whole: inflate it (checking text after), and free the compressed copy.
+            let kind = kind.unwrap_or(OpCode::Binary);
+            let message = self.inflate(kind, &buf, max_message, codec)?;
+            drop(buf);
+            return Ok((take, (self.state == State::Open).then_some(Event::Message(message))));
+        }
         if kind == Some(OpCode::Text) {
             p.utf8
                 .finish()
@@ -1117,6 +1378,61 @@ impl Connection {
             _ => Payload::OwnedBinary(buf),
         };
         Ok((take, Some(Event::Message(payload))))
+    }
+
+    /// Inflates a whole compressed message (all its frames' payloads) into an owned payload, at
+    /// most `max_message` bytes; text is checked once inflated.
+    #[cfg(feature = "deflate")]
+    fn inflate(
+        &mut self,
+        kind: OpCode,
+        message: &[u8],
+        max_message: usize,
+        codec: CodecRef<'_>,
+    ) -> Result<Payload<'static>, ProtocolError> {
+        let mut own;
+        let codec = match codec {
+            Some(c) => c,
+            None => {
+                own = Codec::default();
+                &mut own
+            }
+        };
+        let window = if self.flags & PEER_TAKEOVER != 0 {
+            let bits = self.deflate >> 4;
+            let p = self.partial.get_or_insert_with(Partial::new);
+            Some(p.window.get_or_insert_with(|| InflateWindow::new(bits)))
+        } else {
+            None
+        };
+        let mut out = Vec::new();
+        codec
+            .decompress(window, message, max_message, &mut out)
+            .map_err(|e| match e {
+                InflateError::TooBig => err(1009, "message too big"),
+                InflateError::Corrupt => err(1007, "invalid compressed data"),
+            })?;
+        Ok(match kind {
+            OpCode::Text => {
+                Payload::OwnedText(String::from_utf8(out).map_err(|_| err(1007, "invalid UTF-8 in text message"))?)
+            }
+            _ => Payload::OwnedBinary(out),
+        })
+    }
+
+    /// Without the `deflate` feature RSV1 never passes [`check_header`](Self::check_header).
+    #[cfg(not(feature = "deflate"))]
+    fn inflate(
+        &mut self,
+        _kind: OpCode,
+        _message: &[u8],
+        _max_message: usize,
+        codec: CodecRef<'_>,
+    ) -> Result<Payload<'static>, ProtocolError> {
+        match codec {
+            None => Err(err(1002, "reserved bits set")),
+            Some(never) => match *never {},
+        }
     }
 
     /// Handles a whole control frame. `owned` says the payload must be copied out (it lives
@@ -1170,6 +1486,18 @@ impl Connection {
                 Ok(Some(Event::Close { code, reason }))
             }
         }
+    }
+}
+
+/// The most payload bytes a message may take on the wire. A compressed message may exceed
+/// `max_message` by what deflate adds to data that does not shrink (5 bytes per stored block of
+/// up to 64 KiB, and a few more); the inflated message is held to `max_message`.
+fn wire_limit(max_message: usize, compressed: bool) -> u64 {
+    let max = max_message as u64;
+    if compressed {
+        max + max / 1024 + 64
+    } else {
+        max
     }
 }
 

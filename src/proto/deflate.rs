@@ -93,21 +93,43 @@ impl Agreed {
     }
 }
 
-/// What the server accepts.
+/// permessage-deflate settings of one endpoint (server, client or load generator).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServerConfig {
-    /// Whether to accept permessage-deflate at all.
+#[non_exhaustive]
+pub struct DeflateConfig {
+    /// Server: accept permessage-deflate when offered. Client: offer it ([`CLIENT_OFFER`]).
     pub enabled: bool,
-    /// The largest window the server compresses with, in bits (9..=15; clamped). Below 15 it is
-    /// announced with `server_max_window_bits`.
+    /// Server: the largest window it compresses with, in bits (9..=15; clamped). Below 15 it is
+    /// announced with `server_max_window_bits`: each compressor then takes less memory
+    /// (139 KB at 9 bits against 268 KB at 15).
     pub max_window_bits: u8,
+    /// Messages shorter than this are sent uncompressed (default [`DEFAULT_MIN_SIZE`]), and so
+    /// are longer ones that compression would not make smaller. 0 compresses every message,
+    /// even when that makes it larger: some peers expect it (kosoku's Autobahn runner fails
+    /// on an uncompressed message where compression was agreed, although RFC 7692 §6 allows
+    /// one).
+    pub min_size: usize,
+    /// The zlib level, 0..=9 (default [`DEFAULT_LEVEL`]).
+    pub level: u32,
 }
 
-impl Default for ServerConfig {
+impl Default for DeflateConfig {
     fn default() -> Self {
-        ServerConfig {
+        DeflateConfig {
             enabled: true,
             max_window_bits: MAX_WINDOW_BITS,
+            min_size: DEFAULT_MIN_SIZE,
+            level: DEFAULT_LEVEL,
+        }
+    }
+}
+
+impl DeflateConfig {
+    /// Compression turned off: a server declines every offer, a client offers nothing.
+    pub fn disabled() -> Self {
+        DeflateConfig {
+            enabled: false,
+            ..DeflateConfig::default()
         }
     }
 }
@@ -127,7 +149,7 @@ pub struct Accepted {
 /// An offer with an unknown, repeated or invalid parameter, a malformed element, or a demand
 /// zlib cannot meet (`server_max_window_bits=8`) is declined (RFC 7692 §7: "MUST decline") and the
 /// next one considered; nothing here fails the handshake.
-pub fn negotiate_server(headers: &[&[u8]], config: &ServerConfig) -> Option<Accepted> {
+pub fn negotiate_server(headers: &[&[u8]], config: &DeflateConfig) -> Option<Accepted> {
     if !config.enabled {
         return None;
     }
@@ -667,6 +689,117 @@ impl InflateWindow {
     }
 }
 
+/// Unsent compressed payloads larger than this are not kept for reuse.
+const KEEP_BUFFER: usize = 64 << 10;
+
+/// What the connections of one loop share for permessage-deflate: one [`Compressor`], one
+/// [`Decompressor`] (made on the first compressed message received), a buffer for compressed
+/// payloads, and byte counts.
+///
+/// It allocates nothing until a message is compressed or inflated. Pass it to
+/// [`Connection::read_with`](super::Connection::read_with) and
+/// [`Connection::send_with`](super::Connection::send_with).
+pub struct Codec {
+    compressor: Compressor,
+    decompressor: Option<Decompressor>,
+    min_size: usize,
+    buf: Vec<u8>,
+    stats: CodecStats,
+}
+
+/// Bytes through a [`Codec`] since it was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CodecStats {
+    /// Payload bytes of the messages sent compressed, before compression.
+    pub compressed_in: u64,
+    /// The same messages' bytes on the wire (compressed).
+    pub compressed_out: u64,
+    /// Compressed bytes received and inflated.
+    pub inflated_in: u64,
+    /// What they inflated to.
+    pub inflated_out: u64,
+    /// Messages at or above the size threshold sent uncompressed because compression did not
+    /// make them smaller.
+    pub not_smaller: u64,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec::new(&DeflateConfig::default())
+    }
+}
+
+impl Codec {
+    /// A codec with `config`'s level and size threshold.
+    pub fn new(config: &DeflateConfig) -> Self {
+        Codec {
+            compressor: Compressor::new(config.level),
+            decompressor: None,
+            min_size: config.min_size,
+            buf: Vec::new(),
+            stats: CodecStats::default(),
+        }
+    }
+
+    /// Bytes compressed and inflated so far.
+    pub fn stats(&self) -> CodecStats {
+        self.stats
+    }
+
+    /// The payload to send with RSV1 set for a peer that agreed to `agreed`, or `None` to send
+    /// `payload` as it is: below the size threshold, on a window zlib cannot compress with, or
+    /// when compression would not make it smaller. A threshold of 0 compresses every message,
+    /// even when that makes it larger.
+    pub fn compress(&mut self, agreed: &Agreed, payload: &[u8]) -> Option<&[u8]> {
+        if !agreed.should_compress(payload.len(), self.min_size) {
+            return None;
+        }
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new(); // one large message must not pin memory for good
+        }
+        self.buf.clear();
+        self.compressor
+            .compress(payload, agreed.send_window_bits, &mut self.buf);
+        if self.buf.len() >= payload.len() && self.min_size > 0 {
+            self.stats.not_smaller += 1;
+            return None;
+        }
+        self.stats.compressed_in += payload.len() as u64;
+        self.stats.compressed_out += self.buf.len() as u64;
+        Some(&self.buf)
+    }
+
+    /// Inflates one whole message into `out` (see [`Decompressor::decompress`]); `window` is the
+    /// connection's [`InflateWindow`] when its peer keeps its context.
+    pub fn decompress(
+        &mut self,
+        window: Option<&mut InflateWindow>,
+        message: &[u8],
+        max_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InflateError> {
+        let before = out.len();
+        let d = self.decompressor.get_or_insert_with(Decompressor::new);
+        match window {
+            Some(w) => d.decompress_with_context(w, message, max_len, out)?,
+            None => d.decompress(message, max_len, out)?,
+        }
+        self.stats.inflated_in += message.len() as u64;
+        self.stats.inflated_out += (out.len() - before) as u64;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Codec")
+            .field("min_size", &self.min_size)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,7 +808,7 @@ mod tests {
 
     fn server(offers: &[&str]) -> Option<Accepted> {
         let headers: Vec<&[u8]> = offers.iter().map(|o| o.as_bytes()).collect();
-        negotiate_server(&headers, &ServerConfig::default())
+        negotiate_server(&headers, &DeflateConfig::default())
     }
 
     fn answer(offers: &[&str]) -> Option<String> {
@@ -824,16 +957,17 @@ mod tests {
         assert_eq!(
             negotiate_server(
                 offer,
-                &ServerConfig {
+                &DeflateConfig {
                     enabled: false,
-                    ..ServerConfig::default()
+                    ..DeflateConfig::default()
                 }
             ),
             None
         );
-        let small = ServerConfig {
+        let small = DeflateConfig {
             enabled: true,
             max_window_bits: 10,
+            ..DeflateConfig::default()
         };
         let accepted = negotiate_server(offer, &small).unwrap();
         assert_eq!(accepted.response, format!("{FULL}; server_max_window_bits=10"));
@@ -842,9 +976,10 @@ mod tests {
         assert_eq!(negotiate_server(asked, &small).unwrap().agreed.send_window_bits, 10);
         let asked: &[&[u8]] = &[b"permessage-deflate; server_max_window_bits=9"];
         assert_eq!(negotiate_server(asked, &small).unwrap().agreed.send_window_bits, 9);
-        let clamped = ServerConfig {
+        let clamped = DeflateConfig {
             enabled: true,
             max_window_bits: 3,
+            ..DeflateConfig::default()
         };
         assert_eq!(negotiate_server(offer, &clamped).unwrap().agreed.send_window_bits, 9);
     }

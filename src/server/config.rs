@@ -67,6 +67,12 @@ pub struct ServerConfig {
     pub page: Option<Cow<'static, str>>,
     /// Stop gracefully on SIGINT and SIGTERM while running (default: off; the CLI turns it on).
     pub handle_signals: bool,
+    /// permessage-deflate (default: accepted when offered, messages of 64 bytes and more
+    /// compressed at zlib level 1). The server always answers with `server_no_context_takeover`
+    /// and `client_no_context_takeover`, so an idle connection holds no compression state: one
+    /// compressor and one decompressor serve the whole loop.
+    #[cfg(feature = "deflate")]
+    pub deflate: proto::deflate::DeflateConfig,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -97,6 +103,8 @@ impl Default for ServerConfig {
             protocols: Vec::new(),
             page: None,
             handle_signals: false,
+            #[cfg(feature = "deflate")]
+            deflate: proto::deflate::DeflateConfig::default(),
         }
     }
 }

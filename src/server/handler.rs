@@ -238,6 +238,60 @@ pub struct Stats {
     pub refused: u64,
 }
 
+/// A broadcast message's frames, each encoded on first need and then shared: the plain frame
+/// and, with permessage-deflate, one compressed frame per window size (8..=15 bits).
+struct Frames<'m> {
+    msg: Message<'m>,
+    plain: Option<Arc<Vec<u8>>>,
+    #[cfg(feature = "deflate")]
+    by_window: [Option<Arc<Vec<u8>>>; 8],
+}
+
+impl<'m> Frames<'m> {
+    fn new(msg: Message<'m>) -> Self {
+        Frames {
+            msg,
+            plain: None,
+            #[cfg(feature = "deflate")]
+            by_window: Default::default(),
+        }
+    }
+
+    fn plain(&mut self) -> &Arc<Vec<u8>> {
+        let msg = self.msg;
+        self.plain.get_or_insert_with(|| {
+            let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
+            write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
+            Arc::new(frame)
+        })
+    }
+
+    /// The frame for a peer with these permessage-deflate parameters: compressed when that pays
+    /// (else the plain one).
+    #[cfg(feature = "deflate")]
+    fn get(
+        &mut self,
+        agreed: Option<crate::proto::deflate::Agreed>,
+        codec: &mut crate::proto::deflate::Codec,
+    ) -> &Arc<Vec<u8>> {
+        let Some(a) = agreed else { return self.plain() };
+        let i = usize::from(a.send_window_bits.clamp(8, 15) - 8);
+        if self.by_window[i].is_none() {
+            let msg = self.msg;
+            let frame = match codec.compress(&a, msg.as_bytes()) {
+                Some(z) => {
+                    let mut frame = Vec::with_capacity(z.len() + 10);
+                    crate::proto::frame::write_compressed_frame(&mut frame, msg.opcode(), None, z);
+                    Arc::new(frame)
+                }
+                None => Arc::clone(self.plain()),
+            };
+            self.by_window[i] = Some(frame);
+        }
+        self.by_window[i].as_ref().expect("filled above")
+    }
+}
+
 /// What the handler can do from inside the loop.
 pub struct Ctx<'a, S> {
     pub(crate) eng: &'a mut ServerEngine<S>,
@@ -269,10 +323,11 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Sends a message to every open connection except `except`, encoding the frame once and
     /// sharing its bytes among all queues. Returns how many connections it was queued for.
+    ///
+    /// With permessage-deflate the message is compressed once per window size its peers agreed
+    /// on (one, unless some asked for a smaller window) and those bytes are shared the same way.
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
-        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
-        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
-        let frame = Arc::new(frame);
+        let mut frames = Frames::new(msg);
         let mut sent = 0;
         // Index the slab instead of collecting keys: no allocation per broadcast.
         for key in 0..self.eng.slots.capacity() {
@@ -283,7 +338,11 @@ impl<'a, S> Ctx<'a, S> {
             if except.is_some_and(|e| e == ConnId::new(key, slot.gen)) {
                 continue;
             }
-            if self.queue_shared(key, &frame) {
+            #[cfg(feature = "deflate")]
+            let frame = frames.get(slot.conn.deflate(), &mut self.eng.codec);
+            #[cfg(not(feature = "deflate"))]
+            let frame = frames.plain();
+            if self.queue_shared(key, frame) {
                 sent += 1;
             }
         }

@@ -290,6 +290,10 @@ impl Server {
             None
         };
         let mut eng: ServerEngine<H::State> = Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom);
+        #[cfg(feature = "deflate")]
+        {
+            eng.codec = crate::proto::deflate::Codec::new(&cfg.deflate);
+        }
         let mut srv = Srv {
             handler,
             shared: Shared {
@@ -602,7 +606,11 @@ impl<H: Handler> Srv<H> {
                 Err(answer) => answer,
             }
         };
-        if !eng.accept(key, &req, &answer, None) {
+        #[cfg(feature = "deflate")]
+        let upgraded = eng.accept_deflate(key, &req, &answer, &self.cfg.deflate);
+        #[cfg(not(feature = "deflate"))]
+        let upgraded = eng.accept(key, &req, &answer, None);
+        if !upgraded {
             if let Answer::Reject { status, body } = &answer {
                 log::info!("{addr}: refused handshake: {status} {}", body.trim());
             }
