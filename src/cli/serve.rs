@@ -32,12 +32,19 @@ Options:
   --tcp-keepalive DUR      TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
+  --log LEVEL              error | warn | info | debug | trace | off [default: info]
+";
+
+/// Only in builds that have it (the server-only build does not).
+#[cfg(feature = "deflate")]
+const DEFLATE_HELP: &str = "\
   --deflate, --no-deflate  accept permessage-deflate when offered: no memory per idle
                            connection, CPU per message compressed [default: --deflate]
   --deflate-min-size BYTES send messages shorter than this uncompressed, and longer ones
                            that do not shrink; 0 compresses every message [default: 64]
-  --log LEVEL              error | warn | info | debug | trace | off [default: info]
 ";
+#[cfg(not(feature = "deflate"))]
+const DEFLATE_HELP: &str = "";
 
 fn opt_duration(s: &str) -> Result<Option<std::time::Duration>, String> {
     let d = parse_duration(s)?;
@@ -108,7 +115,7 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
             Short('h') | Long("help") => {
-                print!("{HELP}");
+                print!("{HELP}{DEFLATE_HELP}");
                 return Ok(());
             }
             _ => return Err(arg.unexpected().to_string()),

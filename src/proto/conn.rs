@@ -596,13 +596,20 @@ impl Connection {
         }
     }
 
-    /// Whether RSV1 may start a data message (permessage-deflate was agreed).
+    /// RSV1 marks the first frame of a compressed message, once compression is agreed
+    /// (RFC 7692 §6); anywhere else it is a reserved bit. Decided, as the other header checks,
+    /// as soon as two bytes of the header are in.
     #[inline]
-    fn compression_agreed(&self) -> bool {
+    fn check_rsv1(&self, head: &[u8]) -> Result<(), ProtocolError> {
+        let [b0, _, ..] = *head else { return Ok(()) };
         #[cfg(feature = "deflate")]
-        return self.deflate != 0;
+        let allowed = self.deflate != 0 && matches!(b0 & 0x0f, 0x1 | 0x2);
         #[cfg(not(feature = "deflate"))]
-        false
+        let allowed = false;
+        if b0 & 0x40 != 0 && !allowed {
+            return Err(err(1002, "reserved bits set"));
+        }
+        Ok(())
     }
 
     /// Whether a fragmented or split message is being assembled.
@@ -1198,6 +1205,9 @@ impl Connection {
                 let p = self.partial.as_mut().expect("spilled implies partial");
                 let take = (MAX_HEADER_LEN - spilled).min(rest.len());
                 p.head[spilled..spilled + take].copy_from_slice(&rest[..take]);
+                let head = p.head;
+                self.check_rsv1(&head[..spilled + take])?;
+                let p = self.partial.as_mut().expect("spilled implies partial");
                 match FrameHeader::parse(&p.head[..spilled + take]).map_err(frame_error)? {
                     Some((h, n)) => {
                         p.head_len = 0;
@@ -1209,6 +1219,7 @@ impl Connection {
                     }
                 }
             } else {
+                self.check_rsv1(rest)?;
                 match FrameHeader::parse(rest).map_err(frame_error)? {
                     Some(x) => x,
                     None => {
@@ -1276,11 +1287,6 @@ impl Connection {
             (false, false) => return Err(err(1002, "client frame not masked")),
             (true, true) => return Err(err(1002, "server frame masked")),
             _ => {}
-        }
-        // RSV1 marks the first frame of a compressed message, once compression is agreed
-        // (RFC 7692 §6); anywhere else it is a reserved bit.
-        if h.rsv1 && (h.opcode.is_control() || h.opcode == OpCode::Continuation || !self.compression_agreed()) {
-            return Err(err(1002, "reserved bits set"));
         }
         if h.opcode.is_control() {
             return Ok(());
