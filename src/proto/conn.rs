@@ -1426,7 +1426,7 @@ impl Connection {
         })
     }
 
-    /// Without the `deflate` feature RSV1 never passes [`check_header`](Self::check_header).
+    /// Without the `deflate` feature RSV1 never passes [`check_rsv1`](Self::check_rsv1).
     #[cfg(not(feature = "deflate"))]
     fn inflate(
         &mut self,
