@@ -70,13 +70,11 @@ fn row(n: usize, r: &Report) -> String {
     let kib = |b: Option<u64>| b.map_or("?".into(), |b| format!("{:.0} KiB", b as f64 / 1024.0));
     let failures = r.connect_failures + r.handshake_failures + r.closed_early;
     let (tcp, slab) = match r.kernel {
-        Some(k) => {
-            let socks = k.tcp_inuse_held.saturating_sub(k.tcp_inuse_before).max(1) as f64;
-            (
-                format!("{} KiB", k.tcp_mem_held / 1024),
-                format!("{:.0} B", (k.slab_held as f64 - k.slab_before as f64) / socks),
-            )
-        }
+        Some(k) => (
+            format!("{} KiB", k.tcp_mem_held / 1024),
+            // Only when the sockets explain the growth: other activity can swamp it.
+            k.slab_per_socket().map_or("– (noisy)".into(), |b| format!("{b:.0} B")),
+        ),
         None => ("?".into(), "?".into()),
     };
     format!(

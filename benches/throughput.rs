@@ -9,6 +9,10 @@
 //! `WSLOOP_BENCH_CASE=64` (run only the cases whose name contains this), and
 //! `WSLOOP_BENCH_ALT=/path/to/other/wsloop` (add another wsloop build as a server, for A/B tests).
 //!
+//! A second table runs the TLS cases (`wss://`, 100 connections x 1 and x 16 in flight, 16 B):
+//! `wsloop serve --tls-cert --tls-key` vs `tt-tls-echo` (tokio-tungstenite over tokio-rustls,
+//! ring), with a certificate made at run time; `WSLOOP_BENCH_TLS=0` skips it.
+//!
 //! Each repetition runs every server once per case, in rotating order, so slow drifts of a
 //! shared machine spread over all of them. Reported per server: echoes per second, p99 round
 //! trip, and echoes per server CPU-second (utime + stime of the server process during the
@@ -18,8 +22,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{env_or, machine, median, peer_path, ServerProc};
+use common::{certs, env_or, machine, median, peer_path, ServerProc};
 use wsloop::bench::{self, BenchConfig as Config, Load, Target};
+use wsloop::tls::ClientTls;
 
 struct Case {
     name: &'static str,
@@ -55,6 +60,21 @@ const CASES: [Case; 4] = [
     },
 ];
 
+const TLS_CASES: [Case; 2] = [
+    Case {
+        name: "wss 100 x 1 x 16 B",
+        connections: 100,
+        inflight: 1,
+        size: 16,
+    },
+    Case {
+        name: "wss 100 x 16 x 16 B",
+        connections: 100,
+        inflight: 16,
+        size: 16,
+    },
+];
+
 #[derive(Default)]
 struct Samples {
     rate: Vec<f64>,
@@ -80,14 +100,6 @@ fn main() {
             ),
         }
     }
-    let label = |name: &str| {
-        match name {
-            "tt-echo" => "tokio-tungstenite",
-            "fws-echo" => "fastwebsockets",
-            n => n,
-        }
-        .to_string()
-    };
     println!("wsloop throughput vs peers: echo servers driven by the same load generator, in one run");
     println!("machine: {}", machine());
     println!(
@@ -95,7 +107,36 @@ fn main() {
          the tokio peers run a multi-thread runtime (one worker per core)."
     );
     println!("{reps} repetition(s) x {secs} s per case and server; medians; binary messages, every echo verified\n");
-    let cases: Vec<&Case> = CASES.iter().filter(|c| c.name.contains(only.as_str())).collect();
+    run_table(&servers, &CASES, &only, reps, secs, None);
+    if env_or("WSLOOP_BENCH_TLS", 1) == 0 {
+        return;
+    }
+    drop(servers);
+    let dir = std::env::temp_dir().join(format!("wsloop-bench-certs-{}", std::process::id()));
+    let c = certs::make(&dir);
+    let mut tls_servers = vec![ServerProc::wsloop_tls(&c)];
+    match ServerProc::peer_with("tt-tls-echo", Some(&c)) {
+        Some(s) => tls_servers.push(s),
+        None => eprintln!("{} not built; skipping it", peer_path("tt-tls-echo").display()),
+    }
+    let trust = ClientTls::with_ca_file(&c.ca).expect("the CA just made");
+    println!("\nOver TLS (wss://, TLS 1.3, certificate made at run time):\n");
+    run_table(&tls_servers, &TLS_CASES, &only, reps, secs, Some(&trust));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `cases` against `servers` and prints the table.
+fn run_table(servers: &[ServerProc], cases: &[Case], only: &str, reps: usize, secs: u64, tls: Option<&ClientTls>) {
+    let label = |name: &str| {
+        match name {
+            "tt-echo" => "tokio-tungstenite",
+            "fws-echo" => "fastwebsockets",
+            "tt-tls-echo" => "tokio-tungstenite + tokio-rustls",
+            n => n,
+        }
+        .to_string()
+    };
+    let cases: Vec<&Case> = cases.iter().filter(|c| c.name.contains(only)).collect();
     let mut table = Vec::new();
     for case in &cases {
         let mut samples: Vec<Samples> = servers.iter().map(|_| Samples::default()).collect();
@@ -109,6 +150,7 @@ fn main() {
                 cfg.size = case.size;
                 cfg.duration = Duration::from_secs(secs);
                 cfg.server_pid = Some(s.pid());
+                cfg.tls = tls.cloned();
                 match bench::run(&cfg, &mut |_| {}) {
                     Ok(r) => {
                         let out = &mut samples[idx];

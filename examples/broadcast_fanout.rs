@@ -11,6 +11,7 @@
 //! ```text
 //! cargo build --release
 //! cargo run --release --example broadcast_fanout -- --peers 10000 --sizes 16,4096,65536 --rounds 3
+//! cargo run --release --example broadcast_fanout -- --peers 10000 --threads 2   # two loops
 //! ```
 //!
 //! On loopback the kernel's socket buffers usually take a whole frame at once, so the server
@@ -69,6 +70,8 @@ struct Options {
     deflate: bool,
     /// What the broadcast message carries.
     payload: Content,
+    /// The server's `--threads` (its loops; a broadcast is handed from one to the others).
+    threads: usize,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -82,6 +85,7 @@ fn parse_args() -> Result<Options, String> {
         rcvbuf: 0,
         deflate: false,
         payload: Content::Binary,
+        threads: 1,
     };
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
@@ -102,10 +106,11 @@ fn parse_args() -> Result<Options, String> {
                 let v = val(&mut p)?;
                 o.payload = Content::parse(&v).ok_or(format!("--payload: '{v}' is not binary, json or text"))?;
             }
+            Long("threads") => o.threads = val(&mut p)?.parse().map_err(|e| format!("--threads: {e}"))?,
             Long("help") | Short('h') => {
                 println!(
                     "broadcast_fanout [--peers N] [--sizes 16,4096,65536] [--rounds 3] [--server PATH] \
-                     [--mss BYTES] [--rcvbuf BYTES] [--deflate] [--payload binary|json|text]"
+                     [--mss BYTES] [--rcvbuf BYTES] [--deflate] [--payload binary|json|text] [--threads N]"
                 );
                 std::process::exit(0);
             }
@@ -184,7 +189,7 @@ fn watch_stderr(stderr: std::process::ChildStderr, watch: Arc<QueuedWatch>) {
     });
 }
 
-fn start_server(path: &PathBuf, watch: &Arc<QueuedWatch>) -> Result<(ServerChild, SocketAddr), String> {
+fn start_server(path: &PathBuf, threads: usize, watch: &Arc<QueuedWatch>) -> Result<(ServerChild, SocketAddr), String> {
     if !path.is_file() {
         return Err(format!(
             "{} not found: run `cargo build --release` first",
@@ -205,6 +210,8 @@ fn start_server(path: &PathBuf, watch: &Arc<QueuedWatch>) -> Result<(ServerChild
             "warn",
             "--stats",
             "10ms",
+            "--threads",
+            &threads.to_string(),
             "--listen",
         ])
         .arg(addr.to_string())
@@ -590,7 +597,7 @@ fn broadcast_round(
 
 fn run(o: &Options) -> Result<(), String> {
     let watch = Arc::new(QueuedWatch::default());
-    let (server, addr) = start_server(&o.server, &watch)?;
+    let (server, addr) = start_server(&o.server, o.threads, &watch)?;
     let pid = server.0.id();
     let (rss_idle, _) = memory_kib(pid).ok_or("cannot read the server's /proc status")?;
     println!(

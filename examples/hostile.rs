@@ -1074,8 +1074,7 @@ fn upgrade_request(t: &Target) -> Vec<u8> {
     let mut key = [0u8; 16];
     let mut rng = rng();
     rng.fill(&mut key);
-    use base64::Engine as _;
-    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let key = wsloop::proto::handshake::client_key(key);
     let offer = t
         .offer
         .map_or(String::new(), |o| format!("Sec-WebSocket-Extensions: {o}\r\n"));

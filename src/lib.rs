@@ -25,6 +25,7 @@
 //! | `client` | [`Client`] | yes |
 //! | `bench` | the load generator | yes |
 //! | `cli` | the `wsloop` binary | yes |
+//! | `tls` | `wss://` for the server, the client and the load generator ([`tls`]) | yes |
 //! | `deflate` | permessage-deflate (RFC 7692) for server, client and load generator: `proto::deflate`; C zlib compiled and linked statically (needs a C compiler) | yes |
 //!
 //! # Quick start
@@ -72,7 +73,7 @@
 //!
 //! # Not supported
 //!
-//! TLS (`wss://`; put a TLS proxy in front), extensions other than `permessage-deflate`, HTTP/2
+//! Extensions other than `permessage-deflate`, HTTP/2
 //! WebSockets (RFC 8441), and more than one thread per loop.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
@@ -90,12 +91,14 @@ pub mod bench;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// Reading the operating system: memory and CPU use of a process (for stats lines and the
 /// load generator's server figures).
 #[cfg(feature = "std")]
 pub mod sys {
-    pub use crate::io::sys::{read_cpu, read_rss};
+    pub use crate::io::sys::{cores, read_cpu, read_rss};
 }
 
 #[cfg(feature = "client")]

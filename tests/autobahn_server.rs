@@ -3,22 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::autobahn::{self, Kosoku, EXPECTED_CASES};
-
-/// kosoku is killed after this long. Without compression a run takes seconds; the 216
-/// compression cases echo 1,000 messages each, one at a time, and take minutes.
-const RUN_TIMEOUT: Duration = Duration::from_secs(45 * 60);
-
-/// The server's options. With compression every message is compressed
-/// (`--deflate-min-size 0`): kosoku's cases fail with an error of their own ("Strings must be
-/// encoded before hashing") on an uncompressed message where compression was agreed, which
-/// RFC 7692 §6 allows and the default threshold sends for short messages.
-#[cfg(feature = "deflate")]
-const SERVER_ARGS: &[&str] = &["--mode", "echo", "--deflate-min-size", "0"];
-#[cfg(not(feature = "deflate"))]
-const SERVER_ARGS: &[&str] = &["--mode", "echo"];
+use common::autobahn::{self, Kosoku, EXPECTED_CASES, SERVER_ARGS, SERVER_RUN_TIMEOUT};
 
 #[test]
 fn autobahn_server_cases() {
@@ -28,7 +13,7 @@ fn autobahn_server_cases() {
     let mut server = common::spawn_server(SERVER_ARGS);
     let outdir = common::target_dir().join("autobahn-reports").join("server");
 
-    let run = kosoku.run_fuzzingclient(server.addr, &outdir, 4, RUN_TIMEOUT);
+    let run = kosoku.run_fuzzingclient(server.addr, &outdir, 4, SERVER_RUN_TIMEOUT);
     println!("autobahn server: kosoku took {:.1?}", run.elapsed);
 
     let server_log = |server: &common::ServerProcess| {
@@ -39,7 +24,7 @@ fn autobahn_server_cases() {
     };
     if run.timed_out {
         panic!(
-            "kosoku did not finish within {RUN_TIMEOUT:?}\n{}\n{}",
+            "kosoku did not finish within {SERVER_RUN_TIMEOUT:?}\n{}\n{}",
             run.describe(),
             server_log(&server)
         );

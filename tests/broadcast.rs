@@ -93,6 +93,9 @@ impl Handler for Recorder {
         self.shared.lock().unwrap().seen.push(Seen::Close(Peer::of(conn), code));
         self.inner.on_close(ctx, conn, code, reason);
     }
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, timer: wsloop::server::Timer) {
+        self.inner.on_timer(ctx, timer);
+    }
     fn on_wake(&mut self, ctx: &mut Ctx<'_, ()>) {
         let actions = std::mem::take(&mut self.shared.lock().unwrap().actions);
         for a in actions {
@@ -278,13 +281,7 @@ fn broadcast_reaches_every_client() {
 
 #[test]
 fn no_echo_self_skips_only_the_sender() {
-    let srv = start(
-        Config::default(),
-        Broadcast {
-            echo_self: false,
-            announce: false,
-        },
-    );
+    let srv = start(Config::default(), Broadcast::new(false, false));
     let mut c: Vec<Client> = (0..3).map(|_| connect(srv.addr, None)).collect();
     srv.wait_opens(3);
 
@@ -302,13 +299,7 @@ fn no_echo_self_skips_only_the_sender() {
 
 #[test]
 fn announce_tells_everyone_about_joins_and_leaves() {
-    let srv = start(
-        Config::default(),
-        Broadcast {
-            echo_self: true,
-            announce: true,
-        },
-    );
+    let srv = start(Config::default(), Broadcast::new(true, true));
     let mut a = connect(srv.addr, None);
     let a_addr = a.get_ref().0.local_addr().unwrap();
     assert_eq!(text(&next_data(&mut a)), format!("* {a_addr} joined (1 online)"));

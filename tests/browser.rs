@@ -4,6 +4,9 @@
 //! Chromium agrees on permessage-deflate and a large compressed broadcast arrives intact. Screenshots go to
 //! `<target>/browser-chat.png` and `<target>/browser-reconnect.png`.
 //!
+//! The rooms example (examples/rooms.rs) is driven from a page too (tests/js/rooms.mjs): the
+//! token in the query, topics, join and leave notices.
+//!
 //! Needs /usr/bin/chromium (Debian package `chromium`), `node`, and tests/js/node_modules
 //! (`.ci/run` runs `npm ci` there). Outside CI a missing piece skips the test loudly; under
 //! `CI=true` it fails.
@@ -57,15 +60,21 @@ struct Script {
 
 impl Script {
     fn start(scenario: &str, server: &ServerProcess) -> Script {
-        let screenshot = target_dir().join(format!("browser-{scenario}.png"));
-        let profile = target_dir().join(format!("browser-profile-{scenario}"));
+        Self::start_at(scenario, scenario, &format!("http://{}/", server.addr))
+    }
+
+    /// `name` names the screenshot and the profile; `base` is the page's URL.
+    fn start_at(scenario: &str, name: &str, base: &str) -> Script {
+        let scenario_name = name;
+        let screenshot = target_dir().join(format!("browser-{scenario_name}.png"));
+        let profile = target_dir().join(format!("browser-profile-{scenario_name}"));
         let _ = fs::remove_file(&screenshot);
         let _ = fs::remove_dir_all(&profile); // a fresh --user-data-dir every run
         fs::create_dir_all(&profile).expect("create the browser profile directory");
         let mut child = Command::new("node")
             .arg(js_dir().join("browser.mjs"))
             .arg(scenario)
-            .arg(format!("http://{}/", server.addr))
+            .arg(base)
             .arg(&screenshot)
             .arg(&profile)
             .current_dir(js_dir())
@@ -193,6 +202,78 @@ fn page_reconnects_after_a_server_restart() {
             "ok A saw the connection drop",
             "ok A reconnected",
             "ok A echo after reconnect",
+        ],
+    );
+}
+
+#[test]
+fn rooms_example_from_chromium() {
+    if !have_browser_tools() {
+        return;
+    }
+    let server = common::spawn_example("rooms", &["--listen", "127.0.0.1:0", "--token", "s3cret"]);
+    let profile = target_dir().join("browser-profile-rooms");
+    let _ = fs::remove_dir_all(&profile); // a fresh --user-data-dir every run
+    fs::create_dir_all(&profile).expect("create the browser profile directory");
+    let out = Command::new("node")
+        .arg(js_dir().join("rooms.mjs"))
+        .arg(format!("ws://{}", server.addr))
+        .arg("s3cret")
+        .arg(&profile)
+        .current_dir(js_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start node: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = format!(
+        "rooms.mjs: {}\n--- stdout ---\n{stdout}--- stderr ---\n{}\n--- rooms stderr ---\n{}",
+        out.status,
+        tail(&String::from_utf8_lossy(&out.stderr), 8192),
+        tail(&server.stderr(), 8192)
+    );
+    assert!(out.status.success(), "{report}");
+    for check in [
+        "ok wrong token refused",
+        "ok joined with the query token; joins announced",
+        "ok a message reaches the others in the room, not its sender",
+        "ok nothing crosses rooms; binary goes as it is",
+        "ok leave announced",
+    ] {
+        assert!(stdout.lines().any(|l| l == check), "missing `{check}`\n{report}");
+    }
+}
+
+/// The page loaded over `https://` connects back over `wss://` (an `https://` page may not open
+/// `ws://`). Chromium is told to accept the test certificate (made at test time).
+#[cfg(feature = "tls")]
+#[test]
+fn page_over_https_chats_over_wss() {
+    if !have_browser_tools() {
+        return;
+    }
+    #[path = "common/certs.rs"]
+    mod certs;
+    let c = certs::make(&target_dir().join(format!("browser-tls-certs-{}", std::process::id())));
+    let server = spawn_server(&[
+        "--mode",
+        "broadcast",
+        "--tls-cert",
+        c.cert.to_str().unwrap(),
+        "--tls-key",
+        c.key.to_str().unwrap(),
+    ]);
+    let script = Script::start_at(
+        "chat",
+        "chat-https",
+        &format!("https://localhost:{}/", server.addr.port()),
+    );
+    script.finish(
+        &server,
+        &[
+            "ok A connected",
+            "ok B connected",
+            "ok A sees both lines",
+            "ok B sees both lines",
         ],
     );
 }

@@ -369,9 +369,17 @@ fn cli_failures_are_one_line() {
         "wsloop: server answered 404 Not Found: not a WebSocket endpoint"
     );
 
-    let run = run_cli(&["client", "wss://example.com/"], None, WAIT);
-    assert!(!run.status.success());
-    assert!(run.stderr.contains("TLS (wss://) is not supported"), "{}", run.stderr);
+    if cfg!(feature = "tls") {
+        // wss:// to a plain server: one line saying so (tests/tls.rs has the rest).
+        let plain = common::spawn_server(&[]);
+        let run = run_cli(&["client", &format!("wss://{}/", plain.addr), "--insecure"], None, WAIT);
+        assert!(!run.status.success());
+        assert!(run.stderr.contains("does not speak TLS"), "{}", run.stderr);
+    } else {
+        let run = run_cli(&["client", "wss://example.com/"], None, WAIT);
+        assert!(!run.status.success());
+        assert!(run.stderr.contains("TLS (wss://) is not supported"), "{}", run.stderr);
+    }
 
     // The server closes with 1001 after 300 ms of silence: not a clean close for the client.
     let server = common::spawn_server(&["--idle-timeout", "300ms"]);

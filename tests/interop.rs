@@ -4,7 +4,8 @@
 //! close with 1000, and in broadcast mode that a second connection gets the messages too.
 //! Both libraries offer permessage-deflate by default; with the `deflate` feature the scripts
 //! also check that the server agreed and that 256 KiB of text came back compressed to every
-//! connection.
+//! connection. Python `websockets` also uses examples/rooms.rs (tests/py/rooms_client.py):
+//! refusals with their status and reason, tokens, topics.
 //!
 //! Python `websockets` is installed by the test into a venv under the target directory
 //! (`<target>/interop-venv`); Node `ws` comes from tests/js/node_modules (`.ci/run` runs
@@ -19,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::venv::{python_venv, venv_python};
-use common::{drain_lines, require_tool, runs_ok, spawn_server, tail};
+use common::{drain_lines, require_tool, runs_ok, spawn_server, tail, INTEROP_CHECKS};
 
 /// The `websockets` release the Python script is written against (asyncio API, 13.0+).
 const WEBSOCKETS_VERSION: &str = "15.0.1";
@@ -103,15 +104,9 @@ fn run_client(program: &Path, script: &Path, mode: &str) {
         tail(&server.stderr(), 8192),
     );
     assert!(status.is_some_and(|s| s.success()), "{report}");
-    for check in [
-        "ok text",
-        "ok binary",
-        "ok 1 MiB in 16 fragments",
-        "ok ping",
-        "ok close 1000",
-    ]
-    .into_iter()
-    .chain(COMPRESSION.iter().map(|_| "ok 256 KiB of text came compressed"))
+    for check in INTEROP_CHECKS
+        .into_iter()
+        .chain(COMPRESSION.iter().map(|_| "ok 256 KiB of text came compressed"))
     {
         assert!(out.lines().any(|l| l == check), "missing `{check}`\n{report}");
     }
@@ -150,4 +145,39 @@ fn node_ws_echo() {
 #[test]
 fn node_ws_broadcast() {
     node_client("broadcast");
+}
+
+#[test]
+fn python_websockets_rooms_example() {
+    let Some(python) = python_with_websockets() else {
+        return;
+    };
+    let server = common::spawn_example("rooms", &["--listen", "127.0.0.1:0", "--token", "s3cret"]);
+    let out = Command::new(&python)
+        .arg(root().join("tests/py/rooms_client.py"))
+        .arg(format!("ws://{}", server.addr))
+        .arg("s3cret")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", python.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = format!(
+        "rooms_client.py: {}\n--- stdout ---\n{stdout}--- stderr ---\n{}\n--- rooms stderr ---\n{}",
+        out.status,
+        tail(&String::from_utf8_lossy(&out.stderr), 8192),
+        tail(&server.stderr(), 8192)
+    );
+    assert!(out.status.success(), "{report}");
+    for check in [
+        "ok no token: 401",
+        "ok wrong token: 401",
+        "ok other path: 404",
+        "ok header and query tokens; joins announced to the room",
+        "ok a message reaches the others in the room, not its sender",
+        "ok nothing crosses rooms; binary goes as it is",
+        "ok leave announced",
+        "ok closed with 1000",
+    ] {
+        assert!(stdout.lines().any(|l| l == check), "missing `{check}`\n{report}");
+    }
 }

@@ -8,17 +8,16 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{drain_lines, require_tool, spawn_server, tail, target_dir, Tcp};
+use common::{require_tool, spawn_nginx, spawn_server, tail, target_dir, Tcp, NGINX};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as WsMessage;
 
-const NGINX: &str = "/usr/sbin/nginx";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// The proxy part of the configuration, as the README shows it (`UPSTREAM` is filled in).
@@ -112,20 +111,7 @@ fn start_nginx(name: &str, upstream: SocketAddr) -> Nginx {
     for _ in 0..3 {
         let port = free_port();
         let conf = write_conf(&dir, port, upstream);
-        let mut child = Command::new(NGINX)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {NGINX}: {e}"));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
+        let (child, stderr) = spawn_nginx(&dir, &conf);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut nginx = Nginx {
             addr,

@@ -90,6 +90,43 @@ fn broadcast_mode_echoes_to_the_sender_by_default() {
 }
 
 #[test]
+fn broadcast_mode_with_two_threads_reaches_every_peer() {
+    let server = spawn_server(&["--mode", "broadcast", "--threads", "2", "--stats", "100ms"]);
+    // 32 peers: the kernel spreads them over both loops (all on one: odds of 2^-31).
+    let mut peers: Vec<_> = (0..32).map(|_| connect(server.addr)).collect();
+    for from in [0, 31] {
+        let text = format!("from peer {from}");
+        peers[from].send(WsMessage::text(text.clone())).unwrap();
+        for (i, p) in peers.iter_mut().enumerate() {
+            assert_eq!(read_text(p), text, "peer {i}");
+        }
+    }
+    // One stats line per loop, tagged; both loops hold peers.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let stderr = server.stderr();
+        let open = |tag: &str| {
+            stderr
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("stats {tag} open=")))
+                .filter_map(|rest| rest.split(' ').next()?.parse::<usize>().ok())
+                .next_back()
+        };
+        if let (Some(a), Some(b)) = (open("t0"), open("t1")) {
+            if a + b == 32 {
+                assert!(a > 0 && b > 0, "{a} + {b}");
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stats lines for both loops:\n{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn stats_line_reports_connections_rates_and_rss() {
     let server = spawn_server(&["--mode", "broadcast", "--stats", "200ms"]);
     let mut a = connect(server.addr);

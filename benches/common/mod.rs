@@ -8,12 +8,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// Certificates made at run time for the TLS cases (the tests' helper).
+#[path = "../../tests/common/certs.rs"]
+pub mod certs;
+
 /// A server running as a child process; killed when dropped.
 pub struct ServerProc {
     /// A short name for tables.
     pub name: &'static str,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// It speaks TLS (`wss://`).
+    pub tls: bool,
     child: Child,
 }
 
@@ -31,25 +37,52 @@ impl ServerProc {
         Self::spawn(name, cmd, addr, Duration::from_secs(10))
     }
 
+    /// `wsloop serve` over TLS with the given certificate, on a free loopback port.
+    pub fn wsloop_tls(c: &certs::TestCerts) -> ServerProc {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsloop"));
+        cmd.args(["serve", "--listen", &addr.to_string(), "--log", "warn", "--tls-cert"])
+            .arg(&c.cert)
+            .arg("--tls-key")
+            .arg(&c.key);
+        let mut s = Self::spawn("wsloop", cmd, addr, Duration::from_secs(10));
+        s.tls = true;
+        s
+    }
+
     /// Runs `cmd`, a server that will listen on `addr`, and waits up to `startup` until it does.
     pub fn spawn(name: &'static str, mut cmd: Command, addr: SocketAddr, startup: Duration) -> ServerProc {
         let child = cmd
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", cmd.get_program().to_string_lossy()));
-        let mut s = ServerProc { name, addr, child };
+        let mut s = ServerProc {
+            name,
+            addr,
+            tls: false,
+            child,
+        };
         s.wait_listening(startup);
         s
     }
 
     /// A reference peer from benches/peers (`tt-echo` or `fws-echo`), if it was built.
     pub fn peer(name: &'static str) -> Option<ServerProc> {
+        Self::peer_with(name, None)
+    }
+
+    /// A peer from benches/peers; with `tls`, it is given the certificate and key (`tt-tls-echo`).
+    pub fn peer_with(name: &'static str, tls: Option<&certs::TestCerts>) -> Option<ServerProc> {
         let path = peer_path(name);
         if !path.exists() {
             return None;
         }
-        let mut child = Command::new(&path)
-            .arg("127.0.0.1:0")
+        let mut cmd = Command::new(&path);
+        cmd.arg("127.0.0.1:0");
+        if let Some(c) = tls {
+            cmd.arg(&c.cert).arg(&c.key);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -67,7 +100,12 @@ impl ServerProc {
             }
         });
         // It bound before printing: no probe connection needed (the peers would log it).
-        Some(ServerProc { name, addr, child })
+        Some(ServerProc {
+            name,
+            addr,
+            tls: tls.is_some(),
+            child,
+        })
     }
 
     /// The process id.
@@ -77,7 +115,7 @@ impl ServerProc {
 
     /// The URL to benchmark.
     pub fn url(&self) -> String {
-        format!("ws://{}/", self.addr)
+        format!("{}://{}/", if self.tls { "wss" } else { "ws" }, self.addr)
     }
 
     /// Sends SIGINT and waits up to `timeout` for the exit status (if it times out, the drop kills it).

@@ -2,14 +2,16 @@
 //! load, checks the echoes, closes.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mio::net::TcpStream;
+use crate::io::stream::ClientStream;
 use mio::{Events, Poll};
 
 use super::histogram::Histogram;
 use super::{online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
 use super::{Compression, Content, KernelUsage, MESSAGE_HEADER};
+use crate::io::budget::Budget;
 use crate::io::engine::{Cause, Driver, Engine};
 use crate::io::sys::{read_cpu, read_rss};
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -41,14 +43,14 @@ struct BenchConn {
     expect_seq: u64,
 }
 
-type BenchEngine = Engine<TcpStream, BenchConn, OsSeeded>;
+type BenchEngine = Engine<ClientStream, BenchConn, OsSeeded>;
 
-// Driver timer ids: a kind in the top two bits.
-const PROGRESS_TIMER: u64 = 1 << 62;
-const RAMP_TIMER: u64 = (1 << 62) | 1;
-const PHASE_TIMER: u64 = 2 << 62;
-const SEND_TIMER: u64 = 3 << 62;
-const KIND: u64 = 3 << 62;
+// Driver timer ids: a kind in bits 60 and 61 (the engine keeps the top bits for itself).
+const PROGRESS_TIMER: u64 = 1 << 60;
+const RAMP_TIMER: u64 = (1 << 60) | 1;
+const PHASE_TIMER: u64 = 2 << 60;
+const SEND_TIMER: u64 = 3 << 60;
+const KIND: u64 = 3 << 60;
 
 fn send_timer(key: usize, gen: u32) -> u64 {
     SEND_TIMER | (u64::from(gen) << 32) | (key as u64 & 0xFFFF_FFFF)
@@ -100,9 +102,14 @@ struct Bench<'a> {
     /// The close phase ran out of time.
     close_expired: bool,
     last_progress: (u64, u64),
+    /// Whom to trust, for a `wss://` target.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
     server: Option<ServerUsage>,
     server_cpu_start: Option<Duration>,
     kernel: Option<KernelUsage>,
+    /// [`BenchConfig::stop`] was set.
+    interrupted: bool,
 }
 
 pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Report, BenchError> {
@@ -112,7 +119,15 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         close_timeout: cfg.close_timeout,
         ..proto::Config::default()
     };
-    let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?);
+    #[cfg(feature = "tls")]
+    let tls = match (&cfg.tls, cfg.target.tls) {
+        (_, false) => None,
+        (Some(t), true) => Some(t.clone()),
+        (None, true) => {
+            Some(crate::tls::ClientTls::system_roots().map_err(|e| BenchError::InvalidConfig(e.to_string()))?)
+        }
+    };
+    let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?, Budget::unlimited());
     let template = cfg.content.template(cfg.size);
     #[cfg_attr(not(feature = "deflate"), allow(unused_mut))]
     let mut request = ClientRequest::new(cfg.target.host.clone(), cfg.target.path.clone());
@@ -142,6 +157,8 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         held: 0,
         close_expired: false,
         last_progress: (0, 0),
+        #[cfg(feature = "tls")]
+        tls,
         server: cfg.server_pid.map(|pid| ServerUsage {
             pid,
             rss_before: read_rss(pid),
@@ -149,6 +166,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         }),
         server_cpu_start: None,
         kernel: read_kernel(),
+        interrupted: false,
     };
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; 256 << 10];
@@ -157,6 +175,10 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
     b.open_more(&mut eng);
     b.advance(&mut eng);
     while !(b.phase == Phase::Close && (eng.slots.is_empty() || b.close_expired)) {
+        // A signal interrupts the poll below, so the loop comes back here at once.
+        if !b.interrupted && cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            b.interrupt(&mut eng);
+        }
         let now = eng.tick();
         match eng.poll.poll(&mut events, poll_timeout(now, eng.next_deadline())) {
             Ok(()) => {}
@@ -168,6 +190,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
             eng.on_ready(&mut b, ev.token().0, ev, &mut rbuf);
         }
         eng.fire_timers(&mut b);
+        eng.apply_budget(&mut b);
         eng.reap(&mut b);
         b.advance(&mut eng);
     }
@@ -209,6 +232,7 @@ pub(super) fn run(cfg: &BenchConfig, progress: &mut dyn FnMut(&Progress)) -> Res
         kernel: b.kernel,
         first_error: b.first_error,
         cores: online_cpus(),
+        interrupted: b.interrupted,
     })
 }
 
@@ -295,6 +319,20 @@ impl Bench<'_> {
                 return;
             }
         };
+        #[cfg(feature = "tls")]
+        let stream = match &self.tls {
+            Some(tls) => match tls.session(&self.cfg.target.server_name) {
+                Ok(session) => ClientStream::Tls(crate::io::tls::TlsStream::new(stream, session)),
+                Err(e) => {
+                    self.c.connect_failures += 1;
+                    self.note_error(|| format!("TLS: {e}"));
+                    return;
+                }
+            },
+            None => ClientStream::Plain(stream),
+        };
+        #[cfg(not(feature = "tls"))]
+        let stream = ClientStream::Plain(stream);
         let mut first = Vec::new();
         let conn = Connection::client(&self.request, eng.now, &mut eng.rng, &mut first);
         let data = BenchConn {
@@ -412,6 +450,21 @@ impl Bench<'_> {
             .collect()
     }
 
+    /// Cuts the run short: stops opening connections and ends the measured phase now.
+    fn interrupt(&mut self, eng: &mut BenchEngine) {
+        self.interrupted = true;
+        match self.phase {
+            Phase::Connect => {
+                self.started = self.cfg.connections;
+                self.connect_time = Duration::from_millis(eng.now);
+                self.measure_start = eng.now;
+                self.begin_drain(eng);
+            }
+            Phase::Measure => self.begin_drain(eng),
+            Phase::Drain | Phase::Close => {}
+        }
+    }
+
     fn begin_measure(&mut self, eng: &mut BenchEngine) {
         self.connect_time = Duration::from_millis(eng.now);
         if let Some(s) = &mut self.server {
@@ -490,7 +543,7 @@ impl Bench<'_> {
     }
 }
 
-impl Driver<TcpStream, BenchConn, OsSeeded> for Bench<'_> {
+impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
     fn on_connected(&mut self, eng: &mut BenchEngine, key: usize) {
         eng.slots[key].data.stage = Stage::Handshaking;
     }

@@ -20,6 +20,8 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod content;
@@ -153,6 +155,10 @@ pub struct Target {
     pub host: String,
     /// The request target, e.g. `/` or `/echo?x=1`.
     pub path: String,
+    /// A `wss://` URL: connections speak TLS.
+    pub tls: bool,
+    /// The host name or address alone (the TLS server name).
+    pub server_name: String,
 }
 
 impl Target {
@@ -178,12 +184,14 @@ impl Target {
             addr,
             host: u.host_header(),
             path: u.resource,
+            tls: u.tls,
+            server_name: u.host,
         })
     }
 
     /// The target as a URL.
     pub fn url(&self) -> String {
-        format!("ws://{}{}", self.host, self.path)
+        format!("{}://{}{}", if self.tls { "wss" } else { "ws" }, self.host, self.path)
     }
 }
 
@@ -265,6 +273,13 @@ pub struct BenchConfig {
     pub drain_timeout: Duration,
     /// How long the close handshakes may take (default 5 s).
     pub close_timeout: Duration,
+    /// Set it (from a signal handler, say) to cut the run short: no more connections are
+    /// opened, the measured phase ends, the echoes in flight are awaited, every connection
+    /// closes, and the report says it was interrupted.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Whom to trust on a `wss://` target (default none: the system's CA bundle).
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl BenchConfig {
@@ -286,6 +301,9 @@ impl BenchConfig {
             max_pending: 128,
             drain_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(5),
+            stop: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -469,7 +487,14 @@ mod tests {
         assert_eq!(Target::parse("127.0.0.1:80").unwrap().path, "/");
         assert_eq!(Target::parse("ws://[::1]:9/").unwrap().addr, "[::1]:9".parse().unwrap());
         assert_eq!(Target::parse("ws://127.0.0.1").unwrap().addr.port(), 80);
-        assert!(Target::parse("wss://127.0.0.1/").is_err());
+        let wss = Target::parse("wss://localhost/x");
+        if cfg!(feature = "tls") {
+            let t = wss.unwrap();
+            assert_eq!((t.addr.port(), t.tls, t.server_name.as_str()), (443, true, "localhost"));
+            assert_eq!(t.url(), "wss://localhost/x");
+        } else {
+            assert!(wss.is_err());
+        }
         assert!(Target::parse("http://127.0.0.1/").is_err());
         let ips = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
         assert_eq!(ips.len(), 59);

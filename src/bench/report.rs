@@ -1,6 +1,7 @@
 //! The outcome of a run: counters, latency, the server's and the kernel's memory, as text or
 //! JSON.
 
+use std::fmt;
 use std::time::Duration;
 
 use super::histogram::Latency;
@@ -136,6 +137,8 @@ pub struct Report {
     pub first_error: Option<String>,
     /// CPU cores of this machine (shared by the load generator and a local server).
     pub cores: usize,
+    /// The run was cut short through [`BenchConfig::stop`](super::BenchConfig::stop).
+    pub interrupted: bool,
 }
 
 impl Report {
@@ -260,6 +263,7 @@ impl Report {
             None => j.raw("first_error", "null"),
         }
         j.num("cores", self.cores as f64);
+        j.raw("interrupted", if self.interrupted { "true" } else { "false" });
         j.raw("clean", if self.is_clean() { "true" } else { "false" });
         j.finish()
     }
@@ -297,16 +301,17 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "messages     sent {}, received {}, lost {}, corrupted {}; {:.0} msgs/s over {}",
+            "messages     sent {}, received {}, lost {}, corrupted {}; {} msgs/s over {}",
             self.sent,
             self.received,
             self.lost,
             self.corrupted,
-            self.msgs_per_sec,
+            Fixed(self.msgs_per_sec, 0),
             fmt_duration(self.measured)
         )?;
         if let Some(d) = &self.deflate {
-            let ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
+            // No ratio prints as "-" (Fixed's text for a value that is not finite).
+            let ratio = |r: Option<f64>| Fixed(r.unwrap_or(f64::NAN), 3);
             writeln!(
                 f,
                 "deflate      agreed on {} of {} connection(s); sent {} as {} (ratio {}); received {} inflated to {} (ratio {})",
@@ -343,12 +348,12 @@ impl std::fmt::Display for Report {
                 rss(s.rss_held)
             )?;
             if let Some(b) = self.server_bytes_per_connection() {
-                write!(f, " ({b:.0} bytes per connection)")?;
+                write!(f, " ({} bytes per connection)", Fixed(b, 0))?;
             }
             if let Some(c) = s.cpu {
-                write!(f, "; CPU {:.2} s", c.as_secs_f64())?;
+                write!(f, "; CPU {} s", Fixed(c.as_secs_f64(), 2))?;
                 if let Some(m) = self.msgs_per_server_cpu_sec() {
-                    write!(f, " ({m:.0} msgs per CPU-second)")?;
+                    write!(f, " ({} msgs per CPU-second)", Fixed(m, 0))?;
                 }
             }
             writeln!(f)?;
@@ -365,7 +370,7 @@ impl std::fmt::Display for Report {
                 fmt_bytes(k.slab_held),
             )?;
             match k.slab_per_socket() {
-                Some(b) => writeln!(f, " ({b:.0} bytes of slab per socket; system-wide, both ends)")?,
+                Some(b) => writeln!(f, " ({} bytes of slab per socket; system-wide, both ends)", Fixed(b, 0))?,
                 // Other activity on the machine outweighed the sockets: no per-socket figure.
                 None => writeln!(f, " (system-wide, both ends; too noisy for a per-socket figure)")?,
             }
@@ -373,20 +378,48 @@ impl std::fmt::Display for Report {
         if let Some(e) = &self.first_error {
             writeln!(f, "first error  {e}")?;
         }
+        if self.interrupted {
+            writeln!(f, "interrupted  the run was cut short; the figures cover what ran")?;
+        }
         Ok(())
+    }
+}
+
+/// `value` with `digits` decimals (at most 9), written with integer arithmetic: the float
+/// formatting machinery would add about 9 KB to the binary for a few report lines.
+pub(crate) struct Fixed(pub(crate) f64, pub(crate) u32);
+
+impl fmt::Display for Fixed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Fixed(v, digits) = *self;
+        if !v.is_finite() {
+            return f.write_str("-");
+        }
+        let scale = 10u64.pow(digits.min(9));
+        // `as` saturates: a value beyond u64 prints as the largest one, never wraps.
+        let n = (v.abs() * scale as f64).round() as u64;
+        if v < 0.0 && n != 0 {
+            f.write_str("-")?;
+        }
+        if scale == 1 {
+            write!(f, "{n}")
+        } else {
+            let width = digits.min(9) as usize;
+            write!(f, "{}.{:0width$}", n / scale, n % scale)
+        }
     }
 }
 
 pub(crate) fn fmt_duration(d: Duration) -> String {
     let ns = d.as_nanos() as f64;
     if ns < 1e3 {
-        format!("{ns:.0}ns")
+        format!("{}ns", Fixed(ns, 0))
     } else if ns < 1e6 {
-        format!("{:.1}µs", ns / 1e3)
+        format!("{}µs", Fixed(ns / 1e3, 1))
     } else if ns < 1e9 {
-        format!("{:.2}ms", ns / 1e6)
+        format!("{}ms", Fixed(ns / 1e6, 2))
     } else {
-        format!("{:.2}s", ns / 1e9)
+        format!("{}s", Fixed(ns / 1e9, 2))
     }
 }
 
@@ -394,9 +427,9 @@ fn fmt_bytes(b: u64) -> String {
     if b < 10 << 10 {
         format!("{b} B")
     } else if b < 10 << 20 {
-        format!("{:.1} KiB", b as f64 / 1024.0)
+        format!("{} KiB", Fixed(b as f64 / 1024.0, 1))
     } else {
-        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+        format!("{} MiB", Fixed(b as f64 / (1 << 20) as f64, 1))
     }
 }
 
@@ -430,7 +463,7 @@ impl Json {
         } else if v.fract() == 0.0 && v.abs() < 9e15 {
             self.0.push_str(&format!("{}", v as i64));
         } else {
-            self.0.push_str(&format!("{v:.3}"));
+            self.0.push_str(&Fixed(v, 3).to_string());
         }
     }
 
@@ -469,6 +502,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fixed_point_numbers_round_and_pad() {
+        assert_eq!(Fixed(1234.5678, 0).to_string(), "1235");
+        assert_eq!(Fixed(1234.5678, 2).to_string(), "1234.57");
+        assert_eq!(Fixed(0.05, 3).to_string(), "0.050");
+        assert_eq!(Fixed(-2.25, 1).to_string(), "-2.3");
+        assert_eq!(Fixed(-0.0001, 2).to_string(), "0.00");
+        assert_eq!(Fixed(f64::NAN, 1).to_string(), "-");
+        assert_eq!(fmt_duration(Duration::from_micros(1500)), "1.50ms");
+        assert_eq!(fmt_bytes(64 << 10), "64.0 KiB");
+    }
+
+    #[test]
     fn json_is_escaped_and_numbers_are_plain() {
         let mut j = Json::object();
         j.str("s", "a\"b\\c\n\u{1}");
@@ -479,6 +524,40 @@ mod tests {
         assert_eq!(
             j.finish(),
             r#"{"s":"a\"b\\c\n\u0001","i":3,"f":2.500,"nan":null,"none":null}"#
+        );
+    }
+
+    #[test]
+    fn slab_per_socket_only_when_the_sockets_explain_the_growth() {
+        let k = |sockets: u64, slab_before: u64, slab_held: u64| KernelUsage {
+            tcp_inuse_before: 10,
+            tcp_inuse_held: 10 + sockets,
+            slab_before,
+            slab_held,
+            ..KernelUsage::default()
+        };
+        // 2,000 sockets, 9.6 MB more slab: 4,800 bytes each.
+        assert_eq!(
+            k(2000, 100 << 20, (100 << 20) + 9_600_000).slab_per_socket(),
+            Some(4800.0)
+        );
+        // A busy machine freed slab meanwhile: no negative figure.
+        assert_eq!(k(2000, 100 << 20, 90 << 20).slab_per_socket(), None);
+        // Growth far below what the sockets take: other activity swamped it.
+        assert_eq!(k(2000, 100 << 20, (100 << 20) + 100_000).slab_per_socket(), None);
+        // Too few sockets for a reading.
+        assert_eq!(k(10, 0, 1 << 20).slab_per_socket(), None);
+        // Sockets closed rather than opened.
+        assert_eq!(
+            KernelUsage {
+                tcp_inuse_before: 5000,
+                tcp_inuse_held: 10,
+                slab_before: 0,
+                slab_held: 1 << 30,
+                ..KernelUsage::default()
+            }
+            .slab_per_socket(),
+            None
         );
     }
 }

@@ -2,12 +2,19 @@
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use wsloop::bench::{self, BenchConfig, Load, Phase, Progress, Target};
+use wsloop::bench::{self, BenchConfig, BenchError, Load, Phase, Progress, Target};
 
-use super::{arg_err, parse_bytes, parse_duration, value};
+use super::{
+    count, dispatch, duration_above_zero, parse_bytes, parse_duration, print_err, print_out, unexpected, value, Asked,
+    Failure, Outcome, EXIT_FAILURE,
+};
 
-const HELP: &str = "\
+/// `wsloop bench --help`.
+pub const HELP: &str = concat!(
+    "\
 Usage: wsloop bench [URL] [OPTIONS]
 
 Opens many WebSocket connections to an echo server on one poll loop, applies a load,
@@ -15,10 +22,10 @@ checks every echo (length, order, content) and reports connections held, failure
 messages and round-trip latency.
 
 Arguments:
-  URL                      ws://HOST:PORT/PATH [default: ws://127.0.0.1:9001/]
+  URL                      ws://HOST:PORT/PATH or wss://... [default: ws://127.0.0.1:9001/]
 
 Options:
-  --connections N          connections to open and hold [default: 1]
+  -c, --connections N      connections to open and hold [default: 1]
   --ramp R                 open R connections per second (also R/s) [default: as fast as
                            handshakes complete, 128 at a time]
   --every DUR              periodic load: each connection sends one message every DUR
@@ -27,24 +34,45 @@ Options:
   --size BYTES             message size, at least 16 [default: 16]
   --payload KIND           binary | json | text: a byte pattern, JSON objects or prose
                            (json and text are sent as text messages) [default: binary]
-  --deflate, --no-deflate  offer permessage-deflate; the report shows how many connections
-                           agreed and the compression ratio [default: --no-deflate, so that
-                           figures measure the server alone unless compression is asked for]
-  --duration DUR           length of the measured phase [default: 30s]
+",
+    deflate_help!(bench),
+    "\
+  -d, --duration DUR|off   length of the measured phase; 0 or off measures only the
+                           connecting [default: 30s]
   --source-ips RANGE       local addresses to connect from, in turn: 127.0.0.2-127.0.0.60
                            or a comma list [default for a loopback target: that range]
   --connect-timeout DUR    TCP connect plus handshake, per connection [default: 10s]
   --server-pid PID         report this server process's RSS and CPU time
   --json                   print the summary as one JSON object
-  --quiet                  no progress line
-Exit status: 0 when every connection was held and every echo came back intact, 1 otherwise.
-";
+  -q, --quiet              no progress line
+  -V, --version            print the version
+",
+    client_tls_help!(),
+    "
+
+Ctrl-C or SIGTERM ends the measured phase early; the report then covers what ran. A second
+one exits at once, with status 1 and no report.
+Exit status: 0 when every connection was held and every echo came back intact, 1 otherwise,
+2 bad usage.
+"
+);
+
+/// What the command line asks for.
+struct Parsed {
+    cfg: BenchConfig,
+    json: bool,
+    quiet: bool,
+}
 
 /// Parses the options and runs the benchmark.
-pub fn run(args: Vec<OsString>) -> Result<(), String> {
+pub fn run(args: Vec<OsString>) -> Outcome {
+    dispatch(parse(args), HELP, bench)
+}
+
+fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     use lexopt::prelude::*;
     let mut url = "ws://127.0.0.1:9001/".to_string();
-    let mut connections = 1usize;
+    let mut connections = 1u64;
     let mut ramp = None;
     let mut every = None;
     let mut inflight = None;
@@ -59,16 +87,21 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut json = false;
     let mut quiet = false;
     let mut p = lexopt::Parser::from_args(args);
-    while let Some(arg) = p.next().map_err(arg_err)? {
+    #[cfg(feature = "tls")]
+    let mut tls = super::TlsArgs::default();
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
+            #[cfg(feature = "tls")]
+            Long("ca") => tls.ca = Some(p.value().map_err(|e| e.to_string())?),
+            #[cfg(feature = "tls")]
+            Long("insecure") => tls.insecure = true,
             Value(v) => url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?,
-            Long("connections") | Short('c') => connections = number(&value(&mut p)?, "--connections")?,
+            Long("connections") | Short('c') => connections = count("--connections", &value(&mut p)?)?,
             Long("ramp") => {
                 let v = value(&mut p)?;
-                let n = v.strip_suffix("/s").unwrap_or(&v);
-                ramp = Some(number::<u32>(n, "--ramp")?);
+                ramp = Some(number::<u32>(v.strip_suffix("/s").unwrap_or(&v), "--ramp")?);
             }
-            Long("every") => every = Some(parse_duration(&value(&mut p)?)?),
+            Long("every") => every = Some(duration_above_zero("--every", &value(&mut p)?)?),
             Long("inflight") => inflight = Some(number::<u32>(&value(&mut p)?, "--inflight")?),
             Long("size") => size = parse_bytes(&value(&mut p)?)?,
             Long("payload") => {
@@ -87,27 +120,31 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             Long("source-ips") => {
                 source_ips = Some(bench::parse_source_ips(&value(&mut p)?).map_err(|e| e.to_string())?)
             }
-            Long("connect-timeout") => connect_timeout = Some(parse_duration(&value(&mut p)?)?),
+            Long("connect-timeout") => {
+                connect_timeout = Some(duration_above_zero("--connect-timeout", &value(&mut p)?)?)
+            }
             Long("server-pid") => server_pid = Some(number::<u32>(&value(&mut p)?, "--server-pid")?),
             Long("json") => json = true,
             Long("quiet") | Short('q') => quiet = true,
-            Short('h') | Long("help") => {
-                print!("{HELP}");
-                return Ok(());
-            }
-            _ => return Err(arg.unexpected().to_string()),
+            Short('h') | Long("help") => return Ok(Asked::Help),
+            Short('V') | Long("version") => return Ok(Asked::Version),
+            _ => return Err(unexpected(arg, "bench")),
         }
     }
     let load = match (every, inflight) {
         (Some(_), Some(_)) => return Err("--every and --inflight are two different loads: give one".into()),
         (Some(d), None) => Load::Periodic(d),
+        (None, Some(0)) => return Err("--inflight must be at least 1".into()),
         (None, Some(k)) => Load::Saturate(k),
         (None, None) => Load::Idle,
     };
+    if ramp == Some(0) {
+        return Err("--ramp must be at least 1 connection per second".into());
+    }
     let target = Target::parse(&url).map_err(|e| e.to_string())?;
     let mut cfg = BenchConfig::new(target);
     cfg.source_ips = source_ips.unwrap_or_else(|| bench::default_source_ips(&cfg.target.addr));
-    cfg.connections = connections;
+    cfg.connections = usize::try_from(connections).unwrap_or(usize::MAX);
     cfg.ramp = ramp;
     cfg.load = load;
     cfg.size = size;
@@ -121,6 +158,23 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     if let Some(t) = connect_timeout {
         cfg.connect_timeout = t;
     }
+    #[cfg(feature = "tls")]
+    {
+        cfg.tls = tls.config()?;
+    }
+    Ok(Asked::Run(Parsed { cfg, json, quiet }))
+}
+
+fn bench(o: Parsed) -> Outcome {
+    let Parsed { mut cfg, json, quiet } = o;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // In this order: a second signal finds the flag already set and ends the process.
+        signal_hook::flag::register_conditional_shutdown(sig, EXIT_FAILURE, Arc::clone(&stop))
+            .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
+            .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
+    }
+    cfg.stop = Some(stop);
     let live = std::io::stderr().is_terminal();
     let mut shown = false;
     let mut on_progress = |p: &Progress| {
@@ -137,22 +191,26 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
         };
         shown = true;
     };
-    let report = bench::run(&cfg, &mut on_progress).map_err(|e| e.to_string())?;
+    let report = bench::run(&cfg, &mut on_progress).map_err(|e| match e {
+        BenchError::InvalidConfig(m) => Failure::Usage(m),
+        e => Failure::Runtime(e.to_string()),
+    })?;
     if shown && live {
-        eprintln!();
+        print_err("");
     }
     if json {
-        println!("{}", report.to_json());
+        print_out(&format!("{}\n", report.to_json()))?;
     } else {
-        print!("{report}");
+        print_out(&report.to_string())?;
     }
     if report.is_clean() {
         Ok(())
+    } else if json {
+        Err(Failure::Reported) // the JSON says so; stderr stays quiet for scripts
     } else {
-        if !json {
-            eprintln!("wsloop bench: not every connection was held or not every echo came back intact");
-        }
-        std::process::exit(1);
+        Err(Failure::Runtime(
+            "not every connection was held or not every echo came back intact".into(),
+        ))
     }
 }
 
@@ -167,15 +225,14 @@ fn progress_line(p: &Progress) -> String {
         Phase::Drain => "drain",
         Phase::Close => "close",
     };
-    let p99 = p
-        .p99
-        .map_or("-".to_string(), |d| format!("{:.0}µs", d.as_nanos() as f64 / 1e3));
+    let p99 = p.p99.map_or("-".to_string(), |d| format!("{}µs", d.as_micros()));
     format!(
-        "[{:>4}s {phase:<7}] connected {}/{}  failed {}  {:.0} msgs/s  p99 {p99}",
+        "[{:>4}s {phase:<7}] connected {}/{}  failed {}  {} msgs/s  p99 {p99}",
         p.elapsed.as_secs(),
         p.open,
         p.target,
         p.failed,
-        p.msgs_per_sec
+        // Whole messages per second, printed without the float formatting code.
+        p.msgs_per_sec.max(0.0).round() as u64
     )
 }

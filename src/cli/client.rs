@@ -1,5 +1,6 @@
 //! `wsloop client`: the original note's client, on the library's [`Client`].
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -13,16 +14,21 @@ use std::time::Duration;
 use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
 use wsloop::proto::close_code;
 
-use super::{arg_err, init_log, parse_bytes, parse_duration, value};
+use super::{
+    count, dispatch, duration_above_zero, init_log, size_above_zero, unexpected, value, Asked, Failure, Outcome,
+    EXIT_OK,
+};
 
-const HELP: &str = "\
+/// `wsloop client --help`.
+pub const HELP: &str = concat!(
+    "\
 Usage: wsloop client [URL] [OPTIONS]
 
-Connects to URL [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
+Connects to URL (ws:// or wss://) [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
 and prints each message received on stdout, one per line. Logs go to stderr.
 
 Options:
-  --every DUR            time between sends [default: 2s]
+  --every DUR            time between sends, above 0 [default: 2s]
   --send TEXT            the message sent [default: how are you?]
   --count N              stop after N sends and their replies, then close with 1000
   --stdin                send each line of standard input instead, as it comes;
@@ -33,12 +39,27 @@ Options:
   --header 'NAME: VALUE' add a request header (repeatable)
   --connect-timeout DUR  time for the TCP connect and the handshake [default: 10s]
   --max-message BYTES    largest message accepted; larger closes with 1009 [default: 16MiB]
-  --deflate, --no-deflate
-                         offer permessage-deflate, as browsers do [default: --deflate]
+",
+    deflate_help!(client),
+    "\
   --log LEVEL            error | warn | info | debug | trace | off [default: info]
+  -q, --quiet            only warnings and errors (--log warn)
+  -V, --version          print the version
+",
+    client_tls_help!(),
+    "
 
-Exits 0 after a clean close (code 1000); otherwise prints the reason and exits non-zero.
-";
+Replies: when the server sends our messages back (echo, broadcast), those echoes are the
+replies and other messages are printed but answer nothing; from a server that never sends
+ours back (reply mode), each message answers one send. Replies still missing 5s after the
+last send are a failure.
+
+Ctrl-C or SIGTERM closes with 1000 and exits 0 (at once while connecting or waiting to
+reconnect; a second one exits at once). When stdout is closed (`| head`) the client closes
+with 1000 and exits 0.
+Exit status: 0 done, 1 failed (refused, closed abnormally, replies missing), 2 bad usage.
+"
+);
 
 /// How long to wait for the last replies before closing anyway.
 const REPLY_WAIT: Duration = Duration::from_secs(5);
@@ -51,6 +72,8 @@ const INPUT_BACKPRESSURE: usize = 1 << 20;
 const INPUT_RETRY: Duration = Duration::from_millis(20);
 /// Reads of standard input per event, so that a fast producer cannot hold up receiving.
 const INPUT_CHUNKS: usize = 64;
+/// Sends remembered for matching their echoes.
+const MAX_PENDING: usize = 1 << 16;
 
 struct Options {
     url: String,
@@ -66,7 +89,80 @@ struct Options {
 #[derive(Default)]
 struct Progress {
     sent: u64,
-    replies: u64,
+    /// Replies on earlier connections.
+    replied_before: u64,
+    /// Sends on this connection.
+    sent_here: u64,
+    /// Fingerprints of this connection's sends that have not come back, oldest first.
+    pending: VecDeque<u64>,
+    /// Sends on this connection that came back (echo and broadcast servers).
+    echoed: u64,
+    /// Other messages received on this connection after its first send.
+    others: u64,
+    /// Sends given up on: no reply came in time, or the connection they were sent on ended.
+    unanswered: u64,
+    /// Standard output is closed: nobody reads what we print.
+    output_gone: bool,
+}
+
+/// A message's fingerprint (FNV-1a), to match an echo to its send without keeping a copy.
+fn fingerprint(msg: &[u8]) -> u64 {
+    msg.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl Progress {
+    /// Counts a received message: the echo of one of our sends, or another message.
+    fn received(&mut self, msg: &[u8]) {
+        let f = fingerprint(msg);
+        if let Some(i) = self.pending.iter().position(|&p| p == f) {
+            // Earlier sends that did not come back stay unanswered (a server may skip
+            // messages for a slow reader); the queue only keeps what may still come.
+            self.pending.drain(..=i);
+            self.echoed += 1;
+        } else if self.sent_here > 0 {
+            self.others += 1;
+        }
+    }
+
+    /// Replies on this connection: the echoes of our sends when the server sends ours back;
+    /// from one that never does, one message answers one send.
+    fn replied_here(&self) -> u64 {
+        if self.echoed > 0 {
+            self.echoed
+        } else {
+            self.others.min(self.sent_here)
+        }
+    }
+
+    fn replies(&self) -> u64 {
+        self.replied_before + self.replied_here()
+    }
+
+    fn all_replied(&self) -> bool {
+        self.replied_here() >= self.sent_here
+    }
+
+    fn sent(&mut self, msg: &[u8]) {
+        self.sent += 1;
+        self.sent_here += 1;
+        if self.pending.len() == MAX_PENDING {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(fingerprint(msg));
+    }
+
+    /// Gives up on the replies still missing on this connection and starts counting anew.
+    fn new_connection(&mut self) {
+        let replied = self.replied_here();
+        self.unanswered += self.sent_here - replied;
+        self.replied_before += replied;
+        self.sent_here = 0;
+        self.pending.clear();
+        self.echoed = 0;
+        self.others = 0;
+    }
 }
 
 /// How a connection ended without an error.
@@ -78,7 +174,11 @@ enum End {
 }
 
 /// Parses the options and runs the client until it is done.
-pub fn run(args: Vec<OsString>) -> Result<(), String> {
+pub fn run(args: Vec<OsString>) -> Outcome {
+    dispatch(parse(args), HELP, client)
+}
+
+fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
     use lexopt::prelude::*;
     let mut o = Options {
         url: "ws://127.0.0.1:9001/".to_string(),
@@ -92,28 +192,23 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut log_level = "info".to_string();
     let (mut every_set, mut send_set, mut url_set) = (false, false, false);
     let mut p = lexopt::Parser::from_args(args);
-    while let Some(arg) = p.next().map_err(arg_err)? {
+    #[cfg(feature = "tls")]
+    let mut tls = super::TlsArgs::default();
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
+            #[cfg(feature = "tls")]
+            Long("ca") => tls.ca = Some(p.value().map_err(|e| e.to_string())?),
+            #[cfg(feature = "tls")]
+            Long("insecure") => tls.insecure = true,
             Long("every") => {
-                o.every = parse_duration(&value(&mut p)?)?;
-                if o.every.is_zero() {
-                    return Err("--every must be more than 0".to_string());
-                }
+                o.every = duration_above_zero("--every", &value(&mut p)?)?;
                 every_set = true;
             }
             Long("send") => {
                 o.send = value(&mut p)?;
                 send_set = true;
             }
-            Long("count") => {
-                let v = value(&mut p)?;
-                o.count = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or(format!("invalid --count '{v}'"))?,
-                );
-            }
+            Long("count") => o.count = Some(count("--count", &value(&mut p)?)?),
             Long("stdin") => o.stdin = true,
             Long("reconnect") => o.reconnect = true,
             Long("protocol") => o.cfg.protocols.push(value(&mut p)?),
@@ -125,12 +220,9 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 o.cfg.headers.push((name.trim().to_string(), val.trim().to_string()));
             }
             Long("connect-timeout") => {
-                o.cfg.connect_timeout = parse_duration(&value(&mut p)?)?;
-                if o.cfg.connect_timeout.is_zero() {
-                    return Err("--connect-timeout must be more than 0".to_string());
-                }
+                o.cfg.connect_timeout = duration_above_zero("--connect-timeout", &value(&mut p)?)?
             }
-            Long("max-message") => o.cfg.max_message = parse_bytes(&value(&mut p)?)?,
+            Long("max-message") => o.cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
             #[cfg(feature = "deflate")]
             Long("deflate") => o.cfg.deflate.enabled = true,
             #[cfg(feature = "deflate")]
@@ -140,23 +232,34 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
-            Short('h') | Long("help") => {
-                print!("{HELP}");
-                return Ok(());
-            }
+            Short('q') | Long("quiet") => log_level = "warn".to_string(),
+            Short('h') | Long("help") => return Ok(Asked::Help),
+            Short('V') | Long("version") => return Ok(Asked::Version),
             Value(v) if !url_set => {
                 o.url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?;
                 url_set = true;
             }
-            _ => return Err(arg.unexpected().to_string()),
+            _ => return Err(unexpected(arg, "client")),
         }
     }
     if o.stdin && (every_set || send_set) {
         return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
     }
+    #[cfg(feature = "tls")]
+    {
+        o.cfg.tls = tls.config()?;
+    }
     init_log(&log_level)?;
-    let interrupts = Interrupts::install().map_err(|e| format!("cannot handle signals: {e}"))?;
-    let mut input = if o.stdin { Some(Input::open()?) } else { None };
+    Ok(Asked::Run(o))
+}
+
+fn client(o: Options) -> Outcome {
+    let interrupts = Interrupts::install().map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
+    let mut input = if o.stdin {
+        Some(Input::open().map_err(Failure::Runtime)?)
+    } else {
+        None
+    };
     let mut progress = Progress::default();
     let mut backoff = BACKOFF_FIRST;
     loop {
@@ -174,28 +277,45 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 backoff = BACKOFF_FIRST;
                 Session::new(client, &o, input.as_mut(), &mut progress).run(&interrupts)
             }
-            Err(e @ (ClientError::InvalidUrl(_) | ClientError::InvalidConfig(_))) => return Err(e.to_string()),
+            Err(e @ (ClientError::InvalidUrl(_) | ClientError::InvalidConfig(_))) => {
+                return Err(Failure::Usage(e.to_string()))
+            }
             Err(e) => Err(e.to_string()),
         };
+        if progress.output_gone {
+            return Ok(()); // the reader of our output has gone: nothing left to do
+        }
+        let finished = input.as_ref().is_some_and(|i| i.eof) || o.count.is_some_and(|n| progress.sent >= n);
         let why = match ended {
+            Ok(End::Done) if progress.unanswered > 0 => {
+                return Err(Failure::Runtime(format!(
+                    "{} of {} message(s) got no reply (waited {REPLY_WAIT:?} after the last)",
+                    progress.unanswered, progress.sent
+                )));
+            }
             Ok(End::Done) => return Ok(()),
             Ok(End::ServerClosed { code, reason }) => {
                 let clean = matches!(code, close_code::NORMAL | close_code::NO_STATUS);
                 let what = format!("server closed the connection: {code} {reason}");
-                if !o.reconnect {
-                    return if clean {
-                        Ok(())
-                    } else {
-                        Err(what.trim_end().to_string())
+                let what = what.trim_end().to_string();
+                if !o.reconnect || finished {
+                    let short = o.count.is_some_and(|n| progress.replies() < n);
+                    return match (clean, short) {
+                        (true, false) => Ok(()),
+                        (true, true) => Err(Failure::Runtime(format!(
+                            "{what} after {} of {} replies",
+                            progress.replies(),
+                            o.count.unwrap_or(0)
+                        ))),
+                        (false, _) => Err(Failure::Runtime(what)),
                     };
                 }
-                what.trim_end().to_string()
+                what
             }
             Err(e) => e,
         };
-        let finished = input.as_ref().is_some_and(|i| i.eof) || o.count.is_some_and(|n| progress.sent >= n);
         if !o.reconnect || finished {
-            return Err(why);
+            return Err(Failure::Runtime(why));
         }
         log::warn!("{why}; reconnecting in {backoff:?}");
         std::thread::sleep(backoff);
@@ -205,14 +325,14 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
 
 /// SIGINT and SIGTERM. While a connection is open the first one closes it cleanly (1000) and
 /// the run ends with exit status 0; a second one, or one while connecting or waiting to
-/// reconnect, ends the process at once.
+/// reconnect, ends the process at once, with status 0 as well.
 struct Interrupts {
     pipe: UnixStream,
-    /// While set, a signal takes its default action (terminate).
+    /// While set, a signal ends the process at once.
     hard: Arc<AtomicBool>,
 }
 
-/// Re-arms the default action when a session ends, however it ends.
+/// Re-arms the immediate exit when a session ends, however it ends.
 struct Graceful<'a>(&'a Interrupts);
 
 impl Drop for Graceful<'_> {
@@ -228,7 +348,7 @@ impl Interrupts {
         write.set_nonblocking(true)?;
         let hard = Arc::new(AtomicBool::new(true));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register_conditional_default(sig, Arc::clone(&hard))?;
+            signal_hook::flag::register_conditional_shutdown(sig, EXIT_OK, Arc::clone(&hard))?;
             signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
         }
         Ok(Interrupts { pipe: read, hard })
@@ -272,8 +392,7 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn new(client: Client, o: &'a Options, input: Option<&'a mut Input>, p: &'a mut Progress) -> Self {
-        // Replies to messages sent on an earlier connection are not coming.
-        p.replies = p.sent;
+        p.new_connection();
         Session {
             client,
             o,
@@ -301,11 +420,11 @@ impl<'a> Session<'a> {
         loop {
             let event = self.client.next_event(None).map_err(|e| e.to_string())?;
             match event {
-                Some(ClientEvent::Text(text)) => self.print(text.as_bytes())?,
-                Some(ClientEvent::Binary(data)) => self.print(&data)?,
+                Some(ClientEvent::Text(text)) => self.received(text.as_bytes())?,
+                Some(ClientEvent::Binary(data)) => self.received(&data)?,
                 Some(ClientEvent::Timer) if self.sending_done => {
-                    let missing = self.p.sent - self.p.replies.min(self.p.sent);
-                    log::warn!("{missing} message(s) got no reply within {REPLY_WAIT:?}; closing");
+                    // The replies did not all come: give up on them.
+                    self.p.new_connection();
                     self.close()?;
                 }
                 Some(ClientEvent::Timer) if self.input.is_some() => self.read_input()?,
@@ -313,6 +432,8 @@ impl<'a> Session<'a> {
                 Some(ClientEvent::Readable(fd)) if fd == interrupts.fd() => {
                     interrupts.take();
                     log::info!("interrupted: closing");
+                    // Stopping was asked for: what had no reply yet is not a failure.
+                    self.p.sent_here = self.p.replied_here();
                     self.close()?;
                 }
                 Some(ClientEvent::Readable(_)) => self.read_input()?,
@@ -328,15 +449,26 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Prints a message and closes once every send has its reply.
-    fn print(&mut self, msg: &[u8]) -> Result<(), String> {
-        let mut out = io::stdout().lock();
-        out.write_all(msg)
-            .and_then(|()| out.write_all(b"\n"))
-            .and_then(|()| out.flush())
-            .map_err(|e| format!("cannot write to stdout: {e}"))?;
-        self.p.replies += 1;
-        if self.sending_done && self.p.replies >= self.p.sent {
+    /// Prints a message; closes once every send has its reply.
+    fn received(&mut self, msg: &[u8]) -> Result<(), String> {
+        if !self.p.output_gone {
+            let mut out = io::stdout().lock();
+            match out
+                .write_all(msg)
+                .and_then(|()| out.write_all(b"\n"))
+                .and_then(|()| out.flush())
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    log::debug!("stdout closed: closing");
+                    self.p.output_gone = true;
+                    return self.close();
+                }
+                Err(e) => return Err(format!("cannot write to stdout: {e}")),
+            }
+        }
+        self.p.received(msg);
+        if self.sending_done && self.p.all_replied() {
             self.close()?;
         }
         Ok(())
@@ -358,7 +490,7 @@ impl<'a> Session<'a> {
     /// Nothing more will be sent: close now if every reply is in, else after a grace period.
     fn finish_sending(&mut self) -> Result<(), String> {
         self.sending_done = true;
-        if self.p.replies >= self.p.sent {
+        if self.p.all_replied() {
             return self.close();
         }
         self.client.set_timer(REPLY_WAIT);
@@ -385,7 +517,7 @@ impl<'a> Session<'a> {
         };
         match sent {
             Ok(()) => {
-                self.p.sent += 1;
+                self.p.sent(line);
                 Ok(())
             }
             // The server is closing; its close frame ends the run.

@@ -2,6 +2,71 @@
 
 use std::time::Duration;
 
+/// `serve`'s TLS options, in its help when the `tls` feature is built.
+#[cfg(all(feature = "tls", feature = "server"))]
+macro_rules! serve_tls_help {
+    () => {
+        "  --tls-cert FILE          serve wss:// (and the page over https://): PEM certificate chain
+  --tls-key FILE           the PEM private key of --tls-cert
+"
+    };
+}
+#[cfg(all(not(feature = "tls"), feature = "server"))]
+macro_rules! serve_tls_help {
+    () => {
+        ""
+    };
+}
+
+/// `client`'s and `bench`'s TLS options, in their help when the `tls` feature is built.
+#[cfg(all(feature = "tls", feature = "client"))]
+macro_rules! client_tls_help {
+    () => {
+        "
+TLS options (wss:// URLs):
+  --ca FILE              trust only the CA certificates in this PEM file
+                         [default: the system's CA bundle]
+  --insecure             do not verify the server's certificate (says so on stderr)
+"
+    };
+}
+#[cfg(all(not(feature = "tls"), feature = "client"))]
+macro_rules! client_tls_help {
+    () => {
+        ""
+    };
+}
+
+/// The permessage-deflate options of `serve`, `client` or `bench`, in their help when the
+/// `deflate` feature is built.
+#[cfg(feature = "deflate")]
+macro_rules! deflate_help {
+    (serve) => {
+        "  --deflate, --no-deflate  accept permessage-deflate when offered: no memory per idle
+                           connection, CPU per message compressed [default: --deflate]
+  --deflate-min-size BYTES send messages shorter than this uncompressed, and longer ones
+                           that do not shrink; 0 compresses every message [default: 64]
+"
+    };
+    (client) => {
+        "  --deflate, --no-deflate
+                         offer permessage-deflate, as browsers do [default: --deflate]
+"
+    };
+    (bench) => {
+        "  --deflate, --no-deflate  offer permessage-deflate; the report shows how many connections
+                           agreed and the compression ratio [default: --no-deflate, so that
+                           figures measure the server alone unless compression is asked for]
+"
+    };
+}
+#[cfg(not(feature = "deflate"))]
+macro_rules! deflate_help {
+    ($command:ident) => {
+        ""
+    };
+}
+
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "client")]
@@ -16,60 +81,147 @@ Usage:
   wsloop [serve] [OPTIONS]     serve WebSocket (default: echo on 127.0.0.1:9001)
   wsloop bench [URL] [OPTIONS] open many connections to an echo server and measure
   wsloop client [URL] [OPTS]   send `how are you?` every 2s and print the replies
-  wsloop help                  this text
+  wsloop help [COMMAND]        this text, or a command's options
 
-Run `wsloop serve --help` for the options of a subcommand.
-Durations are written like 2s, 500ms, 0.5s, 1m.";
+Durations are written like 2s, 500ms, 0.5s, 1m; sizes like 65536, 64KiB, 16MiB.
+Exit status: 0 done (also when stopped by Ctrl-C or SIGTERM), 1 failed, 2 bad usage.";
 
 /// What `--deflate` says in a build without the `deflate` feature.
 #[cfg(not(feature = "deflate"))]
 const NO_DEFLATE: &str = "this build has no permessage-deflate (cargo feature `deflate`)";
 
-/// Runs the CLI; returns the exit code.
-pub fn main() -> i32 {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let sub = args.first().and_then(|a| a.to_str()).map(str::to_string);
-    let result = match sub.as_deref() {
-        #[cfg(feature = "server")]
-        Some("serve") => {
-            args.remove(0);
-            serve::run(args)
-        }
-        #[cfg(feature = "bench")]
-        Some("bench") => {
-            args.remove(0);
-            bench::run(args)
-        }
-        #[cfg(feature = "client")]
-        Some("client") => {
-            args.remove(0);
-            client::run(args)
-        }
-        Some("help") | Some("--help") | Some("-h") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some("--version") | Some("-V") => {
-            println!("wsloop {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
-        }
-        Some(s) if !s.starts_with('-') => Err(format!("unknown command '{s}' (try: wsloop help)")),
-        #[cfg(feature = "server")]
-        _ => serve::run(args),
-        #[cfg(not(feature = "server"))]
-        _ => Err("this build has no server (try: wsloop help)".to_string()),
-    };
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("wsloop: {e}");
-            2
-        }
+/// Exit statuses, the same for every command.
+pub const EXIT_OK: i32 = 0;
+/// The command ran and failed: could not listen or connect, refused, closed abnormally,
+/// replies missing, a benchmark that was not clean.
+pub const EXIT_FAILURE: i32 = 1;
+/// The command line is wrong: an unknown option, a missing or bad value.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Why a command did not succeed; its exit status follows from it.
+#[derive(Debug)]
+pub enum Failure {
+    /// A bad command line (exit 2).
+    Usage(String),
+    /// The command ran and failed (exit 1).
+    Runtime(String),
+    /// Failed, and has already said why (exit 1).
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
+    Reported,
+}
+
+impl From<lexopt::Error> for Failure {
+    fn from(e: lexopt::Error) -> Self {
+        Failure::Usage(e.to_string())
     }
 }
 
-/// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h`, or `0`/`off` (as zero). Integer arithmetic only:
-/// the server-only binary carries no floating-point formatting or parsing.
+/// What a command ends with.
+pub type Outcome = Result<(), Failure>;
+
+/// What a command line asks for.
+pub enum Asked<T> {
+    /// Run with these settings.
+    Run(T),
+    /// `--help`.
+    Help,
+    /// `--version`.
+    Version,
+}
+
+/// Parses with `parse` (its errors are usage errors) and runs what was asked for.
+pub fn dispatch<T>(parsed: Result<Asked<T>, String>, help: &str, run: impl FnOnce(T) -> Outcome) -> Outcome {
+    match parsed.map_err(Failure::Usage)? {
+        Asked::Run(t) => run(t),
+        Asked::Help => print_out(help),
+        Asked::Version => version(),
+    }
+}
+
+/// Writes `text` to standard output. A reader that has gone away (a closed pipe, as with
+/// `| head`) is not an error: the output is simply not wanted any more.
+pub fn print_out(text: &str) -> Outcome {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::Runtime(format!("cannot write to standard output: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes a line to standard error; a closed stderr is ignored (there is nowhere left to say so).
+pub fn print_err(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// `wsloop --version`.
+pub fn version() -> Outcome {
+    print_out(concat!("wsloop ", env!("CARGO_PKG_VERSION"), "\n"))
+}
+
+/// Runs the CLI; returns the exit status.
+pub fn main() -> i32 {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let sub = args.first().and_then(|a| a.to_str()).map(str::to_string);
+    let known = matches!(sub.as_deref(), Some("serve" | "bench" | "client" | "help"));
+    if known {
+        args.remove(0);
+    }
+    let result = match sub.as_deref() {
+        Some("help") => help(args.first().and_then(|a| a.to_str())),
+        Some("--help") | Some("-h") => help(None),
+        Some("--version") | Some("-V") => version(),
+        #[cfg(feature = "bench")]
+        Some("bench") => bench::run(args),
+        #[cfg(feature = "client")]
+        Some("client") => client::run(args),
+        #[cfg(feature = "server")]
+        Some("serve") => serve::run(args),
+        Some(s) if known => Err(Failure::Usage(format!(
+            "this build has no `{s}` command (try: wsloop help)"
+        ))),
+        Some(s) if !s.starts_with('-') => Err(Failure::Usage(format!("unknown command '{s}' (try: wsloop help)"))),
+        #[cfg(feature = "server")]
+        _ => serve::run(args),
+        #[cfg(not(feature = "server"))]
+        _ => Err(Failure::Usage(
+            "this build has no server (try: wsloop help)".to_string(),
+        )),
+    };
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(Failure::Usage(e)) => {
+            print_err(&format!("wsloop: {e}"));
+            EXIT_USAGE
+        }
+        Err(Failure::Runtime(e)) => {
+            print_err(&format!("wsloop: {e}"));
+            EXIT_FAILURE
+        }
+        Err(Failure::Reported) => EXIT_FAILURE,
+    }
+}
+
+/// `wsloop help [COMMAND]`.
+fn help(command: Option<&str>) -> Outcome {
+    let text = match command {
+        None => return print_out(&format!("{USAGE}\n")),
+        #[cfg(feature = "server")]
+        Some("serve") => serve::HELP,
+        #[cfg(feature = "bench")]
+        Some("bench") => bench::HELP,
+        #[cfg(feature = "client")]
+        Some("client") => client::HELP,
+        Some(other) => return Err(Failure::Usage(format!("unknown command '{other}' (try: wsloop help)"))),
+    };
+    print_out(text)
+}
+
+/// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h` (up to six decimals), or `0`/`off` (as zero).
+/// Integer arithmetic only: the server-only binary carries no floating-point formatting or parsing.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("invalid duration '{s}' (use e.g. 2s, 500ms, 0.5s, 1m)");
     let t = s.trim();
@@ -78,7 +230,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
     let (num, unit) = t.split_at(split);
-    let nanos_per_unit: u128 = match unit {
+    let per_unit: u64 = match unit {
         "ms" => 1_000_000,
         "s" => 1_000_000_000,
         "m" | "min" => 60_000_000_000,
@@ -86,26 +238,57 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
-    if whole.is_empty() && frac.is_empty() || frac.contains('.') || whole.len() > 12 || frac.len() > 9 {
+    // Six decimals keep `frac * per_unit` within u64 (no 128-bit arithmetic in the binary).
+    if whole.is_empty() && frac.is_empty() || frac.len() > 6 {
         return Err(bad());
     }
-    let whole: u128 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| bad())?
+    let digits = |d: &str| {
+        if d.is_empty() {
+            Ok(0)
+        } else {
+            d.parse::<u64>().map_err(|_| bad())
+        }
     };
-    let frac_value: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().map_err(|_| bad())?
-    };
-    let scale = 10u128.pow(frac.len() as u32);
-    let nanos = whole * nanos_per_unit + frac_value * nanos_per_unit / scale;
-    const MAX: u128 = 20 * 86_400 * 1_000_000_000;
-    if nanos > MAX {
-        return Err(format!("duration '{s}' out of range (at most 20 days)"));
+    let (whole, frac_value) = (digits(whole)?, digits(frac)?);
+    let frac_nanos = frac_value * per_unit / 10u64.pow(frac.len() as u32);
+    const MAX: u64 = 20 * 86_400 * 1_000_000_000;
+    match whole.checked_mul(per_unit).map(|w| w + frac_nanos) {
+        Some(nanos) if nanos <= MAX => Ok(Duration::from_nanos(nanos)),
+        _ => Err(format!("duration '{s}' out of range (at most 20 days)")),
     }
-    Ok(Duration::from_nanos(nanos as u64))
+}
+
+/// A duration that can be turned off: `0` or `off` is `None`.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub fn duration_or_off(s: &str) -> Result<Option<Duration>, String> {
+    let d = parse_duration(s)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+/// A duration that cannot be off: zero (or `off`) is refused.
+pub fn duration_above_zero(flag: &str, s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{flag} must be above 0 (it cannot be off)"));
+    }
+    Ok(d)
+}
+
+/// A count of at least one.
+pub fn count(flag: &str, s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        Ok(_) => Err(format!("{flag} must be at least 1")),
+        Err(_) => Err(format!("invalid {flag} '{s}' (a whole number)")),
+    }
+}
+
+/// A size of at least one byte.
+pub fn size_above_zero(flag: &str, s: &str) -> Result<usize, String> {
+    match parse_bytes(s)? {
+        0 => Err(format!("{flag} must be at least 1 byte")),
+        n => Ok(n),
+    }
 }
 
 /// Parses a byte count: `1048576`, `64KiB`, `16MiB`, `1k`, `2M`.
@@ -130,12 +313,45 @@ pub fn value(p: &mut lexopt::Parser) -> Result<String, String> {
     p.value()
         .map_err(|e| e.to_string())?
         .into_string()
-        .map_err(|v| format!("option value is not UTF-8: {v:?}"))
+        .map_err(|v| format!("option value is not UTF-8: '{}'", v.to_string_lossy()))
 }
 
-/// Turns a lexopt error into our one-line message.
-pub fn arg_err(e: lexopt::Error) -> String {
-    e.to_string()
+/// The one-line message for an argument `cmd` does not take, pointing to its help.
+pub fn unexpected(arg: lexopt::Arg<'_>, cmd: &str) -> String {
+    let what = match arg {
+        lexopt::Arg::Long(name) => format!("unknown option '--{name}'"),
+        lexopt::Arg::Short(c) => format!("unknown option '-{c}'"),
+        lexopt::Arg::Value(v) => format!("unexpected argument '{}'", v.to_string_lossy()),
+    };
+    format!("{what} (see wsloop {cmd} --help)")
+}
+
+/// `--ca FILE` and `--insecure`, for the client and the load generator on `wss://` URLs.
+#[cfg(all(feature = "tls", feature = "client"))]
+#[derive(Default)]
+pub struct TlsArgs {
+    /// `--ca FILE`.
+    pub ca: Option<std::ffi::OsString>,
+    /// `--insecure`.
+    pub insecure: bool,
+}
+
+#[cfg(all(feature = "tls", feature = "client"))]
+impl TlsArgs {
+    /// The client TLS settings the options ask for (`None`: the system's CA bundle).
+    pub fn config(&self) -> Result<Option<wsloop::tls::ClientTls>, String> {
+        match (&self.ca, self.insecure) {
+            (Some(_), true) => Err("--ca and --insecure exclude each other".to_string()),
+            (Some(f), false) => wsloop::tls::ClientTls::with_ca_file(f)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            (None, true) => {
+                eprintln!("wsloop: --insecure: the server's certificate is not verified");
+                Ok(Some(wsloop::tls::ClientTls::insecure()))
+            }
+            (None, false) => Ok(None),
+        }
+    }
 }
 
 /// A logger that writes `LEVEL message` lines to stderr.
@@ -186,6 +402,28 @@ mod tests {
         assert_eq!(parse_duration("20d").map_err(|_| ()), Err(()));
         assert!(parse_duration("21h").is_ok());
         assert!(parse_duration("481h").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn zero_and_off() {
+        assert_eq!(duration_or_off("off"), Ok(None));
+        assert_eq!(duration_or_off("0"), Ok(None));
+        assert_eq!(duration_or_off("0s"), Ok(None));
+        assert_eq!(duration_or_off("2s"), Ok(Some(Duration::from_secs(2))));
+        for zero in ["0", "off", "0ms", "0.0s"] {
+            assert_eq!(
+                duration_above_zero("--every", zero),
+                Err("--every must be above 0 (it cannot be off)".to_string())
+            );
+        }
+        assert_eq!(count("--count", "3"), Ok(3));
+        assert_eq!(count("--count", "0"), Err("--count must be at least 1".to_string()));
+        assert!(count("--count", "-1").unwrap_err().starts_with("invalid --count '-1'"));
+        assert_eq!(
+            size_above_zero("--max-message", "0KiB"),
+            Err("--max-message must be at least 1 byte".to_string())
+        );
+        assert_eq!(size_above_zero("--max-message", "1k"), Ok(1024));
     }
 
     #[test]

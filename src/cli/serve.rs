@@ -4,14 +4,18 @@ use std::ffi::OsString;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use wsloop::proto::Answer;
-use wsloop::server::modes::{self, Broadcast, Echo, PageKind, Reply};
-use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, Upgrade};
+use wsloop::server::modes::{self, Broadcast, PageKind};
+use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId, MAX_THREADS};
 use wsloop::Message;
 
-use super::{arg_err, init_log, parse_bytes, parse_duration, value};
+use super::{
+    count, dispatch, duration_above_zero, duration_or_off, init_log, parse_bytes, size_above_zero, unexpected, value,
+    Asked, Failure, Outcome,
+};
 
-const HELP: &str = "\
+/// `wsloop serve --help`.
+pub const HELP: &str = concat!(
+    "\
 Usage: wsloop serve [OPTIONS]
 
 Options:
@@ -21,38 +25,54 @@ Options:
   --no-echo-self           broadcast mode: do not send a message back to its sender
   --announce               broadcast mode: tell everyone when a peer joins or leaves
   --no-page                answer a plain `GET /` with 426 instead of the browser page
-  --stats DUR              print a stats line on stderr every DUR [default: off]
+  --stats DUR|off          print a stats line on stderr every DUR (one per thread)
+                           [default: off]
+  --threads N|auto         event loops, one per thread, sharing the port (SO_REUSEPORT);
+                           auto: one per core. Broadcasts reach every loop [default: 1]
   --max-connections N      connections held; more get 503 [default: open-file limit - 64]
+  --max-connections-per-ip N
+                           connections from one address; more get 503 [default: no limit]
+  --max-memory BYTES       memory for buffered data; past 3/4 of it the largest holders
+                           stop being read, past it they are closed with 1013
+                           [default: 1/4 of physical memory, 16MiB..1GiB]
   --max-message BYTES      largest message; larger gets close 1009 [default: 16MiB]
   --max-backpressure BYTES outbound bytes queued per peer before reading pauses [default: 1MiB]
   --slow-consumer POLICY   close | drop: a full queue on broadcast [default: close]
-  --handshake-timeout DUR  time to send the request [default: 10s]
-  --idle-timeout DUR       close peers silent this long with 1001 [default: off]
-  --ping-interval DUR      ping peers silent this long [default: off]
-  --tcp-keepalive DUR      TCP keep-alive probes after this idle time [default: off]
+  --handshake-timeout DUR  time to send the request, above 0 [default: 10s]
+  --idle-timeout DUR|off   close peers silent this long with 1001 [default: off]
+  --ping-interval DUR|off  ping peers silent this long [default: off]
+  --tcp-keepalive DUR|off  TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
+",
+    deflate_help!(serve),
+    serve_tls_help!(),
+    "\
   --log LEVEL              error | warn | info | debug | trace | off [default: info]
-";
+  -q, --quiet              only warnings and errors (--log warn)
+  -V, --version            print the version
 
-/// Only in builds that have it (the server-only build does not).
-#[cfg(feature = "deflate")]
-const DEFLATE_HELP: &str = "\
-  --deflate, --no-deflate  accept permessage-deflate when offered: no memory per idle
-                           connection, CPU per message compressed [default: --deflate]
-  --deflate-min-size BYTES send messages shorter than this uncompressed, and longer ones
-                           that do not shrink; 0 compresses every message [default: 64]
-";
-#[cfg(not(feature = "deflate"))]
-const DEFLATE_HELP: &str = "";
-
-fn opt_duration(s: &str) -> Result<Option<std::time::Duration>, String> {
-    let d = parse_duration(s)?;
-    Ok(if d.is_zero() { None } else { Some(d) })
-}
+Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
+closed (at most 3s); a second one exits at once. Exit status: 0 done, 1 failed (e.g. the
+address is in use), 2 bad usage.
+"
+);
 
 /// Parses the options and runs the server until it is stopped.
-pub fn run(args: Vec<OsString>) -> Result<(), String> {
+pub fn run(args: Vec<OsString>) -> Outcome {
+    dispatch(parse(args), HELP, serve)
+}
+
+/// What the command line asks for.
+struct Parsed {
+    cfg: ServerConfig,
+    addr: std::net::SocketAddr,
+    mode: Mode,
+    stats_every: Option<Duration>,
+}
+
+/// Parses and checks the command line.
+fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     use lexopt::prelude::*;
     let mut cfg = ServerConfig::default();
     cfg.handle_signals = true;
@@ -60,12 +80,13 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut mode = "echo".to_string();
     let mut reply = "fine thank you".to_string();
     let mut log_level = "info".to_string();
-    let mut bcast = Broadcast::default();
+    let mut bcast = Broadcast::new(true, false);
     let mut bcast_flags = false;
     let mut serve_page = true;
     let mut stats_every = None;
+    let (mut tls_cert, mut tls_key): (Option<OsString>, Option<OsString>) = (None, None);
     let mut p = lexopt::Parser::from_args(args);
-    while let Some(arg) = p.next().map_err(arg_err)? {
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
             Long("listen") => listen = value(&mut p)?,
             Long("mode") => mode = value(&mut p)?,
@@ -79,17 +100,24 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                 bcast_flags = true;
             }
             Long("no-page") => serve_page = false,
-            Long("stats") => stats_every = opt_duration(&value(&mut p)?)?,
+            Long("stats") => stats_every = duration_or_off(&value(&mut p)?)?,
+            Long("threads") => cfg.threads = threads(&value(&mut p)?)?,
             Long("max-connections") => {
-                let v = value(&mut p)?;
-                cfg.max_connections = v
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(format!("invalid --max-connections '{v}'"))?;
+                let n = count("--max-connections", &value(&mut p)?)?;
+                cfg.max_connections = usize::try_from(n).unwrap_or(usize::MAX);
             }
-            Long("max-message") => cfg.max_message = parse_bytes(&value(&mut p)?)?,
-            Long("max-backpressure") => cfg.max_backpressure = parse_bytes(&value(&mut p)?)?,
+            Long("max-connections-per-ip") => {
+                let n = count("--max-connections-per-ip", &value(&mut p)?)?;
+                cfg.max_connections_per_ip = Some(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            Long("max-memory") => {
+                cfg.max_memory = parse_bytes(&value(&mut p)?)?;
+                if cfg.max_memory < 1 << 20 {
+                    return Err("--max-memory must be at least 1MiB".to_string());
+                }
+            }
+            Long("max-message") => cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
+            Long("max-backpressure") => cfg.max_backpressure = size_above_zero("--max-backpressure", &value(&mut p)?)?,
             Long("slow-consumer") => {
                 cfg.slow_consumer = match value(&mut p)?.as_str() {
                     "close" => SlowConsumer::Close,
@@ -97,10 +125,12 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
                     v => return Err(format!("invalid --slow-consumer '{v}' (close or drop)")),
                 }
             }
-            Long("handshake-timeout") => cfg.handshake_timeout = parse_duration(&value(&mut p)?)?,
-            Long("idle-timeout") => cfg.idle_timeout = opt_duration(&value(&mut p)?)?,
-            Long("ping-interval") => cfg.ping_interval = opt_duration(&value(&mut p)?)?,
-            Long("tcp-keepalive") => cfg.tcp_keepalive = opt_duration(&value(&mut p)?)?,
+            Long("handshake-timeout") => {
+                cfg.handshake_timeout = duration_above_zero("--handshake-timeout", &value(&mut p)?)?
+            }
+            Long("idle-timeout") => cfg.idle_timeout = duration_or_off(&value(&mut p)?)?,
+            Long("ping-interval") => cfg.ping_interval = duration_or_off(&value(&mut p)?)?,
+            Long("tcp-keepalive") => cfg.tcp_keepalive = duration_or_off(&value(&mut p)?)?,
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
             #[cfg(feature = "deflate")]
@@ -114,11 +144,12 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
-            Short('h') | Long("help") => {
-                print!("{HELP}{DEFLATE_HELP}");
-                return Ok(());
-            }
-            _ => return Err(arg.unexpected().to_string()),
+            Short('q') | Long("quiet") => log_level = "warn".to_string(),
+            Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),
+            Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value().map_err(|e| e.to_string())?),
+            Short('h') | Long("help") => return Ok(Asked::Help),
+            Short('V') | Long("version") => return Ok(Asked::Version),
+            _ => return Err(unexpected(arg, "serve")),
         }
     }
     let kind = match mode.as_str() {
@@ -133,40 +164,108 @@ pub fn run(args: Vec<OsString>) -> Result<(), String> {
     if serve_page {
         cfg.page = Some(modes::page(kind).into());
     }
+    match (tls_cert, tls_key) {
+        (None, None) => {}
+        #[cfg(feature = "tls")]
+        (Some(cert), Some(key)) => {
+            cfg.tls = Some(wsloop::tls::ServerTls::from_pem_files(cert, key).map_err(|e| e.to_string())?);
+        }
+        (Some(_), None) => return Err("--tls-cert needs --tls-key".to_string()),
+        _ => return Err("--tls-key needs --tls-cert".to_string()),
+    }
     init_log(&log_level)?;
-    let server = Server::bind(listen.as_str(), cfg).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    log::info!("listening on {}", server.local_addr());
-    // One copy of the loop for every mode: a virtual call per callback costs nothing next to the
-    // system calls around it, and three monomorphised loops would cost tens of KB of binary.
-    let handler: Box<dyn Handler<State = ()>> = match kind {
-        PageKind::Echo => Box::new(Echo),
-        PageKind::Reply => Box::new(Reply(reply)),
-        PageKind::Chat => Box::new(bcast),
+    // An address, not a host name: a listening address is an interface's, and parsing it here
+    // keeps the resolver out of the binary.
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("invalid --listen '{listen}' (use IP:PORT, e.g. 127.0.0.1:9001 or [::1]:9001)"))?;
+    let mode = match kind {
+        PageKind::Echo => Mode::Echo,
+        PageKind::Reply => Mode::Reply(reply),
+        PageKind::Chat => Mode::Broadcast(bcast),
     };
-    server
-        .run(WithStats::new(handler, stats_every))
-        .map_err(|e| format!("server failed: {e}"))
+    Ok(Asked::Run(Parsed {
+        cfg,
+        addr,
+        mode,
+        stats_every,
+    }))
 }
 
-/// Wraps a handler that uses no timer of its own, and prints a stats line on stderr every
-/// `every`: open connections, messages in and out per second, bytes queued, messages dropped
-/// (in total and since the last line) and the process's resident memory.
-struct WithStats<H> {
-    inner: H,
+/// `--threads`: a count, or `auto` for one loop per core.
+fn threads(v: &str) -> Result<usize, String> {
+    if v == "auto" {
+        return Ok(wsloop::sys::cores().min(MAX_THREADS));
+    }
+    v.parse()
+        .ok()
+        .filter(|n| (1..=MAX_THREADS).contains(n))
+        .ok_or_else(|| format!("invalid --threads '{v}' (1 to {MAX_THREADS}, or auto)"))
+}
+
+fn serve(o: Parsed) -> Outcome {
+    let threads = o.cfg.threads;
+    let server = Server::bind(o.addr, o.cfg).map_err(|e| {
+        let what = format!("cannot listen on {}: {e}", o.addr);
+        // Settings the machine cannot honour are usage errors; a busy address is not.
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            Failure::Usage(what)
+        } else {
+            Failure::Runtime(what)
+        }
+    })?;
+    match threads {
+        1 => log::info!("listening on {}", server.local_addr()),
+        n => log::info!("listening on {} with {n} threads", server.local_addr()),
+    }
+    if tls_on(&server) {
+        log::info!("TLS: wss:// and https://");
+    }
+    server
+        .run_threads(|lp| Cli {
+            mode: o.mode.clone(),
+            every: o.stats_every,
+            stats_timer: None,
+            last: None,
+            tag: if threads > 1 { format!(" t{lp}") } else { String::new() },
+        })
+        .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
+}
+
+/// Whether the server speaks TLS.
+fn tls_on(server: &Server) -> bool {
+    #[cfg(feature = "tls")]
+    return server.is_tls();
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = server;
+        false
+    }
+}
+
+/// What the server does with messages.
+#[derive(Clone)]
+enum Mode {
+    Echo,
+    Reply(String),
+    Broadcast(Broadcast),
+}
+
+/// The command line's handler: one type for every mode (one copy of the loop in the binary),
+/// printing a stats line on stderr every `every`: open connections, messages in and out per
+/// second, bytes queued, messages dropped (in total and since the last line), memory counted
+/// against the budget, and the process's resident memory.
+struct Cli {
+    mode: Mode,
     every: Option<Duration>,
+    stats_timer: Option<TimerId>,
     /// When the previous line was printed, and the counters then.
     last: Option<(Instant, Stats)>,
+    /// ` tN` in loop N's stats lines, with several threads.
+    tag: String,
 }
 
-impl<H: Handler<State = ()>> WithStats<H> {
-    fn new(inner: H, every: Option<Duration>) -> Self {
-        WithStats {
-            inner,
-            every,
-            last: None,
-        }
-    }
-
+impl Cli {
     fn tick(&mut self, ctx: &mut Ctx<'_, ()>) {
         let Some(every) = self.every else { return };
         let now = Instant::now();
@@ -179,13 +278,16 @@ impl<H: Handler<State = ()>> WithStats<H> {
                 format!("{}.{}", tenths / 10, tenths % 10)
             };
             let line = format!(
-                "stats open={} in={}/s out={}/s queued={}B dropped={} (+{}) rss={}",
+                "stats{} open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}",
+                self.tag,
                 stats.open,
                 rate(stats.messages_in, prev.messages_in),
                 rate(stats.messages_out, prev.messages_out),
                 stats.bytes_queued,
                 stats.dropped,
                 stats.dropped.saturating_sub(prev.dropped),
+                stats.memory / 1024,
+                stats.memory_limit / 1024,
                 wsloop::sys::read_rss(std::process::id())
                     .map_or_else(|| "?".to_string(), |b| format!("{}KiB", b / 1024)),
             );
@@ -193,32 +295,46 @@ impl<H: Handler<State = ()>> WithStats<H> {
             let _ = writeln!(std::io::stderr().lock(), "{line}");
         }
         self.last = Some((now, stats));
-        ctx.set_timer(every);
+        self.stats_timer = Some(ctx.set_timer(every));
     }
 }
 
-impl<H: Handler<State = ()>> Handler for WithStats<H> {
+impl Handler for Cli {
     type State = ();
+
     fn on_start(&mut self, ctx: &mut Ctx<'_, ()>) {
         self.tick(ctx);
-        self.inner.on_start(ctx);
     }
-    fn on_upgrade(&mut self, ctx: &mut Ctx<'_, ()>, up: &mut Upgrade<'_>) -> Result<(), Answer> {
-        self.inner.on_upgrade(ctx, up)
-    }
+
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
-        self.inner.on_open(ctx, conn);
+        if let Mode::Broadcast(b) = &mut self.mode {
+            b.on_open(ctx, conn);
+        }
     }
+
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
-        self.inner.on_message(ctx, conn, msg);
+        match &mut self.mode {
+            Mode::Echo => {
+                ctx.send(conn.id(), msg);
+            }
+            Mode::Reply(text) => {
+                ctx.send_text(conn.id(), text);
+            }
+            Mode::Broadcast(b) => b.on_message(ctx, conn, msg),
+        }
     }
+
     fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {
-        self.inner.on_close(ctx, conn, code, reason);
+        if let Mode::Broadcast(b) = &mut self.mode {
+            b.on_close(ctx, conn, code, reason);
+        }
     }
-    fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, _timer: Timer) {
-        self.tick(ctx);
-    }
-    fn on_wake(&mut self, ctx: &mut Ctx<'_, ()>) {
-        self.inner.on_wake(ctx);
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, timer: Timer) {
+        if Some(timer.id) == self.stats_timer {
+            self.tick(ctx);
+        } else if let Mode::Broadcast(b) = &mut self.mode {
+            b.on_announce_timer(ctx, timer);
+        }
     }
 }

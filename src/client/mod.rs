@@ -37,11 +37,13 @@
 //! writes for later bytes (the reply to a close frame that followed, or the close frame of a
 //! protocol error), exactly as if it had been sent the moment the message arrived.
 //!
-//! With the `deflate` feature the client offers permessage-deflate
-//! (`proto::deflate::CLIENT_OFFER`) and accepts every valid answer; see
-//! `ClientConfig::deflate`.
+//! `wss://` URLs need the `tls` feature; [`ClientConfig::tls`] says whom to trust.
 //!
-//! Not supported: TLS (`wss://`), proxies, redirects, extensions other than permessage-deflate.
+//! With the `deflate` feature the client offers permessage-deflate
+//! (`proto::deflate::CLIENT_OFFER`) and accepts every valid answer, over `ws://` and `wss://`;
+//! see `ClientConfig::deflate`.
+//!
+//! Not supported: proxies, redirects, extensions other than permessage-deflate.
 
 use std::collections::VecDeque;
 use std::io;
@@ -59,6 +61,7 @@ pub use url::UrlError;
 pub(crate) use url::WsUrl;
 
 use crate::io::outbox::{self, Outbox};
+use crate::io::stream::ClientStream;
 use crate::io::timer::{deadline_after, poll_timeout, Clock, TimerQueue};
 use crate::io::transport::Transport;
 use crate::proto::frame::OpCode;
@@ -88,12 +91,16 @@ pub struct ClientConfig {
     /// Unsent bytes above which the client stops reading from the server until they drain
     /// (default 1 MiB). Sending never blocks: see [`Client::buffered_amount`].
     pub max_backpressure: usize,
-    /// Size of the read buffer (default 64 KiB).
+    /// Size of the read buffer (default 64 KiB; at least 64 KiB for `wss://`).
     pub read_buffer_size: usize,
     /// Subprotocols to offer, in order of preference (default none).
     pub protocols: Vec<String>,
     /// Extra request headers, e.g. `("Origin", "http://localhost")` (default none).
     pub headers: Vec<(String, String)>,
+    /// Whom to trust on `wss://` URLs (default none: the system's CA bundle, read when a
+    /// `wss://` connection is made).
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ClientTls>,
     /// permessage-deflate (default: offered; messages of 64 bytes and more compressed at zlib
     /// level 1). The client compresses every message on its own and says so in its offer
     /// (`client_no_context_takeover`). A server that keeps its own context costs this client an
@@ -113,6 +120,8 @@ impl Default for ClientConfig {
             read_buffer_size: 64 << 10,
             protocols: Vec::new(),
             headers: Vec::new(),
+            #[cfg(feature = "tls")]
+            tls: None,
             #[cfg(feature = "deflate")]
             deflate: proto::deflate::DeflateConfig::default(),
         }
@@ -210,6 +219,9 @@ pub enum ClientError {
     Abnormal(String),
     /// The connection is closing or closed: nothing more can be sent.
     NotOpen,
+    /// The TLS setup or handshake failed (an untrusted certificate, a name that does not
+    /// match, a server that does not speak TLS): one line saying why.
+    Tls(String),
     /// Another I/O error.
     Io(io::Error),
 }
@@ -239,6 +251,7 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::Abnormal(why) => write!(f, "connection closed abnormally (1006): {why}"),
             ClientError::NotOpen => f.write_str("the connection is not open"),
+            ClientError::Tls(why) => f.write_str(why),
             ClientError::Io(e) => write!(f, "I/O error: {e}"),
         }
     }
@@ -284,7 +297,7 @@ const FD_BASE: usize = 16;
 pub struct Client {
     poll: Poll,
     events: Events,
-    stream: TcpStream,
+    stream: ClientStream,
     out: Option<Box<Outbox>>,
     write_interest: bool,
     peer: SocketAddr,
@@ -336,12 +349,19 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to `url` (`ws://host[:port][/path][?query]`) and completes the opening handshake.
+    /// Connects to `url` (`ws[s]://host[:port][/path][?query]`) and completes the opening
+    /// handshake (after the TLS handshake, for `wss://`).
     ///
     /// Blocks until the handshake is done or [`connect_timeout`](ClientConfig::connect_timeout)
     /// passes. A host name is resolved now; its addresses are tried in turn until one accepts.
     pub fn connect(url: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
         let target = WsUrl::parse(url)?;
+        #[cfg(feature = "tls")]
+        let tls = match (&cfg.tls, target.tls) {
+            (_, false) => None,
+            (Some(t), true) => Some(t.clone()),
+            (None, true) => Some(crate::tls::ClientTls::system_roots().map_err(|e| ClientError::Tls(e.to_string()))?),
+        };
         let request = cfg.request(&target);
         request.check().map_err(ClientError::InvalidConfig)?;
         let proto_cfg = cfg.protocol_config();
@@ -381,6 +401,16 @@ impl Client {
                 error: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
             }));
         };
+        #[cfg(feature = "tls")]
+        let stream = match tls {
+            Some(tls) => {
+                let session = tls.session(&target.host).map_err(ClientError::Tls)?;
+                ClientStream::Tls(crate::io::tls::TlsStream::new(stream, session))
+            }
+            None => ClientStream::Plain(stream),
+        };
+        #[cfg(not(feature = "tls"))]
+        let stream = ClientStream::Plain(stream);
         let mut client = Client {
             poll,
             events,
@@ -389,7 +419,8 @@ impl Client {
             write_interest: true,
             peer,
             conn,
-            rbuf: vec![0; cfg.read_buffer_size.max(256)],
+            // TLS needs room for a whole record (up to 18 KiB) in the upper half.
+            rbuf: vec![0; cfg.read_buffer_size.max(if target.tls { 64 << 10 } else { 256 })],
             rpos: 0,
             rlen: 0,
             cfg,
@@ -421,6 +452,13 @@ impl Client {
     fn handshake(&mut self) -> Result<(), ClientError> {
         loop {
             if let Some(e) = self.io_error.take() {
+                #[cfg(feature = "tls")]
+                if e.get_ref().is_some_and(|i| i.is::<crate::io::tls::TlsFailure>()) {
+                    return Err(ClientError::Tls(format!(
+                        "TLS handshake with {} failed: {e}",
+                        self.peer
+                    )));
+                }
                 return Err(match e.kind() {
                     io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
                         ClientError::Handshake(ResponseError::NoAnswer)
@@ -500,6 +538,13 @@ impl Client {
                     self.io_error.get_or_insert(e);
                 }
             }
+            // A TLS handshake that completed while reading lets the queued request out.
+            if self.stream.take_write_ready() && self.out.is_some() {
+                if let Err(e) = outbox::flush(&mut self.stream, &mut self.out) {
+                    self.io_error.get_or_insert(e);
+                    self.out = None;
+                }
+            }
             return;
         }
     }
@@ -532,7 +577,7 @@ impl Client {
 
     /// Registers for WRITABLE exactly while bytes wait.
     fn sync_interest(&mut self) -> io::Result<()> {
-        let want = self.out.is_some();
+        let want = self.out.is_some() || self.stream.wants_write();
         if want != self.write_interest {
             let interest = if want {
                 Interest::READABLE | Interest::WRITABLE
@@ -588,7 +633,7 @@ impl Client {
             if let Some(end) = self.outcome(t) {
                 self.finished = true;
                 let _ = self.poll.registry().deregister(&mut self.stream);
-                let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                let _ = self.stream.tcp().shutdown(std::net::Shutdown::Both);
                 return end.map(Some);
             }
             let expired = until.is_some_and(|u| now >= u);
@@ -667,7 +712,7 @@ impl Client {
     /// How the connection ended, once it has.
     fn outcome(&mut self, timeout: Option<Timeout>) -> Option<Result<ClientEvent, ClientError>> {
         let transport_down = self.read_closed || self.io_error.is_some();
-        let flushed = self.out.is_none() || self.io_error.is_some();
+        let flushed = (self.out.is_none() && !self.stream.wants_write()) || self.io_error.is_some();
         match self.conn.state() {
             State::Connecting | State::Open if !transport_down => None,
             State::Connecting | State::Open => Some(Err(ClientError::Abnormal(self.drop_reason()))),
@@ -842,7 +887,7 @@ impl Client {
 
     /// This end's address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.local_addr()
+        self.stream.tcp().local_addr()
     }
 
     /// Waits for readiness (at most `timeout`) and handles what the socket reports.

@@ -25,21 +25,26 @@ pub(crate) struct WsUrl {
     pub(crate) port: u16,
     /// Path and query, starting with `/`.
     pub(crate) resource: String,
+    /// A `wss://` URL: TLS over TCP.
+    pub(crate) tls: bool,
 }
 
 impl WsUrl {
-    /// Parses `ws://host[:port][/path][?query]`; IPv6 addresses go in brackets.
+    /// Parses `ws[s]://host[:port][/path][?query]`; IPv6 addresses go in brackets.
     pub(crate) fn parse(url: &str) -> Result<WsUrl, UrlError> {
         let bad = |why| UrlError {
             url: url.to_string(),
             why,
         };
         let (scheme, rest) = url.split_once("://").ok_or(bad("it must start with ws://"))?;
-        if scheme.eq_ignore_ascii_case("wss") {
-            return Err(bad("TLS (wss://) is not supported; use ws://"));
+        let tls = scheme.eq_ignore_ascii_case("wss");
+        if tls && !cfg!(feature = "tls") {
+            return Err(bad(
+                "TLS (wss://) is not supported by this build (feature tls); use ws://",
+            ));
         }
-        if !scheme.eq_ignore_ascii_case("ws") {
-            return Err(bad("only ws:// URLs are supported"));
+        if !tls && !scheme.eq_ignore_ascii_case("ws") {
+            return Err(bad("only ws:// and wss:// URLs are supported"));
         }
         if rest.contains('#') {
             return Err(bad("a WebSocket URL cannot have a #fragment"));
@@ -73,6 +78,7 @@ impl WsUrl {
             return Err(bad("invalid host (IPv6 addresses go in brackets: ws://[::1]:9001/)"));
         }
         let port = match port {
+            None if tls => 443,
             None => 80,
             Some(p) => match p.parse::<u16>() {
                 Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
@@ -93,6 +99,7 @@ impl WsUrl {
             host: host.to_string(),
             port,
             resource,
+            tls,
         })
     }
 
@@ -103,7 +110,7 @@ impl WsUrl {
         } else {
             self.host.clone()
         };
-        if self.port == 80 {
+        if self.port == if self.tls { 443 } else { 80 } {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -141,12 +148,20 @@ mod tests {
         assert_eq!((t.port, t.host_header().as_str()), (80, "[::1]"));
         let t = target("ws://h:1?q");
         assert_eq!(t.resource, "/?q");
+        assert!(!t.tls);
+        if cfg!(feature = "tls") {
+            let t = target("WSS://example.com/x");
+            assert_eq!((t.port, t.tls, t.host_header().as_str()), (443, true, "example.com"));
+            assert_eq!(target("wss://h:80/").host_header(), "h:80");
+        }
     }
 
     #[test]
     fn refuses_bad_urls() {
-        assert!(why("wss://example.com/").contains("TLS (wss://) is not supported"));
-        assert!(why("http://example.com/").contains("only ws://"));
+        if !cfg!(feature = "tls") {
+            assert!(why("wss://example.com/").contains("TLS (wss://) is not supported"));
+        }
+        assert!(why("http://example.com/").contains("only ws:// and wss://"));
         assert!(why("example.com:9001").contains("must start with ws://"));
         assert!(why("ws://h/#frag").contains("fragment"));
         assert!(why("ws://u:p@h/").contains("user names"));

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use mio::{Interest, Poll, Token};
 use slab::Slab;
 
+use super::budget::{Budget, SharedFrame};
 use super::outbox::{self, Outbox};
 use super::timer::{Clock, TimerQueue};
 use super::transport::Transport;
@@ -39,6 +40,8 @@ const DEAD: u8 = 16;
 const EOF: u8 = 32;
 /// The TCP connect is in progress.
 const CONNECTING: u8 = 64;
+/// The memory budget is short and this connection holds more than its share: not reading.
+const MEM_PAUSED: u8 = 128;
 
 /// One connection. Kept small: for the server this is what an idle connection costs.
 pub(crate) struct Slot<T, P> {
@@ -58,6 +61,18 @@ impl<T, P> Slot<T, P> {
     /// Bytes waiting to be written.
     pub(crate) fn queued(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.len())
+    }
+
+    /// Memory the outbound queue keeps alive (its entries, buffers and shared frames): what
+    /// the per-peer bound counts.
+    pub(crate) fn queue_held(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.held())
+    }
+
+    /// Memory this connection holds against the budget (shared frames count by themselves).
+    #[inline]
+    fn charge(&self) -> usize {
+        self.conn.buffered_bytes() + self.out.as_ref().map_or(0, |o| o.charge())
     }
 
     /// Whether the connection is being removed.
@@ -81,11 +96,27 @@ pub(crate) enum Cause {
     Dropped,
 }
 
-/// Keys in the timer queue: a connection's deadline, or one of the driver's own.
+/// A connection the budget could not hold: closed with this code.
+pub(crate) const SHED_CODE: u16 = proto::close_code::TRY_AGAIN_LATER;
+
+/// Keys in the timer queue, in one word (a heap entry is 16 bytes): a connection's deadline
+/// (its slot key and generation), one of the driver's own (top bit set), or the engine's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum TimerKey {
-    Conn { key: usize, gen: u32 },
-    Driver(u64),
+struct TimerKey(u64);
+
+const DRIVER_TIMER: u64 = 1 << 63;
+/// Give freed memory back to the operating system.
+const TRIM_TIMER: u64 = 1 << 62;
+/// Look at connections paused for memory.
+const STALL_TIMER: u64 = (1 << 62) | 1;
+
+/// A connection paused this long for memory, while memory stays short, is closed.
+const MEM_STALL_MS: u64 = 5000;
+
+impl TimerKey {
+    fn conn(key: usize, gen: u32) -> TimerKey {
+        TimerKey((u64::from(gen) << 32) | (key as u64 & 0xFFFF_FFFF))
+    }
 }
 
 /// What the engine tells a driver.
@@ -105,8 +136,12 @@ pub(crate) trait Driver<T, P, R> {
     }
     /// The connection is being removed; its slot is still readable.
     fn on_removed(&mut self, eng: &mut Engine<T, P, R>, key: usize, cause: Cause);
-    /// A driver timer set with [`Engine::set_timer`] came due.
+    /// A driver timer set with [`Engine::set_timer_at`] came due.
     fn on_timer(&mut self, eng: &mut Engine<T, P, R>, id: u64);
+    /// The budget could not hold this open connection: it is being closed with `SHED_CODE`.
+    fn on_shed(&mut self, eng: &mut Engine<T, P, R>, key: usize) {
+        let _ = (eng, key);
+    }
 }
 
 /// No key: the cork is not in use.
@@ -137,6 +172,17 @@ pub(crate) struct Engine<T, P, R> {
     scratch: Vec<u8>,
     dead: Vec<(usize, Cause)>,
     next_gen: u32,
+    /// What every connection holds, against the limit.
+    pub(crate) budget: Arc<Budget>,
+    /// Connections not read from until the budget recovers, and since when.
+    mem_paused: Vec<(usize, u32, u64)>,
+    /// Connections to close for the budget at the end of the turn.
+    shed: Vec<(usize, u32)>,
+    /// Memory freed since the last trim, and when that was.
+    freed: usize,
+    last_trim: u64,
+    trim_armed: bool,
+    stall_armed: bool,
     /// permessage-deflate for every connection of the loop: it allocates only once a message
     /// is compressed or inflated, and no connection holds compression state between messages.
     #[cfg(feature = "deflate")]
@@ -154,8 +200,15 @@ pub(crate) const fn reserved_token(i: usize) -> Token {
 }
 
 impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
-    pub(crate) fn new(poll: Poll, cfg: proto::Config, max_backpressure: usize, rng: R) -> Self {
+    pub(crate) fn new(poll: Poll, cfg: proto::Config, max_backpressure: usize, rng: R, budget: Arc<Budget>) -> Self {
         Engine {
+            budget,
+            mem_paused: Vec::new(),
+            shed: Vec::new(),
+            freed: 0,
+            last_trim: 0,
+            trim_armed: false,
+            stall_armed: false,
             poll,
             timed_open: cfg.ping_interval.is_some() || cfg.idle_timeout.is_some(),
             slots: Slab::new(),
@@ -235,6 +288,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         let mut q = Box::<Outbox>::default();
         q.push_slice(first);
         self.slots[key].out = Some(q);
+        self.budget.add(self.slots[key].charge());
         self.arm(key);
         Ok(key)
     }
@@ -264,14 +318,156 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
         }
+        let mut before = self.slots[key].charge();
         if ev.is_writable() {
             self.on_writable(key);
         }
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             let hup = ev.is_read_closed() || ev.is_error();
-            self.on_readable(d, key, hup, rbuf);
+            let slot = &mut self.slots[key];
+            if hup && slot.flags & MEM_PAUSED != 0 {
+                // The peer left while the budget kept us from reading its unfinished message:
+                // nothing it sent can be used any more.
+                slot.conn.set_closed(self.now);
+                self.kill(key, Cause::Eof);
+            } else {
+                self.on_readable(d, key, hup, rbuf, &mut before);
+                // A TLS handshake that completed while reading lets queued data out.
+                // (Plain TCP answers false at once.)
+                if let Some(slot) = self.slots.get_mut(key) {
+                    if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
+                        self.on_writable(key);
+                    }
+                }
+            }
         }
+        let slot = &self.slots[key];
+        if slot.flags == 0
+            && slot.out.is_none()
+            && !self.timed_open
+            && slot.conn.is_open()
+            && slot.charge() == before
+            && !slot.stream.wants_write()
+        {
+            return; // the common case after a read: nothing to charge, nothing to change
+        }
+        self.account(key, before);
         self.settle(key);
+    }
+
+    /// Brings the budget up to date with what connection `key` holds now (it held `before`),
+    /// and applies the budget to it: a connection holding more than its share while memory is
+    /// short stops being read; past the limit it is closed.
+    #[inline]
+    fn account(&mut self, key: usize, before: usize) {
+        let slot = &self.slots[key];
+        let now = slot.charge();
+        if now == before {
+            return;
+        }
+        self.charge_changed(key, before, now);
+    }
+
+    fn charge_changed(&mut self, key: usize, before: usize, now: usize) {
+        let slot = &self.slots[key];
+        if now < before {
+            self.budget.sub(before - now);
+            self.freed += before - now;
+            return;
+        }
+        self.budget.add(now - before);
+        let used = self.budget.used();
+        if used <= self.budget.soft() || slot.flags & DEAD != 0 {
+            return;
+        }
+        // A fair share of the memory: what lets every connection hold the same.
+        let share = (self.budget.soft() / self.slots.len().max(1)).max(1024);
+        if now <= share {
+            return;
+        }
+        let gen = slot.gen;
+        if used > self.budget.limit() {
+            self.shed.push((key, gen));
+        } else {
+            self.mem_pause(key);
+        }
+    }
+
+    /// Closes the connections the budget could not hold (with 1013: the server is short of
+    /// memory, try again later), dropping their partial messages and queues, closes those
+    /// paused for memory for 5 s while it stays short, and reads from paused ones again once
+    /// memory has come back. Runs once per turn, outside handlers.
+    pub(crate) fn apply_budget<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        while let Some((key, gen)) = self.shed.pop() {
+            if !self.is_live(key, gen) {
+                continue;
+            }
+            self.clear_queue(key);
+            let failed = self.slots[key].conn.is_open();
+            let _ = self.close(key, SHED_CODE, "server short of memory");
+            if failed {
+                d.on_shed(self, key);
+            }
+            self.settle(key);
+        }
+        if !self.mem_paused.is_empty() && self.budget.used() >= self.budget.low() {
+            // Memory stays short: a connection paused this long is not going to finish (its
+            // peer may be gone behind a closed window, or be stalling on purpose).
+            let now = self.now;
+            let mut i = 0;
+            while i < self.mem_paused.len() {
+                let (key, gen, since) = self.mem_paused[i];
+                if now.saturating_sub(since) < MEM_STALL_MS {
+                    i += 1;
+                    continue;
+                }
+                self.mem_paused.swap_remove(i);
+                if let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == gen) {
+                    slot.flags &= !MEM_PAUSED;
+                    self.shed.push((key, gen));
+                }
+            }
+            if !self.shed.is_empty() {
+                return self.apply_budget(d);
+            }
+            if let Some(first) = self.mem_paused.iter().map(|e| e.2).min() {
+                if !self.stall_armed {
+                    self.stall_armed = true;
+                    self.timers.push(first + MEM_STALL_MS, TimerKey(STALL_TIMER));
+                }
+            }
+        }
+        if !self.mem_paused.is_empty() && self.budget.used() < self.budget.low() {
+            for (key, gen, _) in std::mem::take(&mut self.mem_paused) {
+                if let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == gen) {
+                    slot.flags &= !MEM_PAUSED;
+                    if slot.flags & (READ_PAUSED | DEAD) == 0 {
+                        self.sync_interest(key, true);
+                    }
+                }
+            }
+        }
+        self.maybe_trim();
+    }
+
+    /// Gives freed memory back to the operating system after a burst (at most once a second,
+    /// and only when at least 1 MiB was freed): the allocator would otherwise keep it.
+    fn maybe_trim(&mut self) {
+        if self.freed < 1 << 20 || self.trim_armed {
+            return;
+        }
+        let next = self.last_trim + 1000;
+        if self.now < next {
+            self.trim_armed = true;
+            self.timers.push(next, TimerKey(TRIM_TIMER));
+            return;
+        }
+        self.freed = 0;
+        self.last_trim = self.now;
+        if self.slots.len() < self.slots.capacity() / 4 {
+            self.slots.shrink_to_fit();
+        }
+        super::sys::trim_heap();
     }
 
     fn on_writable(&mut self, key: usize) {
@@ -283,13 +479,23 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Reads and processes until the socket is drained. `hup` says the peer's FIN (or an error)
     /// came with this event, so reading must go on until it shows.
-    fn on_readable<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, hup: bool, rbuf: &mut [u8]) {
+    /// `before` is what the connection held when it was last charged: each read is charged
+    /// as it goes, so that the budget stops a connection that is reading a lot.
+    fn on_readable<D: Driver<T, P, R>>(
+        &mut self,
+        d: &mut D,
+        key: usize,
+        hup: bool,
+        rbuf: &mut [u8],
+        before: &mut usize,
+    ) {
         loop {
+            let cap = self.read_cap(rbuf.len());
             let slot = &mut self.slots[key];
-            if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING) != 0 {
+            if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED) != 0 {
                 return;
             }
-            let n = match slot.stream.read(rbuf) {
+            let n = match slot.stream.read(&mut rbuf[..cap]) {
                 Ok(0) => {
                     self.on_eof(d, key);
                     return;
@@ -306,18 +512,47 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             };
             // A read that did not fill the buffer took everything, where the transport says so:
             // skip the read that would only return WouldBlock (one system call per message).
-            let drained = n < rbuf.len() && !hup && slot.stream.short_read_drains();
+            let drained = n < cap && !hup && slot.stream.short_read_drains();
             self.process(d, key, &mut rbuf[..n]);
             if drained {
-                return;
+                return; // charged by the caller
             }
-            // Reading on: not past this peer's queue bound (`settle` resumes it later).
+            // Reading on: charge this read first, so that the budget can stop a connection
+            // that is sending a lot.
+            self.account(key, *before);
+            *before = self.slots[key].charge();
+            // Reading on: not past this peer's queue bound (`settle` resumes it later), nor
+            // past the budget.
             let slot = &mut self.slots[key];
-            if slot.queued() > self.max_backpressure {
+            if slot.queue_held() > self.max_backpressure {
                 slot.flags |= READ_PAUSED;
                 return;
             }
+            if self.budget.used() > self.budget.limit() {
+                self.mem_pause(key);
+                return;
+            }
         }
+    }
+
+    /// Stops reading from `key` until the budget recovers.
+    fn mem_pause(&mut self, key: usize) {
+        let slot = &mut self.slots[key];
+        if slot.flags & MEM_PAUSED == 0 {
+            slot.flags |= MEM_PAUSED;
+            self.mem_paused.push((key, slot.gen, self.now));
+        }
+    }
+
+    /// How much one read may take: the whole buffer, but less and less as the budget runs
+    /// short (never under 256 bytes, so that small messages still flow), which bounds how
+    /// far the connections read in one turn can overshoot it.
+    fn read_cap(&self, len: usize) -> usize {
+        let used = self.budget.used();
+        if used <= self.budget.soft() {
+            return len;
+        }
+        (self.budget.limit().saturating_sub(used) / 8).clamp(256, len)
     }
 
     /// The peer ended its side. What is queued for it still goes out (bounded by the close
@@ -329,7 +564,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             d.on_error(self, key, &e);
         }
         let slot = &mut self.slots[key];
-        if slot.out.is_none() {
+        if slot.out.is_none() && !slot.stream.wants_write() {
             let cause = if slot.flags & SHUT_WR != 0 {
                 Cause::Done
             } else {
@@ -381,7 +616,20 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Writes what the corked connection produced, in one go.
     fn uncork(&mut self) {
-        let key = std::mem::replace(&mut self.corked, NONE);
+        self.flush_cork();
+        self.corked = NONE;
+    }
+
+    /// The connection whose read is being processed, if any.
+    pub(crate) fn corked(&self) -> Option<usize> {
+        (self.corked != NONE).then_some(self.corked)
+    }
+
+    /// Writes what the corked connection produced so far, now (before a broadcast reaches
+    /// everyone else, the sender's own copy goes first).
+    #[inline]
+    pub(crate) fn flush_cork(&mut self) {
+        let key = self.corked;
         if self.cork.is_empty() {
             return;
         }
@@ -412,19 +660,23 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// the registration and the deadline current.
     pub(crate) fn settle(&mut self, key: usize) {
         let Some(slot) = self.slots.get_mut(key) else { return };
-        if slot.flags == 0 && slot.out.is_none() && !self.timed_open && slot.conn.is_open() {
+        let idle_stream = !slot.stream.wants_write();
+        if slot.flags == 0 && slot.out.is_none() && idle_stream && !self.timed_open && slot.conn.is_open() {
             return; // an open connection with nothing queued, nothing paused, nothing timed
         }
         if slot.flags & DEAD != 0 {
             return;
         }
-        let queued = slot.queued();
+        let queued = slot.queue_held();
+        let mut resumed = false;
         if queued > self.max_backpressure {
             slot.flags |= READ_PAUSED;
         } else if slot.flags & READ_PAUSED != 0 && queued <= self.max_backpressure / 2 {
             slot.flags &= !READ_PAUSED;
+            resumed = slot.flags & MEM_PAUSED == 0;
         }
-        if slot.out.is_none() && slot.flags & CONNECTING == 0 {
+        slot.conn.output_pending(slot.out.is_some() || !idle_stream, self.now);
+        if slot.out.is_none() && idle_stream && slot.flags & CONNECTING == 0 {
             if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
                 // The server ends the TCP connection first (RFC 6455 §7.1.1); a client waits
                 // for it, unless the server has already gone.
@@ -443,22 +695,25 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 return;
             }
         }
-        self.sync_interest(key);
+        self.sync_interest(key, resumed);
         self.arm(key);
     }
 
     /// Registers for exactly what the slot needs: READABLE unless paused or ended, WRITABLE
     /// while bytes wait (or the connect is in progress).
-    fn sync_interest(&mut self, key: usize) {
+    fn sync_interest(&mut self, key: usize, resumed: bool) {
         let slot = &mut self.slots[key];
-        let want_read = slot.flags & (READ_PAUSED | EOF) == 0;
-        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0;
+        // A paused connection stays registered for READABLE (its bytes wait in the kernel) so
+        // that a peer that leaves is noticed; resuming re-arms the edge so that what arrived
+        // meanwhile raises an event.
+        let want_read = slot.flags & EOF == 0;
+        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0 || slot.stream.wants_write();
         let has_write = slot.flags & WRITE_INTEREST != 0;
         let has_read = slot.flags & READ_OFF == 0;
         // mio needs some interest: a slot that wants neither keeps WRITABLE, which is quiet
         // on a socket with nothing queued.
         let write = want_write || !want_read;
-        if write == has_write && want_read == has_read {
+        if write == has_write && want_read == has_read && !resumed {
             return;
         }
         let interest = match (want_read, write) {
@@ -488,43 +743,63 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             return; // an earlier entry is queued; it re-arms when it fires
         }
         slot.armed = (when as u32).max(1);
-        self.timers.push(when, TimerKey::Conn { key, gen: slot.gen });
+        self.timers.push(when, TimerKey::conn(key, slot.gen));
     }
 
     /// Sets a driver timer `after` milliseconds of the loop clock from now.
     pub(crate) fn set_timer_at(&mut self, when: u64, id: u64) {
-        self.timers.push(when, TimerKey::Driver(id));
+        debug_assert!(id < DRIVER_TIMER);
+        self.timers.push(when, TimerKey(DRIVER_TIMER | id));
     }
 
     /// Runs every deadline that has passed.
     pub(crate) fn fire_timers<D: Driver<T, P, R>>(&mut self, d: &mut D) {
-        while let Some((when, key)) = self.timers.pop_due(self.now) {
-            match key {
-                TimerKey::Driver(id) => d.on_timer(self, id),
-                TimerKey::Conn { key, gen } => {
-                    let Some(slot) = self.slots.get_mut(key) else { continue };
-                    if slot.gen != gen || slot.armed != (when as u32).max(1) || slot.flags & DEAD != 0 {
-                        continue; // stale entry
-                    }
-                    slot.armed = 0;
-                    let mut out = std::mem::take(&mut self.scratch);
-                    out.clear();
-                    let t = slot.conn.handle_timeout(&self.cfg, self.now, &mut self.rng, &mut out);
-                    if !out.is_empty() {
-                        if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut out) {
-                            self.kill(key, Cause::Io(e));
-                        }
-                    }
-                    self.scratch = out;
-                    if let Some(t) = t {
-                        d.on_timeout(self, key, t);
-                        if matches!(t, Timeout::Handshake | Timeout::Close) {
-                            self.kill(key, Cause::Timeout(t));
-                        }
-                    }
-                    self.settle(key);
+        let held = self.timers.heap_bytes();
+        self.fire_due(d);
+        // After a burst of deadlines (thousands of handshakes) the queue gives memory back.
+        self.freed += held.saturating_sub(self.timers.heap_bytes());
+    }
+
+    fn fire_due<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        while let Some((when, TimerKey(k))) = self.timers.pop_due(self.now) {
+            if k & DRIVER_TIMER != 0 {
+                d.on_timer(self, k & !DRIVER_TIMER);
+                continue;
+            }
+            if k == TRIM_TIMER {
+                self.trim_armed = false;
+                self.maybe_trim();
+                continue;
+            }
+            if k == STALL_TIMER {
+                // apply_budget, at the end of this turn, looks at the paused connections.
+                self.stall_armed = false;
+                continue;
+            }
+            let (key, gen) = ((k & 0xFFFF_FFFF) as usize, (k >> 32) as u32);
+            let Some(slot) = self.slots.get_mut(key) else { continue };
+            if slot.gen != gen || slot.armed != (when as u32).max(1) || slot.flags & DEAD != 0 {
+                continue; // stale entry
+            }
+            slot.armed = 0;
+            let before = slot.charge();
+            let mut out = std::mem::take(&mut self.scratch);
+            out.clear();
+            let t = slot.conn.handle_timeout(&self.cfg, self.now, &mut self.rng, &mut out);
+            if !out.is_empty() {
+                if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut out) {
+                    self.kill(key, Cause::Io(e));
                 }
             }
+            self.scratch = out;
+            self.account(key, before);
+            if let Some(t) = t {
+                d.on_timeout(self, key, t);
+                if matches!(t, Timeout::Handshake | Timeout::Close) {
+                    self.kill(key, Cause::Timeout(t));
+                }
+            }
+            self.settle(key);
         }
     }
 
@@ -542,6 +817,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         while let Some((key, cause)) = self.dead.pop() {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);
+            let held = slot.charge();
+            self.budget.sub(held);
+            self.freed += held + std::mem::size_of::<Slot<T, P>>();
             let _ = self.poll.registry().deregister(&mut slot.stream);
         }
     }
@@ -587,17 +865,25 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         (&mut self.slots[key], out, &mut self.rng)
     }
 
-    fn flush_scratch(&mut self, key: usize) {
-        if key == self.corked || self.scratch.is_empty() {
-            return;
+    /// What connection `key` holds before an operation from outside its own read (whose
+    /// bracket in `on_ready` covers everything done to it while it is being processed).
+    fn charge_before(&self, key: usize) -> Option<usize> {
+        (key != self.corked).then(|| self.slots[key].charge())
+    }
+
+    /// Writes what an operation put in `scratch`, brings the budget up to date, and settles.
+    fn flush_scratch(&mut self, key: usize, before: Option<usize>) {
+        let Some(before) = before else { return };
+        if !self.scratch.is_empty() {
+            let slot = &mut self.slots[key];
+            if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.scratch) {
+                self.kill(key, Cause::Io(e));
+            }
+            if self.scratch.capacity() > KEEP_BUFFER {
+                self.scratch = Vec::new();
+            }
         }
-        let slot = &mut self.slots[key];
-        if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.scratch) {
-            self.kill(key, Cause::Io(e));
-        }
-        if self.scratch.capacity() > KEEP_BUFFER {
-            self.scratch = Vec::new();
-        }
+        self.account(key, before);
         self.settle(key);
     }
 
@@ -622,68 +908,81 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             #[cfg(not(feature = "deflate"))]
             return slot.conn.send(msg, &mut self.rng, &mut self.cork);
         }
+        let before = Some(slot.charge());
         self.scratch.clear();
         #[cfg(feature = "deflate")]
         slot.conn
             .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)?;
         #[cfg(not(feature = "deflate"))]
         slot.conn.send(msg, &mut self.rng, &mut self.scratch)?;
-        self.flush_scratch(key);
+        self.flush_scratch(key, before);
         Ok(())
     }
 
     /// Sends a ping on connection `key`.
     pub(crate) fn ping(&mut self, key: usize, payload: &[u8]) -> Result<(), NotOpen> {
+        let before = self.charge_before(key);
         let (slot, out, rng) = self.output(key);
         if slot.flags & DEAD != 0 {
             return Err(NotOpen);
         }
         slot.conn.ping(payload, rng, out)?;
-        self.flush_scratch(key);
+        self.flush_scratch(key, before);
         Ok(())
     }
 
     /// Starts the close handshake on connection `key`.
     pub(crate) fn close(&mut self, key: usize, code: u16, reason: &str) -> Result<(), NotOpen> {
         let now = self.now;
+        let before = self.charge_before(key);
         let (slot, out, rng) = self.output(key);
         if slot.flags & DEAD != 0 {
             return Err(NotOpen);
         }
-        slot.conn.close(code, reason, now, rng, out)?;
-        self.flush_scratch(key);
-        Ok(())
+        let r = slot.conn.close(code, reason, now, rng, out);
+        self.flush_scratch(key, before);
+        r
     }
 
     /// Sends bytes as they are (an HTTP answer written by the driver).
     pub(crate) fn send_raw(&mut self, key: usize, bytes: &[u8]) {
+        let before = self.charge_before(key);
         let (slot, out, _) = self.output(key);
         if slot.flags & DEAD == 0 {
             out.extend_from_slice(bytes);
         }
-        self.flush_scratch(key);
+        self.flush_scratch(key, before);
     }
 
     /// Sends a frame shared with other connections (encoded once for a broadcast).
-    pub(crate) fn send_shared(&mut self, key: usize, frame: &Arc<Vec<u8>>) {
+    pub(crate) fn send_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) {
         if key == self.corked {
             // Behind what this connection's read produced so far.
-            self.cork.extend_from_slice(frame);
+            self.cork.extend_from_slice(frame.bytes());
             return;
         }
         let slot = &mut self.slots[key];
         if slot.flags & DEAD != 0 {
             return;
         }
+        let before = slot.charge();
         if let Err(e) = outbox::send_shared(&mut slot.stream, &mut slot.out, frame) {
             self.kill(key, Cause::Io(e));
         }
+        self.account(key, before);
         self.settle(key);
+    }
+
+    /// A frame to share among connections, counted against the budget until the last one
+    /// has sent it.
+    pub(crate) fn shared_frame(&self, bytes: Vec<u8>) -> Arc<SharedFrame> {
+        SharedFrame::new(bytes, &self.budget)
     }
 
     /// Drops what is queued for connection `key` except the rest of a frame already partly
     /// written (cutting that short would corrupt the stream).
     pub(crate) fn clear_queue(&mut self, key: usize) {
+        let before = self.charge_before(key);
         if key == self.corked {
             self.cork.clear();
         }
@@ -693,12 +992,16 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 self.slots[key].out = None;
             }
         }
+        if let Some(before) = before {
+            self.account(key, before);
+        }
     }
 
-    /// Bytes queued for connection `key`, counting what its current read produced.
+    /// Memory queued for connection `key` (see [`Slot::queue_held`]), counting what its
+    /// current read produced.
     pub(crate) fn queued(&self, key: usize) -> usize {
         let corked = if key == self.corked { self.cork.len() } else { 0 };
-        self.slots.get(key).map_or(0, |s| s.queued() + corked)
+        self.slots.get(key).map_or(0, |s| s.queue_held() + corked)
     }
 }
 

@@ -6,10 +6,14 @@
 // Each driver uses part of this layer; builds with only some drivers leave the rest unused.
 #![cfg_attr(not(all(feature = "server", feature = "bench")), allow(dead_code, unused_imports))]
 
+pub(crate) mod budget;
 pub(crate) mod connect;
 #[cfg(any(feature = "server", feature = "bench"))]
 pub(crate) mod engine;
 pub(crate) mod outbox;
+pub(crate) mod stream;
 pub(crate) mod sys;
 pub(crate) mod timer;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod transport;

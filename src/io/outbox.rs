@@ -3,11 +3,16 @@
 //! A connection has an [`Outbox`] only while the kernel would not take everything at once;
 //! the common case writes straight to the socket and allocates nothing. Broadcast frames are
 //! queued as shared, reference-counted bytes: one copy however many peers wait for them.
+//!
+//! The queue counts what it really holds, not just the bytes it will send: its own entries,
+//! the capacity of the buffers it owns, and the frames it shares (see [`Outbox::held`] and
+//! [`Outbox::charge`]).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
+use super::budget::SharedFrame;
 use super::transport::Transport;
 
 /// One queued piece.
@@ -16,14 +21,14 @@ pub(crate) enum Chunk {
     /// Bytes for this connection only.
     Owned(Vec<u8>),
     /// Bytes shared with other connections (a broadcast frame).
-    Shared(Arc<Vec<u8>>),
+    Shared(Arc<SharedFrame>),
 }
 
 impl Chunk {
     fn bytes(&self) -> &[u8] {
         match self {
             Chunk::Owned(v) => v,
-            Chunk::Shared(r) => r,
+            Chunk::Shared(r) => r.bytes(),
         }
     }
 }
@@ -36,15 +41,48 @@ pub(crate) struct Outbox {
     front_written: usize,
     /// Unsent bytes in total.
     len: usize,
+    /// Capacity of the owned buffers.
+    owned: usize,
+    /// Length of the shared frames queued.
+    shared: usize,
 }
 
 /// Owned pieces smaller than this are merged into the previous owned piece.
 const MERGE_BELOW: usize = 4096;
 
+/// Shared frames this small are copied rather than referenced: an entry and a reference
+/// would cost more than the bytes.
+pub(crate) const COPY_BELOW: usize = 64;
+
 impl Outbox {
     /// Unsent bytes.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Memory this queue holds for its connection alone: itself, its entries and its owned
+    /// buffers (shared frames count once, against the budget, by themselves).
+    pub(crate) fn charge(&self) -> usize {
+        std::mem::size_of::<Outbox>() + self.chunks.capacity() * std::mem::size_of::<Chunk>() + self.owned
+    }
+
+    /// Memory this queue keeps alive, shared frames included in full: what the per-peer
+    /// bound counts.
+    pub(crate) fn held(&self) -> usize {
+        self.charge() + self.shared
+    }
+
+    fn push_owned(&mut self, v: Vec<u8>) {
+        self.owned += v.capacity();
+        self.chunks.push_back(Chunk::Owned(v));
+    }
+
+    fn pop_front(&mut self) {
+        match self.chunks.pop_front() {
+            Some(Chunk::Owned(v)) => self.owned -= v.capacity(),
+            Some(Chunk::Shared(f)) => self.shared -= f.bytes().len(),
+            None => {}
+        }
     }
 
     /// Queues a copy of `bytes`.
@@ -55,11 +93,13 @@ impl Outbox {
         self.len += bytes.len();
         if let Some(Chunk::Owned(last)) = self.chunks.back_mut() {
             if bytes.len() < MERGE_BELOW || last.len() < MERGE_BELOW {
+                let before = last.capacity();
                 last.extend_from_slice(bytes);
+                self.owned += last.capacity() - before;
                 return;
             }
         }
-        self.chunks.push_back(Chunk::Owned(bytes.to_vec()));
+        self.push_owned(bytes.to_vec());
     }
 
     /// Queues `bytes[skip..]`, taking ownership (no copy of a large buffer).
@@ -76,12 +116,21 @@ impl Outbox {
             self.front_written = skip;
         }
         self.len += bytes.len() - skip;
-        self.chunks.push_back(Chunk::Owned(bytes));
+        self.push_owned(bytes);
     }
 
-    /// Queues shared bytes, `skip` of which were already written.
-    pub(crate) fn push_shared(&mut self, bytes: Arc<Vec<u8>>, skip: usize) {
+    /// Queues shared bytes, `skip` of which were already written. A tiny frame is copied.
+    pub(crate) fn push_shared(&mut self, frame: &Arc<SharedFrame>, skip: usize) {
+        let bytes = frame.bytes();
         if skip >= bytes.len() {
+            return;
+        }
+        if bytes.len() < COPY_BELOW {
+            if self.chunks.is_empty() {
+                self.push_slice(&bytes[skip..]);
+            } else {
+                self.push_slice(bytes);
+            }
             return;
         }
         if self.chunks.is_empty() {
@@ -90,14 +139,22 @@ impl Outbox {
             debug_assert_eq!(skip, 0);
         }
         self.len += bytes.len() - skip;
-        self.chunks.push_back(Chunk::Shared(bytes));
+        self.shared += bytes.len();
+        self.chunks.push_back(Chunk::Shared(Arc::clone(frame)));
     }
 
     /// Drops everything queued except the rest of a frame already partly written: cutting
     /// that one short would corrupt the stream, and whatever is queued next with it.
     pub(crate) fn clear(&mut self) {
         let keep = usize::from(self.front_written > 0).min(self.chunks.len());
-        self.chunks.truncate(keep);
+        while self.chunks.len() > keep {
+            match self.chunks.pop_back() {
+                Some(Chunk::Owned(v)) => self.owned -= v.capacity(),
+                Some(Chunk::Shared(f)) => self.shared -= f.bytes().len(),
+                None => {}
+            }
+        }
+        self.chunks.shrink_to_fit();
         self.len = self.chunks.front().map_or(0, |c| c.bytes().len() - self.front_written);
         if keep == 0 {
             self.front_written = 0;
@@ -135,7 +192,7 @@ impl Outbox {
                 return;
             }
             n -= front;
-            self.chunks.pop_front();
+            self.pop_front();
             self.front_written = 0;
         }
     }
@@ -212,21 +269,22 @@ pub(crate) fn send_vec<T: Transport + ?Sized>(
 pub(crate) fn send_shared<T: Transport + ?Sized>(
     t: &mut T,
     out: &mut Option<Box<Outbox>>,
-    frame: &Arc<Vec<u8>>,
+    frame: &Arc<SharedFrame>,
 ) -> io::Result<()> {
     let skip = match out {
         Some(_) => 0,
-        None => write_some(t, frame)?,
+        None => write_some(t, frame.bytes())?,
     };
-    if skip < frame.len() {
-        out.get_or_insert_with(Default::default)
-            .push_shared(frame.clone(), skip);
+    if skip < frame.bytes().len() {
+        out.get_or_insert_with(Default::default).push_shared(frame, skip);
     }
     Ok(())
 }
 
-/// Writes queued bytes after a writable event; frees the queue once it is empty.
+/// Writes queued bytes after a writable event (the transport's own first); frees the queue
+/// once it is empty.
 pub(crate) fn flush<T: Transport + ?Sized>(t: &mut T, out: &mut Option<Box<Outbox>>) -> io::Result<()> {
+    t.flush_pending()?;
     if let Some(q) = out {
         if q.write_to(t)? {
             *out = None;
@@ -287,14 +345,21 @@ mod tests {
         }
     }
 
+    use super::super::budget::Budget;
+
+    fn frame(bytes: Vec<u8>) -> Arc<SharedFrame> {
+        SharedFrame::new(bytes, &Budget::unlimited())
+    }
+
     #[test]
     fn keeps_order_across_owned_and_shared() {
         let mut o = Outbox::default();
-        let shared = Arc::new(b"SHARED".to_vec());
+        let big: Vec<u8> = (0..100u8).collect();
+        let shared = frame(big.clone());
         o.push_vec(vec![9; 10_000], 2);
-        o.push_shared(shared.clone(), 0);
+        o.push_shared(&shared, 0);
         o.push_slice(b"tail");
-        assert_eq!(o.len(), 9_998 + 6 + 4);
+        assert_eq!(o.len(), 9_998 + 100 + 4);
         let mut w = Trickle {
             got: Vec::new(),
             cap: 777,
@@ -306,10 +371,12 @@ mod tests {
             assert!(rounds < 1000);
         }
         let mut want = vec![9; 9_998];
-        want.extend_from_slice(b"SHAREDtail");
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"tail");
         assert_eq!(w.got, want);
         assert_eq!(o.len(), 0);
         assert_eq!(Arc::strong_count(&shared), 1, "sent shared bytes are released");
+        assert_eq!((o.owned, o.shared), (0, 0), "nothing is counted once sent");
     }
 
     #[test]
@@ -337,10 +404,10 @@ mod tests {
 
     #[test]
     fn clear_keeps_a_partly_written_frame() {
-        let shared = Arc::new(vec![7u8; 5000]);
+        let shared = frame(vec![7u8; 5000]);
         let mut o = Outbox::default();
-        o.push_shared(shared.clone(), 1000);
-        o.push_shared(shared.clone(), 0);
+        o.push_shared(&shared, 1000);
+        o.push_shared(&shared, 0);
         o.clear();
         assert_eq!(o.len(), 4000, "the rest of the started frame stays");
         o.push_slice(b"close");
@@ -354,9 +421,29 @@ mod tests {
         assert_eq!(&w.got[4000..], b"close");
 
         let mut o = Outbox::default();
-        o.push_shared(shared.clone(), 0);
-        o.push_shared(shared, 0);
+        o.push_shared(&shared, 0);
+        o.push_shared(&shared, 0);
         o.clear();
         assert_eq!(o.len(), 0, "nothing started: everything goes");
+        assert_eq!((o.owned, o.shared), (0, 0));
+    }
+
+    #[test]
+    fn tiny_shared_frames_are_copied_and_everything_held_is_counted() {
+        let mut o = Outbox::default();
+        let empty_text = frame(vec![0x81, 0]);
+        for _ in 0..10_000 {
+            o.push_shared(&empty_text, 0);
+        }
+        assert_eq!(Arc::strong_count(&empty_text), 1, "no reference per tiny frame");
+        assert_eq!(o.len(), 20_000);
+        // What it holds is its bytes plus a few buffers, not an entry per frame.
+        assert!(o.held() < 20_000 * 2 + 4096, "{}", o.held());
+        assert!(o.held() >= 20_000);
+        let big = frame(vec![1; 1000]);
+        let before = o.held();
+        o.push_shared(&big, 0);
+        assert!(o.held() >= before + 1000, "a shared frame counts in full for its peer");
+        assert_eq!(o.charge() + o.shared, o.held());
     }
 }

@@ -21,6 +21,52 @@ pub(crate) fn is_resource_error(e: &io::Error) -> bool {
     )
 }
 
+/// Physical memory of this machine, in bytes (`MemTotal` in `/proc/meminfo`).
+pub(crate) fn physical_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Gives the heap's free memory back to the operating system. glibc keeps freed memory for
+/// reuse, so after a burst the process would stay at its peak; musl returns large blocks by
+/// itself.
+pub(crate) fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions: it only releases pages the allocator holds
+    // free, and may be called at any time from the thread that owns no allocator lock (any
+    // thread outside malloc).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The cores this process may run on (`Cpus_allowed_list` in `/proc/self/status`, e.g.
+/// `0-3,8`), or 1 when that cannot be read. Smaller in the binary than
+/// `std::thread::available_parallelism`, which also reads cgroup quotas (about 10 KB).
+pub fn cores() -> usize {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let list = s
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or("");
+    count_cpu_list(list).max(1)
+}
+
+/// How many CPUs a list like `0-3,8,10-11` names (0 when it is malformed).
+fn count_cpu_list(list: &str) -> usize {
+    let mut n = 0;
+    for part in list.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        match (a.parse::<usize>(), b.parse::<usize>()) {
+            (Ok(a), Ok(b)) if a <= b => n += b - a + 1,
+            _ => return 0,
+        }
+    }
+    n
+}
+
 /// `VmRSS` of a process, in bytes.
 pub fn read_rss(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -40,4 +86,19 @@ pub fn read_cpu(pid: u32) -> Option<Duration> {
     let stime: u64 = fields.next()?.parse().ok()?;
     // USER_HZ is 100 on every Linux architecture (it is part of the ABI, unlike HZ).
     Some(Duration::from_millis((utime + stime) * 10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpu_list("0-1\n"), 2);
+        assert_eq!(count_cpu_list("0-3,8,10-11"), 7);
+        assert_eq!(count_cpu_list("5"), 1);
+        assert_eq!(count_cpu_list(""), 0);
+        assert_eq!(count_cpu_list("3-1"), 0);
+        assert!(cores() >= 1);
+    }
 }

@@ -53,6 +53,11 @@ impl<K: Ord + Copy> TimerQueue<K> {
         self.heap.push(Reverse((when, key)));
     }
 
+    /// Bytes the queue holds.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.heap.capacity() * std::mem::size_of::<Reverse<(u64, K)>>()
+    }
+
     /// The soonest deadline, if any.
     pub(crate) fn next(&self) -> Option<u64> {
         self.heap.peek().map(|Reverse((when, _))| *when)

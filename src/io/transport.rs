@@ -24,6 +24,22 @@ pub(crate) trait Transport: mio::event::Source {
     fn short_read_drains(&self) -> bool;
     /// The TCP socket underneath (addresses, options, connect progress).
     fn tcp(&self) -> &TcpStream;
+    /// Writes bytes the transport holds itself (TLS records the socket did not take, a
+    /// handshake flight); called when the socket becomes writable, before any queued data.
+    fn flush_pending(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Whether the transport holds bytes of its own to write (keep WRITABLE registered, do not
+    /// end the stream yet).
+    fn wants_write(&self) -> bool {
+        false
+    }
+    /// Whether writing, refused until now by the transport (a TLS handshake in progress),
+    /// became possible since the last call: queued data must be written now, as no writable
+    /// event will come for it.
+    fn take_write_ready(&mut self) -> bool {
+        false
+    }
 }
 
 impl Transport for TcpStream {

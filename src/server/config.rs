@@ -28,13 +28,24 @@ pub struct ServerConfig {
     /// Open connections allowed; above it a new connection gets `503`.
     /// Default: the process's open-file limit less 64 descriptors.
     pub max_connections: usize,
+    /// Open connections allowed from one IP address; more get `503` (default: no limit).
+    /// Behind a proxy every peer has the proxy's address: leave it off there.
+    pub max_connections_per_ip: Option<u32>,
     /// Largest message accepted, in bytes (default 16 MiB); larger gets close `1009`.
     pub max_message: usize,
     /// Largest handshake request head (default 8 KiB); larger gets `431`.
     pub max_request_head: usize,
     /// Outbound bytes queued per connection before the server stops reading from it
-    /// (default 1 MiB). Broadcasts apply [`slow_consumer`](Self::slow_consumer) at this bound.
+    /// (default 1 MiB), counting what the queue really holds (entries, buffers and the shared
+    /// frames it keeps alive). Broadcasts apply [`slow_consumer`](Self::slow_consumer) at this
+    /// bound. One message larger than the bound is still queued if the memory budget allows.
     pub max_backpressure: usize,
+    /// The memory budget: everything the server buffers for its peers (partial messages,
+    /// outbound queues, shared frames, handshake heads), in bytes. Default: a quarter of the
+    /// machine's physical memory, at least 16 MiB and at most 1 GiB. Past three quarters of
+    /// it, connections holding more than their share stop being read; past it, they are
+    /// closed with `1013` (try again later), their partial messages and queues dropped.
+    pub max_memory: usize,
     /// What a broadcast does to a peer whose queue is full (default [`SlowConsumer::Close`]).
     pub slow_consumer: SlowConsumer,
     /// Time allowed from accepting a connection to the end of its handshake (default 10 s).
@@ -67,6 +78,22 @@ pub struct ServerConfig {
     pub page: Option<Cow<'static, str>>,
     /// Stop gracefully on SIGINT and SIGTERM while running (default: off; the CLI turns it on).
     pub handle_signals: bool,
+    /// Event loops, one per thread (default 1, at most [`MAX_THREADS`](super::MAX_THREADS)),
+    /// each with its own listener on the same port (`SO_REUSEPORT`): the kernel spreads new
+    /// connections over them by a hash of their addresses. Run them with
+    /// [`Server::run_threads`](super::Server::run_threads). Each loop beyond the first holds
+    /// four descriptors (poll, waker, listener, spare) from the reserve below `max_connections`.
+    pub threads: usize,
+    /// Set `SO_REUSEPORT` on the listening socket (default: off), so that several servers of
+    /// the same user, in this process or others, listen on one port; the kernel hands each new
+    /// connection to one of them by a hash of its addresses. Broadcasts and
+    /// [`Ctx::peers`](super::Ctx::peers) stay within one server. Always on with `threads`
+    /// above 1.
+    pub reuse_port: bool,
+    /// Serve TLS (`wss://`, and the page over `https://`) with this certificate and key
+    /// (default: none, plain TCP). The read buffer must then be at least 64 KiB.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::ServerTls>,
     /// permessage-deflate (default: accepted when offered, messages of 64 bytes and more
     /// compressed at zlib level 1). The server always answers with `server_no_context_takeover`
     /// and `client_no_context_takeover`, so an idle connection holds no compression state: one
@@ -84,13 +111,22 @@ pub fn default_max_connections() -> usize {
     soft.saturating_sub(FD_RESERVE).max(1).min(usize::MAX as u64) as usize
 }
 
+/// The default memory budget: a quarter of physical memory, within 16 MiB..=1 GiB (256 MiB when
+/// the machine does not say).
+pub fn default_max_memory() -> usize {
+    let quarter = crate::io::sys::physical_memory().map_or(256 << 20, |m| m / 4);
+    quarter.clamp(16 << 20, 1 << 30).min(usize::MAX as u64) as usize
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_connections: default_max_connections(),
+            max_connections_per_ip: None,
             max_message: 16 << 20,
             max_request_head: 8 << 10,
             max_backpressure: 1 << 20,
+            max_memory: default_max_memory(),
             slow_consumer: SlowConsumer::Close,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: None,
@@ -103,6 +139,10 @@ impl Default for ServerConfig {
             protocols: Vec::new(),
             page: None,
             handle_signals: false,
+            threads: 1,
+            reuse_port: false,
+            #[cfg(feature = "tls")]
+            tls: None,
             #[cfg(feature = "deflate")]
             deflate: proto::deflate::DeflateConfig::default(),
         }
@@ -115,11 +155,25 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1");
         }
+        if self.max_connections_per_ip == Some(0) {
+            return Err("max_connections_per_ip must be at least 1");
+        }
         if self.max_backpressure == 0 {
             return Err("max_backpressure must be at least 1 byte");
         }
+        if self.max_memory < 1 << 20 {
+            return Err("max_memory must be at least 1 MiB");
+        }
         if self.read_buffer_size < 64 {
             return Err("read_buffer_size must be at least 64 bytes");
+        }
+        if !(1..=super::MAX_THREADS).contains(&self.threads) {
+            return Err("threads must be 1 to 256");
+        }
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() && self.read_buffer_size < 64 << 10 {
+            // Its upper half must hold a whole TLS record (up to 18 KiB) and what is joined to it.
+            return Err("read_buffer_size must be at least 64 KiB with TLS");
         }
         if self.shutdown_timeout.is_zero() {
             return Err("shutdown_timeout must be above zero");

@@ -1,26 +1,36 @@
 //! The application's side of the server: [`Handler`], and [`Ctx`], through which it acts.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mio::net::TcpStream;
-
 use super::config::SlowConsumer;
 use super::Shared;
+use crate::io::budget::SharedFrame;
 use crate::io::engine::Engine;
+use crate::io::stream::ServerStream;
 use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Message, Request, State};
 
-/// Identifies one connection for as long as it lives; a later connection never gets the same
-/// id (the generation part wraps only after 16 million connections in the same slot).
+/// Identifies one connection for as long as it lives, and the loop that owns it (with
+/// [`ServerConfig::threads`](super::ServerConfig::threads) above 1); a later connection never
+/// gets the same id (the generation part wraps only after 16 million connections in the same
+/// slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(u64);
 
 impl ConnId {
-    pub(crate) fn new(key: usize, gen: u32) -> Self {
-        ConnId((u64::from(gen & 0xFF_FFFF) << 32) | key as u64 & 0xFFFF_FFFF)
+    /// Bits: the loop (8), the slot's generation (24), the slot (32).
+    pub(crate) fn new(key: usize, gen: u32, lp: u8) -> Self {
+        ConnId((u64::from(lp) << 56) | (u64::from(gen & 0xFF_FFFF) << 32) | key as u64 & 0xFFFF_FFFF)
+    }
+    /// The index of the loop that owns the connection.
+    pub fn loop_index(self) -> usize {
+        (self.0 >> 56) as usize
+    }
+    pub(crate) fn lp(self) -> usize {
+        self.loop_index()
     }
     pub(crate) fn key(self) -> usize {
         (self.0 & 0xFFFF_FFFF) as usize
@@ -36,33 +46,59 @@ impl ConnId {
 
 impl std::fmt::Display for ConnId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "#{}.{}", self.key(), self.gen())
+        match self.lp() {
+            0 => write!(f, "#{}.{}", self.key(), self.gen()),
+            lp => write!(f, "#{lp}:{}.{}", self.key(), self.gen()),
+        }
     }
 }
 
-/// A peer address in 18 bytes (an IPv4 address is kept IPv4-mapped); `SocketAddr` takes 32.
+/// A peer address in 6 bytes: an IPv4 address (IPv4-mapped IPv6 addresses too) and its port,
+/// or, with port 0 (never a TCP peer's port), the index of a full address in the loop's
+/// [`PeerTable`]. `SocketAddr` takes 32 bytes: this keeps an idle connection's slot at 48.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PeerAddr {
-    ip: [u8; 16],
+    ip: [u8; 4],
     port: [u8; 2],
 }
 
+/// Addresses that do not fit a [`PeerAddr`] (IPv6 peers), kept only while they are connected.
+pub(crate) type PeerTable = slab::Slab<SocketAddr>;
+
 impl PeerAddr {
-    pub(crate) fn new(a: SocketAddr) -> Self {
-        let ip = match a.ip() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
+    pub(crate) fn new(a: SocketAddr, table: &mut PeerTable) -> Self {
+        let v4 = match a.ip() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
         };
-        PeerAddr {
-            ip: ip.octets(),
-            port: a.port().to_ne_bytes(),
+        match v4 {
+            Some(v4) if a.port() != 0 => PeerAddr {
+                ip: v4.octets(),
+                port: a.port().to_ne_bytes(),
+            },
+            _ => PeerAddr {
+                ip: (table.insert(a) as u32).to_ne_bytes(),
+                port: [0; 2],
+            },
         }
     }
 
-    pub(crate) fn get(&self) -> SocketAddr {
-        let v6 = Ipv6Addr::from(self.ip);
-        let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-        SocketAddr::new(ip, u16::from_ne_bytes(self.port))
+    fn index(&self) -> Option<usize> {
+        (self.port == [0; 2]).then(|| u32::from_ne_bytes(self.ip) as usize)
+    }
+
+    pub(crate) fn get(&self, table: &PeerTable) -> SocketAddr {
+        match self.index() {
+            Some(i) => table.get(i).copied().unwrap_or(SocketAddr::from(([0u16; 8], 0))),
+            None => SocketAddr::new(IpAddr::V4(Ipv4Addr::from(self.ip)), u16::from_ne_bytes(self.port)),
+        }
+    }
+
+    /// Gives back the table entry, if the address has one (when its connection is removed).
+    pub(crate) fn release(&self, table: &mut PeerTable) {
+        if let Some(i) = self.index() {
+            table.try_remove(i);
+        }
     }
 }
 
@@ -71,16 +107,18 @@ pub(crate) struct ConnData<S> {
     pub(crate) addr: PeerAddr,
     /// `on_open` was called and `on_close` not yet.
     pub(crate) opened: bool,
+    /// Counted in the per-IP limit.
+    pub(crate) counted: bool,
     pub(crate) state: S,
 }
 
-pub(crate) type ServerEngine<S> = Engine<TcpStream, ConnData<S>, NoRandom>;
+pub(crate) type ServerEngine<S> = Engine<ServerStream, ConnData<S>, NoRandom>;
 
 /// The connection a callback is about: its id, its peer's address and its state.
 #[derive(Debug)]
 pub struct Conn<S> {
     pub(crate) id: ConnId,
-    pub(crate) addr: PeerAddr,
+    pub(crate) addr: SocketAddr,
     /// The application's state for this connection (see [`Handler::State`]).
     pub state: S,
 }
@@ -93,13 +131,7 @@ impl<S> Conn<S> {
 
     /// The peer's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr.get()
-    }
-}
-
-impl std::fmt::Debug for PeerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.get())
+        self.addr
     }
 }
 
@@ -111,9 +143,10 @@ pub struct Upgrade<'a> {
     pub(crate) protocol: Option<String>,
 }
 
-impl Upgrade<'_> {
-    /// The request: method, path with query, every header.
-    pub fn request(&self) -> &Request {
+impl<'a> Upgrade<'a> {
+    /// The request: method, path with query, every header. It outlives the borrow of `self`,
+    /// so it can be read while [`set_protocol`](Self::set_protocol) is called.
+    pub fn request(&self) -> &'a Request {
         self.request
     }
 
@@ -177,8 +210,9 @@ pub trait Handler {
     /// A complete message arrived.
     fn on_message(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, msg: Message<'_>);
 
-    /// The connection ended: `code` is the peer's close code, or `1006` when it vanished
-    /// without a close frame, or the code this server sent when it failed the connection.
+    /// The connection ended: `code` is the peer's close code (`1005` when its close frame had
+    /// none), or `1006` when it vanished without a close frame, or the code this server sent
+    /// when it failed the connection. Its subscriptions and timers end right after this call.
     fn on_close(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, code: u16, reason: &str) {
         let _ = (ctx, conn, code, reason);
     }
@@ -232,64 +266,35 @@ pub struct Stats {
     pub messages_out: u64,
     /// Bytes waiting in outbound queues now.
     pub bytes_queued: usize,
+    /// Memory counted against the budget now (see
+    /// [`ServerConfig::max_memory`](super::ServerConfig::max_memory)).
+    pub memory: usize,
+    /// The budget.
+    pub memory_limit: usize,
     /// Broadcast messages skipped for slow consumers since start.
     pub dropped: u64,
     /// Connections refused with `503` since start.
     pub refused: u64,
 }
 
-/// A broadcast message's frames, each encoded on first need and then shared: the plain frame
-/// and, with permessage-deflate, one compressed frame per window size (8..=15 bits).
-struct Frames<'m> {
-    msg: Message<'m>,
-    plain: Option<Arc<Vec<u8>>>,
-    #[cfg(feature = "deflate")]
-    by_window: [Option<Arc<Vec<u8>>>; 8],
-}
-
-impl<'m> Frames<'m> {
-    fn new(msg: Message<'m>) -> Self {
-        Frames {
-            msg,
-            plain: None,
-            #[cfg(feature = "deflate")]
-            by_window: Default::default(),
-        }
-    }
-
-    fn plain(&mut self) -> &Arc<Vec<u8>> {
-        let msg = self.msg;
-        self.plain.get_or_insert_with(|| {
-            let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
-            write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
-            Arc::new(frame)
-        })
-    }
-
-    /// The frame for a peer with these permessage-deflate parameters: compressed when that pays
-    /// (else the plain one).
-    #[cfg(feature = "deflate")]
-    fn get(
-        &mut self,
-        agreed: Option<crate::proto::deflate::Agreed>,
-        codec: &mut crate::proto::deflate::Codec,
-    ) -> &Arc<Vec<u8>> {
-        let Some(a) = agreed else { return self.plain() };
-        let i = usize::from(a.send_window_bits.clamp(8, 15) - 8);
-        if self.by_window[i].is_none() {
-            let msg = self.msg;
-            let frame = match codec.compress(&a, msg.as_bytes()) {
-                Some(z) => {
-                    let mut frame = Vec::with_capacity(z.len() + 10);
-                    crate::proto::frame::write_compressed_frame(&mut frame, msg.opcode(), None, z);
-                    Arc::new(frame)
-                }
-                None => Arc::clone(self.plain()),
-            };
-            self.by_window[i] = Some(frame);
-        }
-        self.by_window[i].as_ref().expect("filled above")
-    }
+/// The frame to queue for a peer that agreed to `agreed`: the message compressed for its window
+/// when that pays (made once per window size, by the first loop that needs it, and shared by
+/// every loop), else `frame` itself.
+#[cfg(feature = "deflate")]
+fn compressed_for<'f>(
+    frame: &'f Arc<SharedFrame>,
+    agreed: Option<crate::proto::deflate::Agreed>,
+    codec: &mut crate::proto::deflate::Codec,
+) -> &'f Arc<SharedFrame> {
+    let Some(a) = agreed else { return frame };
+    let window = usize::from(a.send_window_bits.clamp(8, 15) - 8);
+    frame.variant(window, |plain| {
+        let (head, at) = crate::proto::frame::FrameHeader::parse(plain).ok()??;
+        let z = codec.compress(&a, &plain[at..])?;
+        let mut compressed = Vec::with_capacity(z.len() + 10);
+        crate::proto::frame::write_compressed_frame(&mut compressed, head.opcode, None, z);
+        Some(compressed)
+    })
 }
 
 /// What the handler can do from inside the loop.
@@ -299,9 +304,22 @@ pub struct Ctx<'a, S> {
 }
 
 impl<'a, S> Ctx<'a, S> {
+    fn addr_of(&self, key: usize) -> SocketAddr {
+        self.eng.slots[key].data.addr.get(&self.shared.peers)
+    }
+
+    /// A message encoded once as an unmasked frame, to be shared by many queues (and counted
+    /// once against the memory budget).
+    fn shared_frame(&self, msg: Message<'_>) -> Arc<SharedFrame> {
+        let mut frame = Vec::with_capacity(msg.as_bytes().len() + 10);
+        write_frame(&mut frame, true, msg.opcode(), None, msg.as_bytes());
+        self.eng.shared_frame(frame)
+    }
+
+    /// The slot of `id` if it is live on this loop (an id of another loop is not).
     fn slot_key(&self, id: ConnId) -> Option<usize> {
         let key = id.key();
-        self.eng.is_live(key, id.gen()).then_some(key)
+        (id.lp() == usize::from(self.shared.lp) && self.eng.is_live(key, id.gen())).then_some(key)
     }
 
     /// Sends a text message to one connection. Returns false if it is not open.
@@ -309,9 +327,12 @@ impl<'a, S> Ctx<'a, S> {
         self.send(id, Message::Text(text))
     }
 
-    /// Sends a message to one connection. Returns false if it is not open.
+    /// Sends a message to one connection of this loop. Returns false if it is not open here
+    /// (a connection of another loop is reached through [`handle`](Self::handle)).
+    #[inline]
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        let ok = self.eng.send_to(id.key(), id.gen(), msg).is_ok();
+        let here = id.lp() == usize::from(self.shared.lp);
+        let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
         ok
     }
@@ -322,26 +343,44 @@ impl<'a, S> Ctx<'a, S> {
     }
 
     /// Sends a message to every open connection except `except`, encoding the frame once and
-    /// sharing its bytes among all queues. Returns how many connections it was queued for.
+    /// sharing its bytes among all queues, on every loop. Returns how many connections of this
+    /// loop it was queued for (the other loops queue it for theirs).
     ///
     /// With permessage-deflate the message is compressed once per window size its peers agreed
-    /// on (one, unless some asked for a smaller window) and those bytes are shared the same way.
+    /// on (one, unless some asked for a smaller window), by the first loop that needs it, and
+    /// those bytes are shared the same way.
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
-        let mut frames = Frames::new(msg);
+        let frame = self.shared_frame(msg);
+        self.deliver(&frame, except, true)
+    }
+
+    /// Queues a shared frame for every open connection of this loop but `except`; `forward`
+    /// hands it to the other loops too.
+    pub(crate) fn deliver(&mut self, frame: &Arc<SharedFrame>, except: Option<ConnId>, forward: bool) -> usize {
         let mut sent = 0;
+        let lp = self.shared.lp;
+        let recipient = |slot: &crate::io::engine::Slot<ServerStream, ConnData<S>>, key: usize| {
+            !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen, lp))
+        };
+        // The connection whose message this usually is gets its copy first: its round trip
+        // should not wait for everyone else's.
+        let first = self.eng.corked();
+        if let Some(key) = first.filter(|&k| recipient(&self.eng.slots[k], k)) {
+            if self.queue_shared(key, frame) {
+                sent += 1;
+            }
+            self.eng.flush_cork();
+        }
+        // The other loops work on it while this one does.
+        if forward {
+            self.shared.forward(frame, None, except);
+        }
         // Index the slab instead of collecting keys: no allocation per broadcast.
         for key in 0..self.eng.slots.capacity() {
             let Some(slot) = self.eng.slots.get(key) else { continue };
-            if slot.is_dead() || slot.conn.state() != State::Open {
+            if Some(key) == first || !recipient(slot, key) {
                 continue;
             }
-            if except.is_some_and(|e| e == ConnId::new(key, slot.gen)) {
-                continue;
-            }
-            #[cfg(feature = "deflate")]
-            let frame = frames.get(slot.conn.deflate(), &mut self.eng.codec);
-            #[cfg(not(feature = "deflate"))]
-            let frame = frames.plain();
             if self.queue_shared(key, frame) {
                 sent += 1;
             }
@@ -350,18 +389,84 @@ impl<'a, S> Ctx<'a, S> {
         sent
     }
 
+    /// Subscribes connection `id` to `topic` (any string; a topic exists while it has
+    /// subscribers). Returns false if the connection is not open (from `on_open` until
+    /// `on_close`) or was already subscribed. A connection's subscriptions end right after its
+    /// `on_close`.
+    pub fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        let open = self.slot_key(id).is_some_and(|k| self.eng.slots[k].data.opened);
+        open && self.shared.topics.subscribe(id, topic)
+    }
+
+    /// Unsubscribes connection `id` from `topic`. Returns whether it was subscribed.
+    pub fn unsubscribe(&mut self, id: ConnId, topic: &str) -> bool {
+        id.lp() == usize::from(self.shared.lp) && self.shared.topics.unsubscribe(id, topic)
+    }
+
+    /// How many connections of this loop are subscribed to `topic`.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.shared.topics.count(topic)
+    }
+
+    /// Sends a message to every open connection subscribed to `topic` except `except`, on every
+    /// loop, as [`broadcast`](Self::broadcast) does: the frame is encoded once and its bytes
+    /// shared, and full queues meet the [`SlowConsumer`] policy. The cost is O(subscribers of
+    /// `topic`). Returns how many connections of this loop it was queued for.
+    pub fn publish(&mut self, topic: &str, msg: Message<'_>, except: Option<ConnId>) -> usize {
+        let alone = self.shared.handle.group.inboxes.len() == 1;
+        if alone && self.shared.topics.find(topic).is_none() {
+            return 0;
+        }
+        let frame = self.shared_frame(msg);
+        self.shared.forward(&frame, Some(topic), except);
+        self.publish_here(topic, &frame, except)
+    }
+
+    /// Queues a shared frame for this loop's subscribers of `topic` but `except`.
+    pub(crate) fn publish_here(&mut self, topic: &str, frame: &Arc<SharedFrame>, except: Option<ConnId>) -> usize {
+        let Some(t) = self.shared.topics.find(topic) else {
+            return 0;
+        };
+        let mut sent = 0;
+        let mut i = 0;
+        // By index: a slow consumer closed on the way stays subscribed until the turn ends.
+        while let Some(id) = self.shared.topics.subscriber(t, i) {
+            i += 1;
+            if except == Some(id) {
+                continue;
+            }
+            let key = id.key();
+            let open = self
+                .eng
+                .slots
+                .get(key)
+                .is_some_and(|s| s.gen == id.gen() && !s.is_dead() && s.conn.state() == State::Open);
+            if open && self.queue_shared(key, frame) {
+                sent += 1;
+            }
+        }
+        self.shared.stats.messages_out += sent as u64;
+        sent
+    }
+
     /// Queues a shared frame for one connection, applying the slow consumer policy.
-    fn queue_shared(&mut self, key: usize, frame: &Arc<Vec<u8>>) -> bool {
+    fn queue_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) -> bool {
+        #[cfg(feature = "deflate")]
+        let frame = compressed_for(frame, self.eng.slots[key].conn.deflate(), &mut self.eng.codec);
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
         // shared, and refusing would fail every peer on one large message.
         let queued = self.eng.queued(key);
-        if queued > 0 && queued + frame.len() > self.shared.max_backpressure {
+        if queued > 0 && queued + frame.bytes().len() > self.shared.max_backpressure {
             match self.shared.slow_consumer {
                 SlowConsumer::Drop => {
                     self.shared.stats.dropped += 1;
                 }
                 SlowConsumer::Close => {
-                    log::info!("{:?}: slow consumer, closing", self.eng.slots[key].data.addr);
+                    super::peer_log(
+                        log::Level::Info,
+                        self.addr_of(key),
+                        format_args!(": slow consumer, closing"),
+                    );
                     self.eng.clear_queue(key);
                     let _ = self.eng.close(key, close_code::POLICY_VIOLATION, "slow consumer");
                 }
@@ -379,9 +484,26 @@ impl<'a, S> Ctx<'a, S> {
         }
     }
 
-    /// Open connections.
+    /// Open connections on this loop.
     pub fn len(&self) -> usize {
         self.shared.stats.open
+    }
+
+    /// Open connections on every loop of the server (the same as [`len`](Self::len) with one
+    /// loop).
+    pub fn len_everywhere(&self) -> usize {
+        self.shared.open_everywhere()
+    }
+
+    /// This loop's index (0 to [`ServerConfig::threads`](super::ServerConfig::threads) - 1).
+    pub fn loop_index(&self) -> usize {
+        usize::from(self.shared.lp)
+    }
+
+    /// The server's [`Handle`](super::Handle): to reach a connection of another loop, or to
+    /// give to another thread.
+    pub fn handle(&self) -> super::Handle {
+        self.shared.handle.clone()
     }
 
     /// Whether no connection is open.
@@ -389,24 +511,25 @@ impl<'a, S> Ctx<'a, S> {
         self.len() == 0
     }
 
-    /// Every open connection: its id and peer address.
+    /// Every open connection of this loop: its id and peer address.
     pub fn peers(&self) -> impl Iterator<Item = (ConnId, SocketAddr)> + '_ {
+        let lp = self.shared.lp;
         self.eng
             .slots
             .iter()
             .filter(|(_, s)| s.data.opened && !s.is_dead())
-            .map(|(k, s)| (ConnId::new(k, s.gen), s.data.addr.get()))
+            .map(move |(k, s)| (ConnId::new(k, s.gen, lp), s.data.addr.get(&self.shared.peers)))
     }
 
     /// The peer address of a connection, if it is still there.
     pub fn peer_addr(&self, id: ConnId) -> Option<SocketAddr> {
-        self.slot_key(id).map(|k| self.eng.slots[k].data.addr.get())
+        self.slot_key(id).map(|k| self.addr_of(k))
     }
 
     /// The state of another open connection. The connection a callback is about is not
     /// reachable here: its state is in that callback's [`Conn`].
     pub fn state_of(&mut self, id: ConnId) -> Option<&mut S> {
-        let key = self.slot_key(id)?;
+        let key = self.slot_key(id).filter(|k| *k != self.shared.lent)?;
         let data = &mut self.eng.slots[key].data;
         data.opened.then_some(&mut data.state)
     }
@@ -431,15 +554,17 @@ impl<'a, S> Ctx<'a, S> {
         self.shared.take_timer(id.0).is_some()
     }
 
-    /// The loop's counters.
+    /// The loop's counters (memory: the whole server's, shared by its loops).
     pub fn stats(&self) -> Stats {
         let mut s = self.shared.stats;
         s.bytes_queued = self.eng.slots.iter().map(|(_, s)| s.queued()).sum();
+        s.memory = self.eng.budget.used();
+        s.memory_limit = self.eng.budget.limit();
         s
     }
 
-    /// Starts a graceful shutdown once this callback returns: stop accepting, close every peer
-    /// with 1001, then return from [`Server::run`](super::Server::run).
+    /// Starts a graceful shutdown of every loop once this callback returns: stop accepting,
+    /// close every peer with 1001, then return from [`Server::run`](super::Server::run).
     pub fn shutdown(&mut self) {
         self.shared.shutdown_requested = true;
     }
@@ -451,9 +576,15 @@ mod tests {
 
     #[test]
     fn conn_ids_round_trip_on_any_width() {
-        let id = ConnId::new(12345, 0xab_cdef);
-        assert_eq!((id.key(), id.gen()), (12345, 0xab_cdef));
+        let id = ConnId::new(12345, 0xab_cdef, 0);
+        assert_eq!((id.key(), id.gen(), id.loop_index()), (12345, 0xab_cdef, 0));
         assert_eq!(id.to_string(), "#12345.11259375");
+        let id = ConnId::new(u32::MAX as usize, 0xFF_FFFF, 255);
+        assert_eq!(
+            (id.key(), id.gen(), id.loop_index()),
+            (u32::MAX as usize, 0xFF_FFFF, 255)
+        );
+        assert_eq!(ConnId::new(7, 3, 2).to_string(), "#2:7.3");
     }
 
     #[test]
@@ -468,7 +599,7 @@ mod tests {
             Vacant(usize),
             Occupied(S),
         }
-        let limit = if cfg!(target_pointer_width = "64") { 56 } else { 48 };
+        let limit = if cfg!(target_pointer_width = "64") { 48 } else { 40 };
         let slot = std::mem::size_of::<S>();
         let entry = std::mem::size_of::<Entry>();
         assert!(slot <= limit, "slot is {slot} bytes");
@@ -477,10 +608,25 @@ mod tests {
 
     #[test]
     fn peer_addresses_are_compact_and_exact() {
-        assert_eq!(std::mem::size_of::<PeerAddr>(), 18);
-        for a in ["127.0.0.1:9001", "[::1]:443", "[2001:db8::1]:65535", "0.0.0.0:0"] {
+        assert_eq!(std::mem::size_of::<PeerAddr>(), 6);
+        let mut table = PeerTable::new();
+        for a in [
+            "127.0.0.1:9001",
+            "[::1]:443",
+            "[2001:db8::1]:65535",
+            "0.0.0.0:0",
+            "[fe80::1%2]:80",
+        ] {
             let a: SocketAddr = a.parse().unwrap();
-            assert_eq!(PeerAddr::new(a).get(), a);
+            let p = PeerAddr::new(a, &mut table);
+            assert_eq!(p.get(&table), a);
+            p.release(&mut table);
         }
+        assert!(table.is_empty(), "every long address is given back");
+        // An IPv4-mapped address (a dual-stack listener's IPv4 peer) stays compact.
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
+        let p = PeerAddr::new(mapped, &mut table);
+        assert_eq!(p.get(&table), "10.0.0.1:5000".parse::<SocketAddr>().unwrap());
+        assert!(table.is_empty());
     }
 }

@@ -21,8 +21,8 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,17 +31,22 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 pub mod config;
 pub mod handler;
+mod ipcount;
 pub mod modes;
+mod topics;
 
-pub use config::{default_max_connections, ServerConfig, SlowConsumer};
+pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
 pub use modes::{Broadcast, Echo, Reply};
 
-use crate::io::engine::{reserved_token, Cause, Driver, Engine};
+use crate::io::budget::{Budget, SharedFrame};
+use crate::io::engine::{reserved_token, Cause, Driver, Engine, SHED_CODE};
 use crate::io::outbox::write_some;
+use crate::io::stream::ServerStream;
 use crate::io::sys::is_resource_error;
 use crate::io::timer::{deadline_after, poll_timeout};
-use crate::proto::frame::OpCode;
+use crate::io::transport::Transport;
+use crate::proto::frame::{write_frame, OpCode};
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Event, Message, Reject, Request, State, Timeout};
 use handler::{ConnData, PeerAddr, ServerEngine};
@@ -50,14 +55,31 @@ const LISTENER: Token = reserved_token(0);
 const WAKER: Token = reserved_token(1);
 const SIGNALS: Token = reserved_token(2);
 
-/// The driver timer that resumes accepting after running out of descriptors.
-const ACCEPT_TIMER: u64 = u64::MAX;
+/// Logs a line about one peer: `ADDR` then `what`. One function for every such line keeps the
+/// binary small (each `log!` call site costs its own formatting and metadata).
+#[inline(never)]
+pub(crate) fn peer_log(level: log::Level, addr: SocketAddr, what: std::fmt::Arguments<'_>) {
+    if level <= log::max_level() {
+        log::log!(level, "{addr}{what}");
+    }
+}
 
-/// A command sent from another thread.
+/// The driver timer that resumes accepting after running out of descriptors.
+const ACCEPT_TIMER: u64 = u64::MAX >> 1;
+
+/// A command for one loop, from a [`Handle`] or from another loop of the same server.
 enum Command {
-    Broadcast(Vec<u8>, OpCode),
+    /// A frame encoded once, for every open connection (or the subscribers of `topic`) but
+    /// `except`.
+    Frame {
+        frame: Arc<SharedFrame>,
+        topic: Option<Arc<str>>,
+        except: Option<ConnId>,
+    },
     Send(ConnId, Vec<u8>, OpCode),
     Shutdown,
+    /// Stop at once (a second signal).
+    Stop,
     Wake,
 }
 
@@ -69,17 +91,25 @@ fn message(bytes: &[u8], op: OpCode) -> Option<Message<'_>> {
     }
 }
 
-/// Commands waiting for the loop; more are refused so that a producer faster than the loop
-/// cannot grow memory without bound.
+/// Commands from handles waiting for a loop; more are refused so that a producer faster than
+/// the loop cannot grow memory without bound.
 const MAX_COMMANDS: usize = 1024;
+
+/// Broadcasts and publishes from other loops waiting for a loop; past this a loop misses them
+/// (counted as dropped): it has fallen far behind the others.
+const MAX_LOOP_COMMANDS: usize = 16 * 1024;
+
+/// Loops one server can run: a [`ConnId`] names its loop in 8 bits.
+pub const MAX_THREADS: usize = 256;
 
 /// Why a [`Handle`] call did not reach the loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HandleError {
-    /// 1,024 commands are already waiting; try again once the loop has caught up.
+    /// 1,024 commands are already waiting (on one of the loops); try again once it has caught
+    /// up. Nothing was queued.
     Busy,
-    /// The server has stopped (or never ran): nothing will read the command.
+    /// The server has stopped, or was dropped without running: nothing will read the command.
     Stopped,
 }
 
@@ -94,77 +124,207 @@ impl std::fmt::Display for HandleError {
 
 impl std::error::Error for HandleError {}
 
-struct HandleInner {
+/// One loop's inbox: commands from handles and from the other loops.
+struct Inbox {
     waker: Waker,
     queue: Mutex<VecDeque<Command>>,
     stopped: AtomicBool,
 }
 
-/// Lets other threads reach a running server: send, broadcast, wake the handler, or stop it.
+/// What the loops of one server share. Touched when a connection comes or goes and when a
+/// command crosses loops, never for a message that stays within its loop.
+struct Group {
+    inboxes: Box<[Inbox]>,
+    /// The memory budget, shared by every loop.
+    budget: Arc<Budget>,
+    /// Slots in use on every loop, for `max_connections`.
+    slots: AtomicUsize,
+    /// Open WebSocket connections on every loop.
+    open: AtomicUsize,
+    /// Open connections per peer IP, kept only with a per-IP limit.
+    per_ip: Mutex<ipcount::IpCounts>,
+}
+
+/// Lets other threads reach a running server: send to one connection, publish to a topic,
+/// broadcast, wake the handler, or stop it. With several loops
+/// ([`ServerConfig::threads`]), a send goes to the loop that owns the connection, and a
+/// broadcast, publish, wake or shutdown to every loop (a message is encoded once, here).
 ///
-/// At most 1,024 commands wait at once; past that the calls return [`HandleError::Busy`]
-/// until the loop catches up. Once the server has stopped they return [`HandleError::Stopped`].
+/// At most 1,024 commands wait at once per loop; past that the calls return
+/// [`HandleError::Busy`] until the loop catches up. Once the server has stopped they return
+/// [`HandleError::Stopped`].
 #[derive(Clone)]
 pub struct Handle {
-    inner: Arc<HandleInner>,
+    group: Arc<Group>,
 }
 
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handle")
+            .field("loops", &self.group.inboxes.len())
             .field("stopped", &self.is_stopped())
             .finish_non_exhaustive()
     }
 }
 
 impl Handle {
-    fn send_command(&self, c: Command) -> Result<(), HandleError> {
-        {
-            let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if self.is_stopped() {
+    /// Queues `c` for loop `lp` if fewer than `bound` commands wait there, and wakes the loop
+    /// if its queue was empty (a loop takes its whole queue on each wake).
+    fn push(&self, lp: usize, c: Command, bound: usize) -> Result<(), HandleError> {
+        let inbox = &self.group.inboxes[lp];
+        let first = {
+            let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if inbox.stopped.load(Ordering::Acquire) {
                 return Err(HandleError::Stopped);
             }
-            if q.len() >= MAX_COMMANDS {
+            if q.len() >= bound {
                 return Err(HandleError::Busy);
             }
             q.push_back(c);
+            q.len() == 1
+        };
+        if first {
+            inbox.waker.wake().map_err(|_| HandleError::Stopped)?;
         }
-        self.inner.waker.wake().map_err(|_| HandleError::Stopped)
+        Ok(())
     }
 
-    /// Whether the server has stopped.
+    /// Queues a command for every running loop, or for none when one of them is full.
+    fn push_all(&self, c: impl Fn() -> Command) -> Result<(), HandleError> {
+        let inboxes = &self.group.inboxes;
+        // Every queue locked, in loop order (a loop holds only its own lock, never waiting for
+        // another while it does), so that the command reaches all loops or none.
+        let mut queues: Vec<_> = inboxes
+            .iter()
+            .map(|i| i.queue.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let live = |lp: usize| !inboxes[lp].stopped.load(Ordering::Acquire);
+        if !(0..inboxes.len()).any(live) {
+            return Err(HandleError::Stopped);
+        }
+        if (0..inboxes.len()).any(|lp| live(lp) && queues[lp].len() >= MAX_COMMANDS) {
+            return Err(HandleError::Busy);
+        }
+        let mut wake = Vec::new();
+        for (lp, q) in queues.iter_mut().enumerate().filter(|(lp, _)| live(*lp)) {
+            q.push_back(c());
+            if q.len() == 1 {
+                wake.push(lp);
+            }
+        }
+        drop(queues);
+        for lp in wake {
+            let _ = inboxes[lp].waker.wake();
+        }
+        Ok(())
+    }
+
+    /// A message encoded once as a frame, shared by every loop's queues.
+    fn frame(&self, data: &[u8], op: OpCode) -> Arc<SharedFrame> {
+        let mut frame = Vec::with_capacity(data.len() + 10);
+        write_frame(&mut frame, true, op, None, data);
+        SharedFrame::new(frame, &self.group.budget)
+    }
+
+    /// Hands a frame broadcast or published on loop `from` to the other loops; returns how many
+    /// loops missed it because they had fallen [`MAX_LOOP_COMMANDS`] behind.
+    fn forward(&self, from: usize, frame: &Arc<SharedFrame>, topic: Option<&str>, except: Option<ConnId>) -> usize {
+        let loops = self.group.inboxes.len();
+        if loops == 1 {
+            return 0;
+        }
+        let topic: Option<Arc<str>> = topic.map(Arc::from);
+        (0..loops)
+            .filter(|&lp| lp != from)
+            .filter(|&lp| {
+                let c = Command::Frame {
+                    frame: Arc::clone(frame),
+                    topic: topic.clone(),
+                    except,
+                };
+                self.push(lp, c, MAX_LOOP_COMMANDS) == Err(HandleError::Busy)
+            })
+            .count()
+    }
+
+    /// Tells every other loop to begin a graceful shutdown (`now`: to stop at once).
+    fn stop_others(&self, from: usize, now: bool) {
+        for lp in (0..self.group.inboxes.len()).filter(|&lp| lp != from) {
+            let c = if now { Command::Stop } else { Command::Shutdown };
+            let _ = self.push(lp, c, usize::MAX);
+        }
+    }
+
+    /// Marks loop `lp` stopped and drops what waits for it.
+    fn mark_stopped(&self, lp: usize) {
+        let inbox = &self.group.inboxes[lp];
+        let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+        inbox.stopped.store(true, Ordering::Release);
+        q.clear();
+    }
+
+    /// Whether the server has stopped (every loop has).
     pub fn is_stopped(&self) -> bool {
-        self.inner.stopped.load(Ordering::Acquire)
+        self.group.inboxes.iter().all(|i| i.stopped.load(Ordering::Acquire))
+    }
+
+    /// Sends a message to the connection `id` on the loop that owns it. An id that no longer
+    /// names an open connection, or never named one of this server's, is ignored there.
+    fn send(&self, id: ConnId, data: &[u8], op: OpCode) -> Result<(), HandleError> {
+        if id.lp() >= self.group.inboxes.len() {
+            return Ok(());
+        }
+        self.push(id.lp(), Command::Send(id, data.to_vec(), op), MAX_COMMANDS)
     }
 
     /// Sends a text message to one connection.
     pub fn send_text(&self, id: ConnId, text: &str) -> Result<(), HandleError> {
-        self.send_command(Command::Send(id, text.as_bytes().to_vec(), OpCode::Text))
+        self.send(id, text.as_bytes(), OpCode::Text)
     }
 
     /// Sends a binary message to one connection.
     pub fn send_binary(&self, id: ConnId, data: &[u8]) -> Result<(), HandleError> {
-        self.send_command(Command::Send(id, data.to_vec(), OpCode::Binary))
+        self.send(id, data, OpCode::Binary)
+    }
+
+    fn broadcast(&self, data: &[u8], op: OpCode, topic: Option<&str>) -> Result<(), HandleError> {
+        let frame = self.frame(data, op);
+        let topic: Option<Arc<str>> = topic.map(Arc::from);
+        self.push_all(|| Command::Frame {
+            frame: Arc::clone(&frame),
+            topic: topic.clone(),
+            except: None,
+        })
     }
 
     /// Sends a text message to every open connection.
     pub fn broadcast_text(&self, text: &str) -> Result<(), HandleError> {
-        self.send_command(Command::Broadcast(text.as_bytes().to_vec(), OpCode::Text))
+        self.broadcast(text.as_bytes(), OpCode::Text, None)
     }
 
     /// Sends a binary message to every open connection.
     pub fn broadcast_binary(&self, data: &[u8]) -> Result<(), HandleError> {
-        self.send_command(Command::Broadcast(data.to_vec(), OpCode::Binary))
+        self.broadcast(data, OpCode::Binary, None)
     }
 
-    /// Calls [`Handler::on_wake`] on the loop's thread.
+    /// Sends a text message to every connection subscribed to `topic` (see [`Ctx::subscribe`]).
+    pub fn publish_text(&self, topic: &str, text: &str) -> Result<(), HandleError> {
+        self.broadcast(text.as_bytes(), OpCode::Text, Some(topic))
+    }
+
+    /// Sends a binary message to every connection subscribed to `topic`.
+    pub fn publish_binary(&self, topic: &str, data: &[u8]) -> Result<(), HandleError> {
+        self.broadcast(data, OpCode::Binary, Some(topic))
+    }
+
+    /// Calls [`Handler::on_wake`] on every loop's thread.
     pub fn wake(&self) -> Result<(), HandleError> {
-        self.send_command(Command::Wake)
+        self.push_all(|| Command::Wake)
     }
 
     /// Starts a graceful shutdown, as SIGTERM would.
     pub fn shutdown(&self) -> Result<(), HandleError> {
-        self.send_command(Command::Shutdown)
+        self.push_all(|| Command::Shutdown)
     }
 }
 
@@ -178,6 +338,17 @@ pub(crate) struct Shared {
     pub(crate) timers: slab::Slab<(u32, Option<ConnId>)>,
     next_timer: u32,
     pub(crate) shutdown_requested: bool,
+    /// Peer addresses too long for a slot.
+    pub(crate) peers: handler::PeerTable,
+    pub(crate) topics: topics::Topics,
+    /// The slot whose state a callback holds in its `Conn` (`usize::MAX`: none).
+    pub(crate) lent: usize,
+    /// This loop's index among the server's loops.
+    pub(crate) lp: u8,
+    /// The server's handle: the other loops' inboxes, the budget and the shared counts.
+    pub(crate) handle: Handle,
+    /// A loop fell behind and missed a broadcast; logged once until one reaches every loop.
+    behind_logged: bool,
 }
 
 impl Shared {
@@ -200,27 +371,49 @@ impl Shared {
         self.timers.remove(key);
         Some(conn)
     }
+
+    /// Hands a broadcast or publish made here to the other loops.
+    pub(crate) fn forward(&mut self, frame: &Arc<SharedFrame>, topic: Option<&str>, except: Option<ConnId>) {
+        let missed = self.handle.forward(usize::from(self.lp), frame, topic, except);
+        if missed > 0 {
+            self.stats.dropped += missed as u64;
+            if !std::mem::replace(&mut self.behind_logged, true) {
+                log::warn!("{missed} loop(s) fell {MAX_LOOP_COMMANDS} broadcasts behind and missed one (logged once)");
+            }
+        } else {
+            self.behind_logged = false;
+        }
+    }
+
+    /// Open connections on every loop.
+    pub(crate) fn open_everywhere(&self) -> usize {
+        self.handle.group.open.load(Ordering::Relaxed)
+    }
 }
 
 /// A bound server, ready to [`run`](Server::run). It may be moved to the thread that runs it.
 pub struct Server {
-    poll: Poll,
-    listener: TcpListener,
+    /// Each loop's poll and listener (one listener per loop on the same port).
+    loops: Vec<(Poll, TcpListener)>,
     local_addr: SocketAddr,
     cfg: ServerConfig,
-    handle: Handle,
+    /// Marks the handles stopped when the server is dropped without running, or `run` returns.
+    stop: StopGuard,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("local_addr", &self.local_addr)
+            .field("loops", &self.loops.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Server {
-    /// Binds a listening socket. Port 0 picks a free port; see [`local_addr`](Self::local_addr).
+    /// Binds a listening socket, one per loop with [`ServerConfig::threads`] above 1 (all on
+    /// the same port, with `SO_REUSEPORT`). Port 0 picks a free port; see
+    /// [`local_addr`](Self::local_addr).
     ///
     /// Fails with [`InvalidInput`](io::ErrorKind::InvalidInput) when the settings cannot work
     /// (see [`ServerConfig::check`]), including a `max_connections` above what the process's
@@ -239,27 +432,41 @@ impl Server {
                 ),
             ));
         }
-        let addr = addr
+        let mut addr = addr
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to listen on"))?;
-        let mut listener = TcpListener::bind(addr)?;
-        let local_addr = listener.local_addr()?;
-        let poll = Poll::new()?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let waker = Waker::new(poll.registry(), WAKER)?;
+        let mut loops = Vec::with_capacity(cfg.threads);
+        let mut inboxes = Vec::with_capacity(cfg.threads);
+        for _ in 0..cfg.threads {
+            let mut listener = if cfg.threads > 1 || cfg.reuse_port {
+                bind_shared(addr)?
+            } else {
+                TcpListener::bind(addr)?
+            };
+            // Port 0: the other loops listen on the port the first one got.
+            addr = listener.local_addr()?;
+            let poll = Poll::new()?;
+            poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+            inboxes.push(Inbox {
+                waker: Waker::new(poll.registry(), WAKER)?,
+                queue: Mutex::new(VecDeque::new()),
+                stopped: AtomicBool::new(false),
+            });
+            loops.push((poll, listener));
+        }
+        let group = Group {
+            inboxes: inboxes.into_boxed_slice(),
+            budget: Budget::new(cfg.max_memory),
+            slots: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            per_ip: Mutex::new(ipcount::IpCounts::new()),
+        };
         Ok(Server {
-            poll,
-            listener,
-            local_addr,
+            loops,
+            local_addr: addr,
             cfg,
-            handle: Handle {
-                inner: Arc::new(HandleInner {
-                    waker,
-                    queue: Mutex::new(VecDeque::new()),
-                    stopped: AtomicBool::new(false),
-                }),
-            },
+            stop: StopGuard(Handle { group: Arc::new(group) }, None),
         })
     }
 
@@ -268,122 +475,288 @@ impl Server {
         self.local_addr
     }
 
-    /// A handle for other threads.
-    pub fn handle(&self) -> Handle {
-        self.handle.clone()
+    /// Whether the server speaks TLS ([`ServerConfig::tls`]).
+    #[cfg(feature = "tls")]
+    pub fn is_tls(&self) -> bool {
+        self.cfg.tls.is_some()
     }
 
-    /// Runs the loop until a shutdown completes.
+    /// A handle for other threads.
+    pub fn handle(&self) -> Handle {
+        self.stop.0.clone()
+    }
+
+    /// Runs the loop on this thread until a shutdown completes.
+    ///
+    /// With [`ServerConfig::threads`] above 1 this fails with
+    /// [`InvalidInput`](io::ErrorKind::InvalidInput): each loop needs its own handler, which
+    /// [`run_threads`](Self::run_threads) makes.
     pub fn run<H: Handler>(self, handler: H) -> io::Result<()> {
-        let Server {
-            poll,
-            listener,
-            cfg,
-            handle,
-            ..
-        } = self;
-        // However run ends, handles report it, and the signals go back to what they did.
-        let _stopped = StopGuard(handle.clone());
-        let mut signals = if cfg.handle_signals {
-            Some(Signals::install(&poll)?)
-        } else {
-            None
-        };
-        let mut eng: ServerEngine<H::State> = Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom);
-        #[cfg(feature = "deflate")]
-        {
-            eng.codec = crate::proto::deflate::Codec::new(&cfg.deflate);
+        if self.loops.len() > 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ServerConfig::threads is above 1: run_threads gives each loop its own handler",
+            ));
         }
-        let mut srv = Srv {
-            handler,
-            shared: Shared {
-                stats: Stats::default(),
-                max_backpressure: cfg.max_backpressure,
-                slow_consumer: cfg.slow_consumer,
-                timers: slab::Slab::new(),
-                next_timer: 0,
-                shutdown_requested: false,
+        let Server {
+            mut loops, cfg, stop, ..
+        } = self;
+        let (poll, listener) = loops.pop().expect("one loop");
+        let handle = stop.0.clone();
+        let result = run_loop(
+            LoopParts {
+                lp: 0,
+                poll,
+                listener,
+                cfg,
+                handle,
             },
-            listener: Some(listener),
-            accept_paused: false,
-            emfile_logged: false,
-            spare_fd: File::open("/dev/null").ok(),
-            shutdown_deadline: None,
-            handle,
-            cfg,
-        };
-        let mut events = Events::with_capacity(1024);
-        let mut rbuf = vec![0u8; srv.cfg.read_buffer_size];
-        eng.tick();
-        srv.handler.on_start(&mut Ctx {
-            eng: &mut eng,
-            shared: &mut srv.shared,
-        });
-        let mut signals_seen = 0usize;
-        loop {
-            let now = eng.tick();
-            let mut deadline = eng.next_deadline();
-            if let Some(d) = srv.shutdown_deadline {
-                deadline = Some(deadline.map_or(d, |t| t.min(d)));
-            }
-            match eng.poll.poll(&mut events, poll_timeout(now, deadline)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            eng.tick();
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => srv.accept_all(&mut eng),
-                    WAKER => srv.run_commands(&mut eng),
-                    SIGNALS => {
-                        if let Some(s) = &mut signals {
-                            signals_seen += s.drain();
-                        }
-                        if signals_seen > 1 && srv.shutdown_deadline.is_some() {
-                            log::warn!("second signal: stopping now");
-                            return Ok(());
-                        }
-                        log::info!("signal received: shutting down");
-                        srv.begin_shutdown(&mut eng);
+            handler,
+        );
+        drop(stop);
+        result
+    }
+
+    /// Runs one loop per [`ServerConfig::threads`], each with the handler `make(i)` returns for
+    /// its index `i` (loop 0 runs on this thread), until every loop's shutdown completes.
+    ///
+    /// The loops share nothing on a message's way: each accepts on its own listener (the
+    /// kernel spreads new connections by a hash of their addresses) and serves its connections
+    /// alone. What crosses loops: [`Ctx::broadcast`] and [`Ctx::publish`] (the frame is encoded
+    /// once and handed to the others' queues), the memory budget, `max_connections` and the
+    /// per-IP limit (counted over every loop), and shutdown. [`Ctx::len`], [`Ctx::peers`],
+    /// [`Ctx::stats`] and timers are the loop's own.
+    #[inline(never)]
+    pub fn run_threads<H, F>(self, mut make: F) -> io::Result<()>
+    where
+        H: Handler + Send,
+        F: FnMut(usize) -> H,
+    {
+        let Server { loops, cfg, stop, .. } = self;
+        let handle = stop.0.clone();
+        let mut loops: Vec<_> = loops
+            .into_iter()
+            .enumerate()
+            .map(|(lp, (poll, listener))| {
+                let parts = LoopParts {
+                    lp,
+                    poll,
+                    listener,
+                    cfg: cfg.clone(),
+                    handle: handle.clone(),
+                };
+                (parts, make(lp))
+            })
+            .collect();
+        let (first, handler) = loops.remove(0);
+        let result = std::thread::scope(|scope| {
+            let mut threads = Vec::new();
+            for (parts, handler) in loops {
+                match std::thread::Builder::new().spawn_scoped(scope, move || run_loop(parts, handler)) {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        // The loops already started must end before the scope can.
+                        handle.stop_others(0, true);
+                        return Err(e);
                     }
-                    Token(key) => eng.on_ready(&mut srv, key, ev, &mut rbuf),
                 }
             }
-            eng.fire_timers(&mut srv);
+            let mut result = run_loop(first, handler);
+            for t in threads {
+                let r = t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        });
+        drop(stop);
+        result
+    }
+}
+
+/// One loop: accepts on its listener and serves its connections until its shutdown completes.
+/// Never inlined: the first loop and the others share one copy.
+#[inline(never)]
+fn run_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
+    let (lp, handle) = (parts.lp, parts.handle.clone());
+    let _stopped = StopGuard::one(&handle, lp);
+    let result = serve_loop(parts, handler);
+    if result.is_err() {
+        // One loop failed: the server stops.
+        handle.stop_others(lp, false);
+    }
+    result
+}
+
+/// What one loop is given: its index, its poll and listener, the settings, the server's handle.
+struct LoopParts {
+    lp: usize,
+    poll: Poll,
+    listener: TcpListener,
+    cfg: ServerConfig,
+    handle: Handle,
+}
+
+fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
+    let LoopParts {
+        lp,
+        poll,
+        listener,
+        cfg,
+        handle,
+    } = parts;
+    // Signals reach the first loop, which tells the others.
+    let mut signals = if cfg.handle_signals && lp == 0 {
+        Some(Signals::install(&poll)?)
+    } else {
+        None
+    };
+    // Dropped after the engine: the connections' TLS sessions live as long as the loop.
+    #[cfg(feature = "tls")]
+    let _tls = cfg.tls.is_some().then(crate::io::tls::ServingTls::start);
+    let budget = Arc::clone(&handle.group.budget);
+    let mut eng: ServerEngine<H::State> =
+        Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom, budget);
+    #[cfg(feature = "deflate")]
+    {
+        eng.codec = crate::proto::deflate::Codec::new(&cfg.deflate);
+    }
+    let mut srv = Srv {
+        handler,
+        shared: Shared {
+            stats: Stats::default(),
+            max_backpressure: cfg.max_backpressure,
+            slow_consumer: cfg.slow_consumer,
+            timers: slab::Slab::new(),
+            next_timer: 0,
+            shutdown_requested: false,
+            peers: handler::PeerTable::new(),
+            topics: topics::Topics::default(),
+            lent: usize::MAX,
+            lp: lp as u8,
+            handle,
+            behind_logged: false,
+        },
+        listener: Some(listener),
+        accept_paused: false,
+        emfile_logged: false,
+        spare_fd: File::open("/dev/null").ok(),
+        shutdown_deadline: None,
+        commands: VecDeque::new(),
+        cfg,
+    };
+    let mut events = Events::with_capacity(1024);
+    let mut rbuf = vec![0u8; srv.cfg.read_buffer_size];
+    eng.tick();
+    srv.handler.on_start(&mut Ctx {
+        eng: &mut eng,
+        shared: &mut srv.shared,
+    });
+    let mut signals_seen = 0usize;
+    loop {
+        let now = eng.tick();
+        let mut deadline = eng.next_deadline();
+        if let Some(d) = srv.shutdown_deadline {
+            deadline = Some(deadline.map_or(d, |t| t.min(d)));
+        }
+        match eng.poll.poll(&mut events, poll_timeout(now, deadline)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        eng.tick();
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => srv.accept_all(&mut eng),
+                WAKER => {
+                    if srv.run_commands(&mut eng) {
+                        return Ok(());
+                    }
+                }
+                SIGNALS => {
+                    if let Some(s) = &mut signals {
+                        signals_seen += s.drain();
+                    }
+                    if signals_seen > 1 && srv.shutdown_deadline.is_some() {
+                        log::warn!("second signal: stopping now");
+                        srv.shared.handle.stop_others(lp, true);
+                        return Ok(());
+                    }
+                    log::info!("signal received: shutting down");
+                    srv.shutdown_everywhere(&mut eng);
+                }
+                Token(key) => eng.on_ready(&mut srv, key, ev, &mut rbuf),
+            }
+        }
+        eng.fire_timers(&mut srv);
+        eng.apply_budget(&mut srv);
+        eng.reap(&mut srv);
+        if std::mem::take(&mut srv.shared.shutdown_requested) {
+            srv.shutdown_everywhere(&mut eng);
             eng.reap(&mut srv);
-            if std::mem::take(&mut srv.shared.shutdown_requested) {
-                srv.begin_shutdown(&mut eng);
-                eng.reap(&mut srv);
-            }
-            if let Some(d) = srv.shutdown_deadline {
-                // Done once every peer's close handshake is over and our last bytes are out.
-                if eng
-                    .slots
-                    .iter()
-                    .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none())
-                {
+        }
+        if let Some(d) = srv.shutdown_deadline {
+            // Done once every peer's close handshake is over and our last bytes are out.
+            if eng
+                .slots
+                .iter()
+                .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none() && !s.stream.wants_write())
+            {
+                if lp == 0 {
                     log::info!("shutdown complete");
-                    return Ok(());
                 }
-                if eng.now >= d {
-                    log::info!("shutdown: {} connection(s) did not close in time", eng.slots.len());
-                    return Ok(());
-                }
+                return Ok(());
+            }
+            if eng.now >= d {
+                log::info!("shutdown: {} connection(s) did not close in time", eng.slots.len());
+                return Ok(());
             }
         }
     }
 }
 
-/// Marks the handle stopped when `run` returns, however it returns.
-struct StopGuard(Handle);
+/// A listener with `SO_REUSEPORT`, otherwise as `TcpListener::bind` makes it (`SO_REUSEADDR`,
+/// a backlog of 1,024).
+fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
+/// Marks loops stopped when dropped: one loop when its `run_loop` returns (however it
+/// returns), or every loop when the server ends or is dropped without running.
+struct StopGuard(Handle, Option<usize>);
+
+impl StopGuard {
+    fn one(handle: &Handle, lp: usize) -> StopGuard {
+        StopGuard(handle.clone(), Some(lp))
+    }
+}
+/// The stream for an accepted socket: TLS when the server has a TLS configuration.
+fn server_stream(tcp: TcpStream, cfg: &ServerConfig) -> io::Result<ServerStream> {
+    #[cfg(feature = "tls")]
+    return match &cfg.tls {
+        Some(t) => ServerStream::tls(tcp, &t.config),
+        None => Ok(ServerStream::plain(tcp)),
+    };
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = cfg;
+        Ok(tcp)
+    }
+}
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
-        let inner = &self.0.inner;
-        let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-        inner.stopped.store(true, Ordering::Release);
-        q.clear();
+        match self.1 {
+            Some(lp) => self.0.mark_stopped(lp),
+            None => (0..self.0.group.inboxes.len()).for_each(|lp| self.0.mark_stopped(lp)),
+        }
     }
 }
 
@@ -468,7 +841,8 @@ struct Srv<H: Handler> {
     spare_fd: Option<File>,
     /// Shutdown started; ends at this time at the latest.
     shutdown_deadline: Option<u64>,
-    handle: Handle,
+    /// Commands taken from the inbox (kept to reuse its allocation).
+    commands: VecDeque<Command>,
 }
 
 impl<H: Handler> Srv<H> {
@@ -482,6 +856,21 @@ impl<H: Handler> Srv<H> {
         )
     }
 
+    fn group(&self) -> &Group {
+        &self.shared.handle.group
+    }
+
+    /// One connection fewer from `ip` (with a per-IP limit).
+    fn uncount(&mut self, ip: IpAddr) {
+        if self.cfg.max_connections_per_ip.is_some() {
+            self.group().per_ip.lock().unwrap_or_else(|e| e.into_inner()).remove(ip);
+        }
+    }
+
+    fn addr(&self, eng: &ServerEngine<H::State>, key: usize) -> SocketAddr {
+        eng.slots[key].data.addr.get(&self.shared.peers)
+    }
+
     /// Calls the handler about connection `key`, lending it the connection's state.
     fn with_conn<R>(
         &mut self,
@@ -491,12 +880,14 @@ impl<H: Handler> Srv<H> {
     ) -> R {
         let slot = &mut eng.slots[key];
         let mut conn = Conn {
-            id: ConnId::new(key, slot.gen),
-            addr: slot.data.addr,
+            id: ConnId::new(key, slot.gen, self.shared.lp),
+            addr: slot.data.addr.get(&self.shared.peers),
             state: std::mem::take(&mut slot.data.state),
         };
+        self.shared.lent = key;
         let (h, mut ctx) = self.ctx(eng);
         let r = f(h, &mut ctx, &mut conn);
+        self.shared.lent = usize::MAX;
         // Slots are removed only at the end of a turn, so this one is still here.
         eng.slots[key].data.state = conn.state;
         r
@@ -522,7 +913,7 @@ impl<H: Handler> Srv<H> {
                     if self.spare_fd.take().is_some() {
                         if let Ok((mut s, a)) = listener.accept() {
                             self.shared.stats.refused += 1;
-                            log::debug!("{a}: refused, out of descriptors");
+                            peer_log(log::Level::Debug, a, format_args!(": refused, out of descriptors"));
                             let mut b = Vec::new();
                             Reject::new(503, "too many connections").write(&mut b);
                             let _ = write_some(&mut s, &b);
@@ -543,18 +934,44 @@ impl<H: Handler> Srv<H> {
     }
 
     fn add_connection(&mut self, eng: &mut ServerEngine<H::State>, stream: TcpStream, addr: SocketAddr) {
-        let over = eng.slots.len() >= self.cfg.max_connections;
+        // Counted over every loop; given back in `on_removed`, or below if never inserted.
+        let slots = self.group().slots.fetch_add(1, Ordering::Relaxed);
+        let mut over = slots >= self.cfg.max_connections;
+        let mut why = "too many connections";
         if over {
-            self.shared.stats.refused += 1;
-            log::debug!("{addr}: refused, {} connections open", eng.slots.len());
+            peer_log(
+                log::Level::Debug,
+                addr,
+                format_args!(": refused, {slots} connections open"),
+            );
+        } else if let Some(limit) = self.cfg.max_connections_per_ip {
+            let counted = self
+                .group()
+                .per_ip
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_below(addr.ip(), limit);
+            if !counted {
+                over = true;
+                why = "too many connections from this address";
+                peer_log(
+                    log::Level::Debug,
+                    addr,
+                    format_args!(": refused, {limit} connections from this address"),
+                );
+            }
         }
         let mut refusal = Vec::new();
         if over {
-            Reject::new(503, "too many connections").write(&mut refusal);
-            if eng.slots.len() >= self.cfg.max_connections + (config::FD_RESERVE as usize / 2) {
+            self.shared.stats.refused += 1;
+            Reject::new(503, why).write(&mut refusal);
+            if slots >= self.cfg.max_connections + (config::FD_RESERVE as usize / 2) {
                 // No room even to linger: write the answer if the kernel takes it, then drop.
-                let mut s = stream;
-                let _ = write_some(&mut s, &refusal);
+                self.group().slots.fetch_sub(1, Ordering::Relaxed);
+                if !self.tls() {
+                    let mut s = stream;
+                    let _ = write_some(&mut s, &refusal);
+                }
                 return;
             }
         }
@@ -567,10 +984,25 @@ impl<H: Handler> Srv<H> {
         if over {
             conn.set_closed(eng.now);
         }
+        let peer = PeerAddr::new(addr, &mut self.shared.peers);
+        let data_counted = !over && self.cfg.max_connections_per_ip.is_some();
         let data = ConnData {
-            addr: PeerAddr::new(addr),
+            addr: peer,
             opened: false,
+            counted: data_counted,
             state: H::State::default(),
+        };
+        let stream = match server_stream(stream, &self.cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                peer_log(log::Level::Warn, addr, format_args!(": {e}"));
+                peer.release(&mut self.shared.peers);
+                self.group().slots.fetch_sub(1, Ordering::Relaxed);
+                if data_counted {
+                    self.uncount(addr.ip());
+                }
+                return;
+            }
         };
         match eng.insert(stream, conn, data) {
             Ok(key) if over => {
@@ -578,17 +1010,28 @@ impl<H: Handler> Srv<H> {
                 eng.settle(key);
             }
             Ok(_) => {}
-            Err(e) => log::warn!("{addr}: register failed: {e}"),
+            Err(e) => {
+                peer.release(&mut self.shared.peers);
+                self.group().slots.fetch_sub(1, Ordering::Relaxed);
+                if data_counted {
+                    self.uncount(addr.ip());
+                }
+                peer_log(log::Level::Warn, addr, format_args!(": register failed: {e}"));
+            }
         }
     }
 
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
     fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
-        let addr = eng.slots[key].data.addr.get();
+        let addr = self.addr(eng, key);
         let answer = if !req.is_upgrade() {
             self.plain_answer(&req)
         } else if let Some(origin) = req.origin().filter(|o| !self.origin_allowed(o)) {
-            log::info!("{addr}: refused handshake: origin {origin} not allowed");
+            peer_log(
+                log::Level::Info,
+                addr,
+                format_args!(": refused handshake: origin {origin} not allowed"),
+            );
             Answer::reject(403, "origin not allowed")
         } else {
             let protocol = self.cfg.protocols.iter().find(|p| req.offers_protocol(p)).cloned();
@@ -612,15 +1055,28 @@ impl<H: Handler> Srv<H> {
         let upgraded = eng.accept(key, &req, &answer, None);
         if !upgraded {
             if let Answer::Reject { status, body } = &answer {
-                log::info!("{addr}: refused handshake: {status} {}", body.trim());
+                peer_log(
+                    log::Level::Info,
+                    addr,
+                    format_args!(": refused handshake: {status} {}", body.trim()),
+                );
             }
             return;
         }
         let slot = &mut eng.slots[key];
         slot.data.opened = true;
         self.shared.stats.open += 1;
-        log::info!("{addr} connected");
+        self.group().open.fetch_add(1, Ordering::Relaxed);
+        peer_log(log::Level::Info, addr, format_args!(" connected"));
         self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
+    }
+
+    /// Whether connections speak TLS.
+    fn tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.cfg.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
     }
 
     fn origin_allowed(&self, origin: &str) -> bool {
@@ -652,37 +1108,56 @@ impl<H: Handler> Srv<H> {
             return;
         }
         self.shared.stats.open -= 1;
-        log::info!("{:?} disconnected ({code})", slot.data.addr);
+        self.group().open.fetch_sub(1, Ordering::Relaxed);
+        peer_log(
+            log::Level::Info,
+            slot.data.addr.get(&self.shared.peers),
+            format_args!(" disconnected ({code})"),
+        );
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
+        // Only an open connection subscribes, so its subscriptions end here.
+        self.shared.topics.remove_conn(key);
     }
 
-    fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) {
-        let cmds: Vec<Command> = self
-            .handle
-            .inner
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for c in cmds {
+    /// Runs the commands in this loop's inbox; returns true when one says to stop at once.
+    fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) -> bool {
+        let lp = usize::from(self.shared.lp);
+        {
+            let inbox = &self.shared.handle.group.inboxes[lp];
+            let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *q, &mut self.commands);
+        }
+        while let Some(c) = self.commands.pop_front() {
             let (h, mut ctx) = self.ctx(eng);
             match c {
-                Command::Broadcast(bytes, op) => match message(&bytes, op) {
-                    Some(msg) => {
-                        ctx.broadcast(msg, None);
-                    }
-                    None => continue,
-                },
+                Command::Frame { frame, topic, except } => {
+                    match topic {
+                        None => ctx.deliver(&frame, except, false),
+                        Some(t) => ctx.publish_here(&t, &frame, except),
+                    };
+                }
                 Command::Send(id, bytes, op) => {
                     if let Some(msg) = message(&bytes, op) {
                         ctx.send(id, msg);
                     }
                 }
                 Command::Shutdown => self.begin_shutdown(eng),
+                Command::Stop => {
+                    self.commands.clear();
+                    return true;
+                }
                 Command::Wake => h.on_wake(&mut ctx),
             }
         }
+        false
+    }
+
+    /// Begins a graceful shutdown here and on every other loop.
+    fn shutdown_everywhere(&mut self, eng: &mut ServerEngine<H::State>) {
+        if self.shutdown_deadline.is_none() {
+            self.shared.handle.stop_others(usize::from(self.shared.lp), false);
+        }
+        self.begin_shutdown(eng);
     }
 
     fn begin_shutdown(&mut self, eng: &mut ServerEngine<H::State>) {
@@ -706,7 +1181,7 @@ impl<H: Handler> Srv<H> {
     }
 }
 
-impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
+impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
     fn on_event(&mut self, eng: &mut ServerEngine<H::State>, key: usize, ev: Event<'_>) {
         match ev {
             Event::Request(req) => self.on_request(eng, key, *req),
@@ -724,23 +1199,25 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
     }
 
     fn on_error(&mut self, eng: &mut ServerEngine<H::State>, key: usize, err: &crate::proto::Error) {
-        let addr = eng.slots[key].data.addr;
+        let addr = self.addr(eng, key);
         match err {
             crate::proto::Error::Protocol(e) => {
-                log::debug!("{addr:?}: protocol error: {e}");
+                peer_log(log::Level::Debug, addr, format_args!(": protocol error: {e}"));
                 self.notify_close(eng, key, e.code, e.reason);
             }
-            crate::proto::Error::Rejected(r) => log::info!("{addr:?}: refused handshake: {r}"),
+            crate::proto::Error::Rejected(r) => {
+                peer_log(log::Level::Info, addr, format_args!(": refused handshake: {r}"))
+            }
             crate::proto::Error::Response(_) => {}
         }
     }
 
     fn on_timeout(&mut self, eng: &mut ServerEngine<H::State>, key: usize, t: Timeout) {
-        let addr = eng.slots[key].data.addr;
+        let addr = self.addr(eng, key);
         match t {
-            Timeout::Handshake => log::info!("{addr:?}: handshake timeout"),
-            Timeout::Idle => log::info!("{addr:?}: idle timeout"),
-            Timeout::Close => log::debug!("{addr:?}: close timeout"),
+            Timeout::Handshake => peer_log(log::Level::Info, addr, format_args!(": handshake timeout")),
+            Timeout::Idle => peer_log(log::Level::Info, addr, format_args!(": idle timeout")),
+            Timeout::Close => peer_log(log::Level::Debug, addr, format_args!(": close timeout")),
             Timeout::Ping => {}
         }
     }
@@ -749,12 +1226,28 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
         let reason = match &cause {
             Cause::Timeout(Timeout::Close) => "close timeout",
             Cause::Io(e) => {
-                log::debug!("{:?}: {e}", eng.slots[key].data.addr);
+                peer_log(log::Level::Debug, self.addr(eng, key), format_args!(": {e}"));
                 ""
             }
             _ => "",
         };
         self.notify_close(eng, key, close_code::ABNORMAL, reason);
+        self.group().slots.fetch_sub(1, Ordering::Relaxed);
+        let data = &eng.slots[key].data;
+        if data.counted {
+            self.uncount(data.addr.get(&self.shared.peers).ip());
+        }
+        data.addr.release(&mut self.shared.peers);
+    }
+
+    fn on_shed(&mut self, eng: &mut ServerEngine<H::State>, key: usize) {
+        let addr = self.addr(eng, key);
+        peer_log(
+            log::Level::Warn,
+            addr,
+            format_args!(": closed with 1013, the server is short of memory"),
+        );
+        self.notify_close(eng, key, SHED_CODE, "server short of memory");
     }
 
     fn on_timer(&mut self, eng: &mut ServerEngine<H::State>, id: u64) {
@@ -764,10 +1257,9 @@ impl<H: Handler> Driver<TcpStream, ConnData<H::State>, NoRandom> for Srv<H> {
             return;
         }
         let Some(conn) = self.shared.take_timer(id) else { return };
-        if let Some(c) = conn {
-            if !eng.is_live(c.key(), c.gen()) {
-                return;
-            }
+        // A connection's timers end with it, even while its slot waits for the last bytes.
+        if conn.is_some_and(|c| !eng.is_live(c.key(), c.gen()) || !eng.slots[c.key()].data.opened) {
+            return;
         }
         let (h, mut ctx) = self.ctx(eng);
         h.on_timer(&mut ctx, Timer { id: TimerId(id), conn });

@@ -8,9 +8,11 @@
 //!   it, shows the connection state and a message log, has an input box, and reconnects with
 //!   backoff.
 
+use std::net::SocketAddr;
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use super::{Conn, Ctx, Handler};
+use super::{Conn, Ctx, Handler, Timer, TimerId};
 use crate::proto::Message;
 
 /// A handler that echoes every message back: the default mode.
@@ -40,21 +42,79 @@ impl Handler for Reply {
 /// Each message is encoded once and its bytes shared by every peer's queue (see
 /// [`Ctx::broadcast`]); peers whose queue is full meet the server's
 /// [`SlowConsumer`](super::SlowConsumer) policy.
-#[derive(Clone, Copy, Debug)]
+///
+/// With [`announce`](Self::announce), joins and leaves are told in one line per
+/// [`ANNOUNCE_EVERY`]: a join costs a counter, not a message to everyone, so a crowd arriving
+/// at once cannot swamp the loop. A lone event reads `* 127.0.0.1:50312 joined (3 online)`;
+/// several read `* 12 joined, 3 left (2009 online)`.
+#[derive(Clone, Debug)]
 pub struct Broadcast {
     /// Send a message back to its sender too (default: true).
     pub echo_self: bool,
-    /// Tell everyone when a peer joins or leaves, as text lines like
-    /// `* 127.0.0.1:50312 joined (3 online)` (default: false).
+    /// Tell everyone when peers join or leave (default: false).
     pub announce: bool,
+    pending: Pending,
+}
+
+/// How often joins and leaves are announced, at most.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
+
+/// Joins and leaves not yet announced.
+#[derive(Clone, Debug, Default)]
+struct Pending {
+    joined: u32,
+    left: u32,
+    /// The one event, while there is only one: joined or left, and who.
+    only: Option<(bool, SocketAddr)>,
+    /// The timer that will announce them.
+    timer: Option<TimerId>,
 }
 
 impl Default for Broadcast {
     fn default() -> Self {
+        Broadcast::new(true, false)
+    }
+}
+
+impl Broadcast {
+    /// A chat room; `echo_self` sends each message back to its sender too, `announce` tells
+    /// everyone about joins and leaves.
+    pub fn new(echo_self: bool, announce: bool) -> Self {
         Broadcast {
-            echo_self: true,
-            announce: false,
+            echo_self,
+            announce,
+            pending: Pending::default(),
         }
+    }
+
+    fn note(&mut self, ctx: &mut Ctx<'_, ()>, joined: bool, who: SocketAddr) {
+        let p = &mut self.pending;
+        let first = p.joined + p.left == 0;
+        if joined {
+            p.joined += 1;
+        } else {
+            p.left += 1;
+        }
+        p.only = if first { Some((joined, who)) } else { None };
+        if p.timer.is_none() {
+            p.timer = Some(ctx.set_timer(ANNOUNCE_EVERY));
+        }
+    }
+
+    /// Announces what is pending, when `timer` is the announcement's; returns whether it was.
+    pub fn on_announce_timer(&mut self, ctx: &mut Ctx<'_, ()>, timer: Timer) -> bool {
+        if self.pending.timer != Some(timer.id) {
+            return false;
+        }
+        let p = std::mem::take(&mut self.pending);
+        let online = ctx.len_everywhere();
+        let line = match p.only {
+            Some((true, who)) => format!("* {who} joined ({online} online)"),
+            Some((false, who)) => format!("* {who} left ({online} online)"),
+            None => format!("* {} joined, {} left ({online} online)", p.joined, p.left),
+        };
+        ctx.broadcast(Message::Text(&line), None);
+        true
     }
 }
 
@@ -63,8 +123,7 @@ impl Handler for Broadcast {
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         if self.announce {
-            let line = format!("* {} joined ({} online)", conn.addr(), ctx.len());
-            ctx.broadcast(Message::Text(&line), None);
+            self.note(ctx, true, conn.addr());
         }
     }
 
@@ -74,11 +133,15 @@ impl Handler for Broadcast {
     }
 
     fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, _code: u16, _reason: &str) {
+        // The leaving peer has sent or received its close frame: the announcement, a broadcast
+        // to open connections, skips it.
         if self.announce {
-            let line = format!("* {} left ({} online)", conn.addr(), ctx.len());
-            // The leaving peer has already sent or received its close frame: skip it.
-            ctx.broadcast(Message::Text(&line), Some(conn.id()));
+            self.note(ctx, false, conn.addr());
         }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, timer: Timer) {
+        self.on_announce_timer(ctx, timer);
     }
 }
 

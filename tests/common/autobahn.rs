@@ -43,6 +43,19 @@ pub const EXPECTED_CASES: usize = 517;
 #[cfg(not(feature = "deflate"))]
 pub const EXPECTED_CASES: usize = 301;
 
+/// `wsloop serve` options for the server cases. With compression every message is compressed
+/// (`--deflate-min-size 0`): kosoku's cases fail with an error of their own ("Strings must be
+/// encoded before hashing") on an uncompressed message where compression was agreed, which
+/// RFC 7692 §6 allows and the default threshold sends for short messages.
+#[cfg(feature = "deflate")]
+pub const SERVER_ARGS: &[&str] = &["--mode", "echo", "--deflate-min-size", "0"];
+#[cfg(not(feature = "deflate"))]
+pub const SERVER_ARGS: &[&str] = &["--mode", "echo"];
+
+/// kosoku's time for the server cases before it is killed. Without compression a run takes
+/// seconds; the 216 compression cases echo 1,000 messages each, one at a time, and take minutes.
+pub const SERVER_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45 * 60);
+
 /// Verdicts accepted for both `behavior` and `behaviorClose`.
 pub const ACCEPTED: [&str; 2] = ["OK", "INFORMATIONAL"];
 

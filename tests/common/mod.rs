@@ -143,15 +143,21 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
 /// `listening on 127.0.0.1:PORT` on stderr. Panics (with the stderr collected)
 /// if that line does not appear within 10 seconds.
 pub fn spawn_server(args: &[&str]) -> ServerProcess {
-    let exe = env!("CARGO_BIN_EXE_wsloop");
-    let mut child = Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsloop"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+    spawn_listening(cmd)
+}
+
+/// Starts `cmd` and waits until it logs `listening on 127.0.0.1:PORT` on stderr. Panics (with
+/// the stderr collected) if that line does not appear within 10 seconds.
+pub fn spawn_listening(mut cmd: Command) -> ServerProcess {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
 
     let stdout = Arc::new(Mutex::new(String::new()));
     drain_lines(child.stdout.take().expect("stdout is piped"), Arc::clone(&stdout), None);
@@ -177,13 +183,77 @@ pub fn spawn_server(args: &[&str]) -> ServerProcess {
             thread::sleep(Duration::from_millis(50));
             let collected = stderr.lock().unwrap_or_else(|e| e.into_inner()).clone();
             panic!(
-                "`wsloop serve --listen 127.0.0.1:0 {}` did not log \
-                 `listening on 127.0.0.1:PORT`: {why}; the process ended with {status}\n\
-                 --- stderr ---\n{collected}--- end of stderr ---",
-                args.join(" ")
+                "{what} did not log `listening on 127.0.0.1:PORT`: {why}; the process ended with \
+                 {status}\n--- stderr ---\n{collected}--- end of stderr ---"
             );
         }
     }
+}
+
+/// Runs `examples/NAME.rs` with `args` and waits until it logs `listening on 127.0.0.1:PORT`.
+pub fn spawn_example(name: &str, args: &[&str]) -> ServerProcess {
+    let mut cmd = Command::new(example_binary(name));
+    cmd.args(args);
+    spawn_listening(cmd)
+}
+
+/// The features this test binary was built with, for building an example the same way.
+fn features() -> Vec<&'static str> {
+    [
+        ("std", cfg!(feature = "std")),
+        ("server", cfg!(feature = "server")),
+        ("client", cfg!(feature = "client")),
+        ("bench", cfg!(feature = "bench")),
+        ("cli", cfg!(feature = "cli")),
+    ]
+    .into_iter()
+    .filter_map(|(f, on)| on.then_some(f))
+    .collect()
+}
+
+/// Builds `examples/NAME.rs` (once per test process) with this test's profile, target and
+/// features, as `cargo build --example NAME` does, and returns the binary's path. `cargo test`
+/// has usually built it already, so this only checks that it is fresh.
+pub fn example_binary(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    // target/[TRIPLE/]PROFILE/deps/TEST-HASH
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/PROFILE/deps");
+    let binary = profile_dir.join("examples").join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.iter().any(|b| b == name) {
+        return binary;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--example", name, "--no-default-features"])
+        .args(["--features", &features().join(",")])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(other) => {
+            cmd.args(["--profile", other]);
+        }
+        None => panic!("no profile directory in {}", exe.display()),
+    }
+    let triple_dir = profile_dir.parent().expect("a target directory");
+    if std::fs::canonicalize(triple_dir).ok() != std::fs::canonicalize(target_dir()).ok() {
+        cmd.arg("--target")
+            .arg(triple_dir.file_name().expect("a target triple"));
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(binary.is_file(), "{cmd:?} made no {}", binary.display());
+    built.push(name.to_string());
+    binary
 }
 
 /// Whether `CI=true` is set (as `.ci/run` is run).
@@ -253,6 +323,17 @@ impl std::io::Write for Tcp {
     }
 }
 
+/// The next text message, skipping pings and pongs; panics on anything else.
+pub fn read_text<S: std::io::Read + std::io::Write>(ws: &mut tungstenite::WebSocket<S>) -> String {
+    loop {
+        match ws.read().expect("read") {
+            tungstenite::Message::Text(t) => return t.to_string(),
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => {}
+            m => panic!("expected text, got {m:?}"),
+        }
+    }
+}
+
 /// The last `max_bytes` (or slightly fewer, on a char boundary) of `text`.
 pub fn tail(text: &str, max_bytes: usize) -> &str {
     if text.len() <= max_bytes {
@@ -274,3 +355,37 @@ pub fn target_dir() -> PathBuf {
         _ => root.join("target"),
     }
 }
+
+/// Debian's nginx binary.
+#[allow(dead_code)]
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+/// Starts nginx with the prefix `dir` and the configuration `conf`, its stderr collected.
+#[allow(dead_code)]
+pub fn spawn_nginx(dir: &std::path::Path, conf: &std::path::Path) -> (std::process::Child, Arc<Mutex<String>>) {
+    let mut child = Command::new(NGINX)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(conf)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {NGINX}: {e}"));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
+    (child, stderr)
+}
+
+/// The lines every interop script prints when all its checks passed.
+#[allow(dead_code)]
+pub const INTEROP_CHECKS: [&str; 5] = [
+    "ok text",
+    "ok binary",
+    "ok 1 MiB in 16 fragments",
+    "ok ping",
+    "ok close 1000",
+];

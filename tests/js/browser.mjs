@@ -1,7 +1,7 @@
 // Drives wsloop's built-in page in headless Chromium (Debian's /usr/bin/chromium) with
 // playwright-core.
 //
-// Usage: node browser.mjs chat|reconnect|deflate http://127.0.0.1:PORT/ SCREENSHOT.png USER_DATA_DIR
+// Usage: node browser.mjs chat|reconnect|deflate http[s]://127.0.0.1:PORT/ SCREENSHOT.png USER_DATA_DIR
 //
 // chat: two pages join a broadcast-mode server, each sends a line, and both must see both lines.
 // reconnect: one page on an echo-mode server; after "ok A connected" the caller restarts the
@@ -18,6 +18,8 @@ const WAIT = 15000; // ms for any single step
 const ARGS = [
   '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  // An https:// page is served with a certificate made for the test.
+  ...(base.startsWith('https:') ? ['--ignore-certificate-errors'] : []),
 ];
 
 let context;

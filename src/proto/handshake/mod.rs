@@ -9,9 +9,8 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 
+mod key;
 pub mod request;
 pub mod response;
 
@@ -26,15 +25,31 @@ pub const MAX_HEADERS: usize = 64;
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2, step 5.4).
 pub fn accept_key(key: &[u8]) -> String {
-    let mut sha = sha1_smol::Sha1::new();
-    sha.update(key);
-    sha.update(GUID.as_bytes());
-    B64.encode(sha.digest().bytes())
+    ascii_string(&accept_key_bytes(key))
+}
+
+/// [`accept_key`] without the allocation.
+pub(crate) fn accept_key_bytes(key: &[u8]) -> [u8; 28] {
+    let mut out = [0u8; 28];
+    key::base64_encode(&key::sha1(key, GUID.as_bytes()), &mut out);
+    out
 }
 
 /// A `Sec-WebSocket-Key`: 16 random bytes, base64-encoded.
 pub fn client_key(nonce: [u8; 16]) -> String {
-    B64.encode(nonce)
+    let mut out = [0u8; 24];
+    key::base64_encode(&nonce, &mut out);
+    ascii_string(&out)
+}
+
+/// Whether `key` is a well-formed `Sec-WebSocket-Key`: base64 of 16 bytes.
+pub(crate) fn is_valid_key(key: &[u8]) -> bool {
+    key::is_base64_of_16_bytes(key)
+}
+
+/// A `String` of ASCII bytes (base64 output).
+fn ascii_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| char::from(b)).collect()
 }
 
 /// The reason phrase for the statuses this crate sends.
@@ -84,20 +99,25 @@ pub fn write_response(
     body: &[u8],
     head_only: bool,
 ) {
+    write_head(out, status, content_type, extra_headers, body.len());
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
+/// The status line and headers of [`write_response`], for a body of `body_len` bytes.
+pub(crate) fn write_head(out: &mut Vec<u8>, status: u16, content_type: &str, extra_headers: &str, body_len: usize) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_decimal(out, usize::from(status));
-    out.push(b' ');
+    out.extend_from_slice(b" ");
     out.extend_from_slice(reason_phrase(status).as_bytes());
     out.extend_from_slice(b"\r\nContent-Type: ");
     out.extend_from_slice(content_type.as_bytes());
     out.extend_from_slice(b"\r\nContent-Length: ");
-    push_decimal(out, body.len());
+    push_decimal(out, body_len);
     out.extend_from_slice(b"\r\nConnection: close\r\n");
     out.extend_from_slice(extra_headers.as_bytes());
     out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(body);
-    }
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).

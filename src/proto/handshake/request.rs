@@ -9,10 +9,8 @@ use alloc::borrow::Cow;
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 
-use super::{has_exact_token, has_token, header_values, single_header, write_response, MAX_HEADERS};
+use super::{has_exact_token, has_token, header_values, single_header, write_head, write_response, MAX_HEADERS};
 
 /// A refused request: the HTTP status and a one-line explanation sent as the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,17 +54,12 @@ fn write_reject(out: &mut Vec<u8>, status: u16, message: &str, head_only: bool) 
         405 => "Allow: GET, HEAD\r\n",
         _ => "",
     };
-    let mut body = String::with_capacity(message.len() + 1);
-    body.push_str(message);
-    body.push('\n');
-    write_response(
-        out,
-        status,
-        "text/plain; charset=utf-8",
-        extra,
-        body.as_bytes(),
-        head_only,
-    );
+    // The body is the message and a line break.
+    write_head(out, status, "text/plain; charset=utf-8", extra, message.len() + 1);
+    if !head_only {
+        out.extend_from_slice(message.as_bytes());
+        out.extend_from_slice(b"\n");
+    }
 }
 
 /// What to do with a [`Request`].
@@ -252,7 +245,7 @@ impl Request {
         let head_only = self.method() == "HEAD";
         match answer {
             Answer::Accept { protocol } => {
-                let Some(accept) = self.accept_key() else {
+                let Some(key) = self.key else {
                     write_reject(
                         out,
                         426,
@@ -264,7 +257,7 @@ impl Request {
                 out.extend_from_slice(
                     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
                 );
-                out.extend_from_slice(accept.as_bytes());
+                out.extend_from_slice(&super::accept_key_bytes(key.get(&self.head)));
                 if let Some(p) = protocol.as_deref().filter(|p| self.offers_protocol(p)) {
                     out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
                     out.extend_from_slice(p.as_bytes());
@@ -300,9 +293,10 @@ impl Request {
 /// `Sec-WebSocket-Version`) must be a complete, valid one, or it is refused: a broken
 /// handshake never falls back to a plain request.
 pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Reject> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // Uninitialised: httparse writes the headers it finds (zeroing 1 KiB per request for nothing).
+    let mut headers = [const { core::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -370,10 +364,8 @@ fn check_upgrade<'h>(method: &str, hs: &'h [httparse::Header<'h>]) -> Result<&'h
         Ok(None) => return Err(Reject::new(400, "missing Sec-WebSocket-Key header")),
         Err(()) => return Err(Reject::new(400, "more than one Sec-WebSocket-Key header")),
     };
-    let mut nonce = [0u8; 18];
-    match B64.decode_slice(key, &mut nonce) {
-        Ok(16) => {}
-        _ => return Err(Reject::new(400, "Sec-WebSocket-Key must be base64 of 16 bytes")),
+    if !super::is_valid_key(key) {
+        return Err(Reject::new(400, "Sec-WebSocket-Key must be base64 of 16 bytes"));
     }
     if single_header(hs, "Origin").is_err() {
         return Err(Reject::new(400, "more than one Origin header"));
@@ -381,12 +373,13 @@ fn check_upgrade<'h>(method: &str, hs: &'h [httparse::Header<'h>]) -> Result<&'h
     Ok(key)
 }
 
-/// Whether the request line ends in an HTTP version other than 1.x (e.g. `HTTP/2.0`), as opposed
-/// to not being HTTP at all.
+/// Whether the request line names an HTTP version httparse does not take (e.g. `HTTP/2.0`), as opposed
+/// to not being HTTP at all. httparse failed on the version, so the line so far is method, target
+/// and version, one space apart; only `HTTP/` and the digit after it are judged, which httparse
+/// must have read to fail there: the verdict does not depend on how much of the head has come.
 fn names_another_http_version(buf: &[u8]) -> bool {
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf).trim_ascii();
-    let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
-    version.len() > 5 && version[..5].eq_ignore_ascii_case(b"HTTP/") && version[5].is_ascii_digit()
+    let version = buf.splitn(3, |&b| b == b' ').nth(2).unwrap_or(b"");
+    version.len() > 5 && version.starts_with(b"HTTP/") && version[5].is_ascii_digit()
 }
 
 #[cfg(test)]

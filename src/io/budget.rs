@@ -1,0 +1,182 @@
+//! The memory budget: every byte a server buffers for its peers, counted where it is
+//! allocated and given back where it is freed (no scans of connections).
+//!
+//! What counts: each connection's parser state and partial message
+//! ([`Connection::buffered_bytes`](crate::proto::Connection::buffered_bytes)), its outbound
+//! queue with the queue's own entries and the capacity of what it owns, and each shared frame
+//! (a broadcast or publish) once, with its allocation, until the last queue lets go of it.
+//! What does not count, and makes the constant above the budget: the loop's read buffer, the
+//! one message being handed to the handler and the reply being built for it (both at most
+//! the message limit), the slab of idle connection slots, and the allocator's own overhead.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A limit and what is used of it, shared by a server's loops and its shared frames.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// A budget that never limits (clients and the load generator).
+    pub(crate) fn unlimited() -> Arc<Budget> {
+        Budget::new(usize::MAX)
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Above this, the largest holders stop being read from.
+    pub(crate) fn soft(&self) -> usize {
+        self.limit / 4 * 3
+    }
+
+    /// Below this, paused connections are read from again.
+    pub(crate) fn low(&self) -> usize {
+        self.limit / 2
+    }
+}
+
+/// A frame encoded once and queued for many connections. Its bytes count against the budget
+/// once, from its creation until the last queue holding it drops it.
+pub(crate) struct SharedFrame {
+    bytes: Box<[u8]>,
+    budget: Arc<Budget>,
+    /// The same message compressed (permessage-deflate), by window bits - 8: made by the first
+    /// loop that needs it and shared from then on; `None` inside when this frame serves. The
+    /// table itself is allocated (and counted) only when a peer has agreed to compression.
+    #[cfg(feature = "deflate")]
+    compressed: std::sync::OnceLock<Box<Compressed>>,
+}
+
+/// A shared frame's compressed variants, one per window size (8..=15 bits).
+#[cfg(feature = "deflate")]
+type Compressed = [std::sync::OnceLock<Option<Arc<SharedFrame>>>; 8];
+
+impl SharedFrame {
+    pub(crate) fn new(bytes: Vec<u8>, budget: &Arc<Budget>) -> Arc<SharedFrame> {
+        let frame = SharedFrame {
+            bytes: bytes.into_boxed_slice(),
+            budget: Arc::clone(budget),
+            #[cfg(feature = "deflate")]
+            compressed: Default::default(),
+        };
+        budget.add(frame.charge());
+        Arc::new(frame)
+    }
+
+    /// What the frame holds: its bytes and its reference-counted allocation.
+    fn charge(&self) -> usize {
+        self.bytes.len() + std::mem::size_of::<SharedFrame>() + 2 * std::mem::size_of::<usize>()
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The compressed frame for window `window` (bits - 8), made from this frame's bytes by
+    /// `compress` the first time any loop asks, counted against the budget like this one; this
+    /// frame itself when `compress` gave none (compression would not pay).
+    #[cfg(feature = "deflate")]
+    pub(crate) fn variant(
+        self: &Arc<Self>,
+        window: usize,
+        compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> &Arc<SharedFrame> {
+        let table = self.compressed.get_or_init(|| {
+            self.budget.add(std::mem::size_of::<Compressed>());
+            Box::default()
+        });
+        table[window]
+            .get_or_init(|| compress(&self.bytes).map(|z| SharedFrame::new(z, &self.budget)))
+            .as_ref()
+            .unwrap_or(self)
+    }
+}
+
+impl Drop for SharedFrame {
+    fn drop(&mut self) {
+        self.budget.sub(self.charge());
+        #[cfg(feature = "deflate")]
+        if self.compressed.get().is_some() {
+            self.budget.sub(std::mem::size_of::<Compressed>());
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedFrame({} bytes)", self.bytes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_frame_counts_once_until_the_last_holder_drops_it() {
+        let budget = Budget::new(1 << 20);
+        let frame = SharedFrame::new(vec![0; 1000], &budget);
+        let charged = budget.used();
+        assert!((1000..1100).contains(&charged), "{charged}");
+        let copies: Vec<_> = (0..100).map(|_| Arc::clone(&frame)).collect();
+        assert_eq!(budget.used(), charged, "sharing costs nothing more");
+        drop(frame);
+        assert_eq!(budget.used(), charged);
+        drop(copies);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[cfg(feature = "deflate")]
+    #[test]
+    fn a_compressed_variant_is_made_once_shared_and_counted() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let budget = Budget::new(1 << 20);
+        let frame = SharedFrame::new(vec![7; 1000], &budget);
+        let plain = budget.used();
+        let made = AtomicUsize::new(0);
+        let compress = |bytes: &[u8]| {
+            made.fetch_add(1, Ordering::Relaxed);
+            Some(bytes[..100].to_vec())
+        };
+        // Two loops asking for the same window at once get the same bytes, compressed once.
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| Arc::clone(frame.variant(7, compress)));
+            let b = s.spawn(|| Arc::clone(frame.variant(7, compress)));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(made.load(Ordering::Relaxed), 1);
+        assert!(Arc::ptr_eq(&a, &b) && a.bytes().len() == 100);
+        // Another window is another variant; one that does not pay is the frame itself.
+        assert!(!Arc::ptr_eq(frame.variant(6, compress), &a));
+        assert!(Arc::ptr_eq(frame.variant(5, |_| None), &frame));
+        assert_eq!(made.load(Ordering::Relaxed), 2);
+        assert!(budget.used() > plain + 200, "the variants count: {}", budget.used());
+        drop((a, b));
+        drop(frame);
+        assert_eq!(budget.used(), 0, "everything given back with the last holder");
+    }
+}

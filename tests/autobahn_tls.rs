@@ -1,0 +1,155 @@
+//! The Autobahn server cases over TLS. kosoku speaks `ws://` only, so nginx stands between:
+//! kosoku -> `ws://` -> nginx -> `wss://` (nginx as the TLS client, TLS 1.3) ->
+//! `wsloop serve --tls-cert --tls-key --mode echo`. Every frame of every case crosses wsloop's
+//! TLS transport; nginx relays the upgraded connection's bytes as they come.
+//!
+//! Needs kosoku (a venv under the target directory, as tests/autobahn_server.rs) and nginx;
+//! a missing one skips loudly outside CI and fails under `CI=true`.
+
+#[path = "common/certs.rs"]
+mod certs;
+mod common;
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::autobahn::{self, Kosoku, EXPECTED_CASES, SERVER_ARGS, SERVER_RUN_TIMEOUT};
+use common::{require_tool, spawn_nginx, spawn_server, tail, target_dir, NGINX};
+
+/// nginx in the foreground; killed on drop.
+struct Nginx {
+    addr: SocketAddr,
+    dir: PathBuf,
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Nginx {
+    fn log(&self) -> String {
+        let file = fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+        format!("{}{}", tail(&self.stderr.lock().unwrap(), 4096), tail(&file, 8192))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The configuration: a plain listener proxying WebSocket to `upstream` over TLS.
+fn conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass https://{upstream};
+            proxy_ssl_protocols TLSv1.3;
+            proxy_ssl_verify off;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection upgrade;
+            proxy_set_header Host $host;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+    }}
+}}
+"
+    )
+}
+
+fn start_nginx(upstream: SocketAddr) -> Nginx {
+    let dir = target_dir().join("nginx-test").join("autobahn-tls");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create the nginx directory");
+    for _ in 0..3 {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let path = dir.join("nginx.conf");
+        fs::write(&path, conf(&dir, port, upstream)).unwrap();
+        let (child, stderr) = spawn_nginx(&dir, &path);
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut nginx = Nginx {
+            addr,
+            dir: dir.clone(),
+            child,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(_)) = nginx.child.try_wait() {
+                break; // most likely the port was taken: try another
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return nginx;
+            }
+            assert!(Instant::now() < deadline, "nginx did not start\n{}", nginx.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("nginx would not start");
+}
+
+#[test]
+fn autobahn_server_cases_over_tls() {
+    if !require_tool("nginx", Path::new(NGINX).is_file()) {
+        return;
+    }
+    let Some(kosoku) = Kosoku::setup() else {
+        return;
+    };
+    let c = certs::make(&target_dir().join(format!("autobahn-tls-certs-{}", std::process::id())));
+    let mut args = SERVER_ARGS.to_vec();
+    args.extend([
+        "--tls-cert",
+        c.cert.to_str().unwrap(),
+        "--tls-key",
+        c.key.to_str().unwrap(),
+    ]);
+    let mut server = spawn_server(&args);
+    let nginx = start_nginx(server.addr);
+    let outdir = target_dir().join("autobahn-reports").join("server-tls");
+    let run = kosoku.run_fuzzingclient(nginx.addr, &outdir, 4, SERVER_RUN_TIMEOUT);
+    println!("autobahn server over TLS: kosoku took {:.1?}", run.elapsed);
+    let context = |server: &common::ServerProcess| {
+        format!(
+            "{}\n--- wsloop stderr (tail) ---\n{}\n--- nginx ---\n{}",
+            run.describe(),
+            tail(&server.stderr(), 16384),
+            nginx.log()
+        )
+    };
+    assert!(
+        !run.timed_out,
+        "kosoku did not finish within {SERVER_RUN_TIMEOUT:?}\n{}",
+        context(&server)
+    );
+    if let Ok(Some(status)) = server.child_mut().try_wait() {
+        panic!("the server exited during the run ({status})\n{}", context(&server));
+    }
+    let results = autobahn::read_results(&kosoku, &outdir, None)
+        .unwrap_or_else(|e| panic!("no Autobahn results: {e}\n{}", context(&server)));
+    autobahn::assert_conformance("server over TLS", &outdir, &results, EXPECTED_CASES, &context(&server));
+    // The cases really crossed TLS: nginx logged no upstream TLS failure.
+    assert!(!nginx.log().contains("SSL_do_handshake() failed"), "{}", nginx.log());
+}
