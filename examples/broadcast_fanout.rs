@@ -21,6 +21,16 @@
 //! grow with use). The `queued (max)` column then shows what the peers' queues hold by their own
 //! accounting — hundreds of MiB — while the RSS peak grows by a few MiB at most.
 //!
+//! With `--deflate` every peer offers permessage-deflate: the server then compresses each
+//! broadcast once and shares the compressed frame. The frame's length comes from its header,
+//! peer 0's copy is inflated and compared with what was sent, and the `CPU` column is the server
+//! CPU time the whole broadcast took (compression, queueing, writes). `--payload json|text`
+//! sends the load generator's JSON-like or prose-like text instead of the binary pattern:
+//!
+//! ```text
+//! cargo run --release --example broadcast_fanout -- --peers 10000 --sizes 1024,65536 --payload json --deflate
+//! ```
+//!
 //! The server and this client are separate processes because each needs one descriptor per
 //! connection and the open-file limit here is 20,000. Loopback only; every phase is bounded in
 //! count and time.
@@ -36,6 +46,8 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use wsloop::bench::Content;
+use wsloop::proto::frame::FrameHeader;
 
 /// Connections allowed on one source address (the ephemeral range has ~28,000 ports).
 const PER_SOURCE_ADDR: usize = 5_000;
@@ -54,6 +66,10 @@ struct Options {
     /// TCP_MAXSEG and SO_RCVBUF for the peers' sockets (0: the system's defaults).
     mss: u32,
     rcvbuf: usize,
+    /// Offer permessage-deflate.
+    deflate: bool,
+    /// What the broadcast message carries.
+    payload: Content,
     /// The server's `--threads` (its loops; a broadcast is handed from one to the others).
     threads: usize,
 }
@@ -67,6 +83,8 @@ fn parse_args() -> Result<Options, String> {
         server: default_server_path(),
         mss: 0,
         rcvbuf: 0,
+        deflate: false,
+        payload: Content::Binary,
         threads: 1,
     };
     let mut p = lexopt::Parser::from_env();
@@ -83,11 +101,16 @@ fn parse_args() -> Result<Options, String> {
             Long("server") => o.server = PathBuf::from(val(&mut p)?),
             Long("mss") => o.mss = val(&mut p)?.parse().map_err(|e| format!("--mss: {e}"))?,
             Long("rcvbuf") => o.rcvbuf = val(&mut p)?.parse().map_err(|e| format!("--rcvbuf: {e}"))?,
+            Long("deflate") => o.deflate = true,
+            Long("payload") => {
+                let v = val(&mut p)?;
+                o.payload = Content::parse(&v).ok_or(format!("--payload: '{v}' is not binary, json or text"))?;
+            }
             Long("threads") => o.threads = val(&mut p)?.parse().map_err(|e| format!("--threads: {e}"))?,
             Long("help") | Short('h') => {
                 println!(
                     "broadcast_fanout [--peers N] [--sizes 16,4096,65536] [--rounds 3] [--server PATH] \
-                     [--mss BYTES] [--rcvbuf BYTES] [--threads N]"
+                     [--mss BYTES] [--rcvbuf BYTES] [--deflate] [--payload binary|json|text] [--threads N]"
                 );
                 std::process::exit(0);
             }
@@ -99,6 +122,9 @@ fn parse_args() -> Result<Options, String> {
     }
     if o.rounds == 0 || o.rounds > 20 || o.sizes.is_empty() || o.sizes.iter().any(|&s| s > 16 << 20) {
         return Err("--rounds must be 1..=20 and --sizes 0..=16MiB each".into());
+    }
+    if o.payload.is_text() && o.sizes.iter().any(|&s| s < 16) {
+        return Err("--payload json and text need --sizes of 16 bytes or more".into());
     }
     Ok(o)
 }
@@ -216,15 +242,21 @@ enum Phase {
 struct PeerConn {
     stream: TcpStream,
     phase: Phase,
-    /// The handshake response so far (freed once open).
+    /// The handshake response so far (freed once open); in a round, the frame's first bytes
+    /// until its header is whole (peer 0: the whole frame).
     head: Vec<u8>,
     /// Bytes received in the current round.
     got: usize,
+    /// The frame's length, once its header is in.
+    expect: Option<usize>,
     done: bool,
 }
 
 const REQUEST_TAIL: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+/// What a browser offers.
+const DEFLATE_OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
 
 fn open_socket(source: Ipv4Addr, server: SocketAddr, o: &Options) -> io::Result<TcpStream> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -267,7 +299,8 @@ fn drain(stream: &mut TcpStream, buf: &mut [u8], mut sink: impl FnMut(&[u8])) ->
 /// Opens `n` WebSocket connections, at most `IN_FLIGHT` handshakes at a time.
 fn connect_all(poll: &mut Poll, server: SocketAddr, o: &Options) -> Result<Vec<PeerConn>, String> {
     let n = o.peers;
-    let request = format!("GET / HTTP/1.1\r\nHost: {server}\r\n{REQUEST_TAIL}");
+    let offer = if o.deflate { DEFLATE_OFFER } else { "" };
+    let request = format!("GET / HTTP/1.1\r\nHost: {server}\r\n{REQUEST_TAIL}{offer}\r\n");
     let mut peers: Vec<PeerConn> = Vec::with_capacity(n);
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; 4096];
@@ -287,6 +320,7 @@ fn connect_all(poll: &mut Poll, server: SocketAddr, o: &Options) -> Result<Vec<P
                 phase: Phase::Connecting,
                 head: Vec::new(),
                 got: 0,
+                expect: None,
                 done: false,
             });
         }
@@ -319,6 +353,13 @@ fn connect_all(poll: &mut Poll, server: SocketAddr, o: &Options) -> Result<Vec<P
                     if !p.head.starts_with(b"HTTP/1.1 101") {
                         return Err(format!("#{i}: {}", String::from_utf8_lossy(&p.head)));
                     }
+                    let agreed = String::from_utf8_lossy(&p.head[..end]).contains("permessage-deflate");
+                    if agreed != o.deflate {
+                        return Err(format!(
+                            "#{i}: permessage-deflate offered {}, agreed {agreed}",
+                            o.deflate
+                        ));
+                    }
                     p.got = p.head.len() - (end + 4); // frame bytes that came along
                     p.head = Vec::new();
                     p.phase = Phase::Open;
@@ -336,34 +377,88 @@ fn connect_all(poll: &mut Poll, server: SocketAddr, o: &Options) -> Result<Vec<P
     Ok(peers)
 }
 
-/// A masked binary frame from a client, and the length of the server's unmasked copy.
-fn client_frame(size: usize) -> (Vec<u8>, usize) {
-    let mut f = vec![0x82u8];
-    let server_header = match size {
-        0..=125 => {
-            f.push(0x80 | size as u8);
-            2
-        }
+/// The message to broadcast: `size` bytes of `content` (its header left as the template has it).
+fn message(content: Content, size: usize) -> Vec<u8> {
+    if content.is_text() {
+        content.template(size)
+    } else {
+        (0..size).map(|i| i as u8).collect()
+    }
+}
+
+/// A masked frame from a client carrying `payload` (text for the text kinds).
+fn client_frame(content: Content, payload: &[u8]) -> Vec<u8> {
+    let size = payload.len();
+    let mut f = vec![if content.is_text() { 0x81u8 } else { 0x82 }];
+    match size {
+        0..=125 => f.push(0x80 | size as u8),
         126..=65535 => {
             f.push(0x80 | 126);
             f.extend_from_slice(&(size as u16).to_be_bytes());
-            4
         }
         _ => {
             f.push(0x80 | 127);
             f.extend_from_slice(&(size as u64).to_be_bytes());
-            10
         }
-    };
+    }
     let key = [0x12u8, 0x34, 0x56, 0x78];
     f.extend_from_slice(&key);
-    f.extend((0..size).map(|i| (i as u8) ^ key[i % 4]));
-    (f, server_header + size)
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+#[cfg(feature = "deflate")]
+fn inflate(payload: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    wsloop::proto::deflate::Decompressor::new()
+        .decompress(payload, 64 << 20, &mut out)
+        .map_err(|e| format!("peer 0 could not inflate the broadcast: {e}"))?;
+    Ok(out)
+}
+
+#[cfg(not(feature = "deflate"))]
+fn inflate(_: &[u8]) -> Result<Vec<u8>, String> {
+    Err("this build has no permessage-deflate to inflate the broadcast with".into())
+}
+
+/// Checks peer 0's copy of the broadcast: its kind, RSV1 as agreed, and its payload
+/// (inflated when compressed). Returns the payload's length on the wire.
+fn check_copy(frame: &[u8], content: Content, sent: &[u8], deflate: bool) -> Result<usize, String> {
+    let (h, n) = FrameHeader::parse(frame)
+        .map_err(|e| format!("peer 0 got a bad frame: {e}"))?
+        .ok_or("peer 0 got a cut frame")?;
+    let payload = &frame[n..];
+    if !h.fin
+        || (h.opcode == wsloop::proto::frame::OpCode::Text) != content.is_text()
+        || payload.len() as u64 != h.payload_len
+    {
+        return Err(format!("peer 0 got {h:?} with {} payload bytes", payload.len()));
+    }
+    let got = if h.rsv1 {
+        if !deflate {
+            return Err("peer 0 got a compressed frame without having agreed to it".into());
+        }
+        inflate(payload)?
+    } else {
+        payload.to_vec()
+    };
+    if got != sent {
+        return Err(format!(
+            "peer 0 got {} bytes that differ from the {} sent",
+            got.len(),
+            sent.len()
+        ));
+    }
+    Ok(payload.len())
 }
 
 struct RoundResult {
     first: Duration,
     last: Duration,
+    /// The broadcast frame's payload on the wire.
+    wire: usize,
+    /// Server CPU time from the send until every peer had the frame (10 ms clock ticks).
+    cpu: Option<Duration>,
     rss_before: u64,
     rss_peak: u64,
     rss_after: u64,
@@ -371,15 +466,17 @@ struct RoundResult {
     queued_max: u64,
 }
 
-/// One broadcast: peer 0 sends, everyone (peer 0 included) must receive `expect` bytes.
+/// One broadcast: peer 0 sends, everyone (peer 0 included) must receive the whole frame.
 fn broadcast_round(
     poll: &mut Poll,
     peers: &mut [PeerConn],
     pid: u32,
     watch: &QueuedWatch,
     size: usize,
+    o: &Options,
 ) -> Result<RoundResult, String> {
-    let (frame, expect) = client_frame(size);
+    let sent_payload = message(o.payload, size);
+    let frame = client_frame(o.payload, &sent_payload);
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; 256 << 10];
     // Settle: nothing should be arriving now.
@@ -387,6 +484,8 @@ fn broadcast_round(
     let _ = poll.poll(&mut events, Some(Duration::ZERO));
     for p in peers.iter_mut() {
         p.got = 0;
+        p.expect = None;
+        p.head.clear();
         p.done = false;
     }
     let (rss_before, _) = memory_kib(pid).ok_or("cannot read the server's /proc status")?;
@@ -408,6 +507,7 @@ fn broadcast_round(
         })
     };
 
+    let cpu_before = wsloop::sys::read_cpu(pid);
     let t0 = Instant::now();
     let mut sent = 0;
     let mut done = 0;
@@ -435,9 +535,25 @@ fn broadcast_round(
         for ev in events.iter() {
             let i = ev.token().0;
             let p = &mut peers[i];
-            let n_read = drain(&mut p.stream, &mut buf, |_| {}).map_err(|e| format!("peer #{i}: {e}"))?;
+            let keep_all = i == 0;
+            let head = &mut p.head;
+            let n_read = drain(&mut p.stream, &mut buf, |b| {
+                // The header (and peer 0's whole frame) for the length and the check.
+                let room = if keep_all {
+                    b.len()
+                } else {
+                    14usize.saturating_sub(head.len()).min(b.len())
+                };
+                head.extend_from_slice(&b[..room]);
+            })
+            .map_err(|e| format!("peer #{i}: {e}"))?;
             p.got += n_read;
-            if !p.done && p.got >= expect {
+            if p.expect.is_none() {
+                if let Ok(Some((h, n))) = FrameHeader::parse(&p.head) {
+                    p.expect = Some(n + h.payload_len as usize);
+                }
+            }
+            if !p.done && p.expect.is_some_and(|e| p.got >= e) {
                 p.done = true;
                 done += 1;
                 let t = t0.elapsed();
@@ -446,17 +562,32 @@ fn broadcast_round(
             }
         }
     }
+    let cpu = match (cpu_before, wsloop::sys::read_cpu(pid)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
     stop.store(true, Ordering::Relaxed);
     let rss_peak = sampler.join().unwrap_or(0);
     let (rss_after, _) = memory_kib(pid).ok_or("cannot read the server's /proc status")?;
     thread::sleep(Duration::from_millis(30)); // one more stats line
     let queued_max = watch.max.load(Ordering::Relaxed);
-    if let Some((i, p)) = peers.iter().enumerate().find(|(_, p)| p.got != expect) {
-        return Err(format!("peer #{i} got {} bytes, expected {expect}", p.got));
+    let expect = peers[0].expect.unwrap_or(0);
+    if let Some((i, p)) = peers
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.got != expect || p.expect != Some(expect))
+    {
+        return Err(format!(
+            "peer #{i} got {} bytes of a {:?}-byte frame, peer 0 {expect}",
+            p.got, p.expect
+        ));
     }
+    let wire = check_copy(&peers[0].head, o.payload, &sent_payload, o.deflate)?;
     Ok(RoundResult {
         first: first.unwrap_or_default(),
         last,
+        wire,
+        cpu,
         rss_before,
         rss_peak: rss_peak.max(rss_after),
         rss_after,
@@ -488,11 +619,22 @@ fn run(o: &Options) -> Result<(), String> {
     );
     println!();
     println!(
-        "{:>8} {:>6} {:>11} {:>11} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "payload: {}{}",
+        o.payload.name(),
+        if o.deflate {
+            ", permessage-deflate agreed by every peer"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:>8} {:>8} {:>6} {:>11} {:>11} {:>9} {:>14} {:>14} {:>14} {:>14} {:>16}",
         "payload",
+        "on wire",
         "round",
         "first (ms)",
         "last (ms)",
+        "CPU (ms)",
         "RSS before",
         "RSS peak",
         "RSS after",
@@ -501,13 +643,15 @@ fn run(o: &Options) -> Result<(), String> {
     );
     for &size in &o.sizes {
         for round in 1..=o.rounds {
-            let r = broadcast_round(&mut poll, &mut peers, pid, &watch, size)?;
+            let r = broadcast_round(&mut poll, &mut peers, pid, &watch, size, o)?;
             println!(
-                "{:>8} {:>6} {:>11.2} {:>11.2} {:>10} KiB {:>10} KiB {:>10} KiB {:>10} KiB {:>12} KiB",
+                "{:>8} {:>8} {:>6} {:>11.2} {:>11.2} {:>9} {:>10} KiB {:>10} KiB {:>10} KiB {:>10} KiB {:>12} KiB",
                 size,
+                r.wire,
                 round,
                 r.first.as_secs_f64() * 1e3,
                 r.last.as_secs_f64() * 1e3,
+                r.cpu.map_or("?".to_string(), |c| c.as_millis().to_string()),
                 r.rss_before,
                 r.rss_peak,
                 r.rss_after,
@@ -517,6 +661,8 @@ fn run(o: &Options) -> Result<(), String> {
         }
     }
     println!();
+    println!("on wire: the frame's payload bytes as sent to each peer (compressed with --deflate).");
+    println!("CPU: the server's CPU time (user + system, 10 ms ticks) from the send until every peer had it.");
     println!("RSS peak - RSS before: the server's growth during the broadcast (sampled every ms).");
     println!("queued (max): the most the peers' outbound queues held at once by their own accounting");
     println!("(from `--stats 10ms`; a shared frame counts once per peer that holds it).");

@@ -19,6 +19,7 @@
 //! | `announce-churn` | `serve --mode broadcast --announce` | 2,000 peers read; 51 new connections per second join and leave for 20 s |
 //! | `slowloris` | `serve --max-connections 1000` | 1,000 connections from one address send their request one byte a second for 30 s, reconnecting when dropped (`--upgrade`: complete it and sit idle) |
 //! | `fd-limit` | `prlimit --nofile=4096 -- wsloop serve --max-connections 30000` | 4,200 idle connections, past the server's descriptor limit, held 20 s |
+//! | `deflate-bomb` | `serve` (permessage-deflate on, as by default; `--max-message` sets the bound) | 100 connections agree on permessage-deflate and each sends one compressed message that inflates to 1 GiB of zeros (about 1 MB on the wire); each should be closed with 1009 |
 //!
 //! `fd-limit` scales the issue's case (`--max-connections 30000` under a 20,000 limit) down with
 //! `prlimit`, because this tool needs a descriptor per connection under the same limit.
@@ -66,6 +67,7 @@ Attacks (see the source's header for the server flags each needs):
   announce-churn      many reading peers while new connections join and leave
   slowloris           connections that never finish their request, reconnecting
   fd-limit            idle connections past the server's descriptor limit
+  deflate-bomb        compressed messages that inflate far past the message limit
 
 Common options:
   --url URL | --addr HOST:PORT  the server (loopback only)
@@ -243,10 +245,13 @@ fn source_ips(s: &str) -> Result<Vec<IpAddr>, String> {
     s.split(',').map(|x| x.trim().parse().map_err(|_| bad())).collect()
 }
 
+#[derive(Clone)]
 struct Target {
     addr: SocketAddr,
     host: String,
     path: String,
+    /// A `Sec-WebSocket-Extensions` offer for the attack's connections.
+    offer: Option<&'static str>,
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -271,9 +276,11 @@ fn parse_target(s: &str) -> Result<Target, String> {
         addr,
         host: authority.to_string(),
         path: path.to_string(),
+        offer: None,
     })
 }
 
+#[derive(Clone)]
 struct Env {
     target: Target,
     pid: Option<u32>,
@@ -347,6 +354,7 @@ fn run() -> Result<(), String> {
         "announce-churn" => announce_churn(&env, &o),
         "slowloris" => slowloris(&env, &o),
         "fd-limit" => fd_limit(&env, &o),
+        "deflate-bomb" => deflate_bomb(&env, &o),
         a => return Err(format!("unknown attack '{a}' (see --help)")),
     };
     // The attack's connections are closed when its function returns.
@@ -1067,9 +1075,12 @@ fn upgrade_request(t: &Target) -> Vec<u8> {
     let mut rng = rng();
     rng.fill(&mut key);
     let key = wsloop::proto::handshake::client_key(key);
+    let offer = t
+        .offer
+        .map_or(String::new(), |o| format!("Sec-WebSocket-Extensions: {o}\r\n"));
     format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         t.path, t.host
     )
     .into_bytes()
@@ -1377,6 +1388,132 @@ fn rng() -> fastrand::Rng {
     fastrand::Rng::with_seed(u64::from_ne_bytes(seed))
 }
 
+/// `--connections` connections (100) agree on permessage-deflate; each sends one compressed
+/// binary message that inflates to `--size` (1 GiB) of zeros, then reads until the server
+/// closes. The close codes are counted: 1009 means the server stopped inflating at its limit.
+#[cfg(feature = "deflate")]
+fn deflate_bomb(env: &Env, o: &Opts) -> Outcome {
+    use flate2::{Compress, Compression, FlushCompress};
+    let n = o.connections.unwrap_or(100);
+    let size = o.size.unwrap_or(1 << 30);
+    check_fds(n)?;
+    let mut d = Obj::default();
+    d.set("connections", n);
+    d.set("inflated_size", size);
+    // Raw DEFLATE of `size` zeros at level 9, ending in a sync flush without its tail (RFC 7692).
+    let mut z = Compress::new(Compression::best(), false);
+    let zeros = vec![0u8; 1 << 20];
+    let mut bomb = Vec::with_capacity((size / 1000) as usize + 1024);
+    let mut left = size;
+    while left > 0 {
+        let chunk = &zeros[..left.min(zeros.len() as u64) as usize];
+        let flush = if left <= chunk.len() as u64 {
+            FlushCompress::Sync
+        } else {
+            FlushCompress::None
+        };
+        let mut done = 0;
+        loop {
+            bomb.reserve(64 << 10);
+            let before = z.total_in();
+            z.compress_vec(&chunk[done..], &mut bomb, flush)
+                .map_err(|e| e.to_string())?;
+            done += (z.total_in() - before) as usize;
+            if done == chunk.len() && bomb.len() < bomb.capacity() {
+                break;
+            }
+        }
+        left -= chunk.len() as u64;
+    }
+    bomb.truncate(bomb.len().saturating_sub(4));
+    d.set("compressed_size", bomb.len());
+    let mut frame = Vec::with_capacity(bomb.len() + 14);
+    masked_frame(&mut frame, 2, &bomb);
+    frame[0] |= 0x40; // RSV1: compressed
+    let mut offering = env.clone();
+    offering.target.offer = Some("permessage-deflate");
+    let opened = open_many(&offering, n, true, 0)?;
+    d.set("opened", opened.streams.len());
+    d.set("open_failures", opened.failures_obj());
+    let mut conns = opened.streams;
+    let probes = Prober::start(env);
+    let t0 = Instant::now();
+    let deadline = t0 + PHASE_LIMIT;
+    let mut off = vec![0usize; conns.len()];
+    let mut got: Vec<Vec<u8>> = vec![Vec::new(); conns.len()];
+    let mut ended = vec![false; conns.len()];
+    let mut scratch = vec![0u8; 64 << 10];
+    while ended.iter().any(|e| !e) && Instant::now() < deadline {
+        let mut progress = false;
+        for (i, s) in conns.iter_mut().enumerate() {
+            if ended[i] {
+                continue;
+            }
+            if off[i] < frame.len() {
+                match s.write(&frame[off[i]..]) {
+                    Ok(k) => {
+                        off[i] += k;
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => off[i] = frame.len(), // reset: the server has closed
+                }
+            }
+            loop {
+                match s.read(&mut scratch) {
+                    Ok(0) => {
+                        ended[i] = true;
+                        break;
+                    }
+                    Ok(k) => {
+                        // The first bytes are all that matter: the close frame and its code.
+                        if got[i].len() < 16 {
+                            got[i].extend_from_slice(&scratch[..k.min(16)]);
+                        }
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        ended[i] = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !progress {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    d.set("attack_s", t0.elapsed().as_secs_f64());
+    d.set("sent_whole", off.iter().filter(|&&x| x >= frame.len()).count());
+    d.set("ended_by_server", ended.iter().filter(|&&e| e).count());
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    for g in &got {
+        let code = match parse_header(g) {
+            Some((_, 8, len, hl)) if len >= 2 && g.len() >= hl + 2 => {
+                u16::from_be_bytes([g[hl], g[hl + 1]]).to_string()
+            }
+            Some((_, op, _, _)) => format!("opcode {op}"),
+            None => "nothing".into(),
+        };
+        *codes.entry(code).or_default() += 1;
+    }
+    let mut c = Obj::default();
+    for (k, v) in codes {
+        c.set(&k, v);
+    }
+    d.set("close_codes", c);
+    let fresh = probes.finish();
+    conns.clear();
+    Ok((d, fresh))
+}
+
+#[cfg(not(feature = "deflate"))]
+fn deflate_bomb(_: &Env, _: &Opts) -> Outcome {
+    Err("deflate-bomb needs the deflate feature".into())
+}
+
 fn mask_key() -> [u8; 4] {
     thread_local! {
         static RNG: std::cell::RefCell<fastrand::Rng> = std::cell::RefCell::new(rng());
@@ -1591,6 +1728,7 @@ impl Prober {
             addr,
             host: env.target.host.clone(),
             path: env.target.path.clone(),
+            offer: None,
         };
         let s2 = stop.clone();
         let handle = thread::spawn(move || {

@@ -26,6 +26,7 @@
 //! | `bench` | the load generator | yes |
 //! | `cli` | the `wsloop` binary | yes |
 //! | `tls` | `wss://` for the server, the client and the load generator ([`tls`]) | yes |
+//! | `deflate` | permessage-deflate (RFC 7692) for server, client and load generator: `proto::deflate`; C zlib compiled and linked statically (needs a C compiler) | yes |
 //!
 //! # Quick start
 //!
@@ -56,7 +57,7 @@
 //! | `ServerConfig::max_connections` | open-file limit − 64 | `503 Service Unavailable` |
 //! | `ServerConfig::max_request_head` | 8 KiB | `431 Request Header Fields Too Large` |
 //! | `ServerConfig::handshake_timeout` | 10 s | connection dropped |
-//! | `ServerConfig::max_message` | 16 MiB | close `1009` |
+//! | `ServerConfig::max_message` | 16 MiB | close `1009` (a compressed message: once it inflates past the limit) |
 //! | `ServerConfig::max_backpressure` | 1 MiB queued per peer | reading from that peer pauses; a broadcast closes it with `1008` or skips it |
 //! | `ServerConfig::idle_timeout` / `ping_interval` | off | ping after silence, close `1001` past the timeout |
 //! | `ServerConfig::close_timeout` | 3 s | connection dropped without the peer's close |
@@ -65,7 +66,9 @@
 //! # Memory
 //!
 //! An idle open connection costs one slab slot (48 bytes on 64-bit Linux) and its kernel
-//! socket. A connection allocates only while a frame is split across reads or bytes wait to be
+//! socket, with or without permessage-deflate agreed: the server declines context takeover in
+//! both directions, so one compressor and one decompressor per loop serve every connection. A
+//! connection allocates only while a frame is split across reads or bytes wait to be
 //! written, and frees that memory as soon as it is done. Every outbound queue in the server is
 //! bounded, and everything the server buffers counts against one memory budget
 //! (`ServerConfig::max_memory`); a client reports its own queue with

@@ -590,3 +590,115 @@ fn a_message_larger_than_the_queue_bound_reaches_idle_peers() {
         }
     }
 }
+
+/// With permessage-deflate agreed by some peers: one broadcast reaches every peer intact,
+/// compressed for those that agreed (with the window each asked for) and plain for the others;
+/// a message under the size threshold goes plain to all.
+#[cfg(feature = "deflate")]
+#[test]
+fn a_broadcast_is_compressed_for_the_peers_that_agreed() {
+    use wsloop::proto::deflate::DeflateConfig;
+    use wsloop::{ClientConfig, ClientEvent};
+
+    let srv = start(Config::default(), Broadcast::default());
+    let url = format!("ws://{}/", srv.addr);
+    let with = |deflate: DeflateConfig| {
+        let mut cfg = ClientConfig::default();
+        cfg.deflate = deflate;
+        wsloop::Client::connect(&url, cfg).expect("connect")
+    };
+    let mut peers = [
+        with(DeflateConfig::default()),
+        with(DeflateConfig::default()),
+        with(DeflateConfig::disabled()),
+    ];
+    // tungstenite offers nothing.
+    let mut plain = connect(srv.addr, None);
+    // A raw peer that asks for a 10-bit server window: a second compressed variant.
+    let mut small = TcpStream::connect(srv.addr).unwrap();
+    small.set_read_timeout(Some(WAIT)).unwrap();
+    std::io::Write::write_all(
+        &mut small,
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        std::io::Read::read_exact(&mut small, &mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.contains("server_max_window_bits=10\r\n"), "{head}");
+    srv.wait_opens(5);
+    assert!(peers[0].deflate().is_some() && peers[1].deflate().is_some());
+    assert!(peers[2].deflate().is_none());
+
+    // 3,000 letters and digits in no order, then the same again: the only repeat is farther back
+    // than a 10-bit window reaches.
+    let mut x = 0x2545_f491_u32;
+    let digits = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let half: String = (0..3000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            char::from(digits[(x % 64) as usize])
+        })
+        .collect();
+    let long = format!("{half}{half}");
+    peers[0].send_text(&long).unwrap();
+    let short = "under the threshold";
+    peers[0].send_text(short).unwrap();
+    for (i, p) in peers.iter_mut().enumerate() {
+        for want in [&long[..], short] {
+            let got = loop {
+                match p.next_event(Some(WAIT)).expect("next event") {
+                    Some(ClientEvent::Text(t)) => break t,
+                    Some(_) => {}
+                    None => panic!("peer {i}: nothing within {WAIT:?}"),
+                }
+            };
+            assert_eq!(got.len(), want.len(), "peer {i}");
+            assert!(got == want, "peer {i}");
+        }
+    }
+    let inflated: Vec<u64> = peers.iter().map(|p| p.deflate_stats().inflated_in).collect();
+    assert!(inflated[0] > 0 && inflated[0] * 2 < long.len() as u64, "{inflated:?}");
+    assert_eq!(inflated[0], inflated[1], "the same compressed bytes for both");
+    assert_eq!(inflated[2], 0, "plain for the peer that did not agree");
+    assert_eq!(text(&next_data(&mut plain)), long);
+    assert_eq!(text(&next_data(&mut plain)), short);
+    // The 10-bit variant: compressed within its window, and not the same bytes.
+    let read_frame = |s: &mut TcpStream| {
+        let mut h = [0u8; 4];
+        std::io::Read::read_exact(s, &mut h[..2]).unwrap();
+        let len = match h[1] {
+            126 => {
+                std::io::Read::read_exact(s, &mut h[2..4]).unwrap();
+                usize::from(u16::from_be_bytes([h[2], h[3]]))
+            }
+            n => usize::from(n),
+        };
+        let mut payload = vec![0u8; len];
+        std::io::Read::read_exact(s, &mut payload).unwrap();
+        (h[0], payload)
+    };
+    let (b0, z) = read_frame(&mut small);
+    assert_eq!(b0, 0xc1, "FIN, RSV1, text");
+    assert!(
+        z.len() as u64 > inflated[0] * 3 / 2,
+        "a 10-bit window cannot reach the repeat: {} against {} bytes",
+        z.len(),
+        inflated[0]
+    );
+    let mut out = Vec::new();
+    wsloop::proto::deflate::Decompressor::new()
+        .decompress(&z, 1 << 20, &mut out)
+        .unwrap();
+    assert!(out == long.as_bytes());
+    let (b0, raw) = read_frame(&mut small);
+    assert_eq!((b0, &raw[..]), (0x81, short.as_bytes()));
+}

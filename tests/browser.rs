@@ -1,6 +1,7 @@
 //! The built-in page in a real browser: headless Chromium driven by playwright-core
 //! (tests/js/browser.mjs). Two pages in broadcast mode each send a line and both see both lines;
-//! a page in echo mode survives a server restart by reconnecting. Screenshots go to
+//! a page in echo mode survives a server restart by reconnecting; with the `deflate` feature,
+//! Chromium agrees on permessage-deflate and a large compressed broadcast arrives intact. Screenshots go to
 //! `<target>/browser-chat.png` and `<target>/browser-reconnect.png`.
 //!
 //! The rooms example (examples/rooms.rs) is driven from a page too (tests/js/rooms.mjs): the
@@ -169,6 +170,19 @@ fn two_pages_chat_in_broadcast_mode() {
             "ok B sees both lines",
         ],
     );
+}
+
+/// Chromium offers permessage-deflate; the server agrees, and a large text broadcast reaches two
+/// sockets of the page intact.
+#[cfg(feature = "deflate")]
+#[test]
+fn chromium_agrees_on_permessage_deflate() {
+    if !have_browser_tools() {
+        return;
+    }
+    let server = spawn_server(&["--mode", "broadcast"]);
+    let script = Script::start("deflate", &server);
+    script.finish(&server, &["ok A connected", "ok 256 KiB of text reached both sockets"]);
 }
 
 #[test]

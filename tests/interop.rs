@@ -2,8 +2,10 @@
 //! `wsloop serve` in echo and broadcast modes. Each client script (tests/py/interop_client.py,
 //! tests/js/interop.mjs) checks text, binary, a 1 MiB fragmented message, ping and a clean
 //! close with 1000, and in broadcast mode that a second connection gets the messages too.
-//! Python `websockets` also uses examples/rooms.rs (tests/py/rooms_client.py): refusals with
-//! their status and reason, tokens, topics.
+//! Both libraries offer permessage-deflate by default; with the `deflate` feature the scripts
+//! also check that the server agreed and that 256 KiB of text came back compressed to every
+//! connection. Python `websockets` also uses examples/rooms.rs (tests/py/rooms_client.py):
+//! refusals with their status and reason, tokens, topics.
 //!
 //! Python `websockets` is installed by the test into a venv under the target directory
 //! (`<target>/interop-venv`); Node `ws` comes from tests/js/node_modules (`.ci/run` runs
@@ -22,6 +24,12 @@ use common::{drain_lines, require_tool, runs_ok, spawn_server, tail, INTEROP_CHE
 
 /// The `websockets` release the Python script is written against (asyncio API, 13.0+).
 const WEBSOCKETS_VERSION: &str = "15.0.1";
+
+/// What the scripts are told to check about permessage-deflate.
+#[cfg(feature = "deflate")]
+const COMPRESSION: &[&str] = &["deflate"];
+#[cfg(not(feature = "deflate"))]
+const COMPRESSION: &[&str] = &[];
 
 /// A client script is killed after this long (a run takes well under a second).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -59,6 +67,7 @@ fn run_client(program: &Path, script: &Path, mode: &str) {
         .arg(script)
         .arg(&url)
         .arg(mode)
+        .args(COMPRESSION)
         .current_dir(script.parent().expect("script in a directory"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -95,7 +104,10 @@ fn run_client(program: &Path, script: &Path, mode: &str) {
         tail(&server.stderr(), 8192),
     );
     assert!(status.is_some_and(|s| s.success()), "{report}");
-    for check in INTEROP_CHECKS {
+    for check in INTEROP_CHECKS
+        .into_iter()
+        .chain(COMPRESSION.iter().map(|_| "ok 256 KiB of text came compressed"))
+    {
         assert!(out.lines().any(|l| l == check), "missing `{check}`\n{report}");
     }
     println!("{report}");

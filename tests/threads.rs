@@ -289,3 +289,66 @@ fn run_with_one_handler_refuses_several_loops_and_the_config_checks_the_count() 
         assert_eq!(cfg.check(), Err("threads must be 1 to 256"));
     }
 }
+
+/// permessage-deflate with two loops: every connection agreed to it, and a broadcast made on
+/// either loop reaches the peers of both, intact, compressed, and the same size on the wire for
+/// every peer.
+#[cfg(feature = "deflate")]
+#[test]
+fn a_compressed_broadcast_reaches_the_peers_of_both_loops() {
+    use wsloop::{Client, ClientConfig, ClientEvent};
+
+    fn next_text(c: &mut Client) -> String {
+        loop {
+            match c.next_event(Some(WAIT)).expect("next event") {
+                Some(ClientEvent::Text(t)) => return t,
+                Some(ClientEvent::Pong(_)) => {}
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    let server = start(two_loops());
+    let url = format!("ws://{}/", server.addr);
+    // (client, loop) until both loops hold two; ClientConfig's default offers permessage-deflate.
+    let mut peers: Vec<(Client, usize)> = Vec::new();
+    let on = |peers: &[(Client, usize)], lp| peers.iter().filter(|p| p.1 == lp).count();
+    while on(&peers, 0) < 2 || on(&peers, 1) < 2 {
+        assert!(peers.len() < 64, "64 connections and one loop has fewer than two");
+        let mut c = Client::connect(&url, ClientConfig::default()).expect("connect");
+        let hello = next_text(&mut c);
+        let lp = hello.split(' ').nth(1).unwrap().parse().unwrap();
+        peers.push((c, lp));
+    }
+    for (i, (c, lp)) in peers.iter().enumerate() {
+        let agreed = c
+            .deflate()
+            .unwrap_or_else(|| panic!("peer {i} on loop {lp}: no permessage-deflate"));
+        assert!(!agreed.recv_context_takeover, "the server declines context takeover");
+    }
+
+    let mut before: Vec<u64> = peers.iter().map(|p| p.0.deflate_stats().inflated_in).collect();
+    for lp in [0, 1] {
+        let text = format!("from loop {lp}: ").repeat(500);
+        let from = peers.iter().position(|p| p.1 == lp).unwrap();
+        peers[from].0.send_text(&format!("all {text}")).unwrap();
+        let mut on_wire = Vec::new();
+        for (i, (c, on)) in peers.iter_mut().enumerate() {
+            let got = next_text(c);
+            assert_eq!(got.len(), text.len(), "peer {i} on loop {on}");
+            assert!(got == text, "peer {i} on loop {on}: not the message sent");
+            let inflated = c.deflate_stats().inflated_in;
+            on_wire.push(inflated - before[i]);
+            before[i] = inflated;
+        }
+        assert!(
+            on_wire[0] > 0 && on_wire[0] * 4 < text.len() as u64,
+            "broadcast from loop {lp}: it came compressed ({on_wire:?} of {} bytes)",
+            text.len()
+        );
+        assert!(
+            on_wire.iter().all(|&n| n == on_wire[0]),
+            "broadcast from loop {lp}: the same compressed bytes on both loops: {on_wire:?}"
+        );
+    }
+}

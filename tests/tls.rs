@@ -114,6 +114,28 @@ fn our_client_and_server_over_tls_1_3_and_1_2() {
     exchange(Client::connect(&wss(&server, "localhost"), cfg).expect("TLS 1.2"));
 }
 
+/// permessage-deflate over `wss://`: agreed, and a large text message goes out and comes back
+/// compressed inside the TLS records, intact.
+#[cfg(feature = "deflate")]
+#[test]
+fn permessage_deflate_over_tls() {
+    let server = tls_server(&[]);
+    let mut c = Client::connect(&wss(&server, "localhost"), trusting_client()).expect("connect");
+    let agreed = c.deflate().expect("the server agreed to permessage-deflate over TLS");
+    assert!(!agreed.recv_context_takeover);
+    let text = "a line of text that repeats, over TLS; ".repeat(4096);
+    c.send_text(&text).unwrap();
+    match next_message(&mut c) {
+        ClientEvent::Text(t) => assert!(t == text, "the echo differs from what was sent"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+    let stats = c.deflate_stats();
+    assert_eq!(stats.compressed_in, text.len() as u64, "sent compressed");
+    assert_eq!(stats.inflated_out, text.len() as u64, "the echo came compressed");
+    assert!(stats.inflated_in * 20 < text.len() as u64, "{stats:?}");
+    c.close(1000, "done").unwrap();
+}
+
 #[test]
 fn certificate_problems_are_one_readable_error() {
     let server = tls_server(&[]);

@@ -42,6 +42,8 @@ impl Valid {
         };
         FrameHeader {
             fin: self.fin || opcode.is_control(),
+            // Built without the `deflate` feature, the parser refuses RSV1.
+            rsv1: false,
             opcode,
             mask: self.mask,
             payload_len,

@@ -10,7 +10,7 @@ use mio::{Events, Poll};
 
 use super::histogram::Histogram;
 use super::{online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
-use super::{KernelUsage, Observer, MESSAGE_HEADER};
+use super::{Compression, Content, KernelUsage, Observer, MESSAGE_HEADER};
 use crate::io::budget::Budget;
 use crate::io::engine::{Cause, Driver, Engine};
 use crate::io::sys::{children_of, count_fds, read_cpu, read_rss};
@@ -86,8 +86,10 @@ struct Bench<'a> {
     /// Connections open now.
     open: usize,
     ramp_armed: bool,
-    /// A message template: header space, then the pattern.
+    /// A message template: header space, then the body.
     template: Vec<u8>,
+    /// Connections whose handshake agreed on permessage-deflate.
+    deflate_agreed: u64,
     hist: Histogram,
     c: Counters,
     first_error: Option<String>,
@@ -149,14 +151,17 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         }
     };
     let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?, Budget::unlimited());
-    let mut template = vec![0u8; cfg.size];
-    for (i, b) in template.iter_mut().enumerate().skip(MESSAGE_HEADER) {
-        *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+    let template = cfg.content.template(cfg.size);
+    #[cfg_attr(not(feature = "deflate"), allow(unused_mut))]
+    let mut request = ClientRequest::new(cfg.target.host.clone(), cfg.target.path.clone());
+    #[cfg(feature = "deflate")]
+    if cfg.deflate {
+        request.extensions = Some(proto::deflate::CLIENT_OFFER.into());
     }
     let mut b = Bench {
         cfg,
         observer,
-        request: ClientRequest::new(cfg.target.host.clone(), cfg.target.path.clone()),
+        request,
         phase: Phase::Connect,
         phase_no: 0,
         started: 0,
@@ -164,6 +169,7 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         open: 0,
         ramp_armed: false,
         template,
+        deflate_agreed: 0,
         hist: Histogram::new(),
         c: Counters::default(),
         first_error: None,
@@ -226,6 +232,8 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         connections: cfg.connections,
         load: cfg.load,
         size: cfg.size,
+        content: cfg.content,
+        deflate: compression(cfg, &eng, b.deflate_agreed),
         opened: b.c.opened,
         held: b.held,
         connect_failures: b.c.connect_failures,
@@ -256,16 +264,33 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
     })
 }
 
-/// Checks an echo against the next expected sequence number and the pattern; returns its send
+/// What the run's codec counted, when the connections offered permessage-deflate.
+#[cfg(feature = "deflate")]
+fn compression(cfg: &BenchConfig, eng: &BenchEngine, agreed: u64) -> Option<Compression> {
+    let s = eng.codec.stats();
+    cfg.deflate.then_some(Compression {
+        agreed,
+        sent_raw: s.compressed_in,
+        sent_wire: s.compressed_out,
+        received_wire: s.inflated_in,
+        received_raw: s.inflated_out,
+    })
+}
+
+#[cfg(not(feature = "deflate"))]
+fn compression(_: &BenchConfig, _: &BenchEngine, _: u64) -> Option<Compression> {
+    None
+}
+
+/// Checks an echo against the next expected sequence number and the body; returns its send
 /// time. `sent` is how many messages went out: a sequence number never sent is corrupt and
 /// moves nothing. A wrong (but sent) sequence number resynchronises on it, so one reordering
 /// counts once.
-fn check_echo(b: &[u8], expect: &mut u64, sent: u64, template: &[u8]) -> Option<u64> {
+fn check_echo(content: Content, b: &[u8], expect: &mut u64, sent: u64, template: &[u8]) -> Option<u64> {
     if b.len() != template.len() {
         return None;
     }
-    let seq = u64::from_le_bytes(b[..8].try_into().ok()?);
-    let ts = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    let (seq, ts) = content.read_header(b)?;
     if seq >= sent {
         return None;
     }
@@ -356,10 +381,15 @@ impl Bench<'_> {
     fn push_message(&mut self, eng: &mut BenchEngine, key: usize) {
         let now_ns = eng.clock.now_ns();
         let data = &mut eng.slots[key].data;
-        self.template[..8].copy_from_slice(&data.next_seq.to_le_bytes());
-        self.template[8..16].copy_from_slice(&now_ns.to_le_bytes());
+        self.cfg.content.write_header(&mut self.template, data.next_seq, now_ns);
         data.next_seq += 1;
-        if eng.send(key, Message::Binary(&self.template)).is_ok() {
+        let msg = if self.cfg.content.is_text() {
+            // ASCII by construction (the header is base64 digits).
+            Message::Text(std::str::from_utf8(&self.template).unwrap_or_default())
+        } else {
+            Message::Binary(&self.template)
+        };
+        if eng.send(key, msg).is_ok() {
             self.c.sent += 1;
         } else {
             eng.slots[key].data.next_seq -= 1;
@@ -373,9 +403,19 @@ impl Bench<'_> {
             self.c.measured_received += 1;
         }
         let data = &mut eng.slots[key].data;
+        let content = self.cfg.content;
         let ok = match payload.as_message() {
-            Message::Binary(b) => check_echo(b, &mut data.expect_seq, data.next_seq, &self.template),
-            Message::Text(_) => None,
+            Message::Binary(b) if !content.is_text() => {
+                check_echo(content, b, &mut data.expect_seq, data.next_seq, &self.template)
+            }
+            Message::Text(t) if content.is_text() => check_echo(
+                content,
+                t.as_bytes(),
+                &mut data.expect_seq,
+                data.next_seq,
+                &self.template,
+            ),
+            _ => None,
         };
         match ok {
             Some(ts) => self.hist.record(now_ns.saturating_sub(ts)),
@@ -553,6 +593,14 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
     fn on_event(&mut self, eng: &mut BenchEngine, key: usize, ev: Event<'_>) {
         match ev {
             Event::Open(_) => {
+                #[cfg(feature = "deflate")]
+                if self.cfg.deflate {
+                    if eng.slots[key].conn.deflate().is_some() {
+                        self.deflate_agreed += 1;
+                    } else {
+                        self.note_error(|| "the server did not agree to permessage-deflate".to_string());
+                    }
+                }
                 eng.slots[key].data.stage = Stage::Open;
                 self.pending -= 1;
                 self.open += 1;
@@ -679,19 +727,37 @@ mod tests {
         };
         let mut expect = 0;
         let sent = 10;
-        assert_eq!(check_echo(&msg(0, 77), &mut expect, sent, &t), Some(77));
-        assert_eq!(check_echo(&msg(2, 5), &mut expect, sent, &t), None, "skipped 1");
+        assert_eq!(
+            check_echo(Content::Binary, &msg(0, 77), &mut expect, sent, &t),
+            Some(77)
+        );
+        assert_eq!(
+            check_echo(Content::Binary, &msg(2, 5), &mut expect, sent, &t),
+            None,
+            "skipped 1"
+        );
         assert_eq!(expect, 3);
-        assert_eq!(check_echo(&msg(3, 5), &mut expect, sent, &t), Some(5));
+        assert_eq!(check_echo(Content::Binary, &msg(3, 5), &mut expect, sent, &t), Some(5));
         let mut bad = msg(4, 5);
         bad[20] ^= 1;
-        assert_eq!(check_echo(&bad, &mut expect, sent, &t), None, "payload changed");
-        assert_eq!(check_echo(&msg(5, 5)[..31], &mut expect, sent, &t), None, "short");
+        assert_eq!(
+            check_echo(Content::Binary, &bad, &mut expect, sent, &t),
+            None,
+            "payload changed"
+        );
+        assert_eq!(
+            check_echo(Content::Binary, &msg(5, 5)[..31], &mut expect, sent, &t),
+            None,
+            "short"
+        );
         // A sequence number never sent is corrupt and does not move the expectation past
         // what was sent (no underflow when counting what is still in flight).
         let before = expect;
-        assert_eq!(check_echo(&msg(u64::MAX, 5), &mut expect, sent, &t), None);
-        assert_eq!(check_echo(&msg(sent, 5), &mut expect, sent, &t), None);
+        assert_eq!(
+            check_echo(Content::Binary, &msg(u64::MAX, 5), &mut expect, sent, &t),
+            None
+        );
+        assert_eq!(check_echo(Content::Binary, &msg(sent, 5), &mut expect, sent, &t), None);
         assert_eq!(expect, before);
         assert!(expect <= sent);
     }

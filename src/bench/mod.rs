@@ -11,10 +11,12 @@
 //! 3. **drain**: stop sending; wait up to [`BenchConfig::drain_timeout`] for the echoes in flight.
 //! 4. **close**: a close handshake on every connection, bounded by [`BenchConfig::close_timeout`].
 //!
-//! Every message is binary and [`BenchConfig::size`] bytes long: a sequence number and the send
-//! time (nanoseconds since the run started), little-endian, in the first 16 bytes, then a fixed
-//! pattern. Each echo is checked for length, order and content, and its round-trip time goes
-//! into a histogram. The server under test must echo.
+//! Every message is [`BenchConfig::size`] bytes long: a sequence number and the send time
+//! (nanoseconds since the run started) in the first 16 bytes, then a body that is the same for
+//! every message ([`Content`]: a binary pattern by default, or JSON-like or prose-like text).
+//! Each echo is checked for kind, length, order and content, and its round-trip time goes into
+//! a histogram. The server under test must echo. With `BenchConfig::deflate` the connections
+//! offer permessage-deflate and the report says how many agreed and how well it compressed.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -22,12 +24,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod content;
 mod driver;
 mod histogram;
 mod report;
 
+pub use content::Content;
 pub use histogram::Latency;
-pub use report::{KernelUsage, Report, ServerUsage};
+pub use report::{Compression, KernelUsage, Report, ServerUsage};
 
 /// Descriptors the load generator keeps for itself (poll, stdio, /proc reads) beyond one per
 /// connection.
@@ -252,6 +256,12 @@ pub struct BenchConfig {
     pub load: Load,
     /// Bytes per message, at least [`MESSAGE_HEADER`].
     pub size: usize,
+    /// What the messages carry (default: binary).
+    pub content: Content,
+    /// Offer permessage-deflate (default: off, so that figures measure the server's own work
+    /// unless compression is asked for).
+    #[cfg(feature = "deflate")]
+    pub deflate: bool,
     /// Length of the measured phase (default 30 s).
     pub duration: Duration,
     /// Local addresses to bind before connecting, used in turn; empty lets the kernel choose.
@@ -284,6 +294,9 @@ impl BenchConfig {
             ramp: None,
             load: Load::Idle,
             size: 16,
+            content: Content::Binary,
+            #[cfg(feature = "deflate")]
+            deflate: false,
             duration: Duration::from_secs(30),
             source_ips: Vec::new(),
             server_pid: None,

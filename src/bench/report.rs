@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::histogram::{Histogram, Latency};
-use super::Load;
+use super::{Content, Load};
 
 /// What the server used, from `/proc/PID/status` and `/proc/PID/stat`: the process given and
 /// its child processes (the workers of `wsloop serve --processes N`), summed.
@@ -62,6 +62,34 @@ impl KernelUsage {
     }
 }
 
+/// permessage-deflate in a run where the connections offered it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Compression {
+    /// Connections whose handshake agreed on it.
+    pub agreed: u64,
+    /// Payload bytes of the messages sent compressed, before compression.
+    pub sent_raw: u64,
+    /// The same messages' payload bytes on the wire.
+    pub sent_wire: u64,
+    /// Compressed payload bytes received (the server's compressed echoes).
+    pub received_wire: u64,
+    /// What they inflated to.
+    pub received_raw: u64,
+}
+
+impl Compression {
+    /// Wire bytes per payload byte of what was sent compressed.
+    pub fn sent_ratio(&self) -> Option<f64> {
+        (self.sent_raw > 0).then(|| self.sent_wire as f64 / self.sent_raw as f64)
+    }
+
+    /// Wire bytes per payload byte of what was received compressed.
+    pub fn received_ratio(&self) -> Option<f64> {
+        (self.received_raw > 0).then(|| self.received_wire as f64 / self.received_raw as f64)
+    }
+}
+
 /// The outcome of a run.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -74,6 +102,10 @@ pub struct Report {
     pub load: Load,
     /// Bytes per message.
     pub size: usize,
+    /// What the messages carried.
+    pub content: Content,
+    /// permessage-deflate, when the connections offered it.
+    pub deflate: Option<Compression>,
     /// Connections whose handshake completed.
     pub opened: u64,
     /// Connections open at the end of the measured phase.
@@ -132,6 +164,7 @@ impl Report {
             && self.protocol_errors == 0
             && self.lost == 0
             && self.corrupted == 0
+            && self.deflate.is_none_or(|d| d.agreed == self.opened)
     }
 
     /// Server resident memory per held connection: `(held - before) / held`, in bytes.
@@ -177,6 +210,13 @@ impl Report {
             m.first_error = m.first_error.take().or_else(|| p.first_error.clone());
             m.processes += p.processes;
             m.interrupted |= p.interrupted;
+            if let (Some(a), Some(b)) = (m.deflate.as_mut(), p.deflate) {
+                a.agreed += b.agreed;
+                a.sent_raw += b.sent_raw;
+                a.sent_wire += b.sent_wire;
+                a.received_wire += b.received_wire;
+                a.received_raw += b.received_raw;
+            }
         }
         m.latency = m.hist.summary();
         Some(m)
@@ -188,6 +228,7 @@ impl Report {
     pub fn encode(&self) -> String {
         let s = self.server.unwrap_or_default();
         let k = self.kernel.unwrap_or_default();
+        let d = self.deflate.unwrap_or_default();
         let (load, param) = match self.load {
             Load::Idle => (0, 0),
             Load::Periodic(d) => (1, d.as_nanos() as u64),
@@ -233,6 +274,13 @@ impl Report {
             k.slab_before,
             k.slab_held,
             u64::from(self.interrupted),
+            self.content as u64,
+            u64::from(self.deflate.is_some()),
+            d.agreed,
+            d.sent_raw,
+            d.sent_wire,
+            d.received_wire,
+            d.received_raw,
         ];
         let mut out = String::new();
         for n in nums {
@@ -266,7 +314,7 @@ impl Report {
             return None;
         }
         let opt = |v: u64| (v != NONE).then_some(v);
-        let [connections, load, param, size, opened, held, connect_failures, handshake_failures, closed_early, protocol_errors, close_timeouts, connect_ns, measured_ns, sent, received, lost, corrupted, rate, measured_received, cores, processes, has_server, pid, rss_before, rss_connected, rss_held, cpu_ns, server_processes, descriptors_min, descriptors_max, has_kernel, tcp_inuse_before, tcp_inuse_held, tcp_mem_before, tcp_mem_held, slab_before, slab_held, interrupted] =
+        let [connections, load, param, size, opened, held, connect_failures, handshake_failures, closed_early, protocol_errors, close_timeouts, connect_ns, measured_ns, sent, received, lost, corrupted, rate, measured_received, cores, processes, has_server, pid, rss_before, rss_connected, rss_held, cpu_ns, server_processes, descriptors_min, descriptors_max, has_kernel, tcp_inuse_before, tcp_inuse_held, tcp_mem_before, tcp_mem_held, slab_before, slab_held, interrupted, content, has_deflate, agreed, sent_raw, sent_wire, received_wire, received_raw] =
             n;
         Some(Report {
             url,
@@ -317,6 +365,19 @@ impl Report {
             processes: processes as usize,
             hist,
             interrupted: interrupted == 1,
+            content: match content {
+                0 => Content::Binary,
+                1 => Content::Json,
+                2 => Content::Text,
+                _ => return None,
+            },
+            deflate: (has_deflate == 1).then_some(Compression {
+                agreed,
+                sent_raw,
+                sent_wire,
+                received_wire,
+                received_raw,
+            }),
         })
     }
 
@@ -339,6 +400,21 @@ impl Report {
             Load::Idle => {}
         }
         j.num("size", self.size as f64);
+        j.str("payload", self.content.name());
+        match &self.deflate {
+            Some(d) => {
+                let mut o = Json::object();
+                o.num("agreed", d.agreed as f64);
+                o.num("sent_raw", d.sent_raw as f64);
+                o.num("sent_wire", d.sent_wire as f64);
+                o.opt("sent_ratio", d.sent_ratio());
+                o.num("received_wire", d.received_wire as f64);
+                o.num("received_raw", d.received_raw as f64);
+                o.opt("received_ratio", d.received_ratio());
+                j.raw("deflate", &o.finish());
+            }
+            None => j.raw("deflate", "null"),
+        }
         j.num("opened", self.opened as f64);
         j.num("held", self.held as f64);
         j.num("connect_failures", self.connect_failures as f64);
@@ -415,8 +491,12 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "target       {}: {} connection(s), {}, {}-byte messages",
-            self.url, self.connections, self.load, self.size
+            "target       {}: {} connection(s), {}, {}-byte {} messages",
+            self.url,
+            self.connections,
+            self.load,
+            self.size,
+            self.content.name()
         )?;
         write!(f, "machine      {} core(s), shared by this load generator", self.cores)?;
         if self.processes > 1 {
@@ -447,6 +527,22 @@ impl std::fmt::Display for Report {
             Fixed(self.msgs_per_sec, 0),
             fmt_duration(self.measured)
         )?;
+        if let Some(d) = &self.deflate {
+            // No ratio prints as "-" (Fixed's text for a value that is not finite).
+            let ratio = |r: Option<f64>| Fixed(r.unwrap_or(f64::NAN), 3);
+            writeln!(
+                f,
+                "deflate      agreed on {} of {} connection(s); sent {} as {} (ratio {}); received {} inflated to {} (ratio {})",
+                d.agreed,
+                self.opened,
+                fmt_bytes(d.sent_raw),
+                fmt_bytes(d.sent_wire),
+                ratio(d.sent_ratio()),
+                fmt_bytes(d.received_wire),
+                fmt_bytes(d.received_raw),
+                ratio(d.received_ratio()),
+            )?;
+        }
         if let Some(l) = &self.latency {
             writeln!(
                 f,
@@ -562,7 +658,7 @@ fn fmt_bytes(b: u64) -> String {
 }
 
 /// Numbers in the text form of a report, before its histogram and strings.
-const WIRE_NUMBERS: usize = 38;
+const WIRE_NUMBERS: usize = 45;
 
 /// An absent number in the text form.
 const NONE: u64 = u64::MAX;

@@ -35,6 +35,11 @@ Options:
   --inflight K             saturating load: each connection keeps K messages in flight
                            (without --every or --inflight the connections stay idle)
   --size BYTES             message size, at least 16 [default: 16]
+  --payload KIND           binary | json | text: a byte pattern, JSON objects or prose
+                           (json and text are sent as text messages) [default: binary]
+",
+    deflate_help!(bench),
+    "\
   -d, --duration DUR|off   length of the measured phase; 0 or off measures only the
                            connecting [default: 30s]
   --source-ips RANGE       local addresses to connect from, in turn: 127.0.0.2-127.0.0.254
@@ -77,6 +82,9 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut every = None;
     let mut inflight = None;
     let mut size = 16usize;
+    let mut content = bench::Content::Binary;
+    #[cfg(feature = "deflate")]
+    let mut deflate = false;
     let mut duration = std::time::Duration::from_secs(30);
     let mut source_ips = None;
     let mut connect_timeout = None;
@@ -102,6 +110,18 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("every") => every = Some(duration_above_zero("--every", &value(&mut p)?)?),
             Long("inflight") => inflight = Some(number::<u32>(&value(&mut p)?, "--inflight")?),
             Long("size") => size = parse_bytes(&value(&mut p)?)?,
+            Long("payload") => {
+                let v = value(&mut p)?;
+                content = bench::Content::parse(&v).ok_or(format!("invalid --payload '{v}' (binary, json or text)"))?;
+            }
+            #[cfg(feature = "deflate")]
+            Long("deflate") => deflate = true,
+            #[cfg(feature = "deflate")]
+            Long("no-deflate") => deflate = false,
+            #[cfg(not(feature = "deflate"))]
+            Long("deflate") => return Err(super::NO_DEFLATE.to_string()),
+            #[cfg(not(feature = "deflate"))]
+            Long("no-deflate") => {}
             Long("duration") | Short('d') => duration = parse_duration(&value(&mut p)?)?,
             Long("source-ips") => {
                 source_ips = Some(bench::parse_source_ips(&value(&mut p)?).map_err(|e| e.to_string())?)
@@ -135,6 +155,11 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     cfg.ramp = ramp;
     cfg.load = load;
     cfg.size = size;
+    cfg.content = content;
+    #[cfg(feature = "deflate")]
+    {
+        cfg.deflate = deflate;
+    }
     cfg.duration = duration;
     cfg.server_pid = server_pid;
     if let Some(t) = connect_timeout {

@@ -39,6 +39,9 @@ Options:
   --header 'NAME: VALUE' add a request header (repeatable)
   --connect-timeout DUR  time for the TCP connect and the handshake [default: 10s]
   --max-message BYTES    largest message accepted; larger closes with 1009 [default: 16MiB]
+",
+    deflate_help!(client),
+    "\
   --log LEVEL            error | warn | info | debug | trace | off [default: info]
   -q, --quiet            only warnings and errors (--log warn)
   -V, --version          print the version
@@ -220,6 +223,14 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
                 o.cfg.connect_timeout = duration_above_zero("--connect-timeout", &value(&mut p)?)?
             }
             Long("max-message") => o.cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
+            #[cfg(feature = "deflate")]
+            Long("deflate") => o.cfg.deflate.enabled = true,
+            #[cfg(feature = "deflate")]
+            Long("no-deflate") => o.cfg.deflate.enabled = false,
+            #[cfg(not(feature = "deflate"))]
+            Long("deflate") => return Err(super::NO_DEFLATE.to_string()),
+            #[cfg(not(feature = "deflate"))]
+            Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
             Short('h') | Long("help") => return Ok(Asked::Help),
@@ -254,7 +265,15 @@ fn client(o: Options) -> Outcome {
     loop {
         let ended = match Client::connect(&o.url, o.cfg.clone()) {
             Ok(client) => {
-                log::info!("connected to {}", o.url);
+                #[cfg(feature = "deflate")]
+                let how = if client.deflate().is_some() {
+                    " (permessage-deflate)"
+                } else {
+                    ""
+                };
+                #[cfg(not(feature = "deflate"))]
+                let how = "";
+                log::info!("connected to {}{how}", o.url);
                 backoff = BACKOFF_FIRST;
                 Session::new(client, &o, input.as_mut(), &mut progress).run(&interrupts)
             }

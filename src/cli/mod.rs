@@ -37,6 +37,36 @@ macro_rules! client_tls_help {
     };
 }
 
+/// The permessage-deflate options of `serve`, `client` or `bench`, in their help when the
+/// `deflate` feature is built.
+#[cfg(feature = "deflate")]
+macro_rules! deflate_help {
+    (serve) => {
+        "  --deflate, --no-deflate  accept permessage-deflate when offered: no memory per idle
+                           connection, CPU per message compressed [default: --deflate]
+  --deflate-min-size BYTES send messages shorter than this uncompressed, and longer ones
+                           that do not shrink; 0 compresses every message [default: 64]
+"
+    };
+    (client) => {
+        "  --deflate, --no-deflate
+                         offer permessage-deflate, as browsers do [default: --deflate]
+"
+    };
+    (bench) => {
+        "  --deflate, --no-deflate  offer permessage-deflate; the report shows how many connections
+                           agreed and the compression ratio [default: --no-deflate, so that
+                           figures measure the server alone unless compression is asked for]
+"
+    };
+}
+#[cfg(not(feature = "deflate"))]
+macro_rules! deflate_help {
+    ($command:ident) => {
+        ""
+    };
+}
+
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "client")]
@@ -60,6 +90,10 @@ Usage:
 
 Durations are written like 2s, 500ms, 0.5s, 1m; sizes like 65536, 64KiB, 16MiB.
 Exit status: 0 done (also when stopped by Ctrl-C or SIGTERM), 1 failed, 2 bad usage.";
+
+/// What `--deflate` says in a build without the `deflate` feature.
+#[cfg(not(feature = "deflate"))]
+const NO_DEFLATE: &str = "this build has no permessage-deflate (cargo feature `deflate`)";
 
 /// Exit statuses, the same for every command.
 pub const EXIT_OK: i32 = 0;

@@ -50,6 +50,7 @@ Options:
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
 ",
+    deflate_help!(serve),
     serve_tls_help!(),
     "  --log LEVEL              error | warn | info | debug | trace | off [default: info]
   -q, --quiet              only warnings and errors (--log warn)
@@ -150,6 +151,16 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("tcp-keepalive") => cfg.tcp_keepalive = duration_or_off(&value(&mut p)?)?,
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
+            #[cfg(feature = "deflate")]
+            Long("deflate") => cfg.deflate.enabled = true,
+            #[cfg(feature = "deflate")]
+            Long("no-deflate") => cfg.deflate.enabled = false,
+            #[cfg(feature = "deflate")]
+            Long("deflate-min-size") => cfg.deflate.min_size = parse_bytes(&value(&mut p)?)?,
+            #[cfg(not(feature = "deflate"))]
+            Long("deflate" | "deflate-min-size") => return Err(super::NO_DEFLATE.to_string()),
+            #[cfg(not(feature = "deflate"))]
+            Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
             Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),

@@ -64,13 +64,24 @@ impl Budget {
 pub(crate) struct SharedFrame {
     bytes: Box<[u8]>,
     budget: Arc<Budget>,
+    /// The same message compressed (permessage-deflate), by window bits - 8: made by the first
+    /// loop that needs it and shared from then on; `None` inside when this frame serves. The
+    /// table itself is allocated (and counted) only when a peer has agreed to compression.
+    #[cfg(feature = "deflate")]
+    compressed: std::sync::OnceLock<Box<Compressed>>,
 }
+
+/// A shared frame's compressed variants, one per window size (8..=15 bits).
+#[cfg(feature = "deflate")]
+type Compressed = [std::sync::OnceLock<Option<Arc<SharedFrame>>>; 8];
 
 impl SharedFrame {
     pub(crate) fn new(bytes: Vec<u8>, budget: &Arc<Budget>) -> Arc<SharedFrame> {
         let frame = SharedFrame {
             bytes: bytes.into_boxed_slice(),
             budget: Arc::clone(budget),
+            #[cfg(feature = "deflate")]
+            compressed: Default::default(),
         };
         budget.add(frame.charge());
         Arc::new(frame)
@@ -84,11 +95,34 @@ impl SharedFrame {
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// The compressed frame for window `window` (bits - 8), made from this frame's bytes by
+    /// `compress` the first time any loop asks, counted against the budget like this one; this
+    /// frame itself when `compress` gave none (compression would not pay).
+    #[cfg(feature = "deflate")]
+    pub(crate) fn variant(
+        self: &Arc<Self>,
+        window: usize,
+        compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> &Arc<SharedFrame> {
+        let table = self.compressed.get_or_init(|| {
+            self.budget.add(std::mem::size_of::<Compressed>());
+            Box::default()
+        });
+        table[window]
+            .get_or_init(|| compress(&self.bytes).map(|z| SharedFrame::new(z, &self.budget)))
+            .as_ref()
+            .unwrap_or(self)
+    }
 }
 
 impl Drop for SharedFrame {
     fn drop(&mut self) {
         self.budget.sub(self.charge());
+        #[cfg(feature = "deflate")]
+        if self.compressed.get().is_some() {
+            self.budget.sub(std::mem::size_of::<Compressed>());
+        }
     }
 }
 
@@ -114,5 +148,35 @@ mod tests {
         assert_eq!(budget.used(), charged);
         drop(copies);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[cfg(feature = "deflate")]
+    #[test]
+    fn a_compressed_variant_is_made_once_shared_and_counted() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let budget = Budget::new(1 << 20);
+        let frame = SharedFrame::new(vec![7; 1000], &budget);
+        let plain = budget.used();
+        let made = AtomicUsize::new(0);
+        let compress = |bytes: &[u8]| {
+            made.fetch_add(1, Ordering::Relaxed);
+            Some(bytes[..100].to_vec())
+        };
+        // Two loops asking for the same window at once get the same bytes, compressed once.
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| Arc::clone(frame.variant(7, compress)));
+            let b = s.spawn(|| Arc::clone(frame.variant(7, compress)));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(made.load(Ordering::Relaxed), 1);
+        assert!(Arc::ptr_eq(&a, &b) && a.bytes().len() == 100);
+        // Another window is another variant; one that does not pay is the frame itself.
+        assert!(!Arc::ptr_eq(frame.variant(6, compress), &a));
+        assert!(Arc::ptr_eq(frame.variant(5, |_| None), &frame));
+        assert_eq!(made.load(Ordering::Relaxed), 2);
+        assert!(budget.used() > plain + 200, "the variants count: {}", budget.used());
+        drop((a, b));
+        drop(frame);
+        assert_eq!(budget.used(), 0, "everything given back with the last holder");
     }
 }

@@ -183,6 +183,10 @@ pub(crate) struct Engine<T, P, R> {
     last_trim: u64,
     trim_armed: bool,
     stall_armed: bool,
+    /// permessage-deflate for every connection of the loop: it allocates only once a message
+    /// is compressed or inflated, and no connection holds compression state between messages.
+    #[cfg(feature = "deflate")]
+    pub(crate) codec: proto::deflate::Codec,
 }
 
 /// A 32-bit clock reading within ±24 days of `now`, back on the 64-bit clock.
@@ -219,6 +223,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             scratch: Vec::new(),
             dead: Vec::new(),
             next_gen: 1,
+            #[cfg(feature = "deflate")]
+            codec: proto::deflate::Codec::default(),
         }
     }
 
@@ -607,10 +613,20 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             if slot.flags & DEAD != 0 {
                 break;
             }
-            match slot
+            #[cfg(feature = "deflate")]
+            let read = slot.conn.read_with(
+                &self.cfg,
+                self.now,
+                &mut data[pos..],
+                &mut self.codec,
+                &mut self.rng,
+                &mut self.cork,
+            );
+            #[cfg(not(feature = "deflate"))]
+            let read = slot
                 .conn
-                .read(&self.cfg, self.now, &mut data[pos..], &mut self.rng, &mut self.cork)
-            {
+                .read(&self.cfg, self.now, &mut data[pos..], &mut self.rng, &mut self.cork);
+            match read {
                 Ok((used, ev)) => {
                     pos += used;
                     match ev {
@@ -839,6 +855,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     }
 
     /// Answers the request connection `key` handed out (see [`Connection::accept`]).
+    #[cfg(not(feature = "deflate"))]
     pub(crate) fn accept(
         &mut self,
         key: usize,
@@ -849,6 +866,21 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         let now = self.now;
         let (slot, out, _) = self.output(key);
         slot.conn.accept(req, answer, extensions, now, out)
+    }
+
+    /// Answers the request connection `key` handed out, negotiating permessage-deflate (see
+    /// [`Connection::accept_deflate`]).
+    #[cfg(feature = "deflate")]
+    pub(crate) fn accept_deflate(
+        &mut self,
+        key: usize,
+        req: &proto::Request,
+        answer: &proto::Answer,
+        config: &proto::deflate::DeflateConfig,
+    ) -> bool {
+        let now = self.now;
+        let (slot, out, _) = self.output(key);
+        slot.conn.accept_deflate(req, answer, config, now, out)
     }
 
     /// The slot and where its output goes now: the cork while its bytes are being processed,
@@ -901,10 +933,17 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             return Err(NotOpen);
         }
         if key == self.corked {
+            #[cfg(feature = "deflate")]
+            return slot.conn.send_with(msg, &mut self.codec, &mut self.rng, &mut self.cork);
+            #[cfg(not(feature = "deflate"))]
             return slot.conn.send(msg, &mut self.rng, &mut self.cork);
         }
         let before = Some(slot.charge());
         self.scratch.clear();
+        #[cfg(feature = "deflate")]
+        slot.conn
+            .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)?;
+        #[cfg(not(feature = "deflate"))]
         slot.conn.send(msg, &mut self.rng, &mut self.scratch)?;
         self.flush_scratch(key, before);
         Ok(())

@@ -14,6 +14,13 @@
 //! a handshake head, a frame header, a frame or a fragmented message is split across reads, and
 //! freed as soon as it completes: a frame that arrives whole is unmasked in place in the
 //! caller's buffer and handed out as a slice of it.
+//!
+//! With the `deflate` feature, permessage-deflate (RFC 7692) is negotiated here for both roles
+//! (`Connection::accept_deflate`, and a client whose request offers `deflate::CLIENT_OFFER`)
+//! and applied in the frame path: the agreed parameters take one byte of the connection, and
+//! the compressor and decompressor are the loop's, lent to `read_with` and
+//! `send_with` as a `deflate::Codec`. A compressed message split across frames or reads is
+//! buffered compressed (bounded by [`Config::max_message`]) and inflated once complete.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -25,6 +32,19 @@ use super::handshake::{self, Answer, ClientRequest, Reject, Request, Response, R
 use super::mask::apply_mask;
 use super::rand::RandomSource;
 use super::utf8::Utf8Validator;
+
+#[cfg(feature = "deflate")]
+use super::deflate::{self, Agreed, Codec, DeflateConfig, InflateError, InflateWindow};
+
+/// The loop's codec, where one was lent. Without the `deflate` feature there is none.
+#[cfg(feature = "deflate")]
+type CodecRef<'a> = Option<&'a mut Codec>;
+#[cfg(not(feature = "deflate"))]
+type CodecRef<'a> = Option<&'a mut NoCodec>;
+
+/// Stands in for the codec in builds without the `deflate` feature: it has no values.
+#[cfg(not(feature = "deflate"))]
+enum NoCodec {}
 
 /// Which end of the connection this is. Clients mask what they send; servers require masks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,6 +334,9 @@ struct ClientPending {
     key: String,
     protocols: Vec<String>,
     extensions_offered: bool,
+    /// The request offered [`deflate::CLIENT_OFFER`]: the answer is checked against it.
+    #[cfg(feature = "deflate")]
+    deflate_offered: bool,
 }
 
 /// The client's side of the opening handshake, behind a trait object: only programs that create
@@ -354,6 +377,15 @@ impl AnswerCheck for ClientPending {
                 Ok((data.len(), None))
             }
             Ok(Some((response, used))) => {
+                #[cfg(feature = "deflate")]
+                match self.deflate(&response) {
+                    Ok(Some(agreed)) => conn.set_deflate(agreed),
+                    Ok(None) => {}
+                    Err(e) => {
+                        conn.set_closed(now);
+                        return Err(Error::Response(Box::new(e)));
+                    }
+                }
                 conn.set_state(State::Open, now);
                 Ok((used, Some(Event::Open(Box::new(response)))))
             }
@@ -368,6 +400,19 @@ impl AnswerCheck for ClientPending {
     }
     fn heap_bytes(&self) -> usize {
         core::mem::size_of::<ClientPending>() + self.key.capacity()
+    }
+}
+
+impl ClientPending {
+    /// What an accepted answer agreed to about permessage-deflate.
+    #[cfg(feature = "deflate")]
+    fn deflate(&self, response: &Response) -> Result<Option<Agreed>, ResponseError> {
+        match (&response.extensions, self.deflate_offered) {
+            (Some(e), true) => {
+                deflate::negotiate_client(&[e.as_bytes()]).map_err(|e| ResponseError::Invalid(e.message()))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -386,7 +431,15 @@ struct Partial {
     skipped: u64,
     /// A control frame's payload so far (allocated only while one is split across reads).
     control: Vec<u8>,
+    /// Bytes of the frame in progress read since the last activity (see `Connection::read`).
+    trickle: u16,
     client: Option<Box<dyn AnswerCheck>>,
+    /// The message being assembled had RSV1 set: `buf` holds it compressed.
+    #[cfg(feature = "deflate")]
+    compressed: bool,
+    /// Client whose server keeps its context: what it received last (kept between messages).
+    #[cfg(feature = "deflate")]
+    window: Option<InflateWindow>,
 }
 
 impl Partial {
@@ -400,7 +453,12 @@ impl Partial {
             buf: Vec::new(),
             skipped: 0,
             control: Vec::new(),
+            trickle: 0,
             client: None,
+            #[cfg(feature = "deflate")]
+            compressed: false,
+            #[cfg(feature = "deflate")]
+            window: None,
         })
     }
 
@@ -410,6 +468,34 @@ impl Partial {
             && self.message.is_none()
             && self.buf.is_empty()
             && self.client.is_none()
+            && self.window_is_none()
+    }
+
+    /// Whether the message being assembled is compressed.
+    fn is_compressed(&self) -> bool {
+        #[cfg(feature = "deflate")]
+        return self.compressed && self.message.is_some();
+        #[cfg(not(feature = "deflate"))]
+        false
+    }
+
+    #[cfg(feature = "deflate")]
+    fn window_is_none(&self) -> bool {
+        self.window.is_none()
+    }
+
+    #[cfg(not(feature = "deflate"))]
+    fn window_is_none(&self) -> bool {
+        true
+    }
+
+    /// Heap bytes of the inflate window, if any.
+    fn window_bytes(&self) -> usize {
+        #[cfg(feature = "deflate")]
+        if let Some(w) = &self.window {
+            return w.heap_bytes();
+        }
+        0
     }
 }
 
@@ -422,6 +508,9 @@ const AWAITING_ANSWER: u8 = 4;
 /// Closing, and this end's close frame is still waiting behind data the peer has not read
 /// (see `sending`).
 const CLOSE_QUEUED: u8 = 8;
+/// permessage-deflate: the peer keeps its LZ77 context between messages.
+#[cfg(feature = "deflate")]
+const PEER_TAKEOVER: u8 = 16;
 
 /// One WebSocket connection's protocol state.
 pub struct Connection {
@@ -430,8 +519,11 @@ pub struct Connection {
     since: u32,
     state: State,
     flags: u8,
-    /// Bytes received since the last activity without completing a frame (see `read`).
-    trickle: u16,
+    /// permessage-deflate, when agreed: this end's window bits in the low nibble, the peer's in
+    /// the high one (each 8..=15); 0 when not agreed. The connection stays 16 bytes (12 on
+    /// 32-bit targets) because the count of a trickled frame lives in `Partial`.
+    #[cfg(feature = "deflate")]
+    deflate: u8,
 }
 
 impl core::fmt::Debug for Connection {
@@ -464,7 +556,8 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: 0,
-            trickle: 0,
+            #[cfg(feature = "deflate")]
+            deflate: 0,
         }
     }
 
@@ -480,13 +573,16 @@ impl Connection {
             key,
             protocols: request.protocols.clone(),
             extensions_offered: request.extensions.is_some(),
+            #[cfg(feature = "deflate")]
+            deflate_offered: request.extensions.as_deref() == Some(deflate::CLIENT_OFFER),
         }));
         Connection {
             partial: Some(p),
             since: now as u32,
             state: State::Connecting,
             flags: CLIENT,
-            trickle: 0,
+            #[cfg(feature = "deflate")]
+            deflate: 0,
         }
     }
 
@@ -497,7 +593,8 @@ impl Connection {
             since: now as u32,
             state: State::Open,
             flags: if role == Role::Client { CLIENT } else { 0 },
-            trickle: 0,
+            #[cfg(feature = "deflate")]
+            deflate: 0,
         }
     }
 
@@ -525,7 +622,9 @@ impl Connection {
         self.partial.is_some()
     }
 
-    /// Heap bytes this connection holds now: its parser state and the message it assembles.
+    /// Heap bytes this connection holds now: its parser state, the message it assembles
+    /// (compressed, for a compressed message) and, on a client whose server keeps its
+    /// compression context, the inflate window.
     #[inline]
     pub fn buffered_bytes(&self) -> usize {
         self.partial.as_ref().map_or(0, |p| {
@@ -533,7 +632,49 @@ impl Connection {
                 + p.buf.capacity()
                 + p.control.capacity()
                 + p.client.as_ref().map_or(0, |c| c.heap_bytes())
+                + p.window_bytes()
         })
+    }
+
+    /// The permessage-deflate parameters this connection agreed on, if it did.
+    #[cfg(feature = "deflate")]
+    pub fn deflate(&self) -> Option<Agreed> {
+        (self.deflate != 0).then_some(Agreed {
+            send_window_bits: self.deflate & 0x0f,
+            recv_window_bits: self.deflate >> 4,
+            recv_context_takeover: self.flags & PEER_TAKEOVER != 0,
+        })
+    }
+
+    #[cfg(feature = "deflate")]
+    fn set_deflate(&mut self, a: Agreed) {
+        let bits = |b: u8| b.clamp(8, deflate::MAX_WINDOW_BITS);
+        self.deflate = bits(a.send_window_bits) | bits(a.recv_window_bits) << 4;
+        if a.recv_context_takeover {
+            self.flags |= PEER_TAKEOVER;
+        }
+    }
+
+    /// RSV1 marks the first frame of a compressed message, once compression is agreed
+    /// (RFC 7692 §6); anywhere else it is a reserved bit. Decided, as the other header checks,
+    /// as soon as two bytes of the header are in.
+    #[cfg(feature = "deflate")]
+    #[inline]
+    fn check_rsv1(&self, head: &[u8]) -> Result<(), ProtocolError> {
+        let [b0, _, ..] = *head else { return Ok(()) };
+        let allowed = self.deflate != 0 && matches!(b0 & 0x0f, 0x1 | 0x2);
+        if b0 & 0x40 != 0 && !allowed {
+            return Err(err(1002, "reserved bits set"));
+        }
+        Ok(())
+    }
+
+    /// Without the `deflate` feature [`FrameHeader::parse`] refuses RSV1 as it does RSV2 and
+    /// RSV3.
+    #[cfg(not(feature = "deflate"))]
+    #[inline(always)]
+    fn check_rsv1(&self, _head: &[u8]) -> Result<(), ProtocolError> {
+        Ok(())
     }
 
     /// Whether a fragmented or split message is being assembled.
@@ -612,11 +753,43 @@ impl Connection {
     /// ping, the reply to a close) are appended to `out` before the event is returned, so
     /// replies the caller writes to the same `out` stay in order with them. On an error the
     /// close frame or HTTP refusal is queued after everything earlier events produced.
+    ///
+    /// A connection that agreed on permessage-deflate should be read with
+    /// `read_with` and the loop's codec; read here, each compressed message
+    /// gets a decompressor of its own (7 KB of zlib state and a 32 KiB window, freed after).
     pub fn read<'d, R: RandomSource + ?Sized>(
         &mut self,
         cfg: &Config,
         now: u64,
         data: &'d mut [u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        self.read_inner(cfg, now, data, None, rng, out)
+    }
+
+    /// [`read`](Self::read) with the loop's permessage-deflate codec, which inflates the
+    /// compressed messages of every connection that agreed on it.
+    #[cfg(feature = "deflate")]
+    pub fn read_with<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        codec: &mut Codec,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Event<'d>>), Error> {
+        self.read_inner(cfg, now, data, Some(codec), rng, out)
+    }
+
+    #[inline]
+    fn read_inner<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        codec: CodecRef<'_>,
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), Error> {
@@ -630,17 +803,24 @@ impl Connection {
             State::Connecting => self.read_request(cfg, now, data, out),
             State::Open | State::LocalClosing => {
                 let open = self.state == State::Open;
-                match self.read_frames(cfg, now, data, rng, out) {
+                match self.read_frames(cfg, now, data, codec, rng, out) {
                     Ok((used, ev)) => {
                         // Activity, for the heartbeat and idle timeout, is a frame that
                         // completes or at least 4 KiB of one: a peer that trickles a frame a
-                        // byte at a time is idle.
-                        self.trickle = self.trickle.saturating_add(used.min(usize::from(u16::MAX)) as u16);
-                        let done = ev.is_some() || self.partial.as_ref().is_none_or(|p| p.frame.is_none());
-                        if open && used > 0 && (done || self.trickle >= 4096) {
+                        // byte at a time is idle. Only a frame in progress keeps a count.
+                        let trickled = match self.partial.as_deref_mut() {
+                            Some(p) if p.frame.is_some() && ev.is_none() => {
+                                p.trickle = p.trickle.saturating_add(used.min(usize::from(u16::MAX)) as u16);
+                                p.trickle
+                            }
+                            _ => u16::MAX,
+                        };
+                        if open && used > 0 && trickled >= 4096 {
                             self.since = now as u32;
                             self.flags &= !PINGED;
-                            self.trickle = 0;
+                            if let Some(p) = self.partial.as_deref_mut() {
+                                p.trickle = 0;
+                            }
                         }
                         Ok((used, ev))
                     }
@@ -691,7 +871,6 @@ impl Connection {
         }
         self.since = now as u32;
         self.flags &= !PINGED;
-        self.trickle = 0;
         let payload: &'d [u8] = payload;
         let p = if text {
             match core::str::from_utf8(payload) {
@@ -826,6 +1005,39 @@ impl Connection {
         upgraded
     }
 
+    /// [`accept`](Self::accept) with permessage-deflate negotiated per `config`: when the
+    /// request offers it and the answer upgrades, the answer carries the agreed
+    /// `Sec-WebSocket-Extensions` (always with both `no_context_takeover` parameters, so this
+    /// connection holds no compression state) and the connection compresses from then on.
+    #[cfg(feature = "deflate")]
+    pub fn accept_deflate(
+        &mut self,
+        request: &Request,
+        answer: &Answer,
+        config: &DeflateConfig,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let accepted = match answer {
+            Answer::Accept { .. } if config.enabled => {
+                let offers: Vec<&[u8]> = request.extensions().collect();
+                deflate::negotiate_server(&offers, config)
+            }
+            _ => None,
+        };
+        let upgraded = self.accept(
+            request,
+            answer,
+            accepted.as_ref().map(|a| a.response.as_str()),
+            now,
+            out,
+        );
+        if let (true, Some(a)) = (upgraded, accepted) {
+            self.set_deflate(a.agreed);
+        }
+        upgraded
+    }
+
     fn read_response<'d>(
         &mut self,
         cfg: &Config,
@@ -847,6 +1059,49 @@ impl Connection {
         out: &mut Vec<u8>,
     ) -> Result<(), NotOpen> {
         self.send_frame(msg.opcode(), true, msg.as_bytes(), rng, out)
+    }
+
+    /// [`send`](Self::send), compressed with the loop's codec where permessage-deflate was
+    /// agreed and it pays (see [`Codec::compress`]). [`send`](Self::send) and
+    /// [`send_frame`](Self::send_frame) never compress (RSV1 is per message: uncompressed
+    /// messages are always allowed).
+    #[cfg(feature = "deflate")]
+    #[inline]
+    pub fn send_with<R: RandomSource + ?Sized>(
+        &mut self,
+        msg: Message<'_>,
+        codec: &mut Codec,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
+        if self.deflate != 0 {
+            return self.send_compressed(msg, codec, rng, out);
+        }
+        self.send(msg, rng, out)
+    }
+
+    /// [`send_with`](Self::send_with) where compression was agreed; kept out of line so that
+    /// the path of connections without it stays as short as [`send`](Self::send).
+    #[cfg(feature = "deflate")]
+    #[inline(never)]
+    fn send_compressed<R: RandomSource + ?Sized>(
+        &mut self,
+        msg: Message<'_>,
+        codec: &mut Codec,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(), NotOpen> {
+        if self.state != State::Open {
+            return Err(NotOpen);
+        }
+        if let Some(agreed) = self.deflate() {
+            if let Some(z) = codec.compress(&agreed, msg.as_bytes()) {
+                super::frame::write_compressed_frame(out, msg.opcode(), self.mask(rng), z);
+                return Ok(());
+            }
+        }
+        write_frame(out, true, msg.opcode(), self.mask(rng), msg.as_bytes());
+        Ok(())
     }
 
     /// Sends one frame of a message: the first with `Text` or `Binary`, later ones with
@@ -1006,6 +1261,7 @@ impl Connection {
         cfg: &Config,
         now: u64,
         data: &'d mut [u8],
+        mut codec: CodecRef<'_>,
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), ProtocolError> {
@@ -1018,7 +1274,7 @@ impl Connection {
                 return Ok((total, None));
             }
             if self.partial.as_ref().is_some_and(|p| p.frame.is_some()) {
-                let (took, ev) = self.continue_frame(rest, now, rng, out)?;
+                let (took, ev) = self.continue_frame(rest, cfg.max_message, now, codec.as_deref_mut(), rng, out)?;
                 rest = &mut core::mem::take(&mut rest)[took..];
                 if ev.is_some() {
                     return Ok((total - rest.len(), ev));
@@ -1037,6 +1293,9 @@ impl Connection {
                 let p = self.partial.as_mut().expect("spilled implies partial");
                 let take = (MAX_HEADER_LEN - spilled).min(rest.len());
                 p.head[spilled..spilled + take].copy_from_slice(&rest[..take]);
+                let head = p.head;
+                self.check_rsv1(&head[..spilled + take])?;
+                let p = self.partial.as_mut().expect("spilled implies partial");
                 match FrameHeader::parse(&p.head[..spilled + take]).map_err(frame_error)? {
                     Some((h, n)) => {
                         p.head_len = 0;
@@ -1048,6 +1307,7 @@ impl Connection {
                     }
                 }
             } else {
+                self.check_rsv1(rest)?;
                 match FrameHeader::parse(rest).map_err(frame_error)? {
                     Some(x) => x,
                     None => {
@@ -1073,6 +1333,9 @@ impl Connection {
                 }
                 let ev = if header.opcode.is_control() {
                     self.on_control(header.opcode, payload, false, now, rng, out)?
+                } else if cfg!(feature = "deflate") && header.rsv1 {
+                    let message = self.inflate(header.opcode, payload, cfg.max_message, codec.as_deref_mut())?;
+                    (self.state == State::Open).then_some(Event::Message(message))
                 } else {
                     let payload: &'d [u8] = payload;
                     let p = match header.opcode {
@@ -1093,6 +1356,10 @@ impl Connection {
                 p.utf8 = Utf8Validator::new();
                 p.buf.clear();
                 p.skipped = 0;
+                #[cfg(feature = "deflate")]
+                {
+                    p.compressed = header.rsv1;
+                }
             }
             if header.opcode.is_control() {
                 p.control = Vec::with_capacity(header.payload_len as usize);
@@ -1115,7 +1382,7 @@ impl Connection {
             // Nothing in progress: the common case.
             return match h.opcode {
                 OpCode::Continuation => Err(err(1002, "continuation frame without a message to continue")),
-                _ if h.payload_len > max_message as u64 => Err(err(1009, "message too big")),
+                _ if h.payload_len > wire_limit(max_message, h.rsv1) => Err(err(1009, "message too big")),
                 _ => Ok(()),
             };
         };
@@ -1128,7 +1395,7 @@ impl Connection {
             _ => {}
         }
         let so_far = p.buf.len() as u64 + p.skipped;
-        if so_far.saturating_add(h.payload_len) > max_message as u64 {
+        if so_far.saturating_add(h.payload_len) > wire_limit(max_message, p.is_compressed() || h.rsv1) {
             return Err(err(1009, "message too big"));
         }
         Ok(())
@@ -1139,7 +1406,9 @@ impl Connection {
     fn continue_frame<R: RandomSource + ?Sized>(
         &mut self,
         data: &mut [u8],
+        max_message: usize,
         now: u64,
+        codec: CodecRef<'_>,
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'static>>), ProtocolError> {
@@ -1163,7 +1432,8 @@ impl Connection {
             let ev = self.on_control(f.header.opcode, &payload, true, now, rng, out)?;
             return Ok((take, ev.map(Event::into_owned)));
         }
-        if p.message == Some(OpCode::Text) {
+        let compressed = p.is_compressed();
+        if p.message == Some(OpCode::Text) && !compressed {
             p.utf8.feed(chunk).map_err(|_| err(1007, INVALID_UTF8))?;
         }
         // After this end's close frame, data is read to find the peer's close but not kept.
@@ -1178,6 +1448,16 @@ impl Connection {
         let kind = p.message.take();
         let buf = core::mem::take(&mut p.buf);
         p.skipped = 0;
+        if compressed {
+            // Whole: inflate it (checking text after), and free the compressed copy.
+            let kind = kind.unwrap_or(OpCode::Binary);
+            if self.state != State::Open {
+                return Ok((take, None));
+            }
+            let message = self.inflate(kind, &buf, max_message, codec)?;
+            drop(buf);
+            return Ok((take, Some(Event::Message(message))));
+        }
         if kind == Some(OpCode::Text) {
             p.utf8.finish().map_err(|_| err(1007, CUT_UTF8))?;
         }
@@ -1190,6 +1470,61 @@ impl Connection {
             _ => Payload::OwnedBinary(buf),
         };
         Ok((take, Some(Event::Message(payload))))
+    }
+
+    /// Inflates a whole compressed message (all its frames' payloads) into an owned payload, at
+    /// most `max_message` bytes; text is checked once inflated.
+    #[cfg(feature = "deflate")]
+    fn inflate(
+        &mut self,
+        kind: OpCode,
+        message: &[u8],
+        max_message: usize,
+        codec: CodecRef<'_>,
+    ) -> Result<Payload<'static>, ProtocolError> {
+        let mut own;
+        let codec = match codec {
+            Some(c) => c,
+            None => {
+                own = Codec::default();
+                &mut own
+            }
+        };
+        let window = if self.flags & PEER_TAKEOVER != 0 {
+            let bits = self.deflate >> 4;
+            let p = self.partial.get_or_insert_with(Partial::new);
+            Some(p.window.get_or_insert_with(|| InflateWindow::new(bits)))
+        } else {
+            None
+        };
+        let mut out = Vec::new();
+        codec
+            .decompress(window, message, max_message, &mut out)
+            .map_err(|e| match e {
+                InflateError::TooBig => err(1009, "message too big"),
+                InflateError::Corrupt => err(1007, "invalid compressed data"),
+            })?;
+        Ok(match kind {
+            OpCode::Text => {
+                Payload::OwnedText(String::from_utf8(out).map_err(|_| err(1007, "invalid UTF-8 in text message"))?)
+            }
+            _ => Payload::OwnedBinary(out),
+        })
+    }
+
+    /// Without the `deflate` feature RSV1 never passes [`FrameHeader::parse`].
+    #[cfg(not(feature = "deflate"))]
+    fn inflate(
+        &mut self,
+        _kind: OpCode,
+        _message: &[u8],
+        _max_message: usize,
+        codec: CodecRef<'_>,
+    ) -> Result<Payload<'static>, ProtocolError> {
+        match codec {
+            None => Err(err(1002, "reserved bits set")),
+            Some(never) => match *never {},
+        }
     }
 
     /// Handles a whole control frame. `owned` says the payload must be copied out (it lives
@@ -1243,6 +1578,18 @@ impl Connection {
                 Ok(Some(Event::Close { code, reason }))
             }
         }
+    }
+}
+
+/// The most payload bytes a message may take on the wire. A compressed message may exceed
+/// `max_message` by what deflate adds to data that does not shrink (5 bytes per stored block of
+/// up to 64 KiB, and a few more); the inflated message is held to `max_message`.
+fn wire_limit(max_message: usize, compressed: bool) -> u64 {
+    let max = max_message as u64;
+    if cfg!(feature = "deflate") && compressed {
+        max + max / 1024 + 64
+    } else {
+        max
     }
 }
 

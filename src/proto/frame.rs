@@ -53,6 +53,9 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 pub struct FrameHeader {
     /// Final fragment of a message.
     pub fin: bool,
+    /// RSV1: the message is compressed, where permessage-deflate was negotiated (RFC 7692 §6).
+    /// Whether it is allowed is the connection's business.
+    pub rsv1: bool,
     /// The opcode.
     pub opcode: OpCode,
     /// The masking key, present on every client-to-server frame.
@@ -64,7 +67,8 @@ pub struct FrameHeader {
 /// Why a header was refused. Every variant is a protocol error (close code 1002).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameError {
-    /// RSV1–3 set while no extension was negotiated.
+    /// RSV2 or RSV3 set (no extension here defines them), or RSV1 in a build without the
+    /// `deflate` feature.
     ReservedBits,
     /// Opcode 0x3–0x7 or 0xB–0xF.
     ReservedOpcode(u8),
@@ -98,7 +102,10 @@ impl FrameHeader {
     /// required and how fragments fit together is the connection's business.
     pub fn parse(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, FrameError> {
         let [b0, b1, ..] = *buf else { return Ok(None) };
-        if b0 & 0x70 != 0 {
+        // RSV1 is the connection's to judge where permessage-deflate is built in; RSV2 and RSV3
+        // are never defined here.
+        let reserved = if cfg!(feature = "deflate") { 0x30 } else { 0x70 };
+        if b0 & reserved != 0 {
             return Err(FrameError::ReservedBits);
         }
         let fin = b0 & 0x80 != 0;
@@ -135,6 +142,7 @@ impl FrameHeader {
         Ok(Some((
             FrameHeader {
                 fin,
+                rsv1: b0 & 0x40 != 0,
                 opcode,
                 mask,
                 payload_len,
@@ -145,7 +153,7 @@ impl FrameHeader {
 
     /// Writes the header into `out`, returning its length.
     pub fn encode(&self, out: &mut [u8; MAX_HEADER_LEN]) -> usize {
-        out[0] = (if self.fin { 0x80 } else { 0 }) | self.opcode as u8;
+        out[0] = (if self.fin { 0x80 } else { 0 }) | (if self.rsv1 { 0x40 } else { 0 }) | self.opcode as u8;
         let mask_bit = if self.mask.is_some() { 0x80 } else { 0 };
         let mut n = if self.payload_len < 126 {
             out[1] = mask_bit | self.payload_len as u8;
@@ -192,6 +200,7 @@ pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, mask: Option<[u
     }
     let header = FrameHeader {
         fin,
+        rsv1: false,
         opcode,
         mask,
         payload_len: payload.len() as u64,
@@ -205,6 +214,14 @@ pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, mask: Option<[u
     if let Some(key) = mask {
         apply_mask(&mut out[start..], key, 0);
     }
+}
+
+/// Appends a whole message whose `payload` is compressed (permessage-deflate): one frame with
+/// FIN and RSV1 set.
+pub fn write_compressed_frame(out: &mut Vec<u8>, opcode: OpCode, mask: Option<[u8; 4]>, payload: &[u8]) {
+    let start = out.len();
+    write_frame(out, true, opcode, mask, payload);
+    out[start] |= 0x40;
 }
 
 /// Close status codes (RFC 6455 §7.4).
@@ -315,6 +332,36 @@ mod tests {
         assert_eq!(&out[..10], &[0x82, 0x7f, 0, 0, 0, 0, 0, 1, 0, 0]);
     }
 
+    #[cfg(not(feature = "deflate"))]
+    #[test]
+    fn rsv1_is_refused_without_deflate() {
+        assert_eq!(FrameHeader::parse(&[0xc1, 0x07]), Err(FrameError::ReservedBits));
+    }
+
+    #[cfg(feature = "deflate")]
+    #[test]
+    fn rsv1_is_read_and_written() {
+        // RFC 7692 §7.2.3.1: "Hello" compressed, one frame with RSV1.
+        let (h, n) = FrameHeader::parse(&[0xc1, 0x07]).unwrap().unwrap();
+        assert_eq!(
+            (h.rsv1, h.fin, h.opcode, h.payload_len, n),
+            (true, true, OpCode::Text, 7, 2)
+        );
+        assert!(!FrameHeader::parse(&[0x81, 0x07]).unwrap().unwrap().0.rsv1);
+        let mut out = Vec::new();
+        write_compressed_frame(
+            &mut out,
+            OpCode::Text,
+            None,
+            &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00],
+        );
+        assert_eq!(out, [0xc1, 0x07, 0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]);
+        let mut h = [0u8; MAX_HEADER_LEN];
+        let header = FrameHeader::parse(&out).unwrap().unwrap().0;
+        assert_eq!(header.encode(&mut h), 2);
+        assert_eq!(h[..2], [0xc1, 0x07]);
+    }
+
     #[test]
     fn partial_headers_ask_for_more() {
         let full = [0x82, 0xff, 0, 0, 0, 0, 0, 1, 0, 0, 1, 2, 3, 4];
@@ -326,7 +373,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_headers() {
-        assert_eq!(FrameHeader::parse(&[0xc1, 0]), Err(FrameError::ReservedBits));
+        assert_eq!(FrameHeader::parse(&[0xa1, 0]), Err(FrameError::ReservedBits));
+        assert_eq!(FrameHeader::parse(&[0x91, 0]), Err(FrameError::ReservedBits));
         assert_eq!(FrameHeader::parse(&[0x83, 0]), Err(FrameError::ReservedOpcode(3)));
         assert_eq!(FrameHeader::parse(&[0x8b, 0]), Err(FrameError::ReservedOpcode(0xb)));
         assert_eq!(FrameHeader::parse(&[0x09, 0]), Err(FrameError::FragmentedControl));

@@ -10,8 +10,12 @@
 //! - [`frame`]: frame headers and encoding, close codes.
 //! - [`mask`]: payload masking.
 //! - [`utf8`]: incremental UTF-8 validation.
+//! - `deflate` (feature `deflate`, which needs `std`): permessage-deflate negotiation and the
+//!   per-loop codec.
 
 pub mod conn;
+#[cfg(feature = "deflate")]
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;

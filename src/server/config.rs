@@ -94,6 +94,12 @@ pub struct ServerConfig {
     /// (default: none, plain TCP). The read buffer must then be at least 64 KiB.
     #[cfg(feature = "tls")]
     pub tls: Option<crate::tls::ServerTls>,
+    /// permessage-deflate (default: accepted when offered, messages of 64 bytes and more
+    /// compressed at zlib level 1). The server always answers with `server_no_context_takeover`
+    /// and `client_no_context_takeover`, so an idle connection holds no compression state: one
+    /// compressor and one decompressor serve the whole loop.
+    #[cfg(feature = "deflate")]
+    pub deflate: proto::deflate::DeflateConfig,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -137,6 +143,8 @@ impl Default for ServerConfig {
             reuse_port: false,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "deflate")]
+            deflate: proto::deflate::DeflateConfig::default(),
         }
     }
 }

@@ -277,6 +277,26 @@ pub struct Stats {
     pub refused: u64,
 }
 
+/// The frame to queue for a peer that agreed to `agreed`: the message compressed for its window
+/// when that pays (made once per window size, by the first loop that needs it, and shared by
+/// every loop), else `frame` itself.
+#[cfg(feature = "deflate")]
+fn compressed_for<'f>(
+    frame: &'f Arc<SharedFrame>,
+    agreed: Option<crate::proto::deflate::Agreed>,
+    codec: &mut crate::proto::deflate::Codec,
+) -> &'f Arc<SharedFrame> {
+    let Some(a) = agreed else { return frame };
+    let window = usize::from(a.send_window_bits.clamp(8, 15) - 8);
+    frame.variant(window, |plain| {
+        let (head, at) = crate::proto::frame::FrameHeader::parse(plain).ok()??;
+        let z = codec.compress(&a, &plain[at..])?;
+        let mut compressed = Vec::with_capacity(z.len() + 10);
+        crate::proto::frame::write_compressed_frame(&mut compressed, head.opcode, None, z);
+        Some(compressed)
+    })
+}
+
 /// What the handler can do from inside the loop.
 pub struct Ctx<'a, S> {
     pub(crate) eng: &'a mut ServerEngine<S>,
@@ -325,6 +345,10 @@ impl<'a, S> Ctx<'a, S> {
     /// Sends a message to every open connection except `except`, encoding the frame once and
     /// sharing its bytes among all queues, on every loop. Returns how many connections of this
     /// loop it was queued for (the other loops queue it for theirs).
+    ///
+    /// With permessage-deflate the message is compressed once per window size its peers agreed
+    /// on (one, unless some asked for a smaller window), by the first loop that needs it, and
+    /// those bytes are shared the same way.
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
         let frame = self.shared_frame(msg);
         self.deliver(&frame, except, true)
@@ -427,6 +451,8 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Queues a shared frame for one connection, applying the slow consumer policy.
     fn queue_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) -> bool {
+        #[cfg(feature = "deflate")]
+        let frame = compressed_for(frame, self.eng.slots[key].conn.deflate(), &mut self.eng.codec);
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
         // shared, and refusing would fail every peer on one large message.
         let queued = self.eng.queued(key);

@@ -622,6 +622,10 @@ fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
     let budget = Arc::clone(&handle.group.budget);
     let mut eng: ServerEngine<H::State> =
         Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom, budget);
+    #[cfg(feature = "deflate")]
+    {
+        eng.codec = crate::proto::deflate::Codec::new(&cfg.deflate);
+    }
     let mut srv = Srv {
         handler,
         shared: Shared {
@@ -1051,7 +1055,11 @@ impl<H: Handler> Srv<H> {
                 Err(answer) => answer,
             }
         };
-        if !eng.accept(key, &req, &answer, None) {
+        #[cfg(feature = "deflate")]
+        let upgraded = eng.accept_deflate(key, &req, &answer, &self.cfg.deflate);
+        #[cfg(not(feature = "deflate"))]
+        let upgraded = eng.accept(key, &req, &answer, None);
+        if !upgraded {
             if let Answer::Reject { status, body } = &answer {
                 peer_log(
                     log::Level::Info,

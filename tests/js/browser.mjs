@@ -1,11 +1,14 @@
 // Drives wsloop's built-in page in headless Chromium (Debian's /usr/bin/chromium) with
 // playwright-core.
 //
-// Usage: node browser.mjs chat|reconnect http[s]://127.0.0.1:PORT/ SCREENSHOT.png USER_DATA_DIR
+// Usage: node browser.mjs chat|reconnect|deflate http[s]://127.0.0.1:PORT/ SCREENSHOT.png USER_DATA_DIR
 //
 // chat: two pages join a broadcast-mode server, each sends a line, and both must see both lines.
 // reconnect: one page on an echo-mode server; after "ok A connected" the caller restarts the
 // server on the same port; the page must show the loss, reconnect by itself and echo again.
+// deflate: on a broadcast-mode server, the page opens two WebSockets of its own; both must have
+// agreed on permessage-deflate (Chromium offers it), and 256 KiB of text sent on one must reach
+// both intact (the server compresses it once for both).
 // A screenshot of the first page is saved. Prints one "ok ..." line per check; exits non-zero
 // on the first failure.
 import { chromium } from 'playwright-core';
@@ -78,6 +81,36 @@ async function reconnect() {
   return a;
 }
 
+async function deflate() {
+  const a = await openPage('A');
+  const result = await a.evaluate(async (url) => {
+    const open = () => new Promise((resolve, reject) => {
+      const ws = new WebSocket(url);
+      ws.onopen = () => resolve(ws);
+      ws.onerror = () => reject(new Error('WebSocket error'));
+    });
+    const [x, y] = [await open(), await open()];
+    const words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta'];
+    let long = '';
+    for (let i = 0; long.length < (256 << 10); i++) long += words[(i * 7919) % 8] + (i % 11 ? ' ' : '.\n');
+    long = long.slice(0, 256 << 10);
+    const next = (ws) => new Promise((resolve) => { ws.onmessage = (e) => resolve(e.data); });
+    const got = [next(x), next(y)];
+    x.send(long);
+    const [gx, gy] = await Promise.all(got);
+    x.close(1000);
+    y.close(1000);
+    return { extensions: [x.extensions, y.extensions], same: gx === long && gy === long, length: long.length };
+  }, base.replace(/^http/, 'ws'));
+  for (const e of result.extensions) {
+    if (!e.includes('permessage-deflate')) throw new Error('no permessage-deflate agreed: ' + JSON.stringify(result.extensions));
+  }
+  console.log('ok permessage-deflate agreed: ' + result.extensions[0]);
+  if (!result.same) throw new Error(`${result.length} bytes of text did not come back intact to both sockets`);
+  console.log('ok 256 KiB of text reached both sockets');
+  return a;
+}
+
 async function main() {
   // A persistent context is how playwright takes a fresh --user-data-dir of our choosing.
   context = await chromium.launchPersistentContext(userDataDir, {
@@ -87,7 +120,7 @@ async function main() {
     viewport: { width: 760, height: 420 },
     timeout: WAIT,
   });
-  const a = scenario === 'reconnect' ? await reconnect() : await chat();
+  const a = scenario === 'reconnect' ? await reconnect() : scenario === 'deflate' ? await deflate() : await chat();
   await a.screenshot({ path: screenshot });
   console.log('ok screenshot ' + screenshot);
   await context.close();

@@ -1,14 +1,16 @@
 // Interop client for wsloop's tests, using the `ws` package.
 //
-// Usage: node interop.mjs ws://127.0.0.1:PORT/ echo|broadcast
+// Usage: node interop.mjs ws://127.0.0.1:PORT/ echo|broadcast [deflate]
 //
 // Checks text, binary, a 1 MiB message sent in 16 fragments, ping/pong and a clean close with
 // 1000. In broadcast mode a second connection checks that it receives the messages too.
-// Prints one "ok ..." line per check; exits non-zero on the first failure.
+// With `deflate` (ws offers permessage-deflate by default) it also checks that the server
+// agreed, and that 256 KiB of text comes back to every connection in far fewer bytes on the
+// wire. Prints one "ok ..." line per check; exits non-zero on the first failure.
 import { randomBytes } from 'node:crypto';
 import WebSocket from 'ws';
 
-const [url, mode] = process.argv.slice(2);
+const [url, mode, compression] = process.argv.slice(2);
 const WAIT = 15000; // ms for any single step
 setTimeout(() => fail('the whole run took too long'), 4 * WAIT);
 
@@ -51,6 +53,25 @@ async function main() {
       }
     }
     console.log('ok ' + what);
+  }
+
+  if (compression === 'deflate') {
+    for (const conn of [ws, ...others]) {
+      if (!conn.extensions.includes('permessage-deflate')) fail('no permessage-deflate agreed: ' + JSON.stringify(conn.extensions));
+    }
+    console.log('ok permessage-deflate agreed: ' + ws.extensions);
+    const words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta'];
+    let long = '';
+    for (let i = 0; long.length < (256 << 10); i++) long += words[(i * 7919) % 8] + (i % 11 ? ' ' : '.\n');
+    long = long.slice(0, 256 << 10);
+    const before = [ws, ...others].map((c) => c._socket.bytesRead);
+    ws.send(long);
+    await expect(Buffer.from(long), false, '256 KiB of text');
+    [ws, ...others].forEach((c, i) => {
+      const wire = c._socket.bytesRead - before[i];
+      if (wire * 4 > long.length) fail(`256 KiB of text took ${wire} bytes on the wire: not compressed`);
+    });
+    console.log('ok 256 KiB of text came compressed');
   }
 
   const text = 'hello from node ws \u2713 \u00e9';

@@ -195,12 +195,20 @@ pub fn parse_response(
         Ok(Some(_)) => return Err(ResponseError::Invalid("wrong Sec-WebSocket-Accept")),
         _ => return Err(ResponseError::Invalid("missing Sec-WebSocket-Accept")),
     }
-    let mut extensions = None;
+    // Several headers make one list (RFC 9110 §5.3): joined, the offer's owner checks it whole.
+    let mut extensions: Option<String> = None;
     for v in header_values(headers, "Sec-WebSocket-Extensions") {
-        if !extensions_offered || extensions.is_some() {
+        if !extensions_offered {
             return Err(ResponseError::Invalid("server chose an extension that was not offered"));
         }
-        extensions = Some(String::from_utf8_lossy(v.trim_ascii()).into_owned());
+        let v = String::from_utf8_lossy(v.trim_ascii());
+        match &mut extensions {
+            Some(e) => {
+                e.push_str(", ");
+                e.push_str(&v);
+            }
+            None => extensions = Some(v.into_owned()),
+        }
     }
     let protocol = match single_header(headers, "Sec-WebSocket-Protocol") {
         Ok(None) => None,
@@ -266,6 +274,17 @@ mod tests {
         );
         let (resp, _) = parse_response(&res, &key, &[], true, false).unwrap().unwrap();
         assert_eq!(resp.extensions.as_deref(), Some("permessage-deflate"));
+        // Several headers are one list, joined for the offer's owner to check.
+        let text = String::from_utf8(res).unwrap();
+        let twice = text.replace(
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+            "Sec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Extensions: x-other; a=1\r\n",
+        );
+        assert_ne!(twice, text);
+        let (resp, _) = parse_response(twice.as_bytes(), &key, &[], true, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.extensions.as_deref(), Some("permessage-deflate, x-other; a=1"));
     }
 
     #[test]
