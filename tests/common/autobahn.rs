@@ -30,13 +30,10 @@ use super::{drain_lines, parse_listening_line, tail, wait_for_line};
 pub const KOSOKU_VERSION: &str = "0.1.0";
 
 /// Case groups left out: none with the `deflate` feature; without it 12.* and 13.*, the
-/// permessage-deflate cases. On 32-bit targets those are left out too: they take about 20 of
-/// CI's 90 minutes on two cores (kosoku checks 1,000 messages a case), and the 32-bit
-/// compression paths are tested by tests/proto_deflate.rs, tests/threads.rs and the interop
-/// tests.
-#[cfg(all(feature = "deflate", not(target_pointer_width = "32")))]
+/// permessage-deflate cases.
+#[cfg(feature = "deflate")]
 pub const EXCLUDED_GROUPS: &[&str] = &[];
-#[cfg(any(not(feature = "deflate"), target_pointer_width = "32"))]
+#[cfg(not(feature = "deflate"))]
 pub const EXCLUDED_GROUPS: &[&str] = &["12.*", "13.*"];
 
 /// The permessage-deflate groups, left out where a run tests something else (the TLS
@@ -50,9 +47,9 @@ pub const BASE_CASES: usize = 301;
 
 /// Number of cases kosoku 0.1.0 runs with [`EXCLUDED_GROUPS`] left out: 517 with the 216
 /// permessage-deflate cases of groups 12 and 13, 301 without.
-#[cfg(all(feature = "deflate", not(target_pointer_width = "32")))]
+#[cfg(feature = "deflate")]
 pub const EXPECTED_CASES: usize = 517;
-#[cfg(any(not(feature = "deflate"), target_pointer_width = "32"))]
+#[cfg(not(feature = "deflate"))]
 pub const EXPECTED_CASES: usize = 301;
 
 /// `wsloop serve` options for the server cases. With compression every message is compressed
