@@ -19,6 +19,7 @@ use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus, WriteTraffic,
 };
 
+use super::budget::Budget;
 use super::transport::{tcp_read, tcp_write, tcp_write_vectored, Transport};
 
 /// One side of a TLS session, as the stream drives it.
@@ -72,6 +73,9 @@ struct Session<S> {
     pending_in: Vec<u8>,
     /// Ciphertext the socket did not take (empty, unallocated, when idle).
     pending_out: Vec<u8>,
+    /// What of the two buffers is counted against the server's memory budget (server
+    /// sessions; a client's stays 0).
+    charged: usize,
     flags: u8,
 }
 
@@ -185,8 +189,15 @@ impl<S> Session<S> {
             conn,
             pending_in: Vec::new(),
             pending_out: Vec::new(),
+            charged: 0,
             flags: 0,
         }
+    }
+
+    /// What the buffers a peer can fill hold: up to a record received in part (rustls refuses
+    /// longer ones) and the ciphertext of one write the socket did not take.
+    fn held(&self) -> usize {
+        self.pending_in.capacity() + self.pending_out.capacity()
     }
 }
 
@@ -554,14 +565,32 @@ thread_local! {
     static SERVING: Cell<bool> = const { Cell::new(false) };
     /// The sessions of this thread's TLS connections, by socket descriptor.
     static SESSIONS: RefCell<Vec<Option<Box<ServerSession>>>> = const { RefCell::new(Vec::new()) };
+    /// The server's memory budget, which the sessions' buffers count against.
+    static BUDGET: RefCell<Option<Arc<Budget>>> = const { RefCell::new(None) };
 }
 
-/// Marks this thread's loop as serving TLS while it lives.
+/// Brings the budget up to date with what `s`'s buffers hold now.
+fn recharge(s: &mut ServerSession) {
+    let held = s.held();
+    if held != s.charged {
+        BUDGET.with_borrow(|b| {
+            if let Some(b) = b {
+                b.add(held);
+                b.sub(s.charged);
+            }
+        });
+        s.charged = held;
+    }
+}
+
+/// Marks this thread's loop as serving TLS while it lives; the sessions' buffers count against
+/// `budget`.
 pub(crate) struct ServingTls(());
 
 impl ServingTls {
-    pub(crate) fn start() -> ServingTls {
+    pub(crate) fn start(budget: &Arc<Budget>) -> ServingTls {
         SERVING.set(true);
+        BUDGET.set(Some(Arc::clone(budget)));
         ServingTls(())
     }
 }
@@ -569,7 +598,13 @@ impl ServingTls {
 impl Drop for ServingTls {
     fn drop(&mut self) {
         SERVING.set(false);
-        let _ = SESSIONS.try_with(|t| t.take());
+        let sessions = SESSIONS.try_with(|t| t.take()).unwrap_or_default();
+        for mut s in sessions.into_iter().flatten() {
+            s.pending_in = Vec::new();
+            s.pending_out = Vec::new();
+            recharge(&mut s);
+        }
+        let _ = BUDGET.try_with(|b| b.take());
     }
 }
 
@@ -600,7 +635,9 @@ impl ServerStream {
         let fd = self.0.as_raw_fd() as usize;
         SESSIONS.with_borrow_mut(|t| {
             let s = t.get_mut(fd)?.as_deref_mut()?;
-            Some(f(&mut Tls { tcp: &mut self.0, s }))
+            let r = f(&mut Tls { tcp: &mut self.0, s });
+            recharge(s);
+            Some(r)
         })
     }
 
@@ -620,8 +657,10 @@ impl Drop for ServerStream {
             // Before the descriptor closes (and its number can be reused).
             let fd = self.0.as_raw_fd() as usize;
             let _ = SESSIONS.try_with(|t| {
-                if let Some(e) = t.borrow_mut().get_mut(fd) {
-                    *e = None;
+                if let Some(mut s) = t.borrow_mut().get_mut(fd).and_then(Option::take) {
+                    s.pending_in = Vec::new();
+                    s.pending_out = Vec::new();
+                    recharge(&mut s);
                 }
             });
         }
@@ -729,6 +768,42 @@ impl Transport for ServerStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_received_in_part_counts_against_the_budget_until_the_connection_goes() {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let tls =
+            crate::tls::ServerTls::from_pem(key.cert.pem().as_bytes(), key.signing_key.serialize_pem().as_bytes())
+                .unwrap();
+        let budget = Budget::new(1 << 20);
+        let serving = ServingTls::start(&budget);
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut stream = ServerStream::tls(TcpStream::from_std(tcp), &tls.config).unwrap();
+        assert_eq!(budget.used(), 0, "an idle session holds nothing");
+
+        // A handshake record announcing 1,000 bytes, of which 300 come.
+        let mut part = vec![22, 3, 1, (1000u16 >> 8) as u8, 1000u16 as u8];
+        part.extend_from_slice(&[1; 300]);
+        std::io::Write::write_all(&mut peer, &part).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let start = std::time::Instant::now();
+        while budget.used() == 0 && start.elapsed().as_secs() < 5 {
+            match Transport::read(&mut stream, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => panic!("a record in part is neither data nor an error: {r:?}"),
+            }
+        }
+        let held = budget.used();
+        assert!(held >= part.len(), "{held} bytes counted for {} held", part.len());
+
+        drop(stream);
+        assert_eq!(budget.used(), 0, "given back with the connection");
+        drop(serving);
+    }
 
     #[test]
     fn a_server_stream_is_a_bare_socket() {

@@ -617,9 +617,9 @@ fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
         None
     };
     // Dropped after the engine: the connections' TLS sessions live as long as the loop.
-    #[cfg(feature = "tls")]
-    let _tls = cfg.tls.is_some().then(crate::io::tls::ServingTls::start);
     let budget = Arc::clone(&handle.group.budget);
+    #[cfg(feature = "tls")]
+    let _tls = cfg.tls.is_some().then(|| crate::io::tls::ServingTls::start(&budget));
     let mut eng: ServerEngine<H::State> =
         Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom, budget);
     #[cfg(feature = "deflate")]
