@@ -174,8 +174,9 @@ pub(crate) struct Engine<T, P, R> {
     next_gen: u32,
     /// What every connection holds, against the limit.
     pub(crate) budget: Arc<Budget>,
-    /// Connections not read from until the budget recovers, and since when.
-    mem_paused: Vec<(usize, u32, u64)>,
+    /// Connections not read from until the budget recovers, and since when: in the order they
+    /// were paused, so that the ones paused longest are at the front.
+    mem_paused: std::collections::VecDeque<(usize, u32, u64)>,
     /// Connections to close for the budget at the end of the turn.
     shed: Vec<(usize, u32)>,
     /// Memory freed since the last trim, and when that was.
@@ -203,7 +204,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     pub(crate) fn new(poll: Poll, cfg: proto::Config, max_backpressure: usize, rng: R, budget: Arc<Budget>) -> Self {
         Engine {
             budget,
-            mem_paused: Vec::new(),
+            mem_paused: std::collections::VecDeque::new(),
             shed: Vec::new(),
             freed: 0,
             last_trim: 0,
@@ -416,15 +417,13 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if !self.mem_paused.is_empty() && self.budget.used() >= self.budget.low() {
             // Memory stays short: a connection paused this long is not going to finish (its
             // peer may be gone behind a closed window, or be stalling on purpose).
+            // Only the due ones are looked at, not every paused connection at every wakeup.
             let now = self.now;
-            let mut i = 0;
-            while i < self.mem_paused.len() {
-                let (key, gen, since) = self.mem_paused[i];
+            while let Some(&(key, gen, since)) = self.mem_paused.front() {
                 if now.saturating_sub(since) < MEM_STALL_MS {
-                    i += 1;
-                    continue;
+                    break;
                 }
-                self.mem_paused.swap_remove(i);
+                self.mem_paused.pop_front();
                 if let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == gen) {
                     slot.flags &= !MEM_PAUSED;
                     self.shed.push((key, gen));
@@ -433,7 +432,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             if !self.shed.is_empty() {
                 return self.apply_budget(d);
             }
-            if let Some(first) = self.mem_paused.iter().map(|e| e.2).min() {
+            if let Some(&(_, _, first)) = self.mem_paused.front() {
                 if !self.stall_armed {
                     self.stall_armed = true;
                     self.timers.push(first + MEM_STALL_MS, TimerKey(STALL_TIMER));
@@ -568,7 +567,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         let slot = &mut self.slots[key];
         if slot.flags & MEM_PAUSED == 0 {
             slot.flags |= MEM_PAUSED;
-            self.mem_paused.push((key, slot.gen, self.now));
+            self.mem_paused.push_back((key, slot.gen, self.now));
         }
     }
 
