@@ -20,16 +20,7 @@ const TEXT_BUDGET: u64 = 11_500;
 
 /// What the image receives (firmware/echo/src/lib.rs `INPUT`): the upgrade request of RFC 6455
 /// §1.2 and the masked "Hello" text frame of §5.7.
-const INPUT: &[u8] = b"GET /chat HTTP/1.1\r\n\
-Host: server.example.com\r\n\
-Upgrade: websocket\r\n\
-Connection: Upgrade\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-Origin: http://example.com\r\n\
-Sec-WebSocket-Protocol: chat, superchat\r\n\
-Sec-WebSocket-Version: 13\r\n\
-\r\n\
-\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58";
+const INPUT: &[u8] = include_bytes!("../firmware/echo/src/input.bin");
 
 /// What the server must send: the RFC's accept key for that request (no subprotocol: the echo
 /// accepts without one) and the message back, unmasked.

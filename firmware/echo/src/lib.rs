@@ -8,17 +8,9 @@ use core::ptr::{read_volatile, write_volatile};
 use embedded_alloc::LlffHeap as Heap;
 
 /// What a client sends: the upgrade request of RFC 6455 §1.2 and the masked "Hello" text frame
-/// of §5.7, as one read would deliver them.
-pub const INPUT: &[u8] = b"GET /chat HTTP/1.1\r\n\
-Host: server.example.com\r\n\
-Upgrade: websocket\r\n\
-Connection: Upgrade\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-Origin: http://example.com\r\n\
-Sec-WebSocket-Protocol: chat, superchat\r\n\
-Sec-WebSocket-Version: 13\r\n\
-\r\n\
-\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58";
+/// of §5.7, as one read would deliver them (tests/firmware.rs checks the output against the
+/// same file).
+pub const INPUT: &[u8] = include_bytes!("input.bin");
 
 /// The heap: 2 KiB, about three times the echo's high-water mark (the request's copy of its
 /// head and header index, and the output), which the `qemu` build reports and
