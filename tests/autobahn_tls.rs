@@ -12,38 +12,11 @@
 mod certs;
 mod common;
 
-use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::path::Path;
 
 use common::autobahn::{self, Kosoku, BASE_CASES, DEFLATE_GROUPS, SERVER_ARGS, SERVER_RUN_TIMEOUT};
-use common::{require_tool, spawn_nginx, spawn_server, tail, target_dir, NGINX};
-
-/// nginx in the foreground; killed on drop.
-struct Nginx {
-    addr: SocketAddr,
-    dir: PathBuf,
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Nginx {
-    fn log(&self) -> String {
-        let file = fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
-        format!("{}{}", tail(&self.stderr.lock().unwrap(), 4096), tail(&file, 8192))
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{require_tool, spawn_server, tail, target_dir, Nginx, NGINX};
 
 /// The configuration: a plain listener proxying WebSocket to `upstream` over TLS.
 fn conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
@@ -82,34 +55,7 @@ http {{
 }
 
 fn start_nginx(upstream: SocketAddr) -> Nginx {
-    let dir = target_dir().join("nginx-test").join("autobahn-tls");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create the nginx directory");
-    for _ in 0..3 {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let path = dir.join("nginx.conf");
-        fs::write(&path, conf(&dir, port, upstream)).unwrap();
-        let (child, stderr) = spawn_nginx(&dir, &path);
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut nginx = Nginx {
-            addr,
-            dir: dir.clone(),
-            child,
-            stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(_)) = nginx.child.try_wait() {
-                break; // most likely the port was taken: try another
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return nginx;
-            }
-            assert!(Instant::now() < deadline, "nginx did not start\n{}", nginx.log());
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("nginx would not start");
+    Nginx::start("autobahn-tls", |dir, port| conf(dir, port, upstream))
 }
 
 #[test]

@@ -6,14 +6,12 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{require_tool, spawn_nginx, spawn_server, tail, target_dir, Tcp, NGINX};
+use common::{require_tool, spawn_server, tail, Nginx, Tcp, NGINX};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message as WsMessage;
@@ -41,42 +39,12 @@ const PROXY_SNIPPET: &str = "
     }
 ";
 
-/// nginx in the foreground (`daemon off; master_process off;`); killed on drop.
-struct Nginx {
-    addr: SocketAddr,
-    dir: PathBuf,
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Nginx {
-    fn error_log(&self) -> String {
-        let file = fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
-        let err = self.stderr.lock().unwrap().clone();
-        format!("{}{}", tail(&err, 4096), tail(&file, 8192))
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-fn write_conf(dir: &Path, port: u16, upstream: SocketAddr) -> PathBuf {
+fn conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
     let d = dir.display();
     let proxy = PROXY_SNIPPET
         .replace("LISTEN_PORT", &port.to_string())
         .replace("UPSTREAM", &upstream.to_string());
-    let conf = format!(
+    format!(
         "daemon off;
 master_process off;
 worker_processes 1;
@@ -94,49 +62,12 @@ http {{
     scgi_temp_path {d}/scgi;
 {proxy}}}
 "
-    );
-    let path = dir.join("nginx.conf");
-    fs::write(&path, conf).expect("write nginx.conf");
-    path
+    )
 }
 
-/// Starts nginx on a free loopback port in front of `upstream`, in `<target>/nginx-test/NAME`
-/// (kept after the test for a look at its logs); retries a few ports in case
-/// another process takes the one picked.
+/// Starts nginx with the README's configuration in front of `upstream`.
 fn start_nginx(name: &str, upstream: SocketAddr) -> Nginx {
-    let dir = target_dir().join("nginx-test").join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create the nginx directory");
-    let mut last_log = String::new();
-    for _ in 0..3 {
-        let port = free_port();
-        let conf = write_conf(&dir, port, upstream);
-        let (child, stderr) = spawn_nginx(&dir, &conf);
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut nginx = Nginx {
-            addr,
-            dir: dir.clone(),
-            child,
-            stderr,
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(Some(_)) = nginx.child.try_wait() {
-                last_log = nginx.error_log();
-                break; // exited: most likely the port was taken; try another
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return nginx;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not listen on {addr} within {WAIT:?}\n{}",
-                nginx.error_log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("nginx would not start\n{last_log}");
+    Nginx::start(name, |dir, port| conf(dir, port, upstream))
 }
 
 fn have_nginx() -> bool {
@@ -150,13 +81,7 @@ fn echo_through_nginx() {
     }
     let server = spawn_server(&["--mode", "echo"]);
     let nginx = start_nginx("echo", server.addr);
-    let context = || {
-        format!(
-            "--- nginx ---\n{}\n--- wsloop ---\n{}",
-            nginx.error_log(),
-            server.stderr()
-        )
-    };
+    let context = || format!("--- nginx ---\n{}\n--- wsloop ---\n{}", nginx.log(), server.stderr());
 
     let stream = TcpStream::connect(nginx.addr).expect("connect to nginx");
     stream.set_read_timeout(Some(WAIT)).unwrap();
@@ -215,7 +140,7 @@ fn page_through_nginx() {
         body.starts_with("HTTP/1.1 200"),
         "{}\n{}",
         tail(&body, 2048),
-        nginx.error_log()
+        nginx.log()
     );
     assert!(body.contains("location.host"), "the page came through");
 }

@@ -360,24 +360,90 @@ pub fn target_dir() -> PathBuf {
 #[allow(dead_code)]
 pub const NGINX: &str = "/usr/sbin/nginx";
 
-/// Starts nginx with the prefix `dir` and the configuration `conf`, its stderr collected.
+/// nginx in the foreground (`daemon off; master_process off;`), in a directory of its own under
+/// the target directory (kept after the test for a look at its logs); killed on drop.
 #[allow(dead_code)]
-pub fn spawn_nginx(dir: &std::path::Path, conf: &std::path::Path) -> (std::process::Child, Arc<Mutex<String>>) {
-    let mut child = Command::new(NGINX)
-        .arg("-p")
-        .arg(dir)
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-c")
-        .arg(conf)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {NGINX}: {e}"));
-    let stderr = Arc::new(Mutex::new(String::new()));
-    drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
-    (child, stderr)
+pub struct Nginx {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its prefix: configuration and logs.
+    pub dir: PathBuf,
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+#[allow(dead_code)]
+impl Nginx {
+    /// Starts nginx in `<target>/nginx-test/NAME` on a free loopback port with the
+    /// configuration `conf(dir, port)` gives, and waits until it listens; retries a few ports
+    /// in case another process takes the one picked.
+    pub fn start(name: &str, conf: impl Fn(&std::path::Path, u16) -> String) -> Nginx {
+        let dir = target_dir().join("nginx-test").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the nginx directory");
+        let wait = Duration::from_secs(10);
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("bind 127.0.0.1:0")
+                .port();
+            let path = dir.join("nginx.conf");
+            std::fs::write(&path, conf(&dir, port)).expect("write nginx.conf");
+            let mut child = Command::new(NGINX)
+                .arg("-p")
+                .arg(&dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-c")
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {NGINX}: {e}"));
+            let stderr = Arc::new(Mutex::new(String::new()));
+            drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let mut nginx = Nginx {
+                addr,
+                dir: dir.clone(),
+                child,
+                stderr,
+            };
+            let deadline = Instant::now() + wait;
+            loop {
+                if let Ok(Some(_)) = nginx.child.try_wait() {
+                    last_log = nginx.log();
+                    break; // exited: most likely the port was taken; try another
+                }
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return nginx;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nginx did not listen on {addr} within {wait:?}\n{}",
+                    nginx.log()
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("nginx would not start\n{last_log}");
+    }
+
+    /// Its stderr and the end of its error log.
+    pub fn log(&self) -> String {
+        let file = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+        let err = self.stderr.lock().unwrap().clone();
+        format!("{}{}", tail(&err, 4096), tail(&file, 8192))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The lines every interop script prints when all its checks passed.
