@@ -115,3 +115,8 @@ pub use server::{Conn, ConnId, Ctx, Handle, Handler, Server, ServerConfig};
 #[cfg(all(doctest, feature = "server", feature = "client"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust examples of the library guide (docs/library.md), compiled by `cargo test` as well.
+#[cfg(all(doctest, feature = "server", feature = "client", feature = "tls"))]
+#[doc = include_str!("../docs/library.md")]
+pub struct LibraryGuideDoctests;

@@ -1,6 +1,6 @@
 //! Deployment behind nginx: nginx on a loopback port with the standard WebSocket proxy settings
-//! (the README's snippet) in front of `wsloop serve`; an echo and the browser page pass end to
-//! end. Everything nginx writes (pid, logs, temp files) stays under the target directory.
+//! (the snippet in docs/cli.md) in front of `wsloop serve`; an echo and the browser page pass
+//! end to end. Everything nginx writes (pid, logs, temp files) stays under the target directory.
 
 mod common;
 
@@ -18,7 +18,7 @@ use tungstenite::Message as WsMessage;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The proxy part of the configuration, as the README shows it (`UPSTREAM` is filled in).
+/// The proxy part of the configuration, as docs/cli.md shows it (`UPSTREAM` is filled in).
 const PROXY_SNIPPET: &str = "
     map $http_upgrade $connection_upgrade {
         default upgrade;
@@ -65,7 +65,7 @@ http {{
     )
 }
 
-/// Starts nginx with the README's configuration in front of `upstream`.
+/// Starts nginx with the configuration of docs/cli.md in front of `upstream`.
 fn start_nginx(name: &str, upstream: SocketAddr) -> Nginx {
     Nginx::start(name, |dir, port| conf(dir, port, upstream))
 }
