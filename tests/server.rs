@@ -253,6 +253,12 @@ fn bad_handshakes_get_their_status() {
             431,
         ),
         (good.replace("Host:", "Origin: https://evil.example\r\nHost:"), 403),
+        // An upgrade carries no body: one announced would be frames here, a body to a proxy.
+        (good.replace("Host:", "Content-Length: 6\r\nHost:") + "abcdef", 400),
+        (
+            good.replace("Host:", "Transfer-Encoding: chunked\r\nHost:") + "6\r\nabcdef\r\n",
+            400,
+        ),
         ("this is not http\r\n\r\n".to_string(), 400),
     ];
     for (req, want) in &cases {
@@ -268,6 +274,15 @@ fn bad_handshakes_get_their_status() {
     // The allowed origin and no origin at all both pass.
     let ok = good.replace("Host:", "Origin: https://good.example\r\nHost:");
     assert_eq!(status_of(&raw_exchange(server.addr, ok.as_bytes())), 101);
+    let empty_body = good.replace("Host:", "Content-Length: 0\r\nHost:");
+    assert_eq!(status_of(&raw_exchange(server.addr, empty_body.as_bytes())), 101);
+    // The refusal names the reason.
+    let smuggled = good.replace("Host:", "Content-Length: 6\r\nHost:") + "abcdef";
+    let text = String::from_utf8(raw_exchange(server.addr, smuggled.as_bytes())).unwrap();
+    assert!(
+        text.ends_with("a WebSocket upgrade carries no body: Content-Length must be 0\n"),
+        "{text}"
+    );
     assert_still_serving(server.addr);
 }
 
