@@ -232,7 +232,9 @@ fn serve(mut o: Parsed) -> Outcome {
         o.cfg.max_connections =
             workers::per_worker(o.max_given, n, wsloop::server::default_max_connections()).map_err(Failure::Usage)?;
         o.cfg.reuse_port = true;
-        match workers::supervise(o.addr, n, o.cfg.shutdown_timeout, o.cfg.max_connections).map_err(Failure::Runtime)? {
+        match workers::supervise(o.addr, n, threads, o.cfg.shutdown_timeout, o.cfg.max_connections)
+            .map_err(Failure::Runtime)?
+        {
             None => return Ok(()),
             Some(w) => {
                 o.addr = w.addr;
@@ -263,11 +265,17 @@ fn serve(mut o: Parsed) -> Outcome {
     if tls_on(&server) {
         log::info!("TLS: wss:// and https://");
     }
+    // Taken before loop 0 takes the worker.
+    let heartbeats: Vec<_> = (0..threads)
+        .map(|lp| worker.as_ref().and_then(|w| w.heartbeat(lp)))
+        .collect();
     server
         .run_threads(|lp| Cli {
             mode: o.mode.clone(),
             every: o.stats_every,
             stats_timer: None,
+            heartbeat: heartbeats.get(lp).copied().flatten(),
+            heartbeat_timer: None,
             last: None,
             tag: if threads > 1 {
                 format!("{tag} t{lp}")
@@ -307,6 +315,10 @@ struct Cli {
     mode: Mode,
     every: Option<Duration>,
     stats_timer: Option<TimerId>,
+    /// In a worker: this loop's heartbeat to the parent, beaten from a timer of the loop's own
+    /// (so a loop stuck in a callback misses it).
+    heartbeat: Option<workers::Heartbeat>,
+    heartbeat_timer: Option<TimerId>,
     /// When the previous line was printed, and the counters then.
     last: Option<(Instant, Stats)>,
     /// ` wN` in worker N's stats lines, ` tN` in loop N's with several threads.
@@ -316,6 +328,13 @@ struct Cli {
 }
 
 impl Cli {
+    fn beat(&mut self, ctx: &mut Ctx<'_, ()>) {
+        if let Some(h) = self.heartbeat {
+            h.beat();
+            self.heartbeat_timer = Some(ctx.set_timer(workers::HEARTBEAT));
+        }
+    }
+
     fn tick(&mut self, ctx: &mut Ctx<'_, ()>) {
         let Some(every) = self.every else { return };
         let now = Instant::now();
@@ -356,6 +375,7 @@ impl Handler for Cli {
         if let Some(w) = self.worker.take() {
             w.serving();
         }
+        self.beat(ctx);
         self.tick(ctx);
     }
 
@@ -384,7 +404,9 @@ impl Handler for Cli {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, timer: Timer) {
-        if Some(timer.id) == self.stats_timer {
+        if Some(timer.id) == self.heartbeat_timer {
+            self.beat(ctx);
+        } else if Some(timer.id) == self.stats_timer {
             self.tick(ctx);
         } else if let Mode::Broadcast(b) = &mut self.mode {
             b.on_announce_timer(ctx, timer);
