@@ -640,6 +640,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
         }
+        // Large inflated messages (a bomb's refused output too) are trimmed after, as freed buffers are.
+        #[cfg(feature = "deflate")]
+        {
+            self.freed = self.freed.saturating_add(self.codec.take_released());
+        }
         self.uncork();
     }
 
