@@ -681,3 +681,46 @@ fn the_memory_of_every_deflate_bomb_is_given_back() {
     }
     assert_still_serving(server.addr);
 }
+
+#[test]
+fn a_slow_consumer_is_logged_with_the_close_code_it_was_sent() {
+    // The slow peer never reads (a 4 KiB receive buffer), is closed with 1008, and goes away
+    // without answering: the log says 1008, not only the 1006 of a vanished peer.
+    const SIZE: usize = 64 << 10;
+    let server = common::spawn_server(&["--mode", "broadcast"]);
+    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    slow.set_recv_buffer_size(4096).unwrap();
+    slow.connect(&server.addr.into()).unwrap();
+    let mut slow: TcpStream = slow.into();
+    slow.write_all(KEY_REQUEST.as_bytes()).unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    assert!(server.wait_for_stderr(&format!(":{slow_port} connected"), Duration::from_secs(5)));
+    let mut sender = TcpStream::connect(server.addr).unwrap();
+    sender.write_all(KEY_REQUEST.as_bytes()).unwrap();
+    // The sender reads its own copies on another thread, so that only the slow peer lags.
+    let mut reader = sender.try_clone().unwrap();
+    reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.stderr().contains("slow consumer, closing") {
+        assert!(Instant::now() < deadline, "never closed: {}", server.stderr());
+        sender.write_all(&masked(true, OpCode::Binary, &[7u8; SIZE])).unwrap();
+    }
+    // It goes away without its close frame (unread bytes make that a reset).
+    drop(slow);
+    let line = format!(":{slow_port} disconnected (");
+    assert!(
+        server.wait_for_stderr(&line, Duration::from_secs(10)),
+        "{}",
+        server.stderr()
+    );
+    let log = server.stderr();
+    let at = log.find(&line).unwrap() + line.len();
+    let said = log[at..].split(')').next().unwrap();
+    assert_eq!(said, "1008 sent, no close frame back", "{log}");
+    drop(sender);
+    drain.join().unwrap();
+}
