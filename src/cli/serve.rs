@@ -33,8 +33,10 @@ Options:
   --processes N            N worker processes on one port (SO_REUSEPORT), each with
                            --threads loops, restarted when they die; broadcasts, peer
                            counts and limits stay within each process [default: this one]
-  --max-connections N      connections held; more get 503 [default: open-file limit - 64;
-                           with --processes: in all, each worker its share and headroom]
+  --max-connections N      connections held; more get 503 [default: open-file limit - 64].
+                           With --processes P it is a limit per worker, not a total: each
+                           holds the share N/P plus room for the kernel's uneven spread,
+                           share + 5*sqrt(share) + 16 (100 over 4: 66 each, up to 264 in all)
   --max-connections-per-ip N
                            connections from one address; more get 503 [default: no limit]
   --max-memory BYTES       memory for buffered data; past 3/4 of it the largest holders
