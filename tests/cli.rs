@@ -587,7 +587,9 @@ fn bench_interrupted_reports_what_ran() {
 fn the_help_says_what_max_connections_means_with_processes() {
     // `--max-connections 100 --processes 4` held 264 connections, and the help read as a total.
     let help = wsloop(&["serve", "--help"]).stdout;
-    let start = help.find("  --max-connections N").expect("--max-connections in the help");
+    let start = help
+        .find("  --max-connections N")
+        .expect("--max-connections in the help");
     let entry: String = help[start..]
         .lines()
         .enumerate()
@@ -606,7 +608,9 @@ fn the_help_says_what_max_connections_means_with_processes() {
     // The example is what the workers are given.
     let server = spawn_server(&["--processes", "4", "--max-connections", "100"]);
     assert!(
-        server.stderr().contains("4 worker processes, up to 66 connections each"),
+        server
+            .stderr()
+            .contains("4 worker processes, up to 66 connections each"),
         "{}",
         server.stderr()
     );

@@ -594,6 +594,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         }
         let slot = &mut self.slots[key];
         if slot.out.is_none() && !slot.stream.wants_write() {
+            if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
+                // A client ends its side after the server's: over TLS with close_notify.
+                slot.flags |= SHUT_WR;
+                let _ = slot.stream.shutdown_write();
+            }
             let cause = if slot.flags & SHUT_WR != 0 {
                 Cause::Done
             } else {
