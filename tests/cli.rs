@@ -615,3 +615,14 @@ fn the_help_says_what_max_connections_means_with_processes() {
         server.stderr()
     );
 }
+
+#[test]
+fn every_option_in_every_help_is_indented() {
+    // A string continued with `\` at the end of a line drops the next line's indentation.
+    for command in ["serve", "client", "bench"] {
+        let help = wsloop(&["help", command]).stdout;
+        for line in help.lines().filter(|l| l.starts_with('-')) {
+            panic!("help {command}: {line:?} is not indented");
+        }
+    }
+}
