@@ -360,6 +360,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_worker_is_hung_when_one_of_its_loops_stops_beating() {
+        static BEATS: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
+        let beats = &BEATS;
+        let mut seen = vec![(0, 0); 2];
+        let silence = SILENCE.as_millis() as u64;
+        // Not started yet: never judged.
+        assert_eq!(silent_loop(&mut seen, beats, 10 * silence), None);
+        // Both beat; then only loop 0 goes on beating.
+        for b in beats {
+            Heartbeat(b).beat();
+        }
+        assert_eq!(silent_loop(&mut seen, beats, 10 * silence), None);
+        for t in 1..=3 {
+            Heartbeat(&beats[0]).beat();
+            let now = 10 * silence + t * silence / 3;
+            let want = (t == 3).then_some(1);
+            assert_eq!(silent_loop(&mut seen, beats, now), want, "after {t}/3 of the silence");
+        }
+        // A beat after a wrap of the count is still a beat, and never reads as "not started".
+        beats[1].store(u32::MAX, Ordering::Relaxed);
+        Heartbeat(&beats[1]).beat();
+        assert_eq!(beats[1].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn workers_are_sized_for_the_total_with_headroom_for_the_spread() {
         assert_eq!(per_worker(None, 4, 19_936), Ok(19_936));
         // 1,000,000 over 53: a share of 18,868, 5 x 137 and 16 more.
