@@ -582,3 +582,46 @@ fn bench_interrupted_reports_what_ran() {
     assert_eq!(json["lost"], 0, "{out}");
     assert_eq!(status.code(), Some(0), "a clean run, cut short: {out}");
 }
+
+#[test]
+fn the_help_says_what_max_connections_means_with_processes() {
+    // `--max-connections 100 --processes 4` held 264 connections, and the help read as a total.
+    let help = wsloop(&["serve", "--help"]).stdout;
+    let start = help
+        .find("  --max-connections N")
+        .expect("--max-connections in the help");
+    let entry: String = help[start..]
+        .lines()
+        .enumerate()
+        .take_while(|(i, l)| *i == 0 || !l.trim_start().starts_with('-'))
+        .map(|(_, l)| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for words in [
+        "With --processes P it is a limit per worker",
+        "not a total",
+        "the share N/P plus room for the kernel's uneven spread",
+        "100 over 4: 66 each, up to 264 in all",
+    ] {
+        assert!(entry.contains(words), "{words:?} not in: {entry}");
+    }
+    // The example is what the workers are given.
+    let server = spawn_server(&["--processes", "4", "--max-connections", "100"]);
+    assert!(
+        server
+            .stderr()
+            .contains("4 worker processes, up to 66 connections each"),
+        "{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn every_option_in_every_help_is_indented() {
+    // A string continued with `\` at the end of a line drops the next line's indentation.
+    for command in ["serve", "client", "bench"] {
+        let help = wsloop(&["help", command]).stdout;
+        let flush: Vec<&str> = help.lines().filter(|l| l.starts_with('-')).collect();
+        assert!(flush.is_empty(), "help {command}: not indented: {flush:?}");
+    }
+}

@@ -232,3 +232,86 @@ fn workers_run_their_threads_and_a_broadcast_reaches_every_loop_of_its_process_o
         "{got} peers got it; per worker {per_worker:?}, per loop {open:?}"
     );
 }
+
+/// Sends SIGKILL to a stopped worker when dropped, so that a failing test leaves no process
+/// stopped forever (a stopped worker does not act on the SIGTERM it gets when the parent dies).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::path::Path::new(&format!("/proc/{}", self.0)).exists() {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
+#[test]
+fn a_hung_worker_is_killed_and_replaced_and_every_new_client_is_served() {
+    let server = common::spawn_server(&["--processes", "4"]);
+    let e = server.stderr();
+    let pids: Vec<u32> = (1..=4).map(|n| worker_pid(&e, n).expect("worker pid")).collect();
+    // Worker 2 stops answering: its loop runs no more, but the kernel still hands its
+    // listener a share of new connections.
+    let hung = pids[1];
+    let _cleanup = KillOnDrop(hung);
+    let stopped_at = Instant::now();
+    signal("-STOP", hung);
+    wait_until("worker 2 found hung, killed and started anew", &server, |e| {
+        e.contains(&format!("worker 2 (pid {hung}) stopped answering"))
+            && e.contains(&format!("worker 2 (pid {hung}) killed by signal 9"))
+            && worker_pid(e, 2).is_some_and(|p| p != hung)
+    });
+    let replaced_in = stopped_at.elapsed();
+    assert!(replaced_in <= Duration::from_secs(10), "replaced after {replaced_in:?}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{hung}")).exists(),
+        "the hung worker is gone"
+    );
+    eprintln!("a stopped worker was replaced {replaced_in:?} after SIGSTOP");
+    // The other workers, idle all along, were not taken for hung.
+    let e = server.stderr();
+    for n in [1, 3, 4] {
+        assert_eq!(worker_pid(&e, n), Some(pids[n - 1]), "worker {n} kept: {e}");
+    }
+    assert_eq!(e.matches("stopped answering").count(), 1, "{e}");
+    // Every fresh client is served, by a live worker: none hangs on the stopped one's queue
+    // (ws_connect gives up after 10 s without an answer).
+    for i in 0..40 {
+        let mut ws = ws_connect(server.addr);
+        assert!(echoes(&mut ws, &format!("fresh {i}")), "client {i}");
+    }
+}
+
+#[test]
+fn a_busy_worker_is_not_taken_for_a_hung_one() {
+    let server = common::spawn_server(&["--processes", "2"]);
+    let e = server.stderr();
+    let pids = [worker_pid(&e, 1).unwrap(), worker_pid(&e, 2).unwrap()];
+    // Eight peers keep both workers echoing 256 KiB messages for longer than the silence
+    // after which a worker counts as hung (3 s).
+    let payload = vec![7u8; 256 << 10];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let peers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut ws = ws_connect(server.addr);
+            let payload = payload.clone();
+            std::thread::spawn(move || {
+                let mut rounds = 0u32;
+                while Instant::now() < deadline {
+                    ws.send(TMessage::binary(payload.clone())).unwrap();
+                    match ws.read().unwrap() {
+                        TMessage::Binary(b) => assert_eq!(b.len(), payload.len()),
+                        other => panic!("{other:?}"),
+                    }
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    let rounds: u32 = peers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(rounds > 8, "the workers were kept busy ({rounds} echoes)");
+    let e = server.stderr();
+    assert!(!e.contains("stopped answering"), "{e}");
+    assert_eq!([worker_pid(&e, 1), worker_pid(&e, 2)], pids.map(Some), "{e}");
+}

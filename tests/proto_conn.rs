@@ -1455,3 +1455,41 @@ fn a_refused_client_sees_the_same_answer_however_it_arrives() {
         assert_eq!(run(cut), whole, "cut {cut}");
     }
 }
+
+#[test]
+fn an_upgrade_with_a_body_is_refused_however_it_arrives() {
+    // The bytes after an upgrade's head are frames; a body announced on it would be read as
+    // frames here and as a body by a proxy that reads it otherwise (request smuggling).
+    // "abcdef" is a body of 6, and also a chunk a chunked reader would wait on.
+    for (header, named) in [
+        ("Content-Length: 6", "Content-Length must be 0"),
+        ("Transfer-Encoding: chunked", "Transfer-Encoding is not allowed"),
+    ] {
+        let data = REQUEST.replace("Origin:", &format!("{header}\r\nOrigin:")) + "abcdef";
+        for cut in 1..=data.len() {
+            let r = read_request_cut(data.as_bytes(), cut, 4096).map(|_| ());
+            let e = r.unwrap_err();
+            assert_eq!(e.status, 400, "{header} cut {cut}");
+            assert!(e.message.contains(named), "{header} cut {cut}: {}", e.message);
+        }
+        // The answer says why.
+        let mut out = Vec::new();
+        read_request_cut(data.as_bytes(), data.len(), 4096)
+            .unwrap_err()
+            .write(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(
+            text.ends_with(&format!("a WebSocket upgrade carries no body: {named}\n")),
+            "{text}"
+        );
+    }
+    // An empty body is announced as 0 and is fine: the frame after the head is read as one.
+    let data = REQUEST.replace("Origin:", "Content-Length: 0\r\nOrigin:");
+    let frame = cf(true, OpCode::Text, b"Hello");
+    let data = concat(&[data.as_bytes(), &frame]);
+    let mut conn = Connection::server(0);
+    let (head, used) = read_request(&mut conn, &data, 4096).unwrap().unwrap();
+    assert_upgrade(&head);
+    assert_eq!(&data[used..], &frame[..]);
+}

@@ -253,6 +253,12 @@ fn bad_handshakes_get_their_status() {
             431,
         ),
         (good.replace("Host:", "Origin: https://evil.example\r\nHost:"), 403),
+        // An upgrade carries no body: one announced would be frames here, a body to a proxy.
+        (good.replace("Host:", "Content-Length: 6\r\nHost:") + "abcdef", 400),
+        (
+            good.replace("Host:", "Transfer-Encoding: chunked\r\nHost:") + "6\r\nabcdef\r\n",
+            400,
+        ),
         ("this is not http\r\n\r\n".to_string(), 400),
     ];
     for (req, want) in &cases {
@@ -268,6 +274,15 @@ fn bad_handshakes_get_their_status() {
     // The allowed origin and no origin at all both pass.
     let ok = good.replace("Host:", "Origin: https://good.example\r\nHost:");
     assert_eq!(status_of(&raw_exchange(server.addr, ok.as_bytes())), 101);
+    let empty_body = good.replace("Host:", "Content-Length: 0\r\nHost:");
+    assert_eq!(status_of(&raw_exchange(server.addr, empty_body.as_bytes())), 101);
+    // The refusal names the reason.
+    let smuggled = good.replace("Host:", "Content-Length: 6\r\nHost:") + "abcdef";
+    let text = String::from_utf8(raw_exchange(server.addr, smuggled.as_bytes())).unwrap();
+    assert!(
+        text.ends_with("a WebSocket upgrade carries no body: Content-Length must be 0\n"),
+        "{text}"
+    );
     assert_still_serving(server.addr);
 }
 
@@ -615,4 +630,97 @@ fn shutdown_from_inside_a_handler_closes_that_peer_with_1001() {
     let _ = ws.flush();
     drop(ws);
     thread.join().unwrap().unwrap();
+}
+
+/// Sends one compressed binary message on a connection that agreed on permessage-deflate, and
+/// returns the close code the server answers with.
+fn send_compressed(addr: SocketAddr, compressed: &[u8]) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let offer = KEY_REQUEST.replace(
+        "\r\n\r\n",
+        "\r\nSec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n\r\n",
+    );
+    let mut data = offer.into_bytes();
+    let mut frame = Vec::new();
+    write_frame(&mut frame, true, OpCode::Binary, Some(MASK), compressed);
+    frame[0] |= 0x40; // RSV1: compressed
+    data.extend_from_slice(&frame);
+    s.write_all(&data).unwrap();
+    let got = read_to_close(&mut s);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("permessage-deflate"), "compression not agreed: {text}");
+    close_code_of(&frames_after_head(&got))
+}
+
+#[test]
+fn the_memory_of_every_deflate_bomb_is_given_back() {
+    // 64 MiB of zeros in about 64 KB: inflating stops at --max-message (16 MiB) with 1009. glibc
+    // returned the first bomb's buffer by itself but kept the second's in its heap (the first
+    // one raised its threshold for giving large blocks back).
+    let server = common::spawn_server(&[]);
+    let mut bomb = Vec::new();
+    wsloop::proto::deflate::Compressor::new(9).compress(&vec![0u8; 64 << 20], 15, &mut bomb);
+    // A compressed message makes the loop's decompressor (a cut one is refused with 1007):
+    // what the server holds after it is the baseline.
+    assert_eq!(send_compressed(server.addr, &bomb[..100]), 1007);
+    let base = vm_rss_kib(server.pid());
+    for round in 1..=3 {
+        assert_eq!(send_compressed(server.addr, &bomb), 1009, "bomb {round}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut rss = vm_rss_kib(server.pid());
+        while rss > base + 4096 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            rss = vm_rss_kib(server.pid());
+        }
+        eprintln!("after bomb {round}: RSS {rss} KiB (baseline {base} KiB)");
+        assert!(
+            rss <= base + 4096,
+            "after bomb {round}: RSS {rss} KiB, baseline {base} KiB"
+        );
+    }
+    assert_still_serving(server.addr);
+}
+
+#[test]
+fn a_slow_consumer_is_logged_with_the_close_code_it_was_sent() {
+    // The slow peer never reads (a 4 KiB receive buffer), is closed with 1008, and goes away
+    // without answering: the log says 1008, not only the 1006 of a vanished peer.
+    const SIZE: usize = 64 << 10;
+    let server = common::spawn_server(&["--mode", "broadcast"]);
+    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    slow.set_recv_buffer_size(4096).unwrap();
+    slow.connect(&server.addr.into()).unwrap();
+    let mut slow: TcpStream = slow.into();
+    slow.write_all(KEY_REQUEST.as_bytes()).unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    assert!(server.wait_for_stderr(&format!(":{slow_port} connected"), Duration::from_secs(5)));
+    let mut sender = TcpStream::connect(server.addr).unwrap();
+    sender.write_all(KEY_REQUEST.as_bytes()).unwrap();
+    // The sender reads its own copies on another thread, so that only the slow peer lags.
+    let mut reader = sender.try_clone().unwrap();
+    reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.stderr().contains("slow consumer, closing") {
+        assert!(Instant::now() < deadline, "never closed: {}", server.stderr());
+        sender.write_all(&masked(true, OpCode::Binary, &[7u8; SIZE])).unwrap();
+    }
+    // It goes away without its close frame (unread bytes make that a reset).
+    drop(slow);
+    let line = format!(":{slow_port} disconnected (");
+    assert!(
+        server.wait_for_stderr(&line, Duration::from_secs(10)),
+        "{}",
+        server.stderr()
+    );
+    let log = server.stderr();
+    let at = log.find(&line).unwrap() + line.len();
+    let said = log[at..].split(')').next().unwrap();
+    assert_eq!(said, "1008 sent, no close frame back", "{log}");
+    drop(sender);
+    drain.join().unwrap();
 }

@@ -546,3 +546,129 @@ fn node_ws_over_tls() {
         &[("NODE_EXTRA_CA_CERTS", path(&certs().ca))],
     );
 }
+
+/// A `wss://` server for one connection, made of rustls and a few lines of WebSocket: it
+/// answers the upgrade, takes part in the close handshake (closing first with `1001` when
+/// `server_closes`), sends its close_notify, ends its side, and reads on to see how the
+/// client's TLS stream ends: `Ok` when with close_notify (rustls reads a clean end), the error
+/// otherwise (rustls reads an unexpected EOF).
+fn close_notify_server(server_closes: bool) -> (u16, thread::JoinHandle<Result<(), String>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&certs().cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&certs().key).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let serve = move || -> Result<(), String> {
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: std::io::Error| format!("{what}: {err}")
+        };
+        let (tcp, _) = listener.accept().map_err(e("accept"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = rustls::ServerConnection::new(Arc::new(cfg)).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.read_exact(&mut byte).map_err(e("the request"))?;
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .ok_or("no key")?;
+        let accept = wsloop::proto::handshake::accept_key(key.trim().as_bytes());
+        write!(
+            tls,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .map_err(e("the answer"))?;
+        if server_closes {
+            tls.write_all(&[0x88, 2, 0x03, 0xE9]).map_err(e("the close"))?;
+        }
+        // The client's close frame, masked.
+        let mut frame = [0u8; 2];
+        tls.read_exact(&mut frame).map_err(e("the client's close"))?;
+        if frame[0] != 0x88 || frame[1] & 0x80 == 0 || frame[1] & 0x7f > 125 {
+            return Err(format!("not a masked close frame: {frame:?}"));
+        }
+        let mut rest = vec![0u8; 4 + usize::from(frame[1] & 0x7f)];
+        tls.read_exact(&mut rest).map_err(e("the client's close"))?;
+        if !server_closes {
+            tls.write_all(&[0x88, 2, 0x03, 0xE8]).map_err(e("the close reply"))?;
+        }
+        // The server ends the TCP connection first (RFC 6455 §7.1.1), with close_notify.
+        tls.conn.send_close_notify();
+        while tls.conn.wants_write() {
+            tls.conn.write_tls(&mut tls.sock).map_err(e("close_notify"))?;
+        }
+        tls.sock.shutdown(std::net::Shutdown::Write).map_err(e("FIN"))?;
+        let mut after = [0u8; 64];
+        match tls.read(&mut after) {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(format!("{n} bytes after the close frame")),
+            Err(err) => Err(format!("the client's stream ended without close_notify: {err}")),
+        }
+    };
+    (port, thread::spawn(serve))
+}
+
+#[test]
+fn our_client_ends_its_tls_stream_with_close_notify() {
+    for server_closes in [false, true] {
+        let (port, server) = close_notify_server(server_closes);
+        let mut c = Client::connect(&format!("wss://localhost:{port}/"), trusting_client()).expect("connect");
+        if !server_closes {
+            c.close(1000, "").unwrap();
+        }
+        let want = if server_closes { 1001 } else { 1000 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "no close");
+            match c.next_event(Some(Duration::from_secs(1))) {
+                Ok(Some(ClientEvent::Closed { code, .. })) => {
+                    assert_eq!(code, want);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("server_closes {server_closes}: {e}"),
+            }
+        }
+        let seen = server.join().unwrap();
+        assert_eq!(seen, Ok(()), "server_closes {server_closes}");
+    }
+}
+
+#[test]
+fn the_load_generator_ends_its_tls_streams_with_close_notify() {
+    let (port, server) = close_notify_server(false);
+    let o = run(
+        &[
+            "bench",
+            &format!("wss://localhost:{port}/"),
+            "--connections",
+            "1",
+            "--duration",
+            "0",
+            "--source-ips",
+            "127.0.0.1",
+            "--ca",
+            path(&certs().ca),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(server.join().unwrap(), Ok(()));
+}

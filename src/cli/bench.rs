@@ -39,8 +39,7 @@ Options:
                            (json and text are sent as text messages) [default: binary]
 ",
     deflate_help!(bench),
-    "\
-  -d, --duration DUR|off   length of the measured phase; 0 or off measures only the
+    "  -d, --duration DUR|off   length of the measured phase; 0 or off measures only the
                            connecting [default: 30s]
   --source-ips RANGE       local addresses to connect from, in turn: 127.0.0.2-127.0.0.254
                            or a comma list [default for a loopback target: that range]

@@ -41,8 +41,7 @@ Options:
   --max-message BYTES    largest message accepted; larger closes with 1009 [default: 16MiB]
 ",
     deflate_help!(client),
-    "\
-  --log LEVEL            error | warn | info | debug | trace | off [default: info]
+    "  --log LEVEL            error | warn | info | debug | trace | off [default: info]
   -q, --quiet            only warnings and errors (--log warn)
   -V, --version          print the version
 ",

@@ -9,6 +9,7 @@
 #![cfg_attr(not(all(feature = "server", feature = "bench")), allow(dead_code))]
 
 use std::io;
+use std::sync::atomic::AtomicU32;
 
 /// Forks this process: `Ok(None)` in the child, `Ok(Some(pid))` in the parent.
 ///
@@ -23,6 +24,30 @@ pub fn fork() -> io::Result<Option<i32>> {
         0 => Ok(None),
         pid => Ok(Some(pid)),
     }
+}
+
+/// `n` counters in memory shared with every child forked after this call (an anonymous
+/// `MAP_SHARED` mapping), all 0. Never unmapped: they last as long as the process.
+pub fn shared_counters(n: usize) -> io::Result<&'static [AtomicU32]> {
+    let len = n.max(1) * std::mem::size_of::<AtomicU32>();
+    // SAFETY: a fresh anonymous mapping, asking for no address: it aliases nothing.
+    let at = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the mapping is page-aligned, `len` bytes long, zero-filled (a valid AtomicU32 is
+    // any 4 bytes), and never unmapped, so the slice may live for 'static; atomics make the
+    // writes of other processes sharing it sound.
+    Ok(unsafe { std::slice::from_raw_parts(at.cast::<AtomicU32>(), n) })
 }
 
 /// Sends `signal` to process `pid`; false if it is gone.

@@ -33,8 +33,10 @@ Options:
   --processes N            N worker processes on one port (SO_REUSEPORT), each with
                            --threads loops, restarted when they die; broadcasts, peer
                            counts and limits stay within each process [default: this one]
-  --max-connections N      connections held; more get 503 [default: open-file limit - 64;
-                           with --processes: in all, each worker its share and headroom]
+  --max-connections N      connections held; more get 503 [default: open-file limit - 64].
+                           With --processes P it is a limit per worker, not a total: each
+                           holds the share N/P plus room for the kernel's uneven spread,
+                           share + 5*sqrt(share) + 16 (100 over 4: 66 each, up to 264 in all)
   --max-connections-per-ip N
                            connections from one address; more get 503 [default: no limit]
   --max-memory BYTES       memory for buffered data; past 3/4 of it the largest holders
@@ -232,7 +234,9 @@ fn serve(mut o: Parsed) -> Outcome {
         o.cfg.max_connections =
             workers::per_worker(o.max_given, n, wsloop::server::default_max_connections()).map_err(Failure::Usage)?;
         o.cfg.reuse_port = true;
-        match workers::supervise(o.addr, n, o.cfg.shutdown_timeout, o.cfg.max_connections).map_err(Failure::Runtime)? {
+        match workers::supervise(o.addr, n, threads, o.cfg.shutdown_timeout, o.cfg.max_connections)
+            .map_err(Failure::Runtime)?
+        {
             None => return Ok(()),
             Some(w) => {
                 o.addr = w.addr;
@@ -263,11 +267,17 @@ fn serve(mut o: Parsed) -> Outcome {
     if tls_on(&server) {
         log::info!("TLS: wss:// and https://");
     }
+    // Taken before loop 0 takes the worker.
+    let heartbeats: Vec<_> = (0..threads)
+        .map(|lp| worker.as_ref().and_then(|w| w.heartbeat(lp)))
+        .collect();
     server
         .run_threads(|lp| Cli {
             mode: o.mode.clone(),
             every: o.stats_every,
             stats_timer: None,
+            heartbeat: heartbeats.get(lp).copied().flatten(),
+            heartbeat_timer: None,
             last: None,
             tag: if threads > 1 {
                 format!("{tag} t{lp}")
@@ -307,6 +317,10 @@ struct Cli {
     mode: Mode,
     every: Option<Duration>,
     stats_timer: Option<TimerId>,
+    /// In a worker: this loop's heartbeat to the parent, beaten from a timer of the loop's own
+    /// (so a loop stuck in a callback misses it).
+    heartbeat: Option<workers::Heartbeat>,
+    heartbeat_timer: Option<TimerId>,
     /// When the previous line was printed, and the counters then.
     last: Option<(Instant, Stats)>,
     /// ` wN` in worker N's stats lines, ` tN` in loop N's with several threads.
@@ -316,6 +330,13 @@ struct Cli {
 }
 
 impl Cli {
+    fn beat(&mut self, ctx: &mut Ctx<'_, ()>) {
+        if let Some(h) = self.heartbeat {
+            h.beat();
+            self.heartbeat_timer = Some(ctx.set_timer(workers::HEARTBEAT));
+        }
+    }
+
     fn tick(&mut self, ctx: &mut Ctx<'_, ()>) {
         let Some(every) = self.every else { return };
         let now = Instant::now();
@@ -356,6 +377,7 @@ impl Handler for Cli {
         if let Some(w) = self.worker.take() {
             w.serving();
         }
+        self.beat(ctx);
         self.tick(ctx);
     }
 
@@ -384,7 +406,9 @@ impl Handler for Cli {
     }
 
     fn on_timer(&mut self, ctx: &mut Ctx<'_, ()>, timer: Timer) {
-        if Some(timer.id) == self.stats_timer {
+        if Some(timer.id) == self.heartbeat_timer {
+            self.beat(ctx);
+        } else if Some(timer.id) == self.stats_timer {
             self.tick(ctx);
         } else if let Mode::Broadcast(b) = &mut self.mode {
             b.on_announce_timer(ctx, timer);

@@ -1,10 +1,17 @@
 //! `wsloop serve --processes N`: a parent that forks N workers listening on one port with
-//! `SO_REUSEPORT`, restarts a worker that dies, and stops them all on SIGINT or SIGTERM.
+//! `SO_REUSEPORT`, restarts a worker that dies or stops answering, and stops them all on
+//! SIGINT or SIGTERM.
+//!
+//! A worker whose loop is stuck (stopped, deadlocked, in an endless callback) still gets its
+//! share of new connections from the kernel, and they would wait forever. So every loop of a
+//! worker beats (bumps a counter in memory shared with the parent) every [`HEARTBEAT`] from
+//! a timer of its own, and the parent kills a worker with a loop silent for [`SILENCE`]
+//! (SIGKILL: a stopped process acts on no other signal) and starts a new one.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +22,27 @@ use super::procs;
 /// Most worker processes.
 pub const MAX_PROCESSES: usize = 1000;
 
+/// How often each loop of a worker beats.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long a loop may go without a beat before its worker counts as hung (three beats missed:
+/// a busy loop still runs its timers every turn, a loop stuck this long serves nobody).
+const SILENCE: Duration = Duration::from_secs(3);
+
+/// A loop's heartbeat: a counter in memory shared with the parent.
+#[derive(Clone, Copy)]
+pub struct Heartbeat(&'static AtomicU32);
+
+impl Heartbeat {
+    /// Tells the parent this loop still runs.
+    pub fn beat(self) {
+        // Never 0 again once it has beaten: 0 means "not started yet" to the parent.
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.wrapping_add(1).max(1)));
+    }
+}
+
 /// A forked worker: its number (from 1), the address to listen on, and the line to the parent.
 pub struct Worker {
     pub index: usize,
@@ -22,9 +50,17 @@ pub struct Worker {
     parent: UnixStream,
     /// While set, SIGINT and SIGTERM end the worker (it holds no connections yet).
     default_action: Arc<AtomicBool>,
+    /// One counter per loop.
+    beats: &'static [AtomicU32],
 }
 
 impl Worker {
+    /// The heartbeat of loop `lp` (every loop beats: any of them stuck leaves its listener's
+    /// connections waiting).
+    pub fn heartbeat(&self, lp: usize) -> Option<Heartbeat> {
+        self.beats.get(lp).map(Heartbeat)
+    }
+
     /// Once the server runs (its own signal handling in place): tells the parent this worker
     /// listens, and leaves SIGINT and SIGTERM to the server.
     pub fn serving(mut self) {
@@ -65,12 +101,24 @@ struct Slot {
     /// The wait before the next restart: doubled while the worker dies young.
     backoff: u64,
     start_at: Option<u64>,
+    /// Per loop: the count last read and when it changed.
+    beats: Vec<(u32, u64)>,
+    /// Killed as hung, not reaped yet.
+    hung: bool,
 }
 
-/// Starts `n` workers on `addr` and supervises them. Returns `Ok(None)` in the parent once
-/// every worker has stopped after a signal, and `Ok(Some(worker))` in a worker, which then
-/// binds (with `SO_REUSEPORT`), runs its server and calls [`Worker::serving`].
-pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize) -> Result<Option<Worker>, String> {
+/// Starts `n` workers of `threads` loops each on `addr` and supervises them. Returns
+/// `Ok(None)` in the parent once every worker has stopped after a signal, and
+/// `Ok(Some(worker))` in a worker, which then binds (with `SO_REUSEPORT`), runs its server,
+/// calls [`Worker::serving`] and has each loop beat its [`Worker::heartbeat`] every
+/// [`HEARTBEAT`].
+pub fn supervise(
+    addr: SocketAddr,
+    n: usize,
+    threads: usize,
+    stop_timeout: Duration,
+    per: usize,
+) -> Result<Option<Worker>, String> {
     // Held bound but not listening (so it gets no connections): finds the port for port 0,
     // reports a busy port before any worker starts, and keeps the port while workers restart.
     let reserve = || -> std::io::Result<_> {
@@ -83,6 +131,8 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
     let reserve = reserve().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let addr = reserve.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
     let io = |e: std::io::Error| format!("cannot supervise workers: {e}");
+    let threads = threads.max(1);
+    let beats = procs::shared_counters(n * threads).map_err(io)?;
     // Signals and workers write to `tx`: a signal one `X`, a worker that listens one `R`.
     let (mut rx, tx) = UnixStream::pair().map_err(io)?;
     let term = Arc::new(AtomicBool::new(false));
@@ -107,6 +157,8 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
             started: 0,
             backoff: 100,
             start_at: Some(0),
+            beats: Vec::new(),
+            hung: false,
         })
         .collect();
     let (mut ready, mut serving, mut stop_by, mut killed) = (0, false, None, false);
@@ -117,8 +169,16 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
             if stop_by.is_some() || slot.start_at.is_none_or(|t| t > now) {
                 continue;
             }
+            let own_beats = &beats[i * threads..(i + 1) * threads];
+            for b in own_beats {
+                b.store(0, Ordering::Relaxed);
+            }
             match procs::fork().map_err(io)? {
-                None => return become_worker(me, ids, i + 1, addr, &tx).map(Some).map_err(io),
+                None => {
+                    return become_worker(me, ids, i + 1, addr, &tx, own_beats)
+                        .map(Some)
+                        .map_err(io)
+                }
                 Some(pid) => {
                     say(log::Level::Info, format_args!("worker {} started (pid {pid})", i + 1));
                     *slot = Slot {
@@ -126,11 +186,20 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
                         started: now,
                         backoff: slot.backoff,
                         start_at: None,
+                        beats: vec![(0, now); threads],
+                        hung: false,
                     };
                 }
             }
         }
-        let wake = slots.iter().filter_map(|s| s.start_at).chain(stop_by).min();
+        // While serving, a look at the heartbeats twice per beat.
+        let watch = (serving && stop_by.is_none()).then_some(now + HEARTBEAT.as_millis() as u64 / 2);
+        let wake = slots
+            .iter()
+            .filter_map(|s| s.start_at)
+            .chain(stop_by)
+            .chain(watch)
+            .min();
         let _ = rx.set_read_timeout(wake.map(|t| Duration::from_millis(t.saturating_sub(now).max(1))));
         let mut buf = [0u8; 64];
         if let Ok(k) = rx.read(&mut buf) {
@@ -151,6 +220,28 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
                 say(log::Level::Warn, format_args!("second signal: the workers stop now"));
             }
             signal_all(&slots, SIGTERM);
+        }
+        if serving && stop_by.is_none() {
+            let now = ms();
+            for (i, slot) in slots.iter_mut().enumerate() {
+                let Some(pid) = slot.pid.filter(|_| !slot.hung) else {
+                    continue;
+                };
+                let own_beats = &beats[i * threads..(i + 1) * threads];
+                if let Some(silent) = silent_loop(&mut slot.beats, own_beats, now) {
+                    slot.hung = true;
+                    say(
+                        log::Level::Warn,
+                        format_args!(
+                            "worker {} (pid {pid}) stopped answering: no heartbeat from loop {silent} \
+                             for {} s; killing it",
+                            i + 1,
+                            SILENCE.as_secs()
+                        ),
+                    );
+                    procs::kill(pid, SIGKILL);
+                }
+            }
         }
         while let Some((pid, status)) = procs::reap(false) {
             let Some((i, slot)) = slots.iter_mut().enumerate().find(|(_, s)| s.pid == Some(pid)) else {
@@ -207,6 +298,22 @@ pub fn supervise(addr: SocketAddr, n: usize, stop_timeout: Duration, per: usize)
     }
 }
 
+/// Reads a worker's heartbeats into `seen` (per loop: the count and when it changed); the
+/// first loop silent for [`SILENCE`] since it started beating. A loop that has not beaten yet
+/// is still starting (its server binds, loads certificates) and is not judged.
+fn silent_loop(seen: &mut [(u32, u64)], beats: &[AtomicU32], now: u64) -> Option<usize> {
+    let mut silent = None;
+    for (lp, ((count, changed), beat)) in seen.iter_mut().zip(beats).enumerate() {
+        let n = beat.load(Ordering::Relaxed);
+        if n != *count {
+            (*count, *changed) = (n, now);
+        } else if n != 0 && now.saturating_sub(*changed) >= SILENCE.as_millis() as u64 {
+            silent = silent.or(Some(lp));
+        }
+    }
+    silent
+}
+
 /// In a forked worker: out of the terminal's process group, ended with the parent, and rid of
 /// the parent's signal actions (copied into the child); SIGINT and SIGTERM end it until its
 /// server handles them.
@@ -216,6 +323,7 @@ fn become_worker(
     index: usize,
     addr: SocketAddr,
     tx: &UnixStream,
+    beats: &'static [AtomicU32],
 ) -> std::io::Result<Worker> {
     procs::leave_process_group();
     procs::die_with_parent(parent, SIGTERM);
@@ -231,6 +339,7 @@ fn become_worker(
         addr,
         parent: tx.try_clone()?,
         default_action,
+        beats,
     })
 }
 
@@ -249,6 +358,31 @@ fn signal_all(slots: &[Slot], signal: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_is_hung_when_one_of_its_loops_stops_beating() {
+        static BEATS: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
+        let beats = &BEATS;
+        let mut seen = vec![(0, 0); 2];
+        let silence = SILENCE.as_millis() as u64;
+        // Not started yet: never judged.
+        assert_eq!(silent_loop(&mut seen, beats, 10 * silence), None);
+        // Both beat; then only loop 0 goes on beating.
+        for b in beats {
+            Heartbeat(b).beat();
+        }
+        assert_eq!(silent_loop(&mut seen, beats, 10 * silence), None);
+        for t in 1..=3 {
+            Heartbeat(&beats[0]).beat();
+            let now = 10 * silence + t * silence / 3;
+            let want = (t == 3).then_some(1);
+            assert_eq!(silent_loop(&mut seen, beats, now), want, "after {t}/3 of the silence");
+        }
+        // A beat after a wrap of the count is still a beat, and never reads as "not started".
+        beats[1].store(u32::MAX, Ordering::Relaxed);
+        Heartbeat(&beats[1]).beat();
+        assert_eq!(beats[1].load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn workers_are_sized_for_the_total_with_headroom_for_the_spread() {

@@ -633,6 +633,11 @@ impl Client {
             if let Some(end) = self.outcome(t) {
                 self.finished = true;
                 let _ = self.poll.registry().deregister(&mut self.stream);
+                if self.io_error.is_none() {
+                    // Over TLS the stream ends with close_notify, so the server can tell this
+                    // end from a cut connection (a plain socket sends its FIN).
+                    let _ = self.stream.shutdown_write();
+                }
                 let _ = self.stream.tcp().shutdown(std::net::Shutdown::Both);
                 return end.map(Some);
             }

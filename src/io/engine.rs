@@ -594,6 +594,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         }
         let slot = &mut self.slots[key];
         if slot.out.is_none() && !slot.stream.wants_write() {
+            if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
+                // A client ends its side after the server's: over TLS with close_notify.
+                slot.flags |= SHUT_WR;
+                let _ = slot.stream.shutdown_write();
+            }
             let cause = if slot.flags & SHUT_WR != 0 {
                 Cause::Done
             } else {
@@ -639,6 +644,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                     break;
                 }
             }
+        }
+        // Large inflated messages (a bomb's refused output too) are trimmed after, as freed buffers are.
+        #[cfg(feature = "deflate")]
+        {
+            self.freed = self.freed.saturating_add(self.codec.take_released());
         }
         self.uncork();
     }

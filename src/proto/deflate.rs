@@ -514,6 +514,8 @@ impl std::error::Error for InflateError {}
 /// 7.3 KB of zlib state, plus its 32 KiB window from the first message on.
 pub struct Decompressor {
     z: Decompress,
+    /// How much the last call grew its output buffer (given back already on error).
+    grown: usize,
 }
 
 impl Default for Decompressor {
@@ -530,6 +532,7 @@ impl Decompressor {
     pub fn new() -> Self {
         Decompressor {
             z: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+            grown: 0,
         }
     }
 
@@ -538,7 +541,7 @@ impl Decompressor {
     ///
     /// Stops with [`InflateError::TooBig`] once the output would pass `max_len`; `out` grows with
     /// the output, by doubling, and never beyond `max_len + 1` bytes. On error `out` is left as it
-    /// was.
+    /// was, its capacity too (a bomb must not leave a buffer of `max_len` behind).
     pub fn decompress(&mut self, message: &[u8], max_len: usize, out: &mut Vec<u8>) -> Result<(), InflateError> {
         self.inflate(&[], message, max_len, out)
     }
@@ -559,9 +562,10 @@ impl Decompressor {
     }
 
     fn inflate(&mut self, dict: &[u8], message: &[u8], max_len: usize, out: &mut Vec<u8>) -> Result<(), InflateError> {
-        let start = out.len();
+        let (start, capacity) = (out.len(), out.capacity());
         let result = self.run(dict, message, max_len, out, start);
         self.z.reset(false);
+        self.grown = out.capacity().saturating_sub(capacity);
         match result {
             Ok(end) => {
                 out.truncate(end);
@@ -569,6 +573,7 @@ impl Decompressor {
             }
             Err(e) => {
                 out.truncate(start);
+                out.shrink_to(capacity);
                 Err(e)
             }
         }
@@ -692,6 +697,10 @@ impl InflateWindow {
 /// Unsent compressed payloads larger than this are not kept for reuse.
 const KEEP_BUFFER: usize = 64 << 10;
 
+/// Inflate output from this size on is counted by [`Codec::take_released`]: smaller blocks are
+/// reused by the allocator, larger ones may be kept by it.
+const LARGE_OUTPUT: usize = 128 << 10;
+
 /// What the connections of one loop share for permessage-deflate: one [`Compressor`], one
 /// [`Decompressor`] (made on the first compressed message received), a buffer for compressed
 /// payloads, and byte counts.
@@ -705,6 +714,8 @@ pub struct Codec {
     min_size: usize,
     buf: Vec<u8>,
     stats: CodecStats,
+    /// See [`Codec::take_released`].
+    released: usize,
 }
 
 /// Bytes through a [`Codec`] since it was made.
@@ -739,12 +750,22 @@ impl Codec {
             min_size: config.min_size,
             buf: Vec::new(),
             stats: CodecStats::default(),
+            released: 0,
         }
     }
 
     /// Bytes compressed and inflated so far.
     pub fn stats(&self) -> CodecStats {
         self.stats
+    }
+
+    /// Heap bytes of large inflate output (128 KiB or more for a message) since the last call,
+    /// whether the message was handed out or refused (a bomb stopped at the limit): freed once
+    /// the message is dropped, but glibc keeps such blocks in its heap once an earlier one has
+    /// raised its threshold for giving them back. The server's loop counts them among the
+    /// memory it trims after (`malloc_trim`).
+    pub fn take_released(&mut self) -> usize {
+        core::mem::take(&mut self.released)
     }
 
     /// The payload to send with RSV1 set for a peer that agreed to `agreed`, or `None` to send
@@ -781,10 +802,14 @@ impl Codec {
     ) -> Result<(), InflateError> {
         let before = out.len();
         let d = self.decompressor.get_or_insert_with(Decompressor::new);
-        match window {
-            Some(w) => d.decompress_with_context(w, message, max_len, out)?,
-            None => d.decompress(message, max_len, out)?,
+        let result = match window {
+            Some(w) => d.decompress_with_context(w, message, max_len, out),
+            None => d.decompress(message, max_len, out),
+        };
+        if d.grown >= LARGE_OUTPUT {
+            self.released = self.released.saturating_add(d.grown);
         }
+        result?;
         self.stats.inflated_in += message.len() as u64;
         self.stats.inflated_out += (out.len() - before) as u64;
         Ok(())
@@ -1455,6 +1480,45 @@ for line in sys.stdin:
         assert_eq!(window.heap_bytes(), 0);
         // The decompressor is still good.
         assert_eq!(inflated(&compressed(15, b"after")).unwrap(), b"after");
+    }
+
+    #[test]
+    fn every_bomb_gives_its_buffer_back() {
+        // Two bombs in a row into one reused buffer, then a message that fits: after each bomb
+        // the buffer is back to its idle size, and the output made is counted for trimming.
+        let mut bomb = Vec::new();
+        Compressor::new(9).compress(&vec![0u8; 64 << 20], 15, &mut bomb);
+        let max = 16 << 20;
+        let mut codec = Codec::default();
+        let mut out = Vec::new();
+        for round in 1..=2 {
+            assert_eq!(codec.decompress(None, &bomb, max, &mut out), Err(InflateError::TooBig));
+            assert_eq!((out.len(), out.capacity()), (0, 0), "bomb {round}");
+            let released = codec.take_released();
+            assert!(released > max, "bomb {round}: {released} bytes counted");
+            assert_eq!(codec.take_released(), 0, "counted once");
+        }
+        // With context takeover too, into a buffer that already held something.
+        let mut window = InflateWindow::new(15);
+        let mut out = Vec::with_capacity(100);
+        out.extend_from_slice(b"earlier");
+        for round in 1..=2 {
+            let r = codec.decompress(Some(&mut window), &bomb, max, &mut out);
+            assert_eq!(r, Err(InflateError::TooBig));
+            assert_eq!((&out[..], out.capacity()), (&b"earlier"[..], 100), "bomb {round}");
+            assert!(codec.take_released() > max - 100, "bomb {round}");
+        }
+        // Small output is not counted; large output handed out is (the caller frees it).
+        let mut out = Vec::new();
+        codec
+            .decompress(None, &compressed(15, b"small"), max, &mut out)
+            .unwrap();
+        assert_eq!(codec.take_released(), 0);
+        let big = vec![1u8; 1 << 20];
+        let mut out = Vec::new();
+        codec.decompress(None, &compressed(15, &big), max, &mut out).unwrap();
+        assert_eq!(out, big);
+        assert!(codec.take_released() >= big.len());
     }
 
     #[test]

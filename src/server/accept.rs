@@ -137,6 +137,7 @@ impl<H: Handler> Srv<H> {
             addr: peer,
             opened: false,
             counted: data_counted,
+            sent_close: 0,
             state: H::State::default(),
         };
         let stream = match server_stream(stream, &self.cfg) {

@@ -109,10 +109,55 @@ pub(crate) struct ConnData<S> {
     pub(crate) opened: bool,
     /// Counted in the per-IP limit.
     pub(crate) counted: bool,
+    /// The close code this server sent, 0 before it sends one (see [`Ending`]).
+    pub(crate) sent_close: u16,
     pub(crate) state: S,
 }
 
+impl<S> ConnData<S> {
+    /// How the connection ended, for the log, when `on_close` gets `code`.
+    pub(crate) fn ending(&self, code: u16) -> Ending {
+        Ending {
+            code,
+            sent: self.sent_close,
+        }
+    }
+}
+
 pub(crate) type ServerEngine<S> = Engine<ServerStream, ConnData<S>, NoRandom>;
+
+/// Starts closing connection `key` with `code`, remembering the code sent for the log.
+pub(crate) fn close_conn<S>(eng: &mut ServerEngine<S>, key: usize, code: u16, reason: &str) {
+    if eng.close(key, code, reason).is_ok() {
+        // The connection sends an invalid code as 1000.
+        let sent = if close_code::is_valid(code) {
+            code
+        } else {
+            close_code::NORMAL
+        };
+        eng.slots[key].data.sent_close = sent;
+    }
+}
+
+/// How a connection ended, for the log: the close code `on_close` gets, or, when this server
+/// sent a close frame and none came back (`1006`), the code it sent: a slow consumer closed
+/// with `1008` that never answers reads `1008 sent, no close frame back`.
+pub(crate) struct Ending {
+    /// The code given to `on_close`.
+    pub(crate) code: u16,
+    /// [`ConnData::sent_close`].
+    pub(crate) sent: u16,
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.code == close_code::ABNORMAL && self.sent != 0 {
+            write!(f, "{} sent, no close frame back", self.sent)
+        } else {
+            write!(f, "{}", self.code)
+        }
+    }
+}
 
 /// The connection a callback is about: its id, its peer's address and its state.
 #[derive(Debug)]
@@ -211,8 +256,10 @@ pub trait Handler {
     fn on_message(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, msg: Message<'_>);
 
     /// The connection ended: `code` is the peer's close code (`1005` when its close frame had
-    /// none), or `1006` when it vanished without a close frame, or the code this server sent
-    /// when it failed the connection. Its subscriptions and timers end right after this call.
+    /// none), or `1006` when it vanished without a close frame (also when it never answered a
+    /// close this server started, as a slow consumer sent `1008` may not; `reason` is then
+    /// `close timeout` if it ran out; the log names the code sent), or the code this server
+    /// sent when it failed the connection. Its subscriptions and timers end right after this call.
     fn on_close(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>, code: u16, reason: &str) {
         let _ = (ctx, conn, code, reason);
     }
@@ -468,7 +515,7 @@ impl<'a, S> Ctx<'a, S> {
                         format_args!(": slow consumer, closing"),
                     );
                     self.eng.clear_queue(key);
-                    let _ = self.eng.close(key, close_code::POLICY_VIOLATION, "slow consumer");
+                    close_conn(self.eng, key, close_code::POLICY_VIOLATION, "slow consumer");
                 }
             }
             return false;
@@ -480,7 +527,7 @@ impl<'a, S> Ctx<'a, S> {
     /// Starts closing one connection with `code` and `reason`.
     pub fn close(&mut self, id: ConnId, code: u16, reason: &str) {
         if let Some(key) = self.slot_key(id) {
-            let _ = self.eng.close(key, code, reason);
+            close_conn(self.eng, key, code, reason);
         }
     }
 

@@ -271,7 +271,7 @@ impl<H: Handler> Srv<H> {
         peer_log(
             log::Level::Info,
             slot.data.addr.get(&self.shared.peers),
-            format_args!(" disconnected ({code})"),
+            format_args!(" disconnected ({})", slot.data.ending(code)),
         );
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
         // Only an open connection subscribes, so its subscriptions end here.
@@ -331,7 +331,7 @@ impl<H: Handler> Srv<H> {
         for key in keys {
             match eng.slots[key].conn.state() {
                 State::Open => {
-                    let _ = eng.close(key, close_code::GOING_AWAY, "server shutting down");
+                    super::handler::close_conn(eng, key, close_code::GOING_AWAY, "server shutting down");
                 }
                 State::Connecting => eng.kill(key, Cause::Dropped),
                 _ => {}
@@ -373,6 +373,9 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
 
     fn on_timeout(&mut self, eng: &mut ServerEngine<H::State>, key: usize, t: Timeout) {
         let addr = self.addr(eng, key);
+        if let Timeout::Idle = t {
+            eng.slots[key].data.sent_close = close_code::GOING_AWAY; // sent by the connection
+        }
         match t {
             Timeout::Handshake => peer_log(log::Level::Info, addr, format_args!(": handshake timeout")),
             Timeout::Idle => peer_log(log::Level::Info, addr, format_args!(": idle timeout")),

@@ -370,7 +370,29 @@ fn check_upgrade<'h>(method: &str, hs: &'h [httparse::Header<'h>]) -> Result<&'h
     if single_header(hs, "Origin").is_err() {
         return Err(Reject::new(400, "more than one Origin header"));
     }
+    check_no_body(hs)?;
     Ok(key)
+}
+
+/// An upgrade carries no body: the bytes after its head are frames. A body announced on it
+/// would be read as frames here and as a body by a proxy that reads it otherwise (smuggling).
+fn check_no_body(hs: &[httparse::Header<'_>]) -> Result<(), Reject> {
+    if header_values(hs, "Transfer-Encoding").next().is_some() {
+        return Err(Reject::new(
+            400,
+            "a WebSocket upgrade carries no body: Transfer-Encoding is not allowed",
+        ));
+    }
+    // Every value, and every item of a list such as `0, 0`, must be a zero.
+    let zero = |v: &[u8]| !v.is_empty() && v.iter().all(|&b| b == b'0');
+    let all_zero = header_values(hs, "Content-Length").all(|v| v.split(|&b| b == b',').all(|n| zero(n.trim_ascii())));
+    if !all_zero {
+        return Err(Reject::new(
+            400,
+            "a WebSocket upgrade carries no body: Content-Length must be 0",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the request line names an HTTP version httparse does not take (e.g. `HTTP/2.0`), as opposed
@@ -473,6 +495,32 @@ mod tests {
             status(&GOOD.replace("Origin: http://example.com\r\n", "Origin: a\r\nOrigin: b\r\n")),
             400
         );
+    }
+
+    #[test]
+    fn an_upgrade_with_a_body_is_refused() {
+        let te = "a WebSocket upgrade carries no body: Transfer-Encoding is not allowed";
+        let cl = "a WebSocket upgrade carries no body: Content-Length must be 0";
+        for (header, message) in [
+            ("Content-Length: 6", cl),
+            ("Content-Length: 00000000000000000000001", cl),
+            ("Content-Length: 0, 6", cl),
+            ("Content-Length: 0\r\nContent-Length: 6", cl),
+            ("Content-Length: -0", cl),
+            ("Content-Length: ", cl),
+            ("Transfer-Encoding: chunked", te),
+            ("Transfer-Encoding: identity", te),
+            ("Transfer-Encoding: ", te),
+            ("Content-Length: 0\r\nTransfer-Encoding: chunked", te),
+        ] {
+            let req = GOOD.replace("Origin:", &format!("{header}\r\nOrigin:"));
+            let e = parse(&req).unwrap_err();
+            assert_eq!((e.status, e.message), (400, message), "{header}");
+        }
+        for header in ["Content-Length: 0", "Content-Length: 00", "Content-Length: 0, 0"] {
+            let req = GOOD.replace("Origin:", &format!("{header}\r\nOrigin:"));
+            assert!(parse(&req).unwrap().unwrap().0.is_upgrade(), "{header}");
+        }
     }
 
     #[test]
