@@ -37,7 +37,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `stop` waits for the leave notice to go out.
 const LEAVE_WAIT: Duration = Duration::from_millis(200);
 /// Free space offered to each read (a TLS read needs room for a whole record twice over).
-const READ_SPACE: usize = 64 << 10;
+pub(crate) const READ_SPACE: usize = 64 << 10;
 /// Reads per connection per wakeup, so that neither connection starves the other.
 const READS_PER_TURN: usize = 16;
 /// A buffer grown past this for one large message is given back once empty.
@@ -398,15 +398,22 @@ impl Bus {
         self.end(STOP_LEAVE);
     }
 
-    /// Stops without a leave notice, as if the process were killed.
+    /// Stops like [`Bus::stop`]; whether the thread ended without a panic.
     #[cfg(test)]
-    pub(crate) fn halt(&self) {
-        self.end(HALT);
+    pub(crate) fn stop_cleanly(&self) -> bool {
+        self.end(STOP_LEAVE)
     }
 
-    fn end(&self, how: u8) {
+    /// Stops without a leave notice, as if the process were killed.
+    #[cfg(test)]
+    pub(crate) fn halt(&self) -> bool {
+        self.end(HALT)
+    }
+
+    /// Whether the thread ended without a panic (true when it had ended before).
+    fn end(&self, how: u8) -> bool {
         let Some(thread) = lock(&self.thread).take() else {
-            return;
+            return true;
         };
         let s = &*self.shared;
         {
@@ -419,7 +426,7 @@ impl Bus {
         }
         s.stop.store(how, Ordering::Release);
         let _ = s.waker.wake();
-        let _ = thread.join();
+        thread.join().is_ok()
     }
 }
 
