@@ -452,10 +452,11 @@ impl RecvBuf {
         }
     }
 
-    /// Room for the next read: at least [`READ_SPACE`] bytes. The decoder refuses any value
-    /// longer than `limits.total` before waiting for it, so the buffer stays within
+    /// Room for the next read: at least [`READ_SPACE`] bytes, the buffer at most `max` (or
+    /// what it holds plus that room). The decoder refuses any value longer than
+    /// `limits.total` before waiting for it, so what is held stays within it, and `max` is
     /// `limits.total + READ_SPACE`.
-    fn space(&mut self) -> &mut [u8] {
+    fn space(&mut self, max: usize) -> &mut [u8] {
         if self.data.len() - self.end < READ_SPACE {
             if self.start > 0 {
                 self.data.copy_within(self.start..self.end, 0);
@@ -463,9 +464,9 @@ impl RecvBuf {
                 self.start = 0;
             }
             if self.data.len() - self.end < READ_SPACE {
-                let want = (self.end + READ_SPACE).max(self.data.len().saturating_mul(2));
-                self.data
-                    .resize(want.min(self.end + READ_SPACE.max(self.data.len())), 0);
+                let need = self.end + READ_SPACE;
+                let grown = self.data.len().saturating_mul(2).min(max).max(need);
+                self.data.resize(grown, 0);
             }
         }
         &mut self.data[self.end..]
@@ -525,7 +526,8 @@ struct Bridge {
     backoff: Duration,
     next_heartbeat: Instant,
     peers: HashMap<u64, Peer>,
-    open_sum: u64,
+    /// The sum of the peers' open connections (wide enough for any heartbeats).
+    open_sum: u128,
     ever_up: bool,
     /// The outage was logged (once per outage).
     outage_logged: bool,
@@ -641,11 +643,12 @@ impl Bridge {
     }
 
     fn read(&mut self, which: Token, rbuf: &mut RecvBuf) -> Result<(), Failure> {
+        let max = self.limits.total.saturating_add(READ_SPACE);
         for _ in 0..READS_PER_TURN {
             let Some(link) = self.link(which) else {
                 return Ok(());
             };
-            let n = match link.stream.read(rbuf.space()) {
+            let n = match link.stream.read(rbuf.space(max)) {
                 Ok(0) => return Err("redis closed the connection".to_string()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -774,7 +777,7 @@ impl Bridge {
             Kind::Heartbeat | Kind::Leave => {
                 if env.kind == Kind::Leave {
                     if let Some(p) = self.peers.remove(&env.origin) {
-                        self.open_sum -= p.open;
+                        self.open_sum -= u128::from(p.open);
                     }
                 } else if known {
                     let p = self.peers.entry(env.origin).or_insert(Peer {
@@ -782,7 +785,7 @@ impl Bridge {
                         last_seen: now,
                         last_seq: None,
                     });
-                    self.open_sum = self.open_sum - p.open + env.open();
+                    self.open_sum = self.open_sum - u128::from(p.open) + u128::from(env.open());
                     p.open = env.open();
                     p.last_seen = now;
                 }
@@ -801,7 +804,7 @@ impl Bridge {
                     });
                     if let Some(last) = p.last_seq {
                         if env.seq > last {
-                            self.counters.lost += env.seq - last - 1;
+                            self.counters.lost = self.counters.lost.saturating_add(env.seq - last - 1);
                         }
                     }
                     p.last_seq = Some(env.seq);
@@ -967,11 +970,11 @@ impl Bridge {
         }
         let silent = self.heartbeat * MISSED_HEARTBEATS;
         let before = self.peers.len();
-        let mut gone = 0u64;
+        let mut gone = 0u128;
         self.peers.retain(|_, p| {
             let keep = now.duration_since(p.last_seen) <= silent;
             if !keep {
-                gone += p.open;
+                gone += u128::from(p.open);
             }
             keep
         });
@@ -1059,7 +1062,8 @@ impl Bridge {
             msgs: 0,
             setup,
             ready: false,
-            more: true,
+            // Nothing to read before an event says so (the connect's own, first).
+            more: false,
         })
     }
 

@@ -432,7 +432,13 @@ fn hostile(reply: &'static [u8], stop: Arc<AtomicBool>) -> u16 {
 fn a_hostile_server_gets_a_clear_error_bounded_memory_and_retries() {
     let long_line: &'static [u8] = Box::leak([b"+".as_slice(), &[b'a'; 1 << 20]].concat().into_boxed_slice());
     let huge_bulk: &'static [u8] = Box::leak([b"$60000\r\n".as_slice(), &[b'b'; 200_000]].concat().into_boxed_slice());
-    let cases: [(&'static [u8], &str); 6] = [
+    let big_then_garbage: &'static [u8] = Box::leak(
+        [b"$120000\r\n".as_slice(), &[b'c'; 120_000], b"\r\n!"]
+            .concat()
+            .into_boxed_slice(),
+    );
+    let cases: [(&'static [u8], &str); 7] = [
+        (big_then_garbage, "not a Redis server: the reply starts with '!'"),
         (b"\x00\x01garbage", "not a Redis server: the reply starts with 0x00"),
         (b"$9999999999999\r\n", "bulk length 9999999999999 over the limit"),
         (
