@@ -113,7 +113,9 @@ impl RedisServer {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ready = if self.plain {
-                self.try_command(&["PING"]).is_ok_and(|r| r == "PONG")
+                // NOAUTH is an answer too (a server started with --requirepass).
+                self.try_command(&["PING"])
+                    .is_ok_and(|r| r == "PONG" || r.starts_with("ERR: NOAUTH"))
             } else {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             };

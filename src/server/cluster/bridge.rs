@@ -46,6 +46,9 @@ const KEEP_BUFFER: usize = 256 << 10;
 const MAX_PEERS: usize = 65_536;
 /// An instance silent for this many heartbeats leaves the counts.
 const MISSED_HEARTBEATS: u32 = 3;
+/// The longest topic sent or subscribed: a channel name must stay far below the 64 KiB
+/// every receiver allows around a message.
+pub(crate) const MAX_TOPIC: usize = 16 << 10;
 /// The command head of every publish.
 const PUBLISH_HEAD: &[u8] = b"*3\r\n$7\r\nPUBLISH\r\n";
 
@@ -117,6 +120,7 @@ struct Counters {
     reconnects: u64,
     malformed: u64,
     attempts: u64,
+    turns: u64,
 }
 
 /// What the bridge knows beyond the stats: for logs and tests.
@@ -130,6 +134,8 @@ pub(crate) struct Diagnostics {
     pub(crate) malformed: u64,
     /// The largest read buffer held, in bytes.
     pub(crate) read_buffer: usize,
+    /// Times the bridge woke up.
+    pub(crate) turns: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -274,13 +280,14 @@ impl Bus {
     }
 
     /// Never blocks. Queues the message for Redis, or drops and counts it (Redis down, queue
-    /// full, budget full, over the message limit). Returns whether it was queued. A message
+    /// full, budget full, over the message limit, a topic longer than [`MAX_TOPIC`]). Returns whether it was queued. A message
     /// for a connection of this instance goes through Redis like any other: local delivery
     /// is the caller's.
     pub(crate) fn send(&self, target: Target<'_>, op: OpCode, payload: &[u8], except: Option<u128>) -> bool {
         let s = &*self.shared;
         let mut out = lock(&s.out);
-        if payload.len() > s.max_message || !matches!(op, OpCode::Text | OpCode::Binary) {
+        let too_long = matches!(target, Target::Topic(t) if t.len() > MAX_TOPIC);
+        if too_long || payload.len() > s.max_message || !matches!(op, OpCode::Text | OpCode::Binary) {
             out.dropped_out += 1;
             return false;
         }
@@ -325,7 +332,11 @@ impl Bus {
     }
 
     /// A local connection joined `topic`: SUBSCRIBEs to it when it is the process's first.
+    /// A topic longer than [`MAX_TOPIC`] stays local.
     pub(crate) fn topic_joined(&self, topic: &str) {
+        if topic.len() > MAX_TOPIC {
+            return;
+        }
         let mut out = lock(&self.shared.out);
         if let Some(n) = out.topics.get_mut(topic) {
             *n += 1;
@@ -389,6 +400,7 @@ impl Bus {
             attempts: c.attempts,
             malformed: c.malformed,
             read_buffer: s.read_buffer.load(Ordering::Relaxed),
+            turns: c.turns,
         }
     }
 
@@ -578,6 +590,7 @@ impl Bridge {
                     link.more = true;
                 }
             }
+            self.counters.turns += 1;
             self.shared.woken.store(false, Ordering::Release);
             if let Err(why) = self.turn() {
                 self.close(Some(why));

@@ -335,20 +335,27 @@ fn a_frozen_redis_never_blocks_send_and_the_queue_stays_bounded() {
     up(&[&a, &b]);
     redis.pause();
     let payload = vec![b'x'; 4096];
-    let (mut slowest, mut sent, mut tries) = (Duration::ZERO, 0u64, 0u64);
+    let (mut times, mut sent) = (Vec::new(), 0u64);
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(1500) {
         let s = Instant::now();
         sent += a.bus.send(Target::All, OpCode::Binary, &payload, None) as u64;
-        slowest = slowest.max(s.elapsed());
-        tries += 1;
+        times.push(s.elapsed());
         let st = a.bus.stats();
         assert!(st.queued <= cfg.queue_limit, "{} queued", st.queued);
         assert!(a.budget.used() <= cfg.queue_limit, "{} charged", a.budget.used());
     }
     let st = a.bus.stats();
     redis.resume();
-    assert!(slowest < Duration::from_millis(50), "a send took {slowest:?}");
+    // A send that waited on Redis would wait for the whole freeze; the rest is the machine's
+    // scheduling (two cores shared by parallel tests).
+    times.sort();
+    let (p99, slowest) = (times[times.len() * 99 / 100], times[times.len() - 1]);
+    assert!(
+        p99 < Duration::from_millis(5) && slowest < Duration::from_millis(500),
+        "p99 {p99:?}, slowest {slowest:?}"
+    );
+    let tries = times.len() as u64;
     assert!(
         st.dropped_out > 0 && st.dropped_out == tries - sent,
         "{st:?} after {tries} tries"
@@ -533,4 +540,61 @@ fn rediss_connects_over_tls_with_a_private_ca() {
     );
     assert_eq!(c.bus.stats().state, ClusterState::Connecting);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_silent_server_times_out_without_the_bridge_spinning() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = hostile(b"", Arc::clone(&stop));
+    let a = node(&format!("redis://127.0.0.1:{port}"), 0xa);
+    std::thread::sleep(Duration::from_millis(1000));
+    let d = a.bus.diagnostics();
+    assert_eq!((d.attempts, d.last_error.as_deref()), (1, None));
+    assert!(d.turns < 20, "the bridge woke {} times in a second of waiting", d.turns);
+    assert!(wait(5, || a.bus.diagnostics().last_error.is_some()));
+    assert_eq!(a.bus.diagnostics().last_error.as_deref(), Some("no answer within 3 s"));
+    assert!(a.bus.stop_cleanly());
+    stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn auth_and_database_from_the_url() {
+    let Some(redis) = RedisServer::start_on(redis_server::free_port(), &["--requirepass", "s3cr:t@x"]) else {
+        return;
+    };
+    // The helper's own commands need the password too: AUTH first on the same connection is not
+    // possible with it, so the checks go through the buses.
+    let url = format!("redis://:s3cr%3At%40x@127.0.0.1:{}/2", redis.port);
+    let a = node(&url, 0xa);
+    let b = node(&url, 0xb);
+    up(&[&a, &b]);
+    assert!(text(&a.bus, Target::All, "authenticated"));
+    assert!(wait(5, || b.rec.payloads() == ["authenticated"]));
+    let wrong = node(&format!("redis://:nope@127.0.0.1:{}", redis.port), 0xc);
+    assert!(wait(5, || wrong.bus.diagnostics().last_error.is_some()));
+    let err = wrong.bus.diagnostics().last_error.unwrap();
+    assert!(err.starts_with("redis refused AUTH: WRONGPASS"), "{err}");
+    let no_db = node(&format!("redis://:s3cr%3At%40x@127.0.0.1:{}/99", redis.port), 0xd);
+    assert!(wait(5, || no_db.bus.diagnostics().last_error.is_some()));
+    let err = no_db.bus.diagnostics().last_error.unwrap();
+    assert!(
+        err.starts_with("redis refused SELECT: ERR DB index is out of range"),
+        "{err}"
+    );
+    assert_eq!(no_db.bus.stats().state, ClusterState::Connecting);
+}
+
+#[test]
+fn over_long_topics_stay_local() {
+    let Some(redis) = RedisServer::start() else { return };
+    let a = node(&redis.url(), 0xa);
+    up(&[&a]);
+    let long = "t".repeat(super::bridge::MAX_TOPIC + 1);
+    a.bus.topic_joined(&long);
+    a.bus.topic_joined("short");
+    assert!(wait(5, || redis.command(&["PUBSUB", "CHANNELS", "wsloop:t:*"])
+        == "wsloop:t:short"));
+    assert!(!text(&a.bus, Target::Topic(&long), "x"));
+    assert_eq!(a.bus.stats().dropped_out, 1);
+    a.bus.topic_left(&long);
 }
