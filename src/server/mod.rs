@@ -23,6 +23,8 @@ use std::net::SocketAddr;
 use mio::Token;
 
 mod accept;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 mod handle;
 pub mod handler;
@@ -34,6 +36,8 @@ mod serve;
 mod signals;
 mod topics;
 
+#[cfg(feature = "cluster")]
+pub use cluster::{ClusterConfig, ClusterState, ClusterStats, ClusterUrlError, RedisUrl};
 pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
 pub use handle::{Handle, HandleError};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
