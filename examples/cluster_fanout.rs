@@ -35,7 +35,6 @@
 //!
 //! Every phase is bounded in count and time; every child dies with this process. Loopback only.
 
-use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt as _;
@@ -182,6 +181,8 @@ struct Options {
     drain_timeout: Duration,
     warmup_timeout: Duration,
     settle_timeout: Duration,
+    /// One server and one set of subscribers for every round (else fresh ones for each).
+    reuse: bool,
     label: Option<String>,
     json: bool,
 }
@@ -191,7 +192,8 @@ fn usage() -> &'static str {
      \x20              [--processes N] [--redis | --cluster-url redis://HOST:PORT] [--cluster-prefix NAME]\n\
      \x20              [--server PATH] [--redis-server PATH] [--server-arg ARG]...\n\
      \x20              [--per-child N] [--in-flight N] [--connect-timeout 120s] [--drain-timeout 10s]\n\
-     \x20              [--warmup-timeout 60s] [--settle-timeout 60s] [--label TEXT] [--json]"
+     \x20              [--warmup-timeout 60s] [--settle-timeout 60s] [--reuse]\n\
+     \x20              [--label TEXT] [--json]"
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -215,6 +217,7 @@ fn parse_args() -> Result<Options, String> {
         drain_timeout: Duration::from_secs(10),
         warmup_timeout: Duration::from_secs(60),
         settle_timeout: Duration::from_secs(60),
+        reuse: false,
         label: None,
         json: false,
     };
@@ -243,6 +246,7 @@ fn parse_args() -> Result<Options, String> {
             Long("drain-timeout") => o.drain_timeout = dur(&val(&mut p)?, "--drain-timeout")?,
             Long("warmup-timeout") => o.warmup_timeout = dur(&val(&mut p)?, "--warmup-timeout")?,
             Long("settle-timeout") => o.settle_timeout = dur(&val(&mut p)?, "--settle-timeout")?,
+            Long("reuse") => o.reuse = true,
             Long("label") => o.label = Some(val(&mut p)?),
             Long("json") => o.json = true,
             Long("help") | Short('h') => {
@@ -270,7 +274,9 @@ fn parse_args() -> Result<Options, String> {
         return Err("--rates must be 1..=100000 a second and --seconds 1..=3600".into());
     }
     if o.rates.iter().any(|&r| r as usize * o.seconds as usize > MAX_MESSAGES) {
-        return Err(format!("a round may send at most {MAX_MESSAGES} messages (rate × seconds)"));
+        return Err(format!(
+            "a round may send at most {MAX_MESSAGES} messages (rate × seconds)"
+        ));
     }
     if o.processes.is_some_and(|n| n == 0 || n > 1024) {
         return Err("--processes must be 1..=1024".into());
@@ -392,10 +398,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 
 /// CPU seconds of a process and all its children (the server's supervisor and workers).
 fn tree_cpu(pid: u32) -> f64 {
-    let ticks: u64 = std::iter::once(pid)
-        .chain(children_of(pid))
-        .filter_map(cpu_ticks)
-        .sum();
+    let ticks: u64 = std::iter::once(pid).chain(children_of(pid)).filter_map(cpu_ticks).sum();
     ticks as f64 / 100.0
 }
 
@@ -638,7 +641,10 @@ fn child_main(o: ChildOptions) -> Result<(), String> {
             if (attempted == o.count && pending == 0) || timed_out {
                 connect_done = true;
                 // Handshakes still pending at the deadline count as failed.
-                for s in subs.iter_mut().filter(|s| matches!(s.phase, SubPhase::Connecting | SubPhase::AwaitingResponse)) {
+                for s in subs
+                    .iter_mut()
+                    .filter(|s| matches!(s.phase, SubPhase::Connecting | SubPhase::AwaitingResponse))
+                {
                     s.phase = SubPhase::Closed;
                     let _ = poll.registry().deregister(&mut s.stream);
                     failed += 1;
@@ -653,7 +659,13 @@ fn child_main(o: ChildOptions) -> Result<(), String> {
             }
         }
         poll.poll(&mut events, Some(Duration::from_millis(100)))
-            .or_else(|e| if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e) })
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(|e| e.to_string())?;
         for ev in events.iter() {
             if ev.token() == WAKER {
@@ -693,12 +705,28 @@ fn child_main(o: ChildOptions) -> Result<(), String> {
                         }
                     }
                     if ev.is_readable() {
-                        read_sub(s, &mut buf, &mut st, &mut open, &mut pending, &mut failed, &mut first_error);
+                        read_sub(
+                            s,
+                            &mut buf,
+                            &mut st,
+                            &mut open,
+                            &mut pending,
+                            &mut failed,
+                            &mut first_error,
+                        );
                     }
                 }
                 SubPhase::AwaitingResponse | SubPhase::Open => {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                        read_sub(s, &mut buf, &mut st, &mut open, &mut pending, &mut failed, &mut first_error);
+                        read_sub(
+                            s,
+                            &mut buf,
+                            &mut st,
+                            &mut open,
+                            &mut pending,
+                            &mut failed,
+                            &mut first_error,
+                        );
                     }
                 }
                 SubPhase::Closed => {}
@@ -729,7 +757,10 @@ fn child_main(o: ChildOptions) -> Result<(), String> {
                         complete += usize::from(s.next >= target);
                     }
                     let frames = frames_total + st.delivered + st.late + st.other;
-                    say(&format!("status {} {touched} {complete} {open} {} {frames}", st.round, st.delivered));
+                    say(&format!(
+                        "status {} {touched} {complete} {open} {} {frames}",
+                        st.round, st.delivered
+                    ));
                 }
                 Some("report") => {
                     say(&format!(
@@ -786,8 +817,19 @@ fn read_sub(
                 continue;
             };
             if !s.response.starts_with(b"HTTP/1.1 101") {
-                let line = String::from_utf8_lossy(&s.response[..end]).lines().next().unwrap_or("").to_string();
-                end_sub(s, &format!("handshake refused: {line}"), open, pending, failed, first_error);
+                let line = String::from_utf8_lossy(&s.response[..end])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                end_sub(
+                    s,
+                    &format!("handshake refused: {line}"),
+                    open,
+                    pending,
+                    failed,
+                    first_error,
+                );
                 return;
             }
             *pending -= 1;
@@ -963,10 +1005,15 @@ struct ClientProc {
 type Lines = mpsc::Receiver<(usize, Option<String>)>;
 
 fn spawn_clients(o: &Options, addr: SocketAddr) -> Result<(Vec<ClientProc>, Lines), String> {
-    let per = o.per_child.min(wsloop::bench::connections_per_process().saturating_sub(CHILD_FD_RESERVE));
+    let per = o
+        .per_child
+        .min(wsloop::bench::connections_per_process().saturating_sub(CHILD_FD_RESERVE));
     let n = o.subscribers.div_ceil(per.max(1));
     if n > MAX_CHILDREN {
-        return Err(format!("{} subscribers need {n} client processes (at most {MAX_CHILDREN})", o.subscribers));
+        return Err(format!(
+            "{} subscribers need {n} client processes (at most {MAX_CHILDREN})",
+            o.subscribers
+        ));
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel();
@@ -999,7 +1046,10 @@ fn spawn_clients(o: &Options, addr: SocketAddr) -> Result<(Vec<ClientProc>, Line
             }
             let _ = tx.send((k, None));
         });
-        procs.push(ClientProc { proc_: Owned(child), stdin });
+        procs.push(ClientProc {
+            proc_: Owned(child),
+            stdin,
+        });
         first += count;
     }
     Ok((procs, rx))
@@ -1007,7 +1057,13 @@ fn spawn_clients(o: &Options, addr: SocketAddr) -> Result<(Vec<ClientProc>, Line
 
 /// Sends `cmd` to every client process and collects one line from each that starts with
 /// `answer` (the keyword is stripped).
-fn ask_all(procs: &mut [ClientProc], lines: &Lines, cmd: &str, answer: &str, timeout: Duration) -> Result<Vec<String>, String> {
+fn ask_all(
+    procs: &mut [ClientProc],
+    lines: &Lines,
+    cmd: &str,
+    answer: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
     for p in procs.iter_mut() {
         writeln!(p.stdin, "{cmd}").map_err(|e| format!("a client process is gone: {e}"))?;
     }
@@ -1040,12 +1096,21 @@ fn start_redis(o: &Options) -> Result<(Owned, u16, PathBuf), String> {
     let dir = std::env::temp_dir().join(format!("cluster_fanout-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut cmd = Command::new(&o.redis_server);
-    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
-        .args(["--loglevel", "warning", "--daemonize", "no", "--dir"])
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .args(["--loglevel", "warning", "--daemonize", "no", "--dir"])
+    .arg(&dir)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     die_with_parent(&mut cmd);
     let child = cmd
         .spawn()
@@ -1070,12 +1135,23 @@ fn start_redis(o: &Options) -> Result<(Owned, u16, PathBuf), String> {
 /// Starts the server; returns it and its address once it (every worker) listens.
 fn start_server(o: &Options, cluster: Option<&str>) -> Result<(Owned, SocketAddr), String> {
     if !o.server.is_file() {
-        return Err(format!("{} not found: run `cargo build --release` first", o.server.display()));
+        return Err(format!(
+            "{} not found: run `cargo build --release` first",
+            o.server.display()
+        ));
     }
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let mut cmd = Command::new(&o.server);
-    cmd.args(["serve", "--mode", "broadcast", "--no-echo-self", "--no-page", "--log", "info"])
-        .args(["--listen", &addr.to_string()]);
+    cmd.args([
+        "serve",
+        "--mode",
+        "broadcast",
+        "--no-echo-self",
+        "--no-page",
+        "--log",
+        "info",
+    ])
+    .args(["--listen", &addr.to_string()]);
     // Room for every subscriber and the publisher.
     let want = o.subscribers + 16;
     match o.processes {
@@ -1116,8 +1192,9 @@ fn start_server(o: &Options, cluster: Option<&str>) -> Result<(Owned, SocketAddr
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("listening on") {
                 let _ = tx.send(());
-            } else if !line.starts_with("INFO") {
-                // `--log info` for the line above; the connections' comings and goings are noise.
+            } else if line.contains("WARN") || line.contains("ERROR") || line.starts_with("wsloop") {
+                // `--log info` for the line above; the connections' comings and goings are noise
+                // (and the workers' lines can mix: one write each, but not one line each).
                 eprintln!("server: {line}");
             }
         }
@@ -1140,6 +1217,8 @@ fn start_server(o: &Options, cluster: Option<&str>) -> Result<(Owned, SocketAddr
 /// The publisher: one connection, blocking writes.
 struct Publisher {
     stream: std::net::TcpStream,
+    /// Cut off in the middle of a frame: a new connection is needed.
+    broken: bool,
 }
 
 impl Publisher {
@@ -1165,11 +1244,13 @@ impl Publisher {
         if !response.starts_with(b"HTTP/1.1 101") {
             return Err(format!("publisher handshake: {}", String::from_utf8_lossy(&response)));
         }
-        Ok(Publisher { stream })
+        Ok(Publisher { stream, broken: false })
     }
 
-    /// Sends message `seq` of `round`, stamped now; returns the stamp.
-    fn send(&mut self, round: u32, seq: u32, size: usize) -> Result<u64, String> {
+    /// Sends message `seq` of `round`, stamped now; returns the stamp, or `None` if the server
+    /// did not take the whole frame by `deadline` (the connection is then `broken`: part of a
+    /// frame may have gone). Without a deadline a server that takes nothing for 30 s is an error.
+    fn send(&mut self, round: u32, seq: u32, size: usize, deadline: Option<Instant>) -> Result<Option<u64>, String> {
         let mut payload = vec![0u8; size];
         for (i, b) in payload.iter_mut().enumerate().skip(PAYLOAD_HEAD) {
             *b = i as u8;
@@ -1178,11 +1259,32 @@ impl Publisher {
         payload[4..8].copy_from_slice(&seq.to_be_bytes());
         let now = mono_ns();
         payload[8..16].copy_from_slice(&now.to_be_bytes());
-        // A server that stops reading the publisher for this long fails the run (bounded).
-        self.stream
-            .write_all(&client_frame(&payload))
-            .map_err(|e| format!("publisher: {e}"))?;
-        Ok(now)
+        let frame = client_frame(&payload);
+        let mut at = 0;
+        while at < frame.len() {
+            let left = deadline.map_or(Duration::from_secs(30), |d| d.saturating_duration_since(Instant::now()));
+            let timed_out = |publisher: &mut Publisher| {
+                publisher.broken = true;
+                match deadline {
+                    Some(_) => Ok(None),
+                    None => Err("publisher: the server took nothing for 30 s".to_string()),
+                }
+            };
+            if left.is_zero() {
+                return timed_out(self);
+            }
+            self.stream.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
+            match self.stream.write(&frame[at..]) {
+                Ok(0) => return Err("publisher: the server closed the connection".into()),
+                Ok(n) => at += n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return timed_out(self)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("publisher: {e}")),
+            }
+        }
+        Ok(Some(now))
     }
 }
 
@@ -1279,13 +1381,21 @@ fn run_round(
     r: &Round,
     subscribers_open: u64,
 ) -> Result<Value, String> {
-    ask_all(procs, lines, &format!("start {round_id} {}", r.messages), "started", ANSWER_TIMEOUT)?;
+    ask_all(
+        procs,
+        lines,
+        &format!("start {round_id} {}", r.messages),
+        "started",
+        ANSWER_TIMEOUT,
+    )?;
     let (cpu0, redis0, clients0) = meters.read();
     let t0 = Instant::now();
     let mut sent_at = Vec::with_capacity(r.messages as usize);
     // Paced from the start time: message i goes at t0 + i / rate (no drift); a publisher held
     // back by the server is cut off at twice the planned time.
-    let planned = r.rate.map_or(Duration::ZERO, |rate| Duration::from_secs_f64(f64::from(r.messages) / f64::from(rate)));
+    let planned = r.rate.map_or(Duration::ZERO, |rate| {
+        Duration::from_secs_f64(f64::from(r.messages) / f64::from(rate))
+    });
     let cutoff = planned * 2 + Duration::from_secs(1);
     for i in 0..r.messages {
         if let Some(rate) = r.rate {
@@ -1295,17 +1405,23 @@ fn run_round(
                 thread::sleep(due - now);
             }
         }
-        if t0.elapsed() > cutoff {
-            break;
+        match publisher.send(round_id, i, r.size, Some(t0 + cutoff))? {
+            Some(stamp) => sent_at.push(stamp),
+            None => break,
         }
-        sent_at.push(publisher.send(round_id, i, r.size)?);
     }
     let publish_secs = t0.elapsed().as_secs_f64();
     let sent = sent_at.len() as u32;
     // Drain: until every open subscriber has the last message sent, or the timeout.
     let drain_start = Instant::now();
     loop {
-        let answers = ask_all(procs, lines, &format!("status {round_id} {sent}"), "status", ANSWER_TIMEOUT)?;
+        let answers = ask_all(
+            procs,
+            lines,
+            &format!("status {round_id} {sent}"),
+            "status",
+            ANSWER_TIMEOUT,
+        )?;
         let now = status_sum(&answers)?;
         if now.complete >= now.open || drain_start.elapsed() >= o.drain_timeout {
             break;
@@ -1332,8 +1448,14 @@ fn run_round(
         open += field("open");
         hist.merge_json(v.get("hist").ok_or("report without histogram")?)
             .ok_or("bad histogram")?;
-        let counts = v.get("seq_count").and_then(Value::as_array).ok_or("report without counts")?;
-        let lasts = v.get("seq_last").and_then(Value::as_array).ok_or("report without times")?;
+        let counts = v
+            .get("seq_count")
+            .and_then(Value::as_array)
+            .ok_or("report without counts")?;
+        let lasts = v
+            .get("seq_last")
+            .and_then(Value::as_array)
+            .ok_or("report without times")?;
         for s in 0..sent as usize {
             per_msg_count[s] += counts.get(s).and_then(Value::as_u64).unwrap_or(0);
             per_msg_last[s] = per_msg_last[s].max(lasts.get(s).and_then(Value::as_u64).unwrap_or(0));
@@ -1368,6 +1490,8 @@ fn run_round(
         "messages_planned": r.messages,
         "messages_sent": sent,
         "publish_seconds": publish_secs,
+        // The server stopped taking the publisher's messages and the round's time ran out.
+        "publisher_cut_off": publisher.broken,
         "window_seconds": window,
         "deliveries": delivered,
         "expected": expected,
@@ -1392,13 +1516,21 @@ fn run_round(
     });
     if let Some(rc) = redis_cpu {
         row["redis_cpu_seconds"] = json!(rc);
-        row["redis_cpu_us_per_delivery"] = json!(if delivered > 0 { Some(rc * 1e6 / delivered as f64) } else { None });
-        row["redis_cpu_us_per_message"] = json!(if sent > 0 { Some(rc * 1e6 / f64::from(sent)) } else { None });
+        row["redis_cpu_us_per_delivery"] = json!(if delivered > 0 {
+            Some(rc * 1e6 / delivered as f64)
+        } else {
+            None
+        });
+        row["redis_cpu_us_per_message"] = json!(if sent > 0 {
+            Some(rc * 1e6 / f64::from(sent))
+        } else {
+            None
+        });
     }
     Ok(row)
 }
 
-const COLUMNS: [(&str, usize); 17] = [
+const COLUMNS: [(&str, usize); 18] = [
     ("case", 22),
     ("subs", 8),
     ("size", 5),
@@ -1415,6 +1547,7 @@ const COLUMNS: [(&str, usize); 17] = [
     ("all got", 7),
     ("srv CPU s", 9),
     ("redis µs/deliv", 14),
+    ("cli CPU s", 9),
     ("load", 5),
 ];
 
@@ -1426,7 +1559,12 @@ fn print_header() {
 fn print_row(row: &Value) {
     let u = |k: &str| row.get(k).and_then(Value::as_u64).unwrap_or(0);
     let f = |k: &str| row.get(k).and_then(Value::as_f64);
-    let lat = |k: &str| row["latency_ns"].get(k).and_then(Value::as_u64).map_or("-".into(), fmt_ns);
+    let lat = |k: &str| {
+        row["latency_ns"]
+            .get(k)
+            .and_then(Value::as_u64)
+            .map_or("-".into(), fmt_ns)
+    };
     let cells = [
         row["case"].as_str().unwrap_or("").to_string(),
         u("subscribers").to_string(),
@@ -1440,10 +1578,13 @@ fn print_row(row: &Value) {
         lat("p50"),
         lat("p99"),
         lat("max"),
-        row["time_to_last_subscriber_ns"]["worst"].as_u64().map_or("-".into(), fmt_ns),
+        row["time_to_last_subscriber_ns"]["worst"]
+            .as_u64()
+            .map_or("-".into(), fmt_ns),
         format!("{}/{}", u("messages_reaching_every_subscriber"), u("messages_sent")),
         f("server_cpu_seconds").map_or("-".into(), |v| format!("{v:.2}")),
         f("redis_cpu_us_per_delivery").map_or("-".into(), |v| format!("{v:.4}")),
+        f("client_cpu_seconds").map_or("-".into(), |v| format!("{v:.2}")),
         f("load_average_1min").map_or("-".into(), |v| format!("{v:.1}")),
     ];
     let cells: Vec<String> = cells
@@ -1483,18 +1624,80 @@ fn measure(o: &Options, cluster: Option<&str>, redis_pid: Option<u32>) -> Result
         };
         format!("{procs}{}", if cluster.is_some() { " + Redis" } else { ", no Redis" })
     });
+    // The lightest first: with --reuse a round that overloads the server can close slow
+    // subscribers, or leave queues the next round would wait behind.
+    let mut rounds = Vec::new();
+    if o.once {
+        rounds.extend(o.sizes.iter().map(|&size| Round {
+            size,
+            rate: None,
+            messages: 1,
+        }));
+    }
+    let mut rates = o.rates.clone();
+    rates.sort_unstable();
+    for rate in rates {
+        rounds.extend(o.sizes.iter().map(|&size| Round {
+            size,
+            rate: Some(rate),
+            messages: rate * o.seconds,
+        }));
+    }
+    // A fresh server and fresh subscribers for each round unless asked otherwise.
+    let sessions: Vec<&[Round]> = if o.reuse {
+        vec![&rounds[..]]
+    } else {
+        rounds.chunks(1).collect()
+    };
+    if !o.json {
+        print_header();
+    }
+    let mut round_id = WARMUP_ROUND + 1;
+    for rounds in sessions {
+        session(o, &case, cluster, redis_pid, rounds, &mut round_id)?;
+    }
+    if !o.json {
+        println!();
+        println!("deliv/CPU-s: deliveries per second of server CPU (supervisor and workers, 10 ms ticks) over");
+        println!("  the round, from the first publish until every subscriber had the last message (or the drain");
+        println!("  timeout). p50/p99/max: delivery latency, whole frame received − sent, over every delivery.");
+        println!("last peer: the worst message's time from its send until its last subscriber had it.");
+        println!("all got: messages every subscriber received. missing: subscribers × sent − deliveries");
+        println!("  (still queued at the drain timeout, dropped, or lost with a closed connection).");
+        println!("closed: subscribers that lost their connection during the round.");
+        println!("redis µs/deliv: Redis's CPU (user + system) over the round per delivery.");
+        println!("cli CPU s: the subscribers' processes' CPU over the round (they share the cores).");
+        println!("load: the machine's 1-minute load average at the round's end (2 cores shared by all).");
+    }
+    Ok(())
+}
+
+/// One server and one set of subscribers: connect, warm up, run `rounds`, stop.
+fn session(
+    o: &Options,
+    case: &str,
+    cluster: Option<&str>,
+    redis_pid: Option<u32>,
+    rounds: &[Round],
+    round_id: &mut u32,
+) -> Result<(), String> {
     let (server, addr) = start_server(o, cluster)?;
     let t = Instant::now();
     let (mut procs, lines) = spawn_clients(o, addr)?;
-    let readies = collect(procs.len(), &lines, "ready", o.connect_timeout + Duration::from_secs(30))?;
+    let readies = collect(
+        procs.len(),
+        &lines,
+        "ready",
+        o.connect_timeout + Duration::from_secs(30),
+    )?;
     let (mut open, mut failed) = (0u64, 0u64);
-    let mut errors = HashMap::new();
+    let mut first_error = None;
     for r in &readies {
         let v: Value = serde_json::from_str(r).map_err(|e| format!("bad ready line: {e}"))?;
         open += v["open"].as_u64().unwrap_or(0);
         failed += v["failed"].as_u64().unwrap_or(0);
         if let Some(e) = v["error"].as_str().filter(|e| !e.is_empty()) {
-            *errors.entry(e.to_string()).or_insert(0) += 1;
+            first_error.get_or_insert_with(|| e.to_string());
         }
     }
     let connect_secs = t.elapsed().as_secs_f64();
@@ -1502,10 +1705,7 @@ fn measure(o: &Options, cluster: Option<&str>, redis_pid: Option<u32>) -> Result
         "{case}: {open} of {} subscribers open in {connect_secs:.1} s over {} client processes, {failed} failed{}",
         o.subscribers,
         procs.len(),
-        errors
-            .keys()
-            .next()
-            .map_or(String::new(), |e| format!(" (first error: {e})"))
+        first_error.map_or(String::new(), |e| format!(" (first error: {e})"))
     );
     if open == 0 {
         return Err("no subscriber connected".into());
@@ -1519,83 +1719,81 @@ fn measure(o: &Options, cluster: Option<&str>, redis_pid: Option<u32>) -> Result
 
     // Warm-up: a message a second until every subscriber has had one (every instance is then
     // subscribed to Redis, and every connection's path is warm).
-    ask_all(&mut procs, &lines, &format!("start {WARMUP_ROUND} {WARMUP_MESSAGES}"), "started", ANSWER_TIMEOUT)?;
+    ask_all(
+        &mut procs,
+        &lines,
+        &format!("start {WARMUP_ROUND} {WARMUP_MESSAGES}"),
+        "started",
+        ANSWER_TIMEOUT,
+    )?;
     let warm_start = Instant::now();
-    let mut warmed = false;
-    let mut touched_seen = 0;
-    'warm: for i in 0..WARMUP_MESSAGES {
-        publisher.send(WARMUP_ROUND, i, o.sizes[0])?;
-        let sent_at = Instant::now();
-        while sent_at.elapsed() < Duration::from_secs(1) {
-            thread::sleep(Duration::from_millis(50));
-            let answers = ask_all(&mut procs, &lines, &format!("status {WARMUP_ROUND} 1"), "status", ANSWER_TIMEOUT)?;
-            let now = status_sum(&answers)?;
-            touched_seen = now.touched;
-            if now.touched >= now.open {
-                warmed = true;
-                break 'warm;
-            }
-        }
-        if warm_start.elapsed() > o.warmup_timeout {
+    let warm_size = rounds.first().map_or(PAYLOAD_HEAD, |r| r.size);
+    publisher.send(WARMUP_ROUND, 0, warm_size, None)?;
+    let (mut probes, mut warmed, mut touched_seen) = (1, false, 0);
+    let mut progress_at = Instant::now();
+    // Another message only once the last one stopped reaching anyone new for a second: with a
+    // million subscribers one message takes seconds, and more would only pile up.
+    while warm_start.elapsed() < o.warmup_timeout {
+        thread::sleep(Duration::from_millis(50));
+        let answers = ask_all(
+            &mut procs,
+            &lines,
+            &format!("status {WARMUP_ROUND} 1"),
+            "status",
+            ANSWER_TIMEOUT,
+        )?;
+        let now = status_sum(&answers)?;
+        if now.touched >= now.open {
+            warmed = true;
             break;
         }
+        if now.touched > touched_seen {
+            touched_seen = now.touched;
+            progress_at = Instant::now();
+        } else if progress_at.elapsed() >= Duration::from_secs(1) && probes < WARMUP_MESSAGES {
+            publisher.send(WARMUP_ROUND, probes, warm_size, None)?;
+            probes += 1;
+            progress_at = Instant::now();
+        }
     }
-    if !warmed {
-        eprintln!("warning: after warm-up, only {touched_seen} of {open} subscribers had a message");
+    let warm_secs = warm_start.elapsed().as_secs_f64();
+    if warmed {
+        eprintln!("warm-up: {probes} message(s), {warm_secs:.2} s until every subscriber had one");
+    } else {
+        eprintln!("warning: after {probes} warm-up message(s) in {warm_secs:.2} s, only {touched_seen} of {open} subscribers had one");
     }
-    eprintln!("warm-up: {:.2} s", warm_start.elapsed().as_secs_f64());
 
-    // The lightest first: a round that overloads the server can close slow subscribers.
-    let mut rounds = Vec::new();
-    if o.once {
-        rounds.extend(o.sizes.iter().map(|&size| Round { size, rate: None, messages: 1 }));
-    }
-    let mut rates = o.rates.clone();
-    rates.sort_unstable();
-    for rate in rates {
-        rounds.extend(o.sizes.iter().map(|&size| Round { size, rate: Some(rate), messages: rate * o.seconds }));
-    }
-    let mut rows = Vec::new();
-    if !o.json {
-        print_header();
-    }
-    for (k, r) in rounds.iter().enumerate() {
+    for r in rounds {
         // Nothing of the previous round (or the warm-up) may arrive in this one's window.
         let (now, quiet) = settle(&mut procs, &lines, o.settle_timeout)?;
         if !quiet {
             eprintln!("warning: subscribers were still receiving after {:?}", o.settle_timeout);
         }
+        if publisher.broken {
+            publisher = Publisher::connect(addr)?;
+        }
         let mut row = run_round(
             o,
-            &case,
+            case,
             &mut procs,
             &lines,
             &mut publisher,
             &meters,
-            WARMUP_ROUND + 1 + k as u32,
+            *round_id,
             r,
             now.open,
         )?;
+        *round_id += 1;
         row["settled_before"] = json!(quiet);
+        row["warmed_up"] = json!(warmed);
         row["connect_seconds"] = json!(connect_secs);
         row["connect_failed"] = json!(failed);
+        row["client_processes"] = json!(procs.len());
         if o.json {
             println!("{row}");
         } else {
             print_row(&row);
         }
-        rows.push(row);
-    }
-    if !o.json {
-        println!();
-        println!("deliv/CPU-s: deliveries per second of server CPU (supervisor and workers, 10 ms ticks) over");
-        println!("  the round, from the first publish until every subscriber had the last message (or the drain");
-        println!("  timeout). p50/p99/max: delivery latency, whole frame received − sent, over every delivery.");
-        println!("last peer: the worst message's time from its send until its last subscriber had it.");
-        println!("all got: messages every subscriber received. missing: subscribers × sent − deliveries.");
-        println!("closed: subscribers that lost their connection during the round.");
-        println!("redis µs/deliv: Redis's CPU (user + system) over the round per delivery.");
-        println!("load: the machine's 1-minute load average at the round's end (2 cores shared by all).");
     }
     for p in procs.iter_mut() {
         let _ = writeln!(p.stdin, "quit");
