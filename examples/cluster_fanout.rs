@@ -1827,3 +1827,121 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unmasked frame as a server sends it.
+    fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        match payload.len() {
+            n @ 0..=125 => f.push(n as u8),
+            n @ 126..=65535 => {
+                f.push(126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn message(round: u32, seq: u32, sent: u64, size: usize) -> Vec<u8> {
+        let mut p = vec![0xa5u8; size];
+        p[0..4].copy_from_slice(&round.to_be_bytes());
+        p[4..8].copy_from_slice(&seq.to_be_bytes());
+        p[8..16].copy_from_slice(&sent.to_be_bytes());
+        p
+    }
+
+    fn open_sub() -> (Sub, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let sub = Sub {
+            stream: TcpStream::from_std(stream),
+            phase: SubPhase::Open,
+            response: Vec::new(),
+            head: [0; 10 + PAYLOAD_HEAD],
+            head_len: 0,
+            body: false,
+            skip: 0,
+            round: 0,
+            next: 0,
+        };
+        (sub, listener)
+    }
+
+    #[test]
+    fn frames_are_counted_whatever_the_reads_cut_them_into() {
+        // Three header forms, a gap (seq 2 missing), a late one, another round, a ping, a close.
+        let mut wire = Vec::new();
+        for (seq, size) in [(0u32, 16usize), (1, 300), (3, 70_000), (1, 16)] {
+            wire.extend(server_frame(2, &message(7, seq, 1_000, size)));
+        }
+        wire.extend(server_frame(2, &message(6, 4, 1_000, 16)));
+        wire.extend(server_frame(9, b"ping"));
+        wire.extend(server_frame(1, &message(7, 4, 2_000, 40)));
+        wire.extend(server_frame(8, &[0x03, 0xe8]));
+        wire.extend(server_frame(2, &message(7, 5, 1_000, 16))); // after the close: ignored
+        for chunk in [1usize, 2, 3, 7, 16, 17, 1000, wire.len()] {
+            let (mut sub, _l) = open_sub();
+            let mut st = RoundState::new(7, 10);
+            for part in wire.chunks(chunk) {
+                feed(&mut sub, part, 5_000, &mut st).unwrap();
+            }
+            assert_eq!(st.delivered, 4, "chunk {chunk}");
+            assert_eq!(
+                (st.gaps, st.late, st.other, st.malformed),
+                (1, 1, 2, 0),
+                "chunk {chunk}"
+            );
+            assert_eq!(sub.next, 5, "chunk {chunk}");
+            assert!(sub.phase == SubPhase::Closed, "chunk {chunk}");
+            assert_eq!(&st.seq_count[..6], &[1, 1, 0, 1, 1, 0], "chunk {chunk}");
+            assert_eq!(st.seq_last[4], 5_000);
+            assert_eq!(st.hist.total, 4);
+            assert_eq!(st.hist.max, 4_000);
+        }
+    }
+
+    #[test]
+    fn a_masked_frame_is_an_error() {
+        let (mut sub, _l) = open_sub();
+        let mut st = RoundState::new(1, 1);
+        assert!(feed(&mut sub, &client_frame(&message(1, 0, 0, 16)), 1, &mut st).is_err());
+        assert_eq!(st.malformed, 1);
+    }
+
+    #[test]
+    fn histograms_merge_through_json() {
+        let (mut a, mut b, mut all) = (Histogram::new(), Histogram::new(), Histogram::new());
+        for v in 1..=1000u64 {
+            let part = if v % 3 == 0 { &mut a } else { &mut b };
+            part.record(v * 997);
+            all.record(v * 997);
+        }
+        let mut merged = Histogram::new();
+        merged.merge_json(&a.to_json()).unwrap();
+        merged.merge_json(&b.to_json()).unwrap();
+        assert_eq!((merged.total, merged.max), (all.total, all.max));
+        for q in [0.5, 0.99, 1.0] {
+            assert_eq!(merged.quantile(q), all.quantile(q));
+        }
+        let p50 = all.quantile(0.5).unwrap();
+        assert!((498_000..=503_000).contains(&p50), "{p50}");
+        assert!(Histogram::new().merge_json(&json!([1, [[999_999, 1]]])).is_none());
+    }
+
+    #[test]
+    fn proc_stat_fields_are_counted_after_the_name() {
+        let stat = "42 (a (b) c) S 7 42 42 0 -1 4194560 1 0 0 0 150 25 0 0 20 0 1 0";
+        assert_eq!(stat_field(stat, 4), Some(7));
+        assert_eq!(stat_field(stat, 14), Some(150));
+        assert_eq!(stat_field(stat, 15), Some(25));
+        assert!(cpu_ticks(std::process::id()).is_some());
+    }
+}
