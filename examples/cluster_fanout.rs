@@ -25,13 +25,23 @@
 //!     --once --rates 10 --seconds 60 --sizes 16 --drain-timeout 120s --connect-timeout 600s
 //! ```
 //!
-//! Each round (one size and rate) is measured from just before its first publish until every
-//! open subscriber has its last message, or `--drain-timeout` after the last publish. Over that
-//! window the server's CPU time is the sum over its process and every child of it (the
-//! workers), and Redis's is its own, from `/proc/PID/stat` (10 ms ticks). Before the rounds one
-//! warm-up message is sent each second until every subscriber has received one: that proves
-//! every server instance is subscribed to Redis. The clients share the machine's cores with
-//! the server and Redis; their CPU is reported too.
+//! Each round (one size and rate) gets a fresh server and fresh subscribers (`--reuse` keeps
+//! one set for every round, lightest first), and is measured from just before its first
+//! publish until every open subscriber has its last message, or `--drain-timeout` after the
+//! last publish. Over that window the server's CPU time is the sum over its process and every
+//! child of it (the workers, their loops and their Redis bridge threads) from `/proc/PID/stat`
+//! (10 ms ticks), and Redis's is what its own `INFO cpu` says it used (private Redis only).
+//! Before the rounds a warm-up message goes out, and another whenever the last one has stopped
+//! reaching new subscribers for a second, until every subscriber has had one: every server
+//! instance is then subscribed to Redis. The clients share the machine's cores with the
+//! server and Redis; their CPU and the load average are reported too. `--json` prints one JSON
+//! object per round with every figure (percentiles to p99.9, per-message reach, gaps, late and
+//! duplicate messages, connect time).
+//!
+//! One server process holds at most its open-file limit less 64 connections (19,936 where the
+//! limit is 20,000), so more subscribers need `--processes` (the tool refuses and says so);
+//! `--processes N` needs ⌈subscribers ÷ N⌉ plus headroom for the spread of `SO_REUSEPORT`
+//! within that limit (100,000 need 6 processes, a million 53).
 //!
 //! Every phase is bounded in count and time; every child dies with this process. Loopback only.
 
@@ -350,6 +360,34 @@ impl Drop for Owned {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The server: on drop its supervisor is killed first (else it would restart its workers),
+/// then its workers, and their end awaited (else a Redis stopped after the server sees them
+/// complain).
+struct ServerProc(Owned);
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let workers = children_of(self.0 .0.id());
+        let _ = self.0 .0.kill();
+        let _ = self.0 .0.wait();
+        for &w in &workers {
+            // SAFETY: kill takes integers. The workers were the server's children a moment ago;
+            // they die with it (PR_SET_PDEATHSIG) and init reaps them, so a pid could only be
+            // reused after that, which this loop does not wait for.
+            unsafe { libc::kill(w as libc::pid_t, libc::SIGKILL) };
+        }
+        // Gone, or a zombie (state Z) waiting for init.
+        let alive = |w: u32| {
+            std::fs::read_to_string(format!("/proc/{w}/stat"))
+                .is_ok_and(|s| s.rfind(')').and_then(|at| s[at + 1..].split_whitespace().next()) != Some("Z"))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while workers.iter().any(|&w| alive(w)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -1133,7 +1171,7 @@ fn start_redis(o: &Options) -> Result<(Owned, u16, PathBuf), String> {
 }
 
 /// Starts the server; returns it and its address once it (every worker) listens.
-fn start_server(o: &Options, cluster: Option<&str>) -> Result<(Owned, SocketAddr), String> {
+fn start_server(o: &Options, cluster: Option<&str>) -> Result<(ServerProc, SocketAddr), String> {
     if !o.server.is_file() {
         return Err(format!(
             "{} not found: run `cargo build --release` first",
@@ -1202,7 +1240,7 @@ fn start_server(o: &Options, cluster: Option<&str>) -> Result<(Owned, SocketAddr
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
-            return Ok((server, addr));
+            return Ok((ServerProc(server), addr));
         }
         if let Ok(Some(status)) = server.0.try_wait() {
             thread::sleep(Duration::from_millis(100)); // its last lines
@@ -1336,10 +1374,41 @@ fn settle(procs: &mut [ClientProc], lines: &Lines, timeout: Duration) -> Result<
     }
 }
 
+/// Redis's own CPU seconds (user + system, microseconds from its `INFO cpu`: finer than the
+/// 10 ms ticks of `/proc`).
+fn redis_cpu(port: u16) -> Option<f64> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(b"INFO cpu\r\n").ok()?;
+    // A bulk string: `$LEN\r\n`, LEN bytes, `\r\n`.
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let body = loop {
+        let n = c.read(&mut chunk).ok().filter(|&n| n > 0)?;
+        reply.extend_from_slice(&chunk[..n]);
+        let end = reply.windows(2).position(|w| w == b"\r\n")?;
+        let len: usize = std::str::from_utf8(reply.get(1..end)?).ok()?.parse().ok()?;
+        if reply.len() >= end + 2 + len {
+            break String::from_utf8_lossy(&reply[end + 2..end + 2 + len]).into_owned();
+        }
+        if reply.len() > 1 << 20 {
+            return None;
+        }
+    };
+    let field = |name: &str| -> Option<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(field("used_cpu_user")? + field("used_cpu_sys")?)
+}
+
 /// What the parent measures around a round.
 struct Meters {
     server_pid: u32,
-    redis_pid: Option<u32>,
+    redis_port: Option<u16>,
     client_pids: Vec<u32>,
 }
 
@@ -1347,7 +1416,7 @@ impl Meters {
     /// Server, Redis and client CPU seconds.
     fn read(&self) -> (f64, Option<f64>, f64) {
         let server = tree_cpu(self.server_pid);
-        let redis = self.redis_pid.and_then(cpu_ticks).map(|t| t as f64 / 100.0);
+        let redis = self.redis_port.and_then(redis_cpu);
         let clients = self.client_pids.iter().filter_map(|&p| cpu_ticks(p)).sum::<u64>() as f64 / 100.0;
         (server, redis, clients)
     }
@@ -1388,6 +1457,12 @@ fn run_round(
         "started",
         ANSWER_TIMEOUT,
     )?;
+    // Redis's CPU with nothing published (its timers, the instances' heartbeats), for comparison.
+    let redis_idle = meters.redis_port.and_then(|port| {
+        let (a, t) = (redis_cpu(port)?, Instant::now());
+        thread::sleep(Duration::from_secs(1));
+        Some((redis_cpu(port)? - a) / t.elapsed().as_secs_f64())
+    });
     let (cpu0, redis0, clients0) = meters.read();
     let t0 = Instant::now();
     let mut sent_at = Vec::with_capacity(r.messages as usize);
@@ -1516,6 +1591,11 @@ fn run_round(
     });
     if let Some(rc) = redis_cpu {
         row["redis_cpu_seconds"] = json!(rc);
+        row["redis_idle_cpu_seconds_per_second"] = json!(redis_idle);
+        // Less what it would have used idle over the same window.
+        let busy = redis_idle.map(|idle| (rc - idle * window).max(0.0));
+        row["redis_cpu_us_per_delivery_above_idle"] =
+            json!(busy.filter(|_| delivered > 0).map(|b| b * 1e6 / delivered as f64));
         row["redis_cpu_us_per_delivery"] = json!(if delivered > 0 {
             Some(rc * 1e6 / delivered as f64)
         } else {
@@ -1596,19 +1676,19 @@ fn print_row(row: &Value) {
 }
 
 fn run(o: &Options) -> Result<(), String> {
-    let mut redis = None;
-    let mut redis_dir = None;
+    let (mut redis, mut redis_dir, mut redis_port) = (None, None, None);
     let cluster = match (&o.cluster_url, o.redis) {
         (Some(url), _) => Some(url.clone()),
         (None, true) => {
             let (r, port, dir) = start_redis(o)?;
             redis = Some(r);
             redis_dir = Some(dir);
+            redis_port = Some(port);
             Some(format!("redis://127.0.0.1:{port}"))
         }
         (None, false) => None,
     };
-    let result = measure(o, cluster.as_deref(), redis.as_ref().map(|r| r.0.id()));
+    let result = measure(o, cluster.as_deref(), redis_port);
     drop(redis);
     if let Some(dir) = redis_dir {
         let _ = std::fs::remove_dir_all(dir);
@@ -1616,7 +1696,7 @@ fn run(o: &Options) -> Result<(), String> {
     result
 }
 
-fn measure(o: &Options, cluster: Option<&str>, redis_pid: Option<u32>) -> Result<(), String> {
+fn measure(o: &Options, cluster: Option<&str>, redis_port: Option<u16>) -> Result<(), String> {
     let case = o.label.clone().unwrap_or_else(|| {
         let procs = match o.processes {
             None => "1 process".to_string(),
@@ -1654,7 +1734,7 @@ fn measure(o: &Options, cluster: Option<&str>, redis_pid: Option<u32>) -> Result
     }
     let mut round_id = WARMUP_ROUND + 1;
     for rounds in sessions {
-        session(o, &case, cluster, redis_pid, rounds, &mut round_id)?;
+        session(o, &case, cluster, redis_port, rounds, &mut round_id)?;
     }
     if !o.json {
         println!();
@@ -1677,7 +1757,7 @@ fn session(
     o: &Options,
     case: &str,
     cluster: Option<&str>,
-    redis_pid: Option<u32>,
+    redis_port: Option<u16>,
     rounds: &[Round],
     round_id: &mut u32,
 ) -> Result<(), String> {
@@ -1712,8 +1792,8 @@ fn session(
     }
     let mut publisher = Publisher::connect(addr)?;
     let meters = Meters {
-        server_pid: server.0.id(),
-        redis_pid,
+        server_pid: server.0 .0.id(),
+        redis_port,
         client_pids: procs.iter().map(|p| p.proc_.0.id()).collect(),
     };
 
