@@ -195,6 +195,8 @@ struct Options {
     reuse: bool,
     label: Option<String>,
     json: bool,
+    /// A file each round's JSON object is appended to (one line each), beside the table.
+    json_out: Option<PathBuf>,
 }
 
 fn usage() -> &'static str {
@@ -203,7 +205,7 @@ fn usage() -> &'static str {
      \x20              [--server PATH] [--redis-server PATH] [--server-arg ARG]...\n\
      \x20              [--per-child N] [--in-flight N] [--connect-timeout 120s] [--drain-timeout 10s]\n\
      \x20              [--warmup-timeout 60s] [--settle-timeout 60s] [--reuse]\n\
-     \x20              [--label TEXT] [--json]"
+     \x20              [--label TEXT] [--json] [--json-out FILE]"
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -230,6 +232,7 @@ fn parse_args() -> Result<Options, String> {
         reuse: false,
         label: None,
         json: false,
+        json_out: None,
     };
     let mut rates_given = false;
     let mut p = lexopt::Parser::from_env();
@@ -259,6 +262,7 @@ fn parse_args() -> Result<Options, String> {
             Long("reuse") => o.reuse = true,
             Long("label") => o.label = Some(val(&mut p)?),
             Long("json") => o.json = true,
+            Long("json-out") => o.json_out = Some(PathBuf::from(val(&mut p)?)),
             Long("help") | Short('h') => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -1873,6 +1877,14 @@ fn session(
             println!("{row}");
         } else {
             print_row(&row);
+        }
+        if let Some(path) = &o.json_out {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| writeln!(f, "{row}"))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
     for p in procs.iter_mut() {
