@@ -14,15 +14,16 @@
 //! never an average of percentiles) and the per-message arrival counts.
 //!
 //! ```text
-//! cargo build --release
-//! # one server process, no Redis, 10,000 subscribers, every size × rate on one set of connections
-//! cargo run --release --example cluster_fanout -- --subscribers 10000 --sizes 16,1024 --rates 10,100,1000
-//! # the same through Redis, then over 4 processes
-//! cargo run --release --example cluster_fanout -- --redis --subscribers 10000 --sizes 16,1024 --rates 10,100,1000
-//! cargo run --release --example cluster_fanout -- --redis --processes 4 --subscribers 10000 --sizes 16,1024 --rates 10,100,1000
+//! cargo build --release && cargo build --release --example cluster_fanout
+//! F=target/release/examples/cluster_fanout
+//! # one server process, no Redis, 10,000 subscribers: every size × rate, one row each
+//! $F --subscribers 10000 --sizes 16,1024 --rates 10,100,1000 --seconds 10
+//! # the same through a private Redis, then over 4 processes
+//! $F --redis --subscribers 10000 --sizes 16,1024 --rates 10,100,1000 --seconds 10
+//! $F --redis --processes 4 --subscribers 10000 --sizes 16,1024 --rates 10,100,1000 --seconds 10
 //! # one message to a million peers over 53 processes, then 10 a second for a minute
-//! cargo run --release --example cluster_fanout -- --redis --processes 53 --subscribers 1000000 \
-//!     --once --rates 10 --seconds 60 --sizes 16 --drain-timeout 120s --connect-timeout 600s
+//! $F --redis --processes 53 --subscribers 1000000 --sizes 16 --once --rates 10 --seconds 60 --reuse \
+//!     --connect-timeout 600s --warmup-timeout 300s --drain-timeout 300s --settle-timeout 300s
 //! ```
 //!
 //! Each round (one size and rate) gets a fresh server and fresh subscribers (`--reuse` keeps
