@@ -1681,6 +1681,17 @@ fn print_row(row: &Value) {
 }
 
 fn run(o: &Options) -> Result<(), String> {
+    // Figures taken while other work holds the cores measure the sharing, not the server.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok());
+    let cores = wsloop::sys::cores();
+    if let Some(load) = load.filter(|&l| l > cores as f64 / 2.0) {
+        eprintln!(
+            "warning: load average {load:.1} on {cores} core(s) before starting: other work shares the CPU \
+             and will show in every figure"
+        );
+    }
     let (mut redis, mut redis_dir, mut redis_port) = (None, None, None);
     let cluster = match (&o.cluster_url, o.redis) {
         (Some(url), _) => Some(url.clone()),
