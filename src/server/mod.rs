@@ -29,6 +29,7 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+mod cluster_link;
 pub mod config;
 pub mod handler;
 mod ipcount;
@@ -147,6 +148,8 @@ struct Group {
     open: AtomicUsize,
     /// Open connections per peer IP, kept only with a per-IP limit.
     per_ip: Mutex<ipcount::IpCounts>,
+    /// The cluster, once the server runs with one.
+    link: cluster_link::ClusterLink,
 }
 
 /// Lets other threads reach a running server: send to one connection, publish to a topic,
@@ -273,8 +276,22 @@ impl Handle {
     }
 
     /// Sends a message to the connection `id` on the loop that owns it. An id that no longer
-    /// names an open connection, or never named one of this server's, is ignored there.
+    /// names an open connection, or never named one of this server's, is ignored there. With
+    /// a cluster, the id of a connection of another instance goes there through Redis.
     fn send(&self, id: ConnId, data: &[u8], op: OpCode) -> Result<(), HandleError> {
+        let link = &self.group.link;
+        if id.instance() != link.instance() {
+            if !link.is_on() || id.instance() == 0 {
+                return Ok(()); // not an id a cluster can reach: never one of this server's
+            }
+            if self.is_stopped() {
+                return Err(HandleError::Stopped);
+            }
+            return match link.send_to(id, op, data) {
+                true => Ok(()),
+                false => Err(HandleError::Busy),
+            };
+        }
         if id.lp() >= self.group.inboxes.len() {
             return Ok(());
         }
@@ -293,12 +310,31 @@ impl Handle {
 
     fn broadcast(&self, data: &[u8], op: OpCode, topic: Option<&str>) -> Result<(), HandleError> {
         let frame = self.frame(data, op);
-        let topic: Option<Arc<str>> = topic.map(Arc::from);
+        let shared_topic: Option<Arc<str>> = topic.map(Arc::from);
         self.push_all(|| Command::Frame {
             frame: Arc::clone(&frame),
-            topic: topic.clone(),
+            topic: shared_topic.clone(),
             except: None,
-        })
+        })?;
+        // Only once the loops have it: a call refused as busy is tried again, and the other
+        // instances must not get it twice.
+        match topic {
+            None => self.group.link.broadcast(op, data, None),
+            Some(t) => self.group.link.publish(t, op, data, None),
+        };
+        Ok(())
+    }
+
+    /// This server's instance id: random and non-zero once it runs with a cluster
+    /// ([`ServerConfig::cluster`]), 0 without.
+    pub fn instance(&self) -> u64 {
+        self.group.link.instance()
+    }
+
+    /// The cluster's counters, once the server runs with one.
+    #[cfg(feature = "cluster")]
+    pub fn cluster_stats(&self) -> Option<cluster::ClusterStats> {
+        self.group.link.stats()
     }
 
     /// Sends a text message to every open connection.
@@ -349,6 +385,8 @@ pub(crate) struct Shared {
     pub(crate) lent: usize,
     /// This loop's index among the server's loops.
     pub(crate) lp: u8,
+    /// The server's instance id (0 without a cluster), in every [`ConnId`] it makes.
+    pub(crate) instance: u64,
     /// The server's handle: the other loops' inboxes, the budget and the shared counts.
     pub(crate) handle: Handle,
     /// A loop fell behind and missed a broadcast; logged once until one reaches every loop.
@@ -465,6 +503,7 @@ impl Server {
             slots: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(ipcount::IpCounts::new()),
+            link: cluster_link::ClusterLink::default(),
         };
         Ok(Server {
             loops,
@@ -505,6 +544,7 @@ impl Server {
         let Server {
             mut loops, cfg, stop, ..
         } = self;
+        stop.0.group.link.start(&cfg, &stop.0.group)?;
         let (poll, listener) = loops.pop().expect("one loop");
         let handle = stop.0.clone();
         let result = run_loop(
@@ -537,6 +577,7 @@ impl Server {
         F: FnMut(usize) -> H,
     {
         let Server { loops, cfg, stop, .. } = self;
+        stop.0.group.link.start(&cfg, &stop.0.group)?;
         let handle = stop.0.clone();
         let mut loops: Vec<_> = loops
             .into_iter()
@@ -639,6 +680,7 @@ fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
             topics: topics::Topics::default(),
             lent: usize::MAX,
             lp: lp as u8,
+            instance: handle.group.link.instance(),
             handle,
             behind_logged: false,
         },
@@ -759,7 +801,11 @@ impl Drop for StopGuard {
     fn drop(&mut self) {
         match self.1 {
             Some(lp) => self.0.mark_stopped(lp),
-            None => (0..self.0.group.inboxes.len()).for_each(|lp| self.0.mark_stopped(lp)),
+            None => {
+                (0..self.0.group.inboxes.len()).for_each(|lp| self.0.mark_stopped(lp));
+                // The loops are done: nothing more to send, and the others should know.
+                self.0.group.link.stop();
+            }
         }
     }
 }
@@ -884,7 +930,7 @@ impl<H: Handler> Srv<H> {
     ) -> R {
         let slot = &mut eng.slots[key];
         let mut conn = Conn {
-            id: ConnId::new(key, slot.gen, self.shared.lp),
+            id: ConnId::new(key, slot.gen, self.shared.lp, self.shared.instance),
             addr: slot.data.addr.get(&self.shared.peers),
             state: std::mem::take(&mut slot.data.state),
         };
@@ -1122,7 +1168,8 @@ impl<H: Handler> Srv<H> {
         );
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
         // Only an open connection subscribes, so its subscriptions end here.
-        self.shared.topics.remove_conn(key);
+        let link = &self.shared.handle.group.link;
+        self.shared.topics.remove_conn(key, &mut |topic| link.topic_left(topic));
     }
 
     /// Runs the commands in this loop's inbox; returns true when one says to stop at once.
