@@ -100,6 +100,14 @@ pub struct ServerConfig {
     /// compressor and one decompressor serve the whole loop.
     #[cfg(feature = "deflate")]
     pub deflate: proto::deflate::DeflateConfig,
+    /// Join a cluster over Redis pub/sub (default: none): broadcasts, publishes to topics and
+    /// sends to connections of other instances (other processes or machines with the same
+    /// Redis and prefix) cross over, and [`Ctx::len_everywhere`](super::Ctx::len_everywhere)
+    /// counts their connections. Delivery here never waits for Redis; across instances it is
+    /// at most once, as Redis pub/sub gives. Each run picks a random instance id, carried in
+    /// every [`ConnId`](super::ConnId).
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<super::cluster::ClusterConfig>,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -145,6 +153,8 @@ impl Default for ServerConfig {
             tls: None,
             #[cfg(feature = "deflate")]
             deflate: proto::deflate::DeflateConfig::default(),
+            #[cfg(feature = "cluster")]
+            cluster: None,
         }
     }
 }
