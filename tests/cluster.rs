@@ -6,14 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::redis::Redis;
+use common::redis::RedisServer as Redis;
 use common::Tcp;
 use tungstenite::Message as WsMessage;
 use wsloop::server::{Broadcast, Timer};
@@ -196,49 +196,14 @@ fn check_broadcasts(clients: &mut [Client], senders: &[usize], per: usize, echo_
     }
 }
 
-/// A Redis command's answer, each element as text (a plain connection: the test's own view of
-/// Redis, not the bus's).
-fn redis_query(redis: &Redis, args: &[&str]) -> Vec<String> {
-    let mut s = TcpStream::connect(redis.addr()).expect("connect to redis");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(req.as_bytes()).unwrap();
-    let mut r = BufReader::new(s);
-    let head = read_line(&mut r);
-    match head.split_at(1) {
-        ("*", n) => (0..n.parse::<usize>().unwrap())
-            .map(|_| {
-                let h = read_line(&mut r);
-                one_value(&h, &mut r)
-            })
-            .collect(),
-        _ => vec![one_value(&head, &mut r)],
-    }
-}
-
-fn read_line(r: &mut BufReader<TcpStream>) -> String {
-    let mut line = String::new();
-    r.read_line(&mut line).expect("redis answer");
-    line.trim_end().to_string()
-}
-
-/// A simple RESP value whose first line is `head`, as text.
-fn one_value(head: &str, r: &mut BufReader<TcpStream>) -> String {
-    match head.split_at(1) {
-        ("$", n) if n != "-1" => read_line(r),
-        (":" | "+", v) => v.to_string(),
-        _ => panic!("unexpected answer from redis: {head}"),
-    }
-}
-
 /// How many connections subscribe to `channel` (`PUBSUB NUMSUB`): one per instance that
 /// listens to it.
 fn numsub(redis: &Redis, channel: &str) -> usize {
-    let a = redis_query(redis, &["PUBSUB", "NUMSUB", channel]);
-    a.get(1).and_then(|n| n.parse().ok()).expect("PUBSUB NUMSUB answer")
+    // An array of the channel and its count, sorted as text: the count comes first.
+    let a = redis.command(&["PUBSUB", "NUMSUB", channel]);
+    a.lines()
+        .find_map(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("PUBSUB NUMSUB answered {a:?}"))
 }
 
 fn wait_numsub(redis: &Redis, channel: &str, n: usize) {
@@ -350,8 +315,8 @@ fn topics_cross_instances_and_each_listens_only_while_it_has_subscribers() {
     send(&mut a1, "/unsub news");
     assert_eq!(expect_text(&mut a1, "unsubscribed"), "unsub news true");
     wait_numsub(&redis, channel, 0);
-    let channels = redis_query(&redis, &["PUBSUB", "CHANNELS", "wsloop:t:*"]);
-    assert!(channels.is_empty(), "{channels:?}");
+    let channels = redis.command(&["PUBSUB", "CHANNELS", "wsloop:t:*"]);
+    assert_eq!(channels, "", "no topic channel is listened to");
     // And nothing reaches a topic without subscribers.
     send(&mut b1, "/pub news nobody");
     expect_silence(&mut a1, "a1, unsubscribed");
@@ -360,7 +325,7 @@ fn topics_cross_instances_and_each_listens_only_while_it_has_subscribers() {
 
 #[test]
 fn delivery_here_never_waits_for_redis_and_comes_once() {
-    let Some(redis) = redis() else { return };
+    let Some(mut redis) = redis() else { return };
     let a = node(&redis, Broadcast::new(true, false));
     wait_up(&[&a]);
     let mut clients: Vec<Client> = (0..3).map(|_| connect(a.addr)).collect();
@@ -378,7 +343,7 @@ fn delivery_here_never_waits_for_redis_and_comes_once() {
         "its own messages are not received"
     );
     // Redis gone: the peers here still get every message at once.
-    drop(redis);
+    redis.kill();
     let deadline = Instant::now() + WAIT;
     while a.handle.cluster_stats().unwrap().state != ClusterState::Down {
         assert!(Instant::now() < deadline, "{:?}", a.handle.cluster_stats());
@@ -431,6 +396,26 @@ fn a_connection_of_another_instance_is_reached_by_its_id() {
     expect_silence(&mut b2, "b2");
 }
 
+/// `len_everywhere` as the handler sees it.
+fn count(c: &mut Client) -> usize {
+    send(c, "/count");
+    let t = expect_text(c, "the count");
+    t.strip_prefix("count ").unwrap().parse().unwrap()
+}
+
+/// Waits (`within` at most) until `len_everywhere` is `n`.
+fn wait_count(c: &mut Client, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = count(c);
+        if got == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "count {got}, expected {n}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `wsloop serve --cluster URL ARGS`.
 fn serve(redis: &Redis, args: &[&str]) -> common::ServerProcess {
     let url = redis.url();
@@ -448,32 +433,16 @@ fn counts_add_up_over_instances_and_a_killed_one_leaves_them() {
     let mut a1 = connect(a.addr);
     let _a2 = connect(a.addr);
     let _on_b: Vec<Client> = (0..3).map(|_| connect(b.addr)).collect();
-    let mut count = |c: &mut Client| {
-        send(c, "/count");
-        let t = expect_text(c, "the count");
-        t.strip_prefix("count ").unwrap().parse::<usize>().unwrap()
-    };
-    let wait_count = |c: &mut Client, count: &mut dyn FnMut(&mut Client) -> usize, n: usize, within: Duration| {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = count(c);
-            if got == n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "count {got}, expected {n}");
-            thread::sleep(Duration::from_millis(100));
-        }
-    };
-    wait_count(&mut a1, &mut count, 5, WAIT);
+    wait_count(&mut a1, 5, WAIT);
     // An instance in another process, killed without a word: it leaves the count within
     // three heartbeats.
     let mut other = serve(&redis, &["--mode", "broadcast"]);
     let _on_other: Vec<Client> = (0..4).map(|_| connect(other.addr)).collect();
-    wait_count(&mut a1, &mut count, 9, WAIT);
+    wait_count(&mut a1, 9, WAIT);
     other.child_mut().kill().unwrap();
     other.child_mut().wait().unwrap();
     let killed = Instant::now();
-    wait_count(&mut a1, &mut count, 5, LEAVE_BOUND);
+    wait_count(&mut a1, 5, LEAVE_BOUND);
     assert!(killed.elapsed() <= LEAVE_BOUND);
     // It stays so.
     thread::sleep(Duration::from_millis(500));

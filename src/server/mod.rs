@@ -29,6 +29,8 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod cluster_link;
 pub mod config;
 pub mod handler;
@@ -36,6 +38,8 @@ mod ipcount;
 pub mod modes;
 mod topics;
 
+#[cfg(feature = "cluster")]
+pub use cluster::{ClusterConfig, ClusterState, ClusterStats, ClusterUrlError, RedisUrl};
 pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
 pub use modes::{Broadcast, Echo, Reply};
