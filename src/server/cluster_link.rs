@@ -24,14 +24,18 @@ pub(crate) struct ClusterLink {
 impl ClusterLink {
     /// Picks this run's instance id and starts the bus, when `cfg` has a cluster.
     #[cfg(not(feature = "cluster"))]
-    pub(crate) fn start(&self, cfg: &super::ServerConfig, group: &std::sync::Arc<super::Group>) -> std::io::Result<()> {
+    pub(crate) fn start(
+        &self,
+        cfg: &super::ServerConfig,
+        group: &std::sync::Arc<super::handle::Group>,
+    ) -> std::io::Result<()> {
         let _ = (cfg, group);
         Ok(())
     }
 
     /// Picks this run's instance id and starts the bus, when `cfg` has a cluster.
     #[cfg(feature = "cluster")]
-    pub(crate) fn start(&self, cfg: &super::ServerConfig, group: &Arc<super::Group>) -> std::io::Result<()> {
+    pub(crate) fn start(&self, cfg: &super::ServerConfig, group: &Arc<super::handle::Group>) -> std::io::Result<()> {
         let Some(cluster) = &cfg.cluster else { return Ok(()) };
         let instance = instance_id()?;
         let inbound = Arc::new(Delivery {
@@ -156,7 +160,7 @@ fn instance_id() -> std::io::Result<u64> {
 /// outlives neither the server nor its handles' reach.
 #[cfg(feature = "cluster")]
 struct Delivery {
-    group: Weak<super::Group>,
+    group: Weak<super::handle::Group>,
     instance: u64,
 }
 
@@ -191,18 +195,18 @@ impl super::Handle {
     /// Hands a message from another instance to every loop (the frame encoded once, shared by
     /// their queues); returns how many loops missed it, [`MAX_LOOP_COMMANDS`] behind.
     ///
-    /// [`MAX_LOOP_COMMANDS`]: super::MAX_LOOP_COMMANDS
+    /// [`MAX_LOOP_COMMANDS`]: super::handle::MAX_LOOP_COMMANDS
     fn deliver_remote(&self, payload: &[u8], op: OpCode, topic: Option<&str>, except: Option<ConnId>) -> usize {
         let frame = self.frame(payload, op);
         let topic: Option<Arc<str>> = topic.map(Arc::from);
         (0..self.group.inboxes.len())
             .filter(|&lp| {
-                let c = super::Command::Frame {
+                let c = super::handle::Command::Frame {
                     frame: Arc::clone(&frame),
                     topic: topic.clone(),
                     except,
                 };
-                self.push(lp, c, super::MAX_LOOP_COMMANDS) == Err(super::HandleError::Busy)
+                self.push(lp, c, super::handle::MAX_LOOP_COMMANDS) == Err(super::HandleError::Busy)
             })
             .count()
     }
@@ -213,7 +217,7 @@ impl super::Handle {
         if id.lp() >= self.group.inboxes.len() {
             return 0;
         }
-        let c = super::Command::Send(id, payload.to_vec(), op);
-        usize::from(self.push(id.lp(), c, super::MAX_LOOP_COMMANDS) == Err(super::HandleError::Busy))
+        let c = super::handle::Command::Send(id, payload.to_vec(), op);
+        usize::from(self.push(id.lp(), c, super::handle::MAX_LOOP_COMMANDS) == Err(super::HandleError::Busy))
     }
 }

@@ -1,0 +1,423 @@
+//! The serve loop: polls, hands readiness to the engine, runs commands and signals, and drives
+//! a shutdown to its end; and the driver that turns the engine's events into handler calls.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use mio::net::TcpListener;
+use mio::{Events, Token};
+
+use super::accept::ACCEPT_TIMER;
+use super::handle::{message, Command, Group};
+use super::handler::{ConnData, ServerEngine};
+use super::run::LoopParts;
+use super::signals::Signals;
+use super::{peer_log, Conn, ConnId, Ctx, Handler, ServerConfig, Shared, Timer, TimerId, Upgrade};
+use super::{LISTENER, SIGNALS, WAKER};
+use crate::io::engine::{Cause, Driver, Engine, SHED_CODE};
+use crate::io::stream::ServerStream;
+use crate::io::timer::{deadline_after, poll_timeout};
+use crate::io::transport::Transport;
+use crate::proto::rand::NoRandom;
+use crate::proto::{close_code, Answer, Event, Request, State, Timeout};
+
+pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
+    let LoopParts {
+        lp,
+        poll,
+        listener,
+        cfg,
+        handle,
+    } = parts;
+    // Signals reach the first loop, which tells the others.
+    let mut signals = if cfg.handle_signals && lp == 0 {
+        Some(Signals::install(&poll)?)
+    } else {
+        None
+    };
+    // Dropped after the engine: the connections' TLS sessions live as long as the loop.
+    let budget = Arc::clone(&handle.group.budget);
+    #[cfg(feature = "tls")]
+    let _tls = cfg.tls.is_some().then(|| crate::io::tls::ServingTls::start(&budget));
+    let mut eng: ServerEngine<H::State> =
+        Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom, budget);
+    #[cfg(feature = "deflate")]
+    {
+        eng.codec = crate::proto::deflate::Codec::new(&cfg.deflate);
+    }
+    let mut srv = Srv {
+        handler,
+        shared: Shared::new(&cfg, lp as u8, handle),
+        listener: Some(listener),
+        accept_paused: false,
+        emfile_logged: false,
+        spare_fd: File::open("/dev/null").ok(),
+        shutdown_deadline: None,
+        commands: VecDeque::new(),
+        cfg,
+    };
+    let mut events = Events::with_capacity(1024);
+    let mut rbuf = vec![0u8; srv.cfg.read_buffer_size];
+    eng.tick();
+    srv.handler.on_start(&mut Ctx {
+        eng: &mut eng,
+        shared: &mut srv.shared,
+    });
+    let mut signals_seen = 0usize;
+    loop {
+        let now = eng.tick();
+        let mut deadline = eng.next_deadline();
+        if let Some(d) = srv.shutdown_deadline {
+            deadline = Some(deadline.map_or(d, |t| t.min(d)));
+        }
+        match eng.poll.poll(&mut events, poll_timeout(now, deadline)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        eng.tick();
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => srv.accept_all(&mut eng),
+                WAKER => {
+                    if srv.run_commands(&mut eng) {
+                        return Ok(());
+                    }
+                }
+                SIGNALS => {
+                    if let Some(s) = &mut signals {
+                        signals_seen += s.drain();
+                    }
+                    if signals_seen > 1 && srv.shutdown_deadline.is_some() {
+                        log::warn!("second signal: stopping now");
+                        srv.shared.handle.stop_others(lp, true);
+                        return Ok(());
+                    }
+                    log::info!("signal received: shutting down");
+                    srv.shutdown_everywhere(&mut eng);
+                }
+                Token(key) => eng.on_ready(&mut srv, key, ev, &mut rbuf),
+            }
+        }
+        eng.fire_timers(&mut srv);
+        eng.apply_budget(&mut srv);
+        eng.reap(&mut srv);
+        if std::mem::take(&mut srv.shared.shutdown_requested) {
+            srv.shutdown_everywhere(&mut eng);
+            eng.reap(&mut srv);
+        }
+        if let Some(d) = srv.shutdown_deadline {
+            // Done once every peer's close handshake is over and our last bytes are out.
+            if eng
+                .slots
+                .iter()
+                .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none() && !s.stream.wants_write())
+            {
+                if lp == 0 {
+                    log::info!("shutdown complete");
+                }
+                return Ok(());
+            }
+            if eng.now >= d {
+                log::info!("shutdown: {} connection(s) did not close in time", eng.slots.len());
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The server driver: the handler and everything the loop keeps beside the engine.
+pub(super) struct Srv<H: Handler> {
+    pub(super) handler: H,
+    pub(super) shared: Shared,
+    pub(super) cfg: ServerConfig,
+    pub(super) listener: Option<TcpListener>,
+    pub(super) accept_paused: bool,
+    pub(super) emfile_logged: bool,
+    /// A descriptor held in reserve: at the descriptor limit it is closed for a moment so that
+    /// a waiting client can be accepted and told `503` instead of hanging in the backlog.
+    pub(super) spare_fd: Option<File>,
+    /// Shutdown started; ends at this time at the latest.
+    pub(super) shutdown_deadline: Option<u64>,
+    /// Commands taken from the inbox (kept to reuse its allocation).
+    pub(super) commands: VecDeque<Command>,
+}
+
+impl<H: Handler> Srv<H> {
+    fn ctx<'a>(&'a mut self, eng: &'a mut ServerEngine<H::State>) -> (&'a mut H, Ctx<'a, H::State>) {
+        (
+            &mut self.handler,
+            Ctx {
+                eng,
+                shared: &mut self.shared,
+            },
+        )
+    }
+
+    pub(super) fn group(&self) -> &Group {
+        &self.shared.handle.group
+    }
+
+    fn addr(&self, eng: &ServerEngine<H::State>, key: usize) -> SocketAddr {
+        eng.slots[key].data.addr.get(&self.shared.peers)
+    }
+
+    /// Calls the handler about connection `key`, lending it the connection's state.
+    fn with_conn<R>(
+        &mut self,
+        eng: &mut ServerEngine<H::State>,
+        key: usize,
+        f: impl FnOnce(&mut H, &mut Ctx<'_, H::State>, &mut Conn<H::State>) -> R,
+    ) -> R {
+        let slot = &mut eng.slots[key];
+        let mut conn = Conn {
+            id: ConnId::new(key, slot.gen, self.shared.lp, self.shared.instance),
+            addr: slot.data.addr.get(&self.shared.peers),
+            state: std::mem::take(&mut slot.data.state),
+        };
+        self.shared.lent = key;
+        let (h, mut ctx) = self.ctx(eng);
+        let r = f(h, &mut ctx, &mut conn);
+        self.shared.lent = usize::MAX;
+        // Slots are removed only at the end of a turn, so this one is still here.
+        eng.slots[key].data.state = conn.state;
+        r
+    }
+
+    /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
+    fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
+        let addr = self.addr(eng, key);
+        let answer = if !req.is_upgrade() {
+            self.plain_answer(&req)
+        } else if let Some(origin) = req.origin().filter(|o| !self.origin_allowed(o)) {
+            peer_log(
+                log::Level::Info,
+                addr,
+                format_args!(": refused handshake: origin {origin} not allowed"),
+            );
+            Answer::reject(403, "origin not allowed")
+        } else {
+            let protocol = self.cfg.protocols.iter().find(|p| req.offers_protocol(p)).cloned();
+            let mut up = Upgrade {
+                request: &req,
+                peer: addr,
+                protocol,
+            };
+            let (h, mut ctx) = self.ctx(eng);
+            match h.on_upgrade(&mut ctx, &mut up) {
+                Ok(state) => {
+                    eng.slots[key].data.state = state;
+                    Answer::Accept { protocol: up.protocol }
+                }
+                Err(answer) => answer,
+            }
+        };
+        #[cfg(feature = "deflate")]
+        let upgraded = eng.accept_deflate(key, &req, &answer, &self.cfg.deflate);
+        #[cfg(not(feature = "deflate"))]
+        let upgraded = eng.accept(key, &req, &answer, None);
+        if !upgraded {
+            if let Answer::Reject { status, body } = &answer {
+                peer_log(
+                    log::Level::Info,
+                    addr,
+                    format_args!(": refused handshake: {status} {}", body.trim()),
+                );
+            }
+            return;
+        }
+        let slot = &mut eng.slots[key];
+        slot.data.opened = true;
+        self.shared.stats.open += 1;
+        self.group().open.fetch_add(1, Ordering::Relaxed);
+        peer_log(log::Level::Info, addr, format_args!(" connected"));
+        self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
+    }
+
+    fn origin_allowed(&self, origin: &str) -> bool {
+        self.cfg.origins.is_empty() || self.cfg.origins.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    }
+
+    /// A request that is not an upgrade: the page for `GET /` and `HEAD /` when there is one.
+    fn plain_answer(&self, req: &Request) -> Answer {
+        let readable = matches!(req.method(), "GET" | "HEAD");
+        match (&self.cfg.page, readable) {
+            (_, false) => Answer::reject(405, "only GET is served here"),
+            (Some(page), true) if req.path_only() == "/" => Answer::Respond {
+                status: 200,
+                content_type: "text/html; charset=utf-8".into(),
+                body: match page {
+                    std::borrow::Cow::Borrowed(s) => std::borrow::Cow::Borrowed(s.as_bytes()),
+                    std::borrow::Cow::Owned(s) => std::borrow::Cow::Owned(s.clone().into_bytes()),
+                },
+            },
+            (Some(_), true) => Answer::reject(404, "not found"),
+            (None, true) => Answer::reject(426, "this is a WebSocket endpoint: send an Upgrade request"),
+        }
+    }
+
+    /// Calls `on_close` once for a connection that was open.
+    fn notify_close(&mut self, eng: &mut ServerEngine<H::State>, key: usize, code: u16, reason: &str) {
+        let slot = &mut eng.slots[key];
+        if !std::mem::take(&mut slot.data.opened) {
+            return;
+        }
+        self.shared.stats.open -= 1;
+        self.group().open.fetch_sub(1, Ordering::Relaxed);
+        peer_log(
+            log::Level::Info,
+            slot.data.addr.get(&self.shared.peers),
+            format_args!(" disconnected ({code})"),
+        );
+        self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
+        // Only an open connection subscribes, so its subscriptions end here.
+        let link = &self.shared.handle.group.link;
+        self.shared.topics.remove_conn(key, &mut |topic| link.topic_left(topic));
+    }
+
+    /// Runs the commands in this loop's inbox; returns true when one says to stop at once.
+    fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) -> bool {
+        let lp = usize::from(self.shared.lp);
+        {
+            let inbox = &self.shared.handle.group.inboxes[lp];
+            let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *q, &mut self.commands);
+        }
+        while let Some(c) = self.commands.pop_front() {
+            let (h, mut ctx) = self.ctx(eng);
+            match c {
+                Command::Frame { frame, topic, except } => {
+                    match topic {
+                        None => ctx.deliver(&frame, except, false),
+                        Some(t) => ctx.publish_here(&t, &frame, except),
+                    };
+                }
+                Command::Send(id, bytes, op) => {
+                    if let Some(msg) = message(&bytes, op) {
+                        ctx.send(id, msg);
+                    }
+                }
+                Command::Shutdown => self.begin_shutdown(eng),
+                Command::Stop => {
+                    self.commands.clear();
+                    return true;
+                }
+                Command::Wake => h.on_wake(&mut ctx),
+            }
+        }
+        false
+    }
+
+    /// Begins a graceful shutdown here and on every other loop.
+    fn shutdown_everywhere(&mut self, eng: &mut ServerEngine<H::State>) {
+        if self.shutdown_deadline.is_none() {
+            self.shared.handle.stop_others(usize::from(self.shared.lp), false);
+        }
+        self.begin_shutdown(eng);
+    }
+
+    fn begin_shutdown(&mut self, eng: &mut ServerEngine<H::State>) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        self.shutdown_deadline = Some(deadline_after(eng.now, self.cfg.shutdown_timeout));
+        if let Some(mut l) = self.listener.take() {
+            let _ = eng.poll.registry().deregister(&mut l);
+        }
+        let keys: Vec<usize> = eng.slots.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            match eng.slots[key].conn.state() {
+                State::Open => {
+                    let _ = eng.close(key, close_code::GOING_AWAY, "server shutting down");
+                }
+                State::Connecting => eng.kill(key, Cause::Dropped),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
+    fn on_event(&mut self, eng: &mut ServerEngine<H::State>, key: usize, ev: Event<'_>) {
+        match ev {
+            Event::Request(req) => self.on_request(eng, key, *req),
+            Event::Message(payload) => {
+                self.shared.stats.messages_in += 1;
+                let msg = payload.as_message();
+                self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));
+            }
+            Event::Close { code, reason } => {
+                let code = code.unwrap_or(close_code::NO_STATUS);
+                self.notify_close(eng, key, code, reason.as_str());
+            }
+            Event::Ping(_) | Event::Pong(_) | Event::Open(_) => {}
+        }
+    }
+
+    fn on_error(&mut self, eng: &mut ServerEngine<H::State>, key: usize, err: &crate::proto::Error) {
+        let addr = self.addr(eng, key);
+        match err {
+            crate::proto::Error::Protocol(e) => {
+                peer_log(log::Level::Debug, addr, format_args!(": protocol error: {e}"));
+                self.notify_close(eng, key, e.code, e.reason);
+            }
+            crate::proto::Error::Rejected(r) => {
+                peer_log(log::Level::Info, addr, format_args!(": refused handshake: {r}"))
+            }
+            crate::proto::Error::Response(_) => {}
+        }
+    }
+
+    fn on_timeout(&mut self, eng: &mut ServerEngine<H::State>, key: usize, t: Timeout) {
+        let addr = self.addr(eng, key);
+        match t {
+            Timeout::Handshake => peer_log(log::Level::Info, addr, format_args!(": handshake timeout")),
+            Timeout::Idle => peer_log(log::Level::Info, addr, format_args!(": idle timeout")),
+            Timeout::Close => peer_log(log::Level::Debug, addr, format_args!(": close timeout")),
+            Timeout::Ping => {}
+        }
+    }
+
+    fn on_removed(&mut self, eng: &mut ServerEngine<H::State>, key: usize, cause: Cause) {
+        let reason = match &cause {
+            Cause::Timeout(Timeout::Close) => "close timeout",
+            Cause::Io(e) => {
+                peer_log(log::Level::Debug, self.addr(eng, key), format_args!(": {e}"));
+                ""
+            }
+            _ => "",
+        };
+        self.notify_close(eng, key, close_code::ABNORMAL, reason);
+        let data = &eng.slots[key].data;
+        self.give_back(Some(data.addr), data.counted);
+    }
+
+    fn on_shed(&mut self, eng: &mut ServerEngine<H::State>, key: usize) {
+        let addr = self.addr(eng, key);
+        peer_log(
+            log::Level::Warn,
+            addr,
+            format_args!(": closed with 1013, the server is short of memory"),
+        );
+        self.notify_close(eng, key, SHED_CODE, "server short of memory");
+    }
+
+    fn on_timer(&mut self, eng: &mut ServerEngine<H::State>, id: u64) {
+        if id == ACCEPT_TIMER {
+            self.accept_paused = false;
+            self.accept_all(eng);
+            return;
+        }
+        let Some(conn) = self.shared.take_timer(id) else { return };
+        // A connection's timers end with it, even while its slot waits for the last bytes.
+        if conn.is_some_and(|c| !eng.is_live(c.key(), c.gen()) || !eng.slots[c.key()].data.opened) {
+            return;
+        }
+        let (h, mut ctx) = self.ctx(eng);
+        h.on_timer(&mut ctx, Timer { id: TimerId(id), conn });
+    }
+}
