@@ -33,8 +33,12 @@ pub(crate) struct Topics {
     members: KeyMap<Vec<Sub>>,
     /// Ends a closed connection's subscriptions; set by the first subscription, so that a
     /// program that never subscribes (the `wsloop` binary) does not carry that code at all.
-    cleanup: Option<fn(&mut Topics, usize, &mut dyn FnMut(&str))>,
+    cleanup: Option<Cleanup>,
 }
+
+/// Ends the subscriptions of the connection in a slot, telling each topic left without
+/// subscribers.
+type Cleanup = fn(&mut Topics, usize, &mut dyn FnMut(&str));
 
 /// What a subscription changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
