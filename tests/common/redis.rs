@@ -113,7 +113,9 @@ impl RedisServer {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ready = if self.plain {
-                self.try_command(&["PING"]).is_ok_and(|r| r == "PONG")
+                // NOAUTH is an answer too (a server started with --requirepass).
+                self.try_command(&["PING"])
+                    .is_ok_and(|r| r == "PONG" || r.starts_with("ERR: NOAUTH"))
             } else {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             };
@@ -205,12 +207,21 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("redis command {args:?} failed: {e}"))
     }
 
-    fn try_command(&self, args: &[&str]) -> std::io::Result<String> {
+    /// [`RedisServer::command`] with arguments that need not be UTF-8.
+    pub fn command_bytes(&self, args: &[&[u8]]) -> String {
+        self.try_command(args)
+            .unwrap_or_else(|e| panic!("redis command failed: {e}"))
+    }
+
+    fn try_command<A: AsRef<[u8]>>(&self, args: &[A]) -> std::io::Result<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut cmd = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
-            cmd.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+            let a = a.as_ref();
+            cmd.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            cmd.extend_from_slice(a);
+            cmd.extend_from_slice(b"\r\n");
         }
         s.write_all(&cmd)?;
         let mut buf = Vec::new();

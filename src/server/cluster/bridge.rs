@@ -37,7 +37,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long `stop` waits for the leave notice to go out.
 const LEAVE_WAIT: Duration = Duration::from_millis(200);
 /// Free space offered to each read (a TLS read needs room for a whole record twice over).
-const READ_SPACE: usize = 64 << 10;
+pub(crate) const READ_SPACE: usize = 64 << 10;
 /// Reads per connection per wakeup, so that neither connection starves the other.
 const READS_PER_TURN: usize = 16;
 /// A buffer grown past this for one large message is given back once empty.
@@ -46,6 +46,9 @@ const KEEP_BUFFER: usize = 256 << 10;
 const MAX_PEERS: usize = 65_536;
 /// An instance silent for this many heartbeats leaves the counts.
 const MISSED_HEARTBEATS: u32 = 3;
+/// The longest topic sent or subscribed: a channel name must stay far below the 64 KiB
+/// every receiver allows around a message.
+pub(crate) const MAX_TOPIC: usize = 16 << 10;
 /// The command head of every publish.
 const PUBLISH_HEAD: &[u8] = b"*3\r\n$7\r\nPUBLISH\r\n";
 
@@ -117,6 +120,7 @@ struct Counters {
     reconnects: u64,
     malformed: u64,
     attempts: u64,
+    turns: u64,
 }
 
 /// What the bridge knows beyond the stats: for logs and tests.
@@ -130,6 +134,8 @@ pub(crate) struct Diagnostics {
     pub(crate) malformed: u64,
     /// The largest read buffer held, in bytes.
     pub(crate) read_buffer: usize,
+    /// Times the bridge woke up.
+    pub(crate) turns: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -274,13 +280,14 @@ impl Bus {
     }
 
     /// Never blocks. Queues the message for Redis, or drops and counts it (Redis down, queue
-    /// full, budget full, over the message limit). Returns whether it was queued. A message
+    /// full, budget full, over the message limit, a topic longer than [`MAX_TOPIC`]). Returns whether it was queued. A message
     /// for a connection of this instance goes through Redis like any other: local delivery
     /// is the caller's.
     pub(crate) fn send(&self, target: Target<'_>, op: OpCode, payload: &[u8], except: Option<u128>) -> bool {
         let s = &*self.shared;
         let mut out = lock(&s.out);
-        if payload.len() > s.max_message || !matches!(op, OpCode::Text | OpCode::Binary) {
+        let too_long = matches!(target, Target::Topic(t) if t.len() > MAX_TOPIC);
+        if too_long || payload.len() > s.max_message || !matches!(op, OpCode::Text | OpCode::Binary) {
             out.dropped_out += 1;
             return false;
         }
@@ -325,7 +332,11 @@ impl Bus {
     }
 
     /// A local connection joined `topic`: SUBSCRIBEs to it when it is the process's first.
+    /// A topic longer than [`MAX_TOPIC`] stays local.
     pub(crate) fn topic_joined(&self, topic: &str) {
+        if topic.len() > MAX_TOPIC {
+            return;
+        }
         let mut out = lock(&self.shared.out);
         if let Some(n) = out.topics.get_mut(topic) {
             *n += 1;
@@ -389,6 +400,7 @@ impl Bus {
             attempts: c.attempts,
             malformed: c.malformed,
             read_buffer: s.read_buffer.load(Ordering::Relaxed),
+            turns: c.turns,
         }
     }
 
@@ -398,15 +410,22 @@ impl Bus {
         self.end(STOP_LEAVE);
     }
 
-    /// Stops without a leave notice, as if the process were killed.
+    /// Stops like [`Bus::stop`]; whether the thread ended without a panic.
     #[cfg(test)]
-    pub(crate) fn halt(&self) {
-        self.end(HALT);
+    pub(crate) fn stop_cleanly(&self) -> bool {
+        self.end(STOP_LEAVE)
     }
 
-    fn end(&self, how: u8) {
+    /// Stops without a leave notice, as if the process were killed.
+    #[cfg(test)]
+    pub(crate) fn halt(&self) -> bool {
+        self.end(HALT)
+    }
+
+    /// Whether the thread ended without a panic (true when it had ended before).
+    fn end(&self, how: u8) -> bool {
         let Some(thread) = lock(&self.thread).take() else {
-            return;
+            return true;
         };
         let s = &*self.shared;
         {
@@ -419,7 +438,7 @@ impl Bus {
         }
         s.stop.store(how, Ordering::Release);
         let _ = s.waker.wake();
-        let _ = thread.join();
+        thread.join().is_ok()
     }
 }
 
@@ -445,10 +464,11 @@ impl RecvBuf {
         }
     }
 
-    /// Room for the next read: at least [`READ_SPACE`] bytes. The decoder refuses any value
-    /// longer than `limits.total` before waiting for it, so the buffer stays within
+    /// Room for the next read: at least [`READ_SPACE`] bytes, the buffer at most `max` (or
+    /// what it holds plus that room). The decoder refuses any value longer than
+    /// `limits.total` before waiting for it, so what is held stays within it, and `max` is
     /// `limits.total + READ_SPACE`.
-    fn space(&mut self) -> &mut [u8] {
+    fn space(&mut self, max: usize) -> &mut [u8] {
         if self.data.len() - self.end < READ_SPACE {
             if self.start > 0 {
                 self.data.copy_within(self.start..self.end, 0);
@@ -456,9 +476,9 @@ impl RecvBuf {
                 self.start = 0;
             }
             if self.data.len() - self.end < READ_SPACE {
-                let want = (self.end + READ_SPACE).max(self.data.len().saturating_mul(2));
-                self.data
-                    .resize(want.min(self.end + READ_SPACE.max(self.data.len())), 0);
+                let need = self.end + READ_SPACE;
+                let grown = self.data.len().saturating_mul(2).min(max).max(need);
+                self.data.resize(grown, 0);
             }
         }
         &mut self.data[self.end..]
@@ -518,7 +538,8 @@ struct Bridge {
     backoff: Duration,
     next_heartbeat: Instant,
     peers: HashMap<u64, Peer>,
-    open_sum: u64,
+    /// The sum of the peers' open connections (wide enough for any heartbeats).
+    open_sum: u128,
     ever_up: bool,
     /// The outage was logged (once per outage).
     outage_logged: bool,
@@ -569,6 +590,7 @@ impl Bridge {
                     link.more = true;
                 }
             }
+            self.counters.turns += 1;
             self.shared.woken.store(false, Ordering::Release);
             if let Err(why) = self.turn() {
                 self.close(Some(why));
@@ -634,11 +656,12 @@ impl Bridge {
     }
 
     fn read(&mut self, which: Token, rbuf: &mut RecvBuf) -> Result<(), Failure> {
+        let max = self.limits.total.saturating_add(READ_SPACE);
         for _ in 0..READS_PER_TURN {
             let Some(link) = self.link(which) else {
                 return Ok(());
             };
-            let n = match link.stream.read(rbuf.space()) {
+            let n = match link.stream.read(rbuf.space(max)) {
                 Ok(0) => return Err("redis closed the connection".to_string()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -767,7 +790,7 @@ impl Bridge {
             Kind::Heartbeat | Kind::Leave => {
                 if env.kind == Kind::Leave {
                     if let Some(p) = self.peers.remove(&env.origin) {
-                        self.open_sum -= p.open;
+                        self.open_sum -= u128::from(p.open);
                     }
                 } else if known {
                     let p = self.peers.entry(env.origin).or_insert(Peer {
@@ -775,7 +798,7 @@ impl Bridge {
                         last_seen: now,
                         last_seq: None,
                     });
-                    self.open_sum = self.open_sum - p.open + env.open();
+                    self.open_sum = self.open_sum - u128::from(p.open) + u128::from(env.open());
                     p.open = env.open();
                     p.last_seen = now;
                 }
@@ -794,7 +817,7 @@ impl Bridge {
                     });
                     if let Some(last) = p.last_seq {
                         if env.seq > last {
-                            self.counters.lost += env.seq - last - 1;
+                            self.counters.lost = self.counters.lost.saturating_add(env.seq - last - 1);
                         }
                     }
                     p.last_seq = Some(env.seq);
@@ -960,11 +983,11 @@ impl Bridge {
         }
         let silent = self.heartbeat * MISSED_HEARTBEATS;
         let before = self.peers.len();
-        let mut gone = 0u64;
+        let mut gone = 0u128;
         self.peers.retain(|_, p| {
             let keep = now.duration_since(p.last_seen) <= silent;
             if !keep {
-                gone += p.open;
+                gone += u128::from(p.open);
             }
             keep
         });
@@ -1052,7 +1075,8 @@ impl Bridge {
             msgs: 0,
             setup,
             ready: false,
-            more: true,
+            // Nothing to read before an event says so (the connect's own, first).
+            more: false,
         })
     }
 

@@ -26,8 +26,6 @@ mod wire;
 use std::time::Duration;
 
 pub(crate) use bridge::Bus;
-#[cfg(test)]
-pub(crate) use bridge::Diagnostics;
 pub use url::{ClusterUrlError, RedisUrl};
 
 use crate::proto::frame::OpCode;
