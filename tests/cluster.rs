@@ -132,9 +132,11 @@ fn wait_up(nodes: &[&Node]) {
 
 fn connect(addr: SocketAddr) -> Client {
     let s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
     let (ws, resp) = tungstenite::client(format!("ws://{addr}/"), Tcp(s)).expect("handshake");
     assert_eq!(resp.status(), 101);
+    // Short reads from here on: `next_text` polls against its own deadline.
+    ws.get_ref().0.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     ws
 }
 
