@@ -136,7 +136,10 @@ fn connect(addr: SocketAddr) -> Client {
     let (ws, resp) = tungstenite::client(format!("ws://{addr}/"), Tcp(s)).expect("handshake");
     assert_eq!(resp.status(), 101);
     // Short reads from here on: `next_text` polls against its own deadline.
-    ws.get_ref().0.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    ws.get_ref()
+        .0
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     ws
 }
 

@@ -69,6 +69,10 @@ impl ConnId {
     pub fn as_u128(self) -> u128 {
         (u128::from(self.instance) << 64) | u128::from(self.local)
     }
+    /// The id of `instance` whose local part is `local`.
+    pub(crate) fn from_parts(instance: u64, local: u64) -> Self {
+        ConnId { instance, local }
+    }
     /// The id [`as_u128`](Self::as_u128) gave. Any number makes an id; one that never named a
     /// connection of the server it is used with is ignored there, as a closed one is.
     pub fn from_u128(id: u128) -> Self {
@@ -528,7 +532,7 @@ impl<'a, S> Ctx<'a, S> {
         let mut sent = 0;
         let mut i = 0;
         // By index: a slow consumer closed on the way stays subscribed until the turn ends.
-        while let Some(id) = self.shared.topics.subscriber(t, i) {
+        while let Some(id) = self.shared.topics.subscriber(t, i, self.shared.instance) {
             i += 1;
             if except == Some(id) {
                 continue;

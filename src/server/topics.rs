@@ -10,10 +10,16 @@
 
 use super::handler::ConnId;
 
-/// A topic and its subscribers, in no particular order.
+/// A topic and its subscribers, in no particular order: the local part of their ids
+/// ([`ConnId::as_u64`]; a loop's connections share one instance), 8 bytes each.
 struct Topic {
     name: Box<str>,
-    subs: Vec<ConnId>,
+    subs: Vec<u64>,
+}
+
+/// The slot key in the local part of a connection's id.
+fn key_of(local: u64) -> usize {
+    ConnId::from_parts(0, local).key()
 }
 
 /// One subscription of a connection: the topic, and the connection's place in its list.
@@ -73,9 +79,10 @@ impl Topics {
             .binary_search_by(|&t| (*self.topics[t as usize].name).cmp(name))
     }
 
-    /// The `i`th subscriber of topic `t`.
-    pub(crate) fn subscriber(&self, t: u32, i: usize) -> Option<ConnId> {
-        self.topics.get(t as usize)?.subs.get(i).copied()
+    /// The `i`th subscriber of topic `t`, a connection of `instance`.
+    pub(crate) fn subscriber(&self, t: u32, i: usize, instance: u64) -> Option<ConnId> {
+        let local = *self.topics.get(t as usize)?.subs.get(i)?;
+        Some(ConnId::from_parts(instance, local))
     }
 
     /// How many connections are subscribed to `name`.
@@ -108,7 +115,7 @@ impl Topics {
             topic: t,
             at: topic.subs.len() as u32,
         });
-        topic.subs.push(id);
+        topic.subs.push(id.as_u64());
         if first {
             Joined::First
         } else {
@@ -129,7 +136,7 @@ impl Topics {
             return Left::NotMember;
         };
         // The slot may belong to a later connection than `id` by now.
-        if self.topics[t as usize].subs.get(subs[i].at as usize) != Some(&id) {
+        if self.topics[t as usize].subs.get(subs[i].at as usize) != Some(&id.as_u64()) {
             return Left::NotMember;
         }
         let sub = subs.swap_remove(i);
@@ -169,7 +176,7 @@ impl Topics {
         if let Some(moved) = subs.get(sub.at as usize) {
             if let Some(s) = self
                 .members
-                .get_mut(moved.key() as u32)
+                .get_mut(key_of(*moved) as u32)
                 .and_then(|subs| subs.iter_mut().find(|s| s.topic == sub.topic))
             {
                 s.at = sub.at;
@@ -322,7 +329,7 @@ mod tests {
                     .buckets
                     .iter()
                     .flatten()
-                    .find(|(key, _)| *key == c.key() as u32);
+                    .find(|(key, _)| *key as usize == key_of(*c));
                 let sub = subs.and_then(|(_, s)| s.iter().find(|s| s.topic == k as u32));
                 assert_eq!(sub.map(|s| s.at), Some(at as u32), "{c} in {}", topic.name);
                 count += 1;
@@ -360,8 +367,9 @@ mod tests {
         assert_eq!((t.count("a"), t.count("b")), (0, 1));
         assert_eq!(t.find("a"), None);
         let b = t.find("b").unwrap();
-        assert_eq!(t.subscriber(b, 0), Some(id(3)));
-        assert_eq!(t.subscriber(b, 1), None);
+        assert_eq!(t.subscriber(b, 0, 0), Some(id(3)));
+        assert_eq!(t.subscriber(b, 1, 0), None);
+        assert_eq!(t.subscriber(b, 0, 9), Some(ConnId::new(3, 1, 0, 9)));
         t.remove_conn(3, &mut |name| gone.push(name.to_string()));
         t.remove_conn(3, &mut |name| gone.push(name.to_string()));
         assert_eq!(gone, ["a", "b"]);
