@@ -34,7 +34,7 @@ fn redis() -> Option<Redis> {
 }
 
 /// Broadcast mode, plus commands a test sends as text: `/id`, `/sub T`, `/unsub T`,
-/// `/pub T TEXT`, `/to ID TEXT`, `/count`.
+/// `/pub T TEXT`, `/to ID TEXT`, `/count`, `/loop`.
 #[derive(Clone)]
 struct Lab {
     inner: Broadcast,
@@ -64,6 +64,7 @@ impl Handler for Lab {
                 format!("to {}", ctx.send_text(ConnId::from_u128(id), m))
             }
             (Some("/count"), None, None) => format!("count {}", ctx.len_everywhere()),
+            (Some("/loop"), None, None) => format!("loop {}", ctx.loop_index()),
             _ => return self.inner.on_message(ctx, conn, msg),
         };
         ctx.send_text(me, &reply);
@@ -90,14 +91,19 @@ fn cluster_config(redis: &Redis) -> ClusterConfig {
 }
 
 fn node_with(cluster: ClusterConfig, inner: Broadcast) -> Node {
+    node_on_loops(cluster, inner, 1)
+}
+
+fn node_on_loops(cluster: ClusterConfig, inner: Broadcast, threads: usize) -> Node {
     let mut cfg = ServerConfig::default();
     cfg.cluster = Some(cluster);
+    cfg.threads = threads;
     let (ready_tx, ready) = mpsc::channel();
     let (tx, done) = mpsc::channel();
     thread::spawn(move || {
         let server = Server::bind("127.0.0.1:0", cfg).expect("bind 127.0.0.1:0");
         let _ = ready_tx.send((server.local_addr(), server.handle()));
-        let _ = tx.send(server.run(Lab { inner }));
+        let _ = tx.send(server.run_threads(|_| Lab { inner: inner.clone() }));
     });
     let (addr, handle) = ready.recv_timeout(WAIT).expect("the server thread did not start");
     Node { addr, handle, done }
@@ -329,6 +335,49 @@ fn topics_cross_instances_and_each_listens_only_while_it_has_subscribers() {
     send(&mut b1, "/pub news nobody");
     expect_silence(&mut a1, "a1, unsubscribed");
     expect_silence(&mut b1, "b1, unsubscribed");
+}
+
+#[test]
+fn a_server_listens_to_a_topic_while_any_of_its_loops_has_a_subscriber() {
+    let Some(redis) = redis() else { return };
+    let a = node_on_loops(cluster_config(&redis), Broadcast::new(true, false), 2);
+    let b = node(&redis, Broadcast::new(true, false));
+    wait_up(&[&a, &b]);
+    // One client on each of A's loops (the kernel picks the loop: connect until both have one).
+    let mut on: [Option<Client>; 2] = [None, None];
+    for _ in 0..64 {
+        let mut c = connect(a.addr);
+        send(&mut c, "/loop");
+        let lp: usize = expect_text(&mut c, "its loop")[5..].parse().unwrap();
+        on[lp].get_or_insert(c);
+        if on.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [Some(mut l0), Some(mut l1)] = on else {
+        panic!("64 connections and one of the two loops got none")
+    };
+    let channel = "wsloop:t:news";
+    for c in [&mut l0, &mut l1] {
+        send(c, "/sub news");
+        assert_eq!(expect_text(c, "subscribed"), "sub news true");
+    }
+    wait_numsub(&redis, channel, 1);
+    let mut b1 = connect(b.addr);
+    send(&mut b1, "/pub news to both loops");
+    for c in [&mut l0, &mut l1] {
+        assert_eq!(expect_text(c, "B's publish"), "to both loops");
+    }
+    // Loop 0 has no subscriber left, loop 1 still has one: A keeps listening.
+    send(&mut l0, "/unsub news");
+    assert_eq!(expect_text(&mut l0, "unsubscribed"), "unsub news true");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(numsub(&redis, channel), 1, "A still listens for loop 1's subscriber");
+    send(&mut b1, "/pub news to loop 1");
+    assert_eq!(expect_text(&mut l1, "B's publish"), "to loop 1");
+    expect_silence(&mut l0, "loop 0's client, unsubscribed");
+    drop(l1);
+    wait_numsub(&redis, channel, 0);
 }
 
 #[test]
