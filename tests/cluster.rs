@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use common::redis::RedisServer as Redis;
 use common::Tcp;
 use tungstenite::Message as WsMessage;
+use wsloop::server::HandleError;
 use wsloop::server::{Broadcast, Timer};
 use wsloop::server::{ClusterConfig, ClusterState};
 use wsloop::{Conn, ConnId, Ctx, Handle, Handler, Message, Server, ServerConfig};
@@ -409,8 +410,13 @@ fn delivery_here_never_waits_for_redis_and_comes_once() {
     let t0 = Instant::now();
     check_broadcasts(&mut clients, &[0, 1, 2], 10, true);
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let elsewhere = ConnId::from_u128((1 << 64) | 5);
+    assert_eq!(
+        a.handle.send_text(elsewhere, "for another instance"),
+        Err(HandleError::Unreachable)
+    );
     let s = a.handle.cluster_stats().unwrap();
-    assert!(s.dropped_out >= 30, "sends to a Redis that is down are counted: {s:?}");
+    assert!(s.dropped_out >= 31, "sends to a Redis that is down are counted: {s:?}");
     // A server whose Redis never answers serves its own peers all the same.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("redis://{}", closed.local_addr().unwrap());
@@ -590,6 +596,20 @@ fn two_servers_with_two_threads_each_are_one_chat_without_echo() {
 
 #[test]
 fn bad_cluster_options_are_usage_errors() {
+    let mut cfg = ServerConfig::default();
+    let mut cluster = ClusterConfig::new("redis://127.0.0.1").unwrap();
+    cfg.cluster = Some(cluster.clone());
+    assert_eq!(cfg.check(), Ok(()));
+    cluster.heartbeat = Duration::ZERO;
+    cfg.cluster = Some(cluster.clone());
+    assert_eq!(cfg.check(), Err("cluster heartbeat must be above zero"));
+    cluster.heartbeat = Duration::from_secs(1);
+    cluster.prefix.clear();
+    cfg.cluster = Some(cluster);
+    let err = Server::bind("127.0.0.1:0", cfg).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("cluster prefix"), "{err}");
+
     let bin = env!("CARGO_BIN_EXE_wsloop");
     for (args, expect) in [
         (vec!["--cluster", "http://localhost:6379"], "not a Redis URL"),

@@ -188,6 +188,18 @@ impl ServerConfig {
         if self.shutdown_timeout.is_zero() {
             return Err("shutdown_timeout must be above zero");
         }
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &self.cluster {
+            if c.prefix.is_empty() {
+                return Err("cluster prefix must not be empty");
+            }
+            if c.heartbeat.is_zero() {
+                return Err("cluster heartbeat must be above zero");
+            }
+            if c.queue_limit == 0 {
+                return Err("cluster queue_limit must be at least 1 byte");
+            }
+        }
         self.protocol_config().check()
     }
 

@@ -53,6 +53,9 @@ pub enum HandleError {
     Busy,
     /// The server has stopped, or was dropped without running: nothing will read the command.
     Stopped,
+    /// A message for a connection of another instance of the cluster could not be queued for
+    /// Redis (Redis unreachable, or the queue to it full); it was dropped and counted.
+    Unreachable,
 }
 
 impl std::fmt::Display for HandleError {
@@ -60,6 +63,7 @@ impl std::fmt::Display for HandleError {
         f.write_str(match self {
             HandleError::Busy => "the server has not caught up with earlier commands",
             HandleError::Stopped => "the server has stopped",
+            HandleError::Unreachable => "the cluster cannot take the message now (Redis down or behind)",
         })
     }
 }
@@ -93,7 +97,9 @@ pub(super) struct Group {
 /// broadcast, wake the handler, or stop it. With several loops
 /// ([`ServerConfig::threads`](super::ServerConfig::threads)), a send goes to the loop that
 /// owns the connection, and a broadcast, publish, wake or shutdown to every loop (a message is
-/// encoded once, here).
+/// encoded once, here). With a cluster ([`ServerConfig::cluster`](super::ServerConfig::cluster))
+/// a broadcast or publish also goes to the other instances once every loop here has it, and a
+/// send to a connection of another instance goes there; neither waits for Redis.
 ///
 /// At most 1,024 commands wait at once per loop; past that the calls return
 /// [`HandleError::Busy`] until the loop catches up. Once the server has stopped they return
@@ -233,7 +239,7 @@ impl Handle {
             }
             return match link.send_to(id, op, data) {
                 true => Ok(()),
-                false => Err(HandleError::Busy),
+                false => Err(HandleError::Unreachable),
             };
         }
         if id.lp() >= self.group.inboxes.len() {
@@ -242,7 +248,9 @@ impl Handle {
         self.push(id.lp(), Command::Send(id, data.to_vec(), op), MAX_COMMANDS)
     }
 
-    /// Sends a text message to one connection.
+    /// Sends a text message to one connection. With a cluster, a connection of another
+    /// instance is reached through Redis ([`HandleError::Unreachable`] when the message could
+    /// not be queued for it).
     pub fn send_text(&self, id: ConnId, text: &str) -> Result<(), HandleError> {
         self.send(id, text.as_bytes(), OpCode::Text)
     }
