@@ -87,8 +87,8 @@ pub struct ServerConfig {
     /// Set `SO_REUSEPORT` on the listening socket (default: off), so that several servers of
     /// the same user, in this process or others, listen on one port; the kernel hands each new
     /// connection to one of them by a hash of its addresses. Broadcasts and
-    /// [`Ctx::peers`](super::Ctx::peers) stay within one server. Always on with `threads`
-    /// above 1.
+    /// [`Ctx::peers`](super::Ctx::peers) stay within one server (broadcasts cross with
+    /// [`cluster`](Self::cluster)). Always on with `threads` above 1.
     pub reuse_port: bool,
     /// Serve TLS (`wss://`, and the page over `https://`) with this certificate and key
     /// (default: none, plain TCP). The read buffer must then be at least 64 KiB.
