@@ -2,8 +2,8 @@
 //! the instance id, the bus started when the server runs, and the side of the bus that hands
 //! what other instances sent to this server's loops.
 //!
-//! Without a cluster (or without the `cluster` feature) every call here is a no-op, and a
-//! message never waits for Redis: local delivery comes first, the bus only queues.
+//! Without a cluster (or without the `cluster` feature) every call here is a no-op. With one,
+//! nothing here waits for Redis: the loops deliver locally first, and the bus only queues.
 
 #[cfg(feature = "cluster")]
 use std::sync::{Arc, OnceLock, Weak};
