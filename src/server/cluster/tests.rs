@@ -72,6 +72,39 @@ impl Recorder {
     }
 }
 
+/// The bus's log lines (those starting with "cluster:"), from every test of this process.
+struct Capture(Mutex<Vec<(log::Level, String)>>);
+
+static LOGS: Capture = Capture(Mutex::new(Vec::new()));
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let line = record.args().to_string();
+        if line.starts_with("cluster:") {
+            self.0.lock().unwrap().push((record.level(), line));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The captured lines at `level` that contain `needle`.
+fn logged(level: log::Level, needle: &str) -> Vec<String> {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        if log::set_logger(&LOGS).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
+    });
+    let logs = LOGS.0.lock().unwrap();
+    logs.iter()
+        .filter(|(l, s)| *l == level && s.contains(needle))
+        .map(|(_, s)| s.clone())
+        .collect()
+}
+
 struct Node {
     bus: Arc<Bus>,
     rec: Arc<Recorder>,
@@ -276,6 +309,7 @@ fn redis_unreachable_at_start_then_started() {
         return;
     }
     let url = format!("redis://127.0.0.1:{port}");
+    logged(log::Level::Warn, "");
     let a = node(&url, 0xa);
     assert!(wait(5, || a.bus.diagnostics().last_error.is_some()));
     let err = a.bus.diagnostics().last_error.unwrap();
@@ -285,11 +319,26 @@ fn redis_unreachable_at_start_then_started() {
     assert_eq!(a.bus.stats().dropped_out, 1);
     assert_eq!(a.budget.used(), 0);
     std::thread::sleep(Duration::from_millis(500));
+    // Several attempts, one warning for the outage.
+    assert!(a.bus.diagnostics().attempts >= 3);
+    let warned = logged(log::Level::Warn, &format!("redis 127.0.0.1:{port} "));
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].starts_with(&format!(
+            "cluster: redis 127.0.0.1:{port} unreachable: Connection refused"
+        )) && warned[0].ends_with("; serving locally, retrying"),
+        "{warned:?}"
+    );
     let Some(_redis) = RedisServer::start_on(port, &[]) else {
         return;
     };
     let b = node(&url, 0xb);
     up(&[&a, &b]);
+    let connected = logged(
+        log::Level::Info,
+        &format!("connected to redis 127.0.0.1:{port} as instance 000000000000000a"),
+    );
+    assert_eq!(connected.len(), 1, "{connected:?}");
     assert_eq!(a.bus.stats().reconnects, 0, "the first connection is not a reconnect");
     assert!(a.bus.diagnostics().attempts >= 2);
     assert!(text(&a.bus, Target::All, "hello"));
@@ -299,6 +348,7 @@ fn redis_unreachable_at_start_then_started() {
 #[test]
 fn redis_killed_and_restarted_on_the_same_port() {
     let Some(mut redis) = RedisServer::start() else { return };
+    logged(log::Level::Warn, "");
     let a = node(&redis.url(), 0xa);
     let b = node(&redis.url(), 0xb);
     up(&[&a, &b]);
@@ -311,12 +361,16 @@ fn redis_killed_and_restarted_on_the_same_port() {
     let before = a.bus.stats().dropped_out;
     assert!(!text(&a.bus, Target::All, "lost"));
     assert_eq!(a.bus.stats().dropped_out, before + 1);
-    std::thread::sleep(Duration::from_millis(300));
+    // Long enough for a few attempts.
+    std::thread::sleep(Duration::from_millis(800));
     redis.restart();
     let t = Instant::now();
     up(&[&a, &b]);
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
     assert_eq!((a.bus.stats().reconnects, b.bus.stats().reconnects), (1, 1));
+    // One warning per bus for the outage, however many attempts it took.
+    let warned = logged(log::Level::Warn, &format!("redis 127.0.0.1:{} unreachable", redis.port));
+    assert_eq!(warned.len(), 2, "{warned:?}");
     // Resubscribed: the topic and the broadcasts flow again.
     assert_eq!(redis.command(&["PUBSUB", "CHANNELS", "wsloop:t:*"]), "wsloop:t:room");
     assert!(text(&b.bus, Target::Topic("room"), "back"));
@@ -562,8 +616,7 @@ fn auth_and_database_from_the_url() {
     let Some(redis) = RedisServer::start_on(redis_server::free_port(), &["--requirepass", "s3cr:t@x"]) else {
         return;
     };
-    // The helper's own commands need the password too: AUTH first on the same connection is not
-    // possible with it, so the checks go through the buses.
+    // The helper's commands carry no password: the checks go through the buses.
     let url = format!("redis://:s3cr%3At%40x@127.0.0.1:{}/2", redis.port);
     let a = node(&url, 0xa);
     let b = node(&url, 0xb);

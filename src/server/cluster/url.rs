@@ -30,7 +30,7 @@ pub struct RedisUrl {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClusterUrlError {
-    /// The URL does not start with `redis://` or `rediss://`.
+    /// The URL does not start with `redis://` or `rediss://` (the scheme it has, if any).
     Scheme(String),
     /// `rediss://` in a build without the `tls` feature.
     TlsNotBuilt,
@@ -91,7 +91,9 @@ impl RedisUrl {
             }
             (true, r)
         } else {
-            return Err(ClusterUrlError::Scheme(url.chars().take(64).collect()));
+            // Only the scheme: the rest may hold a password.
+            let scheme = url.split_once("://").map_or("", |(s, _)| s);
+            return Err(ClusterUrlError::Scheme(scheme.chars().take(32).collect()));
         };
         if let Some(i) = rest.find(['?', '#']) {
             return Err(ClusterUrlError::Query(rest[i..].chars().take(64).collect()));
@@ -321,8 +323,11 @@ mod tests {
     #[test]
     fn bad_urls_say_what_is_wrong() {
         let e = |s: &str| RedisUrl::parse(s).unwrap_err();
-        assert!(matches!(e("http://h"), ClusterUrlError::Scheme(_)));
-        assert!(matches!(e("h:6379"), ClusterUrlError::Scheme(_)));
+        assert_eq!(e("http://h"), ClusterUrlError::Scheme("http".into()));
+        assert_eq!(e("h:6379"), ClusterUrlError::Scheme("".into()));
+        // The password in a mistyped URL does not reach the message.
+        assert!(!e("redis:/u:hunter2@h").to_string().contains("hunter2"));
+        assert!(!e("http://u:hunter2@h").to_string().contains("hunter2"));
         assert_eq!(e("redis://"), ClusterUrlError::MissingHost);
         assert_eq!(e("redis://:pw@:6379"), ClusterUrlError::MissingHost);
         assert_eq!(e("redis://h:0"), ClusterUrlError::BadPort("0".into()));
