@@ -661,7 +661,8 @@ impl<'a, S> Ctx<'a, S> {
         self.shared.set_timer(self.eng, after, None)
     }
 
-    /// Calls [`Handler::on_timer`] after `after` for connection `id`, unless it has closed by then.
+    /// Calls [`Handler::on_timer`] after `after` for connection `id` of this loop, unless it has
+    /// closed by then (a timer set for another loop's or instance's connection never fires).
     pub fn set_conn_timer(&mut self, id: ConnId, after: Duration) -> TimerId {
         self.shared.set_timer(self.eng, after, Some(id))
     }

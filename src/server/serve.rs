@@ -413,8 +413,16 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             return;
         }
         let Some(conn) = self.shared.take_timer(id) else { return };
-        // A connection's timers end with it, even while its slot waits for the last bytes.
-        if conn.is_some_and(|c| !eng.is_live(c.key(), c.gen()) || !eng.slots[c.key()].data.opened) {
+        // A connection's timers end with it, even while its slot waits for the last bytes; one
+        // set for a connection of another loop or instance never finds it here.
+        let (lp, instance) = (usize::from(self.shared.lp), self.shared.instance);
+        let gone = |c: ConnId| {
+            c.lp() != lp
+                || c.instance() != instance
+                || !eng.is_live(c.key(), c.gen())
+                || !eng.slots[c.key()].data.opened
+        };
+        if conn.is_some_and(gone) {
             return;
         }
         let (h, mut ctx) = self.ctx(eng);
