@@ -398,7 +398,8 @@ impl<'a, S> Ctx<'a, S> {
     /// A message for a connection of another instance, through the cluster.
     #[inline(never)]
     fn send_elsewhere(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        self.shared.handle.group.link.send_to(id, msg.opcode(), msg.as_bytes())
+        // Instance 0 is a server without a cluster: no instance listens for it.
+        id.instance() != 0 && self.shared.handle.group.link.send_to(id, msg.opcode(), msg.as_bytes())
     }
 
     /// Sends a ping to one connection (the pong is not reported). Returns false if it is not open.
