@@ -123,13 +123,17 @@ impl Drop for Node {
 
 /// Waits until every node's bus is up and sees the others in their heartbeats.
 fn wait_up(nodes: &[&Node]) {
+    for n in nodes {
+        wait_sees(n, nodes.len() - 1);
+    }
+}
+
+/// Waits until the node's bus is up and sees `others` other instances.
+fn wait_sees(node: &Node, others: usize) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let stats: Vec<_> = nodes.iter().map(|n| n.handle.cluster_stats()).collect();
-        let ready = stats
-            .iter()
-            .all(|s| s.is_some_and(|s| s.state == ClusterState::Up && s.instances == nodes.len() - 1));
-        if ready {
+        let stats = node.handle.cluster_stats();
+        if stats.is_some_and(|s| s.state == ClusterState::Up && s.instances == others) {
             return;
         }
         assert!(Instant::now() < deadline, "the cluster did not come up: {stats:?}");
@@ -592,6 +596,31 @@ fn two_servers_with_two_threads_each_are_one_chat_without_echo() {
         });
     }
     check_broadcasts(&mut clients, &[0, 1, 2, 3], 10, false);
+}
+
+#[test]
+fn prefixes_keep_clusters_on_one_redis_apart() {
+    let Some(redis) = redis() else { return };
+    let with_prefix = |p: &str| {
+        let mut c = cluster_config(&redis);
+        c.prefix = p.to_string();
+        node_with(c, Broadcast::new(true, false))
+    };
+    let (a, b) = (with_prefix("one"), with_prefix("two"));
+    let server = serve(&redis, &["--cluster-prefix", "two", "--mode", "broadcast"]);
+    // `two` has two instances (b and the binary), `one` only a.
+    wait_sees(&a, 0);
+    wait_sees(&b, 1);
+    let channels = redis.command(&["PUBSUB", "CHANNELS", "two:*"]);
+    let own = format!("two:i:{:016x}", b.handle.instance());
+    for c in ["two:all", "two:hb", own.as_str()] {
+        assert!(channels.lines().any(|l| l == c), "{c} not in {channels:?}");
+    }
+    let (mut a1, mut b1, mut s1) = (connect(a.addr), connect(b.addr), connect(server.addr));
+    send(&mut b1, "m 0 0");
+    assert_eq!(expect_text(&mut b1, "its own message"), "m 0 0");
+    assert_eq!(expect_text(&mut s1, "from the same prefix"), "m 0 0");
+    expect_silence(&mut a1, "a client of the other prefix");
 }
 
 #[test]
