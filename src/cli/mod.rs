@@ -67,6 +67,26 @@ macro_rules! deflate_help {
     };
 }
 
+/// `serve`'s cluster options, in its help when the `cluster` feature is built.
+#[cfg(feature = "cluster")]
+macro_rules! cluster_help {
+    () => {
+        "  --cluster URL            join the instances using this Redis over pub/sub
+                           (redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS):
+                           broadcasts, topics and peer counts reach every instance, each
+                           worker of --processes one [default: off]
+  --cluster-prefix NAME    the Redis channels' prefix, the same on every instance of one
+                           cluster [default: wsloop]
+"
+    };
+}
+#[cfg(all(not(feature = "cluster"), feature = "server"))]
+macro_rules! cluster_help {
+    () => {
+        ""
+    };
+}
+
 #[cfg(feature = "bench")]
 mod bench;
 #[cfg(feature = "client")]

@@ -31,8 +31,9 @@ Options:
   --threads N|auto         event loops, one per thread, sharing the port (SO_REUSEPORT);
                            auto: one per core. Broadcasts reach every loop [default: 1]
   --processes N            N worker processes on one port (SO_REUSEPORT), each with
-                           --threads loops, restarted when they die; broadcasts, peer
-                           counts and limits stay within each process [default: this one]
+                           --threads loops, restarted when they die or hang; broadcasts
+                           and peer counts stay within each process unless --cluster joins
+                           them, limits always do [default: this one]
   --max-connections N      connections held; more get 503 [default: open-file limit - 64].
                            With --processes P it is a limit per worker, not a total: each
                            holds the share N/P plus room for the kernel's uneven spread,
@@ -54,6 +55,7 @@ Options:
 ",
     deflate_help!(serve),
     serve_tls_help!(),
+    cluster_help!(),
     "  --log LEVEL              error | warn | info | debug | trace | off [default: info]
   -q, --quiet              only warnings and errors (--log warn)
   -V, --version            print the version
@@ -95,6 +97,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut stats_every = None;
     let (mut processes, mut max_given) = (None, None);
     let (mut tls_cert, mut tls_key): (Option<OsString>, Option<OsString>) = (None, None);
+    let (mut cluster, mut cluster_prefix): (Option<String>, Option<String>) = (None, None);
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
@@ -163,6 +166,8 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("deflate" | "deflate-min-size") => return Err(super::NO_DEFLATE.to_string()),
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
+            Long("cluster") => cluster = Some(value(&mut p)?),
+            Long("cluster-prefix") => cluster_prefix = Some(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
             Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),
@@ -193,6 +198,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         (Some(_), None) => return Err("--tls-cert needs --tls-key".to_string()),
         _ => return Err("--tls-key needs --tls-cert".to_string()),
     }
+    cluster_config(&mut cfg, cluster, cluster_prefix)?;
     init_log(&log_level)?;
     // An address, not a host name: a listening address is an interface's, and parsing it here
     // keeps the resolver out of the binary.
@@ -212,6 +218,39 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         processes,
         max_given,
     }))
+}
+
+/// `--cluster URL` and `--cluster-prefix NAME` into the settings.
+#[cfg(feature = "cluster")]
+fn cluster_config(cfg: &mut ServerConfig, url: Option<String>, prefix: Option<String>) -> Result<(), String> {
+    let Some(url) = url else {
+        return match prefix {
+            Some(_) => Err("--cluster-prefix needs --cluster".to_string()),
+            None => Ok(()),
+        };
+    };
+    // The URL is not repeated: it may hold a password.
+    let mut cluster = wsloop::server::ClusterConfig::new(&url).map_err(|e| format!("invalid --cluster: {e}"))?;
+    if let Some(prefix) = prefix {
+        let fits = |b: u8| b.is_ascii_alphanumeric() || b"-_.:".contains(&b);
+        if prefix.is_empty() || prefix.len() > 64 || !prefix.bytes().all(fits) {
+            return Err(format!(
+                "invalid --cluster-prefix '{prefix}' (1 to 64 letters, digits, '-', '_', '.' or ':')"
+            ));
+        }
+        cluster.prefix = prefix;
+    }
+    cfg.cluster = Some(cluster);
+    Ok(())
+}
+
+/// `--cluster` in a build without the `cluster` feature.
+#[cfg(not(feature = "cluster"))]
+fn cluster_config(_: &mut ServerConfig, url: Option<String>, prefix: Option<String>) -> Result<(), String> {
+    match url.or(prefix) {
+        Some(_) => Err("this build has no cluster (cargo feature `cluster`)".to_string()),
+        None => Ok(()),
+    }
 }
 
 /// `--threads`: a count, or `auto` for one loop per core.
@@ -349,7 +388,7 @@ impl Cli {
                 format!("{}.{}", tenths / 10, tenths % 10)
             };
             let line = format!(
-                "stats{} open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}",
+                "stats{} open={} in={}/s out={}/s queued={}B dropped={} (+{}) mem={}KiB/{}KiB rss={}{}",
                 self.tag,
                 stats.open,
                 rate(stats.messages_in, prev.messages_in),
@@ -361,6 +400,7 @@ impl Cli {
                 stats.memory_limit / 1024,
                 wsloop::sys::read_rss(std::process::id())
                     .map_or_else(|| "?".to_string(), |b| format!("{}KiB", b / 1024)),
+                cluster_stats(ctx),
             );
             // Not eprintln!: a closed stderr must not bring the server down.
             let _ = writeln!(std::io::stderr().lock(), "{line}");
@@ -368,6 +408,31 @@ impl Cli {
         self.last = Some((now, stats));
         self.stats_timer = Some(ctx.set_timer(every));
     }
+}
+
+/// The cluster's part of the stats line, on loop 0 (the bus is the process's): its state,
+/// other instances, envelopes published, received, dropped (not sent / missed by a full loop)
+/// and lost (gaps in other instances' broadcasts).
+#[cfg(feature = "cluster")]
+fn cluster_stats(ctx: &Ctx<'_, ()>) -> String {
+    use wsloop::server::ClusterState;
+    let Some(c) = ctx.cluster_stats().filter(|_| ctx.loop_index() == 0) else {
+        return String::new();
+    };
+    let state = match c.state {
+        ClusterState::Up => "up",
+        ClusterState::Down => "down",
+        _ => "connecting",
+    };
+    format!(
+        " cluster={state} instances={} published={} received={} dropped={}/{} lost={}",
+        c.instances, c.published, c.received, c.dropped_out, c.dropped_in, c.lost
+    )
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_stats(_: &Ctx<'_, ()>) -> String {
+    String::new()
 }
 
 impl Handler for Cli {

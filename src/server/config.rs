@@ -87,8 +87,8 @@ pub struct ServerConfig {
     /// Set `SO_REUSEPORT` on the listening socket (default: off), so that several servers of
     /// the same user, in this process or others, listen on one port; the kernel hands each new
     /// connection to one of them by a hash of its addresses. Broadcasts and
-    /// [`Ctx::peers`](super::Ctx::peers) stay within one server. Always on with `threads`
-    /// above 1.
+    /// [`Ctx::peers`](super::Ctx::peers) stay within one server (broadcasts cross with
+    /// [`cluster`](Self::cluster)). Always on with `threads` above 1.
     pub reuse_port: bool,
     /// Serve TLS (`wss://`, and the page over `https://`) with this certificate and key
     /// (default: none, plain TCP). The read buffer must then be at least 64 KiB.
@@ -100,6 +100,14 @@ pub struct ServerConfig {
     /// compressor and one decompressor serve the whole loop.
     #[cfg(feature = "deflate")]
     pub deflate: proto::deflate::DeflateConfig,
+    /// Join a cluster over Redis pub/sub (default: none): broadcasts, publishes to topics and
+    /// sends to connections of other instances (other processes or machines with the same
+    /// Redis and prefix) cross over, and [`Ctx::len_everywhere`](super::Ctx::len_everywhere)
+    /// counts their connections. Delivery here never waits for Redis; across instances it is
+    /// at most once, as Redis pub/sub gives. Each run picks a random instance id, carried in
+    /// every [`ConnId`](super::ConnId).
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<super::cluster::ClusterConfig>,
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -145,6 +153,8 @@ impl Default for ServerConfig {
             tls: None,
             #[cfg(feature = "deflate")]
             deflate: proto::deflate::DeflateConfig::default(),
+            #[cfg(feature = "cluster")]
+            cluster: None,
         }
     }
 }
@@ -177,6 +187,18 @@ impl ServerConfig {
         }
         if self.shutdown_timeout.is_zero() {
             return Err("shutdown_timeout must be above zero");
+        }
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &self.cluster {
+            if c.prefix.is_empty() {
+                return Err("cluster prefix must not be empty");
+            }
+            if c.heartbeat.is_zero() {
+                return Err("cluster heartbeat must be above zero");
+            }
+            if c.queue_limit == 0 {
+                return Err("cluster queue_limit must be at least 1 byte");
+            }
         }
         self.protocol_config().check()
     }

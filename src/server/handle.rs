@@ -53,6 +53,9 @@ pub enum HandleError {
     Busy,
     /// The server has stopped, or was dropped without running: nothing will read the command.
     Stopped,
+    /// A message for a connection of another instance of the cluster could not be queued for
+    /// Redis (Redis unreachable, or the queue to it full); it was dropped and counted.
+    Unreachable,
 }
 
 impl std::fmt::Display for HandleError {
@@ -60,6 +63,7 @@ impl std::fmt::Display for HandleError {
         f.write_str(match self {
             HandleError::Busy => "the server has not caught up with earlier commands",
             HandleError::Stopped => "the server has stopped",
+            HandleError::Unreachable => "the cluster cannot take the message now (Redis down or behind)",
         })
     }
 }
@@ -85,13 +89,17 @@ pub(super) struct Group {
     pub(super) open: AtomicUsize,
     /// Open connections per peer IP, kept only with a per-IP limit.
     pub(super) per_ip: Mutex<ipcount::IpCounts>,
+    /// The cluster, once the server runs with one.
+    pub(super) link: super::cluster_link::ClusterLink,
 }
 
 /// Lets other threads reach a running server: send to one connection, publish to a topic,
 /// broadcast, wake the handler, or stop it. With several loops
 /// ([`ServerConfig::threads`](super::ServerConfig::threads)), a send goes to the loop that
 /// owns the connection, and a broadcast, publish, wake or shutdown to every loop (a message is
-/// encoded once, here).
+/// encoded once, here). With a cluster ([`ServerConfig::cluster`](super::ServerConfig::cluster))
+/// a broadcast or publish also goes to the other instances once every loop here has it, and a
+/// send to a connection of another instance goes there; neither waits for Redis.
 ///
 /// At most 1,024 commands wait at once per loop; past that the calls return
 /// [`HandleError::Busy`] until the loop catches up. Once the server has stopped they return
@@ -113,7 +121,7 @@ impl std::fmt::Debug for Handle {
 impl Handle {
     /// Queues `c` for loop `lp` if fewer than `bound` commands wait there, and wakes the loop
     /// if its queue was empty (a loop takes its whole queue on each wake).
-    fn push(&self, lp: usize, c: Command, bound: usize) -> Result<(), HandleError> {
+    pub(super) fn push(&self, lp: usize, c: Command, bound: usize) -> Result<(), HandleError> {
         let inbox = &self.group.inboxes[lp];
         let first = {
             let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,7 +171,7 @@ impl Handle {
     }
 
     /// A message encoded once as a frame, shared by every loop's queues.
-    fn frame(&self, data: &[u8], op: OpCode) -> Arc<SharedFrame> {
+    pub(super) fn frame(&self, data: &[u8], op: OpCode) -> Arc<SharedFrame> {
         let mut frame = Vec::with_capacity(data.len() + 10);
         write_frame(&mut frame, true, op, None, data);
         SharedFrame::new(frame, &self.group.budget)
@@ -218,15 +226,31 @@ impl Handle {
     }
 
     /// Sends a message to the connection `id` on the loop that owns it. An id that no longer
-    /// names an open connection, or never named one of this server's, is ignored there.
+    /// names an open connection, or never named one of this server's, is ignored there. With
+    /// a cluster, the id of a connection of another instance goes there through Redis.
     fn send(&self, id: ConnId, data: &[u8], op: OpCode) -> Result<(), HandleError> {
+        let link = &self.group.link;
+        if id.instance() != link.instance() {
+            if !link.is_on() || id.instance() == 0 {
+                return Ok(()); // not an id a cluster can reach: never one of this server's
+            }
+            if self.is_stopped() {
+                return Err(HandleError::Stopped);
+            }
+            return match link.send_to(id, op, data) {
+                true => Ok(()),
+                false => Err(HandleError::Unreachable),
+            };
+        }
         if id.lp() >= self.group.inboxes.len() {
             return Ok(());
         }
         self.push(id.lp(), Command::Send(id, data.to_vec(), op), MAX_COMMANDS)
     }
 
-    /// Sends a text message to one connection.
+    /// Sends a text message to one connection. With a cluster, a connection of another
+    /// instance is reached through Redis ([`HandleError::Unreachable`] when the message could
+    /// not be queued for it).
     pub fn send_text(&self, id: ConnId, text: &str) -> Result<(), HandleError> {
         self.send(id, text.as_bytes(), OpCode::Text)
     }
@@ -238,12 +262,31 @@ impl Handle {
 
     fn broadcast(&self, data: &[u8], op: OpCode, topic: Option<&str>) -> Result<(), HandleError> {
         let frame = self.frame(data, op);
-        let topic: Option<Arc<str>> = topic.map(Arc::from);
+        let shared_topic: Option<Arc<str>> = topic.map(Arc::from);
         self.push_all(|| Command::Frame {
             frame: Arc::clone(&frame),
-            topic: topic.clone(),
+            topic: shared_topic.clone(),
             except: None,
-        })
+        })?;
+        // Only once the loops have it: a call refused as busy is tried again, and the other
+        // instances must not get it twice.
+        match topic {
+            None => self.group.link.broadcast(op, data, None),
+            Some(t) => self.group.link.publish(t, op, data, None),
+        };
+        Ok(())
+    }
+
+    /// This server's instance id: random and non-zero once it runs with a cluster
+    /// ([`ServerConfig::cluster`](super::ServerConfig::cluster)), 0 without.
+    pub fn instance(&self) -> u64 {
+        self.group.link.instance()
+    }
+
+    /// The cluster's counters, once the server runs with one.
+    #[cfg(feature = "cluster")]
+    pub fn cluster_stats(&self) -> Option<super::ClusterStats> {
+        self.group.link.stats()
     }
 
     /// Sends a text message to every open connection.

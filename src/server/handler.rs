@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::config::SlowConsumer;
+use super::topics::{Joined, Left};
 use super::Shared;
 use crate::io::budget::SharedFrame;
 use crate::io::engine::Engine;
@@ -13,42 +14,86 @@ use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Message, Request, State};
 
-/// Identifies one connection for as long as it lives, and the loop that owns it (with
-/// [`ServerConfig::threads`](super::ServerConfig::threads) above 1); a later connection never
-/// gets the same id (the generation part wraps only after 16 million connections in the same
-/// slot).
+/// Identifies one connection for as long as it lives, the loop that owns it (with
+/// [`ServerConfig::threads`](super::ServerConfig::threads) above 1) and, with a cluster
+/// ([`ServerConfig::cluster`](super::ServerConfig::cluster)), the instance that owns it; a later
+/// connection never gets the same id (the generation part wraps only after 16 million
+/// connections in the same slot, and each run of a clustered server picks a new random
+/// instance id).
+///
+/// 128 bits: the instance (64; 0 without a cluster), then the loop (8), the slot's generation
+/// (24) and the slot (32). [`as_u128`](Self::as_u128) and [`from_u128`](Self::from_u128) carry
+/// it through other systems (a database, another instance's messages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(u64);
+pub struct ConnId {
+    // Two halves rather than one `u128`: 8-byte alignment everywhere (a `u128` is aligned to
+    // 16 on x86-64), so the structures holding ids do not grow padding.
+    instance: u64,
+    local: u64,
+}
 
 impl ConnId {
-    /// Bits: the loop (8), the slot's generation (24), the slot (32).
-    pub(crate) fn new(key: usize, gen: u32, lp: u8) -> Self {
-        ConnId((u64::from(lp) << 56) | (u64::from(gen & 0xFF_FFFF) << 32) | key as u64 & 0xFFFF_FFFF)
+    /// Bits of the local part: the loop (8), the slot's generation (24), the slot (32).
+    pub(crate) fn new(key: usize, gen: u32, lp: u8, instance: u64) -> Self {
+        ConnId {
+            instance,
+            local: (u64::from(lp) << 56) | (u64::from(gen & 0xFF_FFFF) << 32) | key as u64 & 0xFFFF_FFFF,
+        }
     }
     /// The index of the loop that owns the connection.
     pub fn loop_index(self) -> usize {
-        (self.0 >> 56) as usize
+        (self.local >> 56) as usize
     }
     pub(crate) fn lp(self) -> usize {
         self.loop_index()
     }
     pub(crate) fn key(self) -> usize {
-        (self.0 & 0xFFFF_FFFF) as usize
+        (self.local & 0xFFFF_FFFF) as usize
     }
     pub(crate) fn gen(self) -> u32 {
-        ((self.0 >> 32) & 0xFF_FFFF) as u32
+        ((self.local >> 32) & 0xFF_FFFF) as u32
     }
-    /// The id as a number (for logs and maps).
+    /// The instance that owns the connection: the random id a clustered server picked when it
+    /// started running, or 0 without a cluster.
+    pub fn instance(self) -> u64 {
+        self.instance
+    }
+    /// The part of the id local to its instance (loop, generation, slot): unique among the
+    /// connections of one server, but not across the instances of a cluster (use
+    /// [`as_u128`](Self::as_u128) there).
     pub fn as_u64(self) -> u64 {
-        self.0
+        self.local
+    }
+    /// The whole id as a number: the instance in the high 64 bits, [`as_u64`](Self::as_u64)
+    /// in the low 64.
+    pub fn as_u128(self) -> u128 {
+        (u128::from(self.instance) << 64) | u128::from(self.local)
+    }
+    /// The id of `instance` whose local part is `local`.
+    pub(crate) fn from_parts(instance: u64, local: u64) -> Self {
+        ConnId { instance, local }
+    }
+    /// The id [`as_u128`](Self::as_u128) gave. Any number makes an id; one that never named a
+    /// connection of the server it is used with is ignored there, as a closed one is.
+    pub fn from_u128(id: u128) -> Self {
+        ConnId {
+            instance: (id >> 64) as u64,
+            local: id as u64,
+        }
     }
 }
 
 impl std::fmt::Display for ConnId {
+    /// `#SLOT.GEN`, `#LOOP:SLOT.GEN` on loops other than 0, and `@INSTANCE` (16 hex digits)
+    /// after it with a cluster.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.lp() {
-            0 => write!(f, "#{}.{}", self.key(), self.gen()),
-            lp => write!(f, "#{lp}:{}.{}", self.key(), self.gen()),
+            0 => write!(f, "#{}.{}", self.key(), self.gen())?,
+            lp => write!(f, "#{lp}:{}.{}", self.key(), self.gen())?,
+        }
+        match self.instance {
+            0 => Ok(()),
+            i => write!(f, "@{i:016x}"),
         }
     }
 }
@@ -363,10 +408,16 @@ impl<'a, S> Ctx<'a, S> {
         self.eng.shared_frame(frame)
     }
 
+    /// Whether `id` names a connection of this loop (open or not).
+    #[inline]
+    fn is_here(&self, id: ConnId) -> bool {
+        id.lp() == usize::from(self.shared.lp) && id.instance() == self.shared.instance
+    }
+
     /// The slot of `id` if it is live on this loop (an id of another loop is not).
     fn slot_key(&self, id: ConnId) -> Option<usize> {
         let key = id.key();
-        (id.lp() == usize::from(self.shared.lp) && self.eng.is_live(key, id.gen())).then_some(key)
+        (self.is_here(id) && self.eng.is_live(key, id.gen())).then_some(key)
     }
 
     /// Sends a text message to one connection. Returns false if it is not open.
@@ -376,12 +427,26 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Sends a message to one connection of this loop. Returns false if it is not open here
     /// (a connection of another loop is reached through [`handle`](Self::handle)).
+    ///
+    /// With a cluster, a connection of another instance is reached through Redis: the message
+    /// is queued for it, and this returns whether it was (false when Redis is down or the
+    /// queue to it is full; whether that connection is open is known only there).
     #[inline]
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+        if id.instance() != self.shared.instance {
+            return self.send_elsewhere(id, msg);
+        }
         let here = id.lp() == usize::from(self.shared.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
         ok
+    }
+
+    /// A message for a connection of another instance, through the cluster.
+    #[inline(never)]
+    fn send_elsewhere(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+        // Instance 0 is a server without a cluster: no instance listens for it.
+        id.instance() != 0 && self.shared.handle.group.link.send_to(id, msg.opcode(), msg.as_bytes())
     }
 
     /// Sends a ping to one connection (the pong is not reported). Returns false if it is not open.
@@ -396,8 +461,16 @@ impl<'a, S> Ctx<'a, S> {
     /// With permessage-deflate the message is compressed once per window size its peers agreed
     /// on (one, unless some asked for a smaller window), by the first loop that needs it, and
     /// those bytes are shared the same way.
+    ///
+    /// With a cluster the message also goes to every other instance through Redis (queued for
+    /// the bus, never waited for: this server's peers get it at once, Redis up or down).
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
         let frame = self.shared_frame(msg);
+        self.shared
+            .handle
+            .group
+            .link
+            .broadcast(msg.opcode(), msg.as_bytes(), except);
         self.deliver(&frame, except, true)
     }
 
@@ -405,9 +478,11 @@ impl<'a, S> Ctx<'a, S> {
     /// hands it to the other loops too.
     pub(crate) fn deliver(&mut self, frame: &Arc<SharedFrame>, except: Option<ConnId>, forward: bool) -> usize {
         let mut sent = 0;
-        let lp = self.shared.lp;
+        let (lp, instance) = (self.shared.lp, self.shared.instance);
         let recipient = |slot: &crate::io::engine::Slot<ServerStream, ConnData<S>>, key: usize| {
-            !slot.is_dead() && slot.conn.state() == State::Open && except != Some(ConnId::new(key, slot.gen, lp))
+            !slot.is_dead()
+                && slot.conn.state() == State::Open
+                && except != Some(ConnId::new(key, slot.gen, lp, instance))
         };
         // The connection whose message this usually is gets its copy first: its round trip
         // should not wait for everyone else's.
@@ -440,14 +515,37 @@ impl<'a, S> Ctx<'a, S> {
     /// subscribers). Returns false if the connection is not open (from `on_open` until
     /// `on_close`) or was already subscribed. A connection's subscriptions end right after its
     /// `on_close`.
+    ///
+    /// With a cluster, the server listens to the topic on Redis while any of its loops has a
+    /// subscriber to it, so that a publish on another instance reaches them.
     pub fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
         let open = self.slot_key(id).is_some_and(|k| self.eng.slots[k].data.opened);
-        open && self.shared.topics.subscribe(id, topic)
+        if !open {
+            return false;
+        }
+        match self.shared.topics.subscribe(id, topic) {
+            Joined::Already => false,
+            Joined::Member => true,
+            Joined::First => {
+                self.shared.handle.group.link.topic_joined(topic);
+                true
+            }
+        }
     }
 
     /// Unsubscribes connection `id` from `topic`. Returns whether it was subscribed.
     pub fn unsubscribe(&mut self, id: ConnId, topic: &str) -> bool {
-        id.lp() == usize::from(self.shared.lp) && self.shared.topics.unsubscribe(id, topic)
+        if !self.is_here(id) {
+            return false;
+        }
+        match self.shared.topics.unsubscribe(id, topic) {
+            Left::NotMember => false,
+            Left::Member => true,
+            Left::Last => {
+                self.shared.handle.group.link.topic_left(topic);
+                true
+            }
+        }
     }
 
     /// How many connections of this loop are subscribed to `topic`.
@@ -459,7 +557,12 @@ impl<'a, S> Ctx<'a, S> {
     /// loop, as [`broadcast`](Self::broadcast) does: the frame is encoded once and its bytes
     /// shared, and full queues meet the [`SlowConsumer`] policy. The cost is O(subscribers of
     /// `topic`). Returns how many connections of this loop it was queued for.
+    ///
+    /// With a cluster the message also goes to the topic's subscribers on every other
+    /// instance, through Redis (queued, never waited for, as with [`broadcast`](Self::broadcast)).
     pub fn publish(&mut self, topic: &str, msg: Message<'_>, except: Option<ConnId>) -> usize {
+        let link = &self.shared.handle.group.link;
+        link.publish(topic, msg.opcode(), msg.as_bytes(), except);
         let alone = self.shared.handle.group.inboxes.len() == 1;
         if alone && self.shared.topics.find(topic).is_none() {
             return 0;
@@ -477,7 +580,7 @@ impl<'a, S> Ctx<'a, S> {
         let mut sent = 0;
         let mut i = 0;
         // By index: a slow consumer closed on the way stays subscribed until the turn ends.
-        while let Some(id) = self.shared.topics.subscriber(t, i) {
+        while let Some(id) = self.shared.topics.subscriber(t, i, self.shared.instance) {
             i += 1;
             if except == Some(id) {
                 continue;
@@ -537,9 +640,24 @@ impl<'a, S> Ctx<'a, S> {
     }
 
     /// Open connections on every loop of the server (the same as [`len`](Self::len) with one
-    /// loop).
+    /// loop), and with a cluster on every other live instance too, as their last heartbeats
+    /// told (an instance that stopped without a word leaves the count after three missed
+    /// heartbeats).
     pub fn len_everywhere(&self) -> usize {
-        self.shared.open_everywhere()
+        self.shared.open_everywhere() + self.shared.handle.group.link.remote_open()
+    }
+
+    /// This server's instance id: random and non-zero with a cluster
+    /// ([`ServerConfig::cluster`](super::ServerConfig::cluster)), 0 without. Every
+    /// [`ConnId`] of this server carries it.
+    pub fn instance(&self) -> u64 {
+        self.shared.instance
+    }
+
+    /// The cluster's counters, when the server runs with one.
+    #[cfg(feature = "cluster")]
+    pub fn cluster_stats(&self) -> Option<super::cluster::ClusterStats> {
+        self.shared.handle.group.link.stats()
     }
 
     /// This loop's index (0 to [`ServerConfig::threads`](super::ServerConfig::threads) - 1).
@@ -560,12 +678,12 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Every open connection of this loop: its id and peer address.
     pub fn peers(&self) -> impl Iterator<Item = (ConnId, SocketAddr)> + '_ {
-        let lp = self.shared.lp;
+        let (lp, instance) = (self.shared.lp, self.shared.instance);
         self.eng
             .slots
             .iter()
             .filter(|(_, s)| s.data.opened && !s.is_dead())
-            .map(move |(k, s)| (ConnId::new(k, s.gen, lp), s.data.addr.get(&self.shared.peers)))
+            .map(move |(k, s)| (ConnId::new(k, s.gen, lp, instance), s.data.addr.get(&self.shared.peers)))
     }
 
     /// The peer address of a connection, if it is still there.
@@ -591,7 +709,8 @@ impl<'a, S> Ctx<'a, S> {
         self.shared.set_timer(self.eng, after, None)
     }
 
-    /// Calls [`Handler::on_timer`] after `after` for connection `id`, unless it has closed by then.
+    /// Calls [`Handler::on_timer`] after `after` for connection `id` of this loop, unless it has
+    /// closed by then (a timer set for another loop's or instance's connection never fires).
     pub fn set_conn_timer(&mut self, id: ConnId, after: Duration) -> TimerId {
         self.shared.set_timer(self.eng, after, Some(id))
     }
@@ -623,15 +742,26 @@ mod tests {
 
     #[test]
     fn conn_ids_round_trip_on_any_width() {
-        let id = ConnId::new(12345, 0xab_cdef, 0);
+        let id = ConnId::new(12345, 0xab_cdef, 0, 0);
         assert_eq!((id.key(), id.gen(), id.loop_index()), (12345, 0xab_cdef, 0));
         assert_eq!(id.to_string(), "#12345.11259375");
-        let id = ConnId::new(u32::MAX as usize, 0xFF_FFFF, 255);
+        let id = ConnId::new(u32::MAX as usize, 0xFF_FFFF, 255, u64::MAX);
         assert_eq!(
-            (id.key(), id.gen(), id.loop_index()),
-            (u32::MAX as usize, 0xFF_FFFF, 255)
+            (id.key(), id.gen(), id.loop_index(), id.instance()),
+            (u32::MAX as usize, 0xFF_FFFF, 255, u64::MAX)
         );
-        assert_eq!(ConnId::new(7, 3, 2).to_string(), "#2:7.3");
+        assert_eq!(ConnId::new(7, 3, 2, 0).to_string(), "#2:7.3");
+        assert_eq!(ConnId::new(7, 3, 2, 0xab).to_string(), "#2:7.3@00000000000000ab");
+        // The instance is the high half of the number, the local part the low half.
+        let id = ConnId::new(7, 3, 2, 0x0123_4567_89ab_cdef);
+        assert_eq!(id.as_u128() >> 64, 0x0123_4567_89ab_cdef);
+        assert_eq!(id.as_u128() as u64, id.as_u64());
+        assert_eq!(ConnId::from_u128(id.as_u128()), id);
+        assert_eq!(ConnId::from_u128(u128::MAX).as_u128(), u128::MAX);
+        // Ids of one instance order as their numbers do.
+        let (a, b) = (ConnId::new(9, 1, 0, 5), ConnId::new(1, 1, 1, 5));
+        assert_eq!(a < b, a.as_u128() < b.as_u128());
+        assert_eq!(std::mem::align_of::<ConnId>(), std::mem::align_of::<u64>());
     }
 
     #[test]

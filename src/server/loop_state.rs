@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub(crate) lent: usize,
     /// This loop's index among the server's loops.
     pub(crate) lp: u8,
+    /// The server's instance id (0 without a cluster), in every [`ConnId`] it makes.
+    pub(crate) instance: u64,
     /// The server's handle: the other loops' inboxes, the budget and the shared counts.
     pub(crate) handle: Handle,
     /// A loop fell behind and missed a broadcast; logged once until one reaches every loop.
@@ -47,6 +49,7 @@ impl Shared {
             topics: topics::Topics::default(),
             lent: usize::MAX,
             lp,
+            instance: handle.group.link.instance(),
             handle,
             behind_logged: false,
         }

@@ -25,6 +25,7 @@ use mio::Token;
 mod accept;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+mod cluster_link;
 pub mod config;
 mod handle;
 pub mod handler;

@@ -41,7 +41,9 @@ impl Handler for Reply {
 ///
 /// Each message is encoded once and its bytes shared by every peer's queue (see
 /// [`Ctx::broadcast`]); peers whose queue is full meet the server's
-/// [`SlowConsumer`](super::SlowConsumer) policy.
+/// [`SlowConsumer`](super::SlowConsumer) policy. With a cluster
+/// ([`ServerConfig::cluster`](super::ServerConfig::cluster)) the room spans every instance:
+/// messages and announcements reach their peers too, and the online count includes them.
 ///
 /// With [`announce`](Self::announce), joins and leaves are told in one line per
 /// [`ANNOUNCE_EVERY`]: a join costs a counter, not a message to everyone, so a crowd arriving

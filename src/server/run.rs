@@ -84,6 +84,7 @@ impl Server {
             slots: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(ipcount::IpCounts::new()),
+            link: super::cluster_link::ClusterLink::default(),
         };
         Ok(Server {
             loops,
@@ -124,6 +125,7 @@ impl Server {
         let Server {
             mut loops, cfg, stop, ..
         } = self;
+        stop.0.group.link.start(&cfg, &stop.0.group)?;
         let (poll, listener) = loops.pop().expect("one loop");
         let handle = stop.0.clone();
         let result = run_loop(
@@ -158,6 +160,7 @@ impl Server {
         F: FnMut(usize) -> H,
     {
         let Server { loops, cfg, stop, .. } = self;
+        stop.0.group.link.start(&cfg, &stop.0.group)?;
         let handle = stop.0.clone();
         let mut loops: Vec<_> = loops
             .into_iter()
@@ -249,7 +252,11 @@ impl Drop for StopGuard {
     fn drop(&mut self) {
         match self.1 {
             Some(lp) => self.0.mark_stopped(lp),
-            None => (0..self.0.group.inboxes.len()).for_each(|lp| self.0.mark_stopped(lp)),
+            None => {
+                (0..self.0.group.inboxes.len()).for_each(|lp| self.0.mark_stopped(lp));
+                // The loops are done: nothing more to send, and the others should know.
+                self.0.group.link.stop();
+            }
         }
     }
 }

@@ -175,7 +175,7 @@ impl<H: Handler> Srv<H> {
     ) -> R {
         let slot = &mut eng.slots[key];
         let mut conn = Conn {
-            id: ConnId::new(key, slot.gen, self.shared.lp),
+            id: ConnId::new(key, slot.gen, self.shared.lp, self.shared.instance),
             addr: slot.data.addr.get(&self.shared.peers),
             state: std::mem::take(&mut slot.data.state),
         };
@@ -275,7 +275,8 @@ impl<H: Handler> Srv<H> {
         );
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
         // Only an open connection subscribes, so its subscriptions end here.
-        self.shared.topics.remove_conn(key);
+        let link = &self.shared.handle.group.link;
+        self.shared.topics.remove_conn(key, &mut |topic| link.topic_left(topic));
     }
 
     /// Runs the commands in this loop's inbox; returns true when one says to stop at once.
@@ -415,8 +416,16 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             return;
         }
         let Some(conn) = self.shared.take_timer(id) else { return };
-        // A connection's timers end with it, even while its slot waits for the last bytes.
-        if conn.is_some_and(|c| !eng.is_live(c.key(), c.gen()) || !eng.slots[c.key()].data.opened) {
+        // A connection's timers end with it, even while its slot waits for the last bytes; one
+        // set for a connection of another loop or instance never finds it here.
+        let (lp, instance) = (usize::from(self.shared.lp), self.shared.instance);
+        let gone = |c: ConnId| {
+            c.lp() != lp
+                || c.instance() != instance
+                || !eng.is_live(c.key(), c.gen())
+                || !eng.slots[c.key()].data.opened
+        };
+        if conn.is_some_and(gone) {
             return;
         }
         let (h, mut ctx) = self.ctx(eng);

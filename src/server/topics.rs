@@ -4,13 +4,22 @@
 //! and the server's per-connection size is unchanged. A topic exists while it has subscribers.
 //! Publishing walks one topic's subscriber list (O(subscribers)); a connection's subscriptions
 //! are found by its slot key, so ending them when it closes is O(its subscriptions).
+//!
+//! A topic's first subscriber and its last leaving are reported to the caller (a clustered
+//! server subscribes to the topic's channel while the topic has subscribers on any loop).
 
 use super::handler::ConnId;
 
-/// A topic and its subscribers, in no particular order.
+/// A topic and its subscribers, in no particular order: the local part of their ids
+/// ([`ConnId::as_u64`]; a loop's connections share one instance), 8 bytes each.
 struct Topic {
     name: Box<str>,
-    subs: Vec<ConnId>,
+    subs: Vec<u64>,
+}
+
+/// The slot key in the local part of a connection's id.
+fn key_of(local: u64) -> usize {
+    ConnId::from_parts(0, local).key()
 }
 
 /// One subscription of a connection: the topic, and the connection's place in its list.
@@ -30,7 +39,33 @@ pub(crate) struct Topics {
     members: KeyMap<Vec<Sub>>,
     /// Ends a closed connection's subscriptions; set by the first subscription, so that a
     /// program that never subscribes (the `wsloop` binary) does not carry that code at all.
-    cleanup: Option<fn(&mut Topics, usize)>,
+    cleanup: Option<Cleanup>,
+}
+
+/// Ends the subscriptions of the connection in a slot, telling each topic left without
+/// subscribers.
+type Cleanup = fn(&mut Topics, usize, &mut dyn FnMut(&str));
+
+/// What a subscription changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Joined {
+    /// The connection was already subscribed.
+    Already,
+    /// Subscribed to a topic that had subscribers here.
+    Member,
+    /// Subscribed, the topic's first subscriber here.
+    First,
+}
+
+/// What an unsubscription changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Left {
+    /// The connection was not subscribed.
+    NotMember,
+    /// Unsubscribed; the topic keeps other subscribers here.
+    Member,
+    /// Unsubscribed, the topic's last subscriber here: it is gone.
+    Last,
 }
 
 impl Topics {
@@ -44,9 +79,10 @@ impl Topics {
             .binary_search_by(|&t| (*self.topics[t as usize].name).cmp(name))
     }
 
-    /// The `i`th subscriber of topic `t`.
-    pub(crate) fn subscriber(&self, t: u32, i: usize) -> Option<ConnId> {
-        self.topics.get(t as usize)?.subs.get(i).copied()
+    /// The `i`th subscriber of topic `t`, a connection of `instance`.
+    pub(crate) fn subscriber(&self, t: u32, i: usize, instance: u64) -> Option<ConnId> {
+        let local = *self.topics.get(t as usize)?.subs.get(i)?;
+        Some(ConnId::from_parts(instance, local))
     }
 
     /// How many connections are subscribed to `name`.
@@ -54,12 +90,14 @@ impl Topics {
         self.find(name).map_or(0, |t| self.topics[t as usize].subs.len())
     }
 
-    /// Subscribes `id`; false if it already was.
-    pub(crate) fn subscribe(&mut self, id: ConnId, name: &str) -> bool {
+    /// Subscribes `id`.
+    pub(crate) fn subscribe(&mut self, id: ConnId, name: &str) -> Joined {
         self.cleanup = Some(Topics::remove_member);
+        let mut first = false;
         let t = match self.position(name) {
             Ok(i) => self.by_name[i],
             Err(i) => {
+                first = true;
                 let t = self.topics.insert(Topic {
                     name: name.into(),
                     subs: Vec::new(),
@@ -70,64 +108,75 @@ impl Topics {
         };
         let subs = self.members.get_or_default(id.key() as u32);
         if subs.iter().any(|s| s.topic == t) {
-            return false;
+            return Joined::Already;
         }
         let topic = &mut self.topics[t as usize];
         subs.push(Sub {
             topic: t,
             at: topic.subs.len() as u32,
         });
-        topic.subs.push(id);
-        true
+        topic.subs.push(id.as_u64());
+        if first {
+            Joined::First
+        } else {
+            Joined::Member
+        }
     }
 
-    /// Unsubscribes `id`; false if it was not subscribed.
-    pub(crate) fn unsubscribe(&mut self, id: ConnId, name: &str) -> bool {
-        let Some(t) = self.find(name) else { return false };
+    /// Unsubscribes `id`.
+    pub(crate) fn unsubscribe(&mut self, id: ConnId, name: &str) -> Left {
+        let Some(t) = self.find(name) else {
+            return Left::NotMember;
+        };
         let key = id.key() as u32;
         let Some(subs) = self.members.get_mut(key) else {
-            return false;
+            return Left::NotMember;
         };
         let Some(i) = subs.iter().position(|s| s.topic == t) else {
-            return false;
+            return Left::NotMember;
         };
         // The slot may belong to a later connection than `id` by now.
-        if self.topics[t as usize].subs.get(subs[i].at as usize) != Some(&id) {
-            return false;
+        if self.topics[t as usize].subs.get(subs[i].at as usize) != Some(&id.as_u64()) {
+            return Left::NotMember;
         }
         let sub = subs.swap_remove(i);
         if subs.is_empty() {
             self.members.remove(key);
         }
-        self.detach(sub);
-        true
-    }
-
-    /// Ends every subscription of the connection in slot `key`.
-    pub(crate) fn remove_conn(&mut self, key: usize) {
-        if let Some(cleanup) = self.cleanup {
-            cleanup(self, key);
+        match self.detach(sub) {
+            Some(_) => Left::Last,
+            None => Left::Member,
         }
     }
 
-    fn remove_member(&mut self, key: usize) {
+    /// Ends every subscription of the connection in slot `key`; `gone` is called with each
+    /// topic left without subscribers.
+    pub(crate) fn remove_conn(&mut self, key: usize, gone: &mut dyn FnMut(&str)) {
+        if let Some(cleanup) = self.cleanup {
+            cleanup(self, key, gone);
+        }
+    }
+
+    fn remove_member(&mut self, key: usize, gone: &mut dyn FnMut(&str)) {
         if let Some(subs) = self.members.remove(key as u32) {
             for sub in subs {
-                self.detach(sub);
+                if let Some(name) = self.detach(sub) {
+                    gone(&name);
+                }
             }
         }
     }
 
     /// Takes a subscriber out of its topic's list; the last one takes its place. A topic left
-    /// without subscribers goes.
-    fn detach(&mut self, sub: Sub) {
+    /// without subscribers goes: its name is returned.
+    fn detach(&mut self, sub: Sub) -> Option<Box<str>> {
         let t = sub.topic as usize;
         let subs = &mut self.topics[t].subs;
         subs.swap_remove(sub.at as usize);
         if let Some(moved) = subs.get(sub.at as usize) {
             if let Some(s) = self
                 .members
-                .get_mut(moved.key() as u32)
+                .get_mut(key_of(*moved) as u32)
                 .and_then(|subs| subs.iter_mut().find(|s| s.topic == sub.topic))
             {
                 s.at = sub.at;
@@ -136,8 +185,9 @@ impl Topics {
             if let Ok(i) = self.position(&self.topics[t].name) {
                 self.by_name.remove(i);
             }
-            self.topics.remove(t);
+            return Some(self.topics.remove(t).name);
         }
+        None
     }
 }
 
@@ -265,7 +315,7 @@ mod tests {
     }
 
     fn id(key: usize) -> ConnId {
-        ConnId::new(key, 1, 0)
+        ConnId::new(key, 1, 0, 0)
     }
 
     /// Checks every cross-reference: each subscription's place in its topic, names sorted.
@@ -279,7 +329,7 @@ mod tests {
                     .buckets
                     .iter()
                     .flatten()
-                    .find(|(key, _)| *key == c.key() as u32);
+                    .find(|(key, _)| *key as usize == key_of(*c));
                 let sub = subs.and_then(|(_, s)| s.iter().find(|s| s.topic == k as u32));
                 assert_eq!(sub.map(|s| s.at), Some(at as u32), "{c} in {}", topic.name);
                 count += 1;
@@ -295,29 +345,36 @@ mod tests {
     #[test]
     fn subscriptions_come_and_go() {
         let mut t = Topics::default();
-        assert!(t.subscribe(id(1), "b"));
-        assert!(t.subscribe(id(2), "b"));
-        assert!(t.subscribe(id(3), "b"));
-        assert!(t.subscribe(id(2), "a"));
-        assert!(!t.subscribe(id(2), "a"));
+        assert_eq!(t.subscribe(id(1), "b"), Joined::First);
+        assert_eq!(t.subscribe(id(2), "b"), Joined::Member);
+        assert_eq!(t.subscribe(id(3), "b"), Joined::Member);
+        assert_eq!(t.subscribe(id(2), "a"), Joined::First);
+        assert_eq!(t.subscribe(id(2), "a"), Joined::Already);
         check(&t);
         assert_eq!((t.count("a"), t.count("b"), t.count("c")), (1, 3, 0));
-        assert!(t.unsubscribe(id(1), "b")); // the last subscriber moves into its place
-        assert!(!t.unsubscribe(id(1), "b"));
-        assert!(!t.unsubscribe(id(1), "nothing"));
+        // The last subscriber moves into its place.
+        assert_eq!(t.unsubscribe(id(1), "b"), Left::Member);
+        assert_eq!(t.unsubscribe(id(1), "b"), Left::NotMember);
+        assert_eq!(t.unsubscribe(id(1), "nothing"), Left::NotMember);
         // Another connection in the same slot (another generation) is not this one.
-        assert!(!t.unsubscribe(ConnId::new(2, 7, 0), "b"));
+        assert_eq!(t.unsubscribe(ConnId::new(2, 7, 0, 0), "b"), Left::NotMember);
         assert_eq!(t.count("b"), 2);
         check(&t);
-        t.remove_conn(2);
+        let mut gone = Vec::new();
+        t.remove_conn(2, &mut |name| gone.push(name.to_string()));
+        assert_eq!(gone, ["a"]);
         check(&t);
         assert_eq!((t.count("a"), t.count("b")), (0, 1));
         assert_eq!(t.find("a"), None);
         let b = t.find("b").unwrap();
-        assert_eq!(t.subscriber(b, 0), Some(id(3)));
-        assert_eq!(t.subscriber(b, 1), None);
-        t.remove_conn(3);
-        t.remove_conn(3);
+        assert_eq!(t.subscriber(b, 0, 0), Some(id(3)));
+        assert_eq!(t.subscriber(b, 1, 0), None);
+        assert_eq!(t.subscriber(b, 0, 9), Some(ConnId::new(3, 1, 0, 9)));
+        t.remove_conn(3, &mut |name| gone.push(name.to_string()));
+        t.remove_conn(3, &mut |name| gone.push(name.to_string()));
+        assert_eq!(gone, ["a", "b"]);
+        assert_eq!(t.subscribe(id(4), "a"), Joined::First);
+        assert_eq!(t.unsubscribe(id(4), "a"), Left::Last);
         check(&t);
         assert!(t.topics.is_empty() && t.by_name.is_empty() && t.members.buckets.is_empty());
     }
@@ -325,6 +382,8 @@ mod tests {
     #[test]
     fn many_connections_and_topics_stay_consistent() {
         let mut t = Topics::default();
+        // The topics as the reports of first and last subscribers tell them.
+        let mut reported = std::collections::BTreeSet::new();
         let names: Vec<String> = (0..40).map(|i| format!("room-{i}")).collect();
         let mut x = 99u64;
         for step in 0..20_000 {
@@ -334,22 +393,32 @@ mod tests {
             let conn = id((x % 500) as usize);
             let name = &names[(x >> 32) as usize % names.len()];
             match (x >> 16) % 7 {
-                0 => t.remove_conn(conn.key()),
+                0 => t.remove_conn(conn.key(), &mut |name| assert!(reported.remove(name))),
                 1 | 2 => {
-                    t.unsubscribe(conn, name);
+                    if t.unsubscribe(conn, name) == Left::Last {
+                        assert!(reported.remove(name.as_str()));
+                    }
                 }
                 _ => {
-                    t.subscribe(conn, name);
+                    if t.subscribe(conn, name) == Joined::First {
+                        assert!(reported.insert(name.clone()));
+                    }
                 }
             }
             if step % 500 == 0 {
                 check(&t);
+                let names: Vec<&str> = t.by_name.iter().map(|&k| &*t.topics[k as usize].name).collect();
+                assert!(
+                    reported.iter().map(String::as_str).eq(names.iter().copied()),
+                    "step {step}"
+                );
             }
         }
         check(&t);
         for k in 0..500 {
-            t.remove_conn(k);
+            t.remove_conn(k, &mut |name| assert!(reported.remove(name)));
         }
+        assert!(reported.is_empty());
         assert!(t.topics.is_empty() && t.by_name.is_empty() && t.members.len == 0);
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod autobahn;
 pub mod events;
+pub mod redis;
 pub mod venv;
 
 use std::io::{BufRead, BufReader, Read};
