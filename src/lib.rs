@@ -120,3 +120,8 @@ pub struct ReadmeDoctests;
 #[cfg(all(doctest, feature = "server", feature = "client", feature = "tls"))]
 #[doc = include_str!("../docs/library.md")]
 pub struct LibraryGuideDoctests;
+
+/// The Rust examples of the scaling-out page (docs/scaling-out.md), compiled by `cargo test`.
+#[cfg(all(doctest, feature = "cluster"))]
+#[doc = include_str!("../docs/scaling-out.md")]
+pub struct ScalingOutDoctests;
