@@ -75,6 +75,17 @@ impl<T, P> Slot<T, P> {
         self.conn.buffered_bytes() + self.out.as_ref().map_or(0, |o| o.charge())
     }
 
+    /// What the budget weighs when it picks whom to pause and close: the charge and what the
+    /// transport holds for the peer (a TLS record received in part, ciphertext not yet sent),
+    /// which the transport counts against the budget itself.
+    #[inline]
+    fn weight(&self) -> usize
+    where
+        T: Transport,
+    {
+        self.charge() + self.stream.held()
+    }
+
     /// Whether the connection is being removed.
     pub(crate) fn is_dead(&self) -> bool {
         self.flags & DEAD != 0
@@ -348,7 +359,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             && !self.timed_open
             && slot.conn.is_open()
             && slot.charge() == before
-            && !slot.stream.wants_write()
+            && slot.stream.held() == 0
         {
             return; // the common case after a read: nothing to charge, nothing to change
         }
@@ -363,25 +374,33 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     fn account(&mut self, key: usize, before: usize) {
         let slot = &self.slots[key];
         let now = slot.charge();
-        if now == before {
-            return;
+        if now != before {
+            self.charge_changed(key, before, now);
+        } else if slot.stream.held() > 0 {
+            // What the transport holds counts by itself, and may have grown.
+            self.weigh(key);
         }
-        self.charge_changed(key, before, now);
     }
 
     fn charge_changed(&mut self, key: usize, before: usize, now: usize) {
-        let slot = &self.slots[key];
         if now < before {
             self.budget.sub(before - now);
             self.freed += before - now;
             return;
         }
         self.budget.add(now - before);
+        self.weigh(key);
+    }
+
+    /// Applies the budget to connection `key`: holding more than its share while memory is
+    /// short, it stops being read; past the limit it is closed.
+    fn weigh(&mut self, key: usize) {
+        let slot = &self.slots[key];
         let used = self.budget.used();
         if used <= self.budget.soft() || slot.flags & DEAD != 0 {
             return;
         }
-        if now <= self.share() {
+        if slot.weight() <= self.share() {
             return;
         }
         let gen = slot.gen;
@@ -411,6 +430,12 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             let _ = self.close(key, SHED_CODE, "server short of memory");
             if failed {
                 d.on_shed(self, key);
+            }
+            // A TLS record received in part goes too: what the peer sends from now on is read
+            // and dropped (it cannot be decrypted without that record) until it closes or the
+            // close times out. One still in its handshake cannot be told why: it goes now.
+            if self.slots[key].stream.discard_input() && !failed {
+                self.kill(key, Cause::Dropped);
             }
             self.settle(key);
         }
@@ -492,18 +517,19 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         before: &mut usize,
     ) {
         loop {
-            let (cap, over) = self.read_cap(rbuf.len());
+            let (cap, over) = self.read_cap(rbuf.len(), self.slots[key].stream.min_read());
             let slot = &mut self.slots[key];
             if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED) != 0 {
                 return;
             }
-            if over && slot.conn.is_open() && slot.conn.buffered_bytes() > 0 {
+            let held = slot.stream.held();
+            if over && (slot.conn.is_open() && slot.conn.buffered_bytes() > 0 || held > 0) {
                 // Past the budget a read could still grow this connection's partial message
-                // (doubling its buffer): every connection of a turn doing so would overrun the
-                // budget by their sum before any is closed. One holding more than its share
-                // is closed, as `account` would have.
-                let (charge, gen) = (slot.charge(), slot.gen);
-                if !hup && charge > self.share() {
+                // (doubling its buffer) or the TLS record it is receiving: every connection of
+                // a turn doing so would overrun the budget by their sum before any is closed.
+                // One holding more than its share is closed, as `weigh` would have.
+                let (weight, gen) = (slot.charge() + held, slot.gen);
+                if !hup && weight > self.share() {
                     self.shed.push((key, gen));
                 } else {
                     self.mem_pause_or_drop(key, hup);
@@ -575,13 +601,13 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// short (never under 256 bytes, so that small messages still flow), which bounds how
     /// far the connections read in one turn can overshoot it; and whether the budget is
     /// overrun already.
-    fn read_cap(&self, len: usize) -> (usize, bool) {
+    fn read_cap(&self, len: usize, min: usize) -> (usize, bool) {
         let used = self.budget.used();
         if used <= self.budget.soft() {
             return (len, false);
         }
         let limit = self.budget.limit();
-        ((limit.saturating_sub(used) / 8).clamp(256, len), used > limit)
+        ((limit.saturating_sub(used) / 8).clamp(min.max(256), len), used > limit)
     }
 
     /// The peer ended its side. What is queued for it still goes out (bounded by the close

@@ -42,6 +42,23 @@ pub(crate) trait Transport: mio::event::Source {
     fn take_write_ready(&mut self) -> bool {
         false
     }
+    /// Memory the transport holds for this peer and the peer can fill (a TLS record received in
+    /// part, ciphertext the socket did not take): what the memory budget weighs beside the
+    /// connection's own buffers when it picks whom to pause and close.
+    fn held(&self) -> usize {
+        0
+    }
+    /// The smallest buffer a read can work with (a TLS record must fit, decrypted beside its
+    /// ciphertext), however short the memory budget runs.
+    fn min_read(&self) -> usize {
+        0
+    }
+    /// Drops received bytes the transport holds and reads nothing more: the end of the input.
+    /// Returns whether it held any (a TLS record received in part, which no later read can
+    /// make sense of without). Called when the budget closes the connection.
+    fn discard_input(&mut self) -> bool {
+        false
+    }
 }
 
 impl Transport for TcpStream {
