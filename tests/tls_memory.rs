@@ -442,3 +442,62 @@ fn peers_holding_partial_tls_records_are_shed_with_1013() {
         );
     }
 }
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn memory_comes_back_after_tls_peers_leave() {
+    use std::io::Write;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const PEERS: usize = 500;
+    const RECORD: usize = 16_600;
+    // What may stay resident: lazily made state (the session cache, code first run under load)
+    // and the allocator's pages still partly in use; a heap never trimmed keeps about 10 MiB.
+    const SLACK_KIB: u64 = 4 << 10;
+    let dir = common::target_dir().join(format!("tls-memory-back-{}", std::process::id()));
+    let c = certs::make(&dir);
+    let server = common::spawn_server(&[
+        "--tls-cert",
+        c.cert.to_str().unwrap(),
+        "--tls-key",
+        c.key.to_str().unwrap(),
+        "--max-memory",
+        "256MiB",
+    ]);
+    let pid = server.pid();
+    let cfg = trusting_rustls(&c);
+    // Warm: a few sessions made and gone, so that what the first ones make for good is in.
+    drop((0..20).map(|_| upgraded_tls(server.addr, &cfg)).collect::<Vec<_>>());
+    thread::sleep(Duration::from_millis(1500));
+    let idle = rss_kib(pid);
+    let mut peers: Vec<TlsPeer> = (0..PEERS).map(|_| upgraded_tls(server.addr, &cfg)).collect();
+    let mut part = vec![23, 3, 3, (RECORD >> 8) as u8, RECORD as u8];
+    part.resize(RECORD, 0x42);
+    for p in &mut peers {
+        p.sock.write_all(&part).unwrap();
+    }
+    thread::sleep(Duration::from_millis(500));
+    let held = rss_kib(pid);
+    drop(peers);
+    let closed = Instant::now();
+    let mut now = rss_kib(pid);
+    while now > idle + SLACK_KIB && closed.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(100));
+        now = rss_kib(pid);
+    }
+    println!(
+        "{PEERS} wss:// peers holding partial records: RSS idle {idle} KiB, held {held} KiB, \
+         {now} KiB {:.1} s after they closed",
+        closed.elapsed().as_secs_f64()
+    );
+    assert!(held > idle + 2 * SLACK_KIB, "the records were not held: {held} KiB");
+    assert!(
+        now <= idle + SLACK_KIB,
+        "RSS {now} KiB 5 s after the peers closed, idle {idle} KiB"
+    );
+}

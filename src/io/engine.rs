@@ -480,6 +480,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// Gives freed memory back to the operating system after a burst (at most once a second,
     /// and only when at least 1 MiB was freed): the allocator would otherwise keep it.
     fn maybe_trim(&mut self) {
+        self.freed += T::take_freed();
         if self.freed < 1 << 20 || self.trim_armed {
             return;
         }
@@ -869,6 +870,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Removes the connections marked during this turn, telling the driver first.
     pub(crate) fn reap<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        if self.dead.is_empty() {
+            return;
+        }
         while let Some((key, cause)) = self.dead.pop() {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);
@@ -877,6 +881,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             self.freed += held + std::mem::size_of::<Slot<T, P>>();
             let _ = self.poll.registry().deregister(&mut slot.stream);
         }
+        // What went with them (a TLS session and its buffers among it) is counted only now: a
+        // loop that has nothing more to do must still trim, or arm the timer that will.
+        self.maybe_trim();
     }
 
     /// Answers the request connection `key` handed out (see [`Connection::accept`]).
