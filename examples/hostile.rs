@@ -19,7 +19,7 @@
 //! | `announce-churn` | `serve --mode broadcast --announce` | 2,000 peers read; 51 new connections per second join and leave for 20 s |
 //! | `slowloris` | `serve --max-connections 1000` | 1,000 connections from one address send their request one byte a second for 30 s, reconnecting when dropped (`--upgrade`: complete it and sit idle) |
 //! | `fd-limit` | `prlimit --nofile=4096 -- wsloop serve --max-connections 30000` | 4,200 idle connections, past the server's descriptor limit, held 20 s |
-//! | `deflate-bomb` | `serve` (permessage-deflate on, as by default; `--max-message` sets the bound) | 100 connections agree on permessage-deflate and each sends one compressed message that inflates to 1 GiB of zeros (about 1 MB on the wire); each should be closed with 1009 |
+//! | `deflate-bomb` | `serve` (permessage-deflate on, as by default; `--max-message` sets the bound) | 100 connections agree on permessage-deflate and each sends one compressed message that inflates to 1 GiB of zeros (about 1 MB on the wire); each should be closed with 1009 (`--messages N --duration D`: N bombs each, below the limit, for at most D) |
 //! | `tls-partial-records` | `serve --tls-cert C --tls-key K --max-memory 16MiB`, with `--url wss://localhost:PORT/ --ca CA` | 1,000 `wss://` connections each send all but the last 5 bytes of a 16,600-byte record and stall for 10 s, while 3 clients send 256 KiB messages (`--size 0`: idle connections) |
 //!
 //! `fd-limit` scales the case (`--max-connections 30000` under a 20,000 limit) down with
@@ -89,7 +89,7 @@ Sizing (defaults depend on the attack):
   --frame-size B    declared frame length (partial-frames 16MiB)
   --send B          bytes of it sent (partial-frames 1MiB)
   --size B          message size (echo-never-read 16MiB, fin-after-close 4MiB, slow-consumer-1008 64KiB)
-  --messages N      messages (broadcast-flood 700000, slow-consumer-1008 200)
+  --messages N      messages (broadcast-flood 700000, slow-consumer-1008 200, deflate-bomb 1 per connection)
   --rounds N        fin-after-close rounds (3)
   --rate N          announce-churn new connections per second (51)
   --duration DUR    how long the attack holds after its set-up
@@ -1662,9 +1662,13 @@ fn deflate_bomb(env: &Env, o: &Opts) -> Outcome {
     }
     bomb.truncate(bomb.len().saturating_sub(4));
     d.set("compressed_size", bomb.len());
-    let mut frame = Vec::with_capacity(bomb.len() + 14);
-    masked_frame(&mut frame, 2, &bomb);
-    frame[0] |= 0x40; // RSV1: compressed
+    let mut one = Vec::with_capacity(bomb.len() + 14);
+    masked_frame(&mut one, 2, &bomb);
+    one[0] |= 0x40; // RSV1: compressed
+                    // `--messages N`: the same bomb N times on each connection.
+    let repeat = o.messages.unwrap_or(1).max(1);
+    d.set("messages_per_connection", repeat);
+    let frame = one.repeat(repeat);
     let mut offering = env.clone();
     offering.target.offer = Some("permessage-deflate");
     let opened = open_many(&offering, n, true, 0)?;
@@ -1673,7 +1677,7 @@ fn deflate_bomb(env: &Env, o: &Opts) -> Outcome {
     let mut conns = opened.streams;
     let probes = Prober::start(env);
     let t0 = Instant::now();
-    let deadline = t0 + PHASE_LIMIT;
+    let deadline = t0 + o.duration.unwrap_or(PHASE_LIMIT).min(PHASE_LIMIT);
     let mut off = vec![0usize; conns.len()];
     let mut got: Vec<Vec<u8>> = vec![Vec::new(); conns.len()];
     let mut ended = vec![false; conns.len()];

@@ -495,7 +495,7 @@ fn memory_comes_back_after_tls_peers_leave() {
          {now} KiB {:.1} s after they closed",
         closed.elapsed().as_secs_f64()
     );
-    assert!(held > idle + 2 * SLACK_KIB, "the records were not held: {held} KiB");
+    assert!(held > idle + 6 * 1024, "the records were not held: {held} KiB");
     assert!(
         now <= idle + SLACK_KIB,
         "RSS {now} KiB 5 s after the peers closed, idle {idle} KiB"

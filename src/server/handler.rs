@@ -386,6 +386,8 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
+        // Each connection looked at is work for the sender's wakeup (see `io::engine::QUANTUM`).
+        self.eng.work += self.eng.slots.len();
         sent
     }
 
@@ -446,6 +448,7 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
+        self.eng.work += i;
         sent
     }
 
