@@ -172,9 +172,10 @@ const NONE: usize = usize::MAX;
 const KEEP_BUFFER: usize = 64 << 10;
 
 /// A server connection's work per wakeup, in units: a message handled, a connection a
-/// broadcast or publish looked at, 256 bytes read, inflated or compressed. About half a
-/// millisecond of work; then the connection waits in the ready list while accepts, handshakes,
-/// timers and every other connection get their turn.
+/// broadcast or publish looked at, 256 bytes read, inflated or compressed (a broadcast to 100
+/// peers costs about 100; this many take about half a millisecond). Then the connection waits
+/// in the ready list while accepts, handshakes, timers and every other connection get their
+/// turn.
 pub(crate) const QUANTUM: usize = 8192;
 
 /// The work the ready list gets per loop turn, in quanta, before the loop looks at new events.
@@ -384,7 +385,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 // Its turn in the ready list comes; that no later event will tell of the FIN
                 // is remembered there.
                 if hup {
-                    if let Some(r) = self.ready.iter_mut().find(|r| r.key == key) {
+                    let gen = slot.gen;
+                    if let Some(r) = self.ready.iter_mut().find(|r| r.key == key && r.gen == gen) {
                         r.hup = true;
                     }
                 }
@@ -827,7 +829,12 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
             drop(r.buf);
-            if self.slots[key].flags & DEAD == 0 {
+            let slot = &mut self.slots[key];
+            if r.hup && slot.flags & (MEM_PAUSED | DEAD) == MEM_PAUSED {
+                // As in `on_ready`: the peer left while the budget kept us from reading.
+                slot.conn.set_closed(self.now);
+                self.kill(key, Cause::Eof);
+            } else if slot.flags & DEAD == 0 {
                 self.on_readable(d, key, r.hup, rbuf, &mut before);
                 if let Some(slot) = self.slots.get_mut(key) {
                     if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
