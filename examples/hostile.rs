@@ -19,7 +19,8 @@
 //! | `announce-churn` | `serve --mode broadcast --announce` | 2,000 peers read; 51 new connections per second join and leave for 20 s |
 //! | `slowloris` | `serve --max-connections 1000` | 1,000 connections from one address send their request one byte a second for 30 s, reconnecting when dropped (`--upgrade`: complete it and sit idle) |
 //! | `fd-limit` | `prlimit --nofile=4096 -- wsloop serve --max-connections 30000` | 4,200 idle connections, past the server's descriptor limit, held 20 s |
-//! | `deflate-bomb` | `serve` (permessage-deflate on, as by default; `--max-message` sets the bound) | 100 connections agree on permessage-deflate and each sends one compressed message that inflates to 1 GiB of zeros (about 1 MB on the wire); each should be closed with 1009 |
+//! | `deflate-bomb` | `serve` (permessage-deflate on, as by default; `--max-message` sets the bound) | 100 connections agree on permessage-deflate and each sends one compressed message that inflates to 1 GiB of zeros (about 1 MB on the wire); each should be closed with 1009 (`--messages N --duration D`: N bombs each, below the limit, for at most D) |
+//! | `tls-partial-records` | `serve --tls-cert C --tls-key K --max-memory 16MiB`, with `--url wss://localhost:PORT/ --ca CA` | 1,000 `wss://` connections each send all but the last 5 bytes of a 16,600-byte record and stall for 10 s, while 3 clients send 256 KiB messages (`--size 0`: idle connections) |
 //!
 //! `fd-limit` scales the issue's case (`--max-connections 30000` under a 20,000 limit) down with
 //! `prlimit`, because this tool needs a descriptor per connection under the same limit.
@@ -68,6 +69,7 @@ Attacks (see the source's header for the server flags each needs):
   slowloris           connections that never finish their request, reconnecting
   fd-limit            idle connections past the server's descriptor limit
   deflate-bomb        compressed messages that inflate far past the message limit
+  tls-partial-records wss:// connections holding TLS records received in part
 
 Common options:
   --url URL | --addr HOST:PORT  the server (loopback only)
@@ -87,7 +89,7 @@ Sizing (defaults depend on the attack):
   --frame-size B    declared frame length (partial-frames 16MiB)
   --send B          bytes of it sent (partial-frames 1MiB)
   --size B          message size (echo-never-read 16MiB, fin-after-close 4MiB, slow-consumer-1008 64KiB)
-  --messages N      messages (broadcast-flood 700000, slow-consumer-1008 200)
+  --messages N      messages (broadcast-flood 700000, slow-consumer-1008 200, deflate-bomb 1 per connection)
   --rounds N        fin-after-close rounds (3)
   --rate N          announce-churn new connections per second (51)
   --duration DUR    how long the attack holds after its set-up
@@ -97,6 +99,7 @@ Sizing (defaults depend on the attack):
                     or of the silent peers (broadcast-flood: 4KiB)
   --read-chunk B    fin-after-close, slow-consumer-1008: bytes per read when reading back [256KiB]
   --upgrade         slowloris: complete the handshake and sit idle instead
+  --ca FILE         tls-partial-records: the CA that signed the server's certificate
 ";
 
 /// Handshakes in progress at once (well under the server's listen backlog).
@@ -145,6 +148,7 @@ struct Opts {
     rcvbuf: Option<usize>,
     read_chunk: Option<usize>,
     upgrade: bool,
+    ca: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Option<Opts>, String> {
@@ -184,6 +188,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
             Long("rcvbuf") => o.rcvbuf = Some(size(&v(&mut p)?)? as usize),
             Long("read-chunk") => o.read_chunk = Some(size(&v(&mut p)?)? as usize),
             Long("upgrade") => o.upgrade = true,
+            Long("ca") => o.ca = Some(PathBuf::from(v(&mut p)?)),
             Short('h') | Long("help") => {
                 print!("{HELP}");
                 return Ok(None);
@@ -303,7 +308,13 @@ fn run() -> Result<(), String> {
         return Err("name an attack".into());
     }
     raise_fd_limit();
-    let target = parse_target(o.url.as_deref().unwrap_or("ws://127.0.0.1:9001/"))?;
+    let url = o.url.as_deref().unwrap_or("ws://127.0.0.1:9001/");
+    let tls_attack = o.attack.starts_with("tls-");
+    let target = match url.strip_prefix("wss://") {
+        Some(rest) if tls_attack => parse_target(rest)?,
+        _ if tls_attack => return Err(format!("{} needs a wss:// URL", o.attack)),
+        _ => parse_target(url)?,
+    };
     // Fresh-client defaults: a few connections with many echoes, or many short ones where the
     // question is whether a connection gets in at all.
     let many_connects = matches!(o.attack.as_str(), "slowloris" | "fd-limit" | "announce-churn");
@@ -355,6 +366,7 @@ fn run() -> Result<(), String> {
         "slowloris" => slowloris(&env, &o),
         "fd-limit" => fd_limit(&env, &o),
         "deflate-bomb" => deflate_bomb(&env, &o),
+        "tls-partial-records" => tls_partial_records(&env, &o),
         a => return Err(format!("unknown attack '{a}' (see --help)")),
     };
     // The attack's connections are closed when its function returns.
@@ -1067,6 +1079,229 @@ fn fd_limit(env: &Env, o: &Opts) -> Outcome {
     Ok((d, fresh))
 }
 
+/// `--connections` `wss://` connections (1,000) each send all but the last 5 bytes of a
+/// `--size` (16,600-byte) application-data record and stall for `--duration` (10 s), while
+/// `--peers` clients (3) each send one `--send` (256 KiB) message and wait for the echo or a
+/// close. The attackers' close codes and what each client saw are reported. `--size 0` holds
+/// idle connections instead. (The fresh client of the other attacks speaks plain TCP: none
+/// runs here.)
+#[cfg(feature = "tls")]
+fn tls_partial_records(env: &Env, o: &Opts) -> Outcome {
+    let n = o.connections.unwrap_or(1000);
+    let record = o.size.unwrap_or(16_600) as usize;
+    let hold = o.duration.unwrap_or(Duration::from_secs(10));
+    let clients = o.peers.unwrap_or(3);
+    let message = o.send.unwrap_or(256 << 10) as usize;
+    check_fds(n + clients)?;
+    if record > 0 && !(6..=16_640).contains(&record) {
+        return Err("--size: a record of 6 to 16,640 bytes (or 0)".into());
+    }
+    let cfg = tls_client_config(o.ca.as_ref().ok_or("tls-partial-records needs --ca FILE")?)?;
+    let mut d = Obj::default();
+    d.set("connections", n);
+    d.set("record_bytes", record);
+    let t0 = Instant::now();
+    // Four threads of blocking handshakes.
+    let opened: Vec<Result<TlsPeer, String>> = thread::scope(|sc| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let cfg = &cfg;
+                sc.spawn(move || {
+                    (w..n)
+                        .step_by(4)
+                        .map(|i| tls_upgraded(env, cfg, env.sources.get(i % env.sources.len().max(1)).copied()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+    });
+    let mut failures = BTreeMap::new();
+    let mut peers = Vec::new();
+    for r in opened {
+        match r {
+            Ok(p) => peers.push(p),
+            Err(e) => *failures.entry(e).or_insert(0) += 1,
+        }
+    }
+    d.set("opened", peers.len());
+    d.set("open_s", t0.elapsed().as_secs_f64());
+    d.set("open_failures", failures_obj(&failures));
+    if record > 0 {
+        let body = record - 5;
+        let mut part = vec![23, 3, 3, (body >> 8) as u8, body as u8];
+        part.resize(record - 5, 0x42);
+        for p in &mut peers {
+            let _ = p.sock.write_all(&part);
+        }
+    }
+    for p in &peers {
+        let _ = p.sock.set_nonblocking(true);
+    }
+    let t1 = Instant::now();
+    let senders: Vec<_> = (0..clients)
+        .map(|_| {
+            let (env, cfg) = (env.clone(), Arc::clone(&cfg));
+            thread::spawn(move || {
+                let t = Instant::now();
+                let r = tls_send_and_wait(&env, &cfg, message);
+                format!("{} after {:.3} s", r.unwrap_or_else(|e| e), t.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut got = vec![Vec::new(); peers.len()];
+    let mut ended = vec![false; peers.len()];
+    while t1.elapsed() < hold {
+        for (i, p) in peers.iter_mut().enumerate() {
+            if !ended[i] {
+                ended[i] = tls_read_available(p, &mut got[i]);
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    for g in &got {
+        let code = match parse_header(g) {
+            Some((_, 8, len, hl)) if len >= 2 && g.len() >= hl + 2 => {
+                u16::from_be_bytes([g[hl], g[hl + 1]]).to_string()
+            }
+            Some((_, op, _, _)) => format!("opcode {op}"),
+            None => "nothing".into(),
+        };
+        *codes.entry(code).or_default() += 1;
+    }
+    let mut c = Obj::default();
+    for (k, v) in codes {
+        c.set(&k, v);
+    }
+    d.set("close_codes", c);
+    d.set("ended_by_server", ended.iter().filter(|&&e| e).count());
+    let mut seen = Obj::default();
+    for (i, s) in senders.into_iter().enumerate() {
+        seen.set(&format!("client_{i}"), s.join().unwrap_or_else(|_| "panicked".into()));
+    }
+    d.set("clients", seen);
+    drop(peers);
+    Ok((d, ProbeStats::default()))
+}
+
+#[cfg(feature = "tls")]
+type TlsPeer = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+#[cfg(feature = "tls")]
+fn tls_client_config(ca: &PathBuf) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots
+            .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// A blocking `wss://` connection past its upgrade (10 s at most per read).
+#[cfg(feature = "tls")]
+fn tls_upgraded(env: &Env, cfg: &Arc<rustls::ClientConfig>, src: Option<IpAddr>) -> Result<TlsPeer, String> {
+    let sock = Socket::new(Domain::for_address(env.target.addr), Type::STREAM, None).map_err(|e| e.to_string())?;
+    if let Some(src) = src {
+        sock.bind(&SocketAddr::new(src, 0).into())
+            .map_err(|e| classify(&e, "bind"))?;
+    }
+    sock.connect_timeout(&env.target.addr.into(), Duration::from_secs(10))
+        .map_err(|e| classify(&e, "connect"))?;
+    let tcp: TcpStream = sock.into();
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+    let name = env
+        .target
+        .host
+        .rsplit_once(':')
+        .map_or(env.target.host.as_str(), |(h, _)| h);
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::clone(cfg), name).map_err(|e| e.to_string())?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.write_all(&upgrade_request(&env.target))
+        .map_err(|e| classify(&e, "handshake"))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let k = s.read(&mut buf).map_err(|e| classify(&e, "response"))?;
+        if k == 0 {
+            return Err("closed before a response".into());
+        }
+        head.extend_from_slice(&buf[..k]);
+        if let Some((code, _)) = response_status(&head) {
+            return if code == 101 {
+                Ok(s)
+            } else {
+                Err(format!("http {code}"))
+            };
+        }
+    }
+}
+
+/// Reads what arrived on a non-blocking TLS peer (the first 64 bytes are kept); true once the
+/// stream ended.
+#[cfg(feature = "tls")]
+fn tls_read_available(p: &mut TlsPeer, got: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match p.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(k) => got.extend_from_slice(&buf[..k.min(64usize.saturating_sub(got.len()))]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// One client: a `size` message, then its echo or a close code back.
+#[cfg(feature = "tls")]
+fn tls_send_and_wait(env: &Env, cfg: &Arc<rustls::ClientConfig>, size: usize) -> Result<String, String> {
+    let mut s = tls_upgraded(env, cfg, None)?;
+    let payload = vec![0x5a; size];
+    let mut frame = Vec::new();
+    masked_frame(&mut frame, 2, &payload);
+    s.write_all(&frame).map_err(|e| classify(&e, "write"))?;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((_, op, len, hl)) = parse_header(&got) {
+            if got.len() >= hl + len as usize {
+                let p = &got[hl..hl + len as usize];
+                return match op {
+                    2 if p == &payload[..] => Ok("echo".into()),
+                    8 if p.len() >= 2 => Ok(format!("close {}", u16::from_be_bytes([p[0], p[1]]))),
+                    op => Err(format!("opcode {op}")),
+                };
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err("no answer in 30 s".into());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Err("ended without an answer".into()),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(classify(&e, "read")),
+        }
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_partial_records(_: &Env, _: &Opts) -> Outcome {
+    Err("tls-partial-records needs the tls feature".into())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Opening connections
 
@@ -1427,9 +1662,13 @@ fn deflate_bomb(env: &Env, o: &Opts) -> Outcome {
     }
     bomb.truncate(bomb.len().saturating_sub(4));
     d.set("compressed_size", bomb.len());
-    let mut frame = Vec::with_capacity(bomb.len() + 14);
-    masked_frame(&mut frame, 2, &bomb);
-    frame[0] |= 0x40; // RSV1: compressed
+    let mut one = Vec::with_capacity(bomb.len() + 14);
+    masked_frame(&mut one, 2, &bomb);
+    one[0] |= 0x40; // RSV1: compressed
+                    // `--messages N`: the same bomb N times on each connection.
+    let repeat = o.messages.unwrap_or(1).max(1);
+    d.set("messages_per_connection", repeat);
+    let frame = one.repeat(repeat);
     let mut offering = env.clone();
     offering.target.offer = Some("permessage-deflate");
     let opened = open_many(&offering, n, true, 0)?;
@@ -1438,7 +1677,7 @@ fn deflate_bomb(env: &Env, o: &Opts) -> Outcome {
     let mut conns = opened.streams;
     let probes = Prober::start(env);
     let t0 = Instant::now();
-    let deadline = t0 + PHASE_LIMIT;
+    let deadline = t0 + o.duration.unwrap_or(PHASE_LIMIT).min(PHASE_LIMIT);
     let mut off = vec![0usize; conns.len()];
     let mut got: Vec<Vec<u8>> = vec![Vec::new(); conns.len()];
     let mut ended = vec![false; conns.len()];

@@ -16,6 +16,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
@@ -253,4 +254,250 @@ fn rustls_server_config(c: &certs::TestCerts) -> Arc<rustls::ServerConfig> {
             .with_single_cert(chain, key)
             .unwrap(),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers holding partial TLS records under a small `--max-memory`
+
+const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+type TlsPeer = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A rustls client configuration trusting the test CA.
+fn trusting_rustls(c: &certs::TestCerts) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&c.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A `wss://` connection past its upgrade (blocking, with a 10 s timeout on each read).
+fn upgraded_tls(addr: std::net::SocketAddr, cfg: &Arc<rustls::ClientConfig>) -> TlsPeer {
+    use std::io::{Read, Write};
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::clone(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.write_all(UPGRADE).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("the upgrade's answer");
+        assert!(n > 0, "closed before the upgrade's answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    s
+}
+
+/// A masked binary frame of `payload`.
+fn masked_binary(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x82, 0x80 | 127];
+    f.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// The first whole server frame in `buf`: opcode and payload.
+fn server_frame(buf: &[u8]) -> Option<(u8, &[u8])> {
+    let (len, at) = match *buf.get(1)? {
+        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize, 10),
+        n => (n as usize, 2),
+    };
+    Some((buf[0] & 0x0f, buf.get(at..at + len)?))
+}
+
+/// Reads what has arrived on a non-blocking TLS peer into `got`; true once the stream ended
+/// (cleanly or not).
+fn read_available(p: &mut TlsPeer, got: &mut Vec<u8>) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match p.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// What a legitimate client sending one large message saw: its echo, or a close with a code.
+fn send_and_wait(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>, size: usize) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = upgraded_tls(addr, &cfg);
+    let payload = vec![0x5a; size];
+    s.write_all(&masked_binary(&payload))
+        .map_err(|e| format!("write: {e}"))?;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((op, p)) = server_frame(&got) {
+            return match op {
+                2 if p == &payload[..] => Ok("echo".into()),
+                8 if p.len() >= 2 => Ok(format!("close {}", u16::from_be_bytes([p[0], p[1]]))),
+                op => Err(format!("opcode {op}, {} bytes", p.len())),
+            };
+        }
+        if Instant::now() >= deadline {
+            return Err("no answer in 20 s".into());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Err("the stream ended without an answer".into()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e} ({:?})", e.kind())),
+        }
+    }
+}
+
+#[test]
+fn peers_holding_partial_tls_records_are_shed_with_1013() {
+    use std::io::Write;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // 200 peers × 16.6 KB of unfinished records offered to a 2 MiB budget.
+    const ATTACKERS: usize = 200;
+    const RECORD: usize = 16_600;
+    let dir = common::target_dir().join(format!("tls-memory-shed-{}", std::process::id()));
+    let c = certs::make(&dir);
+    let server = common::spawn_server(&[
+        "--tls-cert",
+        c.cert.to_str().unwrap(),
+        "--tls-key",
+        c.key.to_str().unwrap(),
+        "--max-memory",
+        "2MiB",
+        "--stats",
+        "1s",
+    ]);
+    let cfg = trusting_rustls(&c);
+    let mut attackers: Vec<TlsPeer> = (0..ATTACKERS).map(|_| upgraded_tls(server.addr, &cfg)).collect();
+    // An application-data record announcing 16,600 bytes, all but its last 5 sent.
+    let mut part = vec![23, 3, 3, (RECORD >> 8) as u8, RECORD as u8];
+    part.resize(RECORD, 0x42);
+    for a in &mut attackers {
+        a.sock.write_all(&part).unwrap();
+        a.sock.set_nonblocking(true).unwrap();
+    }
+    // Legitimate clients meanwhile: each gets its echo or a 1013, never a reset.
+    thread::sleep(Duration::from_millis(300));
+    let legit: Vec<_> = (0..3)
+        .map(|_| {
+            let cfg = Arc::clone(&cfg);
+            let addr = server.addr;
+            thread::spawn(move || send_and_wait(addr, cfg, 256 << 10))
+        })
+        .collect();
+    let mut got = vec![Vec::new(); ATTACKERS];
+    let mut ended = [false; ATTACKERS];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let closes = loop {
+        for (i, a) in attackers.iter_mut().enumerate() {
+            if !ended[i] {
+                ended[i] = read_available(a, &mut got[i]);
+            }
+        }
+        let closes: Vec<u16> = got
+            .iter()
+            .filter_map(|g| match server_frame(g) {
+                Some((8, p)) if p.len() >= 2 => Some(u16::from_be_bytes([p[0], p[1]])),
+                _ => None,
+            })
+            .collect();
+        if closes.len() >= ATTACKERS / 10 || Instant::now() >= deadline {
+            break closes;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let seen: Vec<_> = legit.into_iter().map(|t| t.join().unwrap()).collect();
+    let shed = closes.iter().filter(|&&c| c == 1013).count();
+    println!(
+        "partial TLS records: {shed} of {ATTACKERS} attackers closed with 1013 ({} ended); legitimate clients: {seen:?}",
+        ended.iter().filter(|&&e| e).count()
+    );
+    assert!(
+        shed > 0,
+        "no attacker closed with 1013 (close codes: {closes:?}); server log:\n{}",
+        common::tail(&server.stderr(), 2000)
+    );
+    assert!(closes.iter().all(|&c| c == 1013), "other close codes: {closes:?}");
+    for s in &seen {
+        assert!(
+            matches!(s.as_deref(), Ok("echo" | "close 1013")),
+            "a legitimate client saw {s:?}"
+        );
+    }
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn memory_comes_back_after_tls_peers_leave() {
+    use std::io::Write;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const PEERS: usize = 500;
+    const RECORD: usize = 16_600;
+    // What may stay resident: lazily made state (the session cache, code first run under load)
+    // and the allocator's pages still partly in use; a heap never trimmed keeps about 10 MiB.
+    const SLACK_KIB: u64 = 4 << 10;
+    let dir = common::target_dir().join(format!("tls-memory-back-{}", std::process::id()));
+    let c = certs::make(&dir);
+    let server = common::spawn_server(&[
+        "--tls-cert",
+        c.cert.to_str().unwrap(),
+        "--tls-key",
+        c.key.to_str().unwrap(),
+        "--max-memory",
+        "256MiB",
+    ]);
+    let pid = server.pid();
+    let cfg = trusting_rustls(&c);
+    // Warm: a few sessions made and gone, so that what the first ones make for good is in.
+    drop((0..20).map(|_| upgraded_tls(server.addr, &cfg)).collect::<Vec<_>>());
+    thread::sleep(Duration::from_millis(1500));
+    let idle = rss_kib(pid);
+    let mut peers: Vec<TlsPeer> = (0..PEERS).map(|_| upgraded_tls(server.addr, &cfg)).collect();
+    let mut part = vec![23, 3, 3, (RECORD >> 8) as u8, RECORD as u8];
+    part.resize(RECORD, 0x42);
+    for p in &mut peers {
+        p.sock.write_all(&part).unwrap();
+    }
+    thread::sleep(Duration::from_millis(500));
+    let held = rss_kib(pid);
+    drop(peers);
+    let closed = Instant::now();
+    let mut now = rss_kib(pid);
+    while now > idle + SLACK_KIB && closed.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(100));
+        now = rss_kib(pid);
+    }
+    println!(
+        "{PEERS} wss:// peers holding partial records: RSS idle {idle} KiB, held {held} KiB, \
+         {now} KiB {:.1} s after they closed",
+        closed.elapsed().as_secs_f64()
+    );
+    assert!(held > idle + 6 * 1024, "the records were not held: {held} KiB");
+    assert!(
+        now <= idle + SLACK_KIB,
+        "RSS {now} KiB 5 s after the peers closed, idle {idle} KiB"
+    );
 }

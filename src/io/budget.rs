@@ -6,7 +6,9 @@
 //! queue with the queue's own entries and the capacity of what it owns, and each shared frame
 //! (a broadcast or publish) once, with its allocation, until the last queue lets go of it;
 //! and a TLS connection's buffers for a record received in part and ciphertext the socket did
-//! not take (counted where they change, in `io::tls`).
+//! not take (counted where they change, in `io::tls`; weighed with the connection's own when
+//! the engine picks whom to pause and close); and the part of a read a connection's turn
+//! ended before (it waits in the engine's ready list).
 //! What does not count, and makes the constant above the budget: the loop's read buffer, the
 //! one message being handed to the handler and the reply being built for it (both at most
 //! the message limit), the slab of idle connection slots, and the allocator's own overhead.

@@ -12,6 +12,13 @@
 //! sends to it) collects in one buffer and goes out in one write. Bytes the transport does not
 //! take wait in an [`Outbox`] that exists only while they wait; past
 //! [`Engine::max_backpressure`] the engine stops reading from that peer until its queue drains.
+//!
+//! On a server, one wakeup does a bounded amount of work for one connection ([`QUANTUM`]:
+//! messages handled, connections a broadcast looked at, bytes read, inflated and compressed).
+//! A connection whose work runs out with input left goes to the ready list, with the rest of
+//! its last read: epoll is edge-triggered and will not tell again, so the list is what brings it
+//! back. Its socket is not read until its turn there; the loop meanwhile polls without waiting,
+//! and serves accepts, handshakes, timers and every other connection before it.
 
 use std::io;
 use std::sync::Arc;
@@ -27,21 +34,24 @@ use crate::proto::{self, Connection, Event, Message, NotOpen, RandomSource, Role
 
 // Slot flags.
 /// Registered for WRITABLE.
-const WRITE_INTEREST: u8 = 1;
+const WRITE_INTEREST: u16 = 1;
 /// Registered without READABLE.
-const READ_OFF: u8 = 2;
+const READ_OFF: u16 = 2;
 /// Backpressure: not reading until the queue drains.
-const READ_PAUSED: u8 = 4;
+const READ_PAUSED: u16 = 4;
 /// Our FIN is sent.
-const SHUT_WR: u8 = 8;
+const SHUT_WR: u16 = 8;
 /// Removed at the end of this turn.
-const DEAD: u8 = 16;
+const DEAD: u16 = 16;
 /// The peer's FIN arrived; only writing goes on.
-const EOF: u8 = 32;
+const EOF: u16 = 32;
 /// The TCP connect is in progress.
-const CONNECTING: u8 = 64;
+const CONNECTING: u16 = 64;
 /// The memory budget is short and this connection holds more than its share: not reading.
-const MEM_PAUSED: u8 = 128;
+const MEM_PAUSED: u16 = 128;
+/// Its wakeup's work is used up with input left: it is in the ready list, and its socket is not
+/// read until its turn there comes.
+const READ_MORE: u16 = 256;
 
 /// One connection. Kept small: for the server this is what an idle connection costs.
 pub(crate) struct Slot<T, P> {
@@ -52,7 +62,7 @@ pub(crate) struct Slot<T, P> {
     pub(crate) gen: u32,
     /// The deadline queued for this slot (low 32 bits of the clock), 0 for none.
     armed: u32,
-    flags: u8,
+    flags: u16,
     /// The driver's per-connection data.
     pub(crate) data: P,
 }
@@ -73,6 +83,17 @@ impl<T, P> Slot<T, P> {
     #[inline]
     fn charge(&self) -> usize {
         self.conn.buffered_bytes() + self.out.as_ref().map_or(0, |o| o.charge())
+    }
+
+    /// What the budget weighs when it picks whom to pause and close: the charge and what the
+    /// transport holds for the peer (a TLS record received in part, ciphertext not yet sent),
+    /// which the transport counts against the budget itself.
+    #[inline]
+    fn weight(&self) -> usize
+    where
+        T: Transport,
+    {
+        self.charge() + self.stream.held()
     }
 
     /// Whether the connection is being removed.
@@ -150,6 +171,27 @@ const NONE: usize = usize::MAX;
 /// Unsent output buffers larger than this are not kept for reuse.
 const KEEP_BUFFER: usize = 64 << 10;
 
+/// A server connection's work per wakeup, in units: a message handled, a connection a
+/// broadcast or publish looked at, 256 bytes read, inflated or compressed (a broadcast to 100
+/// peers costs about 100; this many take about half a millisecond). Then the connection waits
+/// in the ready list while accepts, handshakes, timers and every other connection get their
+/// turn.
+pub(crate) const QUANTUM: usize = 8192;
+
+/// The work the ready list gets per loop turn, in quanta, before the loop looks at new events.
+const READY_PER_TURN: usize = 4;
+
+/// A connection whose wakeup's work ran out with input left: the bytes of its last read not yet
+/// handled (`buf[pos..]`, counted against the budget), and whether its peer's FIN (or an
+/// error) has been seen since.
+struct Ready {
+    key: usize,
+    gen: u32,
+    buf: Vec<u8>,
+    pos: usize,
+    hup: bool,
+}
+
 /// The connections of one loop and what they share.
 pub(crate) struct Engine<T, P, R> {
     pub(crate) poll: Poll,
@@ -184,6 +226,15 @@ pub(crate) struct Engine<T, P, R> {
     last_trim: u64,
     trim_armed: bool,
     stall_armed: bool,
+    /// Work done for the connection being served in this wakeup, against `quantum` (units of
+    /// [`QUANTUM`]); what the codec had inflated and compressed when it began.
+    pub(crate) work: usize,
+    codec_mark: u64,
+    /// The work one wakeup may do for one connection (`usize::MAX`: no bound, for the load
+    /// generator, whose connections are its own).
+    pub(crate) quantum: usize,
+    /// Connections with input left, in the order their work ran out.
+    ready: std::collections::VecDeque<Ready>,
     /// permessage-deflate for every connection of the loop: it allocates only once a message
     /// is compressed or inflated, and no connection holds compression state between messages.
     #[cfg(feature = "deflate")]
@@ -224,6 +275,10 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             scratch: Vec::new(),
             dead: Vec::new(),
             next_gen: 1,
+            work: 0,
+            codec_mark: 0,
+            quantum: usize::MAX,
+            ready: std::collections::VecDeque::new(),
             #[cfg(feature = "deflate")]
             codec: proto::deflate::Codec::default(),
         }
@@ -245,7 +300,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         self.slots.get(key).is_some_and(|s| s.gen == gen && !s.is_dead())
     }
 
-    fn add(&mut self, mut stream: T, conn: Connection, data: P, flags: u8) -> io::Result<usize> {
+    fn add(&mut self, mut stream: T, conn: Connection, data: P, flags: u16) -> io::Result<usize> {
         let gen = self.next_gen;
         // 24 bits: the rest of a `ConnId` names the loop.
         self.next_gen = self.next_gen % 0xFF_FFFF + 1;
@@ -326,12 +381,22 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             let hup = ev.is_read_closed() || ev.is_error();
             let slot = &mut self.slots[key];
-            if hup && slot.flags & MEM_PAUSED != 0 {
+            if slot.flags & READ_MORE != 0 {
+                // Its turn in the ready list comes; that no later event will tell of the FIN
+                // is remembered there.
+                if hup {
+                    let gen = slot.gen;
+                    if let Some(r) = self.ready.iter_mut().find(|r| r.key == key && r.gen == gen) {
+                        r.hup = true;
+                    }
+                }
+            } else if hup && slot.flags & MEM_PAUSED != 0 {
                 // The peer left while the budget kept us from reading its unfinished message:
                 // nothing it sent can be used any more.
                 slot.conn.set_closed(self.now);
                 self.kill(key, Cause::Eof);
             } else {
+                self.begin_work();
                 self.on_readable(d, key, hup, rbuf, &mut before);
                 // A TLS handshake that completed while reading lets queued data out.
                 // (Plain TCP answers false at once.)
@@ -348,7 +413,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             && !self.timed_open
             && slot.conn.is_open()
             && slot.charge() == before
-            && !slot.stream.wants_write()
+            && slot.stream.held() == 0
         {
             return; // the common case after a read: nothing to charge, nothing to change
         }
@@ -363,25 +428,33 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     fn account(&mut self, key: usize, before: usize) {
         let slot = &self.slots[key];
         let now = slot.charge();
-        if now == before {
-            return;
+        if now != before {
+            self.charge_changed(key, before, now);
+        } else if slot.stream.held() > 0 {
+            // What the transport holds counts by itself, and may have grown.
+            self.weigh(key);
         }
-        self.charge_changed(key, before, now);
     }
 
     fn charge_changed(&mut self, key: usize, before: usize, now: usize) {
-        let slot = &self.slots[key];
         if now < before {
             self.budget.sub(before - now);
             self.freed += before - now;
             return;
         }
         self.budget.add(now - before);
+        self.weigh(key);
+    }
+
+    /// Applies the budget to connection `key`: holding more than its share while memory is
+    /// short, it stops being read; past the limit it is closed.
+    fn weigh(&mut self, key: usize) {
+        let slot = &self.slots[key];
         let used = self.budget.used();
         if used <= self.budget.soft() || slot.flags & DEAD != 0 {
             return;
         }
-        if now <= self.share() {
+        if slot.weight() <= self.share() {
             return;
         }
         let gen = slot.gen;
@@ -411,6 +484,12 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             let _ = self.close(key, SHED_CODE, "server short of memory");
             if failed {
                 d.on_shed(self, key);
+            }
+            // A TLS record received in part goes too: what the peer sends from now on is read
+            // and dropped (it cannot be decrypted without that record) until it closes or the
+            // close times out. One still in its handshake cannot be told why: it goes now.
+            if self.slots[key].stream.discard_input() && !failed {
+                self.kill(key, Cause::Dropped);
             }
             self.settle(key);
         }
@@ -455,6 +534,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// Gives freed memory back to the operating system after a burst (at most once a second,
     /// and only when at least 1 MiB was freed): the allocator would otherwise keep it.
     fn maybe_trim(&mut self) {
+        self.freed += T::take_freed();
         if self.freed < 1 << 20 || self.trim_armed {
             return;
         }
@@ -492,18 +572,25 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         before: &mut usize,
     ) {
         loop {
-            let (cap, over) = self.read_cap(rbuf.len());
+            let (cap, over) = self.read_cap(rbuf.len(), self.slots[key].stream.min_read());
             let slot = &mut self.slots[key];
-            if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED) != 0 {
+            if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE) != 0 {
                 return;
             }
-            if over && slot.conn.is_open() && slot.conn.buffered_bytes() > 0 {
+            if self.spent() >= self.quantum {
+                // Everyone else's turn first; this socket is read again from the ready list.
+                self.defer(key, hup, Vec::new(), 0);
+                return;
+            }
+            let slot = &mut self.slots[key];
+            let held = slot.stream.held();
+            if over && (slot.conn.is_open() && slot.conn.buffered_bytes() > 0 || held > 0) {
                 // Past the budget a read could still grow this connection's partial message
-                // (doubling its buffer): every connection of a turn doing so would overrun the
-                // budget by their sum before any is closed. One holding more than its share
-                // is closed, as `account` would have.
-                let (charge, gen) = (slot.charge(), slot.gen);
-                if !hup && charge > self.share() {
+                // (doubling its buffer) or the TLS record it is receiving: every connection of
+                // a turn doing so would overrun the budget by their sum before any is closed.
+                // One holding more than its share is closed, as `weigh` would have.
+                let (weight, gen) = (slot.charge() + held, slot.gen);
+                if !hup && weight > self.share() {
                     self.shed.push((key, gen));
                 } else {
                     self.mem_pause_or_drop(key, hup);
@@ -528,7 +615,13 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             // A read that did not fill the buffer took everything, where the transport says so:
             // skip the read that would only return WouldBlock (one system call per message).
             let drained = n < cap && !hup && slot.stream.short_read_drains();
-            self.process(d, key, &mut rbuf[..n]);
+            self.work += 1 + n / 256;
+            let done = self.process(d, key, &mut rbuf[..n]);
+            if done < n {
+                // The work ran out in the middle of this read: the rest waits its turn.
+                self.defer(key, hup, rbuf[done..n].to_vec(), 0);
+                return;
+            }
             if drained {
                 return; // charged by the caller
             }
@@ -575,13 +668,13 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// short (never under 256 bytes, so that small messages still flow), which bounds how
     /// far the connections read in one turn can overshoot it; and whether the budget is
     /// overrun already.
-    fn read_cap(&self, len: usize) -> (usize, bool) {
+    fn read_cap(&self, len: usize, min: usize) -> (usize, bool) {
         let used = self.budget.used();
         if used <= self.budget.soft() {
             return (len, false);
         }
         let limit = self.budget.limit();
-        ((limit.saturating_sub(used) / 8).clamp(256, len), used > limit)
+        ((limit.saturating_sub(used) / 8).clamp(min.max(256), len), used > limit)
     }
 
     /// The peer ended its side. What is queued for it still goes out (bounded by the close
@@ -608,8 +701,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         }
     }
 
-    /// Feeds received bytes to the connection and its events to the driver.
-    pub(crate) fn process<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, data: &mut [u8]) {
+    /// Feeds received bytes to the connection and its events to the driver, until they are
+    /// used up or the wakeup's work is (see [`QUANTUM`]). Returns the bytes used.
+    pub(crate) fn process<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, data: &mut [u8]) -> usize {
         self.corked = key;
         let mut pos = 0;
         while pos < data.len() {
@@ -634,13 +728,24 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 Ok((used, ev)) => {
                     pos += used;
                     match ev {
-                        Some(ev) => d.on_event(self, key, ev),
-                        None if used == 0 => break,
+                        Some(ev) => {
+                            d.on_event(self, key, ev);
+                            self.work += 1;
+                            if pos < data.len() && self.spent() >= self.quantum {
+                                break;
+                            }
+                        }
+                        None if used == 0 => {
+                            // Waiting for the driver's answer: the rest is not this wakeup's.
+                            pos = data.len();
+                            break;
+                        }
                         None => {}
                     }
                 }
                 Err(e) => {
                     d.on_error(self, key, &e);
+                    pos = data.len();
                     break;
                 }
             }
@@ -651,6 +756,106 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             self.freed = self.freed.saturating_add(self.codec.take_released());
         }
         self.uncork();
+        pos
+    }
+
+    /// Starts counting a connection's work for this wakeup.
+    #[inline]
+    fn begin_work(&mut self) {
+        self.work = 0;
+        #[cfg(feature = "deflate")]
+        {
+            let s = self.codec.stats();
+            self.codec_mark = s.inflated_out + s.compressed_in;
+        }
+    }
+
+    /// The work done for the connection being served, with what the codec inflated and
+    /// compressed for it.
+    #[inline]
+    fn spent(&self) -> usize {
+        #[cfg(feature = "deflate")]
+        {
+            let s = self.codec.stats();
+            let coded = (s.inflated_out + s.compressed_in).saturating_sub(self.codec_mark);
+            self.work
+                .saturating_add(usize::try_from(coded / 256).unwrap_or(usize::MAX))
+        }
+        #[cfg(not(feature = "deflate"))]
+        self.work
+    }
+
+    /// Puts connection `key` in the ready list with `buf[pos..]` still to handle: it is not
+    /// read again until its turn there.
+    fn defer(&mut self, key: usize, hup: bool, buf: Vec<u8>, pos: usize) {
+        let slot = &mut self.slots[key];
+        slot.flags |= READ_MORE;
+        self.budget.add(buf.capacity());
+        self.ready.push_back(Ready {
+            key,
+            gen: slot.gen,
+            buf,
+            pos,
+            hup,
+        });
+    }
+
+    /// Whether connections wait in the ready list (the loop then polls without waiting).
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Gives connections in the ready list, in order, their next wakeup's work: first the rest
+    /// of their last read, then their socket. It stops after [`READY_PER_TURN`] quanta of work
+    /// (one connection at least): one whose single message is a lot of work (a large one
+    /// inflated) then holds up one turn, not every turn's events by the number of such peers.
+    pub(crate) fn resume<D: Driver<T, P, R>>(&mut self, d: &mut D, rbuf: &mut [u8]) {
+        let mut turn = 0usize;
+        for _ in 0..self.ready.len() {
+            if turn >= READY_PER_TURN.saturating_mul(self.quantum) {
+                break;
+            }
+            let Some(mut r) = self.ready.pop_front() else { break };
+            self.budget.sub(r.buf.capacity());
+            let key = r.key;
+            let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == r.gen) else {
+                continue;
+            };
+            slot.flags &= !READ_MORE;
+            if slot.flags & DEAD != 0 {
+                continue;
+            }
+            let mut before = slot.charge();
+            self.begin_work();
+            if r.pos < r.buf.len() {
+                let done = r.pos + self.process(d, key, &mut r.buf[r.pos..]);
+                if done < r.buf.len() && self.slots[key].flags & DEAD == 0 {
+                    r.pos = done;
+                    turn = turn.saturating_add(self.spent());
+                    self.defer(key, r.hup, r.buf, r.pos);
+                    self.account(key, before);
+                    self.settle(key);
+                    continue;
+                }
+            }
+            drop(r.buf);
+            let slot = &mut self.slots[key];
+            if r.hup && slot.flags & (MEM_PAUSED | DEAD) == MEM_PAUSED {
+                // As in `on_ready`: the peer left while the budget kept us from reading.
+                slot.conn.set_closed(self.now);
+                self.kill(key, Cause::Eof);
+            } else if slot.flags & DEAD == 0 {
+                self.on_readable(d, key, r.hup, rbuf, &mut before);
+                if let Some(slot) = self.slots.get_mut(key) {
+                    if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
+                        self.on_writable(key);
+                    }
+                }
+            }
+            turn = turn.saturating_add(self.spent());
+            self.account(key, before);
+            self.settle(key);
+        }
     }
 
     /// Writes what the corked connection produced, in one go.
@@ -853,6 +1058,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Removes the connections marked during this turn, telling the driver first.
     pub(crate) fn reap<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        if self.dead.is_empty() {
+            return;
+        }
         while let Some((key, cause)) = self.dead.pop() {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);
@@ -861,6 +1069,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             self.freed += held + std::mem::size_of::<Slot<T, P>>();
             let _ = self.poll.registry().deregister(&mut slot.stream);
         }
+        // What went with them (a TLS session and its buffers among it) is counted only now: a
+        // loop that has nothing more to do must still trim, or arm the timer that will.
+        self.maybe_trim();
     }
 
     /// Answers the request connection `key` handed out (see [`Connection::accept`]).
@@ -947,6 +1158,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             #[cfg(not(feature = "deflate"))]
             return slot.conn.send(msg, &mut self.rng, &mut self.cork);
         }
+        self.work += 1;
         let before = Some(slot.charge());
         self.scratch.clear();
         #[cfg(feature = "deflate")]

@@ -50,21 +50,24 @@ impl Side for UnbufferedClientConnection {
 
 // Session flags.
 /// Application data may be sent.
-const HANDSHAKE_DONE: u8 = 1;
+const HANDSHAKE_DONE: u16 = 1;
 /// The handshake completed since the last `take_write_ready`.
-const WRITE_READY: u8 = 2;
+const WRITE_READY: u16 = 2;
 /// The last socket read took everything the socket had.
-const DRAINED: u8 = 4;
+const DRAINED: u16 = 4;
 /// Our FIN goes out once the pending ciphertext is written.
-const FIN_PENDING: u8 = 8;
+const FIN_PENDING: u16 = 8;
 /// The peer sent close_notify or ended the TCP stream.
-const PEER_CLOSED: u8 = 16;
+const PEER_CLOSED: u16 = 16;
 /// The session failed; nothing more is read or written.
-const FAILED: u8 = 32;
+const FAILED: u16 = 32;
 /// Our close_notify is queued.
-const CLOSE_SENT: u8 = 64;
+const CLOSE_SENT: u16 = 64;
 /// Some bytes were received (a plain HTTP request is answered only as the first bytes).
-const SEEN_BYTES: u8 = 128;
+const SEEN_BYTES: u16 = 128;
+/// Received bytes are read and dropped: the budget closed the connection while a record was
+/// arriving, and nothing after that record can be decrypted.
+const DISCARDING: u16 = 256;
 
 /// What a TLS connection keeps between events.
 struct Session<S> {
@@ -76,7 +79,7 @@ struct Session<S> {
     /// What of the two buffers is counted against the server's memory budget (server
     /// sessions; a client's stays 0).
     charged: usize,
-    flags: u8,
+    flags: u16,
 }
 
 /// A TLS session over a non-blocking TCP socket (the client's and the load generator's).
@@ -131,6 +134,9 @@ fn invalid(why: &'static str) -> io::Error {
 const WRITE_BUDGET: usize = 64 << 10;
 /// What rustls adds to a record at most (header, nonce, tag, content type, padding margin).
 const RECORD_OVERHEAD: usize = 64;
+/// The smallest read buffer a TLS read works with: the longest record rustls accepts (16 KiB of
+/// plaintext, 2 KiB of expansion, the header) beside its plaintext, with room to spare.
+const MIN_READ: usize = 40 << 10;
 /// The scratch buffer is given back when a large write grew it past this.
 const KEEP_SCRATCH: usize = 256 << 10;
 
@@ -161,6 +167,20 @@ fn write_pending(tcp: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
         out.drain(..done);
     }
     Ok(())
+}
+
+/// Reads and drops what the socket has, until it has nothing more (`WouldBlock`) or it ends
+/// (`Ok(0)`): the peer's bytes leave the kernel, so that closing the socket later sends a FIN
+/// rather than a reset.
+fn discard(tcp: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match Read::read(tcp, buf) {
+            Ok(0) => return Ok(0),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Appends what an `EncodeTlsData` state holds (a handshake message or an alert) to `out`.
@@ -394,6 +414,9 @@ impl<S: Side> Tls<'_, S> {
             if flags & PEER_CLOSED != 0 {
                 return Ok(0);
             }
+            if flags & DISCARDING != 0 {
+                return discard(self.tcp, buf);
+            }
             // Ciphertext goes to the upper half, plaintext to the lower half.
             let (plain, inc) = buf.split_at_mut(buf.len() / 2);
             let kept = self.s.pending_in.len();
@@ -521,6 +544,18 @@ impl<S: Side> Tls<'_, S> {
         self.s.flags &= !WRITE_READY;
         ready
     }
+
+    /// Drops the record received in part, and from now on everything received (what follows
+    /// it cannot be decrypted without it); writing goes on. Returns whether a record was
+    /// arriving.
+    fn discard_input(&mut self) -> bool {
+        let held = !self.s.pending_in.is_empty();
+        if held {
+            self.s.pending_in = Vec::new();
+            self.s.flags |= DISCARDING;
+        }
+        held
+    }
 }
 
 impl<S: Side> Transport for TlsStream<S> {
@@ -548,6 +583,15 @@ impl<S: Side> Transport for TlsStream<S> {
     fn tcp(&self) -> &TcpStream {
         &self.tcp
     }
+    fn held(&self) -> usize {
+        self.s.held()
+    }
+    fn min_read(&self) -> usize {
+        MIN_READ
+    }
+    fn discard_input(&mut self) -> bool {
+        self.tls().discard_input()
+    }
 }
 
 /// A server connection's stream: TCP, and the TLS session kept beside it while the loop serves
@@ -567,11 +611,21 @@ thread_local! {
     static SESSIONS: RefCell<Vec<Option<Box<ServerSession>>>> = const { RefCell::new(Vec::new()) };
     /// The server's memory budget, which the sessions' buffers count against.
     static BUDGET: RefCell<Option<Arc<Budget>>> = const { RefCell::new(None) };
+    /// Memory the sessions of this thread freed since the loop last asked (a trim's trigger).
+    static FREED: Cell<usize> = const { Cell::new(0) };
 }
+
+/// What a server session costs besides its buffers: the box, and rustls's own allocations
+/// after a handshake (certificate-free state, keys, the transcript's remains; under 4 KiB in
+/// tests/tls_memory.rs), taken here as 2 KiB. Only the trim's trigger uses it.
+const SESSION_FOOTPRINT: usize = std::mem::size_of::<ServerSession>() + (2 << 10);
 
 /// Brings the budget up to date with what `s`'s buffers hold now.
 fn recharge(s: &mut ServerSession) {
     let held = s.held();
+    if held < s.charged {
+        FREED.set(FREED.get() + (s.charged - held));
+    }
     if held != s.charged {
         BUDGET.with_borrow(|b| {
             if let Some(b) = b {
@@ -661,6 +715,7 @@ impl Drop for ServerStream {
                     s.pending_in = Vec::new();
                     s.pending_out = Vec::new();
                     recharge(&mut s);
+                    FREED.set(FREED.get() + SESSION_FOOTPRINT);
                 }
             });
         }
@@ -762,6 +817,25 @@ impl Transport for ServerStream {
     #[inline]
     fn take_write_ready(&mut self) -> bool {
         SERVING.get() && self.with_tls(|t| t.take_write_ready()).unwrap_or(false)
+    }
+    #[inline]
+    fn held(&self) -> usize {
+        if SERVING.get() {
+            return self.session(|s| s.held()).unwrap_or(0);
+        }
+        0
+    }
+    fn min_read(&self) -> usize {
+        if SERVING.get() {
+            return MIN_READ;
+        }
+        0
+    }
+    fn discard_input(&mut self) -> bool {
+        SERVING.get() && self.with_tls(|t| t.discard_input()).unwrap_or(false)
+    }
+    fn take_freed() -> usize {
+        FREED.try_with(|f| f.replace(0)).unwrap_or(0)
     }
 }
 

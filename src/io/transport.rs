@@ -42,6 +42,32 @@ pub(crate) trait Transport: mio::event::Source {
     fn take_write_ready(&mut self) -> bool {
         false
     }
+    /// Memory the transport holds for this peer and the peer can fill (a TLS record received in
+    /// part, ciphertext the socket did not take): what the memory budget weighs beside the
+    /// connection's own buffers when it picks whom to pause and close.
+    fn held(&self) -> usize {
+        0
+    }
+    /// The smallest buffer a read can work with (a TLS record must fit, decrypted beside its
+    /// ciphertext), however short the memory budget runs.
+    fn min_read(&self) -> usize {
+        0
+    }
+    /// Drops received bytes the transport holds and reads nothing more: the end of the input.
+    /// Returns whether it held any (a TLS record received in part, which no later read can
+    /// make sense of without). Called when the budget closes the connection.
+    fn discard_input(&mut self) -> bool {
+        false
+    }
+    /// Memory this thread's transports have freed since the last call (TLS sessions and their
+    /// buffers, which the engine does not see go): part of what decides when the heap is
+    /// trimmed.
+    fn take_freed() -> usize
+    where
+        Self: Sized,
+    {
+        0
+    }
 }
 
 impl Transport for TcpStream {

@@ -508,6 +508,8 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
+        // Each connection looked at is work for the sender's wakeup (see `io::engine::QUANTUM`).
+        self.eng.work += self.eng.slots.len();
         sent
     }
 
@@ -596,6 +598,7 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
+        self.eng.work += i;
         sent
     }
 

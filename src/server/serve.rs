@@ -49,6 +49,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
     {
         eng.codec = crate::proto::deflate::Codec::new(&cfg.deflate);
     }
+    eng.quantum = crate::io::engine::QUANTUM;
     let mut srv = Srv {
         handler,
         shared: Shared::new(&cfg, lp as u8, handle),
@@ -74,12 +75,19 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         if let Some(d) = srv.shutdown_deadline {
             deadline = Some(deadline.map_or(d, |t| t.min(d)));
         }
-        match eng.poll.poll(&mut events, poll_timeout(now, deadline)) {
+        // Connections with input left (their work ran out) go on after a look at what is new.
+        let timeout = if eng.has_ready() {
+            Some(std::time::Duration::ZERO)
+        } else {
+            poll_timeout(now, deadline)
+        };
+        match eng.poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
         eng.tick();
+        eng.resume(&mut srv, &mut rbuf);
         for ev in events.iter() {
             match ev.token() {
                 LISTENER => srv.accept_all(&mut eng),
