@@ -796,3 +796,82 @@ fn sigint_after_run_terminates() {
     let status = signal_after_run("sigint_after_run_terminates", libc::SIGINT);
     assert_eq!(status.signal(), Some(libc::SIGINT), "{status}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fairness towards commands from other threads
+
+/// Opens a WebSocket on a raw socket and returns it once the `101` has arrived; it is never
+/// read again.
+fn silent_peer(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(upgrade_request("/", "").as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the upgrade's answer ended early");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+#[test]
+fn a_flood_of_broadcasts_from_a_handle_leaves_room_for_a_fresh_client() {
+    // A handle's broadcasts wait in the loop's inbox, up to 1,024 of them, each for every peer:
+    // run in one go, a full inbox to 1,500 peers would hold the loop for seconds. The loop
+    // runs a bounded share of them per turn, so a fresh client is served in between.
+    const PEERS: usize = 1500;
+    const FRESH: usize = 20;
+    const BOUND: Duration = Duration::from_millis(750);
+    let mut cfg = ServerConfig::default();
+    cfg.slow_consumer = wsloop::server::SlowConsumer::Drop;
+    let server = Running::start(cfg, wsloop::server::Echo);
+    let peers: Vec<TcpStream> = (0..PEERS).map(|_| silent_peer(server.addr)).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = Arc::clone(&stop);
+    let handle = server.handle.clone();
+    let flooder = thread::spawn(move || {
+        let (mut sent, deadline) = (0u64, Instant::now() + Duration::from_secs(60));
+        while !flooding.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            match handle.broadcast_text("") {
+                Ok(()) => sent += 1,
+                Err(HandleError::Busy) => thread::sleep(Duration::from_micros(100)),
+                Err(e) => panic!("broadcast: {e}"),
+            }
+        }
+        sent
+    });
+    thread::sleep(Duration::from_millis(300));
+    let mut took = Vec::new();
+    for _ in 0..FRESH {
+        let t0 = Instant::now();
+        let mut ws = connect(server.addr, "/");
+        ws.send(TMessage::text("mine")).unwrap();
+        // The echo comes back between the broadcasts.
+        loop {
+            match ws.read().expect("the fresh client's connection") {
+                TMessage::Text(t) if t.as_str() == "mine" => break,
+                _ => {}
+            }
+        }
+        took.push(t0.elapsed());
+        drop(ws);
+        thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flooder.join().unwrap();
+    drop(peers);
+    took.sort();
+    let worst = *took.last().unwrap();
+    eprintln!(
+        "{sent} broadcasts from a handle to {PEERS} peers: fresh client connect + upgrade + echo \
+         median {:?}, worst {worst:?}",
+        took[took.len() / 2]
+    );
+    assert!(sent > 1024, "the flood sent only {sent} broadcasts");
+    assert!(
+        worst < BOUND,
+        "a fresh client waited {worst:?} for the handle's broadcasts"
+    );
+}

@@ -5,8 +5,11 @@
 //! A worker whose loop is stuck (stopped, deadlocked, in an endless callback) still gets its
 //! share of new connections from the kernel, and they would wait forever. So every loop of a
 //! worker beats (bumps a counter in memory shared with the parent) every [`HEARTBEAT`] from
-//! a timer of its own, and the parent kills a worker with a loop silent for [`SILENCE`]
-//! (SIGKILL: a stopped process acts on no other signal) and starts a new one.
+//! a timer of its own, and the parent kills a worker with a loop silent for [`SILENCE`] that
+//! has used no CPU meanwhile (stopped, deadlocked), or silent for [`BUSY_SILENCE`] whatever it
+//! does (an endless callback), with SIGKILL (a stopped process acts on no other signal), and
+//! starts a new one. A worker that is only slow (overloaded, or short of CPU on a busy
+//! machine) keeps its connections.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -25,9 +28,13 @@ pub const MAX_PROCESSES: usize = 1000;
 /// How often each loop of a worker beats.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// How long a loop may go without a beat before its worker counts as hung (three beats missed:
-/// a busy loop still runs its timers every turn, a loop stuck this long serves nobody).
+/// How long a loop may go without a beat before its worker counts as hung, when the worker has
+/// used no CPU meanwhile (three beats missed: stopped or deadlocked).
 const SILENCE: Duration = Duration::from_secs(3);
+
+/// How long a loop may go without a beat while its worker still uses CPU: killing a worker
+/// that is only slow would drop every connection it holds, so it gets longer.
+const BUSY_SILENCE: Duration = Duration::from_secs(10);
 
 /// A loop's heartbeat: a counter in memory shared with the parent.
 #[derive(Clone, Copy)]
@@ -103,6 +110,8 @@ struct Slot {
     start_at: Option<u64>,
     /// Per loop: the count last read and when it changed.
     beats: Vec<(u32, u64)>,
+    /// The worker's CPU time last read, and when it changed.
+    cpu: (Option<Duration>, u64),
     /// Killed as hung, not reaped yet.
     hung: bool,
 }
@@ -158,6 +167,7 @@ pub fn supervise(
             backoff: 100,
             start_at: Some(0),
             beats: Vec::new(),
+            cpu: (None, 0),
             hung: false,
         })
         .collect();
@@ -187,6 +197,7 @@ pub fn supervise(
                         backoff: slot.backoff,
                         start_at: None,
                         beats: vec![(0, now); threads],
+                        cpu: (None, now),
                         hung: false,
                     };
                 }
@@ -228,15 +239,25 @@ pub fn supervise(
                     continue;
                 };
                 let own_beats = &beats[i * threads..(i + 1) * threads];
-                if let Some(silent) = silent_loop(&mut slot.beats, own_beats, now) {
+                let cpu = wsloop::sys::read_cpu(pid as u32);
+                if cpu != slot.cpu.0 {
+                    slot.cpu = (cpu, now);
+                }
+                let idle_for = now.saturating_sub(slot.cpu.1);
+                if let Some((silent, quiet)) = silent_loop(&mut slot.beats, own_beats, now) {
+                    if !hung(quiet, idle_for) {
+                        continue;
+                    }
+                    let busy = idle_for < SILENCE.as_millis() as u64;
                     slot.hung = true;
+                    let what = if busy { "while using CPU" } else { "and no CPU used" };
                     say(
                         log::Level::Warn,
                         format_args!(
                             "worker {} (pid {pid}) stopped answering: no heartbeat from loop {silent} \
-                             for {} s; killing it",
+                             for {} s {what}; killing it",
                             i + 1,
-                            SILENCE.as_secs()
+                            quiet / 1000
                         ),
                     );
                     procs::kill(pid, SIGKILL);
@@ -298,17 +319,30 @@ pub fn supervise(
     }
 }
 
+/// Whether a worker with a loop silent for `quiet` ms, whose CPU time last moved `idle_for` ms
+/// ago, is hung: silent for [`SILENCE`] with no CPU used meanwhile (stopped, deadlocked), or
+/// silent for [`BUSY_SILENCE`] whatever it does (an endless callback). A worker silent but
+/// working is slow, not hung: killing it would drop every connection it holds.
+fn hung(quiet: u64, idle_for: u64) -> bool {
+    let silence = SILENCE.as_millis() as u64;
+    (quiet >= silence && idle_for >= silence) || quiet >= BUSY_SILENCE.as_millis() as u64
+}
+
 /// Reads a worker's heartbeats into `seen` (per loop: the count and when it changed); the
-/// first loop silent for [`SILENCE`] since it started beating. A loop that has not beaten yet
-/// is still starting (its server binds, loads certificates) and is not judged.
-fn silent_loop(seen: &mut [(u32, u64)], beats: &[AtomicU32], now: u64) -> Option<usize> {
-    let mut silent = None;
+/// loop silent longest, if one has been silent for [`SILENCE`] since it started beating, and
+/// for how long (ms). A loop that has not beaten yet is still starting (its server binds,
+/// loads certificates) and is not judged.
+fn silent_loop(seen: &mut [(u32, u64)], beats: &[AtomicU32], now: u64) -> Option<(usize, u64)> {
+    let mut silent: Option<(usize, u64)> = None;
     for (lp, ((count, changed), beat)) in seen.iter_mut().zip(beats).enumerate() {
         let n = beat.load(Ordering::Relaxed);
         if n != *count {
             (*count, *changed) = (n, now);
-        } else if n != 0 && now.saturating_sub(*changed) >= SILENCE.as_millis() as u64 {
-            silent = silent.or(Some(lp));
+        } else if n != 0 {
+            let quiet = now.saturating_sub(*changed);
+            if quiet >= SILENCE.as_millis() as u64 && silent.is_none_or(|(_, q)| quiet > q) {
+                silent = Some((lp, quiet));
+            }
         }
     }
     silent
@@ -375,13 +409,26 @@ mod tests {
         for t in 1..=3 {
             Heartbeat(&beats[0]).beat();
             let now = 10 * silence + t * silence / 3;
-            let want = (t == 3).then_some(1);
+            let want = (t == 3).then_some((1, silence));
             assert_eq!(silent_loop(&mut seen, beats, now), want, "after {t}/3 of the silence");
         }
         // A beat after a wrap of the count is still a beat, and never reads as "not started".
         beats[1].store(u32::MAX, Ordering::Relaxed);
         Heartbeat(&beats[1]).beat();
         assert_eq!(beats[1].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_silent_worker_that_still_works_is_slow_not_hung_until_the_busy_bound() {
+        let (silence, busy) = (SILENCE.as_millis() as u64, BUSY_SILENCE.as_millis() as u64);
+        // Stopped or deadlocked: silent and no CPU used for the silence.
+        assert!(hung(silence, silence));
+        assert!(!hung(silence - 1, silence));
+        // Overloaded or short of CPU: silent, but its CPU time moved within the silence.
+        assert!(!hung(silence, 0));
+        assert!(!hung(busy - 1, silence - 1));
+        // An endless callback uses CPU too, so past the longer bound it is hung all the same.
+        assert!(hung(busy, 0));
     }
 
     #[test]

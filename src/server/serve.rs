@@ -59,6 +59,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         spare_fd: File::open("/dev/null").ok(),
         shutdown_deadline: None,
         commands: VecDeque::new(),
+        commands_pending: false,
         cfg,
     };
     let mut events = Events::with_capacity(1024);
@@ -76,7 +77,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
             deadline = Some(deadline.map_or(d, |t| t.min(d)));
         }
         // Connections with input left (their work ran out) go on after a look at what is new.
-        let timeout = if eng.has_ready() {
+        let timeout = if eng.has_ready() || srv.commands_pending {
             Some(std::time::Duration::ZERO)
         } else {
             poll_timeout(now, deadline)
@@ -88,10 +89,12 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         }
         eng.tick();
         eng.resume(&mut srv, &mut rbuf);
+        let mut commands_ran = false;
         for ev in events.iter() {
             match ev.token() {
                 LISTENER => srv.accept_all(&mut eng),
                 WAKER => {
+                    commands_ran = true;
                     if srv.run_commands(&mut eng) {
                         return Ok(());
                     }
@@ -110,6 +113,10 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
                 }
                 Token(key) => eng.on_ready(&mut srv, key, ev, &mut rbuf),
             }
+        }
+        // Commands left by an earlier turn go on (no wakeup comes for them).
+        if srv.commands_pending && !commands_ran && srv.run_commands(&mut eng) {
+            return Ok(());
         }
         eng.fire_timers(&mut srv);
         eng.apply_budget(&mut srv);
@@ -151,9 +158,16 @@ pub(super) struct Srv<H: Handler> {
     pub(super) spare_fd: Option<File>,
     /// Shutdown started; ends at this time at the latest.
     pub(super) shutdown_deadline: Option<u64>,
-    /// Commands taken from the inbox (kept to reuse its allocation).
+    /// Commands taken from the inbox and not run yet (kept to reuse its allocation).
     pub(super) commands: VecDeque<Command>,
+    /// A turn ran out of work for commands: more wait here or in the inbox.
+    pub(super) commands_pending: bool,
 }
+
+/// Work one turn gives commands from handles and other loops (and instances): a command costs
+/// 1, plus 1 for each connection a broadcast or publish reached. A turn's share of a flood of
+/// broadcasts to 20,000 peers then takes tens of milliseconds.
+const COMMAND_WORK: usize = 4 * crate::io::engine::QUANTUM;
 
 impl<H: Handler> Srv<H> {
     fn ctx<'a>(&'a mut self, eng: &'a mut ServerEngine<H::State>) -> (&'a mut H, Ctx<'a, H::State>) {
@@ -290,33 +304,50 @@ impl<H: Handler> Srv<H> {
     /// Runs the commands in this loop's inbox; returns true when one says to stop at once.
     fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) -> bool {
         let lp = usize::from(self.shared.lp);
-        {
-            let inbox = &self.shared.handle.group.inboxes[lp];
-            let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::swap(&mut *q, &mut self.commands);
-        }
-        while let Some(c) = self.commands.pop_front() {
+        // Bounded like a connection's turn: a full inbox of broadcasts to every peer would
+        // otherwise hold the loop (accepts, timers, the worker's heartbeat) for seconds. What
+        // is left waits here, and the inbox is taken again only once it is done, so the two
+        // together stay within twice the inbox's bound.
+        let mut work = 0usize;
+        while work < COMMAND_WORK {
+            if self.commands.is_empty() {
+                let inbox = &self.shared.handle.group.inboxes[lp];
+                let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
+                std::mem::swap(&mut *q, &mut self.commands);
+            }
+            let Some(c) = self.commands.pop_front() else {
+                self.commands_pending = false;
+                return false;
+            };
             let (h, mut ctx) = self.ctx(eng);
-            match c {
-                Command::Frame { frame, topic, except } => {
-                    match topic {
-                        None => ctx.deliver(&frame, except, false),
-                        Some(t) => ctx.publish_here(&t, &frame, except),
-                    };
-                }
+            work += 1 + match c {
+                Command::Frame { frame, topic, except } => match topic {
+                    None => ctx.deliver(&frame, except, false),
+                    Some(t) => ctx.publish_here(&t, &frame, except),
+                },
                 Command::Send(id, bytes, op) => {
                     if let Some(msg) = message(&bytes, op) {
                         ctx.send(id, msg);
                     }
+                    0
                 }
-                Command::Shutdown => self.begin_shutdown(eng),
+                Command::Shutdown => {
+                    self.begin_shutdown(eng);
+                    0
+                }
                 Command::Stop => {
                     self.commands.clear();
                     return true;
                 }
-                Command::Wake => h.on_wake(&mut ctx),
-            }
+                Command::Wake => {
+                    h.on_wake(&mut ctx);
+                    0
+                }
+            };
         }
+        // Out of work for this turn: the loop comes back without waiting for a wakeup (none
+        // comes while the inbox is not empty).
+        self.commands_pending = true;
         false
     }
 
