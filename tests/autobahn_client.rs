@@ -1,5 +1,6 @@
 //! Autobahn conformance of the client: kosoku is the fuzzing server and the driver in
-//! `examples/autobahn_client.rs` (compiled into this test, one copy of it) is the client.
+//! `examples/autobahn_client.rs` is the client: compiled into this test (one copy of it), or
+//! the prebuilt example `WSLOOP_AUTOBAHN_CLIENT` names (`.ci/run` names a release build).
 
 mod common;
 
@@ -25,7 +26,10 @@ fn autobahn_client_cases() {
     let outdir = common::target_dir().join("autobahn-reports").join("client");
     let mut server = kosoku.start_fuzzingserver(&outdir);
 
-    let driven = driver::run(&server.url(), AGENT, RUN_BUDGET);
+    let driven = match autobahn::prebuilt(autobahn::CLIENT_BIN_VAR) {
+        Some(binary) => autobahn::run_client_binary(&binary, &server.url(), AGENT, RUN_BUDGET),
+        None => driver::run(&server.url(), AGENT, RUN_BUDGET),
+    };
     let run = server.wait(Duration::from_secs(60));
     println!("autobahn client: kosoku ran {:.1?}", run.elapsed);
     let summary = driven.unwrap_or_else(|e| panic!("the client driver failed: {e}\n{}", run.describe()));

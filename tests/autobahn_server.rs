@@ -1,5 +1,6 @@
 //! Autobahn conformance of `wsloop serve --mode echo`, driven by kosoku: all 517 cases with the
-//! `deflate` feature (groups 12 and 13 are permessage-deflate), 301 without.
+//! `deflate` feature (groups 12 and 13 are permessage-deflate), 301 without. The server is the
+//! binary `WSLOOP_AUTOBAHN_SERVER` names when set (`.ci/run` names a release build).
 
 mod common;
 
@@ -10,7 +11,7 @@ fn autobahn_server_cases() {
     let Some(kosoku) = Kosoku::setup() else {
         return;
     };
-    let mut server = common::spawn_server(SERVER_ARGS);
+    let mut server = autobahn::spawn_server(SERVER_ARGS);
     let outdir = common::target_dir().join("autobahn-reports").join("server");
 
     let run = kosoku.run_fuzzingclient(autobahn::EXCLUDED_GROUPS, server.addr, &outdir, 4, SERVER_RUN_TIMEOUT);

@@ -5,6 +5,9 @@
 //! cases): the compression groups test the same code over plain TCP in tests/autobahn_server.rs,
 //! and over TLS would add minutes without reaching anything new in the transport.
 //!
+//! The server is the binary `WSLOOP_AUTOBAHN_SERVER` names when set, as in
+//! tests/autobahn_server.rs.
+//!
 //! Needs kosoku (a venv under the target directory, as tests/autobahn_server.rs) and nginx;
 //! a missing one skips loudly outside CI and fails under `CI=true`.
 
@@ -16,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use common::autobahn::{self, Kosoku, BASE_CASES, DEFLATE_GROUPS, SERVER_ARGS, SERVER_RUN_TIMEOUT};
-use common::{require_tool, spawn_server, tail, target_dir, Nginx, NGINX};
+use common::{require_tool, tail, target_dir, Nginx, NGINX};
 
 /// The configuration: a plain listener proxying WebSocket to `upstream` over TLS.
 fn conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
@@ -74,7 +77,7 @@ fn autobahn_server_cases_over_tls() {
         "--tls-key",
         c.key.to_str().unwrap(),
     ]);
-    let mut server = spawn_server(&args);
+    let mut server = autobahn::spawn_server(&args);
     let nginx = start_nginx(server.addr);
     let outdir = target_dir().join("autobahn-reports").join("server-tls");
     let run = kosoku.run_fuzzingclient(DEFLATE_GROUPS, nginx.addr, &outdir, 4, SERVER_RUN_TIMEOUT);

@@ -24,7 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::venv::{python_venv, venv_dir, venv_python};
-use super::{drain_lines, parse_listening_line, tail, wait_for_line};
+use super::{drain_lines, parse_listening_line, tail, wait_for_line, ServerProcess};
 
 /// The kosoku release the tests are written against.
 pub const KOSOKU_VERSION: &str = "0.1.0";
@@ -67,6 +67,75 @@ pub const SERVER_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 
 /// Verdicts accepted for both `behavior` and `behaviorClose`.
 pub const ACCEPTED: [&str; 2] = ["OK", "INFORMATIONAL"];
+
+/// Names a prebuilt `wsloop` binary for the server runs (tests/autobahn_server.rs,
+/// tests/autobahn_tls.rs); unset, they run the test build's own. `.ci/run` names a release
+/// build: the cases and verdicts are the same, and an unoptimised server makes the 216
+/// compression cases take several times longer.
+pub const SERVER_BIN_VAR: &str = "WSLOOP_AUTOBAHN_SERVER";
+
+/// Names a prebuilt `examples/autobahn_client` for tests/autobahn_client.rs; unset, the driver
+/// compiled into the test runs in-process. `.ci/run` names a release build, as for the server.
+pub const CLIENT_BIN_VAR: &str = "WSLOOP_AUTOBAHN_CLIENT";
+
+/// The binary the environment variable `var` names, `None` when it is unset or empty. Panics
+/// when it names no file: a mistyped path must not quietly test another binary.
+pub fn prebuilt(var: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os(var).filter(|v| !v.is_empty())?);
+    assert!(path.is_file(), "{var}={} is not a file", path.display());
+    println!("autobahn: {var}={}", path.display());
+    Some(path)
+}
+
+/// `wsloop serve --listen 127.0.0.1:0 ARGS...` for the server cases: the binary
+/// [`SERVER_BIN_VAR`] names, or the test build's own.
+pub fn spawn_server(args: &[&str]) -> ServerProcess {
+    match prebuilt(SERVER_BIN_VAR) {
+        Some(binary) => super::spawn_server_from(&binary, args),
+        None => super::spawn_server(args),
+    }
+}
+
+/// Runs a prebuilt `autobahn_client BASE AGENT` (see [`CLIENT_BIN_VAR`]) to the end, killing it
+/// after `timeout`. `Ok` holds the summary line it prints on success; `Err` says how it ended,
+/// with its output.
+pub fn run_client_binary(binary: &Path, base: &str, agent: &str, timeout: Duration) -> Result<String, String> {
+    let mut child = Command::new(binary)
+        .arg(base)
+        .arg(agent)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let t_out = drain_lines(child.stdout.take().expect("piped"), Arc::clone(&stdout), None);
+    let t_err = drain_lines(child.stderr.take().expect("piped"), Arc::clone(&stderr), None);
+    let (status, timed_out) = wait_with_timeout(&mut child, timeout);
+    let _ = t_out.join();
+    let _ = t_err.join();
+    let (out, err) = (snapshot(&stdout), snapshot(&stderr));
+    let ended = match status {
+        Some(status) if status.success() => {
+            return out
+                .lines()
+                .rev()
+                .find(|line| line.starts_with("autobahn_client: "))
+                .map(str::to_string)
+                .ok_or_else(|| format!("{} printed no summary line:\n{out}{err}", binary.display()));
+        }
+        Some(status) => format!("exited with {status}"),
+        None if timed_out => format!("was killed after {timeout:?}"),
+        None => "ended in an unknown way".to_string(),
+    };
+    Err(format!(
+        "{} {ended}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        binary.display(),
+        tail(&out, 8192),
+        tail(&err, 16384)
+    ))
+}
 
 /// The venv's directory name under the target directory.
 const VENV_NAME: &str = "autobahn-venv";
@@ -138,7 +207,7 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> (Option<ExitStatus
                 return (None, true);
             }
             Ok(None) => thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("cannot wait for kosoku: {e}"),
+            Err(e) => panic!("cannot wait for a child process: {e}"),
         }
     }
 }

@@ -144,7 +144,12 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
 /// `listening on 127.0.0.1:PORT` on stderr. Panics (with the stderr collected)
 /// if that line does not appear within 10 seconds.
 pub fn spawn_server(args: &[&str]) -> ServerProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsloop"));
+    spawn_server_from(std::path::Path::new(env!("CARGO_BIN_EXE_wsloop")), args)
+}
+
+/// [`spawn_server`] with another `wsloop` binary.
+pub fn spawn_server_from(binary: &std::path::Path, args: &[&str]) -> ServerProcess {
+    let mut cmd = Command::new(binary);
     cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
     spawn_listening(cmd)
 }
