@@ -165,9 +165,10 @@ pub(super) struct Srv<H: Handler> {
 }
 
 /// Work one turn gives commands from handles and other loops (and instances): a command costs
-/// 1, plus 1 for each connection a broadcast or publish reached. A turn's share of a flood of
-/// broadcasts to 20,000 peers then takes tens of milliseconds.
-const COMMAND_WORK: usize = 4 * crate::io::engine::QUANTUM;
+/// 1, plus 1 for each connection a broadcast or publish reached. A delivery that is written at
+/// once costs a system call (several microseconds on loopback, with the receiver's share), so
+/// a turn's share of a flood of broadcasts takes tens of milliseconds of CPU.
+const COMMAND_WORK: usize = crate::io::engine::QUANTUM;
 
 impl<H: Handler> Srv<H> {
     fn ctx<'a>(&'a mut self, eng: &'a mut ServerEngine<H::State>) -> (&'a mut H, Ctx<'a, H::State>) {
