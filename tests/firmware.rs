@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use common::{require_tool, runs_ok};
 
-/// libwebsockets' server-only build reports 11.5 KB of `.text` on ARM; the core stays under it.
-const TEXT_BUDGET: u64 = 11_500;
+/// libwebsockets' server-only build reports 11.5 KB of `.text` on ARM; the core stayed under it
+/// (11,444 B) until it refused upgrades that announce a body (request smuggling), which took
+/// 152 B more: the budget allows that check and no more.
+const TEXT_BUDGET: u64 = 11_600;
 
 /// What the image receives (firmware/echo/src/lib.rs `INPUT`): the upgrade request of RFC 6455
 /// §1.2 and the masked "Hello" text frame of §5.7.
