@@ -14,8 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer as Redis;
-use common::Tcp;
-use tungstenite::Message as WsMessage;
+use common::{next_text, send_text, Tcp};
 use wsloop::server::HandleError;
 use wsloop::server::{Broadcast, Timer};
 use wsloop::server::{ClusterConfig, ClusterState};
@@ -27,7 +26,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A silent instance leaves the counts after three heartbeats (1 s each by default).
 const LEAVE_BOUND: Duration = Duration::from_secs(8);
 
-type Client = tungstenite::WebSocket<Tcp>;
+type Client = common::WsClient;
 
 /// A redis-server of this test's own, or `None` (skipped loudly; a failure under CI=true).
 fn redis() -> Option<Redis> {
@@ -154,27 +153,6 @@ fn connect(addr: SocketAddr) -> Client {
     ws
 }
 
-fn send(ws: &mut Client, text: &str) {
-    ws.send(WsMessage::text(text)).expect("send");
-}
-
-/// The next text message within `wait`, or `None`.
-fn next_text(ws: &mut Client, wait: Duration) -> Option<String> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match ws.read() {
-            Ok(WsMessage::Text(t)) => return Some(t.to_string()),
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-            }
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-}
-
 fn expect_text(ws: &mut Client, what: &str) -> String {
     next_text(ws, WAIT).unwrap_or_else(|| panic!("no message within {WAIT:?}: expected {what}"))
 }
@@ -192,7 +170,7 @@ fn expect_silence(ws: &mut Client, who: &str) {
 fn check_broadcasts(clients: &mut [Client], senders: &[usize], per: usize, echo_self: bool) {
     for k in 0..per {
         for &s in senders {
-            send(&mut clients[s], &format!("m {s} {k}"));
+            send_text(&mut clients[s], &format!("m {s} {k}"));
         }
     }
     for (r, c) in clients.iter_mut().enumerate() {
@@ -297,14 +275,14 @@ fn topics_cross_instances_and_each_listens_only_while_it_has_subscribers() {
     let (mut b1, mut b2) = (connect(b.addr), connect(b.addr));
     assert_eq!(numsub(&redis, channel), 0);
     for c in [&mut b1, &mut b2] {
-        send(c, "/sub news");
+        send_text(c, "/sub news");
         assert_eq!(expect_text(c, "subscribed"), "sub news true");
     }
     // B listens once for both of its subscribers; A has none, so does not listen.
     wait_numsub(&redis, channel, 1);
     // From a handler on A, and (once that has arrived: the two race) from a handle on
     // another thread.
-    send(&mut a1, "/pub news from a handler");
+    send_text(&mut a1, "/pub news from a handler");
     for c in [&mut b1, &mut b2] {
         assert_eq!(expect_text(c, "the handler's publish"), "from a handler");
     }
@@ -317,27 +295,27 @@ fn topics_cross_instances_and_each_listens_only_while_it_has_subscribers() {
     }
     expect_silence(&mut a1, "the publisher, not subscribed");
     // A subscriber on A too: both instances listen, and a publish on B reaches A's.
-    send(&mut a1, "/sub news");
+    send_text(&mut a1, "/sub news");
     assert_eq!(expect_text(&mut a1, "subscribed"), "sub news true");
     wait_numsub(&redis, channel, 2);
-    send(&mut b1, "/pub news from b");
+    send_text(&mut b1, "/pub news from b");
     for c in [&mut a1, &mut b1, &mut b2] {
         assert_eq!(expect_text(c, "B's publish"), "from b");
     }
     // B stops listening when its last subscriber leaves, by unsubscribing or by closing.
-    send(&mut b1, "/unsub news");
+    send_text(&mut b1, "/unsub news");
     assert_eq!(expect_text(&mut b1, "unsubscribed"), "unsub news true");
     thread::sleep(Duration::from_millis(200));
     assert_eq!(numsub(&redis, channel), 2, "B keeps listening for b2");
     drop(b2);
     wait_numsub(&redis, channel, 1);
-    send(&mut a1, "/unsub news");
+    send_text(&mut a1, "/unsub news");
     assert_eq!(expect_text(&mut a1, "unsubscribed"), "unsub news true");
     wait_numsub(&redis, channel, 0);
     let channels = redis.command(&["PUBSUB", "CHANNELS", "wsloop:t:*"]);
     assert_eq!(channels, "", "no topic channel is listened to");
     // And nothing reaches a topic without subscribers.
-    send(&mut b1, "/pub news nobody");
+    send_text(&mut b1, "/pub news nobody");
     expect_silence(&mut a1, "a1, unsubscribed");
     expect_silence(&mut b1, "b1, unsubscribed");
 }
@@ -352,7 +330,7 @@ fn a_server_listens_to_a_topic_while_any_of_its_loops_has_a_subscriber() {
     let mut on: [Option<Client>; 2] = [None, None];
     for _ in 0..64 {
         let mut c = connect(a.addr);
-        send(&mut c, "/loop");
+        send_text(&mut c, "/loop");
         let lp: usize = expect_text(&mut c, "its loop")[5..].parse().unwrap();
         on[lp].get_or_insert(c);
         if on.iter().all(Option::is_some) {
@@ -364,21 +342,21 @@ fn a_server_listens_to_a_topic_while_any_of_its_loops_has_a_subscriber() {
     };
     let channel = "wsloop:t:news";
     for c in [&mut l0, &mut l1] {
-        send(c, "/sub news");
+        send_text(c, "/sub news");
         assert_eq!(expect_text(c, "subscribed"), "sub news true");
     }
     wait_numsub(&redis, channel, 1);
     let mut b1 = connect(b.addr);
-    send(&mut b1, "/pub news to both loops");
+    send_text(&mut b1, "/pub news to both loops");
     for c in [&mut l0, &mut l1] {
         assert_eq!(expect_text(c, "B's publish"), "to both loops");
     }
     // Loop 0 has no subscriber left, loop 1 still has one: A keeps listening.
-    send(&mut l0, "/unsub news");
+    send_text(&mut l0, "/unsub news");
     assert_eq!(expect_text(&mut l0, "unsubscribed"), "unsub news true");
     thread::sleep(Duration::from_millis(200));
     assert_eq!(numsub(&redis, channel), 1, "A still listens for loop 1's subscriber");
-    send(&mut b1, "/pub news to loop 1");
+    send_text(&mut b1, "/pub news to loop 1");
     assert_eq!(expect_text(&mut l1, "B's publish"), "to loop 1");
     expect_silence(&mut l0, "loop 0's client, unsubscribed");
     drop(l1);
@@ -440,14 +418,14 @@ fn a_connection_of_another_instance_is_reached_by_its_id() {
     assert_ne!(a.handle.instance(), 0);
     assert_ne!(a.handle.instance(), b.handle.instance());
     let (mut a1, mut b1) = (connect(a.addr), connect(b.addr));
-    send(&mut b1, "/id");
+    send_text(&mut b1, "/id");
     let id: u128 = expect_text(&mut b1, "its id")
         .strip_prefix("id ")
         .unwrap()
         .parse()
         .unwrap();
     assert_eq!(ConnId::from_u128(id).instance(), b.handle.instance());
-    send(&mut a1, &format!("/to {id} from a handler on A"));
+    send_text(&mut a1, &format!("/to {id} from a handler on A"));
     assert_eq!(expect_text(&mut a1, "queued"), "to true");
     assert_eq!(expect_text(&mut b1, "the message from A"), "from a handler on A");
     let h = a.handle.clone();
@@ -458,14 +436,14 @@ fn a_connection_of_another_instance_is_reached_by_its_id() {
     // Only that connection.
     expect_silence(&mut a1, "a1");
     let mut b2 = connect(b.addr);
-    send(&mut a1, &format!("/to {id} once more"));
+    send_text(&mut a1, &format!("/to {id} once more"));
     assert_eq!(expect_text(&mut b1, "the second message"), "once more");
     expect_silence(&mut b2, "b2");
 }
 
 /// `len_everywhere` as the handler sees it.
 fn count(c: &mut Client) -> usize {
-    send(c, "/count");
+    send_text(c, "/count");
     let t = expect_text(c, "the count");
     t.strip_prefix("count ").unwrap().parse().unwrap()
 }
@@ -617,7 +595,7 @@ fn prefixes_keep_clusters_on_one_redis_apart() {
         assert!(channels.lines().any(|l| l == c), "{c} not in {channels:?}");
     }
     let (mut a1, mut b1, mut s1) = (connect(a.addr), connect(b.addr), connect(server.addr));
-    send(&mut b1, "m 0 0");
+    send_text(&mut b1, "m 0 0");
     assert_eq!(expect_text(&mut b1, "its own message"), "m 0 0");
     assert_eq!(expect_text(&mut s1, "from the same prefix"), "m 0 0");
     expect_silence(&mut a1, "a client of the other prefix");

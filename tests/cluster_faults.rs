@@ -15,8 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::redis::{free_port, RedisServer as Redis};
-use common::{ServerProcess, Tcp};
-use tungstenite::Message as WsMessage;
+use common::{next_text, send_text, ServerProcess, Tcp};
 
 /// How soon a fresh client must have its handshake, and its own broadcast back, while Redis
 /// is stalled under a flood.
@@ -29,7 +28,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// backoff's cap), plus the setup and a heartbeat.
 const REJOIN: Duration = Duration::from_secs(8);
 
-type Client = tungstenite::WebSocket<Tcp>;
+type Client = common::WsClient;
 
 /// `wsloop serve --cluster URL --mode broadcast --stats 200ms ARGS`.
 fn serve(url: &str, args: &[&str]) -> ServerProcess {
@@ -161,27 +160,6 @@ fn connect_within(addr: SocketAddr, bound: Duration) -> Client {
     ws
 }
 
-fn send(ws: &mut Client, text: &str) {
-    ws.send(WsMessage::text(text)).expect("send");
-}
-
-/// The next text message within `wait`, or `None`.
-fn next_text(ws: &mut Client, wait: Duration) -> Option<String> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match ws.read() {
-            Ok(WsMessage::Text(t)) => return Some(t.to_string()),
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-            }
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-}
-
 /// Reads until the message `want` arrives (others skipped); whether it did within `wait`.
 fn wait_text(ws: &mut Client, want: &str, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
@@ -206,7 +184,7 @@ fn try_cross(from: &mut Client, to: &mut Client, tag: &str, within: Duration) ->
         // The sender reads too: a peer that leaves its own queue full is not read from.
         while next_text(from, Duration::ZERO).is_some() {}
         first_send.get_or_insert_with(Instant::now);
-        send(from, &format!("{tag} {n}"));
+        send_text(from, &format!("{tag} {n}"));
         n += 1;
         let round = Instant::now() + Duration::from_millis(200);
         while let Some(t) = next_text(to, round.saturating_duration_since(Instant::now())) {
@@ -234,7 +212,7 @@ fn cross(from: &mut Client, to: &mut Client, tag: &str, servers: &[&ServerProces
 
 /// Asserts that a broadcast of `from` reaches `from` itself and the other local `peer`.
 fn assert_local(from: &mut Client, peer: &mut Client, text: &str) {
-    send(from, text);
+    send_text(from, text);
     assert!(wait_text(from, text, WAIT), "{text:?} did not come back to its sender");
     assert!(
         wait_text(peer, text, WAIT),
@@ -419,7 +397,7 @@ fn redis_killed_then_restarted_on_the_same_port() {
     let sent = 20;
     let t0 = Instant::now();
     for k in 0..sent {
-        send(&mut a1, &format!("during {k}"));
+        send_text(&mut a1, &format!("during {k}"));
     }
     for k in 0..sent {
         let m = format!("during {k}");
@@ -492,7 +470,7 @@ fn redis_stalled_under_a_publish_flood() {
         handshakes.push(t0.elapsed());
         let msg = format!("probe {n}");
         let t1 = Instant::now();
-        send(&mut c, &msg);
+        send_text(&mut c, &msg);
         assert!(
             wait_text(&mut c, &msg, PROBE_BOUND),
             "{msg}: not back within {PROBE_BOUND:?} (Redis stalled for {:?})",

@@ -461,3 +461,31 @@ pub const INTEROP_CHECKS: [&str; 5] = [
     "ok ping",
     "ok close 1000",
 ];
+
+/// A WebSocket client (tungstenite) over a plain test socket.
+pub type WsClient = tungstenite::WebSocket<Tcp>;
+
+/// Sends a text message.
+pub fn send_text(ws: &mut WsClient, text: &str) {
+    ws.send(tungstenite::Message::text(text)).expect("send");
+}
+
+/// The next text message within `wait`, or `None` (the socket has a short read timeout, so
+/// this polls against its own deadline).
+pub fn next_text(ws: &mut WsClient, wait: std::time::Duration) -> Option<String> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return Some(t.to_string()),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return None;
+                }
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
