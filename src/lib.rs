@@ -32,13 +32,17 @@
 //!
 //! ```no_run
 //! # #[cfg(feature = "server")] {
-//! use wsloop::server::{Conn, Ctx, Handler};
+//! use wsloop::proto::Answer;
+//! use wsloop::server::{Conn, Ctx, Handler, Upgrade};
 //! use wsloop::{Message, Server, ServerConfig};
 //!
 //! struct Echo;
 //!
 //! impl Handler for Echo {
 //!     type State = ();
+//!     fn on_upgrade(&mut self, _ctx: &mut Ctx<'_, ()>, _up: &mut Upgrade<'_>) -> Result<(), Answer> {
+//!         Ok(()) // accept; Err(Answer::reject(401, "…")) refuses
+//!     }
 //!     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
 //!         ctx.send(conn.id(), msg); // or ctx.broadcast(msg, None)
 //!     }

@@ -76,6 +76,13 @@ struct Recorder {
 
 impl Handler for Recorder {
     type State = ();
+    fn on_upgrade(
+        &mut self,
+        _: &mut Ctx<'_, ()>,
+        _: &mut wsloop::server::Upgrade<'_>,
+    ) -> Result<(), wsloop::proto::Answer> {
+        Ok(())
+    }
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         self.shared.lock().unwrap().seen.push(Seen::Open(Peer::of(conn)));
         self.inner.on_open(ctx, conn);

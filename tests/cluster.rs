@@ -42,6 +42,13 @@ struct Lab {
 
 impl Handler for Lab {
     type State = ();
+    fn on_upgrade(
+        &mut self,
+        _: &mut Ctx<'_, ()>,
+        _: &mut wsloop::server::Upgrade<'_>,
+    ) -> Result<(), wsloop::proto::Answer> {
+        Ok(())
+    }
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         self.inner.on_open(ctx, conn);

@@ -16,7 +16,7 @@ use common::read_text;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message as TMessage;
 use wsloop::proto::frame::{write_frame, FrameHeader, OpCode};
-use wsloop::proto::Answer;
+use wsloop::proto::{Answer, Request};
 use wsloop::server::{Conn, ConnId, Ctx, Handle, HandleError, Handler, Server, ServerConfig, Timer, TimerId, Upgrade};
 use wsloop::Message;
 
@@ -879,4 +879,231 @@ fn a_flood_of_broadcasts_from_a_handle_leaves_room_for_a_fresh_client() {
         worst < BOUND,
         "a fresh client waited {worst:?} for the handle's broadcasts"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain requests, response headers, reason phrases
+
+/// A connection's state that has no `Default`: only `on_upgrade` can build it.
+struct Member {
+    name: String,
+}
+
+/// Plain routes beside the upgrade, and answers with headers.
+struct Site {
+    log: Log,
+}
+
+impl Handler for Site {
+    type State = Member;
+
+    fn on_upgrade(&mut self, _ctx: &mut Ctx<'_, Member>, up: &mut Upgrade<'_>) -> Result<Member, Answer> {
+        let req = up.request();
+        match req.path_only() {
+            "/busy" => return Err(Answer::reject(503, "full, come back later").with_header("Retry-After", "30")),
+            "/teapot" => return Err(Answer::reject(418, "short and stout")),
+            "/private" if req.header("Authorization").is_none() => {
+                let challenge = "Basic realm=\"site\", charset=\"UTF-8\"";
+                return Err(Answer::reject(401, "log in first").with_header("WWW-Authenticate", challenge));
+            }
+            _ => {}
+        }
+        let name = req.query_param("name").unwrap_or("anon").to_string();
+        up.add_header("Set-Cookie", format!("member={name}; HttpOnly; SameSite=Strict"))
+            .expect("a valid cookie");
+        // A value that would split the response is refused and never sent.
+        let injected = up.add_header("X-Note", "hi\r\nSet-Cookie: admin=1");
+        self.log.push(format!("X-Note: {injected:?}"));
+        Ok(Member { name })
+    }
+
+    fn on_request(&mut self, ctx: &mut Ctx<'_, Member>, req: &Request, peer: SocketAddr) -> Option<Answer> {
+        self.log
+            .push(format!("{} {} from {}", req.method(), req.path(), peer.ip()));
+        match (req.method(), req.path_only()) {
+            ("GET" | "HEAD", "/health") => {
+                let body = format!("{{\"status\":\"ok\",\"connections\":{}}}", ctx.len());
+                Some(
+                    Answer::respond(200, "application/json", body.into_bytes())
+                        .with_header("Cache-Control", "no-store"),
+                )
+            }
+            (_, "/teapot") => Some(Answer::reject(418, "short and stout")),
+            ("POST", "/items") => {
+                Some(Answer::respond(201, "text/plain", b"made".as_slice()).with_header("Location", "/items/1"))
+            }
+            (_, "/items") => Some(Answer::reject(405, "POST only").with_header("Allow", "POST")),
+            _ => None,
+        }
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_, Member>, conn: &mut Conn<Member>, msg: Message<'_>) {
+        if let Message::Text(t) = msg {
+            ctx.send_text(conn.id(), &format!("{}: {t}", conn.state.name));
+        }
+    }
+
+    fn on_close(&mut self, _ctx: &mut Ctx<'_, Member>, conn: &mut Conn<Member>, _code: u16, _reason: &str) {
+        self.log.push(format!("bye {}", conn.state.name));
+    }
+}
+
+/// `(status line, headers, body)` of a raw answer.
+fn split_answer(answer: &str) -> (&str, &str, &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a complete head");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status, headers, body)
+}
+
+#[test]
+fn plain_requests_reach_the_handler() {
+    let log = Log::default();
+    let server = Running::start(ServerConfig::default(), Site { log: log.clone() });
+    let get = raw_http(server.addr, "GET /health?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let (status, headers, body) = split_answer(&get);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, r#"{"status":"ok","connections":0}"#);
+    assert!(headers.contains("Content-Type: application/json\r\n"), "{get}");
+    assert!(
+        headers.contains(&format!("Content-Length: {}\r\n", body.len())),
+        "{get}"
+    );
+    assert!(headers.ends_with("\r\nCache-Control: no-store"), "{get}");
+    log.wait_for("the request", |e| e == "GET /health?x=1 from 127.0.0.1");
+    // HEAD: the same head, no body.
+    let head = raw_http(server.addr, "HEAD /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(head, get.strip_suffix(body).unwrap());
+    // Another method and status, with a header.
+    let post = raw_http(
+        server.addr,
+        "POST /items HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+    );
+    let (status, headers, body) = split_answer(&post);
+    assert_eq!((status, body), ("HTTP/1.1 201 Created", "made"));
+    assert!(headers.ends_with("\r\nLocation: /items/1"), "{post}");
+    let put = raw_http(
+        server.addr,
+        "PUT /items HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+    );
+    let (status, headers, _) = split_answer(&put);
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    assert!(
+        headers.ends_with("\r\nAllow: POST") && !headers.contains("GET"),
+        "{put}"
+    );
+    // What the handler leaves gets the server's own answer: 426 without a page.
+    let other = raw_http(server.addr, "GET /elsewhere HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{other}");
+    assert!(other.contains("\r\nUpgrade: websocket\r\n"), "{other}");
+    server.stop();
+}
+
+#[test]
+fn the_built_in_page_answers_what_the_handler_leaves() {
+    let mut cfg = ServerConfig::default();
+    cfg.page = Some("<p>hello</p>".into());
+    let server = Running::start(cfg, Site { log: Log::default() });
+    let page = raw_http(server.addr, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(
+        page.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"),
+        "{page}"
+    );
+    assert!(page.ends_with("\r\n\r\n<p>hello</p>"), "{page}");
+    let missing = raw_http(server.addr, "GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(missing.starts_with("HTTP/1.1 404 Not Found\r\n"), "{missing}");
+    let post = raw_http(
+        server.addr,
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{post}");
+    assert!(post.contains("\r\nAllow: GET, HEAD\r\n"), "{post}");
+    // The handler's routes still come first.
+    let health = raw_http(server.addr, "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(
+        health.starts_with("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"),
+        "{health}"
+    );
+    server.stop();
+}
+
+#[test]
+fn the_101_carries_the_handlers_headers_and_a_state_without_default() {
+    let log = Log::default();
+    let server = Running::start(ServerConfig::default(), Site { log: log.clone() });
+    let (mut ws, response) = connect_with(server.addr, "/chat?name=ann", &[]).expect("handshake");
+    assert_eq!(response.status(), 101);
+    let cookies: Vec<_> = response.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["member=ann; HttpOnly; SameSite=Strict"]);
+    assert!(response.headers().get("x-note").is_none(), "{response:?}");
+    log.wait_for("the refused header", |e| e == "X-Note: Err(InvalidValue)");
+    // The state on_upgrade built is the one every callback gets.
+    ws.send(TMessage::text("hi")).unwrap();
+    assert_eq!(read_text(&mut ws), "ann: hi");
+    ws.close(None).unwrap();
+    log.wait_for("the close", |e| e == "bye ann");
+    // The same 101 on the wire: one Set-Cookie line, nothing injected.
+    let raw = raw_http_upgrade(server.addr, &upgrade_request("/chat?name=bob", ""));
+    assert!(raw.starts_with("HTTP/1.1 101 Switching Protocols\r\n"), "{raw}");
+    assert!(
+        raw.ends_with("\r\nSet-Cookie: member=bob; HttpOnly; SameSite=Strict\r\n\r\n"),
+        "{raw}"
+    );
+    assert!(!raw.contains("admin"), "{raw}");
+    server.stop();
+}
+
+#[test]
+fn refusals_carry_their_headers_and_phrases() {
+    let server = Running::start(ServerConfig::default(), Site { log: Log::default() });
+    let private = raw_http(server.addr, &upgrade_request("/private", ""));
+    let (status, headers, body) = split_answer(&private);
+    assert_eq!((status, body), ("HTTP/1.1 401 Unauthorized", "log in first\n"));
+    assert!(
+        headers.ends_with("\r\nWWW-Authenticate: Basic realm=\"site\", charset=\"UTF-8\""),
+        "{private}"
+    );
+    // A real client sees the challenge too.
+    match connect_with(server.addr, "/private", &[]) {
+        Err(tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 401);
+            assert_eq!(
+                r.headers()["www-authenticate"],
+                "Basic realm=\"site\", charset=\"UTF-8\""
+            );
+        }
+        Err(e) => panic!("expected 401, got {e}"),
+        Ok(_) => panic!("expected 401, got an upgrade"),
+    }
+    assert!(connect_with(server.addr, "/private", &[("Authorization", "Basic YTpi")]).is_ok());
+    let busy = raw_http(server.addr, &upgrade_request("/busy", ""));
+    let (status, headers, _) = split_answer(&busy);
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(headers.ends_with("\r\nRetry-After: 30"), "{busy}");
+    for request in [
+        upgrade_request("/teapot", ""),
+        "GET /teapot HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(),
+    ] {
+        let teapot = raw_http(server.addr, &request);
+        assert!(teapot.starts_with("HTTP/1.1 418 I'm a teapot\r\n"), "{teapot}");
+        assert!(teapot.ends_with("\r\n\r\nshort and stout\n"), "{teapot}");
+    }
+    server.stop();
+}
+
+/// Sends an upgrade request on a raw socket and reads the head of the answer (the connection
+/// stays open after a 101).
+fn raw_http_upgrade(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + WAIT;
+    while !got.ends_with(b"\r\n\r\n") && Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8(got).expect("an HTTP head is text")
 }

@@ -572,6 +572,13 @@ struct ChattyOnClose;
 
 impl wsloop::Handler for ChattyOnClose {
     type State = ();
+    fn on_upgrade(
+        &mut self,
+        _: &mut wsloop::Ctx<'_, ()>,
+        _: &mut wsloop::server::Upgrade<'_>,
+    ) -> Result<(), wsloop::proto::Answer> {
+        Ok(())
+    }
     fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, msg: wsloop::Message<'_>) {
         ctx.send(conn.id(), msg);
     }
@@ -609,6 +616,13 @@ struct StopOnMessage;
 
 impl wsloop::Handler for StopOnMessage {
     type State = ();
+    fn on_upgrade(
+        &mut self,
+        _: &mut wsloop::Ctx<'_, ()>,
+        _: &mut wsloop::server::Upgrade<'_>,
+    ) -> Result<(), wsloop::proto::Answer> {
+        Ok(())
+    }
     fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, msg: wsloop::Message<'_>) {
         ctx.send(conn.id(), msg);
         ctx.shutdown();

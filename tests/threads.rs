@@ -34,6 +34,13 @@ struct Room {
 
 impl Handler for Room {
     type State = ();
+    fn on_upgrade(
+        &mut self,
+        _: &mut Ctx<'_, ()>,
+        _: &mut wsloop::server::Upgrade<'_>,
+    ) -> Result<(), wsloop::proto::Answer> {
+        Ok(())
+    }
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         self.ids.lock().unwrap().insert(conn.id().as_u64(), conn.id());

@@ -68,6 +68,13 @@ struct Count(Arc<AtomicUsize>);
 
 impl Handler for Count {
     type State = ();
+    fn on_upgrade(
+        &mut self,
+        _: &mut Ctx<'_, ()>,
+        _: &mut wsloop::server::Upgrade<'_>,
+    ) -> Result<(), wsloop::proto::Answer> {
+        Ok(())
+    }
     fn on_open(&mut self, _: &mut Ctx<'_, ()>, _: &mut Conn<()>) {
         self.0.fetch_add(1, Ordering::SeqCst);
     }

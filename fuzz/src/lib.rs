@@ -146,21 +146,15 @@ impl Plan {
         let a = self.answer;
         let answer = match a % 6 {
             0 => Answer::accept(),
-            1 => Answer::Accept {
-                protocol: req.protocols().next().map(String::from),
-            },
-            2 => Answer::Accept {
-                protocol: Some("chat".into()),
-            },
-            3 => Answer::reject(400 + u16::from(a) % 200, "no"),
-            4 => Answer::Respond {
-                status: 200,
-                content_type: "text/plain".into(),
-                body: b"ok".as_slice().into(),
-            },
-            _ => Answer::Accept {
-                protocol: Some("not-offered".into()),
-            },
+            1 => match req.protocols().next() {
+                Some(p) => Answer::accept_protocol(p),
+                None => Answer::accept(),
+            }
+            .with_header("Set-Cookie", "id=1; HttpOnly"),
+            2 => Answer::accept_protocol("chat"),
+            3 => Answer::reject(400 + u16::from(a) % 200, "no").with_header("Retry-After", "1"),
+            4 => Answer::respond(200, "text/plain", b"ok".as_slice()),
+            _ => Answer::accept_protocol("not-offered"),
         };
         let ext = (a & 0x80 != 0 && req.extensions().next().is_some()).then_some("permessage-deflate");
         (answer, ext)
@@ -537,7 +531,7 @@ fn check_answer(req: &Request, answer: &Answer, ext: Option<&str>, up: bool, wri
         assert_refusal(written, status);
         return;
     }
-    let Answer::Accept { protocol } = answer else {
+    let Answer::Accept { protocol, .. } = answer else {
         panic!("upgraded on {answer:?}")
     };
     let key = req.header("Sec-WebSocket-Key").expect("an upgrade has a key");

@@ -4,8 +4,11 @@ use std::ffi::OsString;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
+use wsloop::proto::Answer;
 use wsloop::server::modes::{self, Broadcast, PageKind};
-use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId, MAX_THREADS};
+use wsloop::server::{
+    Conn, Ctx, Handler, Server, ServerConfig, SlowConsumer, Stats, Timer, TimerId, Upgrade, MAX_THREADS,
+};
 use wsloop::Message;
 
 use super::workers::{self, Worker};
@@ -437,6 +440,10 @@ fn cluster_stats(_: &Ctx<'_, ()>) -> String {
 
 impl Handler for Cli {
     type State = ();
+
+    fn on_upgrade(&mut self, _ctx: &mut Ctx<'_, ()>, _up: &mut Upgrade<'_>) -> Result<(), Answer> {
+        Ok(())
+    }
 
     fn on_start(&mut self, ctx: &mut Ctx<'_, ()>) {
         if let Some(w) = self.worker.take() {

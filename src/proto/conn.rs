@@ -978,7 +978,7 @@ impl Connection {
                 Ok((used, Some(Event::Request(Box::new(req)))))
             }
             Err(r) => {
-                r.write(out);
+                r.write_core(out);
                 self.set_closed(now);
                 Err(Error::Rejected(r))
             }

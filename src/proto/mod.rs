@@ -24,5 +24,5 @@ pub mod utf8;
 
 pub use conn::{Config, Connection, Error, Event, Message, NotOpen, Payload, ProtocolError, Role, State, Timeout};
 pub use frame::{close_code, FrameHeader, OpCode};
-pub use handshake::{Answer, ClientRequest, Reject, Request, Response, ResponseError};
+pub use handshake::{Answer, ClientRequest, HeaderError, Headers, Reject, Request, Response, ResponseError};
 pub use rand::RandomSource;

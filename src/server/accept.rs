@@ -133,13 +133,7 @@ impl<H: Handler> Srv<H> {
         }
         let peer = PeerAddr::new(addr, &mut self.shared.peers);
         let data_counted = !over && self.cfg.max_connections_per_ip.is_some();
-        let data = ConnData {
-            addr: peer,
-            opened: false,
-            counted: data_counted,
-            sent_close: 0,
-            state: H::State::default(),
-        };
+        let data = ConnData::new(peer, data_counted);
         let stream = match server_stream(stream, &self.cfg) {
             Ok(s) => s,
             Err(e) => {

@@ -1,5 +1,7 @@
 //! The application's side of the server: [`Handler`], and [`Ctx`], through which it acts.
 
+use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use crate::io::engine::Engine;
 use crate::io::stream::ServerStream;
 use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
-use crate::proto::{close_code, Answer, Message, Request, State};
+use crate::proto::{close_code, Answer, HeaderError, Headers, Message, Request, State};
 
 /// Identifies one connection for as long as it lives, the loop that owns it (with
 /// [`ServerConfig::threads`](super::ServerConfig::threads) above 1) and, with a cluster
@@ -150,22 +152,94 @@ impl PeerAddr {
 /// What the server keeps per connection besides the engine's slot.
 pub(crate) struct ConnData<S> {
     pub(crate) addr: PeerAddr,
-    /// `on_open` was called and `on_close` not yet.
-    pub(crate) opened: bool,
-    /// Counted in the per-IP limit.
-    pub(crate) counted: bool,
+    /// [`OPENED`], [`COUNTED`] and [`HAS_STATE`].
+    flags: u8,
     /// The close code this server sent, 0 before it sends one (see [`Ending`]).
     pub(crate) sent_close: u16,
-    pub(crate) state: S,
+    /// The application's state, from the upgrade that built it (see [`HAS_STATE`]): no
+    /// placeholder is needed before it, so `Handler::State` need not be `Default`, and no tag
+    /// beside it, so a connection costs what its state does.
+    state: MaybeUninit<S>,
 }
 
+/// `on_open` was called and `on_close` not yet.
+const OPENED: u8 = 1;
+/// Counted in the per-IP limit.
+const COUNTED: u8 = 2;
+/// `state` holds a value (from `on_upgrade`; taken out while a callback borrows it).
+const HAS_STATE: u8 = 4;
+
 impl<S> ConnData<S> {
+    /// A connection accepted from `addr`, with no state yet.
+    pub(crate) fn new(addr: PeerAddr, counted: bool) -> Self {
+        ConnData {
+            addr,
+            flags: if counted { COUNTED } else { 0 },
+            sent_close: 0,
+            state: MaybeUninit::uninit(),
+        }
+    }
+
+    /// `on_open` was called and `on_close` not yet.
+    pub(crate) fn opened(&self) -> bool {
+        self.flags & OPENED != 0
+    }
+
+    /// Marks the connection open or no longer open; returns whether it was.
+    pub(crate) fn set_opened(&mut self, opened: bool) -> bool {
+        let was = self.opened();
+        self.flags = if opened {
+            self.flags | OPENED
+        } else {
+            self.flags & !OPENED
+        };
+        was
+    }
+
+    /// Counted in the per-IP limit.
+    pub(crate) fn counted(&self) -> bool {
+        self.flags & COUNTED != 0
+    }
+
+    /// The state, if the connection has one.
+    pub(crate) fn state_mut(&mut self) -> Option<&mut S> {
+        if self.flags & HAS_STATE == 0 {
+            return None;
+        }
+        // SAFETY: HAS_STATE is set only while `state` holds a value (see `put_state`).
+        Some(unsafe { self.state.assume_init_mut() })
+    }
+
+    /// Takes the state out, leaving none.
+    pub(crate) fn take_state(&mut self) -> Option<S> {
+        if self.flags & HAS_STATE == 0 {
+            return None;
+        }
+        self.flags &= !HAS_STATE;
+        // SAFETY: the flag said `state` holds a value; it is cleared first, so the value is
+        // read out once and never dropped here again.
+        Some(unsafe { self.state.assume_init_read() })
+    }
+
+    /// Stores the state, dropping any it had.
+    pub(crate) fn put_state(&mut self, state: S) {
+        drop(self.take_state());
+        self.state.write(state);
+        self.flags |= HAS_STATE;
+    }
+
     /// How the connection ended, for the log, when `on_close` gets `code`.
     pub(crate) fn ending(&self, code: u16) -> Ending {
         Ending {
             code,
             sent: self.sent_close,
         }
+    }
+}
+
+impl<S> Drop for ConnData<S> {
+    fn drop(&mut self) {
+        drop(self.take_state());
     }
 }
 
@@ -225,12 +299,14 @@ impl<S> Conn<S> {
     }
 }
 
-/// An upgrade request on its way to [`Handler::on_upgrade`].
+/// An upgrade request on its way to [`Handler::on_upgrade`], and what the `101` that accepts
+/// it will say beside the handshake: the subprotocol and any headers.
 #[derive(Debug)]
 pub struct Upgrade<'a> {
     pub(crate) request: &'a Request,
     pub(crate) peer: SocketAddr,
     pub(crate) protocol: Option<String>,
+    pub(crate) headers: Headers,
 }
 
 impl<'a> Upgrade<'a> {
@@ -256,6 +332,26 @@ impl<'a> Upgrade<'a> {
     pub fn set_protocol(&mut self, protocol: Option<&str>) {
         self.protocol = protocol.filter(|p| self.request.offers_protocol(p)).map(String::from);
     }
+
+    /// Adds header `name: value` to the `101` that accepts the upgrade (a `Set-Cookie`, a
+    /// header the chosen subprotocol defines). It is sent only if the upgrade is accepted; a
+    /// refusal carries the headers of its own [`Answer`].
+    ///
+    /// A name that is not an HTTP token, a value with CR, LF or another control character, and
+    /// the headers the handshake writes itself are refused with the reason and not sent (see
+    /// [`Headers::add`](crate::proto::Headers::add)).
+    pub fn add_header(
+        &mut self,
+        name: impl Into<Cow<'static, str>>,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Result<(), HeaderError> {
+        self.headers.add(name, value)
+    }
+
+    /// The headers added so far for the `101`.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
 }
 
 /// A timer set with [`Ctx::set_timer`] or [`Ctx::set_conn_timer`].
@@ -276,8 +372,10 @@ pub struct Timer {
 /// stalls every connection.
 pub trait Handler {
     /// Per-connection state, owned by the server and handed to every callback about that
-    /// connection. Use `()` when there is none: a zero-sized state costs nothing.
-    type State: Default;
+    /// connection. [`on_upgrade`](Self::on_upgrade) builds it when it accepts: it need not be
+    /// `Default`, and it can hold what the upgrade request told (a user, a room). Use `()`
+    /// when there is none: a zero-sized state costs nothing.
+    type State;
 
     /// The loop is about to start; no connection is open yet.
     fn on_start(&mut self, ctx: &mut Ctx<'_, Self::State>) {
@@ -285,11 +383,25 @@ pub trait Handler {
     }
 
     /// A valid WebSocket upgrade request arrived. Return the new connection's state to accept
-    /// it, or an [`Answer`] to refuse it (`Answer::reject(401, "…")`). The default accepts with
-    /// `Default::default()`.
-    fn on_upgrade(&mut self, ctx: &mut Ctx<'_, Self::State>, up: &mut Upgrade<'_>) -> Result<Self::State, Answer> {
-        let _ = (ctx, up);
-        Ok(Self::State::default())
+    /// it (`Ok(())` for a handler without state), or an [`Answer`] to refuse it:
+    /// `Answer::reject(401, "…").with_header("WWW-Authenticate", "Bearer")`. The `101` that
+    /// accepts carries the subprotocol and headers set on `up`
+    /// ([`Upgrade::set_protocol`], [`Upgrade::add_header`]).
+    fn on_upgrade(&mut self, ctx: &mut Ctx<'_, Self::State>, up: &mut Upgrade<'_>) -> Result<Self::State, Answer>;
+
+    /// A plain HTTP request arrived (one that does not attempt an upgrade: see
+    /// [`Request::is_upgrade`]) from `peer`. Return an [`Answer`] to answer it
+    /// (`Answer::respond(200, "application/json", body)`, a refusal, with any headers), or
+    /// `None` to let the server answer as it does by itself: the page of
+    /// [`ServerConfig::page`](super::ServerConfig::page) at `/` for `GET` and `HEAD` (`404`
+    /// elsewhere) when there is one, `405` for another method, and `426` (send an upgrade)
+    /// without a page. The default returns `None`.
+    ///
+    /// Only the head is read: a request body is not, and the connection closes once the
+    /// answer is written (`HEAD` gets the answer's head without its body).
+    fn on_request(&mut self, ctx: &mut Ctx<'_, Self::State>, req: &Request, peer: SocketAddr) -> Option<Answer> {
+        let _ = (ctx, req, peer);
+        None
     }
 
     /// A handshake completed.
@@ -328,6 +440,9 @@ impl<H: Handler + ?Sized> Handler for Box<H> {
     }
     fn on_upgrade(&mut self, ctx: &mut Ctx<'_, Self::State>, up: &mut Upgrade<'_>) -> Result<Self::State, Answer> {
         (**self).on_upgrade(ctx, up)
+    }
+    fn on_request(&mut self, ctx: &mut Ctx<'_, Self::State>, req: &Request, peer: SocketAddr) -> Option<Answer> {
+        (**self).on_request(ctx, req, peer)
     }
     fn on_open(&mut self, ctx: &mut Ctx<'_, Self::State>, conn: &mut Conn<Self::State>) {
         (**self).on_open(ctx, conn)
@@ -521,7 +636,7 @@ impl<'a, S> Ctx<'a, S> {
     /// With a cluster, the server listens to the topic on Redis while any of its loops has a
     /// subscriber to it, so that a publish on another instance reaches them.
     pub fn subscribe(&mut self, id: ConnId, topic: &str) -> bool {
-        let open = self.slot_key(id).is_some_and(|k| self.eng.slots[k].data.opened);
+        let open = self.slot_key(id).is_some_and(|k| self.eng.slots[k].data.opened());
         if !open {
             return false;
         }
@@ -685,7 +800,7 @@ impl<'a, S> Ctx<'a, S> {
         self.eng
             .slots
             .iter()
-            .filter(|(_, s)| s.data.opened && !s.is_dead())
+            .filter(|(_, s)| s.data.opened() && !s.is_dead())
             .map(move |(k, s)| (ConnId::new(k, s.gen, lp, instance), s.data.addr.get(&self.shared.peers)))
     }
 
@@ -699,7 +814,11 @@ impl<'a, S> Ctx<'a, S> {
     pub fn state_of(&mut self, id: ConnId) -> Option<&mut S> {
         let key = self.slot_key(id).filter(|k| *k != self.shared.lent)?;
         let data = &mut self.eng.slots[key].data;
-        data.opened.then_some(&mut data.state)
+        if data.opened() {
+            data.state_mut()
+        } else {
+            None
+        }
     }
 
     /// Bytes queued for a connection.

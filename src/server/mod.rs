@@ -2,13 +2,17 @@
 //! dispatches their events to a [`Handler`].
 //!
 //! ```no_run
-//! use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig};
+//! use wsloop::proto::Answer;
+//! use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, Upgrade};
 //! use wsloop::Message;
 //!
 //! struct Echo;
 //!
 //! impl Handler for Echo {
 //!     type State = ();
+//!     fn on_upgrade(&mut self, _ctx: &mut Ctx<'_, ()>, _up: &mut Upgrade<'_>) -> Result<(), Answer> {
+//!         Ok(())
+//!     }
 //!     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
 //!         ctx.send(conn.id(), msg);
 //!     }

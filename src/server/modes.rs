@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{Conn, Ctx, Handler, Timer, TimerId};
-use crate::proto::Message;
+use super::{Conn, Ctx, Handler, Timer, TimerId, Upgrade};
+use crate::proto::{Answer, Message};
 
 /// A handler that echoes every message back: the default mode.
 #[derive(Clone, Copy, Debug, Default)]
@@ -21,6 +21,9 @@ pub struct Echo;
 
 impl Handler for Echo {
     type State = ();
+    fn on_upgrade(&mut self, _ctx: &mut Ctx<'_, ()>, _up: &mut Upgrade<'_>) -> Result<(), Answer> {
+        Ok(())
+    }
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
         ctx.send(conn.id(), msg);
     }
@@ -32,6 +35,9 @@ pub struct Reply(pub String);
 
 impl Handler for Reply {
     type State = ();
+    fn on_upgrade(&mut self, _ctx: &mut Ctx<'_, ()>, _up: &mut Upgrade<'_>) -> Result<(), Answer> {
+        Ok(())
+    }
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, _msg: Message<'_>) {
         ctx.send_text(conn.id(), &self.0);
     }
@@ -122,6 +128,10 @@ impl Broadcast {
 
 impl Handler for Broadcast {
     type State = ();
+
+    fn on_upgrade(&mut self, _ctx: &mut Ctx<'_, ()>, _up: &mut Upgrade<'_>) -> Result<(), Answer> {
+        Ok(())
+    }
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         if self.announce {

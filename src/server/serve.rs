@@ -23,7 +23,7 @@ use crate::io::stream::ServerStream;
 use crate::io::timer::{deadline_after, poll_timeout};
 use crate::io::transport::Transport;
 use crate::proto::rand::NoRandom;
-use crate::proto::{close_code, Answer, Event, Request, State, Timeout};
+use crate::proto::{close_code, Answer, Event, Headers, Request, State, Timeout};
 
 pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result<()> {
     let LoopParts {
@@ -189,33 +189,36 @@ impl<H: Handler> Srv<H> {
         eng.slots[key].data.addr.get(&self.shared.peers)
     }
 
-    /// Calls the handler about connection `key`, lending it the connection's state.
+    /// Calls the handler about connection `key`, lending it the connection's state (none is
+    /// called for a connection without one).
     fn with_conn<R>(
         &mut self,
         eng: &mut ServerEngine<H::State>,
         key: usize,
         f: impl FnOnce(&mut H, &mut Ctx<'_, H::State>, &mut Conn<H::State>) -> R,
-    ) -> R {
+    ) -> Option<R> {
         let slot = &mut eng.slots[key];
+        // Only an upgraded connection has a state, and only such a one gets callbacks.
+        let state = slot.data.take_state()?;
         let mut conn = Conn {
             id: ConnId::new(key, slot.gen, self.shared.lp, self.shared.instance),
             addr: slot.data.addr.get(&self.shared.peers),
-            state: std::mem::take(&mut slot.data.state),
+            state,
         };
         self.shared.lent = key;
         let (h, mut ctx) = self.ctx(eng);
         let r = f(h, &mut ctx, &mut conn);
         self.shared.lent = usize::MAX;
         // Slots are removed only at the end of a turn, so this one is still here.
-        eng.slots[key].data.state = conn.state;
-        r
+        eng.slots[key].data.put_state(conn.state);
+        Some(r)
     }
 
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
     fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
         let addr = self.addr(eng, key);
         let answer = if !req.is_upgrade() {
-            self.plain_answer(&req)
+            self.plain_answer(eng, &req, addr)
         } else if let Some(origin) = req.origin().filter(|o| !self.origin_allowed(o)) {
             peer_log(
                 log::Level::Info,
@@ -229,12 +232,16 @@ impl<H: Handler> Srv<H> {
                 request: &req,
                 peer: addr,
                 protocol,
+                headers: Headers::new(),
             };
             let (h, mut ctx) = self.ctx(eng);
             match h.on_upgrade(&mut ctx, &mut up) {
                 Ok(state) => {
-                    eng.slots[key].data.state = state;
-                    Answer::Accept { protocol: up.protocol }
+                    eng.slots[key].data.put_state(state);
+                    Answer::Accept {
+                        protocol: up.protocol,
+                        headers: up.headers,
+                    }
                 }
                 Err(answer) => answer,
             }
@@ -244,7 +251,7 @@ impl<H: Handler> Srv<H> {
         #[cfg(not(feature = "deflate"))]
         let upgraded = eng.accept(key, &req, &answer, None);
         if !upgraded {
-            if let Answer::Reject { status, body } = &answer {
+            if let Answer::Reject { status, body, .. } = &answer {
                 peer_log(
                     log::Level::Info,
                     addr,
@@ -254,7 +261,7 @@ impl<H: Handler> Srv<H> {
             return;
         }
         let slot = &mut eng.slots[key];
-        slot.data.opened = true;
+        slot.data.set_opened(true);
         self.shared.stats.open += 1;
         self.group().open.fetch_add(1, Ordering::Relaxed);
         peer_log(log::Level::Info, addr, format_args!(" connected"));
@@ -265,19 +272,27 @@ impl<H: Handler> Srv<H> {
         self.cfg.origins.is_empty() || self.cfg.origins.iter().any(|a| a.eq_ignore_ascii_case(origin))
     }
 
-    /// A request that is not an upgrade: the page for `GET /` and `HEAD /` when there is one.
-    fn plain_answer(&self, req: &Request) -> Answer {
+    /// A request that is not an upgrade: the handler's answer, or the server's own.
+    fn plain_answer(&mut self, eng: &mut ServerEngine<H::State>, req: &Request, peer: SocketAddr) -> Answer {
+        let (h, mut ctx) = self.ctx(eng);
+        h.on_request(&mut ctx, req, peer)
+            .unwrap_or_else(|| self.builtin_answer(req))
+    }
+
+    /// The server's own answer to a plain request: the page for `GET /` and `HEAD /` when
+    /// there is one.
+    fn builtin_answer(&self, req: &Request) -> Answer {
         let readable = matches!(req.method(), "GET" | "HEAD");
         match (&self.cfg.page, readable) {
-            (_, false) => Answer::reject(405, "only GET is served here"),
-            (Some(page), true) if req.path_only() == "/" => Answer::Respond {
-                status: 200,
-                content_type: "text/html; charset=utf-8".into(),
-                body: match page {
+            (_, false) => Answer::reject(405, "only GET is served here").with_header("Allow", "GET, HEAD"),
+            (Some(page), true) if req.path_only() == "/" => Answer::respond(
+                200,
+                "text/html; charset=utf-8",
+                match page {
                     std::borrow::Cow::Borrowed(s) => std::borrow::Cow::Borrowed(s.as_bytes()),
                     std::borrow::Cow::Owned(s) => std::borrow::Cow::Owned(s.clone().into_bytes()),
                 },
-            },
+            ),
             (Some(_), true) => Answer::reject(404, "not found"),
             (None, true) => Answer::reject(426, "this is a WebSocket endpoint: send an Upgrade request"),
         }
@@ -286,7 +301,7 @@ impl<H: Handler> Srv<H> {
     /// Calls `on_close` once for a connection that was open.
     fn notify_close(&mut self, eng: &mut ServerEngine<H::State>, key: usize, code: u16, reason: &str) {
         let slot = &mut eng.slots[key];
-        if !std::mem::take(&mut slot.data.opened) {
+        if !slot.data.set_opened(false) {
             return;
         }
         self.shared.stats.open -= 1;
@@ -436,7 +451,7 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
         };
         self.notify_close(eng, key, close_code::ABNORMAL, reason);
         let data = &eng.slots[key].data;
-        self.give_back(Some(data.addr), data.counted);
+        self.give_back(Some(data.addr), data.counted());
     }
 
     fn on_shed(&mut self, eng: &mut ServerEngine<H::State>, key: usize) {
@@ -463,7 +478,7 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             c.lp() != lp
                 || c.instance() != instance
                 || !eng.is_live(c.key(), c.gen())
-                || !eng.slots[c.key()].data.opened
+                || !eng.slots[c.key()].data.opened()
         };
         if conn.is_some_and(gone) {
             return;

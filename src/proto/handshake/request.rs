@@ -10,7 +10,8 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::{has_exact_token, has_token, header_values, single_header, write_head, write_response, MAX_HEADERS};
+use super::{has_exact_token, has_token, header_values, single_header, write_head, HeaderError, Headers, MAX_HEADERS};
+use super::{reason_phrase, END_OF_HEAD};
 
 /// A refused request: the HTTP status and a one-line explanation sent as the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,79 +30,222 @@ impl Reject {
 
     /// Appends the full HTTP answer: status line, headers, and the message as a text body.
     pub fn write(&self, out: &mut Vec<u8>) {
-        write_reject(out, self.status, self.message, false);
+        write_reject(out, self.status, reason_phrase(self.status), self.message, false);
+    }
+
+    /// [`write`](Self::write) for the refusals of [`parse_request`], whose statuses the short
+    /// table of the protocol core names.
+    pub(crate) fn write_core(&self, out: &mut Vec<u8>) {
+        let phrase = super::core_reason_phrase(self.status);
+        write_reject(out, self.status, phrase, self.message, false);
     }
 }
 
 impl core::fmt::Display for Reject {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status,
-            super::reason_phrase(self.status),
-            self.message
-        )
+        write!(f, "{} {}: {}", self.status, reason_phrase(self.status), self.message)
     }
 }
 
 impl core::error::Error for Reject {}
 
-/// Writes a text/plain refusal, with the headers its status calls for.
-fn write_reject(out: &mut Vec<u8>, status: u16, message: &str, head_only: bool) {
+/// The lines a `426` adds: the protocol to upgrade to, and its version (RFC 6455 §4.4).
+const UPGRADE_REQUIRED: &str = "\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13";
+
+/// The type of a refusal's body: its message and a line break.
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+/// Writes one of the protocol's own text/plain refusals, with the headers its status calls for.
+fn write_reject(out: &mut Vec<u8>, status: u16, phrase: &str, message: &str, head_only: bool) {
     let extra = match status {
-        426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
-        405 => "Allow: GET, HEAD\r\n",
+        426 => UPGRADE_REQUIRED,
+        // An upgrade must be a GET.
+        405 => "\r\nAllow: GET, HEAD",
         _ => "",
     };
-    // The body is the message and a line break.
-    write_head(out, status, "text/plain; charset=utf-8", extra, message.len() + 1);
+    write_head(out, status, phrase, TEXT_PLAIN, Some(message.len() + 1), extra);
+    out.extend_from_slice(END_OF_HEAD);
+    write_text_body(out, message, head_only);
+}
+
+/// Writes an [`Answer::Reject`]: text/plain, with its headers (a `405` names the methods
+/// allowed in the `Allow` header its application adds).
+fn write_answer_reject(out: &mut Vec<u8>, status: u16, message: &str, headers: &Headers, head_only: bool) {
+    let extra = if status == 426 { UPGRADE_REQUIRED } else { "" };
+    write_head(
+        out,
+        status,
+        reason_phrase(status),
+        TEXT_PLAIN,
+        Some(message.len() + 1),
+        extra,
+    );
+    headers.write(out);
+    out.extend_from_slice(END_OF_HEAD);
+    write_text_body(out, message, head_only);
+}
+
+/// The message of a refusal and a line break, unless the request was a `HEAD`.
+fn write_text_body(out: &mut Vec<u8>, message: &str, head_only: bool) {
     if !head_only {
         out.extend_from_slice(message.as_bytes());
         out.extend_from_slice(b"\n");
     }
 }
 
-/// What to do with a [`Request`].
+/// What to do with a [`Request`]: upgrade it, refuse it, or answer it with a response.
+///
+/// Build one with [`accept`](Self::accept), [`accept_protocol`](Self::accept_protocol),
+/// [`reject`](Self::reject) or [`respond`](Self::respond), and add headers with
+/// [`with_header`](Self::with_header):
+///
+/// ```
+/// use wsloop::proto::Answer;
+///
+/// let answer = Answer::reject(401, "a token is needed").with_header("WWW-Authenticate", "Bearer realm=\"chat\"");
+/// assert_eq!(answer.status(), 401);
+/// assert_eq!(answer.headers().get("www-authenticate"), Some("Bearer realm=\"chat\""));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Answer {
-    /// Upgrade to WebSocket, optionally with one of the subprotocols the client offered.
+    /// Upgrade to WebSocket (`101`), optionally with one of the subprotocols the client offered.
+    #[non_exhaustive]
     Accept {
         /// The chosen subprotocol (must be one the client offered, or it is not sent).
         protocol: Option<String>,
+        /// Headers sent with the `101` (e.g. `Set-Cookie`).
+        headers: Headers,
     },
     /// Refuse with an HTTP status and a short text body (e.g. `401`, `403`, `404`).
+    #[non_exhaustive]
     Reject {
-        /// The status code.
+        /// The status code, 200 to 599 (another is answered `500`).
         status: u16,
         /// The body, one line of text.
         body: Cow<'static, str>,
+        /// Headers sent with the refusal (e.g. `WWW-Authenticate` on a `401`, `Retry-After`
+        /// on a `503`).
+        headers: Headers,
     },
     /// Answer with any HTTP response (a page, a health check) and close.
+    #[non_exhaustive]
     Respond {
-        /// The status code.
+        /// The status code, 200 to 599 (another is answered `500`).
         status: u16,
-        /// The `Content-Type` header.
+        /// The `Content-Type` header (one with a control character is answered `500`).
         content_type: Cow<'static, str>,
-        /// The body (left out for `HEAD`).
+        /// The body (left out for `HEAD`, and for `204` and `304`, which have none).
         body: Cow<'static, [u8]>,
+        /// Headers sent with the response.
+        headers: Headers,
     },
 }
 
 impl Answer {
     /// Accept without a subprotocol.
     pub const fn accept() -> Answer {
-        Answer::Accept { protocol: None }
+        Answer::Accept {
+            protocol: None,
+            headers: Headers::new(),
+        }
     }
 
-    /// Refuse with `status` and a one-line `body`.
+    /// Accept with subprotocol `protocol` (sent only if the client offered it).
+    pub fn accept_protocol(protocol: impl Into<String>) -> Answer {
+        Answer::Accept {
+            protocol: Some(protocol.into()),
+            headers: Headers::new(),
+        }
+    }
+
+    /// Refuse with `status` and a one-line `body`, sent as `text/plain`.
     pub fn reject(status: u16, body: impl Into<Cow<'static, str>>) -> Answer {
         Answer::Reject {
             status,
             body: body.into(),
+            headers: Headers::new(),
         }
     }
+
+    /// Answer with `status`, a body and its `Content-Type`, e.g.
+    /// `Answer::respond(200, "application/json", r#"{"ok":true}"#.as_bytes())`.
+    pub fn respond(
+        status: u16,
+        content_type: impl Into<Cow<'static, str>>,
+        body: impl Into<Cow<'static, [u8]>>,
+    ) -> Answer {
+        Answer::Respond {
+            status,
+            content_type: content_type.into(),
+            body: body.into(),
+            headers: Headers::new(),
+        }
+    }
+
+    /// This answer with header `name: value` added (see [`Headers::add`]).
+    ///
+    /// A header that would break the response (a name that is not a token, a value with CR or
+    /// LF) or that the protocol writes itself is never sent: the answer becomes a `500`
+    /// refusal whose body names the error (use [`try_with_header`](Self::try_with_header) to
+    /// handle it yourself).
+    pub fn with_header(self, name: impl Into<Cow<'static, str>>, value: impl Into<Cow<'static, str>>) -> Answer {
+        self.try_with_header(name, value).unwrap_or_else(|e| {
+            Answer::reject(
+                500,
+                match e {
+                    HeaderError::InvalidName => "invalid response header: the name is not an HTTP token",
+                    HeaderError::InvalidValue => {
+                        "invalid response header: the value holds CR, LF or another control character"
+                    }
+                    HeaderError::Reserved => "invalid response header: the protocol writes this one itself",
+                },
+            )
+        })
+    }
+
+    /// This answer with header `name: value` added, or the reason it cannot be (see
+    /// [`Headers::add`]).
+    pub fn try_with_header(
+        mut self,
+        name: impl Into<Cow<'static, str>>,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Result<Answer, HeaderError> {
+        self.headers_mut().add(name, value)?;
+        Ok(self)
+    }
+
+    /// The status it answers with: `101` for an upgrade.
+    pub fn status(&self) -> u16 {
+        match self {
+            Answer::Accept { .. } => 101,
+            Answer::Reject { status, .. } | Answer::Respond { status, .. } => *status,
+        }
+    }
+
+    /// Its headers (besides the ones the protocol writes).
+    pub fn headers(&self) -> &Headers {
+        match self {
+            Answer::Accept { headers, .. } | Answer::Reject { headers, .. } | Answer::Respond { headers, .. } => {
+                headers
+            }
+        }
+    }
+
+    /// Its headers, to add to.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        match self {
+            Answer::Accept { headers, .. } | Answer::Reject { headers, .. } | Answer::Respond { headers, .. } => {
+                headers
+            }
+        }
+    }
+}
+
+/// A status an [`Answer::Reject`] or [`Answer::Respond`] can have: a final one (not `1xx`,
+/// which would announce a protocol switch or an interim answer that never comes).
+fn is_final_status(status: u16) -> bool {
+    (200..=599).contains(&status)
 }
 
 /// A byte range in the request head.
@@ -239,16 +383,19 @@ impl Request {
 
     /// Writes the answer to this request. An `Accept` of a request that is not an upgrade, or
     /// one naming a subprotocol the client did not offer, is answered as the RFC requires:
-    /// `426` for the first, no `Sec-WebSocket-Protocol` for the second. `extensions` is the
-    /// negotiated `Sec-WebSocket-Extensions` value, if any. Returns whether it upgraded.
+    /// `426` for the first, no `Sec-WebSocket-Protocol` for the second. A `Reject` or `Respond`
+    /// with a status outside 200 to 599 is answered `500`. `HEAD` gets the head of the answer
+    /// without its body. `extensions` is the negotiated `Sec-WebSocket-Extensions` value, if
+    /// any. Returns whether it upgraded.
     pub fn write_answer(&self, answer: &Answer, extensions: Option<&str>, out: &mut Vec<u8>) -> bool {
         let head_only = self.method() == "HEAD";
         match answer {
-            Answer::Accept { protocol } => {
+            Answer::Accept { protocol, headers } => {
                 let Some(key) = self.key else {
                     write_reject(
                         out,
                         426,
+                        "Upgrade Required",
                         "this is a WebSocket endpoint: send an Upgrade request",
                         head_only,
                     );
@@ -266,19 +413,34 @@ impl Request {
                     out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
                     out.extend_from_slice(e.as_bytes());
                 }
-                out.extend_from_slice(b"\r\n\r\n");
+                headers.write(out);
+                out.extend_from_slice(END_OF_HEAD);
                 true
             }
-            Answer::Reject { status, body } => {
-                write_reject(out, *status, body, head_only);
+            Answer::Reject { status, body, headers } if is_final_status(*status) => {
+                write_answer_reject(out, *status, body, headers, head_only);
                 false
             }
             Answer::Respond {
                 status,
                 content_type,
                 body,
-            } => {
-                write_response(out, *status, content_type, "", body, head_only);
+                headers,
+            } if is_final_status(*status) && super::is_field_value(content_type) => {
+                // 204 and 304 have no body (and a 204 must not announce a length: RFC 9110 §8.6).
+                let bodiless = matches!(status, 204 | 304);
+                let len = (!bodiless).then_some(body.len());
+                write_head(out, *status, reason_phrase(*status), content_type, len, "");
+                headers.write(out);
+                out.extend_from_slice(END_OF_HEAD);
+                if !head_only && !bodiless {
+                    out.extend_from_slice(body);
+                }
+                false
+            }
+            _ => {
+                let message = "the server chose an invalid response status or content type";
+                write_answer_reject(out, 500, message, &Headers::new(), head_only);
                 false
             }
         }
@@ -436,9 +598,7 @@ mod tests {
         assert_eq!(req.protocols().collect::<Vec<_>>(), ["chat", "superchat"]);
         assert_eq!(req.accept_key().as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
         let mut out = Vec::new();
-        let answer = Answer::Accept {
-            protocol: Some("superchat".into()),
-        };
+        let answer = Answer::accept_protocol("superchat");
         assert!(req.write_answer(&answer, None, &mut out));
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
@@ -446,9 +606,7 @@ mod tests {
         assert!(text.contains("Sec-WebSocket-Protocol: superchat\r\n"));
         // A subprotocol the client did not offer is not sent.
         let mut out = Vec::new();
-        let answer = Answer::Accept {
-            protocol: Some("other".into()),
-        };
+        let answer = Answer::accept_protocol("other");
         assert!(req.write_answer(&answer, None, &mut out));
         assert!(!String::from_utf8(out).unwrap().contains("Sec-WebSocket-Protocol"));
     }
@@ -571,13 +729,136 @@ mod tests {
         // HEAD gets the head of the answer only.
         let (head, _) = parse("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().unwrap();
         let mut out = Vec::new();
-        let page = Answer::Respond {
-            status: 200,
-            content_type: "text/html".into(),
-            body: b"<p>page</p>".as_slice().into(),
-        };
+        let page = Answer::respond(200, "text/html", b"<p>page</p>".as_slice());
         head.write_answer(&page, None, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("Content-Length: 11\r\n") && text.ends_with("\r\n\r\n"));
+    }
+
+    /// The written answer to `req` as text, and whether it upgraded.
+    fn answer_text(req: &str, answer: &Answer) -> (String, bool) {
+        let (req, _) = parse(req).unwrap().unwrap();
+        let mut out = Vec::new();
+        let up = req.write_answer(answer, None, &mut out);
+        (String::from_utf8(out).unwrap(), up)
+    }
+
+    #[test]
+    fn answers_carry_their_headers() {
+        // On the 101, after the handshake's own headers.
+        let accept = Answer::accept_protocol("chat")
+            .with_header("Set-Cookie", "id=42; HttpOnly")
+            .with_header("Set-Cookie", "theme=dark");
+        let (text, up) = answer_text(GOOD, &accept);
+        assert!(up);
+        assert!(text.ends_with(
+            "Sec-WebSocket-Protocol: chat\r\nSet-Cookie: id=42; HttpOnly\r\nSet-Cookie: theme=dark\r\n\r\n"
+        ));
+        // A client reads it as a valid upgrade.
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let offered = ["chat".to_string()];
+        let (resp, n) = super::super::parse_response(text.as_bytes(), key, &offered, false, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!((n, resp.protocol.as_deref()), (text.len(), Some("chat")));
+        // On refusals.
+        let unauthorized =
+            Answer::reject(401, "a token is needed").with_header("WWW-Authenticate", "Basic realm=\"x\"");
+        let (text, up) = answer_text(GOOD, &unauthorized);
+        assert!(!up);
+        assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"));
+        assert!(text.contains("\r\nConnection: close\r\nWWW-Authenticate: Basic realm=\"x\"\r\n\r\n"));
+        assert!(text.ends_with("\r\n\r\na token is needed\n"));
+        let busy = Answer::reject(503, "try again soon").with_header("Retry-After", "30");
+        let (text, _) = answer_text(GOOD, &busy);
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(text.contains("\r\nRetry-After: 30\r\n\r\n"));
+        // An answer's 405 names what its application allows, not the protocol's GET.
+        let post_only = Answer::reject(405, "POST only").with_header("Allow", "POST");
+        let (text, _) = answer_text("GET /p HTTP/1.1\r\nHost: x\r\n\r\n", &post_only);
+        assert!(text.contains("\r\nAllow: POST\r\n") && !text.contains("GET, HEAD"));
+        // On a response, and HEAD gets the same head without the body.
+        let page = Answer::respond(200, "application/json", br#"{"ok":true}"#.as_slice())
+            .with_header("Cache-Control", "no-store");
+        let (text, _) = answer_text("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", &page);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n"));
+        assert!(text.ends_with("Cache-Control: no-store\r\n\r\n{\"ok\":true}"));
+        let (head, _) = answer_text("HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n", &page);
+        assert_eq!(head, text.strip_suffix("{\"ok\":true}").unwrap());
+    }
+
+    #[test]
+    fn a_broken_header_is_never_written() {
+        let mut h = Headers::new();
+        for (name, value, err) in [
+            ("X-A", "a\r\nSet-Cookie: evil=1", HeaderError::InvalidValue),
+            ("X-A", "a\nb", HeaderError::InvalidValue),
+            ("X-A", "a\rb", HeaderError::InvalidValue),
+            ("X-A", "a\0b", HeaderError::InvalidValue),
+            ("X-A", "a\x7fb", HeaderError::InvalidValue),
+            ("X-A\r\nX-B", "1", HeaderError::InvalidName),
+            ("X A", "1", HeaderError::InvalidName),
+            ("X-A:", "1", HeaderError::InvalidName),
+            ("", "1", HeaderError::InvalidName),
+            ("content-length", "5", HeaderError::Reserved),
+            ("Connection", "keep-alive", HeaderError::Reserved),
+            ("Sec-WebSocket-Accept", "x", HeaderError::Reserved),
+            ("Transfer-Encoding", "chunked", HeaderError::Reserved),
+        ] {
+            assert_eq!(h.add(name, value), Err(err), "{name:?}: {value:?}");
+        }
+        assert!(h.is_empty(), "nothing refused is kept");
+        assert_eq!(h.add("X-A", "tab\tand UTF-8: é"), Ok(()));
+        assert_eq!(h.get("x-a"), Some("tab\tand UTF-8: é"));
+        // The builder refuses the whole answer with a 500 rather than send it without the header.
+        let answer = Answer::accept().with_header("Set-Cookie", "a\r\n\r\n<script>");
+        assert_eq!(answer.status(), 500);
+        let (text, up) = answer_text(GOOD, &answer);
+        assert!(!up);
+        assert!(text.starts_with("HTTP/1.1 500 Internal Server Error\r\n"));
+        assert!(!text.contains("<script>"));
+        assert!(text.ends_with("invalid response header: the value holds CR, LF or another control character\n"));
+        assert_eq!(
+            Answer::reject(401, "x").try_with_header("WWW-Authenticate", "a\nb"),
+            Err(HeaderError::InvalidValue)
+        );
+        // A content type is a header value too, and a status must be a final one.
+        let (text, _) = answer_text(GOOD, &Answer::respond(200, "text/html\r\nX-Evil: 1", b"x".as_slice()));
+        assert!(text.starts_with("HTTP/1.1 500 ") && !text.contains("X-Evil"));
+        for status in [0, 101, 199, 600, 999] {
+            let (text, up) = answer_text(GOOD, &Answer::reject(status, "x"));
+            assert!(
+                !up && text.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_without_a_body() {
+        let (text, _) = answer_text(
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            &Answer::respond(204, "text/plain", b"ignored".as_slice()),
+        );
+        assert_eq!(
+            text,
+            "HTTP/1.1 204 No Content\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+        );
+        let moved = Answer::respond(302, "text/plain", b"see /new".as_slice()).with_header("Location", "/new");
+        let (text, _) = answer_text("GET / HTTP/1.1\r\nHost: x\r\n\r\n", &moved);
+        assert!(text.starts_with("HTTP/1.1 302 Found\r\n") && text.contains("\r\nLocation: /new\r\n"));
+    }
+
+    #[test]
+    fn every_status_has_its_phrase() {
+        let (text, _) = answer_text(GOOD, &Answer::reject(418, "short and stout"));
+        assert!(text.starts_with("HTTP/1.1 418 I'm a teapot\r\n"));
+        let mut out = Vec::new();
+        Reject::new(429, "slow down").write(&mut out);
+        assert!(out.starts_with(b"HTTP/1.1 429 Too Many Requests\r\n"));
+        assert_eq!(
+            Reject::new(451, "x").to_string(),
+            "451 Unavailable For Legal Reasons: x"
+        );
     }
 }

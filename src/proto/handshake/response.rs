@@ -248,9 +248,7 @@ mod tests {
         let (parsed, _) = parse_request(&bytes).unwrap().unwrap();
         assert_eq!(parsed.path(), "/p?q");
         let mut res = Vec::new();
-        let answer = Answer::Accept {
-            protocol: Some("chat".into()),
-        };
+        let answer = Answer::accept_protocol("chat");
         assert!(parsed.write_answer(&answer, None, &mut res));
         let offered = ["chat".to_string(), "v2".to_string()];
         let (resp, n) = parse_response(&res, &key, &offered, false, false).unwrap().unwrap();
