@@ -981,6 +981,12 @@ fn plain_requests_reach_the_handler() {
     let (status, headers, body) = split_answer(&post);
     assert_eq!((status, body), ("HTTP/1.1 201 Created", "made"));
     assert!(headers.ends_with("\r\nLocation: /items/1"), "{post}");
+    // A body is not read, and the answer still arrives whole.
+    let with_body = raw_http(
+        server.addr,
+        "POST /items HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    assert_eq!(with_body, post);
     let put = raw_http(
         server.addr,
         "PUT /items HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
