@@ -906,6 +906,30 @@ mod tests {
     }
 
     #[test]
+    fn a_connections_state_is_dropped_once() {
+        use std::rc::Rc;
+        // Each clone of the Rc is one state alive: the count says how many were not dropped.
+        let alive = Rc::new(());
+        let addr = PeerAddr::new("127.0.0.1:9".parse().unwrap(), &mut PeerTable::new());
+        let mut data = ConnData::new(addr, true);
+        assert!(data.counted() && !data.opened());
+        assert!(data.state_mut().is_none() && data.take_state().is_none());
+        data.put_state(Rc::clone(&alive));
+        data.put_state(Rc::clone(&alive)); // replaces (and drops) the first
+        assert_eq!(Rc::strong_count(&alive), 2);
+        let lent = data.take_state().expect("a state");
+        assert!(data.take_state().is_none(), "taken once");
+        data.put_state(lent);
+        assert!(data.state_mut().is_some());
+        assert!(!data.set_opened(true) && data.set_opened(false));
+        drop(data);
+        assert_eq!(Rc::strong_count(&alive), 1, "the slot's state is dropped with it");
+        // Without a state (a plain request, a refused upgrade) nothing is dropped.
+        drop(ConnData::<Rc<()>>::new(addr, false));
+        assert_eq!(Rc::strong_count(&alive), 1);
+    }
+
+    #[test]
     fn peer_addresses_are_compact_and_exact() {
         assert_eq!(std::mem::size_of::<PeerAddr>(), 6);
         let mut table = PeerTable::new();
