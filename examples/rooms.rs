@@ -57,7 +57,8 @@ impl Handler for Rooms {
         let bearer = req.header_str("authorization").and_then(|v| v.strip_prefix("Bearer "));
         let token = bearer.or_else(|| req.query_param("token"));
         if !token.is_some_and(|t| same_secret(t.trim(), &self.token)) {
-            return Err(Answer::reject(401, "missing or wrong token"));
+            let challenge = "Bearer realm=\"rooms\"";
+            return Err(Answer::reject(401, "missing or wrong token").with_header("WWW-Authenticate", challenge));
         }
         let name = match req.query_param("name") {
             Some(n) if valid_name(n) => n.to_string(),

@@ -108,6 +108,9 @@ fn refusals_carry_their_status_and_reason() {
     for (target, extra, status, body) in refused {
         let got = answer(server.addr, target, extra);
         assert_eq!(status_and_body(&got), (status, body), "{target} {extra:?}: {got}");
+        // A 401 tells how to authenticate.
+        let challenge = "\r\nWWW-Authenticate: Bearer realm=\"rooms\"\r\n";
+        assert_eq!(got.contains(challenge), status.contains("401"), "{got}");
     }
     let got = answer(server.addr, "/rooms/a", "Authorization: Bearer t0ken\r\n");
     assert!(got.starts_with("HTTP/1.1 101 Switching Protocols\r\n"), "{got}");
