@@ -51,6 +51,12 @@ Options:
   --ping-interval DUR|off  ping peers silent this long [default: off]
   --tcp-keepalive DUR|off  TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
+  --metrics                answer GET /metrics (Prometheus text format) on the main
+                           listener; GET /health is always answered [default: off]
+  --metrics-listen ADDR    serve GET /metrics and GET /health on a separate plain-HTTP
+                           listener at IP:PORT, so that metrics need not be public
+  --drain-timeout DUR      on SIGTERM, first stop accepting (health 503) and give peers
+                           DUR to leave before closing the rest with 1001 [default: 0]
   --protocol NAME          a subprotocol to accept (repeatable)
 ",
     deflate_help!(serve),
@@ -60,8 +66,9 @@ Options:
   -q, --quiet              only warnings and errors (--log warn)
   -V, --version            print the version
 
-Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
-closed (at most 3s); a second one exits at once. Exit status: 0 done, 1 failed (e.g. the
+Ctrl-C or SIGTERM stops accepting (GET /health turns 503), waits --drain-timeout for peers
+to leave, closes the rest with 1001 and exits 0 once they have closed (at most 3s more); a
+second one exits at once. Exit status: 0 done, 1 failed (e.g. the
 address is in use), 2 bad usage.
 "
 );
@@ -156,6 +163,15 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("tcp-keepalive") => cfg.tcp_keepalive = duration_or_off(&value(&mut p)?)?,
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
+            Long("metrics") => cfg.metrics = true,
+            Long("metrics-listen") => {
+                let v = value(&mut p)?;
+                let a = v
+                    .parse()
+                    .map_err(|_| format!("invalid --metrics-listen '{v}' (use IP:PORT, e.g. 127.0.0.1:9100)"))?;
+                cfg.metrics_listen = Some(a);
+            }
+            Long("drain-timeout") => cfg.drain_timeout = super::parse_duration(&value(&mut p)?)?,
             #[cfg(feature = "deflate")]
             Long("deflate") => cfg.deflate.enabled = true,
             #[cfg(feature = "deflate")]
@@ -273,12 +289,17 @@ fn serve(mut o: Parsed) -> Outcome {
         o.cfg.max_connections =
             workers::per_worker(o.max_given, n, wsloop::server::default_max_connections()).map_err(Failure::Usage)?;
         o.cfg.reuse_port = true;
-        match workers::supervise(o.addr, n, threads, o.cfg.shutdown_timeout, o.cfg.max_connections)
+        // Made before the workers fork: each publishes its metrics there for the others.
+        let board = wsloop::server::MetricsBoard::new(n)
+            .map_err(|e| Failure::Runtime(format!("cannot share metrics between workers: {e}")))?;
+        let stop_timeout = o.cfg.drain_timeout.saturating_add(o.cfg.shutdown_timeout);
+        match workers::supervise(o.addr, n, threads, stop_timeout, o.cfg.max_connections, board)
             .map_err(Failure::Runtime)?
         {
             None => return Ok(()),
             Some(w) => {
                 o.addr = w.addr;
+                o.cfg.metrics_board = Some(board.for_worker(w.index));
                 worker = Some(w);
             }
         }
@@ -303,6 +324,12 @@ fn serve(mut o: Parsed) -> Outcome {
             String::new()
         }
     };
+    if let Some(a) = server
+        .metrics_addr()
+        .filter(|_| worker.as_ref().is_none_or(|w| w.index == 1))
+    {
+        log::info!("metrics and health on http://{a}/metrics and /health");
+    }
     if tls_on(&server) {
         log::info!("TLS: wss:// and https://");
     }

@@ -91,6 +91,8 @@ pub(super) struct Group {
     pub(super) per_ip: Mutex<ipcount::IpCounts>,
     /// The cluster, once the server runs with one.
     pub(super) link: super::cluster_link::ClusterLink,
+    /// The loops' published metrics, the start time and the draining flag.
+    pub(super) board: super::metrics::Board,
 }
 
 /// Lets other threads reach a running server: send to one connection, publish to a topic,

@@ -156,6 +156,8 @@ pub(crate) struct ConnData<S> {
     pub(crate) counted: bool,
     /// The close code this server sent, 0 before it sends one (see [`Ending`]).
     pub(crate) sent_close: u16,
+    /// Accepted on the metrics listener: only the built-in routes are served.
+    pub(crate) admin: bool,
     pub(crate) state: S,
 }
 
@@ -439,6 +441,7 @@ impl<'a, S> Ctx<'a, S> {
         let here = id.lp() == usize::from(self.shared.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
+        self.shared.counters.bytes_out += if ok { msg.as_bytes().len() as u64 } else { 0 };
         ok
     }
 
@@ -508,6 +511,7 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
+        self.shared.counters.bytes_out += sent as u64 * super::metrics::payload_of_frame(frame.bytes().len());
         // Each connection looked at is work for the sender's wakeup (see `io::engine::QUANTUM`).
         self.eng.work += self.eng.slots.len();
         sent
@@ -598,6 +602,7 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
+        self.shared.counters.bytes_out += sent as u64 * super::metrics::payload_of_frame(frame.bytes().len());
         self.eng.work += i;
         sent
     }
@@ -622,6 +627,7 @@ impl<'a, S> Ctx<'a, S> {
                     );
                     self.eng.clear_queue(key);
                     close_conn(self.eng, key, close_code::POLICY_VIOLATION, "slow consumer");
+                    self.shared.counters.slow_closes += 1;
                 }
             }
             return false;
