@@ -148,7 +148,6 @@ impl<H: Handler> Srv<H> {
             opened: false,
             counted: data_counted,
             sent_close: 0,
-            admin,
             state: H::State::default(),
         };
         let stream = match server_stream(stream, &self.cfg, admin) {

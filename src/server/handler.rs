@@ -156,8 +156,6 @@ pub(crate) struct ConnData<S> {
     pub(crate) counted: bool,
     /// The close code this server sent, 0 before it sends one (see [`Ending`]).
     pub(crate) sent_close: u16,
-    /// Accepted on the metrics listener: only the built-in routes are served.
-    pub(crate) admin: bool,
     pub(crate) state: S,
 }
 

@@ -12,6 +12,7 @@ use super::handler::ServerEngine;
 use super::metrics::{self, LoopView, ProcessView, PUBLISH_TIMER};
 use super::serve::Srv;
 use super::Handler;
+use crate::io::transport::Transport;
 use crate::proto::{Answer, Request};
 
 /// What `/health` says of the cluster.
@@ -26,7 +27,7 @@ impl<H: Handler> Srv<H> {
     /// The answer to a built-in route, if `req` asks for one (on the metrics listener every
     /// request gets one).
     pub(super) fn builtin_route(&self, eng: &ServerEngine<H::State>, key: usize, req: &Request) -> Option<Answer> {
-        let admin = eng.slots[key].data.admin;
+        let admin = self.is_admin(eng, key);
         if !admin && req.is_upgrade() {
             return None;
         }
@@ -41,6 +42,19 @@ impl<H: Handler> Srv<H> {
                 "not found: this listener serves /metrics and /health",
             )),
         }
+    }
+
+    /// Whether connection `key` came through the metrics listener: its local address is the
+    /// listener's (asked of the socket only with a metrics listener, once per request; a flag
+    /// in the slot would grow every idle connection).
+    fn is_admin(&self, eng: &ServerEngine<H::State>, key: usize) -> bool {
+        let Some(admin) = self.admin.as_ref().and_then(|l| l.local_addr().ok()) else {
+            return false;
+        };
+        let Ok(local) = eng.slots[key].stream.tcp().local_addr() else {
+            return false;
+        };
+        local.port() == admin.port() && (admin.ip().is_unspecified() || local.ip() == admin.ip())
     }
 
     /// `200` and a small JSON body, or `503` while draining or while a configured cluster is

@@ -81,6 +81,13 @@ impl Server {
             loops.push((poll, listener));
         }
         let admin = match cfg.metrics_listen {
+            // Connections are told apart by the port they came to.
+            Some(a) if a.port() == addr.port() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the metrics listener needs a port of its own",
+                ))
+            }
             Some(a) => {
                 let mut l = if cfg.reuse_port {
                     bind_shared(a)?
