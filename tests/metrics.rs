@@ -2,6 +2,9 @@
 //! (`--drain-timeout`): counters that move with traffic, every loop and worker seen by one
 //! scrape, the page read by the official Python parser, health 503 while draining.
 
+#[cfg(feature = "tls")]
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
 
 use std::collections::BTreeMap;
@@ -446,4 +449,74 @@ fn the_library_serves_metrics_and_health_on_its_own_listener() {
     ws.close(None).unwrap();
     while ws.read().is_ok() {}
     thread.join().unwrap().unwrap();
+}
+
+#[cfg(feature = "cluster")]
+#[test]
+fn health_is_503_while_a_configured_cluster_is_down() {
+    // Nothing listens there: the bus never connects.
+    let url = format!("redis://127.0.0.1:{}", common::redis::free_port());
+    let server = common::spawn_server(&["--metrics", "--cluster", &url]);
+    let r = get(server.addr, "/health");
+    assert_eq!(r.status, 503, "{}", r.body);
+    let j: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(
+        (j["status"].as_str(), j["cluster"].as_str()),
+        (Some("cluster down"), Some("down"))
+    );
+    let m = samples(&get(server.addr, "/metrics").body);
+    assert_eq!(value(&m, "wsloop_cluster_up"), 0.0);
+    // With Redis there, the same server is healthy once the bus is up.
+    let Some(redis) = common::redis::RedisServer::start() else {
+        return;
+    };
+    let server = common::spawn_server(&["--metrics", "--cluster", &redis.url()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(server.addr, "/health");
+        if r.status == 200 {
+            assert!(r.body.contains("\"cluster\":\"up\""), "{}", r.body);
+            break;
+        }
+        assert!(Instant::now() < deadline, "health stayed {}: {}", r.status, r.body);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    scrape_until(server.addr, "/metrics", |m| m.get("wsloop_cluster_up") == Some(&1.0));
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn tls_handshakes_and_failures_are_counted() {
+    let dir = common::target_dir().join(format!("metrics-certs-{}", std::process::id()));
+    let c = certs::make(&dir);
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (cert, key) = (path(&c.cert), path(&c.key));
+    let server = common::spawn_server(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let admin = metrics_addr(&server);
+    let mut cfg = wsloop::client::ClientConfig::default();
+    cfg.tls = Some(wsloop::tls::ClientTls::with_ca_file(&c.ca).unwrap());
+    for _ in 0..2 {
+        let url = format!("wss://localhost:{}/", server.addr.port());
+        let mut client = wsloop::client::Client::connect(&url, cfg.clone()).unwrap();
+        client.close(1000, "").unwrap();
+    }
+    // A plain HTTP request on the TLS port is a failed session.
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    scrape_until(admin, "/metrics", |m| {
+        m.get("wsloop_tls_handshakes_total") == Some(&2.0)
+            && m.get("wsloop_tls_handshake_failures_total") == Some(&1.0)
+            && m.get("wsloop_connections_opened_total") == Some(&2.0)
+    });
+    let _ = std::fs::remove_dir_all(dir);
 }

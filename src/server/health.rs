@@ -17,6 +17,7 @@ use crate::proto::{Answer, Request};
 
 /// What `/health` says of the cluster.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 enum Cluster {
     Off,
     Up,

@@ -427,15 +427,19 @@ pub(crate) struct Board {
     pub(crate) draining: AtomicBool,
     loops: Box<[Mutex<Snapshot>]>,
     workers: Option<MetricsBoard>,
+    /// Metrics are served: count the descriptors when publishing (workers without metrics
+    /// publish only for `/health`'s connection count).
+    fds: bool,
 }
 
 impl Board {
-    pub(crate) fn new(loops: usize, workers: Option<MetricsBoard>) -> Board {
+    pub(crate) fn new(loops: usize, workers: Option<MetricsBoard>, fds: bool) -> Board {
         Board {
             started: Instant::now(),
             draining: AtomicBool::new(false),
             loops: (0..loops).map(|_| Mutex::new(Snapshot::default())).collect(),
             workers,
+            fds,
         }
     }
 
@@ -446,13 +450,13 @@ impl Board {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = view.snapshot();
         }
         if let Some(w) = self.workers.as_ref().filter(|_| lp == 0) {
-            w.publish(&self.process_sum(None, process));
+            w.publish(&self.process_sum(None, process, self.fds));
         }
     }
 
     /// The process's loops summed (loop `fresh` taken from `fresh_view` rather than its last
     /// copy), with the process's own gauges.
-    fn process_sum(&self, fresh: Option<(usize, &LoopView)>, process: &ProcessView) -> Snapshot {
+    fn process_sum(&self, fresh: Option<(usize, &LoopView)>, process: &ProcessView, fds: bool) -> Snapshot {
         let mut sum = Snapshot::default();
         for (lp, slot) in self.loops.iter().enumerate() {
             match fresh {
@@ -462,7 +466,9 @@ impl Board {
         }
         sum.0[MEMORY] = process.memory as u64;
         sum.0[MEMORY_LIMIT] = process.memory_limit as u64;
-        sum.0[FDS] = crate::io::sys::count_fds(std::process::id()).unwrap_or(0);
+        if fds {
+            sum.0[FDS] = crate::io::sys::count_fds(std::process::id()).unwrap_or(0);
+        }
         sum.0[DRAINING] = u64::from(self.draining.load(Ordering::Relaxed));
         sum.0[UPTIME] = self.started.elapsed().as_secs();
         if let Some((up, [out, inn, lost])) = process.cluster {
@@ -489,7 +495,7 @@ impl Board {
 
     /// The page for `GET /metrics`, answered by loop `lp` with its fresh view.
     pub(crate) fn render(&self, lp: usize, view: &LoopView, process: &ProcessView) -> String {
-        let here = self.process_sum(Some((lp, view)), process);
+        let here = self.process_sum(Some((lp, view)), process, true);
         // (label, snapshot): this process alone, or every worker that has published.
         let mut rows: Vec<(Option<usize>, Snapshot)> = Vec::new();
         match &self.workers {
@@ -620,7 +626,7 @@ mod tests {
 
     #[test]
     fn loops_are_summed_and_labels_kept_few() {
-        let board = Board::new(2, None);
+        let board = Board::new(2, None, true);
         let process = ProcessView {
             memory: 10,
             memory_limit: 100,
@@ -648,8 +654,8 @@ mod tests {
             memory_limit: 1,
             cluster: Some((true, [1, 2, 3])),
         };
-        Board::new(1, Some(shared.for_worker(2))).publish(0, &view(), &process);
-        let text = Board::new(1, Some(shared.for_worker(1))).render(0, &view(), &process);
+        Board::new(1, Some(shared.for_worker(2)), true).publish(0, &view(), &process);
+        let text = Board::new(1, Some(shared.for_worker(1)), true).render(0, &view(), &process);
         assert!(text.contains("\nwsloop_connections{worker=\"1\"} 2\n"), "{text}");
         assert!(text.contains("\nwsloop_connections{worker=\"2\"} 2\n"), "{text}");
         assert!(

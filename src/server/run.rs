@@ -106,7 +106,11 @@ impl Server {
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(ipcount::IpCounts::new()),
             link: super::cluster_link::ClusterLink::default(),
-            board: super::metrics::Board::new(cfg.threads, cfg.metrics_board),
+            board: super::metrics::Board::new(
+                cfg.threads,
+                cfg.metrics_board,
+                cfg.metrics || cfg.metrics_listen.is_some(),
+            ),
         };
         Ok(Server {
             loops,
