@@ -439,7 +439,7 @@ impl<'a, S> Ctx<'a, S> {
         let here = id.lp() == usize::from(self.shared.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
-        self.shared.counters.bytes_out += if ok { msg.as_bytes().len() as u64 } else { 0 };
+        self.shared.counters.bytes_out += u64::from(ok) * msg.as_bytes().len() as u64;
         ok
     }
 

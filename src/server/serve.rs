@@ -80,7 +80,9 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
     loop {
         let now = eng.tick();
         let mut deadline = eng.next_deadline();
-        for d in [srv.shutdown_deadline, srv.drain_until].into_iter().flatten() {
+        if let Some(d) = srv.shutdown_deadline {
+            // A drain ends before the shutdown does.
+            let d = srv.drain_until.unwrap_or(d);
             deadline = Some(deadline.map_or(d, |t| t.min(d)));
         }
         // Connections with input left (their work ran out) go on after a look at what is new.
@@ -99,6 +101,8 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         let mut commands_ran = false;
         for ev in events.iter() {
             match ev.token() {
+                // A connection's event first: one comparison against the reserved tokens.
+                Token(key) if key < ADMIN.0 => eng.on_ready(&mut srv, key, ev, &mut rbuf),
                 LISTENER => srv.accept_all(&mut eng),
                 ADMIN => srv.accept_admin(&mut eng),
                 WAKER => {
@@ -133,12 +137,12 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
             srv.shutdown_everywhere(&mut eng);
             eng.reap(&mut srv);
         }
-        if srv.drain_until.is_some_and(|d| eng.now >= d) {
-            srv.drain_until = None;
-            srv.close_peers(&mut eng);
-            eng.reap(&mut srv);
-        }
         if let Some(d) = srv.shutdown_deadline {
+            if srv.drain_until.is_some_and(|d| eng.now >= d) {
+                srv.drain_until = None;
+                srv.close_peers(&mut eng);
+                eng.reap(&mut srv);
+            }
             // Done once every peer's close handshake is over and our last bytes are out.
             if eng
                 .slots
