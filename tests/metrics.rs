@@ -520,3 +520,31 @@ fn tls_handshakes_and_failures_are_counted() {
     });
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_dashboard_in_the_docs_uses_only_metrics_the_server_has() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+    let at = doc.find("```json\n{").expect("a dashboard JSON block") + "```json\n".len();
+    let json = &doc[at..at + doc[at..].find("\n```").unwrap()];
+    let dash: serde_json::Value = serde_json::from_str(json).expect("the dashboard is JSON");
+    let server = common::spawn_server(&["--metrics"]);
+    let page = get(server.addr, "/metrics").body;
+    let families: Vec<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut exprs = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            exprs += 1;
+            for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if name.starts_with("wsloop_") {
+                    assert!(families.contains(&name), "{name} in {expr:?} is not on the page");
+                }
+            }
+        }
+    }
+    assert!(exprs >= 12, "{exprs} queries");
+}
