@@ -439,7 +439,6 @@ impl<'a, S> Ctx<'a, S> {
         let here = id.lp() == usize::from(self.shared.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
-        self.shared.counters.bytes_out += u64::from(ok) * msg.as_bytes().len() as u64;
         ok
     }
 
@@ -509,7 +508,6 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
-        self.shared.counters.bytes_out += sent as u64 * super::metrics::payload_of_frame(frame.bytes().len());
         // Each connection looked at is work for the sender's wakeup (see `io::engine::QUANTUM`).
         self.eng.work += self.eng.slots.len();
         sent
@@ -600,7 +598,6 @@ impl<'a, S> Ctx<'a, S> {
             }
         }
         self.shared.stats.messages_out += sent as u64;
-        self.shared.counters.bytes_out += sent as u64 * super::metrics::payload_of_frame(frame.bytes().len());
         self.eng.work += i;
         sent
     }

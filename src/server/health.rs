@@ -130,6 +130,7 @@ impl<H: Handler> Srv<H> {
         LoopView {
             stats: self.shared.stats,
             counters: self.shared.counters,
+            bytes: (eng.bytes_in, eng.bytes_out),
             queued: eng.slots.iter().map(|(_, s)| s.queued() as u64).sum(),
             tls,
             deflate,

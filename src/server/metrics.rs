@@ -126,13 +126,13 @@ const PLAIN: [(usize, &str, &str, &str); 26] = [
         BYTES_IN,
         "wsloop_received_bytes_total",
         "counter",
-        "Payload bytes of the messages received.",
+        "Bytes read from connections: frames and requests (after TLS).",
     ),
     (
         BYTES_OUT,
         "wsloop_sent_bytes_total",
         "counter",
-        "Payload bytes of the messages sent.",
+        "Bytes handed to connections to send: frames and answers (before TLS).",
     ),
     (
         ACCEPTED,
@@ -254,8 +254,6 @@ impl Snapshot {
 /// by the loop's thread.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) bytes_in: u64,
-    pub(crate) bytes_out: u64,
     pub(crate) accepted: u64,
     pub(crate) opened: u64,
     pub(crate) slow_closes: u64,
@@ -282,6 +280,8 @@ impl Counters {
 pub(crate) struct LoopView {
     pub(crate) stats: super::Stats,
     pub(crate) counters: Counters,
+    /// The engine's bytes in and out.
+    pub(crate) bytes: (u64, u64),
     pub(crate) queued: u64,
     pub(crate) tls: (u64, u64),
     /// permessage-deflate: inflated in/out, compressed in/out.
@@ -296,8 +296,7 @@ impl LoopView {
         s.0[QUEUED] = self.queued;
         s.0[MSG_IN] = st.messages_in;
         s.0[MSG_OUT] = st.messages_out;
-        s.0[BYTES_IN] = c.bytes_in;
-        s.0[BYTES_OUT] = c.bytes_out;
+        (s.0[BYTES_IN], s.0[BYTES_OUT]) = self.bytes;
         s.0[ACCEPTED] = c.accepted;
         s.0[OPENED] = c.opened;
         s.0[SLOW_CLOSES] = c.slow_closes;
@@ -590,18 +589,6 @@ fn series(out: &mut String, name: &str, worker: Option<usize>, label: Option<(&s
 /// The content type of the text format.
 pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The payload length of an unmasked frame of `len` bytes written by `write_frame`.
-pub(crate) fn payload_of_frame(len: usize) -> u64 {
-    let head = if len < 2 + 126 {
-        2
-    } else if len < 4 + 65536 {
-        4
-    } else {
-        10
-    };
-    len.saturating_sub(head) as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,6 +605,7 @@ mod tests {
                 ..Default::default()
             },
             counters,
+            bytes: (0, 0),
             queued: 0,
             tls: (0, 0),
             deflate: [0; 4],
@@ -666,13 +654,5 @@ mod tests {
         shared.clear(2);
         assert!(shared.read(2).is_none());
         assert!(MetricsBoard::new(0).is_err());
-    }
-
-    #[test]
-    fn frame_payloads() {
-        assert_eq!(payload_of_frame(2 + 125), 125);
-        assert_eq!(payload_of_frame(4 + 126), 126);
-        assert_eq!(payload_of_frame(4 + 65535), 65535);
-        assert_eq!(payload_of_frame(10 + 65536), 65536);
     }
 }

@@ -431,7 +431,6 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             Event::Message(payload) => {
                 self.shared.stats.messages_in += 1;
                 let msg = payload.as_message();
-                self.shared.counters.bytes_in += msg.as_bytes().len() as u64;
                 self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));
             }
             Event::Close { code, reason } => {
