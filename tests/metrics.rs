@@ -242,14 +242,35 @@ fn health_is_json_and_always_on() {
 
 #[test]
 fn one_scrape_sees_every_loop() {
-    let server = common::spawn_server(&["--metrics", "--threads", "2"]);
-    let mut peers: Vec<Ws> = (0..8).map(|_| ws_connect(server.addr)).collect();
-    for ws in &mut peers {
-        echo_some(ws, 1);
+    let server = common::spawn_server(&["--metrics", "--threads", "2", "--stats", "100ms"]);
+    // The kernel spreads connections over the loops by a hash: connect until both hold some
+    // (their stats lines say so), so that a scrape on either must add the other's.
+    let open_on = |lp: usize| -> u64 {
+        let err = server.stderr();
+        let pat = format!("stats t{lp} open=");
+        err.rfind(&pat)
+            .and_then(|at| err[at + pat.len()..].split(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut peers: Vec<Ws> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while peers.len() < 8 || open_on(0) == 0 || open_on(1) == 0 {
+        assert!(peers.len() < 64, "64 connections, all on one loop");
+        assert!(Instant::now() < deadline, "{}", server.stderr());
+        if peers.len() < 8 || open_on(0) + open_on(1) == peers.len() as u64 {
+            let mut ws = ws_connect(server.addr);
+            echo_some(&mut ws, 1);
+            peers.push(ws);
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
-    scrape_until(server.addr, "/metrics", |m| {
-        m.get("wsloop_connections") == Some(&8.0) && m.get("wsloop_messages_received_total") == Some(&8.0)
-    });
+    let n = peers.len() as f64;
+    for _ in 0..4 {
+        scrape_until(server.addr, "/metrics", |m| {
+            m.get("wsloop_connections") == Some(&n) && m.get("wsloop_messages_received_total") == Some(&n)
+        });
+    }
 }
 
 #[test]
