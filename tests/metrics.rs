@@ -577,3 +577,62 @@ fn the_dashboard_in_the_docs_uses_only_metrics_the_server_has() {
     }
     assert!(exprs >= 12, "{exprs} queries");
 }
+
+#[test]
+fn workers_drain_when_the_parent_gets_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = common::spawn_server(&["--processes", "2", "--drain-timeout", "2s", "--metrics-listen", &listen]);
+    let admin: SocketAddr = listen.parse().unwrap();
+    let mut peers: Vec<Ws> = (0..6).map(|_| ws_connect(server.addr)).collect();
+    for ws in &mut peers {
+        echo_some(ws, 1);
+    }
+    let t0 = Instant::now();
+    sigterm(server.pid());
+    // Every worker drains: whichever answers on the shared metrics port says 503.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut draining = 0;
+    while draining < 4 {
+        assert!(Instant::now() < deadline, "health did not turn 503 on every answer");
+        // A refused connection here panics: the listener must stay open while draining.
+        let r = get(admin, "/health");
+        draining = if r.status == 503 { draining + 1 } else { 0 };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The peers still work, then get 1001 once the drain time is up.
+    for ws in &mut peers {
+        echo_some(ws, 1);
+    }
+    for ws in &mut peers {
+        let code = loop {
+            match ws.read() {
+                Ok(TMessage::Close(Some(f))) => break u16::from(f.code),
+                Ok(_) => {}
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        };
+        assert_eq!(code, 1001);
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1800),
+        "closed after {:?}",
+        t0.elapsed()
+    );
+    for ws in &mut peers {
+        let _ = ws.flush();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = server.child_mut().try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the parent did not exit after the drain");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}\n{}", server.stderr());
+}
