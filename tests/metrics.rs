@@ -636,3 +636,31 @@ fn workers_drain_when_the_parent_gets_sigterm() {
     };
     assert!(status.success(), "exit status {status}\n{}", server.stderr());
 }
+
+#[test]
+fn bad_values_are_usage_errors_with_one_line() {
+    let bin = env!("CARGO_BIN_EXE_wsloop");
+    for (args, want) in [
+        (
+            &["--metrics-listen", "localhost"][..],
+            "invalid --metrics-listen 'localhost'",
+        ),
+        (&["--drain-timeout", "soon"][..], "invalid duration 'soon'"),
+    ] {
+        let out = Command::new(bin).arg("serve").args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A metrics listener on the main port could not tell its connections apart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = wsloop::ServerConfig::default().with_metrics_listen(addr);
+    let e = wsloop::server::Server::bind(addr, cfg).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("port of its own"), "{e}");
+}

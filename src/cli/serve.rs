@@ -51,13 +51,13 @@ Options:
   --ping-interval DUR|off  ping peers silent this long [default: off]
   --tcp-keepalive DUR|off  TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
+  --protocol NAME          a subprotocol to accept (repeatable)
   --metrics                answer GET /metrics (Prometheus text format) on the main
                            listener; GET /health is always answered [default: off]
   --metrics-listen ADDR    serve GET /metrics and GET /health on a separate plain-HTTP
                            listener at IP:PORT, so that metrics need not be public
   --drain-timeout DUR      on SIGTERM, first stop accepting (health 503) and give peers
                            DUR to leave before closing the rest with 1001 [default: 0]
-  --protocol NAME          a subprotocol to accept (repeatable)
 ",
     deflate_help!(serve),
     serve_tls_help!(),
@@ -68,8 +68,8 @@ Options:
 
 Ctrl-C or SIGTERM stops accepting (GET /health turns 503), waits --drain-timeout for peers
 to leave, closes the rest with 1001 and exits 0 once they have closed (at most 3s more); a
-second one exits at once. Exit status: 0 done, 1 failed (e.g. the
-address is in use), 2 bad usage.
+second one exits at once. Exit status: 0 done, 1 failed (e.g. the address is in use),
+2 bad usage.
 "
 );
 
