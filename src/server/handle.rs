@@ -317,7 +317,8 @@ impl Handle {
         self.push_all(|| Command::Wake)
     }
 
-    /// Starts a graceful shutdown, as SIGTERM would.
+    /// Starts a graceful shutdown, as SIGTERM would (draining first for
+    /// [`ServerConfig::drain_timeout`](super::ServerConfig::drain_timeout)).
     pub fn shutdown(&self) -> Result<(), HandleError> {
         self.push_all(|| Command::Shutdown)
     }
