@@ -55,6 +55,12 @@ Options:
   --tcp-keepalive DUR|off  TCP keep-alive probes after this idle time [default: off]
   --origin ORIGIN          allow this Origin (repeatable; default: any)
   --protocol NAME          a subprotocol to accept (repeatable)
+  --metrics                answer GET /metrics (Prometheus text format) on the main
+                           listener; GET /health is always answered [default: off]
+  --metrics-listen ADDR    serve GET /metrics and GET /health on a separate plain-HTTP
+                           listener at IP:PORT, so that metrics need not be public
+  --drain-timeout DUR      on SIGTERM, first stop accepting (health 503) and give peers
+                           DUR to leave before closing the rest with 1001 [default: 0]
 ",
     deflate_help!(serve),
     serve_tls_help!(),
@@ -63,9 +69,10 @@ Options:
   -q, --quiet              only warnings and errors (--log warn)
   -V, --version            print the version
 
-Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
-closed (at most 3s); a second one exits at once. Exit status: 0 done, 1 failed (e.g. the
-address is in use), 2 bad usage.
+Ctrl-C or SIGTERM stops accepting (GET /health turns 503), waits --drain-timeout for peers
+to leave, closes the rest with 1001 and exits 0 once they have closed (at most 3s more); a
+second one exits at once. Exit status: 0 done, 1 failed (e.g. the address is in use),
+2 bad usage.
 "
 );
 
@@ -159,6 +166,15 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("tcp-keepalive") => cfg.tcp_keepalive = duration_or_off(&value(&mut p)?)?,
             Long("origin") => cfg.origins.push(value(&mut p)?),
             Long("protocol") => cfg.protocols.push(value(&mut p)?),
+            Long("metrics") => cfg.metrics = true,
+            Long("metrics-listen") => {
+                let v = value(&mut p)?;
+                let a = v
+                    .parse()
+                    .map_err(|_| format!("invalid --metrics-listen '{v}' (use IP:PORT, e.g. 127.0.0.1:9100)"))?;
+                cfg.metrics_listen = Some(a);
+            }
+            Long("drain-timeout") => cfg.drain_timeout = super::parse_duration(&value(&mut p)?)?,
             #[cfg(feature = "deflate")]
             Long("deflate") => cfg.deflate.enabled = true,
             #[cfg(feature = "deflate")]
@@ -276,12 +292,17 @@ fn serve(mut o: Parsed) -> Outcome {
         o.cfg.max_connections =
             workers::per_worker(o.max_given, n, wsloop::server::default_max_connections()).map_err(Failure::Usage)?;
         o.cfg.reuse_port = true;
-        match workers::supervise(o.addr, n, threads, o.cfg.shutdown_timeout, o.cfg.max_connections)
+        // Made before the workers fork: each publishes its metrics there for the others.
+        let board = wsloop::server::MetricsBoard::new(n)
+            .map_err(|e| Failure::Runtime(format!("cannot share metrics between workers: {e}")))?;
+        let stop_timeout = o.cfg.drain_timeout.saturating_add(o.cfg.shutdown_timeout);
+        match workers::supervise(o.addr, n, threads, stop_timeout, o.cfg.max_connections, board)
             .map_err(Failure::Runtime)?
         {
             None => return Ok(()),
             Some(w) => {
                 o.addr = w.addr;
+                o.cfg.metrics_board = Some(board.for_worker(w.index));
                 worker = Some(w);
             }
         }
@@ -306,6 +327,12 @@ fn serve(mut o: Parsed) -> Outcome {
             String::new()
         }
     };
+    if let Some(a) = server
+        .metrics_addr()
+        .filter(|_| worker.as_ref().is_none_or(|w| w.index == 1))
+    {
+        log::info!("metrics and health on http://{a}/metrics and /health");
+    }
     if tls_on(&server) {
         log::info!("TLS: wss:// and https://");
     }

@@ -122,13 +122,14 @@ struct Slot {
 /// `Ok(None)` in the parent once every worker has stopped after a signal, and
 /// `Ok(Some(worker))` in a worker, which then binds (with `SO_REUSEPORT`), runs its server,
 /// calls [`Worker::serving`] and has each loop beat its [`Worker::heartbeat`] every
-/// [`HEARTBEAT`].
+/// [`HEARTBEAT`]. A worker that dies has its slot of `board` (the workers' metrics) emptied.
 pub fn supervise(
     addr: SocketAddr,
     n: usize,
     threads: usize,
     stop_timeout: Duration,
     per: usize,
+    board: wsloop::server::MetricsBoard,
 ) -> Result<Option<Worker>, String> {
     // Held bound but not listening (so it gets no connections): finds the port for port 0,
     // reports a busy port before any worker starts, and keeps the port while workers restart.
@@ -271,6 +272,7 @@ pub fn supervise(
                 continue;
             };
             slot.pid = None;
+            board.clear(i + 1);
             let what = procs::describe(status);
             if stop_by.is_some() {
                 if !procs::stopped_cleanly(status) {

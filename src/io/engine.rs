@@ -235,6 +235,10 @@ pub(crate) struct Engine<T, P, R> {
     pub(crate) quantum: usize,
     /// Connections with input left, in the order their work ran out.
     ready: std::collections::VecDeque<Ready>,
+    /// Bytes read from the connections (after TLS), and bytes handed to them to send (frames
+    /// and HTTP answers, before TLS): one addition per read and per write, for the metrics.
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
     /// permessage-deflate for every connection of the loop: it allocates only once a message
     /// is compressed or inflated, and no connection holds compression state between messages.
     #[cfg(feature = "deflate")]
@@ -279,6 +283,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             codec_mark: 0,
             quantum: usize::MAX,
             ready: std::collections::VecDeque::new(),
+            bytes_in: 0,
+            bytes_out: 0,
             #[cfg(feature = "deflate")]
             codec: proto::deflate::Codec::default(),
         }
@@ -616,6 +622,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             // skip the read that would only return WouldBlock (one system call per message).
             let drained = n < cap && !hup && slot.stream.short_read_drains();
             self.work += 1 + n / 256;
+            self.bytes_in += n as u64;
             let done = self.process(d, key, &mut rbuf[..n]);
             if done < n {
                 // The work ran out in the middle of this read: the rest waits its turn.
@@ -877,6 +884,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if self.cork.is_empty() {
             return;
         }
+        self.bytes_out += self.cork.len() as u64;
         let slot = &mut self.slots[key];
         if slot.flags & DEAD != 0 {
             self.cork.clear();
@@ -1030,6 +1038,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             let mut out = std::mem::take(&mut self.scratch);
             out.clear();
             let t = slot.conn.handle_timeout(&self.cfg, self.now, &mut self.rng, &mut out);
+            self.bytes_out += out.len() as u64;
             if !out.is_empty() {
                 if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut out) {
                     self.kill(key, Cause::Io(e));
@@ -1125,6 +1134,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     fn flush_scratch(&mut self, key: usize, before: Option<usize>) {
         let Some(before) = before else { return };
         if !self.scratch.is_empty() {
+            self.bytes_out += self.scratch.len() as u64;
             let slot = &mut self.slots[key];
             if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.scratch) {
                 self.kill(key, Cause::Io(e));
@@ -1217,6 +1227,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             return;
         }
         let before = slot.charge();
+        self.bytes_out += frame.bytes().len() as u64;
         if let Err(e) = outbox::send_shared(&mut slot.stream, &mut slot.out, frame) {
             self.kill(key, Cause::Io(e));
         }

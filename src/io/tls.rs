@@ -183,6 +183,18 @@ fn discard(tcp: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+thread_local! {
+    /// TLS handshakes this thread completed, and sessions that failed (for the metrics; a
+    /// server loop has a thread of its own).
+    static HANDSHAKES: Cell<u64> = const { Cell::new(0) };
+    static FAILURES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// TLS handshakes completed on this thread, and sessions failed.
+pub(crate) fn counts() -> (u64, u64) {
+    (HANDSHAKES.get(), FAILURES.get())
+}
+
 /// Appends what an `EncodeTlsData` state holds (a handshake message or an alert) to `out`.
 fn encode<D>(e: &mut rustls::unbuffered::EncodeTlsData<'_, D>, out: &mut Vec<u8>) {
     let start = out.len();
@@ -245,6 +257,7 @@ impl<S: Side> Tls<'_, S> {
     fn fail(&mut self, err: rustls::Error, rest: &mut [u8]) -> io::Error {
         let s = &mut *self.s;
         s.flags |= FAILED;
+        FAILURES.set(FAILURES.get() + 1);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = s.conn.process(rest).state {
             encode(&mut e, &mut s.pending_out);
         }
@@ -290,6 +303,7 @@ impl<S: Side> Tls<'_, S> {
                 Ok(ConnectionState::WriteTraffic(_)) => {
                     if s.flags & HANDSHAKE_DONE == 0 {
                         s.flags |= HANDSHAKE_DONE | WRITE_READY;
+                        HANDSHAKES.set(HANDSHAKES.get() + 1);
                     }
                     stop = true;
                 }
@@ -437,6 +451,7 @@ impl<S: Side> Tls<'_, S> {
                 if inc[0].is_ascii_uppercase() && !S::IS_CLIENT {
                     let _ = Write::write(&mut self.tcp, PLAIN_ON_TLS);
                     self.s.flags |= FAILED;
+                    FAILURES.set(FAILURES.get() + 1);
                     return Err(invalid("plain HTTP request on the TLS port"));
                 }
             }

@@ -24,15 +24,16 @@ pub(super) const ACCEPT_TIMER: u64 = u64::MAX >> 1;
 const REFUSE_AT_ONCE: usize = 256;
 
 /// The stream for an accepted socket: TLS when the server has a TLS configuration.
-fn server_stream(tcp: TcpStream, cfg: &ServerConfig) -> io::Result<ServerStream> {
+/// (The metrics listener's connections, `admin`, are plain HTTP.)
+fn server_stream(tcp: TcpStream, cfg: &ServerConfig, admin: bool) -> io::Result<ServerStream> {
     #[cfg(feature = "tls")]
     return match &cfg.tls {
-        Some(t) => ServerStream::tls(tcp, &t.config),
-        None => Ok(ServerStream::plain(tcp)),
+        Some(t) if !admin => ServerStream::tls(tcp, &t.config),
+        _ => Ok(ServerStream::plain(tcp)),
     };
     #[cfg(not(feature = "tls"))]
     {
-        let _ = cfg;
+        let _ = (cfg, admin);
         Ok(tcp)
     }
 }
@@ -76,11 +77,20 @@ impl<H: Handler> Srv<H> {
                     continue;
                 }
             };
-            self.add_connection(eng, stream, addr);
+            self.add_connection(eng, stream, addr, false);
         }
     }
 
-    fn add_connection(&mut self, eng: &mut ServerEngine<H::State>, stream: TcpStream, addr: SocketAddr) {
+    /// Admits an accepted connection; `admin`: from the metrics listener (plain HTTP, only the
+    /// built-in routes).
+    pub(super) fn add_connection(
+        &mut self,
+        eng: &mut ServerEngine<H::State>,
+        stream: TcpStream,
+        addr: SocketAddr,
+        admin: bool,
+    ) {
+        self.shared.counters.accepted += 1;
         // Counted over every loop; given back by `give_back`, from `on_removed` or below.
         let slots = self.group().slots.fetch_add(1, Ordering::Relaxed);
         let mut over = slots >= self.cfg.max_connections;
@@ -134,7 +144,7 @@ impl<H: Handler> Srv<H> {
         let peer = PeerAddr::new(addr, &mut self.shared.peers);
         let data_counted = !over && self.cfg.max_connections_per_ip.is_some();
         let data = ConnData::new(peer, data_counted);
-        let stream = match server_stream(stream, &self.cfg) {
+        let stream = match server_stream(stream, &self.cfg, admin) {
             Ok(s) => s,
             Err(e) => {
                 peer_log(log::Level::Warn, addr, format_args!(": {e}"));

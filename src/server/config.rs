@@ -108,6 +108,50 @@ pub struct ServerConfig {
     /// every [`ConnId`](super::ConnId).
     #[cfg(feature = "cluster")]
     pub cluster: Option<super::cluster::ClusterConfig>,
+    /// Answer `GET /metrics` on the main listener with the server's metrics in the Prometheus
+    /// text format (default: off; a plain request for `/metrics` then gets what any other path
+    /// gets). See [`with_metrics`](Self::with_metrics) and `docs/operations.md`.
+    pub metrics: bool,
+    /// A second, plain-HTTP listener for `GET /metrics` and `GET /health` only (default:
+    /// none), so that metrics need not be public; it serves metrics whatever
+    /// [`metrics`](Self::metrics) says. Served by the first loop; it stays open while the
+    /// server drains, so probes see `503`. With [`reuse_port`](Self::reuse_port) it is bound
+    /// with `SO_REUSEPORT` too (every worker process of one port answers on it). See
+    /// [`Server::metrics_addr`](super::Server::metrics_addr).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Shared memory through which the worker processes of one port publish their metrics to
+    /// one another (default: none; see [`MetricsBoard`](super::MetricsBoard)).
+    pub metrics_board: Option<super::MetricsBoard>,
+    /// How long a shutdown (SIGTERM with [`handle_signals`](Self::handle_signals),
+    /// [`Handle::shutdown`](super::Handle::shutdown), [`Ctx::shutdown`](super::Ctx::shutdown))
+    /// drains before it closes the peers (default 0: close them at once). Draining stops
+    /// accepting (the listeners close) and turns `GET /health` to `503`; connections go on
+    /// until they leave or the time is up, then the rest are closed with `1001` and given
+    /// [`shutdown_timeout`](Self::shutdown_timeout) to answer. The server returns as soon as
+    /// none remain.
+    pub drain_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Turns on `GET /metrics` on the main listener ([`metrics`](Self::metrics)).
+    pub fn with_metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
+    /// Serves `GET /metrics` and `GET /health` on a listener of their own at `addr`
+    /// ([`metrics_listen`](Self::metrics_listen)).
+    pub fn with_metrics_listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
+        self
+    }
+
+    /// Drains for `timeout` before closing the peers on a shutdown
+    /// ([`drain_timeout`](Self::drain_timeout)).
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
 }
 
 /// Descriptors kept free for the listener, the poll, logging and the like.
@@ -155,6 +199,10 @@ impl Default for ServerConfig {
             deflate: proto::deflate::DeflateConfig::default(),
             #[cfg(feature = "cluster")]
             cluster: None,
+            metrics: false,
+            metrics_listen: None,
+            metrics_board: None,
+            drain_timeout: Duration::ZERO,
         }
     }
 }

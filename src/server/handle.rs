@@ -91,6 +91,8 @@ pub(super) struct Group {
     pub(super) per_ip: Mutex<ipcount::IpCounts>,
     /// The cluster, once the server runs with one.
     pub(super) link: super::cluster_link::ClusterLink,
+    /// The loops' published metrics, the start time and the draining flag.
+    pub(super) board: super::metrics::Board,
 }
 
 /// Lets other threads reach a running server: send to one connection, publish to a topic,
@@ -315,7 +317,8 @@ impl Handle {
         self.push_all(|| Command::Wake)
     }
 
-    /// Starts a graceful shutdown, as SIGTERM would.
+    /// Starts a graceful shutdown, as SIGTERM would (draining first for
+    /// [`ServerConfig::drain_timeout`](super::ServerConfig::drain_timeout)).
     pub fn shutdown(&self) -> Result<(), HandleError> {
         self.push_all(|| Command::Shutdown)
     }

@@ -737,6 +737,7 @@ impl<'a, S> Ctx<'a, S> {
                     );
                     self.eng.clear_queue(key);
                     close_conn(self.eng, key, close_code::POLICY_VIOLATION, "slow consumer");
+                    self.shared.counters.slow_closes += 1;
                 }
             }
             return false;
@@ -852,7 +853,9 @@ impl<'a, S> Ctx<'a, S> {
     }
 
     /// Starts a graceful shutdown of every loop once this callback returns: stop accepting,
-    /// close every peer with 1001, then return from [`Server::run`](super::Server::run).
+    /// drain for [`ServerConfig::drain_timeout`](super::ServerConfig::drain_timeout) (none by
+    /// default), close every peer left with 1001, then return from
+    /// [`Server::run`](super::Server::run).
     pub fn shutdown(&mut self) {
         self.shared.shutdown_requested = true;
     }

@@ -13,6 +13,8 @@ use crate::io::timer::deadline_after;
 /// The loop's own state that handlers reach through [`Ctx`].
 pub(crate) struct Shared {
     pub(crate) stats: Stats,
+    /// The loop's other counters, for the metrics.
+    pub(crate) counters: super::metrics::Counters,
     pub(crate) max_backpressure: usize,
     pub(crate) slow_consumer: SlowConsumer,
     /// Pending handler timers: generation and the connection each belongs to. A timer's id is
@@ -40,6 +42,7 @@ impl Shared {
     pub(super) fn new(cfg: &ServerConfig, lp: u8, handle: Handle) -> Shared {
         Shared {
             stats: Stats::default(),
+            counters: super::metrics::Counters::default(),
             max_backpressure: cfg.max_backpressure,
             slow_consumer: cfg.slow_consumer,
             timers: slab::Slab::new(),

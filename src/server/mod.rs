@@ -33,8 +33,10 @@ mod cluster_link;
 pub mod config;
 mod handle;
 pub mod handler;
+mod health;
 mod ipcount;
 mod loop_state;
+mod metrics;
 pub mod modes;
 mod run;
 mod serve;
@@ -46,6 +48,7 @@ pub use cluster::{ClusterConfig, ClusterState, ClusterStats, ClusterUrlError, Re
 pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
 pub use handle::{Handle, HandleError};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
+pub use metrics::MetricsBoard;
 pub use modes::{Broadcast, Echo, Reply};
 pub use run::Server;
 
@@ -55,6 +58,8 @@ use loop_state::Shared;
 const LISTENER: Token = reserved_token(0);
 const WAKER: Token = reserved_token(1);
 const SIGNALS: Token = reserved_token(2);
+/// The `--metrics-listen` listener (first loop only).
+const ADMIN: Token = reserved_token(3);
 
 /// Logs a line about one peer: `ADDR` then `what`. One function for every such line keeps the
 /// binary small (each `log!` call site costs its own formatting and metadata).

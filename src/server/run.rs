@@ -11,7 +11,7 @@ use mio::{Interest, Poll, Waker};
 
 use super::handle::{Group, Handle, Inbox};
 use super::serve::serve_loop;
-use super::{config, default_max_connections, ipcount, Handler, ServerConfig, LISTENER, WAKER};
+use super::{config, default_max_connections, ipcount, Handler, ServerConfig, ADMIN, LISTENER, WAKER};
 use crate::io::budget::Budget;
 
 /// A bound server, ready to [`run`](Server::run). It may be moved to the thread that runs it.
@@ -19,6 +19,8 @@ pub struct Server {
     /// Each loop's poll and listener (one listener per loop on the same port).
     loops: Vec<(Poll, TcpListener)>,
     local_addr: SocketAddr,
+    /// The metrics listener ([`ServerConfig::metrics_listen`]), served by the first loop.
+    admin: Option<TcpListener>,
     cfg: ServerConfig,
     /// Marks the handles stopped when the server is dropped without running, or `run` returns.
     stop: StopGuard,
@@ -78,6 +80,25 @@ impl Server {
             });
             loops.push((poll, listener));
         }
+        let admin = match cfg.metrics_listen {
+            // Connections are told apart by the port they came to.
+            Some(a) if a.port() == addr.port() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the metrics listener needs a port of its own",
+                ))
+            }
+            Some(a) => {
+                let mut l = if cfg.reuse_port {
+                    bind_shared(a)?
+                } else {
+                    TcpListener::bind(a)?
+                };
+                loops[0].0.registry().register(&mut l, ADMIN, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         let group = Group {
             inboxes: inboxes.into_boxed_slice(),
             budget: Budget::new(cfg.max_memory),
@@ -85,10 +106,16 @@ impl Server {
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(ipcount::IpCounts::new()),
             link: super::cluster_link::ClusterLink::default(),
+            board: super::metrics::Board::new(
+                cfg.threads,
+                cfg.metrics_board,
+                cfg.metrics || cfg.metrics_listen.is_some(),
+            ),
         };
         Ok(Server {
             loops,
             local_addr: addr,
+            admin,
             cfg,
             stop: StopGuard(Handle { group: Arc::new(group) }, None),
         })
@@ -97,6 +124,11 @@ impl Server {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the metrics listener ([`ServerConfig::metrics_listen`]), if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Whether the server speaks TLS ([`ServerConfig::tls`]).
@@ -123,7 +155,11 @@ impl Server {
             ));
         }
         let Server {
-            mut loops, cfg, stop, ..
+            mut loops,
+            cfg,
+            stop,
+            admin,
+            ..
         } = self;
         stop.0.group.link.start(&cfg, &stop.0.group)?;
         let (poll, listener) = loops.pop().expect("one loop");
@@ -133,6 +169,7 @@ impl Server {
                 lp: 0,
                 poll,
                 listener,
+                admin,
                 cfg,
                 handle,
             },
@@ -159,7 +196,14 @@ impl Server {
         H: Handler + Send,
         F: FnMut(usize) -> H,
     {
-        let Server { loops, cfg, stop, .. } = self;
+        let Server {
+            loops,
+            cfg,
+            stop,
+            admin,
+            ..
+        } = self;
+        let mut admin = admin;
         stop.0.group.link.start(&cfg, &stop.0.group)?;
         let handle = stop.0.clone();
         let mut loops: Vec<_> = loops
@@ -170,6 +214,7 @@ impl Server {
                     lp,
                     poll,
                     listener,
+                    admin: admin.take(),
                     cfg: cfg.clone(),
                     handle: handle.clone(),
                 };
@@ -222,6 +267,8 @@ pub(super) struct LoopParts {
     pub(super) lp: usize,
     pub(super) poll: Poll,
     pub(super) listener: TcpListener,
+    /// The metrics listener, on the first loop.
+    pub(super) admin: Option<TcpListener>,
     pub(super) cfg: ServerConfig,
     pub(super) handle: Handle,
 }

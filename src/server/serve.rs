@@ -14,10 +14,11 @@ use mio::{Events, Token};
 use super::accept::ACCEPT_TIMER;
 use super::handle::{message, Command, Group};
 use super::handler::{ConnData, ServerEngine};
+use super::metrics::PUBLISH_TIMER;
 use super::run::LoopParts;
 use super::signals::Signals;
 use super::{peer_log, Conn, ConnId, Ctx, Handler, ServerConfig, Shared, Timer, TimerId, Upgrade};
-use super::{LISTENER, SIGNALS, WAKER};
+use super::{ADMIN, LISTENER, SIGNALS, WAKER};
 use crate::io::engine::{Cause, Driver, Engine, SHED_CODE};
 use crate::io::stream::ServerStream;
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -30,6 +31,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         lp,
         poll,
         listener,
+        admin,
         cfg,
         handle,
     } = parts;
@@ -54,6 +56,8 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         handler,
         shared: Shared::new(&cfg, lp as u8, handle),
         listener: Some(listener),
+        admin,
+        drain_until: None,
         accept_paused: false,
         emfile_logged: false,
         spare_fd: File::open("/dev/null").ok(),
@@ -65,6 +69,9 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; srv.cfg.read_buffer_size];
     eng.tick();
+    if srv.publishes() {
+        srv.publish(&mut eng);
+    }
     srv.handler.on_start(&mut Ctx {
         eng: &mut eng,
         shared: &mut srv.shared,
@@ -74,6 +81,8 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         let now = eng.tick();
         let mut deadline = eng.next_deadline();
         if let Some(d) = srv.shutdown_deadline {
+            // A drain ends before the shutdown does.
+            let d = srv.drain_until.unwrap_or(d);
             deadline = Some(deadline.map_or(d, |t| t.min(d)));
         }
         // Connections with input left (their work ran out) go on after a look at what is new.
@@ -92,7 +101,10 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         let mut commands_ran = false;
         for ev in events.iter() {
             match ev.token() {
+                // A connection's event first: one comparison against the reserved tokens.
+                Token(key) if key < ADMIN.0 => eng.on_ready(&mut srv, key, ev, &mut rbuf),
                 LISTENER => srv.accept_all(&mut eng),
+                ADMIN => srv.accept_admin(&mut eng),
                 WAKER => {
                     commands_ran = true;
                     if srv.run_commands(&mut eng) {
@@ -126,6 +138,11 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
             eng.reap(&mut srv);
         }
         if let Some(d) = srv.shutdown_deadline {
+            if srv.drain_until.is_some_and(|d| eng.now >= d) {
+                srv.drain_until = None;
+                srv.close_peers(&mut eng);
+                eng.reap(&mut srv);
+            }
             // Done once every peer's close handshake is over and our last bytes are out.
             if eng
                 .slots
@@ -151,6 +168,10 @@ pub(super) struct Srv<H: Handler> {
     pub(super) shared: Shared,
     pub(super) cfg: ServerConfig,
     pub(super) listener: Option<TcpListener>,
+    /// The metrics listener (first loop only), open until the loop returns.
+    pub(super) admin: Option<TcpListener>,
+    /// Draining until then: not accepting, the peers not closed yet.
+    pub(super) drain_until: Option<u64>,
     pub(super) accept_paused: bool,
     pub(super) emfile_logged: bool,
     /// A descriptor held in reserve: at the descriptor limit it is closed for a moment so that
@@ -217,7 +238,9 @@ impl<H: Handler> Srv<H> {
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
     fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
         let addr = self.addr(eng, key);
-        let answer = if !req.is_upgrade() {
+        let answer = if let Some(answer) = self.builtin_route(eng, key, &req) {
+            answer
+        } else if !req.is_upgrade() {
             self.plain_answer(eng, &req, addr)
         } else if let Some(origin) = req.origin().filter(|o| !self.origin_allowed(o)) {
             peer_log(
@@ -252,6 +275,9 @@ impl<H: Handler> Srv<H> {
         let upgraded = eng.accept(key, &req, &answer, None);
         if !upgraded {
             if let Answer::Reject { status, body, .. } = &answer {
+                if req.is_upgrade() {
+                    self.shared.counters.refused(*status);
+                }
                 peer_log(
                     log::Level::Info,
                     addr,
@@ -263,6 +289,7 @@ impl<H: Handler> Srv<H> {
         let slot = &mut eng.slots[key];
         slot.data.set_opened(true);
         self.shared.stats.open += 1;
+        self.shared.counters.opened += 1;
         self.group().open.fetch_add(1, Ordering::Relaxed);
         peer_log(log::Level::Info, addr, format_args!(" connected"));
         self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
@@ -305,6 +332,7 @@ impl<H: Handler> Srv<H> {
             return;
         }
         self.shared.stats.open -= 1;
+        self.shared.counters.closed(code);
         self.group().open.fetch_sub(1, Ordering::Relaxed);
         peer_log(
             log::Level::Info,
@@ -379,10 +407,25 @@ impl<H: Handler> Srv<H> {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        self.shutdown_deadline = Some(deadline_after(eng.now, self.cfg.shutdown_timeout));
+        let drain = self.cfg.drain_timeout;
+        self.shutdown_deadline = Some(deadline_after(eng.now, drain.saturating_add(self.cfg.shutdown_timeout)));
+        self.group().board.draining.store(true, Ordering::Relaxed);
+        // Closed, not only deregistered: new connections are refused rather than left waiting.
         if let Some(mut l) = self.listener.take() {
             let _ = eng.poll.registry().deregister(&mut l);
         }
+        if !drain.is_zero() {
+            if self.shared.lp == 0 {
+                log::info!("draining: not accepting; peers still open are closed in {drain:?}");
+            }
+            self.drain_until = Some(deadline_after(eng.now, drain));
+            return;
+        }
+        self.close_peers(eng);
+    }
+
+    /// Closes every peer with 1001 (the end of a drain, or a shutdown without one).
+    fn close_peers(&mut self, eng: &mut ServerEngine<H::State>) {
         let keys: Vec<usize> = eng.slots.iter().map(|(k, _)| k).collect();
         for key in keys {
             match eng.slots[key].conn.state() {
@@ -421,6 +464,7 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
                 self.notify_close(eng, key, e.code, e.reason);
             }
             crate::proto::Error::Rejected(r) => {
+                self.shared.counters.refused(r.status);
                 peer_log(log::Level::Info, addr, format_args!(": refused handshake: {r}"))
             }
             crate::proto::Error::Response(_) => {}
@@ -461,6 +505,7 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             addr,
             format_args!(": closed with 1013, the server is short of memory"),
         );
+        self.shared.counters.budget_closes += 1;
         self.notify_close(eng, key, SHED_CODE, "server short of memory");
     }
 
@@ -468,6 +513,10 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
         if id == ACCEPT_TIMER {
             self.accept_paused = false;
             self.accept_all(eng);
+            return;
+        }
+        if id == PUBLISH_TIMER {
+            self.publish(eng);
             return;
         }
         let Some(conn) = self.shared.take_timer(id) else { return };
