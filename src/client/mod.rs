@@ -60,6 +60,7 @@ mod url;
 pub use url::UrlError;
 pub(crate) use url::WsUrl;
 
+use crate::io::describe;
 use crate::io::outbox::{self, Outbox};
 use crate::io::stream::ClientStream;
 use crate::io::timer::{deadline_after, poll_timeout, Clock, TimerQueue};
@@ -219,9 +220,18 @@ pub enum ClientError {
     Abnormal(String),
     /// The connection is closing or closed: nothing more can be sent.
     NotOpen,
-    /// The TLS setup or handshake failed (an untrusted certificate, a name that does not
-    /// match, a server that does not speak TLS): one line saying why.
-    Tls(String),
+    /// The TLS settings could not be made (no system CA bundle found, an unreadable file).
+    #[cfg(feature = "tls")]
+    TlsConfig(crate::tls::TlsConfigError),
+    /// The TLS handshake failed: an untrusted certificate, a name that does not match, a
+    /// server that does not speak TLS. Match on `error` to tell them apart.
+    #[cfg(feature = "tls")]
+    Tls {
+        /// The server's address.
+        addr: SocketAddr,
+        /// Why.
+        error: crate::tls::TlsError,
+    },
     /// Another I/O error.
     Io(io::Error),
 }
@@ -231,9 +241,9 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::InvalidUrl(e) => e.fmt(f),
             ClientError::InvalidConfig(why) => write!(f, "invalid client setting: {why}"),
-            ClientError::Resolve { host, error } => write!(f, "cannot resolve host '{host}': {error}"),
+            ClientError::Resolve { host, error } => write!(f, "cannot resolve host '{host}': {}", describe(error)),
             ClientError::Refused(addr) => write!(f, "connection refused to {addr}"),
-            ClientError::Connect { addr, error } => write!(f, "cannot connect to {addr}: {error}"),
+            ClientError::Connect { addr, error } => write!(f, "cannot connect to {addr}: {}", describe(error)),
             ClientError::Timeout {
                 addr,
                 after,
@@ -251,8 +261,11 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::Abnormal(why) => write!(f, "connection closed abnormally (1006): {why}"),
             ClientError::NotOpen => f.write_str("the connection is not open"),
-            ClientError::Tls(why) => f.write_str(why),
-            ClientError::Io(e) => write!(f, "I/O error: {e}"),
+            #[cfg(feature = "tls")]
+            ClientError::TlsConfig(e) => e.fmt(f),
+            #[cfg(feature = "tls")]
+            ClientError::Tls { addr, error } => write!(f, "TLS handshake with {addr} failed: {error}"),
+            ClientError::Io(e) => write!(f, "I/O error: {}", describe(e)),
         }
     }
 }
@@ -265,6 +278,10 @@ impl std::error::Error for ClientError {
             }
             ClientError::InvalidUrl(e) => Some(e),
             ClientError::Handshake(e) => Some(e),
+            #[cfg(feature = "tls")]
+            ClientError::Tls { error, .. } => Some(error),
+            #[cfg(feature = "tls")]
+            ClientError::TlsConfig(e) => Some(e),
             ClientError::Protocol(e) => Some(e),
             _ => None,
         }
@@ -360,7 +377,7 @@ impl Client {
         let tls = match (&cfg.tls, target.tls) {
             (_, false) => None,
             (Some(t), true) => Some(t.clone()),
-            (None, true) => Some(crate::tls::ClientTls::system_roots().map_err(|e| ClientError::Tls(e.to_string()))?),
+            (None, true) => Some(crate::tls::ClientTls::system_roots().map_err(ClientError::TlsConfig)?),
         };
         let request = cfg.request(&target);
         request.check().map_err(ClientError::InvalidConfig)?;
@@ -404,7 +421,9 @@ impl Client {
         #[cfg(feature = "tls")]
         let stream = match tls {
             Some(tls) => {
-                let session = tls.session(&target.host).map_err(ClientError::Tls)?;
+                let session = tls
+                    .session(&target.host)
+                    .map_err(|error| ClientError::Tls { addr: peer, error })?;
                 ClientStream::Tls(crate::io::tls::TlsStream::new(stream, session))
             }
             None => ClientStream::Plain(stream),
@@ -453,11 +472,11 @@ impl Client {
         loop {
             if let Some(e) = self.io_error.take() {
                 #[cfg(feature = "tls")]
-                if e.get_ref().is_some_and(|i| i.is::<crate::io::tls::TlsFailure>()) {
-                    return Err(ClientError::Tls(format!(
-                        "TLS handshake with {} failed: {e}",
-                        self.peer
-                    )));
+                if let Some(failure) = e.get_ref().and_then(|i| i.downcast_ref::<crate::io::tls::TlsFailure>()) {
+                    return Err(ClientError::Tls {
+                        addr: self.peer,
+                        error: crate::tls::TlsError::from(&failure.0),
+                    });
                 }
                 return Err(match e.kind() {
                     io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
@@ -722,7 +741,7 @@ impl Client {
             State::Connecting | State::Open if !transport_down => None,
             State::Connecting | State::Open => Some(Err(ClientError::Abnormal(self.drop_reason()))),
             State::LocalClosing if transport_down => Some(Err(ClientError::Abnormal(match &self.io_error {
-                Some(e) => format!("connection error before the server answered the close: {e}"),
+                Some(e) => format!("connection error before the server answered the close: {}", describe(e)),
                 None => "the server ended the connection without answering the close".to_string(),
             }))),
             State::LocalClosing => None,
@@ -750,7 +769,7 @@ impl Client {
     /// Why the TCP connection is gone, for an abnormal close.
     fn drop_reason(&self) -> String {
         match &self.io_error {
-            Some(e) => format!("connection error: {e}"),
+            Some(e) => format!("connection error: {}", describe(e)),
             None if self.conn.in_message() => "the server dropped the connection mid-message".to_string(),
             None => "the server closed the TCP connection without a close frame".to_string(),
         }
