@@ -98,6 +98,9 @@ pub struct ClientConfig {
     pub protocols: Vec<String>,
     /// Extra request headers, e.g. `("Origin", "http://localhost")` (default none).
     pub headers: Vec<(String, String)>,
+    /// Called with the request head as it is sent, and with the server's answer head as it
+    /// arrives (a refusal's too), for tracing: `wsloop client -v` prints them (default none).
+    pub on_head: Option<fn(&[u8])>,
     /// Whom to trust on `wss://` URLs (default none: the system's CA bundle, read when a
     /// `wss://` connection is made).
     #[cfg(feature = "tls")]
@@ -121,6 +124,7 @@ impl Default for ClientConfig {
             read_buffer_size: 64 << 10,
             protocols: Vec::new(),
             headers: Vec::new(),
+            on_head: None,
             #[cfg(feature = "tls")]
             tls: None,
             #[cfg(feature = "deflate")]
@@ -463,12 +467,24 @@ impl Client {
             codec: proto::deflate::Codec::new(&cfg_deflate),
         };
         client.send_bytes(&first);
+        if let Some(show) = client.cfg.on_head {
+            show(&first);
+        }
         client.handshake()?;
         Ok(client)
     }
 
     /// Reads the answer; leftover bytes are the first frames.
     fn handshake(&mut self) -> Result<(), ClientError> {
+        // The answer head as it came, for `on_head`.
+        let mut head = Vec::new();
+        let on_head = self.cfg.on_head;
+        let show = |head: &[u8]| {
+            if let Some(show) = on_head {
+                let end = head.windows(4).position(|w| w == b"\r\n\r\n").map_or(head.len(), |i| i + 4);
+                show(&head[..end]);
+            }
+        };
         loop {
             if let Some(e) = self.io_error.take() {
                 #[cfg(feature = "tls")]
@@ -489,26 +505,43 @@ impl Client {
                 let now = self.clock.now();
                 let data = &mut self.rbuf[self.rpos..self.rlen];
                 self.scratch.clear();
-                match self
+                let read = self
                     .conn
-                    .read(&self.proto_cfg, now, data, &mut self.rng, &mut self.scratch)
-                {
+                    .read(&self.proto_cfg, now, data, &mut self.rng, &mut self.scratch);
+                match read {
                     Ok((used, ev)) => {
+                        let opened = match ev {
+                            Some(Event::Open(response)) => Some(response.protocol),
+                            _ => None,
+                        };
+                        if self.cfg.on_head.is_some() && head.len() <= self.cfg.max_response_head {
+                            head.extend_from_slice(&self.rbuf[self.rpos..self.rpos + used]);
+                        }
                         self.rpos += used;
-                        if let Some(Event::Open(response)) = ev {
-                            self.protocol = response.protocol.clone();
+                        if let Some(protocol) = opened {
+                            show(&head);
+                            self.protocol = protocol;
                             log::debug!("{}: handshake done", self.peer);
                             return Ok(());
                         }
                     }
-                    Err(proto::Error::Response(e)) => return Err(ClientError::Handshake(*e)),
+                    Err(proto::Error::Response(e)) => {
+                        if self.cfg.on_head.is_some() && head.len() <= self.cfg.max_response_head {
+                            head.extend_from_slice(&self.rbuf[self.rpos..self.rlen]);
+                        }
+                        show(&head);
+                        return Err(ClientError::Handshake(*e));
+                    }
                     Err(e) => return Err(ClientError::Abnormal(e.to_string())),
                 }
                 continue;
             }
             if self.read_closed {
                 return Err(match self.conn.read_eof(self.clock.now()) {
-                    Some(proto::Error::Response(e)) => ClientError::Handshake(*e),
+                    Some(proto::Error::Response(e)) => {
+                        show(&head);
+                        ClientError::Handshake(*e)
+                    }
                     _ => ClientError::Handshake(ResponseError::NoAnswer),
                 });
             }
