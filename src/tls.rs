@@ -46,7 +46,13 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads a file whole, with the file's name in the error.
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, TlsConfigError> {
-    std::fs::read(path).map_err(|e| TlsConfigError(format!("cannot read {what} {}: {}", path.display(), crate::io::describe(&e))))
+    std::fs::read(path).map_err(|e| {
+        TlsConfigError(format!(
+            "cannot read {what} {}: {}",
+            path.display(),
+            crate::io::describe(&e)
+        ))
+    })
 }
 
 /// Every certificate in a PEM text.
@@ -336,12 +342,14 @@ impl From<&rustls::Error> for TlsError {
             | rustls::Error::InappropriateHandshakeMessage { .. } => TlsError::NotTls,
             rustls::Error::AlertReceived(a) => TlsError::AlertReceived(words(&format!("{a:?}"))),
             rustls::Error::NoCertificatesPresented => TlsError::Handshake("the server sent no certificate".to_string()),
-            rustls::Error::PeerIncompatible(p) => {
-                TlsError::Handshake(format!("the server's TLS is incompatible: {}", words(&format!("{p:?}"))))
-            }
-            rustls::Error::PeerMisbehaved(p) => {
-                TlsError::Handshake(format!("the server broke the TLS protocol: {}", words(&format!("{p:?}"))))
-            }
+            rustls::Error::PeerIncompatible(p) => TlsError::Handshake(format!(
+                "the server's TLS is incompatible: {}",
+                words(&format!("{p:?}"))
+            )),
+            rustls::Error::PeerMisbehaved(p) => TlsError::Handshake(format!(
+                "the server broke the TLS protocol: {}",
+                words(&format!("{p:?}"))
+            )),
             rustls::Error::General(why) => TlsError::Handshake(why.clone()),
             e => TlsError::Handshake(format!("TLS: {e}")),
         }
@@ -588,9 +596,8 @@ mod der {
     /// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`) in seconds since 1970.
     fn time(tag: u8, t: &[u8]) -> Option<u64> {
         let digits = |s: &[u8]| -> Option<u64> {
-            s.iter().try_fold(0u64, |n, &c| {
-                c.is_ascii_digit().then(|| n * 10 + u64::from(c - b'0'))
-            })
+            s.iter()
+                .try_fold(0u64, |n, &c| c.is_ascii_digit().then(|| n * 10 + u64::from(c - b'0')))
         };
         let (year, rest) = match (tag, t.len()) {
             (UTC_TIME, 13) => {

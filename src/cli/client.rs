@@ -6,11 +6,11 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::time::Instant;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
 use wsloop::proto::close_code;
@@ -227,7 +227,10 @@ enum End {
 
 /// Whether a close code ends a connection normally.
 fn normal_close(code: u16) -> bool {
-    matches!(code, close_code::NORMAL | close_code::GOING_AWAY | close_code::NO_STATUS)
+    matches!(
+        code,
+        close_code::NORMAL | close_code::GOING_AWAY | close_code::NO_STATUS
+    )
 }
 
 /// A request header from `-H 'NAME: VALUE'`: NAME a token, VALUE on one line.
@@ -279,7 +282,9 @@ fn read_message(whole: bool, max: usize) -> Result<Option<Vec<u8>>, String> {
         input.read_until(b'\n', &mut msg).map_err(err)?
     };
     if msg.len() > max {
-        return Err(format!("the message on standard input is longer than {max} bytes (--max-message)"));
+        return Err(format!(
+            "the message on standard input is longer than {max} bytes (--max-message)"
+        ));
     }
     if whole {
         return Ok(Some(msg));
@@ -378,8 +383,9 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
         return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
     }
     if o.one && (o.stdin || every_set || o.count.is_some() || o.reconnect) {
-        return Err("-1 sends one message: it cannot be combined with --stdin, --every, --count or --reconnect"
-            .to_string());
+        return Err(
+            "-1 sends one message: it cannot be combined with --stdin, --every, --count or --reconnect".to_string(),
+        );
     }
     o.periodic_asked = every_set || send_set;
     #[cfg(feature = "tls")]

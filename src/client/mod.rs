@@ -481,7 +481,10 @@ impl Client {
         let on_head = self.cfg.on_head;
         let show = |head: &[u8]| {
             if let Some(show) = on_head {
-                let end = head.windows(4).position(|w| w == b"\r\n\r\n").map_or(head.len(), |i| i + 4);
+                let end = head
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(head.len(), |i| i + 4);
                 show(&head[..end]);
             }
         };

@@ -322,7 +322,10 @@ mod tests {
             );
         }
         let e = parse_response(res, "k", &[], false, false).unwrap_err();
-        assert_eq!(e.to_string(), "server refused the upgrade: 403 Forbidden: origin not allowed");
+        assert_eq!(
+            e.to_string(),
+            "server refused the upgrade: 403 Forbidden: origin not allowed"
+        );
         let e = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "k", &[], false, false).unwrap_err();
         assert_eq!(e.to_string(), "server refused the upgrade: 200 OK");
         // At end of stream, what came is what is shown.
