@@ -522,7 +522,10 @@ mod der {
     const GENERALIZED_TIME: u8 = 0x18;
 
     /// One element: its tag, its contents, the element whole, and what follows it.
-    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8], &[u8])> {
+    type Element<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+    /// Splits the first element off `input`.
+    fn element(input: &[u8]) -> Option<Element<'_>> {
         let (&tag, rest) = input.split_first()?;
         let (&first, rest) = rest.split_first()?;
         let (len, rest) = if first < 0x80 {
