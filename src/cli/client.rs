@@ -373,7 +373,9 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
             Value(v) if !url_set => {
-                o.url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?;
+                o.url = v
+                    .into_string()
+                    .map_err(|v| format!("URL is not UTF-8: '{}'", v.to_string_lossy()))?;
                 url_set = true;
             }
             _ => return Err(unexpected(arg, "client")),
