@@ -180,8 +180,9 @@ fn runtime_failures_exit_1() {
     );
 
     let refused = format!("ws://127.0.0.1:{}/", free_port());
+    // The client tells a failed connect apart (3); its exit statuses are in tests/client.rs.
     let run = wsloop(&["client", &refused]);
-    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{}", run.stderr);
     let run = wsloop(&[
         "bench",
         &refused,
@@ -208,6 +209,17 @@ fn runtime_failures_exit_1() {
         "{}",
         run.stderr
     );
+    // The first error in plain words, in the report and its JSON: no Debug text.
+    assert!(
+        run.stdout.contains("first error  connect: connection refused\n"),
+        "{}",
+        run.stdout
+    );
+    let run = wsloop(&["bench", &refused, "--duration", "1s", "--quiet", "--json"]);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).expect("bench JSON");
+    assert_eq!(report["first_error"], "connect: connection refused", "{report}");
+    assert!(!run.stdout.contains("Os {"), "{}", run.stdout);
 }
 
 #[test]
@@ -320,10 +332,10 @@ fn the_client_prints_the_servers_reason() {
     let server = spawn_server(&["--origin", "https://good.example"]);
     let url = format!("ws://{}/", server.addr);
     let run = wsloop(&["client", &url, "--header", "Origin: https://evil.example"]);
-    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(run.status.code(), Some(3));
     assert_eq!(
         run.stderr,
-        "wsloop: server answered 403 Forbidden: origin not allowed\n"
+        "wsloop: server refused the upgrade: 403 Forbidden: origin not allowed\n"
     );
 
     let server = spawn_server(&["--max-connections", "1"]);
@@ -331,10 +343,10 @@ fn the_client_prints_the_servers_reason() {
     let stream = TcpStream::connect(server.addr).unwrap();
     let (_held, _) = tungstenite::client(url.as_str(), common::Tcp(stream)).expect("the one connection");
     let run = wsloop(&["client", &url]);
-    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(run.status.code(), Some(3));
     assert_eq!(
         run.stderr,
-        "wsloop: server answered 503 Service Unavailable: too many connections\n"
+        "wsloop: server refused the upgrade: 503 Service Unavailable: too many connections\n"
     );
 }
 

@@ -366,7 +366,7 @@ fn cli_failures_are_one_line() {
     assert!(!run.status.success());
     assert_eq!(
         run.stderr.trim_end(),
-        "wsloop: server answered 404 Not Found: not a WebSocket endpoint"
+        "wsloop: server refused the upgrade: 404 Not Found"
     );
 
     if cfg!(feature = "tls") {
@@ -381,15 +381,18 @@ fn cli_failures_are_one_line() {
         assert!(run.stderr.contains("TLS (wss://) is not supported"), "{}", run.stderr);
     }
 
-    // The server closes with 1001 after 300 ms of silence: not a clean close for the client.
+    // The server closes with 1001 (going away) after 300 ms of silence: a normal close, said
+    // in the closing line.
     let server = common::spawn_server(&["--idle-timeout", "300ms"]);
     let url = format!("ws://{}/", server.addr);
-    let run = run_cli(&["client", &url, "--every", "10s", "--log", "off"], None, WAIT);
-    assert!(!run.status.success());
+    let run = run_cli(&["client", &url, "--every", "10s"], None, WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
     assert_eq!(run.stdout, "how are you?\n");
-    assert_eq!(
-        run.stderr.trim_end(),
-        "wsloop: server closed the connection: 1001 idle timeout"
+    assert!(
+        run.stderr
+            .ends_with("INFO  server closed the connection: 1001 idle timeout\n"),
+        "{}",
+        run.stderr
     );
 }
 
@@ -714,11 +717,16 @@ fn http_answers_that_are_not_upgrades() {
     for (answer, message) in [
         (
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-            "server answered 200 OK: hello",
+            "server refused the upgrade: 200 OK: hello",
         ),
         (
             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
-            "server answered 404 Not Found: not a WebSocket endpoint",
+            "server refused the upgrade: 404 Not Found",
+        ),
+        // No reason phrase: the status named all the same.
+        (
+            "HTTP/1.1 401 \r\nContent-Length: 0\r\n\r\n",
+            "server refused the upgrade: 401 Unauthorized",
         ),
         (
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
@@ -973,4 +981,328 @@ fn ctrl_c_closes_cleanly_with_1000_and_exits_0() {
         "{}",
         server.stderr()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The probe: -1, -b, -H, -v, pings, exit statuses, piped input
+
+/// Runs `wsloop ARGS` with `stdin`, its output taken as bytes; killed (and failing) after
+/// [`WAIT`].
+fn run_cli_bytes(args: &[&str], stdin: Stdio) -> (ExitStatus, Vec<u8>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+        .args(args)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wsloop");
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`wsloop {}` did not finish within {WAIT:?}", args.join(" "));
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    (status, out.join().unwrap_or_default(), err.join().unwrap_or_default())
+}
+
+#[test]
+fn one_message_round_trip_exits_0_with_the_reply() {
+    let server = common::spawn_server(&["--mode", "echo"]);
+    let url = format!("ws://{}/", server.addr);
+    let run = run_cli(&["client", &url, "-1", "--send", "hello probe"], None, WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "hello probe\n");
+    assert!(run.stderr.contains("INFO  closed: 1000"), "{}", run.stderr);
+    // The first line of stdin, the rest left alone.
+    let run = run_cli(&["client", &url, "-1", "-q"], Some("first line\r\nsecond line\n"), WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "first line\n");
+    assert_eq!(run.stderr, "");
+    assert!(
+        server.wait_for_stderr("disconnected (1000)", WAIT),
+        "-1 closes with 1000:\n{}",
+        server.stderr()
+    );
+    // A server that answers in its own words: the first message is the reply.
+    let server = common::spawn_server(&["--mode", "reply"]);
+    let run = run_cli(&["client", &format!("ws://{}/", server.addr), "-1", "-q"], None, WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "fine thank you\n");
+    // -1 is one message: a count or a period make no sense with it.
+    let run = run_cli(&["client", &url, "-1", "--count", "2"], None, WAIT);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(run.stderr.contains("-1 sends one message"), "{}", run.stderr);
+}
+
+#[test]
+fn binary_round_trip_is_byte_exact() {
+    let server = common::spawn_server(&["--mode", "echo"]);
+    let url = format!("ws://{}/", server.addr);
+    // Not UTF-8, with line feeds inside and at the end: one message, back as it went.
+    let mut data: Vec<u8> = (0..=255u8).rev().collect();
+    data.extend_from_slice(b"\n\xff\xfe\x80 middle\r\n\n");
+    data.extend((0..70_000u32).map(|i| (i * 31 % 251) as u8));
+    data.push(b'\n');
+    let path = common::target_dir().join(format!("client-binary-{}.bin", std::process::id()));
+    std::fs::write(&path, &data).unwrap();
+    for one in [false, true] {
+        let mut args = vec!["client", url.as_str(), "-b", "-q"];
+        if one {
+            args.push("-1");
+        }
+        let (status, out, err) = run_cli_bytes(&args, Stdio::from(std::fs::File::open(&path).unwrap()));
+        assert_eq!(status.code(), Some(0), "-1: {one}: {err}");
+        assert!(
+            out == data,
+            "-1: {one}: {} bytes back for {} sent",
+            out.len(),
+            data.len()
+        );
+        assert_eq!(err, "");
+    }
+    // From a pipe too.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+        .args(["client", &url, "-b", "-q"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = child.stdin.take().unwrap();
+    let sent = data.clone();
+    let writer = thread::spawn(move || w.write_all(&sent));
+    let mut out = child.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "-b from a pipe did not finish");
+        thread::sleep(Duration::from_millis(10));
+    };
+    writer.join().unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(reader.join().unwrap() == data, "the pipe's bytes came back changed");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn headers_and_origin_reach_the_server() {
+    // The server sends back what it got: the header's value and the Origin.
+    let (addr, h) = raw_server(|mut s| {
+        let head = accept(&mut s);
+        let answer = format!(
+            "{} {}",
+            header(&head, "X-Probe").unwrap_or("-"),
+            header(&head, "Origin").unwrap_or("-")
+        );
+        s.write_all(&frame(0x81, answer.as_bytes())).unwrap();
+        loop {
+            let (op, _, _, payload) = read_frame(&mut s);
+            if op == OpCode::Close {
+                s.write_all(&frame(0x88, &payload[..2])).unwrap();
+                break;
+            }
+        }
+        wait_eof(&mut s);
+    });
+    let url = format!("ws://{addr}/");
+    let run = run_cli(
+        &[
+            "client",
+            &url,
+            "-1",
+            "-q",
+            "-H",
+            "X-Probe: 42 and more",
+            "--origin",
+            "http://origin.example",
+        ],
+        None,
+        WAIT,
+    );
+    join(h);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "42 and more http://origin.example\n");
+    // A malformed header is a usage error that says what is wrong.
+    for (bad, why) in [
+        ("no colon here", "expected NAME: VALUE"),
+        ("Bad Name: x", "the name must be a token"),
+        (": empty name", "the name must be a token"),
+    ] {
+        let run = run_cli(&["client", &url, "-H", bad], None, WAIT);
+        assert_eq!(run.status.code(), Some(2), "{bad}");
+        assert!(
+            run.stderr
+                .starts_with(&format!("wsloop: invalid header '{bad}': {why}")),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn verbose_prints_the_request_and_response_heads() {
+    let server = common::spawn_server(&["--mode", "echo"]);
+    let url = format!("ws://{}/path?q=1", server.addr);
+    let run = run_cli(&["client", &url, "-1", "-v", "-q", "-H", "X-Seen: yes"], None, WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    for line in [
+        "> GET /path?q=1 HTTP/1.1\n",
+        &format!("> Host: {}\n", server.addr),
+        "> X-Seen: yes\n",
+        "< HTTP/1.1 101 Switching Protocols\n",
+        "< Sec-WebSocket-Accept: ",
+    ] {
+        assert!(run.stderr.contains(line), "{line:?} missing from:\n{}", run.stderr);
+    }
+    assert_eq!(run.stdout, "how are you?\n");
+    // A refused upgrade: its head shown, its status named, exit 3.
+    let (addr, h) = raw_server(|mut s| {
+        read_head(&mut s);
+        s.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        wait_eof(&mut s);
+    });
+    let run = run_cli(&["client", &format!("ws://{addr}/"), "-v"], None, WAIT);
+    join(h);
+    assert_eq!(run.status.code(), Some(3), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("< HTTP/1.1 401 Unauthorized\n< WWW-Authenticate: Bearer\n"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .ends_with("wsloop: server refused the upgrade: 401 Unauthorized\n"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn ping_every_sends_pings_and_logs_the_pongs() {
+    // The server answers two pings, then closes normally.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        let mut pings = 0;
+        for _ in 0..20 {
+            let (op, _, _, payload) = read_frame(&mut s);
+            if op == OpCode::Ping {
+                assert_eq!(payload, b"wsloop");
+                s.write_all(&frame(0x8A, &payload)).unwrap();
+                pings += 1;
+                if pings == 2 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(pings, 2, "two pings within 20 frames");
+        s.write_all(&frame(0x88, b"\x03\xe8enough")).unwrap();
+        let (op, ..) = read_frame(&mut s);
+        assert_eq!(op, OpCode::Close);
+        s.shutdown(Shutdown::Both).unwrap();
+    });
+    let run = run_cli(
+        &[
+            "client",
+            &format!("ws://{addr}/"),
+            "--every",
+            "10s",
+            "--ping-every",
+            "50ms",
+        ],
+        None,
+        WAIT,
+    );
+    join(h);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stderr.matches("INFO  pong in ").count(), 2, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .ends_with("INFO  server closed the connection: 1000 enough\n"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn an_abnormal_close_has_its_own_exit_status_and_closing_line() {
+    // A close code that is not a normal one: exit 4, the code and reason on stderr.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        read_frame(&mut s);
+        s.write_all(&frame(0x88, b"\x0f\xa1gone fishing")).unwrap();
+        let (op, ..) = read_frame(&mut s);
+        assert_eq!(op, OpCode::Close);
+        s.shutdown(Shutdown::Both).unwrap();
+    });
+    let run = run_cli(&["client", &format!("ws://{addr}/"), "--log", "off"], None, WAIT);
+    join(h);
+    assert_eq!(run.status.code(), Some(4), "{}", run.stderr);
+    assert_eq!(run.stderr, "wsloop: server closed the connection: 4001 gone fishing\n");
+    // No close frame at all (1006): exit 4 as well.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        read_frame(&mut s);
+        s.shutdown(Shutdown::Both).unwrap();
+    });
+    let run = run_cli(&["client", &format!("ws://{addr}/"), "--log", "off"], None, WAIT);
+    join(h);
+    assert_eq!(run.status.code(), Some(4), "{}", run.stderr);
+    assert!(
+        run.stderr.starts_with("wsloop: connection closed abnormally (1006): "),
+        "{}",
+        run.stderr
+    );
+    // A failed connect is 3, apart from both.
+    let run = run_cli(&["client", &format!("ws://127.0.0.1:{}/", free_port())], None, WAIT);
+    assert_eq!(run.status.code(), Some(3), "{}", run.stderr);
+}
+
+#[test]
+fn piped_stdin_sends_its_lines_and_ends() {
+    // `echo hi | wsloop client URL`: the line is sent, its reply printed, and the client ends.
+    let server = common::spawn_server(&["--mode", "echo"]);
+    let url = format!("ws://{}/", server.addr);
+    let run = run_cli(&["client", &url], Some("hi\n"), WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "hi\n");
+    assert!(run.stderr.contains("INFO  closed: 1000"), "{}", run.stderr);
+    // An empty pipe: nothing sent, a clean end.
+    let run = run_cli(&["client", &url, "-q"], Some(""), WAIT);
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "");
+    // --send or --every choose the demo whatever stdin is.
+    let run = run_cli(
+        &["client", &url, "--send", "demo", "--count", "2", "--every", "10ms"],
+        Some("ignored\n"),
+        WAIT,
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "demo\ndemo\n");
 }

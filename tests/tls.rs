@@ -23,7 +23,7 @@ use certs::TestCerts;
 use common::venv::{python_venv, venv_python};
 use common::{drain_lines, require_tool, runs_ok, spawn_server, tail, target_dir, ServerProcess, INTEROP_CHECKS};
 use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
-use wsloop::tls::ClientTls;
+use wsloop::tls::{ClientTls, TlsError};
 
 /// One set of certificates for the whole test binary.
 fn certs() -> &'static TestCerts {
@@ -144,10 +144,23 @@ fn certificate_problems_are_one_readable_error() {
     let mut cfg_other = ClientConfig::default();
     cfg_other.tls = Some(ClientTls::with_ca_file(&other.ca).unwrap());
     let e = Client::connect(&wss(&server, "localhost"), cfg_other).unwrap_err();
-    assert!(matches!(e, ClientError::Tls(_)), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            ClientError::Tls {
+                error: TlsError::NotTrusted,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let msg = e.to_string();
     assert!(!msg.contains('\n'), "{msg}");
-    assert!(msg.contains("not signed by a trusted CA"), "{msg}");
+    assert!(
+        msg.ends_with("failed: certificate not trusted (unknown issuer)"),
+        "{msg}"
+    );
+    assert!(!msg.contains("--ca"), "no command-line advice in the library: {msg}");
     // A certificate for another name.
     let elsewhere = certs::make_for(
         &target_dir().join(format!("tls-test-elsewhere-{}", std::process::id())),
@@ -157,7 +170,21 @@ fn certificate_problems_are_one_readable_error() {
     let mut cfg = ClientConfig::default();
     cfg.tls = Some(ClientTls::with_ca_file(&elsewhere.ca).unwrap());
     let e = Client::connect(&wss(&other_server, "localhost"), cfg).unwrap_err();
-    assert!(e.to_string().contains("not valid for this host name"), "{e}");
+    match &e {
+        ClientError::Tls {
+            error: TlsError::NameMismatch { expected, presented },
+            ..
+        } => {
+            assert_eq!(expected, "localhost");
+            assert_eq!(presented, &["example.test".to_string()]);
+        }
+        e => panic!("expected a name mismatch, got {e:?}"),
+    }
+    assert!(
+        e.to_string()
+            .ends_with("name does not match: localhost (the certificate is for example.test)"),
+        "{e}"
+    );
     // --insecure's config accepts it.
     let mut cfg = ClientConfig::default();
     cfg.tls = Some(ClientTls::insecure());
@@ -165,6 +192,16 @@ fn certificate_problems_are_one_readable_error() {
     // wss:// to a plain server.
     let plain = spawn_server(&[]);
     let e = Client::connect(&format!("wss://127.0.0.1:{}/", plain.addr.port()), trusting_client()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Tls {
+                error: TlsError::NotTls,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("does not speak TLS"), "{e}");
 }
 
@@ -209,8 +246,12 @@ fn cli_client_and_bench_over_tls() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(err.starts_with("wsloop: TLS handshake with 127.0.0.1:"), "{err}");
-    assert!(err.contains("not signed by a trusted CA"), "{err}");
+    assert!(
+        err.contains("certificate not trusted (unknown issuer) (--ca FILE trusts a private CA"),
+        "{err}"
+    );
 
     let o = run(&["client", &url, "--ca", "/nonexistent/ca.pem"], &[]);
     assert!(!o.status.success());
@@ -671,4 +712,187 @@ fn the_load_generator_ends_its_tls_streams_with_close_notify() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(server.join().unwrap(), Ok(()));
+}
+
+/// A self-signed certificate for `localhost` made as docs/tls.md shows (`openssl req -x509`,
+/// which marks it `CA:TRUE`): its certificate and key files, or `None` (said loudly) when
+/// openssl is missing outside CI.
+fn openssl_self_signed(dir: &Path, name: &str) -> Option<(PathBuf, PathBuf)> {
+    if !require_tool("openssl", runs_ok(Command::new("openssl").arg("version"))) {
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args([
+            "-days",
+            "365",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .output()
+        .expect("run openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    Some((cert, key))
+}
+
+fn bench_json(url: &str, ca: &str) -> (Output, serde_json::Value) {
+    let o = run(
+        &[
+            "bench",
+            url,
+            "--ca",
+            ca,
+            "--connections",
+            "10",
+            "--inflight",
+            "2",
+            "--duration",
+            "1s",
+            "--json",
+            "--quiet",
+        ],
+        &[],
+    );
+    let report = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("bench JSON: {e}\n{}", String::from_utf8_lossy(&o.stdout)));
+    (o, report)
+}
+
+#[test]
+fn an_openssl_self_signed_certificate_given_with_ca_is_trusted_as_itself() {
+    let dir = target_dir().join(format!("tls-openssl-{}", std::process::id()));
+    let Some((cert, key)) = openssl_self_signed(&dir, "server") else {
+        return;
+    };
+    let (other, _) = openssl_self_signed(&dir, "other").expect("openssl is there");
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("CA:TRUE"),
+        "the certificate this test is about carries CA:TRUE"
+    );
+    let server = spawn_server(&["--tls-cert", path(&cert), "--tls-key", path(&key)]);
+    let url = wss(&server, "localhost");
+
+    // Trusted: the library, the command-line client and the load generator.
+    let mut cfg = ClientConfig::default();
+    cfg.tls = Some(ClientTls::with_ca_file(&cert).unwrap());
+    exchange(Client::connect(&url, cfg.clone()).expect("the certificate given with --ca is trusted"));
+    let o = run(
+        &[
+            "client",
+            &url,
+            "--ca",
+            path(&cert),
+            "-1",
+            "--send",
+            "over openssl's cert",
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "over openssl's cert\n");
+    let (o, report) = bench_json(&url, path(&cert));
+    assert!(o.status.success(), "{report}\n{}", stderr(&o));
+    assert_eq!(report["held"], 10, "{report}");
+    assert!(report["received"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["first_error"], serde_json::Value::Null, "{report}");
+
+    // The name is still checked: the certificate is for localhost, not 127.0.0.1.
+    let by_ip = wss(&server, "127.0.0.1");
+    match Client::connect(&by_ip, cfg).unwrap_err() {
+        ClientError::Tls {
+            error: TlsError::NameMismatch { expected, presented },
+            ..
+        } => {
+            assert_eq!(expected, "127.0.0.1");
+            assert_eq!(presented, ["localhost"]);
+        }
+        e => panic!("expected a name mismatch, got {e:?}"),
+    }
+    let o = run(&["client", &by_ip, "--ca", path(&cert), "-1"], &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("failed: name does not match: 127.0.0.1 (the certificate is for localhost)"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Another self-signed certificate for the same name is not trusted.
+    let mut cfg = ClientConfig::default();
+    cfg.tls = Some(ClientTls::with_ca_file(&other).unwrap());
+    let e = Client::connect(&url, cfg).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Tls {
+                error: TlsError::NotTrusted,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let o = run(&["client", &url, "--ca", path(&other), "-1"], &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("certificate not trusted (unknown issuer)"),
+        "{}",
+        stderr(&o)
+    );
+    let (o, report) = bench_json(&url, path(&other));
+    assert!(!o.status.success(), "{report}");
+    assert_eq!(report["held"], 0, "{report}");
+    assert_eq!(
+        report["first_error"], "handshake: certificate not trusted (unknown issuer)",
+        "{report}"
+    );
+    let all = format!("{report}{}", String::from_utf8_lossy(&o.stdout));
+    for debug in ["Os {", "InvalidCertificate", "CaUsedAsEndEntity", "UnknownIssuer"] {
+        assert!(!all.contains(debug), "{debug} in {all}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A self-signed CA:TRUE certificate trusted as itself is still checked for its dates.
+#[test]
+fn a_certificate_trusted_as_itself_must_be_within_its_validity() {
+    use rcgen::{date_time_ymd, BasicConstraints, CertificateParams, IsCa, KeyPair};
+    for (from, until, want) in [
+        ((2001, 1, 1), (2002, 1, 1), TlsError::Expired),
+        ((2999, 1, 1), (3000, 1, 1), TlsError::NotValidYet),
+    ] {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_before = date_time_ymd(from.0, from.1, from.2);
+        params.not_after = date_time_ymd(until.0, until.1, until.2);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = target_dir().join(format!("tls-dates-{}-{}", std::process::id(), from.0));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let server = spawn_server(&["--tls-cert", path(&cert_file), "--tls-key", path(&key_file)]);
+        let mut cfg = ClientConfig::default();
+        cfg.tls = Some(ClientTls::with_ca_pem(cert.pem().as_bytes()).unwrap());
+        match Client::connect(&wss(&server, "localhost"), cfg).unwrap_err() {
+            ClientError::Tls { error, .. } => assert_eq!(error, want),
+            e => panic!("expected {want}, got {e:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -12,6 +12,7 @@ use super::histogram::Histogram;
 use super::{online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
 use super::{Compression, Content, KernelUsage, Observer, MESSAGE_HEADER};
 use crate::io::budget::Budget;
+use crate::io::describe;
 use crate::io::engine::{Cause, Driver, Engine};
 use crate::io::sys::{children_of, count_fds, read_cpu, read_rss};
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -343,7 +344,13 @@ impl Bench<'_> {
             Ok(s) => s,
             Err(e) => {
                 self.c.connect_failures += 1;
-                self.note_error(|| format!("connect from {}: {e}", src.map_or("any".into(), |s| s.to_string())));
+                self.note_error(|| {
+                    format!(
+                        "connect from {}: {}",
+                        src.map_or("any".into(), |s| s.to_string()),
+                        describe(&e)
+                    )
+                });
                 return;
             }
         };
@@ -372,7 +379,7 @@ impl Bench<'_> {
             Ok(_) => self.pending += 1,
             Err(e) => {
                 self.c.connect_failures += 1;
-                self.note_error(|| format!("register: {e}"));
+                self.note_error(|| format!("register: {}", describe(&e)));
             }
         }
     }
@@ -608,14 +615,18 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
                 self.open_more(eng);
             }
             Event::Message(payload) => self.on_echo(eng, key, &payload),
-            Event::Close { .. } => {
+            Event::Close { code, reason } => {
                 let data = &mut eng.slots[key].data;
                 if data.stage == Stage::Open {
                     data.stage = Stage::Closing;
                     self.open -= 1;
                     if self.phase != Phase::Close {
                         self.c.closed_early += 1;
-                        self.note_error(|| "the server closed a connection".to_string());
+                        self.note_error(|| {
+                            let code = code.unwrap_or(close_code::NO_STATUS);
+                            let text = format!("the server closed a connection: {code} {}", reason.as_str());
+                            text.trim_end().to_string()
+                        });
                     }
                 }
             }
@@ -654,7 +665,8 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
                 self.c.connect_failures += 1;
                 self.note_error(|| match &cause {
                     Cause::Timeout(_) => "connect: timed out".to_string(),
-                    c => format!("connect: {c:?}"),
+                    Cause::Io(e) => format!("connect: {}", describe(e)),
+                    _ => "connect: the server closed the connection".to_string(),
                 });
                 self.open_more(eng);
             }
@@ -663,7 +675,7 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
                 self.c.handshake_failures += 1;
                 self.note_error(|| match &cause {
                     Cause::Timeout(_) => "handshake: timed out".to_string(),
-                    Cause::Io(e) => format!("handshake: {e}"),
+                    Cause::Io(e) => format!("handshake: {}", describe(e)),
                     _ => "handshake: the server closed the connection".to_string(),
                 });
                 self.open_more(eng);
@@ -672,7 +684,7 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
                 self.open -= 1;
                 self.c.closed_early += 1;
                 self.note_error(|| match &cause {
-                    Cause::Io(e) => format!("connection lost: {e}"),
+                    Cause::Io(e) => format!("connection lost: {}", describe(e)),
                     _ => "connection lost: the server closed it without a close frame".to_string(),
                 });
             }

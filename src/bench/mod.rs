@@ -104,7 +104,9 @@ impl std::fmt::Display for BenchError {
         match self {
             BenchError::InvalidConfig(why) => f.write_str(why),
             BenchError::Url(e) => e.fmt(f),
-            BenchError::Resolve { host, error } => write!(f, "cannot resolve '{host}': {error}"),
+            BenchError::Resolve { host, error } => {
+                write!(f, "cannot resolve '{host}': {}", crate::io::describe(error))
+            }
             BenchError::TooFewDescriptors {
                 connections,
                 needed,
@@ -124,7 +126,7 @@ impl std::fmt::Display for BenchError {
                 "{connections} connections need more local ports than {sources} source address(es) give \
                  ({ports} ports each): connect from more source addresses, e.g. 127.0.0.2-127.0.0.254"
             ),
-            BenchError::Io(e) => write!(f, "I/O error: {e}"),
+            BenchError::Io(e) => write!(f, "I/O error: {}", crate::io::describe(e)),
         }
     }
 }

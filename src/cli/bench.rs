@@ -100,7 +100,11 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("ca") => tls.ca = Some(p.value().map_err(|e| e.to_string())?),
             #[cfg(feature = "tls")]
             Long("insecure") => tls.insecure = true,
-            Value(v) => url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?,
+            Value(v) => {
+                url = v
+                    .into_string()
+                    .map_err(|v| format!("URL is not UTF-8: '{}'", v.to_string_lossy()))?
+            }
             Long("connections") | Short('c') => connections = count("--connections", &value(&mut p)?)?,
             Long("ramp") => {
                 let v = value(&mut p)?;

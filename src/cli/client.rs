@@ -10,13 +10,14 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
 use wsloop::proto::close_code;
 
 use super::{
     count, dispatch, duration_above_zero, init_log, size_above_zero, unexpected, value, Asked, Failure, Outcome,
-    EXIT_OK,
+    EXIT_FAILURE, EXIT_OK,
 };
 
 /// `wsloop client --help`.
@@ -24,19 +25,32 @@ pub const HELP: &str = concat!(
     "\
 Usage: wsloop client [URL] [OPTIONS]
 
-Connects to URL (ws:// or wss://) [default: ws://127.0.0.1:9001/], sends a message every 2 seconds
-and prints each message received on stdout, one per line. Logs go to stderr.
+Connects to URL (ws:// or wss://) [default: ws://127.0.0.1:9001/] and prints each message
+received on stdout, one per line. Logs go to stderr. What it sends:
+  - stdin a terminal or nothing (/dev/null): the demo, `how are you?` every 2 seconds;
+  - stdin a pipe or a file (`echo hi | wsloop client URL`): its lines, one message each,
+    as they come; once the input ends and the replies are in, it closes with 1000;
+  - --send or --every: the demo's way, whatever stdin is.
 
 Options:
+  -1, --one              send one message (--send TEXT, else the first line of stdin, else
+                         `how are you?`), print the first message that comes back, close
+                         with 1000
+  -b, --binary           binary both ways: stdin taken whole as one binary message (or
+                         --send TEXT as binary); binary messages printed exactly as
+                         received, nothing added
   --every DUR            time between sends, above 0 [default: 2s]
   --send TEXT            the message sent [default: how are you?]
   --count N              stop after N sends and their replies, then close with 1000
-  --stdin                send each line of standard input instead, as it comes;
-                         close once the input ends and the replies are in
+  --stdin                send each line of standard input, as it comes, whatever stdin is
+  --ping-every DUR       send a ping every DUR; each pong is logged with its round trip
   --reconnect            when connecting fails or the connection ends, try again
                          (waiting 0.5s, 1s, 2s, ... at most 30s)
+  -H, --header 'NAME: VALUE'
+                         add a request header (repeatable)
   --protocol NAME        offer a subprotocol (repeatable)
-  --header 'NAME: VALUE' add a request header (repeatable)
+  --origin ORIGIN        send an Origin header, as a browser does
+  -v, --verbose          print the request and response heads on stderr
   --connect-timeout DUR  time for the TCP connect and the handshake [default: 10s]
   --max-message BYTES    largest message accepted; larger closes with 1009 [default: 16MiB]
 ",
@@ -53,12 +67,25 @@ replies and other messages are printed but answer nothing; from a server that ne
 ours back (reply mode), each message answers one send. Replies still missing 5s after the
 last send are a failure.
 
-Ctrl-C or SIGTERM closes with 1000 and exits 0 (at once while connecting or waiting to
-reconnect; a second one exits at once). When stdout is closed (`| head`) the client closes
-with 1000 and exits 0.
-Exit status: 0 done, 1 failed (refused, closed abnormally, replies missing), 2 bad usage.
+When the connection closes, a line on stderr gives the close code and reason (at --log info
+for a normal close; always for an abnormal one). Ctrl-C or SIGTERM closes with 1000 and exits
+0 (at once while connecting or waiting to reconnect; a second one exits at once). When stdout
+is closed (`| head`) the client closes with 1000 and exits 0.
+
+Exit status:
+  0  done: we closed with 1000, or the server closed normally (1000, 1001, or no code)
+  1  failed: replies missing, stdin or stdout unusable
+  2  bad usage
+  3  could not connect: refused, timed out, TLS failed, the server refused the upgrade
+  4  the connection closed abnormally: another close code, no close frame (1006), a
+     protocol error
 "
 );
+
+/// Exit status: connecting, the TLS handshake or the upgrade failed.
+const EXIT_CONNECT: i32 = 3;
+/// Exit status: the connection closed with a code other than a normal one, or without a close.
+const EXIT_CLOSED: i32 = 4;
 
 /// How long to wait for the last replies before closing anyway.
 const REPLY_WAIT: Duration = Duration::from_secs(5);
@@ -81,7 +108,33 @@ struct Options {
     count: Option<u64>,
     stdin: bool,
     reconnect: bool,
+    /// `-1`: one message, one reply.
+    one: bool,
+    /// `-b`: binary both ways.
+    binary: bool,
+    ping_every: Option<Duration>,
+    /// `--send` or `--every` chose the demo's way of sending.
+    periodic_asked: bool,
     cfg: ClientConfig,
+}
+
+/// What the client sends.
+enum Source {
+    /// The original note's demo: `--send` every `--every`.
+    Periodic,
+    /// Standard input's lines, as they come.
+    Lines,
+    /// One message, read before connecting (`-1`, `-b`).
+    Once(Vec<u8>),
+}
+
+/// A failed run: its exit status and the line that says why.
+struct Exit(i32, String);
+
+impl From<String> for Exit {
+    fn from(why: String) -> Exit {
+        Exit(EXIT_FAILURE, why)
+    }
 }
 
 /// Sends and replies over the whole run (across reconnects).
@@ -166,10 +219,86 @@ impl Progress {
 
 /// How a connection ended without an error.
 enum End {
-    /// We closed it: our work is done.
-    Done,
+    /// We closed it (our work is done); the server answered with `code`.
+    Done { code: u16 },
     /// The server closed it.
     ServerClosed { code: u16, reason: String },
+}
+
+/// Whether a close code ends a connection normally.
+fn normal_close(code: u16) -> bool {
+    matches!(
+        code,
+        close_code::NORMAL | close_code::GOING_AWAY | close_code::NO_STATUS
+    )
+}
+
+/// A request header from `-H 'NAME: VALUE'`: NAME a token, VALUE on one line.
+fn parse_header(v: &str) -> Result<(String, String), String> {
+    let bad = |why: &str| format!("invalid header '{v}': {why}; write it as -H 'Authorization: Bearer 123'");
+    let (name, value) = v.split_once(':').ok_or_else(|| bad("expected NAME: VALUE"))?;
+    let name = name.trim();
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(tchar) {
+        return Err(bad("the name must be a token: letters, digits and !#$%&'*+-.^_`|~"));
+    }
+    if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(bad("the value holds a line break"));
+    }
+    Ok((name.to_string(), value.trim().to_string()))
+}
+
+/// `-v`: a head on stderr, `> ` before each request line and `< ` before each answer line.
+fn print_head(head: &[u8]) {
+    let text = String::from_utf8_lossy(head);
+    let mark = if text.starts_with("HTTP/") { "< " } else { "> " };
+    let mut err = io::stderr().lock();
+    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+        let _ = writeln!(err, "{mark}{line}");
+    }
+}
+
+/// Whether standard input is a pipe or a file: input to send. A terminal, `/dev/null` or a
+/// closed stdin is none.
+fn stdin_has_input() -> bool {
+    let Ok(fd) = io::stdin().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_fifo() || m.is_file())
+}
+
+/// Reads standard input whole (`-b`), or its first line (`-1`), before connecting.
+fn read_message(whole: bool, max: usize) -> Result<Option<Vec<u8>>, String> {
+    use std::io::BufRead;
+    let err = |e: io::Error| format!("cannot read standard input: {e}");
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    let mut input = io::stdin().lock().take(limit);
+    let mut msg = Vec::new();
+    let n = if whole {
+        input.read_to_end(&mut msg).map_err(err)?
+    } else {
+        input.read_until(b'\n', &mut msg).map_err(err)?
+    };
+    if msg.len() > max {
+        return Err(format!(
+            "the message on standard input is longer than {max} bytes (--max-message)"
+        ));
+    }
+    if whole {
+        return Ok(Some(msg));
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    if msg.last() == Some(&b'\n') {
+        msg.pop();
+        if msg.last() == Some(&b'\r') {
+            msg.pop();
+        }
+    }
+    Ok(Some(msg))
 }
 
 /// Parses the options and runs the client until it is done.
@@ -186,6 +315,10 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
         count: None,
         stdin: false,
         reconnect: false,
+        one: false,
+        binary: false,
+        ping_every: None,
+        periodic_asked: false,
         cfg: ClientConfig::default(),
     };
     let mut log_level = "info".to_string();
@@ -208,16 +341,21 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
                 send_set = true;
             }
             Long("count") => o.count = Some(count("--count", &value(&mut p)?)?),
+            Short('1') | Long("one") => o.one = true,
+            Short('b') | Long("binary") => o.binary = true,
+            Short('v') | Long("verbose") => o.cfg.on_head = Some(print_head),
+            Long("ping-every") => o.ping_every = Some(duration_above_zero("--ping-every", &value(&mut p)?)?),
+            Long("origin") => {
+                let origin = value(&mut p)?;
+                if origin.bytes().any(|b| b.is_ascii_control()) {
+                    return Err(format!("invalid --origin '{origin}': it holds a control character"));
+                }
+                o.cfg.headers.push(("Origin".to_string(), origin));
+            }
             Long("stdin") => o.stdin = true,
             Long("reconnect") => o.reconnect = true,
             Long("protocol") => o.cfg.protocols.push(value(&mut p)?),
-            Long("header") => {
-                let v = value(&mut p)?;
-                let (name, val) = v
-                    .split_once(':')
-                    .ok_or(format!("invalid --header '{v}' (NAME: VALUE)"))?;
-                o.cfg.headers.push((name.trim().to_string(), val.trim().to_string()));
-            }
+            Short('H') | Long("header") => o.cfg.headers.push(parse_header(&value(&mut p)?)?),
             Long("connect-timeout") => {
                 o.cfg.connect_timeout = duration_above_zero("--connect-timeout", &value(&mut p)?)?
             }
@@ -235,7 +373,9 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
             Value(v) if !url_set => {
-                o.url = v.into_string().map_err(|v| format!("URL is not UTF-8: {v:?}"))?;
+                o.url = v
+                    .into_string()
+                    .map_err(|v| format!("URL is not UTF-8: '{}'", v.to_string_lossy()))?;
                 url_set = true;
             }
             _ => return Err(unexpected(arg, "client")),
@@ -244,6 +384,12 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
     if o.stdin && (every_set || send_set) {
         return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
     }
+    if o.one && (o.stdin || every_set || o.count.is_some() || o.reconnect) {
+        return Err(
+            "-1 sends one message: it cannot be combined with --stdin, --every, --count or --reconnect".to_string(),
+        );
+    }
+    o.periodic_asked = every_set || send_set;
     #[cfg(feature = "tls")]
     {
         o.cfg.tls = tls.config()?;
@@ -252,9 +398,53 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
     Ok(Asked::Run(o))
 }
 
+/// What is sent, from the options and what standard input is (see the help).
+fn source(o: &Options) -> Result<Source, Failure> {
+    let max = o.cfg.max_message;
+    Ok(if o.stdin {
+        Source::Lines
+    } else if o.one && o.periodic_asked {
+        Source::Once(o.send.as_bytes().to_vec())
+    } else if o.one {
+        let line = read_message(o.binary, max).map_err(Failure::Runtime)?;
+        Source::Once(line.unwrap_or_else(|| o.send.as_bytes().to_vec()))
+    } else if o.periodic_asked {
+        Source::Periodic
+    } else if o.binary {
+        Source::Once(read_message(true, max).map_err(Failure::Runtime)?.unwrap_or_default())
+    } else if stdin_has_input() {
+        Source::Lines
+    } else {
+        Source::Periodic
+    })
+}
+
+/// The advice the command line adds to a TLS failure.
+#[cfg(feature = "tls")]
+fn tls_advice(e: &ClientError) -> &'static str {
+    use wsloop::tls::TlsError;
+    match e {
+        ClientError::Tls {
+            error: TlsError::NotTrusted,
+            ..
+        } => " (--ca FILE trusts a private CA or a self-signed certificate)",
+        ClientError::Tls {
+            error: TlsError::NameMismatch { .. },
+            ..
+        } => " (connect by a name the certificate is for)",
+        _ => "",
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_advice(_: &ClientError) -> &'static str {
+    ""
+}
+
 fn client(o: Options) -> Outcome {
+    let source = source(&o)?;
     let interrupts = Interrupts::install().map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
-    let mut input = if o.stdin {
+    let mut input = if matches!(source, Source::Lines) {
         Some(Input::open().map_err(Failure::Runtime)?)
     } else {
         None
@@ -274,49 +464,59 @@ fn client(o: Options) -> Outcome {
                 let how = "";
                 log::info!("connected to {}{how}", o.url);
                 backoff = BACKOFF_FIRST;
-                Session::new(client, &o, input.as_mut(), &mut progress).run(&interrupts)
+                Session::new(client, &o, &source, input.as_mut(), &mut progress).run(&interrupts)
             }
             Err(e @ (ClientError::InvalidUrl(_) | ClientError::InvalidConfig(_))) => {
                 return Err(Failure::Usage(e.to_string()))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Exit(EXIT_CONNECT, format!("{e}{}", tls_advice(&e)))),
         };
         if progress.output_gone {
             return Ok(()); // the reader of our output has gone: nothing left to do
         }
-        let finished = input.as_ref().is_some_and(|i| i.eof) || o.count.is_some_and(|n| progress.sent >= n);
+        let finished = input.as_ref().is_some_and(|i| i.eof)
+            || o.count.is_some_and(|n| progress.sent >= n)
+            || matches!(source, Source::Once(_)) && progress.sent > 0;
         let why = match ended {
-            Ok(End::Done) if progress.unanswered > 0 => {
+            Ok(End::Done { .. }) if progress.unanswered > 0 => {
                 return Err(Failure::Runtime(format!(
-                    "{} of {} message(s) got no reply (waited {REPLY_WAIT:?} after the last)",
-                    progress.unanswered, progress.sent
+                    "{} of {} message(s) got no reply (waited {}s after the last)",
+                    progress.unanswered,
+                    progress.sent,
+                    REPLY_WAIT.as_secs()
                 )));
             }
-            Ok(End::Done) => return Ok(()),
+            Ok(End::Done { code }) => {
+                log::info!("closed: 1000 (the server answered {code})");
+                return Ok(());
+            }
             Ok(End::ServerClosed { code, reason }) => {
-                let clean = matches!(code, close_code::NORMAL | close_code::NO_STATUS);
                 let what = format!("server closed the connection: {code} {reason}");
                 let what = what.trim_end().to_string();
                 if !o.reconnect || finished {
-                    let short = o.count.is_some_and(|n| progress.replies() < n);
-                    return match (clean, short) {
-                        (true, false) => Ok(()),
+                    let short = o.count.is_some_and(|n| progress.replies() < n) || o.one && progress.replies() == 0;
+                    return match (normal_close(code), short) {
+                        (true, false) => {
+                            log::info!("{what}");
+                            Ok(())
+                        }
+                        (true, true) if o.one => Err(Failure::Runtime(format!("{what} before replying"))),
                         (true, true) => Err(Failure::Runtime(format!(
                             "{what} after {} of {} replies",
                             progress.replies(),
                             o.count.unwrap_or(0)
                         ))),
-                        (false, _) => Err(Failure::Runtime(what)),
+                        (false, _) => Err(Failure::Status(EXIT_CLOSED, what)),
                     };
                 }
-                what
+                Exit(EXIT_CLOSED, what)
             }
             Err(e) => e,
         };
         if !o.reconnect || finished {
-            return Err(Failure::Runtime(why));
+            return Err(Failure::Status(why.0, why.1));
         }
-        log::warn!("{why}; reconnecting in {backoff:?}");
+        log::warn!("{}; reconnecting in {}ms", why.1, backoff.as_millis());
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -379,6 +579,7 @@ impl Interrupts {
 struct Session<'a> {
     client: Client,
     o: &'a Options,
+    source: &'a Source,
     input: Option<&'a mut Input>,
     p: &'a mut Progress,
     /// Everything is sent; the timer is the deadline for the last replies.
@@ -387,26 +588,42 @@ struct Session<'a> {
     input_paused: bool,
     /// We sent our close frame.
     closing: bool,
+    /// `--ping-every`: when the next ping goes, and when the last one went.
+    next_ping: Option<Instant>,
+    ping_sent: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
-    fn new(client: Client, o: &'a Options, input: Option<&'a mut Input>, p: &'a mut Progress) -> Self {
+    fn new(
+        client: Client,
+        o: &'a Options,
+        source: &'a Source,
+        input: Option<&'a mut Input>,
+        p: &'a mut Progress,
+    ) -> Self {
         p.new_connection();
         Session {
             client,
             o,
+            source,
             input,
             p,
             sending_done: false,
             input_paused: false,
             closing: false,
+            next_ping: o.ping_every.map(|every| Instant::now() + every),
+            ping_sent: None,
         }
     }
 
-    fn run(mut self, interrupts: &Interrupts) -> Result<End, String> {
+    fn run(mut self, interrupts: &Interrupts) -> Result<End, Exit> {
         let _graceful = interrupts.graceful(&mut self.client)?;
-        match self.input.as_deref() {
-            Some(input) => {
+        match (self.source, self.input.as_deref()) {
+            (Source::Once(msg), _) => {
+                self.send(msg)?;
+                self.finish_sending()?;
+            }
+            (_, Some(input)) => {
                 if input.pollable {
                     self.client
                         .watch(input.fd())
@@ -414,13 +631,24 @@ impl<'a> Session<'a> {
                 }
                 self.read_input()?;
             }
-            None => self.send_next()?,
+            (_, None) => self.send_next()?,
         }
         loop {
-            let event = self.client.next_event(None).map_err(|e| e.to_string())?;
+            let timeout = self.next_ping.map(|t| t.saturating_duration_since(Instant::now()));
+            let event = self
+                .client
+                .next_event(timeout)
+                .map_err(|e| Exit(EXIT_CLOSED, e.to_string()))?;
+            self.ping_if_due();
             match event {
-                Some(ClientEvent::Text(text)) => self.received(text.as_bytes())?,
-                Some(ClientEvent::Binary(data)) => self.received(&data)?,
+                Some(ClientEvent::Text(text)) => self.received(text.as_bytes(), false)?,
+                Some(ClientEvent::Binary(data)) => self.received(&data, true)?,
+                Some(ClientEvent::Pong(_)) => {
+                    if let Some(sent) = self.ping_sent.take() {
+                        let micros = sent.elapsed().as_micros();
+                        log::info!("pong in {}.{:03} ms", micros / 1000, micros % 1000);
+                    }
+                }
                 Some(ClientEvent::Timer) if self.sending_done => {
                     // The replies did not all come: give up on them.
                     self.p.new_connection();
@@ -438,7 +666,7 @@ impl<'a> Session<'a> {
                 Some(ClientEvent::Readable(_)) => self.read_input()?,
                 Some(ClientEvent::Closed { code, reason }) => {
                     return Ok(if self.closing {
-                        End::Done
+                        End::Done { code }
                     } else {
                         End::ServerClosed { code, reason }
                     })
@@ -448,13 +676,30 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Prints a message; closes once every send has its reply.
-    fn received(&mut self, msg: &[u8]) -> Result<(), String> {
+    /// `--ping-every`: sends a ping when one is due.
+    fn ping_if_due(&mut self) {
+        let (Some(due), Some(every)) = (self.next_ping, self.o.ping_every) else {
+            return;
+        };
+        let now = Instant::now();
+        if now < due {
+            return;
+        }
+        self.next_ping = Some(now + every);
+        if self.client.is_open() && !self.closing && self.client.ping(b"wsloop").is_ok() {
+            self.ping_sent = Some(now);
+        }
+    }
+
+    /// Prints a message; closes once every send has its reply (with `-1`: the first message).
+    fn received(&mut self, msg: &[u8], binary: bool) -> Result<(), String> {
         if !self.p.output_gone {
             let mut out = io::stdout().lock();
+            // `-b`: a binary message exactly as it came; anything else one per line.
+            let newline: &[u8] = if binary && self.o.binary { b"" } else { b"\n" };
             match out
                 .write_all(msg)
-                .and_then(|()| out.write_all(b"\n"))
+                .and_then(|()| out.write_all(newline))
                 .and_then(|()| out.flush())
             {
                 Ok(()) => {}
@@ -467,6 +712,11 @@ impl<'a> Session<'a> {
             }
         }
         self.p.received(msg);
+        if self.o.one && self.p.sent_here > 0 {
+            // Whatever came first answers the one message.
+            self.p.echoed = self.p.sent_here;
+            return self.close();
+        }
         if self.sending_done && self.p.all_replied() {
             self.close()?;
         }
@@ -489,7 +739,7 @@ impl<'a> Session<'a> {
     /// Nothing more will be sent: close now if every reply is in, else after a grace period.
     fn finish_sending(&mut self) -> Result<(), String> {
         self.sending_done = true;
-        if self.p.all_replied() {
+        if self.p.all_replied() && !self.o.one {
             return self.close();
         }
         self.client.set_timer(REPLY_WAIT);
@@ -511,8 +761,8 @@ impl<'a> Session<'a> {
 
     fn send(&mut self, line: &[u8]) -> Result<(), String> {
         let sent = match std::str::from_utf8(line) {
-            Ok(text) => self.client.send_text(text),
-            Err(_) => self.client.send_binary(line), // not UTF-8: sent as it is, as binary
+            Ok(text) if !self.o.binary => self.client.send_text(text),
+            _ => self.client.send_binary(line), // `-b`, or not UTF-8: sent as it is, as binary
         };
         match sent {
             Ok(()) => {

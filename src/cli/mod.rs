@@ -105,11 +105,13 @@ wsloop: a small WebSocket server and client on one poll loop
 Usage:
   wsloop [serve] [OPTIONS]     serve WebSocket (default: echo on 127.0.0.1:9001)
   wsloop bench [URL] [OPTIONS] open many connections to an echo server and measure
-  wsloop client [URL] [OPTS]   send `how are you?` every 2s and print the replies
+  wsloop client [URL] [OPTS]   send `how are you?` every 2s (or what stdin holds) and
+                               print what comes back
   wsloop help [COMMAND]        this text, or a command's options
 
 Durations are written like 2s, 500ms, 0.5s, 1m; sizes like 65536, 64KiB, 16MiB.
-Exit status: 0 done (also when stopped by Ctrl-C or SIGTERM), 1 failed, 2 bad usage.";
+Exit status: 0 done (also when stopped by Ctrl-C or SIGTERM), 1 failed, 2 bad usage
+(`wsloop client` also: 3 could not connect, 4 the connection closed abnormally).";
 
 /// What `--deflate` says in a build without the `deflate` feature.
 #[cfg(not(feature = "deflate"))]
@@ -133,6 +135,9 @@ pub enum Failure {
     /// Failed, and has already said why (exit 1).
     #[cfg_attr(not(feature = "bench"), allow(dead_code))]
     Reported,
+    /// Failed with a command's own exit status (`client`'s 3 and 4), and why.
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
+    Status(i32, String),
 }
 
 impl From<lexopt::Error> for Failure {
@@ -227,6 +232,10 @@ pub fn main() -> i32 {
             EXIT_FAILURE
         }
         Err(Failure::Reported) => EXIT_FAILURE,
+        Err(Failure::Status(code, e)) => {
+            print_err(&format!("wsloop: {e}"));
+            code
+        }
     }
 }
 

@@ -60,6 +60,7 @@ mod url;
 pub use url::UrlError;
 pub(crate) use url::WsUrl;
 
+use crate::io::describe;
 use crate::io::outbox::{self, Outbox};
 use crate::io::stream::ClientStream;
 use crate::io::timer::{deadline_after, poll_timeout, Clock, TimerQueue};
@@ -97,6 +98,9 @@ pub struct ClientConfig {
     pub protocols: Vec<String>,
     /// Extra request headers, e.g. `("Origin", "http://localhost")` (default none).
     pub headers: Vec<(String, String)>,
+    /// Called with the request head as it is sent, and with the server's answer head as it
+    /// arrives (a refusal's too), for tracing: `wsloop client -v` prints them (default none).
+    pub on_head: Option<fn(&[u8])>,
     /// Whom to trust on `wss://` URLs (default none: the system's CA bundle, read when a
     /// `wss://` connection is made).
     #[cfg(feature = "tls")]
@@ -120,6 +124,7 @@ impl Default for ClientConfig {
             read_buffer_size: 64 << 10,
             protocols: Vec::new(),
             headers: Vec::new(),
+            on_head: None,
             #[cfg(feature = "tls")]
             tls: None,
             #[cfg(feature = "deflate")]
@@ -219,9 +224,18 @@ pub enum ClientError {
     Abnormal(String),
     /// The connection is closing or closed: nothing more can be sent.
     NotOpen,
-    /// The TLS setup or handshake failed (an untrusted certificate, a name that does not
-    /// match, a server that does not speak TLS): one line saying why.
-    Tls(String),
+    /// The TLS settings could not be made (no system CA bundle found, an unreadable file).
+    #[cfg(feature = "tls")]
+    TlsConfig(crate::tls::TlsConfigError),
+    /// The TLS handshake failed: an untrusted certificate, a name that does not match, a
+    /// server that does not speak TLS. Match on `error` to tell them apart.
+    #[cfg(feature = "tls")]
+    Tls {
+        /// The server's address.
+        addr: SocketAddr,
+        /// Why.
+        error: crate::tls::TlsError,
+    },
     /// Another I/O error.
     Io(io::Error),
 }
@@ -231,9 +245,9 @@ impl std::fmt::Display for ClientError {
         match self {
             ClientError::InvalidUrl(e) => e.fmt(f),
             ClientError::InvalidConfig(why) => write!(f, "invalid client setting: {why}"),
-            ClientError::Resolve { host, error } => write!(f, "cannot resolve host '{host}': {error}"),
+            ClientError::Resolve { host, error } => write!(f, "cannot resolve host '{host}': {}", describe(error)),
             ClientError::Refused(addr) => write!(f, "connection refused to {addr}"),
-            ClientError::Connect { addr, error } => write!(f, "cannot connect to {addr}: {error}"),
+            ClientError::Connect { addr, error } => write!(f, "cannot connect to {addr}: {}", describe(error)),
             ClientError::Timeout {
                 addr,
                 after,
@@ -251,8 +265,11 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::Abnormal(why) => write!(f, "connection closed abnormally (1006): {why}"),
             ClientError::NotOpen => f.write_str("the connection is not open"),
-            ClientError::Tls(why) => f.write_str(why),
-            ClientError::Io(e) => write!(f, "I/O error: {e}"),
+            #[cfg(feature = "tls")]
+            ClientError::TlsConfig(e) => e.fmt(f),
+            #[cfg(feature = "tls")]
+            ClientError::Tls { addr, error } => write!(f, "TLS handshake with {addr} failed: {error}"),
+            ClientError::Io(e) => write!(f, "I/O error: {}", describe(e)),
         }
     }
 }
@@ -265,6 +282,10 @@ impl std::error::Error for ClientError {
             }
             ClientError::InvalidUrl(e) => Some(e),
             ClientError::Handshake(e) => Some(e),
+            #[cfg(feature = "tls")]
+            ClientError::Tls { error, .. } => Some(error),
+            #[cfg(feature = "tls")]
+            ClientError::TlsConfig(e) => Some(e),
             ClientError::Protocol(e) => Some(e),
             _ => None,
         }
@@ -360,7 +381,7 @@ impl Client {
         let tls = match (&cfg.tls, target.tls) {
             (_, false) => None,
             (Some(t), true) => Some(t.clone()),
-            (None, true) => Some(crate::tls::ClientTls::system_roots().map_err(|e| ClientError::Tls(e.to_string()))?),
+            (None, true) => Some(crate::tls::ClientTls::system_roots().map_err(ClientError::TlsConfig)?),
         };
         let request = cfg.request(&target);
         request.check().map_err(ClientError::InvalidConfig)?;
@@ -404,7 +425,9 @@ impl Client {
         #[cfg(feature = "tls")]
         let stream = match tls {
             Some(tls) => {
-                let session = tls.session(&target.host).map_err(ClientError::Tls)?;
+                let session = tls
+                    .session(&target.host)
+                    .map_err(|error| ClientError::Tls { addr: peer, error })?;
                 ClientStream::Tls(crate::io::tls::TlsStream::new(stream, session))
             }
             None => ClientStream::Plain(stream),
@@ -444,20 +467,35 @@ impl Client {
             codec: proto::deflate::Codec::new(&cfg_deflate),
         };
         client.send_bytes(&first);
+        if let Some(show) = client.cfg.on_head {
+            show(&first);
+        }
         client.handshake()?;
         Ok(client)
     }
 
     /// Reads the answer; leftover bytes are the first frames.
     fn handshake(&mut self) -> Result<(), ClientError> {
+        // The answer head as it came, for `on_head`.
+        let mut head = Vec::new();
+        let on_head = self.cfg.on_head;
+        let show = |head: &[u8]| {
+            if let Some(show) = on_head {
+                let end = head
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(head.len(), |i| i + 4);
+                show(&head[..end]);
+            }
+        };
         loop {
             if let Some(e) = self.io_error.take() {
                 #[cfg(feature = "tls")]
-                if e.get_ref().is_some_and(|i| i.is::<crate::io::tls::TlsFailure>()) {
-                    return Err(ClientError::Tls(format!(
-                        "TLS handshake with {} failed: {e}",
-                        self.peer
-                    )));
+                if let Some(failure) = e.get_ref().and_then(|i| i.downcast_ref::<crate::io::tls::TlsFailure>()) {
+                    return Err(ClientError::Tls {
+                        addr: self.peer,
+                        error: crate::tls::TlsError::from(&failure.0),
+                    });
                 }
                 return Err(match e.kind() {
                     io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
@@ -470,26 +508,43 @@ impl Client {
                 let now = self.clock.now();
                 let data = &mut self.rbuf[self.rpos..self.rlen];
                 self.scratch.clear();
-                match self
+                let read = self
                     .conn
-                    .read(&self.proto_cfg, now, data, &mut self.rng, &mut self.scratch)
-                {
+                    .read(&self.proto_cfg, now, data, &mut self.rng, &mut self.scratch);
+                match read {
                     Ok((used, ev)) => {
+                        let opened = match ev {
+                            Some(Event::Open(response)) => Some(response.protocol),
+                            _ => None,
+                        };
+                        if self.cfg.on_head.is_some() && head.len() <= self.cfg.max_response_head {
+                            head.extend_from_slice(&self.rbuf[self.rpos..self.rpos + used]);
+                        }
                         self.rpos += used;
-                        if let Some(Event::Open(response)) = ev {
-                            self.protocol = response.protocol.clone();
+                        if let Some(protocol) = opened {
+                            show(&head);
+                            self.protocol = protocol;
                             log::debug!("{}: handshake done", self.peer);
                             return Ok(());
                         }
                     }
-                    Err(proto::Error::Response(e)) => return Err(ClientError::Handshake(*e)),
+                    Err(proto::Error::Response(e)) => {
+                        if self.cfg.on_head.is_some() && head.len() <= self.cfg.max_response_head {
+                            head.extend_from_slice(&self.rbuf[self.rpos..self.rlen]);
+                        }
+                        show(&head);
+                        return Err(ClientError::Handshake(*e));
+                    }
                     Err(e) => return Err(ClientError::Abnormal(e.to_string())),
                 }
                 continue;
             }
             if self.read_closed {
                 return Err(match self.conn.read_eof(self.clock.now()) {
-                    Some(proto::Error::Response(e)) => ClientError::Handshake(*e),
+                    Some(proto::Error::Response(e)) => {
+                        show(&head);
+                        ClientError::Handshake(*e)
+                    }
                     _ => ClientError::Handshake(ResponseError::NoAnswer),
                 });
             }
@@ -722,7 +777,7 @@ impl Client {
             State::Connecting | State::Open if !transport_down => None,
             State::Connecting | State::Open => Some(Err(ClientError::Abnormal(self.drop_reason()))),
             State::LocalClosing if transport_down => Some(Err(ClientError::Abnormal(match &self.io_error {
-                Some(e) => format!("connection error before the server answered the close: {e}"),
+                Some(e) => format!("connection error before the server answered the close: {}", describe(e)),
                 None => "the server ended the connection without answering the close".to_string(),
             }))),
             State::LocalClosing => None,
@@ -750,7 +805,7 @@ impl Client {
     /// Why the TCP connection is gone, for an abnormal close.
     fn drop_reason(&self) -> String {
         match &self.io_error {
-            Some(e) => format!("connection error: {e}"),
+            Some(e) => format!("connection error: {}", describe(e)),
             None if self.conn.in_message() => "the server dropped the connection mid-message".to_string(),
             None => "the server closed the TCP connection without a close frame".to_string(),
         }

@@ -100,27 +100,7 @@ pub(crate) struct TlsFailure(pub(crate) rustls::Error);
 
 impl std::fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use rustls::CertificateError as C;
-        match &self.0 {
-            rustls::Error::InvalidCertificate(c) => match c {
-                C::UnknownIssuer => {
-                    f.write_str("the certificate is not signed by a trusted CA (--ca FILE trusts a private CA)")
-                }
-                C::NotValidForName | C::NotValidForNameContext { .. } => {
-                    f.write_str("the certificate is not valid for this host name")
-                }
-                C::Expired | C::ExpiredContext { .. } => f.write_str("the certificate has expired"),
-                C::NotValidYet | C::NotValidYetContext { .. } => f.write_str("the certificate is not valid yet"),
-                C::BadSignature => f.write_str("the certificate's signature is wrong"),
-                C::Other(o) => write!(f, "invalid certificate: {o}"),
-                c => write!(f, "invalid certificate: {c:?}"),
-            },
-            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
-                write!(f, "the peer does not speak TLS ({})", self.0)
-            }
-            rustls::Error::AlertReceived(a) => write!(f, "the peer refused the TLS handshake (alert: {a:?})"),
-            e => write!(f, "TLS: {e}"),
-        }
+        crate::tls::TlsError::from(&self.0).fmt(f)
     }
 }
 

@@ -111,11 +111,14 @@ impl core::fmt::Display for ResponseError {
         match self {
             ResponseError::Malformed => f.write_str("server answered with something that is not HTTP"),
             ResponseError::Status { code, reason, body } => {
-                let body = body.trim();
-                if body.is_empty() {
-                    write!(f, "server answered {code} {reason}: not a WebSocket endpoint")
-                } else {
-                    write!(f, "server answered {code} {reason}: {body}")
+                let reason = match reason.trim() {
+                    "" => status_reason(*code),
+                    r => r,
+                };
+                write!(f, "server refused the upgrade: {code} {reason}")?;
+                match body.trim() {
+                    "" => Ok(()),
+                    body => write!(f, ": {body}"),
                 }
             }
             ResponseError::Invalid(why) => write!(f, "invalid handshake answer: {why}"),
@@ -127,6 +130,27 @@ impl core::fmt::Display for ResponseError {
 }
 
 impl core::error::Error for ResponseError {}
+
+/// The usual reason phrase of the statuses a refused upgrade comes with, for an answer that
+/// gave none.
+fn status_reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        301 => "Moved Permanently",
+        302 => "Found",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
 
 /// A server's accepted handshake.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -296,12 +320,15 @@ mod tests {
             );
         }
         let e = parse_response(res, "k", &[], false, false).unwrap_err();
-        assert_eq!(e.to_string(), "server answered 403 Forbidden: origin not allowed");
+        assert_eq!(
+            e.to_string(),
+            "server refused the upgrade: 403 Forbidden: origin not allowed"
+        );
         let e = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "k", &[], false, false).unwrap_err();
-        assert_eq!(e.to_string(), "server answered 200 OK: not a WebSocket endpoint");
+        assert_eq!(e.to_string(), "server refused the upgrade: 200 OK");
         // At end of stream, what came is what is shown.
         let e = parse_response(&res[..res.len() - 8], "k", &[], false, true).unwrap_err();
-        assert_eq!(e.to_string(), "server answered 403 Forbidden: origin not");
+        assert_eq!(e.to_string(), "server refused the upgrade: 403 Forbidden: origin not");
         assert_eq!(parse_response(b"", "k", &[], false, true), Err(ResponseError::NoAnswer));
         assert_eq!(
             parse_response(b"HTTP/1.1 1", "k", &[], false, true),

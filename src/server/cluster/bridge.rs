@@ -1089,7 +1089,7 @@ impl Bridge {
             self.tls = Some(crate::tls::ClientTls::system_roots().map_err(|e| e.to_string())?);
         }
         let tls = self.tls.as_ref().expect("set above");
-        let session = tls.session(self.url.host())?;
+        let session = tls.session(self.url.host()).map_err(|e| e.to_string())?;
         Ok(ClientStream::Tls(crate::io::tls::TlsStream::new(tcp, session)))
     }
 

@@ -588,7 +588,7 @@ fn rediss_connects_over_tls_with_a_private_ca() {
             .bus
             .diagnostics()
             .last_error
-            .is_some_and(|e| e.contains("not signed by a trusted CA"))),
+            .is_some_and(|e| e.contains("certificate not trusted (unknown issuer)"))),
         "{:?}",
         c.bus.diagnostics()
     );
