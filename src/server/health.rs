@@ -28,20 +28,29 @@ impl<H: Handler> Srv<H> {
     /// The answer to a built-in route, if `req` asks for one (on the metrics listener every
     /// request gets one).
     pub(super) fn builtin_route(&self, eng: &ServerEngine<H::State>, key: usize, req: &Request) -> Option<Answer> {
-        let admin = self.is_admin(eng, key);
-        if !admin && req.is_upgrade() {
+        if !self.is_admin(eng, key) {
             return None;
         }
-        let readable = matches!(req.method(), "GET" | "HEAD");
+        // The metrics listener serves nothing else, upgrades included.
+        Some(self.own_route(eng, req, true).unwrap_or_else(|| {
+            if matches!(req.method(), "GET" | "HEAD") {
+                Answer::reject(404, "not found: this listener serves /metrics and /health")
+            } else {
+                Answer::reject(405, "only GET is served here").with_header("Allow", "GET, HEAD")
+            }
+        }))
+    }
+
+    /// `/health`, and `/metrics` where metrics are served: on the main listener these come after
+    /// the handler's own routes, so an application may answer the same paths itself.
+    pub(super) fn own_route(&self, eng: &ServerEngine<H::State>, req: &Request, admin: bool) -> Option<Answer> {
+        if !matches!(req.method(), "GET" | "HEAD") {
+            return None;
+        }
         match req.path_only() {
-            "/health" if readable => Some(self.health(eng)),
-            "/metrics" if readable && (admin || self.cfg.metrics) => Some(self.metrics_page(eng)),
-            _ if !admin => None,
-            _ if !readable => Some(Answer::reject(405, "only GET is served here")),
-            _ => Some(Answer::reject(
-                404,
-                "not found: this listener serves /metrics and /health",
-            )),
+            "/health" => Some(self.health(eng)),
+            "/metrics" if admin || self.cfg.metrics => Some(self.metrics_page(eng)),
+            _ => None,
         }
     }
 

@@ -303,6 +303,7 @@ impl<H: Handler> Srv<H> {
     fn plain_answer(&mut self, eng: &mut ServerEngine<H::State>, req: &Request, peer: SocketAddr) -> Answer {
         let (h, mut ctx) = self.ctx(eng);
         h.on_request(&mut ctx, req, peer)
+            .or_else(|| self.own_route(eng, req, false))
             .unwrap_or_else(|| self.builtin_answer(req))
     }
 
