@@ -1,7 +1,6 @@
 //! `wsloop serve`.
 
 use std::ffi::OsString;
-use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use wsloop::server::modes::{self, Broadcast, PageKind};
@@ -10,8 +9,8 @@ use wsloop::Message;
 
 use super::workers::{self, Worker};
 use super::{
-    count, dispatch, duration_above_zero, duration_or_off, init_log, parse_bytes, size_above_zero, unexpected, value,
-    Asked, Failure, Outcome,
+    count, dispatch, duration_above_zero, duration_or_off, init_log_as, parse_bytes, print_line, size_above_zero,
+    unexpected, value, Asked, Failure, Outcome,
 };
 
 /// `wsloop serve --help`.
@@ -56,12 +55,18 @@ Options:
     deflate_help!(serve),
     serve_tls_help!(),
     cluster_help!(),
-    "  --log LEVEL              error | warn | info | debug | trace | off [default: info]
+    "  --log LEVEL              error | warn | info | debug | trace | off [default: info];
+                           debug adds a line per message and peer: in/out, opcode,
+                           size and a preview (32 characters of text, 16 bytes in hex)
+  --log-format FORMAT      text | json: one JSON object a line (ts, level, target, pid,
+                           peer, msg), --stats lines too [default: text]
   -q, --quiet              only warnings and errors (--log warn)
   -V, --version            print the version
 
 Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
-closed (at most 3s); a second one exits at once. Exit status: 0 done, 1 failed (e.g. the
+closed (at most 3s); a second one exits at once. SIGHUP reads --tls-cert and --tls-key again:
+new handshakes use the new certificate, open connections stay; a bad file is refused (logged)
+and the old certificate kept. With --processes the parent passes SIGHUP to every worker. Exit status: 0 done, 1 failed (e.g. the
 address is in use), 2 bad usage.
 "
 );
@@ -91,6 +96,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut mode = "echo".to_string();
     let mut reply = "fine thank you".to_string();
     let mut log_level = "info".to_string();
+    let mut log_format = "text".to_string();
     let mut bcast = Broadcast::new(true, false);
     let mut bcast_flags = false;
     let mut serve_page = true;
@@ -169,6 +175,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("cluster") => cluster = Some(value(&mut p)?),
             Long("cluster-prefix") => cluster_prefix = Some(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
+            Long("log-format") => log_format = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
             Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),
             Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value().map_err(|e| e.to_string())?),
@@ -199,7 +206,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         _ => return Err("--tls-key needs --tls-cert".to_string()),
     }
     cluster_config(&mut cfg, cluster, cluster_prefix)?;
-    init_log(&log_level)?;
+    init_log_as(&log_level, &log_format)?;
     // An address, not a host name: a listening address is an interface's, and parsing it here
     // keeps the resolver out of the binary.
     let addr: std::net::SocketAddr = listen
@@ -403,7 +410,7 @@ impl Cli {
                 cluster_stats(ctx),
             );
             // Not eprintln!: a closed stderr must not bring the server down.
-            let _ = writeln!(std::io::stderr().lock(), "{line}");
+            print_line("wsloop::stats", &line);
         }
         self.last = Some((now, stats));
         self.stats_timer = Some(ctx.set_timer(every));

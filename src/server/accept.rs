@@ -8,9 +8,10 @@ use std::sync::atomic::Ordering;
 
 use mio::net::TcpStream;
 
+use super::handle::Group;
 use super::handler::{ConnData, PeerAddr, ServerEngine};
 use super::serve::Srv;
-use super::{config, peer_log, Handler, ServerConfig};
+use super::{config, peer_log, Handler};
 use crate::io::outbox::write_some;
 use crate::io::stream::ServerStream;
 use crate::io::sys::is_resource_error;
@@ -23,16 +24,17 @@ pub(super) const ACCEPT_TIMER: u64 = u64::MAX >> 1;
 /// as it is refused must not hold the loop).
 const REFUSE_AT_ONCE: usize = 256;
 
-/// The stream for an accepted socket: TLS when the server has a TLS configuration.
-fn server_stream(tcp: TcpStream, cfg: &ServerConfig) -> io::Result<ServerStream> {
+/// The stream for an accepted socket: TLS, with the certificate in use now, when the server
+/// speaks TLS.
+fn server_stream(tcp: TcpStream, group: &Group) -> io::Result<ServerStream> {
     #[cfg(feature = "tls")]
-    return match &cfg.tls {
-        Some(t) => ServerStream::tls(tcp, &t.config),
+    return match &group.tls {
+        Some(t) => ServerStream::tls(tcp, &t.config()),
         None => Ok(ServerStream::plain(tcp)),
     };
     #[cfg(not(feature = "tls"))]
     {
-        let _ = cfg;
+        let _ = group;
         Ok(tcp)
     }
 }
@@ -140,7 +142,7 @@ impl<H: Handler> Srv<H> {
             sent_close: 0,
             state: H::State::default(),
         };
-        let stream = match server_stream(stream, &self.cfg) {
+        let stream = match server_stream(stream, self.group()) {
             Ok(s) => s,
             Err(e) => {
                 peer_log(log::Level::Warn, addr, format_args!(": {e}"));

@@ -439,6 +439,10 @@ impl<'a, S> Ctx<'a, S> {
         let here = id.lp() == usize::from(self.shared.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
+        if ok && self.shared.log_messages {
+            let addr = self.addr_of(id.key());
+            super::msglog::message(addr, super::msglog::Dir::Out, msg.opcode(), msg.as_bytes());
+        }
         ok
     }
 
@@ -604,6 +608,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Queues a shared frame for one connection, applying the slow consumer policy.
     fn queue_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) -> bool {
+        let plain = frame;
         #[cfg(feature = "deflate")]
         let frame = compressed_for(frame, self.eng.slots[key].conn.deflate(), &mut self.eng.codec);
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
@@ -627,6 +632,9 @@ impl<'a, S> Ctx<'a, S> {
             return false;
         }
         self.eng.send_shared(key, frame);
+        if self.shared.log_messages {
+            super::msglog::frame(self.addr_of(key), super::msglog::Dir::Out, plain.bytes());
+        }
         true
     }
 

@@ -85,6 +85,8 @@ impl Server {
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(ipcount::IpCounts::new()),
             link: super::cluster_link::ClusterLink::default(),
+            #[cfg(feature = "tls")]
+            tls: cfg.tls.clone().map(super::tls_reload::CurrentTls::new),
         };
         Ok(Server {
             loops,

@@ -16,8 +16,8 @@ use super::handle::{message, Command, Group};
 use super::handler::{ConnData, ServerEngine};
 use super::run::LoopParts;
 use super::signals::Signals;
+use super::{msglog, LISTENER, SIGNALS, WAKER};
 use super::{peer_log, Conn, ConnId, Ctx, Handler, ServerConfig, Shared, Timer, TimerId, Upgrade};
-use super::{LISTENER, SIGNALS, WAKER};
 use crate::io::engine::{Cause, Driver, Engine, SHED_CODE};
 use crate::io::stream::ServerStream;
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -100,9 +100,14 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
                     }
                 }
                 SIGNALS => {
-                    if let Some(s) = &mut signals {
-                        signals_seen += s.drain();
+                    if signals.as_mut().is_some_and(|s| s.take_hangup()) {
+                        super::signals::on_hangup(&srv.shared.handle);
                     }
+                    let seen = signals.as_mut().map_or(0, |s| s.drain());
+                    if seen == 0 {
+                        continue; // SIGHUP alone: nothing to stop
+                    }
+                    signals_seen += seen;
                     if signals_seen > 1 && srv.shutdown_deadline.is_some() {
                         log::warn!("second signal: stopping now");
                         srv.shared.handle.stop_others(lp, true);
@@ -388,6 +393,10 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             Event::Message(payload) => {
                 self.shared.stats.messages_in += 1;
                 let msg = payload.as_message();
+                if self.shared.log_messages {
+                    let addr = self.addr(eng, key);
+                    msglog::message(addr, msglog::Dir::In, msg.opcode(), msg.as_bytes());
+                }
                 self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));
             }
             Event::Close { code, reason } => {
