@@ -440,10 +440,16 @@ impl<'a, S> Ctx<'a, S> {
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
         if ok && self.shared.log_messages {
-            let addr = self.addr_of(id.key());
-            super::msglog::message(addr, super::msglog::Dir::Out, msg.opcode(), msg.as_bytes());
+            self.log_sent(id.key(), msg);
         }
         ok
+    }
+
+    /// The `debug` line of a message sent (out of [`send`](Self::send)'s inlined body).
+    #[cold]
+    #[inline(never)]
+    fn log_sent(&self, key: usize, msg: Message<'_>) {
+        super::msglog::message(self.addr_of(key), super::msglog::Dir::Out, msg);
     }
 
     /// A message for a connection of another instance, through the cluster.

@@ -394,8 +394,7 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
                 self.shared.stats.messages_in += 1;
                 let msg = payload.as_message();
                 if self.shared.log_messages {
-                    let addr = self.addr(eng, key);
-                    msglog::message(addr, msglog::Dir::In, msg.opcode(), msg.as_bytes());
+                    msglog::message(self.addr(eng, key), msglog::Dir::In, msg);
                 }
                 self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));
             }
