@@ -58,6 +58,7 @@ fn debug_logs_each_message_with_direction_size_opcode_and_preview() {
     let me = exchange(server.addr);
     wait_for(&server, &format!("{me} disconnected"));
     let err = server.stderr();
+    assert!(err.contains(&format!("DEBUG {me} connected")), "{err}");
     let n = TEXT.len();
     for dir in ["in", "out"] {
         let text = format!("DEBUG {me}: {dir} text {n} B {}", text_preview());
@@ -73,12 +74,22 @@ fn debug_logs_each_message_with_direction_size_opcode_and_preview() {
 }
 
 #[test]
-fn info_logs_no_message_lines() {
+fn info_logs_no_message_lines_and_sums_up_connections() {
     let server = common::spawn_server(&["--log", "info"]);
+    let started = Instant::now();
     let me = exchange(server.addr);
-    wait_for(&server, &format!("{me} disconnected"));
+    let _ = exchange(server.addr);
+    // One line for both connections, 10 s after the first came.
+    let summary = "INFO  connections: 0 open; 2 opened and 2 closed in the last 10 s";
+    assert!(
+        server.wait_for_stderr(summary, Duration::from_secs(20)),
+        "no '{summary}' in:\n{}",
+        server.stderr()
+    );
+    assert!(started.elapsed() >= Duration::from_secs(9), "{:?}", started.elapsed());
     let err = server.stderr();
-    assert!(err.contains(&format!("{me} connected")), "{err}");
+    assert_eq!(err.matches("connections: ").count(), 1, "{err}");
+    assert!(!err.contains(&me.to_string()), "a line per connection at info: {err}");
     assert!(!err.contains(" in text") && !err.contains(" out text"), "{err}");
     assert!(!err.contains(" binary ") && !err.contains("DEBUG"), "{err}");
 }
@@ -120,7 +131,7 @@ fn json_format_writes_one_parsable_object_a_line() {
     assert!(listening.get("peer").is_none(), "{listening}");
     let connected = find("wsloop::server::peer", "connected").expect("the connect line");
     assert_eq!(connected["peer"], peer.as_str(), "{connected}");
-    assert_eq!(connected["level"], "info");
+    assert_eq!(connected["level"], "debug");
     // The escaped preview comes back whole from the parser.
     let incoming = find("wsloop::server::message", "in text").expect("the message line");
     assert_eq!(incoming["peer"], peer.as_str());

@@ -332,6 +332,7 @@ fn serve(mut o: Parsed) -> Outcome {
             },
             // Loop 0 tells the parent once it serves.
             worker: worker.take(),
+            summary: Summary::default(),
         })
         .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
 }
@@ -346,6 +347,9 @@ fn tls_on(server: &Server) -> bool {
         false
     }
 }
+
+/// How long connections opened and closed are summed up before their `info` line.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// What the server does with messages.
 #[derive(Clone)]
@@ -373,9 +377,52 @@ struct Cli {
     tag: String,
     /// Set in a worker's first loop until it runs.
     worker: Option<Worker>,
+    /// Connections opened and closed since the last summary line, and whether such lines are
+    /// logged (`info`); the timer is set only by a connection coming or going, so an idle
+    /// server still never wakes.
+    summary: Summary,
+}
+
+/// The `info` line that sums up connections (each one's own lines are at `debug`).
+#[derive(Default)]
+struct Summary {
+    on: bool,
+    opened: u64,
+    closed: u64,
+    timer: Option<TimerId>,
 }
 
 impl Cli {
+    /// A connection opened (`+1`) or closed: counted, and the summary's timer set if it is not.
+    fn count(&mut self, ctx: &mut Ctx<'_, ()>, opened: bool) {
+        let s = &mut self.summary;
+        if !s.on {
+            return;
+        }
+        if opened {
+            s.opened += 1;
+        } else {
+            s.closed += 1;
+        }
+        if s.timer.is_none() {
+            s.timer = Some(ctx.set_timer(SUMMARY_EVERY));
+        }
+    }
+
+    /// `connections: 19000 open; 19000 opened and 0 closed in the last 10 s`.
+    fn summarize(&mut self, ctx: &mut Ctx<'_, ()>) {
+        let s = &mut self.summary;
+        s.timer = None;
+        log::info!(
+            "connections{}: {} open; {} opened and {} closed in the last {} s",
+            self.tag,
+            ctx.len(),
+            std::mem::take(&mut s.opened),
+            std::mem::take(&mut s.closed),
+            SUMMARY_EVERY.as_secs()
+        );
+    }
+
     fn beat(&mut self, ctx: &mut Ctx<'_, ()>) {
         if let Some(h) = self.heartbeat {
             h.beat();
@@ -449,11 +496,13 @@ impl Handler for Cli {
         if let Some(w) = self.worker.take() {
             w.serving();
         }
+        self.summary.on = log::log_enabled!(log::Level::Info);
         self.beat(ctx);
         self.tick(ctx);
     }
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
+        self.count(ctx, true);
         if let Mode::Broadcast(b) = &mut self.mode {
             b.on_open(ctx, conn);
         }
@@ -472,6 +521,7 @@ impl Handler for Cli {
     }
 
     fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {
+        self.count(ctx, false);
         if let Mode::Broadcast(b) = &mut self.mode {
             b.on_close(ctx, conn, code, reason);
         }
@@ -482,6 +532,8 @@ impl Handler for Cli {
             self.beat(ctx);
         } else if Some(timer.id) == self.stats_timer {
             self.tick(ctx);
+        } else if Some(timer.id) == self.summary.timer {
+            self.summarize(ctx);
         } else if let Mode::Broadcast(b) = &mut self.mode {
             b.on_announce_timer(ctx, timer);
         }

@@ -262,7 +262,9 @@ impl<H: Handler> Srv<H> {
         slot.data.opened = true;
         self.shared.stats.open += 1;
         self.group().open.fetch_add(1, Ordering::Relaxed);
-        peer_log(log::Level::Info, addr, format_args!(" connected"));
+        // At debug: a line per connection costs a server under churn about a quarter more CPU
+        // (docs/operations.md); the CLI sums them up at info.
+        peer_log(log::Level::Debug, addr, format_args!(" connected"));
         self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
     }
 
@@ -297,7 +299,7 @@ impl<H: Handler> Srv<H> {
         self.shared.stats.open -= 1;
         self.group().open.fetch_sub(1, Ordering::Relaxed);
         peer_log(
-            log::Level::Info,
+            log::Level::Debug,
             slot.data.addr.get(&self.shared.peers),
             format_args!(" disconnected ({})", slot.data.ending(code)),
         );
