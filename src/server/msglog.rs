@@ -9,7 +9,6 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 
 use crate::proto::frame::OpCode;
-use crate::proto::Message;
 
 /// The log target of the lines about one peer (connects, refusals, closes): each begins with
 /// the peer's address and `: ` or ` `.
@@ -35,17 +34,10 @@ pub(crate) enum Dir {
     Out,
 }
 
-/// Logs one message line.
-#[cold]
-#[inline(never)]
-pub(crate) fn message(addr: SocketAddr, dir: Dir, msg: Message<'_>) {
-    line(addr, dir, msg.opcode(), msg.as_bytes());
-}
-
 /// Logs the line of a message with opcode `op` and payload `payload`.
 #[cold]
 #[inline(never)]
-fn line(addr: SocketAddr, dir: Dir, op: OpCode, payload: &[u8]) {
+pub(crate) fn message(addr: SocketAddr, dir: Dir, op: OpCode, payload: &[u8]) {
     let dir = match dir {
         Dir::In => "in",
         Dir::Out => "out",
@@ -64,7 +56,7 @@ fn line(addr: SocketAddr, dir: Dir, op: OpCode, payload: &[u8]) {
 #[inline(never)]
 pub(crate) fn frame(addr: SocketAddr, dir: Dir, frame: &[u8]) {
     if let Ok(Some((head, at))) = crate::proto::frame::FrameHeader::parse(frame) {
-        line(addr, dir, head.opcode, frame.get(at..).unwrap_or_default());
+        message(addr, dir, head.opcode, frame.get(at..).unwrap_or_default());
     }
 }
 

@@ -216,6 +216,14 @@ impl<H: Handler> Srv<H> {
         r
     }
 
+    /// The `debug` line of a message received (out of the inlined event path).
+    #[cold]
+    #[inline(never)]
+    fn log_received(&self, eng: &ServerEngine<H::State>, key: usize, payload: &crate::proto::Payload<'_>) {
+        let msg = payload.as_message();
+        msglog::message(self.addr(eng, key), msglog::Dir::In, msg.opcode(), msg.as_bytes());
+    }
+
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
     fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
         let addr = self.addr(eng, key);
@@ -393,11 +401,13 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
         match ev {
             Event::Request(req) => self.on_request(eng, key, *req),
             Event::Message(payload) => {
+                // The test first, on what is at hand, so that the inlined path below is the
+                // same as without it.
+                if self.shared.log_messages {
+                    self.log_received(eng, key, &payload);
+                }
                 self.shared.stats.messages_in += 1;
                 let msg = payload.as_message();
-                if self.shared.log_messages {
-                    msglog::message(self.addr(eng, key), msglog::Dir::In, msg);
-                }
                 self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));
             }
             Event::Close { code, reason } => {
