@@ -56,7 +56,8 @@ Options:
     serve_tls_help!(),
     cluster_help!(),
     "  --log LEVEL              error | warn | info | debug | trace | off [default: info];
-                           debug adds a line per message and peer: in/out, opcode,
+                           info sums up connections opened and closed every 10s, debug
+                           adds a line per connection and per message: in/out, opcode,
                            size and a preview (32 characters of text, 16 bytes in hex)
   --log-format FORMAT      text | json: one JSON object a line (ts, level, target, pid,
                            peer, msg), --stats lines too [default: text]
@@ -66,8 +67,8 @@ Options:
 Ctrl-C or SIGTERM stops accepting, closes every peer with 1001 and exits 0 once they have
 closed (at most 3s); a second one exits at once. SIGHUP reads --tls-cert and --tls-key again:
 new handshakes use the new certificate, open connections stay; a bad file is refused (logged)
-and the old certificate kept. With --processes the parent passes SIGHUP to every worker. Exit status: 0 done, 1 failed (e.g. the
-address is in use), 2 bad usage.
+and the old certificate kept. With --processes the parent passes SIGHUP to every worker.
+Exit status: 0 done, 1 failed (e.g. the address is in use), 2 bad usage.
 "
 );
 
