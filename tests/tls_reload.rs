@@ -269,6 +269,33 @@ fn sighup_reaches_every_worker_of_processes() {
 }
 
 #[test]
+fn sighup_reaches_every_loop_of_threads() {
+    let r = Rotation::new("threads");
+    let (old_leaf, new_leaf) = (leaf_of(&r.old.cert), leaf_of(&r.new.cert));
+    let mut args = r.serve_args();
+    args.extend(["--threads".to_string(), "3".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = common::spawn_server(&args);
+    let mut held = hold(&r, server.addr, 60, &old_leaf);
+    r.install(&r.new.cert, &r.new.key);
+    hangup(server.pid());
+    wait_count(&server, RELOADED, 1);
+    // New connections spread over the loops by the kernel's hash: every one sees the new one.
+    for i in 0..24 {
+        let from = std::net::IpAddr::from([127, 0, 0, 1 + (i % 4) as u8]);
+        let (mut ws, leaf) = r.connect(server.addr, Some(from));
+        assert!(leaf == new_leaf, "new client {i} was not shown the new certificate");
+        assert!(echoes(&mut ws, "new"));
+    }
+    all_echo(&mut held, "after the reload");
+    assert_eq!(
+        server.stderr().matches(RELOADED).count(),
+        1,
+        "one reload for the process"
+    );
+}
+
+#[test]
 fn sighup_without_tls_says_so_and_keeps_serving() {
     let server = common::spawn_server(&[]);
     let stream = TcpStream::connect(server.addr).unwrap();
