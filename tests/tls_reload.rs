@@ -149,6 +149,20 @@ fn wait_count(server: &common::ServerProcess, needle: &str, times: usize) {
 const RELOADED: &str = "SIGHUP: certificate reloaded from ";
 const REFUSED: &str = "SIGHUP: certificate reload refused, the old one stays in use: ";
 
+/// Sockets listening on `port` (IPv4), from /proc/net/tcp.
+fn listeners(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
+        })
+        .count()
+}
+
 /// Holds `n` connections (over 127.0.0.1..=127.0.0.4), every one shown `leaf`.
 fn hold(r: &Rotation, addr: SocketAddr, n: usize, leaf: &[u8]) -> Vec<Ws> {
     (0..n)
@@ -266,6 +280,44 @@ fn sighup_reaches_every_worker_of_processes() {
     }
     all_echo(&mut held, "after the refusal");
     assert!(!server.stderr().contains("stopping the workers"), "{}", server.stderr());
+
+    // A worker restarted after the reload serves the files as they are, not what the parent
+    // read at start.
+    drop(held);
+    r.install(&r.new.cert, &r.new.key);
+    let err = server.stderr();
+    let pat = "worker 1 started (pid ";
+    let at = err.find(pat).unwrap() + pat.len();
+    let pid: u32 = err[at..].split(')').next().unwrap().parse().unwrap();
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_count(&server, "worker 1 started (pid ", 2);
+    let err = server.stderr();
+    let at = err.rfind(pat).unwrap() + pat.len();
+    let restarted: u32 = err[at..].split(')').next().unwrap().parse().unwrap();
+    // Both workers listen again: two sockets in LISTEN on the port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while listeners(server.addr.port()) < 2 {
+        assert!(Instant::now() < deadline, "the restarted worker does not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let before = fds(restarted);
+    let mut fresh = Vec::new();
+    for i in 0..16 {
+        let from = std::net::IpAddr::from([127, 0, 0, 1 + (i % 4) as u8]);
+        let (mut ws, leaf) = r.connect(server.addr, Some(from));
+        assert!(
+            leaf == new_leaf,
+            "client {i} after the restart was not shown the new certificate"
+        );
+        assert!(echoes(&mut ws, "restarted"));
+        fresh.push(ws);
+    }
+    assert!(fds(restarted) > before, "no new client reached the restarted worker");
 }
 
 #[test]

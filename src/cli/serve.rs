@@ -287,6 +287,7 @@ fn serve(mut o: Parsed) -> Outcome {
             None => return Ok(()),
             Some(w) => {
                 o.addr = w.addr;
+                fresh_certificate(&mut o.cfg);
                 worker = Some(w);
             }
         }
@@ -337,6 +338,21 @@ fn serve(mut o: Parsed) -> Outcome {
         })
         .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
 }
+
+/// In a worker: the certificate files read again, so that a worker started after a SIGHUP
+/// (restarted after a crash) serves what the others reloaded, not what the parent read at
+/// start. A bad file keeps that one, as a reload would.
+#[cfg(feature = "tls")]
+fn fresh_certificate(cfg: &mut ServerConfig) {
+    let Some(tls) = &cfg.tls else { return };
+    match tls.reload() {
+        Ok(new) => cfg.tls = Some(new),
+        Err(e) => log::error!("certificate files not read again, serving the one read at start: {e}"),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn fresh_certificate(_: &mut ServerConfig) {}
 
 /// Whether the server speaks TLS.
 fn tls_on(server: &Server) -> bool {
