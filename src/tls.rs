@@ -16,7 +16,7 @@
 // Builds with only the server or only the client leave the other side's settings unused.
 #![cfg_attr(not(all(feature = "server", feature = "client")), allow(dead_code))]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -69,9 +69,16 @@ fn certs(pem: &[u8], source: &str) -> Result<Vec<CertificateDer<'static>>, TlsCo
 }
 
 /// The server's side: its certificate chain and key.
+///
+/// One made by [`from_pem_files`](Self::from_pem_files) remembers its files, so that
+/// [`reload`](Self::reload) can read them again: a running server takes a reloaded one with
+/// [`Handle::reload_tls`](crate::server::Handle::reload_tls), and does so by itself on SIGHUP
+/// with [`ServerConfig::handle_signals`](crate::ServerConfig::handle_signals).
 #[derive(Clone)]
 pub struct ServerTls {
     pub(crate) config: Arc<rustls::ServerConfig>,
+    /// The certificate and key files it was read from, if it was.
+    files: Option<Arc<(PathBuf, PathBuf)>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -87,12 +94,34 @@ impl ServerTls {
         let (cert, key) = (cert.as_ref(), key.as_ref());
         let cert_pem = read(cert, "certificate file")?;
         let key_pem = read(key, "key file")?;
-        Self::build(
+        let mut tls = Self::build(
             &cert_pem,
             &key_pem,
             &cert.display().to_string(),
             &key.display().to_string(),
-        )
+        )?;
+        tls.files = Some(Arc::new((cert.to_path_buf(), key.to_path_buf())));
+        Ok(tls)
+    }
+
+    /// The certificate and key files this was read from ([`from_pem_files`](Self::from_pem_files)),
+    /// or `None` when it was made from memory or a rustls configuration.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        self.files.as_deref().map(|(c, k)| (c.as_path(), k.as_path()))
+    }
+
+    /// Reads this one's certificate and key files again (after a renewal, say): a new
+    /// `ServerTls` when they hold a usable pair, the same error as
+    /// [`from_pem_files`](Self::from_pem_files) otherwise (a missing or unparsable file, a key
+    /// that is not the certificate's), and an error when this one was not read from files.
+    /// This one is left as it was.
+    pub fn reload(&self) -> Result<ServerTls, TlsConfigError> {
+        match self.files() {
+            Some((cert, key)) => Self::from_pem_files(cert, key),
+            None => Err(TlsConfigError(
+                "the certificate was not read from files: nothing to read again".to_string(),
+            )),
+        }
     }
 
     /// A PEM certificate chain and PEM private key held in memory.
@@ -102,7 +131,7 @@ impl ServerTls {
 
     /// A rustls configuration made by the caller (client certificates, ALPN, other keys).
     pub fn from_rustls(config: Arc<rustls::ServerConfig>) -> ServerTls {
-        ServerTls { config }
+        ServerTls { config, files: None }
     }
 
     fn build(cert_pem: &[u8], key_pem: &[u8], cert_name: &str, key_name: &str) -> Result<ServerTls, TlsConfigError> {
@@ -122,6 +151,7 @@ impl ServerTls {
             })?;
         Ok(ServerTls {
             config: Arc::new(config),
+            files: None,
         })
     }
 }

@@ -380,7 +380,7 @@ fn read_lines(child: &mut Child, n: usize) -> (BufReader<std::process::ChildStdo
 #[test]
 fn a_closed_stdout_ends_the_client_quietly() {
     // `wsloop client URL --every 10ms | head -2`
-    let server = spawn_server(&[]);
+    let server = spawn_server(&["--log", "debug"]);
     let url = format!("ws://{}/", server.addr);
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
         .args(["client", &url, "--every", "10ms"])
@@ -432,7 +432,7 @@ fn ctrl_c_exits_0_connected_connecting_or_waiting_to_reconnect() {
         );
     }
     // Connected: closes with 1000 first.
-    let server = spawn_server(&["--mode", "reply"]);
+    let server = spawn_server(&["--mode", "reply", "--log", "debug"]);
     let url = format!("ws://{}/", server.addr);
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
         .args(["client", &url, "--every", "20ms", "--reconnect"])
@@ -543,7 +543,7 @@ fn count_counts_replies_to_our_own_sends() {
 #[test]
 fn count_with_replies_missing_exits_1() {
     // Broadcast without echo to the sender, nobody else there: nothing ever comes back.
-    let server = spawn_server(&["--mode", "broadcast", "--no-echo-self"]);
+    let server = spawn_server(&["--mode", "broadcast", "--no-echo-self", "--log", "debug"]);
     let url = format!("ws://{}/", server.addr);
     let started = Instant::now();
     let run = wsloop(&["client", &url, "--count", "2", "--every", "10ms", "-q"]);

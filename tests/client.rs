@@ -294,7 +294,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn original_demo_prints_five_replies() {
-    let server = common::spawn_server(&["--mode", "reply"]);
+    let server = common::spawn_server(&["--mode", "reply", "--log", "debug"]);
     let url = format!("ws://{}/", server.addr);
     let run = run_cli(&["client", &url, "--every", "50ms", "--count", "5"], None, WAIT);
     assert!(run.status.success(), "exit {}; stderr:\n{}", run.status, run.stderr);
@@ -951,7 +951,7 @@ fn no_close_answer_times_out() {
 
 #[test]
 fn ctrl_c_closes_cleanly_with_1000_and_exits_0() {
-    let server = common::spawn_server(&["--mode", "reply"]);
+    let server = common::spawn_server(&["--mode", "reply", "--log", "debug"]);
     let url = format!("ws://{}/", server.addr);
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
         .args(["client", &url, "--every", "50ms"])

@@ -79,7 +79,7 @@ fn echo_through_nginx() {
     if !have_nginx() {
         return;
     }
-    let server = spawn_server(&["--mode", "echo"]);
+    let server = spawn_server(&["--mode", "echo", "--log", "debug"]);
     let nginx = start_nginx("echo", server.addr);
     let context = || format!("--- nginx ---\n{}\n--- wsloop ---\n{}", nginx.log(), server.stderr());
 

@@ -701,7 +701,7 @@ fn a_slow_consumer_is_logged_with_the_close_code_it_was_sent() {
     // The slow peer never reads (a 4 KiB receive buffer), is closed with 1008, and goes away
     // without answering: the log says 1008, not only the 1006 of a vanished peer.
     const SIZE: usize = 64 << 10;
-    let server = common::spawn_server(&["--mode", "broadcast"]);
+    let server = common::spawn_server(&["--mode", "broadcast", "--log", "debug"]);
     let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     slow.set_recv_buffer_size(4096).unwrap();
     slow.connect(&server.addr.into()).unwrap();

@@ -388,30 +388,156 @@ impl TlsArgs {
     }
 }
 
-/// A logger that writes `LEVEL message` lines to stderr.
+/// A logger that writes to stderr: `LEVEL message` lines, or one JSON object a line.
 struct StderrLogger;
+
+/// `--log-format json`: set once, before the first line.
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn log_json() -> bool {
+    LOG_JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
         m.level() <= log::max_level()
     }
     fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            use std::io::Write as _;
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        use std::io::Write as _;
+        if log_json() {
+            let line = json_line(r.level(), r.target(), &r.args().to_string());
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        } else {
             let _ = writeln!(std::io::stderr().lock(), "{:<5} {}", r.level(), r.args());
         }
     }
     fn flush(&self) {}
 }
 
-/// Installs the stderr logger at `level` (error, warn, info, debug, trace, off).
+/// Installs the stderr logger at `level` (error, warn, info, debug, trace, off), text lines.
 pub fn init_log(level: &str) -> Result<(), String> {
+    init_log_as(level, "text")
+}
+
+/// Installs the stderr logger at `level`, writing `format`: `text` (`LEVEL message`) or `json`
+/// (one object a line: `ts`, `level`, `target`, `pid`, `peer` when the line is about one, `msg`).
+pub fn init_log_as(level: &str, format: &str) -> Result<(), String> {
     let filter: log::LevelFilter = level
         .parse()
         .map_err(|_| format!("invalid log level '{level}' (error, warn, info, debug, trace, off)"))?;
+    let json = match format {
+        "text" => false,
+        "json" => true,
+        _ => return Err(format!("invalid --log-format '{format}' (text or json)")),
+    };
+    LOG_JSON.store(json, std::sync::atomic::Ordering::Relaxed);
     let _ = log::set_logger(&StderrLogger);
     log::set_max_level(filter);
     Ok(())
+}
+
+/// Writes a line that is not a log record (a `--stats` line) to stderr: as it is, or as a JSON
+/// object with the target `wsloop::stats` under `--log-format json`.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub fn print_line(target: &str, line: &str) {
+    if log_json() {
+        use std::io::Write as _;
+        let _ = std::io::stderr()
+            .lock()
+            .write_all(json_line(log::Level::Info, target, line).as_bytes());
+    } else {
+        print_err(line);
+    }
+}
+
+/// One JSON log line, newline included. The library's lines about one peer (targets
+/// `wsloop::server::peer` and `wsloop::server::message`) begin with its address, which goes to
+/// `peer`.
+fn json_line(level: log::Level, target: &str, msg: &str) -> String {
+    let (peer, msg) = split_peer(target, msg);
+    let mut out = String::with_capacity(msg.len() + 128);
+    out.push_str("{\"ts\":\"");
+    out.push_str(&utc_now());
+    out.push_str("\",\"level\":\"");
+    out.push_str(&level.as_str().to_ascii_lowercase());
+    out.push_str("\",\"target\":");
+    json_string(&mut out, target);
+    out.push_str(",\"pid\":");
+    out.push_str(&std::process::id().to_string());
+    if let Some(peer) = peer {
+        out.push_str(",\"peer\":");
+        json_string(&mut out, peer);
+    }
+    out.push_str(",\"msg\":");
+    json_string(&mut out, msg);
+    out.push_str("}\n");
+    out
+}
+
+/// The peer address a line about one peer begins with (`ADDR: what` or `ADDR what`), and the
+/// rest.
+fn split_peer<'a>(target: &str, msg: &'a str) -> (Option<&'a str>, &'a str) {
+    if !matches!(target, "wsloop::server::peer" | "wsloop::server::message") {
+        return (None, msg);
+    }
+    let token = msg.split(' ').next().unwrap_or_default();
+    let addr = token.strip_suffix(':').unwrap_or(token);
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(_) => (Some(addr), msg[token.len()..].trim_start()),
+        Err(_) => (None, msg),
+    }
+}
+
+/// `s` as a JSON string: quoted, with quotes, backslashes and control characters escaped.
+fn json_string(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// The time now in UTC, RFC 3339 with milliseconds: `2026-12-06T10:15:45.123Z`.
+fn utc_now() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    utc(since.as_secs(), since.subsec_millis())
+}
+
+/// `secs` after 1970 as an RFC 3339 UTC time (the civil calendar from a day count, after
+/// Howard Hinnant's `civil_from_days`).
+fn utc(secs: u64, millis: u32) -> String {
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 #[cfg(test)]
@@ -458,6 +584,31 @@ mod tests {
             Err("--max-message must be at least 1 byte".to_string())
         );
         assert_eq!(size_above_zero("--max-message", "1k"), Ok(1024));
+    }
+
+    #[test]
+    fn json_lines_are_escaped_and_name_the_peer() {
+        assert_eq!(utc(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(utc(1_796_552_145, 123), "2026-12-06T10:15:45.123Z");
+        let line = json_line(log::Level::Info, "wsloop::server::peer", "[::1]:9001 connected");
+        assert!(
+            line.ends_with(",\"peer\":\"[::1]:9001\",\"msg\":\"connected\"}\n"),
+            "{line}"
+        );
+        let line = json_line(
+            log::Level::Debug,
+            "wsloop::server::message",
+            "1.2.3.4:5: in text 3 B \"a\\\"\"",
+        );
+        assert!(line.contains(r#""level":"debug""#), "{line}");
+        assert!(
+            line.contains(r#""peer":"1.2.3.4:5","msg":"in text 3 B \"a\\\"\""}"#),
+            "{line}"
+        );
+        let line = json_line(log::Level::Warn, "wsloop::cli", "tab\there\u{1}\n");
+        assert!(line.contains(r#""msg":"tab\there\u0001\n"}"#), "{line}");
+        assert!(!line.contains("peer"), "{line}");
     }
 
     #[test]

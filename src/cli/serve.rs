@@ -1,7 +1,6 @@
 //! `wsloop serve`.
 
 use std::ffi::OsString;
-use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use wsloop::proto::Answer;
@@ -13,8 +12,8 @@ use wsloop::Message;
 
 use super::workers::{self, Worker};
 use super::{
-    count, dispatch, duration_above_zero, duration_or_off, init_log, parse_bytes, size_above_zero, unexpected, value,
-    Asked, Failure, Outcome,
+    count, dispatch, duration_above_zero, duration_or_off, init_log_as, parse_bytes, print_line, size_above_zero,
+    unexpected, value, Asked, Failure, Outcome,
 };
 
 /// `wsloop serve --help`.
@@ -65,14 +64,21 @@ Options:
     deflate_help!(serve),
     serve_tls_help!(),
     cluster_help!(),
-    "  --log LEVEL              error | warn | info | debug | trace | off [default: info]
+    "  --log LEVEL              error | warn | info | debug | trace | off [default: info];
+                           info sums up connections opened and closed every 10s, debug
+                           adds a line per connection and per message: in/out, opcode,
+                           size and a preview (32 characters of text, 16 bytes in hex)
+  --log-format FORMAT      text | json: one JSON object a line (ts, level, target, pid,
+                           peer, msg), --stats lines too [default: text]
   -q, --quiet              only warnings and errors (--log warn)
   -V, --version            print the version
 
 Ctrl-C or SIGTERM stops accepting (GET /health turns 503), waits --drain-timeout for peers
 to leave, closes the rest with 1001 and exits 0 once they have closed (at most 3s more); a
-second one exits at once. Exit status: 0 done, 1 failed (e.g. the address is in use),
-2 bad usage.
+second one exits at once. SIGHUP reads --tls-cert and --tls-key again: new handshakes use the
+new certificate, open connections stay; a bad file is refused (logged) and the old certificate
+kept. With --processes the parent passes SIGTERM and SIGHUP to every worker.
+Exit status: 0 done, 1 failed (e.g. the address is in use), 2 bad usage.
 "
 );
 
@@ -101,6 +107,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut mode = "echo".to_string();
     let mut reply = "fine thank you".to_string();
     let mut log_level = "info".to_string();
+    let mut log_format = "text".to_string();
     let mut bcast = Broadcast::new(true, false);
     let mut bcast_flags = false;
     let mut serve_page = true;
@@ -188,6 +195,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("cluster") => cluster = Some(value(&mut p)?),
             Long("cluster-prefix") => cluster_prefix = Some(value(&mut p)?),
             Long("log") => log_level = value(&mut p)?,
+            Long("log-format") => log_format = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
             Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),
             Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value().map_err(|e| e.to_string())?),
@@ -218,7 +226,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         _ => return Err("--tls-key needs --tls-cert".to_string()),
     }
     cluster_config(&mut cfg, cluster, cluster_prefix)?;
-    init_log(&log_level)?;
+    init_log_as(&log_level, &log_format)?;
     // An address, not a host name: a listening address is an interface's, and parsing it here
     // keeps the resolver out of the binary.
     let addr: std::net::SocketAddr = listen
@@ -303,6 +311,7 @@ fn serve(mut o: Parsed) -> Outcome {
             Some(w) => {
                 o.addr = w.addr;
                 o.cfg.metrics_board = Some(board.for_worker(w.index));
+                fresh_certificate(&mut o.cfg);
                 worker = Some(w);
             }
         }
@@ -355,9 +364,25 @@ fn serve(mut o: Parsed) -> Outcome {
             },
             // Loop 0 tells the parent once it serves.
             worker: worker.take(),
+            summary: Summary::default(),
         })
         .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
 }
+
+/// In a worker: the certificate files read again, so that a worker started after a SIGHUP
+/// (restarted after a crash) serves what the others reloaded, not what the parent read at
+/// start. A bad file keeps that one, as a reload would.
+#[cfg(feature = "tls")]
+fn fresh_certificate(cfg: &mut ServerConfig) {
+    let Some(tls) = &cfg.tls else { return };
+    match tls.reload() {
+        Ok(new) => cfg.tls = Some(new),
+        Err(e) => log::error!("certificate files not read again, serving the one read at start: {e}"),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn fresh_certificate(_: &mut ServerConfig) {}
 
 /// Whether the server speaks TLS.
 fn tls_on(server: &Server) -> bool {
@@ -369,6 +394,9 @@ fn tls_on(server: &Server) -> bool {
         false
     }
 }
+
+/// How long connections opened and closed are summed up before their `info` line.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// What the server does with messages.
 #[derive(Clone)]
@@ -396,9 +424,52 @@ struct Cli {
     tag: String,
     /// Set in a worker's first loop until it runs.
     worker: Option<Worker>,
+    /// Connections opened and closed since the last summary line, and whether such lines are
+    /// logged (`info`); the timer is set only by a connection coming or going, so an idle
+    /// server still never wakes.
+    summary: Summary,
+}
+
+/// The `info` line that sums up connections (each one's own lines are at `debug`).
+#[derive(Default)]
+struct Summary {
+    on: bool,
+    opened: u64,
+    closed: u64,
+    timer: Option<TimerId>,
 }
 
 impl Cli {
+    /// A connection opened (`+1`) or closed: counted, and the summary's timer set if it is not.
+    fn count(&mut self, ctx: &mut Ctx<'_, ()>, opened: bool) {
+        let s = &mut self.summary;
+        if !s.on {
+            return;
+        }
+        if opened {
+            s.opened += 1;
+        } else {
+            s.closed += 1;
+        }
+        if s.timer.is_none() {
+            s.timer = Some(ctx.set_timer(SUMMARY_EVERY));
+        }
+    }
+
+    /// `connections: 19000 open; 19000 opened and 0 closed in the last 10 s`.
+    fn summarize(&mut self, ctx: &mut Ctx<'_, ()>) {
+        let s = &mut self.summary;
+        s.timer = None;
+        log::info!(
+            "connections{}: {} open; {} opened and {} closed in the last {} s",
+            self.tag,
+            ctx.len(),
+            std::mem::take(&mut s.opened),
+            std::mem::take(&mut s.closed),
+            SUMMARY_EVERY.as_secs()
+        );
+    }
+
     fn beat(&mut self, ctx: &mut Ctx<'_, ()>) {
         if let Some(h) = self.heartbeat {
             h.beat();
@@ -433,7 +504,7 @@ impl Cli {
                 cluster_stats(ctx),
             );
             // Not eprintln!: a closed stderr must not bring the server down.
-            let _ = writeln!(std::io::stderr().lock(), "{line}");
+            print_line("wsloop::stats", &line);
         }
         self.last = Some((now, stats));
         self.stats_timer = Some(ctx.set_timer(every));
@@ -476,11 +547,13 @@ impl Handler for Cli {
         if let Some(w) = self.worker.take() {
             w.serving();
         }
+        self.summary.on = log::log_enabled!(log::Level::Info);
         self.beat(ctx);
         self.tick(ctx);
     }
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
+        self.count(ctx, true);
         if let Mode::Broadcast(b) = &mut self.mode {
             b.on_open(ctx, conn);
         }
@@ -499,6 +572,7 @@ impl Handler for Cli {
     }
 
     fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {
+        self.count(ctx, false);
         if let Mode::Broadcast(b) = &mut self.mode {
             b.on_close(ctx, conn, code, reason);
         }
@@ -509,6 +583,8 @@ impl Handler for Cli {
             self.beat(ctx);
         } else if Some(timer.id) == self.stats_timer {
             self.tick(ctx);
+        } else if Some(timer.id) == self.summary.timer {
+            self.summarize(ctx);
         } else if let Mode::Broadcast(b) = &mut self.mode {
             b.on_announce_timer(ctx, timer);
         }

@@ -10,6 +10,8 @@
 //! does (an endless callback), with SIGKILL (a stopped process acts on no other signal), and
 //! starts a new one. A worker that is only slow (overloaded, or short of CPU on a busy
 //! machine) keeps its connections.
+//!
+//! SIGHUP to the parent goes on to every worker, each of which reloads its certificate.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGCHLD, SIGINT, SIGKILL, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGTERM};
 
 use super::procs;
 
@@ -148,12 +150,14 @@ pub fn supervise(
     // Signals and workers write to `tx`: a signal one `X`, a worker that listens one `R`.
     let (mut rx, tx) = UnixStream::pair().map_err(io)?;
     let term = Arc::new(AtomicBool::new(false));
+    let hangup = Arc::new(AtomicBool::new(false));
     let mut ids = Vec::new();
     let mut register = || -> std::io::Result<()> {
         for sig in [SIGINT, SIGTERM] {
             ids.push(signal_hook::flag::register(sig, Arc::clone(&term))?);
         }
-        for sig in [SIGINT, SIGTERM, SIGCHLD] {
+        ids.push(signal_hook::flag::register(SIGHUP, Arc::clone(&hangup))?);
+        for sig in [SIGINT, SIGTERM, SIGCHLD, SIGHUP] {
             ids.push(signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?);
         }
         Ok(())
@@ -234,6 +238,13 @@ pub fn supervise(
                 say(log::Level::Warn, format_args!("second signal: the workers stop now"));
             }
             signal_all(&slots, SIGTERM);
+        }
+        if hangup.swap(false, Ordering::SeqCst) && stop_by.is_none() {
+            say(
+                log::Level::Info,
+                format_args!("SIGHUP: passed on to every worker (each reloads its certificate)"),
+            );
+            signal_all(&slots, SIGHUP);
         }
         if serving && stop_by.is_none() {
             let now = ms();

@@ -8,9 +8,10 @@ use std::sync::atomic::Ordering;
 
 use mio::net::TcpStream;
 
+use super::handle::Group;
 use super::handler::{ConnData, PeerAddr, ServerEngine};
 use super::serve::Srv;
-use super::{config, peer_log, Handler, ServerConfig};
+use super::{config, peer_log, Handler};
 use crate::io::outbox::write_some;
 use crate::io::stream::ServerStream;
 use crate::io::sys::is_resource_error;
@@ -23,17 +24,17 @@ pub(super) const ACCEPT_TIMER: u64 = u64::MAX >> 1;
 /// as it is refused must not hold the loop).
 const REFUSE_AT_ONCE: usize = 256;
 
-/// The stream for an accepted socket: TLS when the server has a TLS configuration.
-/// (The metrics listener's connections, `admin`, are plain HTTP.)
-fn server_stream(tcp: TcpStream, cfg: &ServerConfig, admin: bool) -> io::Result<ServerStream> {
+/// The stream for an accepted socket: TLS, with the certificate in use now, when the server
+/// speaks TLS. (The metrics listener's connections, `admin`, are plain HTTP.)
+fn server_stream(tcp: TcpStream, group: &Group, admin: bool) -> io::Result<ServerStream> {
     #[cfg(feature = "tls")]
-    return match &cfg.tls {
-        Some(t) if !admin => ServerStream::tls(tcp, &t.config),
+    return match &group.tls {
+        Some(t) if !admin => ServerStream::tls(tcp, &t.config()),
         _ => Ok(ServerStream::plain(tcp)),
     };
     #[cfg(not(feature = "tls"))]
     {
-        let _ = (cfg, admin);
+        let _ = (group, admin);
         Ok(tcp)
     }
 }
@@ -144,7 +145,7 @@ impl<H: Handler> Srv<H> {
         let peer = PeerAddr::new(addr, &mut self.shared.peers);
         let data_counted = !over && self.cfg.max_connections_per_ip.is_some();
         let data = ConnData::new(peer, data_counted);
-        let stream = match server_stream(stream, &self.cfg, admin) {
+        let stream = match server_stream(stream, self.group(), admin) {
             Ok(s) => s,
             Err(e) => {
                 peer_log(log::Level::Warn, addr, format_args!(": {e}"));

@@ -76,7 +76,10 @@ pub struct ServerConfig {
     pub protocols: Vec<String>,
     /// An HTML page served for `GET /` and `HEAD /` (default: none; a plain request gets `426`).
     pub page: Option<Cow<'static, str>>,
-    /// Stop gracefully on SIGINT and SIGTERM while running (default: off; the CLI turns it on).
+    /// Stop gracefully on SIGINT and SIGTERM while running, and reload the certificate on
+    /// SIGHUP (the files of a `ServerTls::from_pem_files` read again; a bad file is logged and
+    /// the certificate in use kept; without TLS, SIGHUP is only logged). Default: off; the CLI
+    /// turns it on.
     pub handle_signals: bool,
     /// Event loops, one per thread (default 1, at most [`MAX_THREADS`](super::MAX_THREADS)),
     /// each with its own listener on the same port (`SO_REUSEPORT`): the kernel spreads new

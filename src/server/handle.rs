@@ -56,6 +56,9 @@ pub enum HandleError {
     /// A message for a connection of another instance of the cluster could not be queued for
     /// Redis (Redis unreachable, or the queue to it full); it was dropped and counted.
     Unreachable,
+    /// [`Handle::reload_tls`] on a server that does not speak TLS: a running server cannot turn
+    /// TLS on.
+    NotTls,
 }
 
 impl std::fmt::Display for HandleError {
@@ -64,6 +67,7 @@ impl std::fmt::Display for HandleError {
             HandleError::Busy => "the server has not caught up with earlier commands",
             HandleError::Stopped => "the server has stopped",
             HandleError::Unreachable => "the cluster cannot take the message now (Redis down or behind)",
+            HandleError::NotTls => "the server does not speak TLS",
         })
     }
 }
@@ -93,6 +97,9 @@ pub(super) struct Group {
     pub(super) link: super::cluster_link::ClusterLink,
     /// The loops' published metrics, the start time and the draining flag.
     pub(super) board: super::metrics::Board,
+    /// The TLS settings new handshakes take, when the server speaks TLS.
+    #[cfg(feature = "tls")]
+    pub(super) tls: Option<super::tls_reload::CurrentTls>,
 }
 
 /// Lets other threads reach a running server: send to one connection, publish to a topic,
@@ -315,6 +322,25 @@ impl Handle {
     /// Calls [`Handler::on_wake`](super::Handler::on_wake) on every loop's thread.
     pub fn wake(&self) -> Result<(), HandleError> {
         self.push_all(|| Command::Wake)
+    }
+
+    /// Swaps the server's certificate and key: from now on every new TLS handshake, on every
+    /// loop, uses `tls`; connections already accepted keep the certificate they started with,
+    /// and stay open. Make `tls` with [`ServerTls::reload`](crate::tls::ServerTls::reload) (the
+    /// same files read again) or any other constructor; a bad file fails there, before anything
+    /// is swapped. With [`ServerConfig::handle_signals`](super::ServerConfig::handle_signals)
+    /// the server does this itself on SIGHUP.
+    ///
+    /// Fails with [`HandleError::NotTls`] on a server started without TLS, and
+    /// [`HandleError::Stopped`] once it has stopped.
+    #[cfg(feature = "tls")]
+    pub fn reload_tls(&self, tls: crate::tls::ServerTls) -> Result<(), HandleError> {
+        if self.is_stopped() {
+            return Err(HandleError::Stopped);
+        }
+        let current = self.group.tls.as_ref().ok_or(HandleError::NotTls)?;
+        current.set(tls);
+        Ok(())
     }
 
     /// Starts a graceful shutdown, as SIGTERM would (draining first for

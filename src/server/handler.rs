@@ -548,12 +548,33 @@ impl<'a, S> Ctx<'a, S> {
     /// queue to it is full; whether that connection is open is known only there).
     #[inline]
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+        // The test first, so that the inlined path below is the same as without it.
+        if self.shared.log_messages {
+            return self.send_logged(id, msg);
+        }
+        self.send_unlogged(id, msg)
+    }
+
+    #[inline(always)]
+    fn send_unlogged(&mut self, id: ConnId, msg: Message<'_>) -> bool {
         if id.instance() != self.shared.instance {
             return self.send_elsewhere(id, msg);
         }
         let here = id.lp() == usize::from(self.shared.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.shared.stats.messages_out += u64::from(ok);
+        ok
+    }
+
+    /// [`send`](Self::send) with the message's `debug` line (out of the inlined path).
+    #[cold]
+    #[inline(never)]
+    fn send_logged(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+        let ok = self.send_unlogged(id, msg);
+        if ok && id.instance() == self.shared.instance {
+            let addr = self.addr_of(id.key());
+            super::msglog::message(addr, super::msglog::Dir::Out, msg.opcode(), msg.as_bytes());
+        }
         ok
     }
 
@@ -719,6 +740,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Queues a shared frame for one connection, applying the slow consumer policy.
     fn queue_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) -> bool {
+        let plain = frame;
         #[cfg(feature = "deflate")]
         let frame = compressed_for(frame, self.eng.slots[key].conn.deflate(), &mut self.eng.codec);
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
@@ -743,6 +765,9 @@ impl<'a, S> Ctx<'a, S> {
             return false;
         }
         self.eng.send_shared(key, frame);
+        if self.shared.log_messages {
+            super::msglog::frame(self.addr_of(key), super::msglog::Dir::Out, plain.bytes());
+        }
         true
     }
 

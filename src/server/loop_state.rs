@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     pub(crate) handle: Handle,
     /// A loop fell behind and missed a broadcast; logged once until one reaches every loop.
     behind_logged: bool,
+    /// Message lines (`debug`) wanted: asked once at the start, so that a message costs one
+    /// test when they are not.
+    pub(crate) log_messages: bool,
 }
 
 impl Shared {
@@ -55,6 +58,7 @@ impl Shared {
             instance: handle.group.link.instance(),
             handle,
             behind_logged: false,
+            log_messages: super::msglog::wanted(),
         }
     }
 

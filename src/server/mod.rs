@@ -38,9 +38,12 @@ mod ipcount;
 mod loop_state;
 mod metrics;
 pub mod modes;
+mod msglog;
 mod run;
 mod serve;
 mod signals;
+#[cfg(feature = "tls")]
+mod tls_reload;
 mod topics;
 
 #[cfg(feature = "cluster")]
@@ -61,12 +64,13 @@ const SIGNALS: Token = reserved_token(2);
 /// The `--metrics-listen` listener (first loop only).
 const ADMIN: Token = reserved_token(3);
 
-/// Logs a line about one peer: `ADDR` then `what`. One function for every such line keeps the
+/// Logs a line about one peer: `ADDR` then `what`, with the target `wsloop::server::peer`
+/// (message lines have `wsloop::server::message`). One function for every such line keeps the
 /// binary small (each `log!` call site costs its own formatting and metadata).
 #[inline(never)]
 pub(crate) fn peer_log(level: log::Level, addr: SocketAddr, what: std::fmt::Arguments<'_>) {
     if level <= log::max_level() {
-        log::log!(level, "{addr}{what}");
+        log::log!(target: msglog::PEER_TARGET, level, "{addr}{what}");
     }
 }
 

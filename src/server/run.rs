@@ -111,6 +111,8 @@ impl Server {
                 cfg.metrics_board,
                 cfg.metrics || cfg.metrics_listen.is_some(),
             ),
+            #[cfg(feature = "tls")]
+            tls: cfg.tls.clone().map(super::tls_reload::CurrentTls::new),
         };
         Ok(Server {
             loops,

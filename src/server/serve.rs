@@ -17,8 +17,8 @@ use super::handler::{ConnData, ServerEngine};
 use super::metrics::PUBLISH_TIMER;
 use super::run::LoopParts;
 use super::signals::Signals;
+use super::{msglog, ADMIN, LISTENER, SIGNALS, WAKER};
 use super::{peer_log, Conn, ConnId, Ctx, Handler, ServerConfig, Shared, Timer, TimerId, Upgrade};
-use super::{ADMIN, LISTENER, SIGNALS, WAKER};
 use crate::io::engine::{Cause, Driver, Engine, SHED_CODE};
 use crate::io::stream::ServerStream;
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -112,9 +112,14 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
                     }
                 }
                 SIGNALS => {
-                    if let Some(s) = &mut signals {
-                        signals_seen += s.drain();
+                    if signals.as_mut().is_some_and(|s| s.take_hangup()) {
+                        super::signals::on_hangup(&srv.shared.handle);
                     }
+                    let seen = signals.as_mut().map_or(0, |s| s.drain());
+                    if seen == 0 {
+                        continue; // SIGHUP alone: nothing to stop
+                    }
+                    signals_seen += seen;
                     if signals_seen > 1 && srv.shutdown_deadline.is_some() {
                         log::warn!("second signal: stopping now");
                         srv.shared.handle.stop_others(lp, true);
@@ -235,6 +240,14 @@ impl<H: Handler> Srv<H> {
         Some(r)
     }
 
+    /// The `debug` line of a message received (out of the inlined event path).
+    #[cold]
+    #[inline(never)]
+    fn log_received(&self, eng: &ServerEngine<H::State>, key: usize, payload: &crate::proto::Payload<'_>) {
+        let msg = payload.as_message();
+        msglog::message(self.addr(eng, key), msglog::Dir::In, msg.opcode(), msg.as_bytes());
+    }
+
     /// Answers a complete request: the page, a refusal, or an upgrade the handler decides on.
     fn on_request(&mut self, eng: &mut ServerEngine<H::State>, key: usize, req: Request) {
         let addr = self.addr(eng, key);
@@ -291,7 +304,9 @@ impl<H: Handler> Srv<H> {
         self.shared.stats.open += 1;
         self.shared.counters.opened += 1;
         self.group().open.fetch_add(1, Ordering::Relaxed);
-        peer_log(log::Level::Info, addr, format_args!(" connected"));
+        // At debug: a line per connection costs a server under churn about a quarter more CPU
+        // (docs/operations.md); the CLI sums them up at info.
+        peer_log(log::Level::Debug, addr, format_args!(" connected"));
         self.with_conn(eng, key, |h, ctx, conn| h.on_open(ctx, conn));
     }
 
@@ -336,7 +351,7 @@ impl<H: Handler> Srv<H> {
         self.shared.counters.closed(code);
         self.group().open.fetch_sub(1, Ordering::Relaxed);
         peer_log(
-            log::Level::Info,
+            log::Level::Debug,
             slot.data.addr.get(&self.shared.peers),
             format_args!(" disconnected ({})", slot.data.ending(code)),
         );
@@ -445,6 +460,11 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
         match ev {
             Event::Request(req) => self.on_request(eng, key, *req),
             Event::Message(payload) => {
+                // The test first, on what is at hand, so that the inlined path below is the
+                // same as without it.
+                if self.shared.log_messages {
+                    self.log_received(eng, key, &payload);
+                }
                 self.shared.stats.messages_in += 1;
                 let msg = payload.as_message();
                 self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));

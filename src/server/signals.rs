@@ -1,4 +1,4 @@
-//! SIGINT and SIGTERM for a running server.
+//! SIGINT and SIGTERM for a running server, and SIGHUP (reload the certificate).
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +9,11 @@ use mio::{Interest, Poll};
 use super::SIGNALS;
 
 /// SIGINT and SIGTERM delivered through a pipe into the poll while a server runs; the default
-/// action (terminate) before and after.
+/// action (terminate) before and after. SIGHUP through a pipe of its own (it does not stop the
+/// server), registered under the same token.
 pub(super) struct Signals {
     read: mio::net::UnixStream,
+    hangup: mio::net::UnixStream,
     ids: Vec<signal_hook::SigId>,
 }
 
@@ -29,7 +31,11 @@ impl Signals {
             // signal-hook keeps its handler installed for good; this action restores the
             // default behaviour whenever no server is running.
             let idle = Arc::new(AtomicBool::new(true));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            for sig in [
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
+            ] {
                 signal_hook::flag::register_conditional_default(sig, Arc::clone(&idle))?;
             }
             state.1 = Some(idle);
@@ -38,26 +44,57 @@ impl Signals {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             ids.push(signal_hook::low_level::pipe::register(sig, write.try_clone()?)?);
         }
+        let (hangup, hangup_write) = std::os::unix::net::UnixStream::pair()?;
+        hangup.set_nonblocking(true)?;
+        hangup_write.set_nonblocking(true)?;
+        ids.push(signal_hook::low_level::pipe::register(
+            signal_hook::consts::SIGHUP,
+            hangup_write,
+        )?);
         state.0 += 1;
         if let Some(idle) = &state.1 {
             idle.store(false, Ordering::SeqCst);
         }
         let mut read = mio::net::UnixStream::from_std(read);
         poll.registry().register(&mut read, SIGNALS, Interest::READABLE)?;
-        Ok(Signals { read, ids })
+        let mut hangup = mio::net::UnixStream::from_std(hangup);
+        poll.registry().register(&mut hangup, SIGNALS, Interest::READABLE)?;
+        Ok(Signals { read, hangup, ids })
     }
 
     /// Signals received since the last call.
     pub(super) fn drain(&mut self) -> usize {
-        let mut n = 0;
-        let mut b = [0u8; 16];
-        while let Ok(k) = self.read.read(&mut b) {
-            if k == 0 {
-                break;
-            }
-            n += k;
+        read_all(&mut self.read)
+    }
+
+    /// Whether SIGHUP came since the last call (several count as one: one reload does).
+    pub(super) fn take_hangup(&mut self) -> bool {
+        read_all(&mut self.hangup) > 0
+    }
+}
+
+/// Bytes read from a signal pipe until it is empty.
+fn read_all(pipe: &mut mio::net::UnixStream) -> usize {
+    let mut n = 0;
+    let mut b = [0u8; 16];
+    while let Ok(k) = pipe.read(&mut b) {
+        if k == 0 {
+            break;
         }
-        n
+        n += k;
+    }
+    n
+}
+
+/// SIGHUP: reloads the certificate files of a TLS server (see
+/// [`Handle::reload_tls`](super::Handle::reload_tls)); says there is nothing to reload otherwise.
+pub(super) fn on_hangup(handle: &super::Handle) {
+    #[cfg(feature = "tls")]
+    super::tls_reload::reload_on_signal(handle);
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = handle;
+        log::info!("SIGHUP: this server has no TLS: no certificate to reload");
     }
 }
 
