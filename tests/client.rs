@@ -1025,7 +1025,8 @@ fn run_cli_bytes(args: &[&str], stdin: Stdio) -> (ExitStatus, Vec<u8>, String) {
 
 #[test]
 fn one_message_round_trip_exits_0_with_the_reply() {
-    let server = common::spawn_server(&["--mode", "echo"]);
+    // `--log debug`: the server logs each close's code.
+    let server = common::spawn_server(&["--mode", "echo", "--log", "debug"]);
     let url = format!("ws://{}/", server.addr);
     let run = run_cli(&["client", &url, "-1", "--send", "hello probe"], None, WAIT);
     assert_eq!(run.status.code(), Some(0), "{}", run.stderr);
