@@ -23,7 +23,7 @@ fn autobahn_client_cases() {
     let Some(kosoku) = Kosoku::setup() else {
         return;
     };
-    let outdir = common::target_dir().join("autobahn-reports").join("client");
+    let outdir = autobahn::report_dir("client");
     let mut server = kosoku.start_fuzzingserver(&outdir);
 
     let driven = match autobahn::prebuilt(autobahn::CLIENT_BIN_VAR) {

@@ -12,7 +12,7 @@ fn autobahn_server_cases() {
         return;
     };
     let mut server = autobahn::spawn_server(SERVER_ARGS);
-    let outdir = common::target_dir().join("autobahn-reports").join("server");
+    let outdir = autobahn::report_dir("server");
 
     let run = kosoku.run_fuzzingclient(autobahn::EXCLUDED_GROUPS, server.addr, &outdir, 4, SERVER_RUN_TIMEOUT);
     println!("autobahn server: kosoku took {:.1?}", run.elapsed);

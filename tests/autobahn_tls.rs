@@ -57,8 +57,11 @@ http {{
     )
 }
 
+/// nginx in a directory of its own per architecture, as the reports (see `autobahn::report_dir`).
 fn start_nginx(upstream: SocketAddr) -> Nginx {
-    Nginx::start("autobahn-tls", |dir, port| conf(dir, port, upstream))
+    Nginx::start(&format!("autobahn-tls-{}", std::env::consts::ARCH), |dir, port| {
+        conf(dir, port, upstream)
+    })
 }
 
 #[test]
@@ -79,7 +82,7 @@ fn autobahn_server_cases_over_tls() {
     ]);
     let mut server = autobahn::spawn_server(&args);
     let nginx = start_nginx(server.addr);
-    let outdir = target_dir().join("autobahn-reports").join("server-tls");
+    let outdir = autobahn::report_dir("server-tls");
     let run = kosoku.run_fuzzingclient(DEFLATE_GROUPS, nginx.addr, &outdir, 4, SERVER_RUN_TIMEOUT);
     println!("autobahn server over TLS: kosoku took {:.1?}", run.elapsed);
     let context = |server: &common::ServerProcess| {

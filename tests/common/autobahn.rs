@@ -137,6 +137,14 @@ pub fn run_client_binary(binary: &Path, base: &str, agent: &str, timeout: Durati
     ))
 }
 
+/// `<target>/autobahn-reports/NAME-ARCH`, a run's report directory: one per architecture, since
+/// the x86_64 and i686 runs of one test may go at the same time (`.ci/run` does).
+pub fn report_dir(name: &str) -> PathBuf {
+    super::target_dir()
+        .join("autobahn-reports")
+        .join(format!("{name}-{}", std::env::consts::ARCH))
+}
+
 /// The venv's directory name under the target directory.
 const VENV_NAME: &str = "autobahn-venv";
 
