@@ -9,7 +9,8 @@ use crate::io::stream::ClientStream;
 use mio::{Events, Poll};
 
 use super::histogram::Histogram;
-use super::{online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
+use super::timeline::Sampler;
+use super::{host_name, online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
 use super::{Compression, Content, KernelUsage, Observer, MESSAGE_HEADER};
 use crate::io::budget::Budget;
 use crate::io::engine::{Cause, Driver, Engine};
@@ -91,6 +92,8 @@ struct Bench<'a> {
     /// Connections whose handshake agreed on permessage-deflate.
     deflate_agreed: u64,
     hist: Histogram,
+    /// The per-second samples.
+    sampler: Sampler,
     c: Counters,
     first_error: Option<String>,
     /// When the connect phase began (after the other parts of the run, if any, were ready).
@@ -171,6 +174,7 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         template,
         deflate_agreed: 0,
         hist: Histogram::new(),
+        sampler: Sampler::new(0, None),
         c: Counters::default(),
         first_error: None,
         connect_start: 0,
@@ -197,7 +201,8 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
     b.observer.before(Phase::Connect);
     b.connect_start = eng.tick();
     b.last_progress = (eng.now, 0);
-    eng.set_timer_at(eng.now + 1000, PROGRESS_TIMER);
+    b.sampler = Sampler::new(eng.now, b.server.and_then(|s| server_cpu(s.pid)));
+    eng.set_timer_at(b.sampler.due, PROGRESS_TIMER);
     b.open_more(&mut eng);
     b.advance(&mut eng);
     while !(b.phase == Phase::Close && (eng.slots.is_empty() || b.close_expired)) {
@@ -219,6 +224,15 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         eng.apply_budget(&mut b);
         eng.reap(&mut b);
         b.advance(&mut eng);
+    }
+    // The last second, however short.
+    eng.tick();
+    if b.sampler
+        .samples
+        .last()
+        .is_none_or(|s| s.at.as_millis() as u64 + b.connect_start < eng.now)
+    {
+        b.take_sample(&eng);
     }
     // Whatever is left did not close in time.
     for (_, slot) in eng.slots.iter() {
@@ -259,6 +273,8 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         first_error: b.first_error,
         cores: online_cpus(),
         processes: 1,
+        host: host_name(),
+        timeline: std::mem::take(&mut b.sampler.samples),
         hist: Box::new(b.hist),
         interrupted: b.interrupted,
     })
@@ -418,12 +434,26 @@ impl Bench<'_> {
             _ => None,
         };
         match ok {
-            Some(ts) => self.hist.record(now_ns.saturating_sub(ts)),
+            Some(ts) => {
+                let rtt = now_ns.saturating_sub(ts);
+                self.hist.record(rtt);
+                self.sampler.hist.record(rtt);
+            }
             None => self.c.corrupted += 1,
         }
         if self.phase == Phase::Measure && matches!(self.cfg.load, Load::Saturate(_)) {
             self.push_message(eng, key);
         }
+    }
+
+    /// Closes the current second of the timeline.
+    fn take_sample(&mut self, eng: &BenchEngine) {
+        let (rss, cpu) = match &self.server {
+            Some(s) => (server_rss(s.pid), server_cpu(s.pid)),
+            None => (None, None),
+        };
+        let totals = (self.c.sent, self.c.received);
+        self.sampler.take(eng.now, self.open as u64, totals, rss, cpu);
     }
 
     fn report_progress(&mut self, eng: &BenchEngine) {
@@ -702,8 +732,9 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
                 self.open_more(eng);
             }
             _ => {
+                self.take_sample(eng);
                 self.report_progress(eng);
-                eng.set_timer_at(eng.now + 1000, PROGRESS_TIMER);
+                eng.set_timer_at(self.sampler.due, PROGRESS_TIMER);
             }
         }
     }
@@ -814,6 +845,60 @@ mod tests {
         thread.join().unwrap().unwrap();
     }
 
+    /// One sample per second of the run, whose counts add up to the run's and whose values
+    /// are those of a loopback echo server.
+    #[cfg(feature = "server")]
+    #[test]
+    fn the_timeline_has_one_sane_sample_per_second() {
+        let (target, handle, thread) = echo_server();
+        let mut cfg = BenchConfig::new(target);
+        cfg.connections = 20;
+        cfg.load = Load::Periodic(Duration::from_millis(10));
+        cfg.duration = Duration::from_millis(2_500);
+        cfg.server_pid = Some(std::process::id());
+        let r = super::super::run(&cfg, &mut |_| {}).unwrap();
+        assert!(r.is_clean(), "{r}");
+        let t = &r.timeline;
+        let end = t.last().expect("samples").at;
+        // Whole seconds, then the last part of one: ceil(end) samples.
+        assert_eq!(t.len() as u128, end.as_millis().div_ceil(1000), "{t:#?}");
+        for (i, s) in t.iter().enumerate() {
+            let due = Duration::from_secs(i as u64 + 1);
+            if i + 1 < t.len() {
+                // A sample is taken when its second is due (a loaded machine may be late).
+                assert!(s.at >= due && s.at < due + Duration::from_millis(600), "{i}: {s:?}");
+            } else {
+                assert!(s.at <= due, "{i}: {s:?}");
+            }
+            assert!(s.connections <= 20, "{s:?}");
+            assert!(s.p50 <= s.p99, "{s:?}");
+            assert_eq!(s.p50.is_some(), s.round_trips() > 0);
+            let rss = s.server_rss.expect("the server's RSS each second");
+            assert!((1 << 20..1 << 34).contains(&rss), "{s:?}");
+            let cpu = s.server_cpu.expect("the server's CPU each second");
+            assert!((0.0..=r.cores as f64 + 0.5).contains(&cpu), "{s:?}");
+        }
+        // Every message of the run is in exactly one second.
+        assert_eq!(t.iter().map(|s| s.sent).sum::<u64>(), r.sent);
+        assert_eq!(t.iter().map(|s| s.received).sum::<u64>(), r.received);
+        assert_eq!(t.iter().map(|s| s.round_trips()).sum::<u64>(), r.latency.unwrap().count);
+        // The middle seconds are in the measured phase: every connection open, about 2,000
+        // messages a second (20 connections, one every 10 ms).
+        assert_eq!(t[1].connections, 20, "{t:#?}");
+        assert!((500..=2_400).contains(&t[1].sent), "{t:#?}");
+        assert!(t[1].p99.is_some());
+        // In the JSON, as `timeline`.
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        let tl = json["timeline"].as_array().unwrap();
+        assert_eq!(tl.len(), t.len());
+        assert_eq!(tl[1]["connections"], 20);
+        assert_eq!(tl[1]["sent"].as_u64(), Some(t[1].sent));
+        assert!(tl[1]["p99_us"].as_f64().unwrap() >= tl[1]["p50_us"].as_f64().unwrap());
+        assert!(tl[1]["server_rss"].as_u64().is_some() && tl[1]["server_cpu"].as_f64().is_some());
+        handle.shutdown().unwrap();
+        thread.join().unwrap().unwrap();
+    }
+
     /// A periodic load whose period is the measured phase sends exactly one message on every
     /// connection; reports pass through their text form unchanged and merge exactly.
     #[cfg(feature = "server")]
@@ -834,7 +919,8 @@ mod tests {
         let b = super::super::run(&cfg, &mut |_| {}).unwrap();
         assert!(b.is_clean() && b.sent > 40, "{b}");
         for r in [&a, &b] {
-            let back = Report::decode(&r.encode()).expect("decodes");
+            let back = Report::from_json(&r.to_json()).expect("reads back");
+            assert_eq!(&back, r);
             assert_eq!(back.to_json(), r.to_json());
             assert!(*back.hist == *r.hist);
         }
@@ -843,8 +929,8 @@ mod tests {
         refused.connections = 2;
         let r = super::super::run(&refused, &mut |_| {}).unwrap();
         assert!(r.first_error.as_deref().is_some_and(|e| e.contains(' ')), "{r}");
-        assert_eq!(Report::decode(&r.encode()).unwrap().to_json(), r.to_json());
-        assert!(Report::decode("url=x").is_none());
+        assert_eq!(Report::from_json(&r.to_json()).unwrap(), r);
+        assert!(Report::from_json("url=x").is_err());
         let m = Report::merge(&[a.clone(), b.clone()]).unwrap();
         assert_eq!((m.connections, m.held, m.opened, m.processes), (50, 50, 50, 2));
         assert_eq!((m.sent, m.received), (a.sent + b.sent, a.received + b.received));
@@ -855,10 +941,15 @@ mod tests {
         assert_eq!(m.connect_time, a.connect_time.max(b.connect_time));
         assert!(m.is_clean());
         assert!(Report::merge(&[]).is_none());
+        // The timelines add up second by second.
+        let seconds = a.timeline.len().max(b.timeline.len());
+        assert_eq!(m.timeline.len(), seconds);
+        let sum = |t: &[super::super::Sample]| t.iter().map(|s| s.received).sum::<u64>();
+        assert_eq!(sum(&m.timeline), m.received);
         // A part cut short makes the whole run so.
         let mut cut = a.clone();
         cut.interrupted = true;
-        assert_eq!(Report::decode(&cut.encode()).unwrap().to_json(), cut.to_json());
+        assert_eq!(Report::from_json(&cut.to_json()).unwrap(), cut);
         assert!(Report::merge(&[b.clone(), cut]).unwrap().interrupted);
         assert!(!m.interrupted);
         handle.shutdown().unwrap();

@@ -17,6 +17,11 @@
 //! Each echo is checked for kind, length, order and content, and its round-trip time goes into
 //! a histogram. The server under test must echo. With `BenchConfig::deflate` the connections
 //! offer permessage-deflate and the report says how many agreed and how well it compressed.
+//!
+//! Every second of the run is sampled too ([`Report::timeline`]: connections, messages,
+//! latency percentiles of that second, the server's memory and CPU). A [`Report`] is written
+//! and read as JSON ([`Report::to_json`], [`Report::from_json`]) with its histograms, so that
+//! runs merge exactly ([`Report::merge`]), and drawn as a page ([`html_page`]).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -27,11 +32,17 @@ use std::time::Duration;
 mod content;
 mod driver;
 mod histogram;
+mod html;
+mod json;
 mod report;
+mod timeline;
 
 pub use content::Content;
 pub use histogram::Latency;
+pub use html::html_page;
+pub use json::ReportError;
 pub use report::{Compression, KernelUsage, Report, ServerUsage};
+pub use timeline::Sample;
 
 /// Descriptors the load generator keeps for itself (poll, stdio, /proc reads) beyond one per
 /// connection.
@@ -582,6 +593,12 @@ fn split_by(cfg: &BenchConfig, per_process: usize) -> Result<Vec<BenchConfig>, B
         out.push(part);
     }
     Ok(out)
+}
+
+/// This machine's name, from `/proc/sys/kernel/hostname`.
+fn host_name() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 /// CPUs online, from `/sys/devices/system/cpu/online` (e.g. `0-1,4`).

@@ -47,7 +47,10 @@ Options:
   --close-timeout DUR      the close phase: every close handshake, all at once [default: 5s]
   --server-pid PID         report this server's RSS and CPU time, summed over the process
                            and its children (the workers of serve --processes)
-  --json                   print the summary as one JSON object
+  --json                   print the summary as one JSON object (with the latency histogram
+                           and a timeline of per-second samples)
+  --html FILE              also write the run as one self-contained page with charts
+                           (see wsloop report to compare runs)
   -q, --quiet              no progress line
   -V, --version            print the version
 ",
@@ -65,6 +68,7 @@ Exit status: 0 when every connection was held and every echo came back intact, 1
 struct Parsed {
     cfg: BenchConfig,
     json: bool,
+    html: Option<OsString>,
     quiet: bool,
 }
 
@@ -90,6 +94,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut close_timeout = None;
     let mut server_pid = None;
     let mut json = false;
+    let mut html = None;
     let mut quiet = false;
     let mut p = lexopt::Parser::from_args(args);
     #[cfg(feature = "tls")]
@@ -131,6 +136,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("close-timeout") => close_timeout = Some(duration_above_zero("--close-timeout", &value(&mut p)?)?),
             Long("server-pid") => server_pid = Some(number::<u32>(&value(&mut p)?, "--server-pid")?),
             Long("json") => json = true,
+            Long("html") => html = Some(p.value().map_err(|e| e.to_string())?),
             Long("quiet") | Short('q') => quiet = true,
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
@@ -171,11 +177,16 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     {
         cfg.tls = tls.config()?;
     }
-    Ok(Asked::Run(Parsed { cfg, json, quiet }))
+    Ok(Asked::Run(Parsed { cfg, json, html, quiet }))
 }
 
 fn bench(o: Parsed) -> Outcome {
-    let Parsed { mut cfg, json, quiet } = o;
+    let Parsed {
+        mut cfg,
+        json,
+        html,
+        quiet,
+    } = o;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // In this order: a second signal finds the flag already set and ends the process.
@@ -184,6 +195,11 @@ fn bench(o: Parsed) -> Outcome {
             .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
     }
     cfg.stop = Some(stop);
+    // A page that cannot be written is told before the run, not after it.
+    if let Some(file) = &html {
+        std::fs::File::create(file)
+            .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
+    }
     let live = std::io::stderr().is_terminal();
     let mut shown = false;
     let mut on_line = |t: &Progress| {
@@ -212,6 +228,12 @@ fn bench(o: Parsed) -> Outcome {
     };
     if shown && live {
         print_err("");
+    }
+    if let Some(file) = &html {
+        let title = format!("wsloop bench: {}", report.url);
+        let page = bench::html_page(&title, &[(report.url.as_str(), &report)]);
+        std::fs::write(file, page)
+            .map_err(|e| Failure::Runtime(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
     }
     if json {
         print_out(&format!("{}\n", report.to_json()))?;
