@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::histogram::{Histogram, Latency};
-use super::{Content, Load};
+use super::{Content, Expect, Load};
 
 /// What the server used, from `/proc/PID/status` and `/proc/PID/stat`: the process given and
 /// its child processes (the workers of `wsloop serve --processes N`), summed.
@@ -90,6 +90,45 @@ impl Compression {
     }
 }
 
+/// The open model's figures (a [`Load::Rate`] run).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Schedule {
+    /// Messages per second asked for.
+    pub asked: u32,
+    /// Messages sent per second of the measured phase.
+    pub achieved: f64,
+    /// How late each message was handed to its connection, after its scheduled time.
+    pub lag: Option<Latency>,
+    /// Messages due when no connection was open to take them.
+    pub unsent: u64,
+}
+
+/// A fan-out run's figures (see [`BenchConfig::publishers`](super::BenchConfig::publishers)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Fanout {
+    /// Connections that published.
+    pub publishers: u64,
+    /// Messages published (the run's `sent`).
+    pub published: u64,
+    /// Receivers that should have got each message: every connection, less the publisher
+    /// itself when the server does not send a message back to its sender.
+    pub expected: u64,
+    /// Messages a receiver never got, summed over the receivers.
+    pub missing: u64,
+    /// Messages a receiver got more than once.
+    pub duplicated: u64,
+    /// Messages a receiver got after a later message of the same publisher.
+    pub reordered: u64,
+    /// Receivers that missed at least one message.
+    pub receivers_missing: u64,
+    /// The most messages one receiver missed.
+    pub most_missing: u64,
+    /// Messages that carried no publisher header (the server's own, e.g. join notices).
+    pub other: u64,
+}
+
 /// The outcome of a run.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -152,6 +191,42 @@ pub struct Report {
     pub(crate) hist: Box<Histogram>,
     /// The run was cut short through [`BenchConfig::stop`](super::BenchConfig::stop).
     pub interrupted: bool,
+    /// What the server was expected to answer.
+    pub expect: Expect,
+    /// The open model's figures, for a [`Load::Rate`] run.
+    pub schedule: Option<Schedule>,
+    /// How late every message of a [`Load::Rate`] run was sent, for merging exactly.
+    pub(crate) lag_hist: Box<Histogram>,
+    /// A fan-out run's figures; then `received` counts deliveries and `latency` is from
+    /// publish to each receiver.
+    pub fanout: Option<Fanout>,
+    /// Refused handshakes by HTTP status, in order of status.
+    pub handshake_statuses: Vec<(u16, u64)>,
+    /// Connections the server closed before the close phase, by close code, in order of code:
+    /// 1005 for a close frame without a code, 1006 for a connection dropped without one.
+    pub close_codes: Vec<(u16, u64)>,
+}
+
+/// Adds `n` to `code`'s count in a list kept in order of code.
+pub(crate) fn count_code(list: &mut Vec<(u16, u64)>, code: u16, n: u64) {
+    match list.binary_search_by_key(&code, |&(c, _)| c) {
+        Ok(i) => list[i].1 += n,
+        Err(i) => list.insert(i, (code, n)),
+    }
+}
+
+fn encode_codes(list: &[(u16, u64)]) -> String {
+    let v: Vec<String> = list.iter().map(|(c, n)| format!("{c}:{n}")).collect();
+    v.join(",")
+}
+
+fn decode_codes(s: &str) -> Option<Vec<(u16, u64)>> {
+    let mut out = Vec::new();
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let (c, n) = item.split_once(':')?;
+        count_code(&mut out, c.parse().ok()?, n.parse().ok()?);
+    }
+    Some(out)
 }
 
 impl Report {
@@ -165,6 +240,10 @@ impl Report {
             && self.lost == 0
             && self.corrupted == 0
             && self.deflate.is_none_or(|d| d.agreed == self.opened)
+            && self.schedule.is_none_or(|s| s.unsent == 0)
+            && self
+                .fanout
+                .is_none_or(|f| f.missing == 0 && f.duplicated == 0 && f.reordered == 0)
     }
 
     /// Server resident memory per held connection: `(held - before) / held`, in bytes.
@@ -210,6 +289,18 @@ impl Report {
             m.first_error = m.first_error.take().or_else(|| p.first_error.clone());
             m.processes += p.processes;
             m.interrupted |= p.interrupted;
+            m.lag_hist.merge(&p.lag_hist);
+            if let (Some(a), Some(b)) = (m.schedule.as_mut(), p.schedule) {
+                a.asked += b.asked;
+                a.achieved += b.achieved;
+                a.unsent += b.unsent;
+            }
+            for &(c, n) in &p.handshake_statuses {
+                count_code(&mut m.handshake_statuses, c, n);
+            }
+            for &(c, n) in &p.close_codes {
+                count_code(&mut m.close_codes, c, n);
+            }
             if let (Some(a), Some(b)) = (m.deflate.as_mut(), p.deflate) {
                 a.agreed += b.agreed;
                 a.sent_raw += b.sent_raw;
@@ -219,6 +310,9 @@ impl Report {
             }
         }
         m.latency = m.hist.summary();
+        if let Some(s) = m.schedule.as_mut() {
+            s.lag = m.lag_hist.summary();
+        }
         Some(m)
     }
 
@@ -233,6 +327,7 @@ impl Report {
             Load::Idle => (0, 0),
             Load::Periodic(d) => (1, d.as_nanos() as u64),
             Load::Saturate(k) => (2, u64::from(k)),
+            Load::Rate(r) => (3, u64::from(r)),
         };
         let opt = |v: Option<u64>| v.unwrap_or(NONE);
         let nums: [u64; WIRE_NUMBERS] = [
@@ -289,6 +384,8 @@ impl Report {
         }
         out.push_str(&self.hist.encode());
         out.push(' ');
+        out.push_str(&self.encode_more());
+        out.push(' ');
         out.push_str(&escape(&self.url));
         if let Some(e) = &self.first_error {
             out.push(' ');
@@ -305,6 +402,7 @@ impl Report {
             *v = words.next()?.parse().ok()?;
         }
         let hist = Box::new(Histogram::decode(words.next()?)?);
+        let more = words.next()?;
         let url = unescape(words.next()?)?;
         let first_error = match words.next() {
             Some(e) => Some(unescape(e)?),
@@ -313,6 +411,84 @@ impl Report {
         if words.next().is_some() {
             return None;
         }
+        let mut r = Report::decode_numbers(n, hist, url, first_error)?;
+        r.decode_more(more)?;
+        Some(r)
+    }
+
+    /// The figures added after the first wire form, as one word: the expectation, the
+    /// schedule, the fan-out figures, the lag histogram and the status and close code counts.
+    fn encode_more(&self) -> String {
+        let s = self.schedule.unwrap_or_default();
+        let f = self.fanout.unwrap_or_default();
+        let nums = [
+            self.expect as u64,
+            u64::from(self.schedule.is_some()),
+            u64::from(s.asked),
+            s.achieved.to_bits(),
+            s.unsent,
+            u64::from(self.fanout.is_some()),
+            f.publishers,
+            f.published,
+            f.expected,
+            f.missing,
+            f.duplicated,
+            f.reordered,
+            f.receivers_missing,
+            f.most_missing,
+            f.other,
+        ];
+        let nums: Vec<String> = nums.iter().map(u64::to_string).collect();
+        format!(
+            "{}|{}|{}|{}",
+            nums.join("."),
+            self.lag_hist.encode(),
+            encode_codes(&self.handshake_statuses),
+            encode_codes(&self.close_codes)
+        )
+    }
+
+    fn decode_more(&mut self, word: &str) -> Option<()> {
+        let mut parts = word.split('|');
+        let mut n = [0u64; 15];
+        let mut nums = parts.next()?.split('.');
+        for v in n.iter_mut() {
+            *v = nums.next()?.parse().ok()?;
+        }
+        let [expect, has_schedule, asked, achieved, unsent, has_fanout, publishers, published, expected, missing, duplicated, reordered, receivers_missing, most_missing, other] =
+            n;
+        self.lag_hist = Box::new(Histogram::decode(parts.next()?)?);
+        self.handshake_statuses = decode_codes(parts.next()?)?;
+        self.close_codes = decode_codes(parts.next()?)?;
+        self.expect = [Expect::Echo, Expect::Reply, Expect::Nothing]
+            .into_iter()
+            .nth(usize::try_from(expect).ok()?)?;
+        self.schedule = (has_schedule == 1).then(|| Schedule {
+            asked: asked as u32,
+            achieved: f64::from_bits(achieved),
+            lag: self.lag_hist.summary(),
+            unsent,
+        });
+        self.fanout = (has_fanout == 1).then_some(Fanout {
+            publishers,
+            published,
+            expected,
+            missing,
+            duplicated,
+            reordered,
+            receivers_missing,
+            most_missing,
+            other,
+        });
+        Some(())
+    }
+
+    fn decode_numbers(
+        n: [u64; WIRE_NUMBERS],
+        hist: Box<Histogram>,
+        url: String,
+        first_error: Option<String>,
+    ) -> Option<Report> {
         let opt = |v: u64| (v != NONE).then_some(v);
         let [connections, load, param, size, opened, held, connect_failures, handshake_failures, closed_early, protocol_errors, close_timeouts, connect_ns, measured_ns, sent, received, lost, corrupted, rate, measured_received, cores, processes, has_server, pid, rss_before, rss_connected, rss_held, cpu_ns, server_processes, descriptors_min, descriptors_max, has_kernel, tcp_inuse_before, tcp_inuse_held, tcp_mem_before, tcp_mem_held, slab_before, slab_held, interrupted, content, has_deflate, agreed, sent_raw, sent_wire, received_wire, received_raw] =
             n;
@@ -323,6 +499,7 @@ impl Report {
                 0 => Load::Idle,
                 1 => Load::Periodic(Duration::from_nanos(param)),
                 2 => Load::Saturate(u32::try_from(param).ok()?),
+                3 => Load::Rate(u32::try_from(param).ok()?),
                 _ => return None,
             },
             size: size as usize,
@@ -378,6 +555,12 @@ impl Report {
                 received_wire,
                 received_raw,
             }),
+            expect: Expect::Echo,
+            schedule: None,
+            lag_hist: Box::new(Histogram::new()),
+            fanout: None,
+            handshake_statuses: Vec::new(),
+            close_codes: Vec::new(),
         })
     }
 
@@ -392,13 +575,16 @@ impl Report {
                 Load::Idle => "\"idle\"",
                 Load::Periodic(_) => "\"periodic\"",
                 Load::Saturate(_) => "\"saturate\"",
+                Load::Rate(_) => "\"rate\"",
             },
         );
         match self.load {
             Load::Periodic(d) => j.num("every_ms", d.as_millis() as f64),
             Load::Saturate(k) => j.num("inflight", f64::from(k)),
+            Load::Rate(r) => j.num("rate", f64::from(r)),
             Load::Idle => {}
         }
+        j.str("expect", self.expect.name());
         j.num("size", self.size as f64);
         j.str("payload", self.content.name());
         match &self.deflate {
@@ -481,6 +667,7 @@ impl Report {
         }
         j.num("cores", self.cores as f64);
         j.num("bench_processes", self.processes as f64);
+        self.json_more(&mut j);
         j.raw("interrupted", if self.interrupted { "true" } else { "false" });
         j.raw("clean", if self.is_clean() { "true" } else { "false" });
         j.finish()
@@ -599,11 +786,117 @@ impl std::fmt::Display for Report {
                 None => writeln!(f, " (system-wide, both ends; too noisy for a per-socket figure)")?,
             }
         }
+        self.fmt_more(f)?;
         if let Some(e) = &self.first_error {
             writeln!(f, "first error  {e}")?;
         }
         if self.interrupted {
             writeln!(f, "interrupted  the run was cut short; the figures cover what ran")?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// The schedule, fan-out and status fields of the JSON object.
+    fn json_more(&self, j: &mut Json) {
+        let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
+        match &self.schedule {
+            Some(s) => {
+                let mut o = Json::object();
+                o.num("asked", f64::from(s.asked));
+                o.num("achieved", s.achieved);
+                o.num("unsent", s.unsent as f64);
+                o.opt("lag_p50_us", s.lag.map(|l| us(l.p50)));
+                o.opt("lag_p99_us", s.lag.map(|l| us(l.p99)));
+                o.opt("lag_max_us", s.lag.map(|l| us(l.max)));
+                j.raw("schedule", &o.finish());
+            }
+            None => j.raw("schedule", "null"),
+        }
+        match &self.fanout {
+            Some(x) => {
+                let mut o = Json::object();
+                o.num("publishers", x.publishers as f64);
+                o.num("published", x.published as f64);
+                o.num("expected", x.expected as f64);
+                o.num("deliveries", self.received as f64);
+                o.num("deliveries_per_sec", self.msgs_per_sec);
+                o.num("missing", x.missing as f64);
+                o.num("duplicated", x.duplicated as f64);
+                o.num("reordered", x.reordered as f64);
+                o.num("receivers_missing", x.receivers_missing as f64);
+                o.num("most_missing", x.most_missing as f64);
+                o.num("other", x.other as f64);
+                j.raw("fanout", &o.finish());
+            }
+            None => j.raw("fanout", "null"),
+        }
+        let codes = |list: &[(u16, u64)]| {
+            let mut o = Json::object();
+            for (c, n) in list {
+                o.num(&c.to_string(), *n as f64);
+            }
+            o.finish()
+        };
+        j.raw("handshake_statuses", &codes(&self.handshake_statuses));
+        j.raw("close_codes", &codes(&self.close_codes));
+    }
+
+    /// The schedule, fan-out and status lines of the text report.
+    fn fmt_more(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = &self.schedule {
+            write!(
+                f,
+                "schedule     asked {} msgs/s, sent {} msgs/s",
+                s.asked,
+                Fixed(s.achieved, 0)
+            )?;
+            if let Some(l) = &s.lag {
+                write!(
+                    f,
+                    "; behind schedule p50 {}  p99 {}  max {}",
+                    fmt_duration(l.p50),
+                    fmt_duration(l.p99),
+                    fmt_duration(l.max)
+                )?;
+            }
+            if s.unsent > 0 {
+                write!(f, "; {} due with no connection open to send them", s.unsent)?;
+            }
+            writeln!(f, " (latency counts from the scheduled time)")?;
+        }
+        if let Some(x) = &self.fanout {
+            writeln!(
+                f,
+                "fan-out      {} publisher(s) published {}, {} receivers each; {} deliveries ({}/s); missing {} \
+                 ({} receiver(s), at most {} on one), duplicated {}, out of order {}; other messages {}",
+                x.publishers,
+                x.published,
+                x.expected,
+                self.received,
+                Fixed(self.msgs_per_sec, 0),
+                x.missing,
+                x.receivers_missing,
+                x.most_missing,
+                x.duplicated,
+                x.reordered,
+                x.other
+            )?;
+        }
+        let list = |l: &[(u16, u64)]| {
+            let v: Vec<String> = l.iter().map(|(c, n)| format!("{c} x{n}")).collect();
+            v.join(", ")
+        };
+        if !self.handshake_statuses.is_empty() {
+            writeln!(f, "refused      by HTTP status: {}", list(&self.handshake_statuses))?;
+        }
+        if !self.close_codes.is_empty() {
+            writeln!(
+                f,
+                "closed       by the server, by close code: {}",
+                list(&self.close_codes)
+            )?;
         }
         Ok(())
     }
