@@ -160,6 +160,8 @@ struct Bench<'a> {
     publishers: Vec<(usize, u32)>,
     published: Vec<u64>,
     fan: FanCounts,
+    /// When the last message arrived (ms).
+    last_arrival: u64,
     /// Refused handshakes by HTTP status, and early closes by close code.
     statuses: Vec<(u16, u64)>,
     closes: Vec<(u16, u64)>,
@@ -177,8 +179,6 @@ struct FanCounts {
     receivers_missing: u64,
     most_missing: u64,
     other: u64,
-    /// When the last delivery arrived (ms).
-    last_delivery: u64,
 }
 
 /// The server's processes: the one given and its children (the workers of a server with
@@ -274,6 +274,7 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         publishers: Vec::new(),
         published: Vec::new(),
         fan: FanCounts::default(),
+        last_arrival: 0,
         statuses: Vec::new(),
         closes: Vec::new(),
     };
@@ -581,6 +582,7 @@ impl Bench<'_> {
 
     fn on_echo(&mut self, eng: &mut BenchEngine, key: usize, payload: &Payload<'_>) {
         let now_ns = eng.clock.now_ns();
+        self.last_arrival = eng.now;
         if self.cfg.publishers > 0 {
             self.on_delivery(eng, key, payload, now_ns);
             return;
@@ -669,7 +671,6 @@ impl Bench<'_> {
         if now_ns < self.measure_end_ns {
             self.c.measured_received += 1;
         }
-        self.fan.last_delivery = eng.now;
         let publishers = self.published.len();
         let more = eng.slots[key].data.more.get_or_insert_with(Default::default);
         if more.publisher == Some(p as u32) {
@@ -770,14 +771,18 @@ impl Bench<'_> {
 
     /// Whether the answers still awaited have come (or cannot come).
     fn drained(&self, eng: &BenchEngine) -> bool {
+        // Where answers are not matched to messages: all of them, or nothing for half a
+        // second (a server that dropped some, or does not answer).
+        let quiet = eng.now >= self.last_arrival.max(self.measure_end_ms()) + 500;
         if !self.publishers.is_empty() {
-            // Every delivery, or nothing for half a second (a server that dropped some).
             let all = self.c.sent.saturating_mul(self.expected_receivers());
-            return self.c.received >= all || eng.now >= self.fan.last_delivery.max(self.measure_end_ms()) + 500;
+            return self.c.received >= all || quiet;
         }
-        self.cfg.expect == Expect::Nothing
-            || self.cfg.load == Load::Idle
-            || self.c.received + self.c.abandoned >= self.c.sent
+        match (self.cfg.load, self.cfg.expect) {
+            (Load::Idle, _) => true,
+            (_, Expect::Nothing) => self.c.received >= self.c.sent || quiet,
+            _ => self.c.received + self.c.abandoned >= self.c.sent,
+        }
     }
 
     fn measure_end_ms(&self) -> u64 {
