@@ -1,6 +1,7 @@
 //! The load generator's driver over the IO layer's engine: opens connections, applies the
 //! load, checks the echoes, closes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,16 +10,17 @@ use crate::io::stream::ClientStream;
 use mio::{Events, Poll};
 
 use super::histogram::Histogram;
+use super::report::count_code;
 use super::timeline::Sampler;
 use super::{host_name, online_cpus, read_kernel, BenchConfig, BenchError, Load, Phase, Progress, Report, ServerUsage};
-use super::{Compression, Content, KernelUsage, Observer, MESSAGE_HEADER};
+use super::{Compression, Content, Expect, Fanout, KernelUsage, Observer, Schedule, MESSAGE_HEADER};
 use crate::io::budget::Budget;
 use crate::io::engine::{Cause, Driver, Engine};
 use crate::io::sys::{children_of, count_fds, read_cpu, read_rss};
 use crate::io::timer::{deadline_after, poll_timeout};
 use crate::proto::handshake::ClientRequest;
 use crate::proto::rand::OsSeeded;
-use crate::proto::{self, close_code, Connection, Event, Message, Payload, Timeout};
+use crate::proto::{self, close_code, Connection, Event, Message, Payload, ResponseError, Timeout};
 
 /// Where a connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,13 +44,43 @@ struct BenchConn {
     next_seq: u64,
     /// Sequence number of the next echo expected.
     expect_seq: u64,
+    /// What only some runs need (boxed: an idle connection of a large run stays small).
+    more: Option<Box<ConnMore>>,
 }
+
+/// Per connection, for answers timed in order of sending and for fan-out.
+#[derive(Default)]
+struct ConnMore {
+    /// When each message awaiting an answer was sent (or due), oldest first: answers that
+    /// carry no header of ours are timed with these.
+    sent_at: VecDeque<u64>,
+    /// Fan-out: this connection's publisher number, if it publishes.
+    publisher: Option<u32>,
+    /// Fan-out: what this receiver got from each publisher.
+    fan: Vec<Track>,
+}
+
+/// What one receiver got from one publisher.
+#[derive(Clone, Default)]
+struct Track {
+    /// The sequence number after the highest one received.
+    next: u32,
+    /// Sequence numbers skipped over and not received since (at most [`MAX_GAPS`]).
+    gaps: Vec<u32>,
+    /// Skipped numbers past [`MAX_GAPS`]: counted missing, not told apart from late ones.
+    forgotten: u32,
+}
+
+/// Skipped sequence numbers remembered per receiver and publisher, to tell a late message
+/// from a duplicate.
+const MAX_GAPS: usize = 1024;
 
 type BenchEngine = Engine<ClientStream, BenchConn, OsSeeded>;
 
 // Driver timer ids: a kind in bits 60 and 61 (the engine keeps the top bits for itself).
 const PROGRESS_TIMER: u64 = 1 << 60;
 const RAMP_TIMER: u64 = (1 << 60) | 1;
+const RATE_TIMER: u64 = (1 << 60) | 2;
 const PHASE_TIMER: u64 = 2 << 60;
 const SEND_TIMER: u64 = 3 << 60;
 const KIND: u64 = 3 << 60;
@@ -115,6 +147,41 @@ struct Bench<'a> {
     kernel: Option<KernelUsage>,
     /// [`BenchConfig::stop`] was set.
     interrupted: bool,
+    /// Answers are timed in order of sending (a fixed message, or replies).
+    timed_in_order: bool,
+    /// The open model: when message 0 was due (ns), the next message's number, the
+    /// connections it goes to in turn, and whose turn it is.
+    rate_start_ns: u64,
+    rate_next: u64,
+    rate_keys: Vec<(usize, u32)>,
+    rate_turn: usize,
+    /// How late each scheduled message was sent.
+    lag: Histogram,
+    /// Scheduled messages no connection was open to take.
+    unsent: u64,
+    /// Fan-out: the publishers' connections, and messages published by each.
+    publishers: Vec<(usize, u32)>,
+    published: Vec<u64>,
+    fan: FanCounts,
+    /// When the last message arrived (ms).
+    last_arrival: u64,
+    /// Refused handshakes by HTTP status, and early closes by close code.
+    statuses: Vec<(u16, u64)>,
+    closes: Vec<(u16, u64)>,
+}
+
+/// A fan-out run's counts, summed over the receivers.
+#[derive(Default)]
+struct FanCounts {
+    receivers: u64,
+    /// A publisher got its own message back (the server sends to the sender too).
+    self_seen: bool,
+    missing: u64,
+    duplicated: u64,
+    reordered: u64,
+    receivers_missing: u64,
+    most_missing: u64,
+    other: u64,
 }
 
 /// The server's processes: the one given and its children (the workers of a server with
@@ -139,8 +206,14 @@ fn server_cpu(pid: u32) -> Option<Duration> {
 }
 
 pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Report, BenchError> {
+    // Answers other than echoes may be longer than what was sent.
+    let floor = if cfg.expect == Expect::Echo && cfg.publishers == 0 {
+        8 << 10
+    } else {
+        16 << 20
+    };
     let pcfg = proto::Config {
-        max_message: (cfg.size * 2).max(8 << 10),
+        max_message: (cfg.message_len() * 2).max(floor),
         handshake_timeout: cfg.connect_timeout,
         close_timeout: cfg.close_timeout,
         ..proto::Config::default()
@@ -156,7 +229,7 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
     let mut eng: BenchEngine = Engine::new(Poll::new()?, pcfg, 1 << 20, OsSeeded::new()?, Budget::unlimited());
     let template = cfg.content.template(cfg.size);
     #[cfg_attr(not(feature = "deflate"), allow(unused_mut))]
-    let mut request = ClientRequest::new(cfg.target.host.clone(), cfg.target.path.clone());
+    let mut request: ClientRequest = cfg.request();
     #[cfg(feature = "deflate")]
     if cfg.deflate {
         request.extensions = Some(proto::deflate::CLIENT_OFFER.into());
@@ -195,6 +268,19 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         server_cpu_start: None,
         kernel: read_kernel(),
         interrupted: false,
+        timed_in_order: cfg.message.is_some() || cfg.expect == Expect::Reply,
+        rate_start_ns: 0,
+        rate_next: 0,
+        rate_keys: Vec::new(),
+        rate_turn: 0,
+        lag: Histogram::new(),
+        unsent: 0,
+        publishers: Vec::new(),
+        published: Vec::new(),
+        fan: FanCounts::default(),
+        last_arrival: 0,
+        statuses: Vec::new(),
+        closes: Vec::new(),
     };
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; 256 << 10];
@@ -235,17 +321,37 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         b.take_sample(&eng);
     }
     // Whatever is left did not close in time.
-    for (_, slot) in eng.slots.iter() {
+    let keys: Vec<usize> = eng.slots.iter().map(|(k, _)| k).collect();
+    for key in keys {
         b.c.close_timeouts += 1;
-        b.c.abandoned += slot.data.next_seq.saturating_sub(slot.data.expect_seq);
+        let data = &mut eng.slots[key].data;
+        b.c.abandoned += data.next_seq.saturating_sub(data.expect_seq);
+        if let Some(more) = data.more.take() {
+            b.settle_receiver(&more);
+        }
     }
-    let lost = b.c.sent.saturating_sub(b.c.received);
+    let fanout = (cfg.publishers > 0).then(|| Fanout {
+        publishers: b.publishers.len() as u64,
+        published: b.c.sent,
+        expected: b.expected_receivers(),
+        missing: b.fan.missing,
+        duplicated: b.fan.duplicated,
+        reordered: b.fan.reordered,
+        receivers_missing: b.fan.receivers_missing,
+        most_missing: b.fan.most_missing,
+        other: b.fan.other,
+    });
+    let lost = match (&fanout, cfg.expect, cfg.load) {
+        (Some(f), _, _) => f.missing,
+        (None, Expect::Nothing, _) | (None, _, Load::Idle) => 0,
+        _ => b.c.sent.saturating_sub(b.c.received),
+    };
     let secs = b.measured.as_secs_f64();
     Ok(Report {
         url: cfg.target.url(),
         connections: cfg.connections,
         load: cfg.load,
-        size: cfg.size,
+        size: cfg.message_len(),
         content: cfg.content,
         deflate: compression(cfg, &eng, b.deflate_agreed),
         opened: b.c.opened,
@@ -277,6 +383,20 @@ pub(super) fn run(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Repo
         timeline: std::mem::take(&mut b.sampler.samples),
         hist: Box::new(b.hist),
         interrupted: b.interrupted,
+        expect: cfg.expect,
+        schedule: match cfg.load {
+            Load::Rate(asked) => Some(Schedule {
+                asked,
+                achieved: if secs > 0.0 { b.c.sent as f64 / secs } else { 0.0 },
+                lag: b.lag.summary(),
+                unsent: b.unsent,
+            }),
+            _ => None,
+        },
+        lag_hist: Box::new(b.lag),
+        fanout,
+        handshake_statuses: b.statuses,
+        close_codes: b.closes,
     })
 }
 
@@ -383,6 +503,7 @@ impl Bench<'_> {
             stage: Stage::Connecting,
             next_seq: 0,
             expect_seq: 0,
+            more: None,
         };
         match eng.insert_connecting(stream, conn, data, &first) {
             Ok(_) => self.pending += 1,
@@ -393,46 +514,135 @@ impl Bench<'_> {
         }
     }
 
-    /// Sends the connection's next message.
-    fn push_message(&mut self, eng: &mut BenchEngine, key: usize) {
+    /// Sends the connection's next message, stamped with the time it was `due` (the open
+    /// model) or with the time now. Whether the connection took it.
+    fn push_message(&mut self, eng: &mut BenchEngine, key: usize, due: Option<u64>) -> bool {
         let now_ns = eng.clock.now_ns();
-        let data = &mut eng.slots[key].data;
-        self.cfg.content.write_header(&mut self.template, data.next_seq, now_ns);
-        data.next_seq += 1;
-        let msg = if self.cfg.content.is_text() {
-            // ASCII by construction (the header is base64 digits).
-            Message::Text(std::str::from_utf8(&self.template).unwrap_or_default())
-        } else {
-            Message::Binary(&self.template)
+        let ts = due.unwrap_or(now_ns);
+        let cfg = self.cfg;
+        let data = &eng.slots[key].data;
+        let msg = match &cfg.message {
+            // UTF-8, checked with the settings.
+            Some(m) if m.text => Message::Text(std::str::from_utf8(&m.bytes).unwrap_or_default()),
+            Some(m) => Message::Binary(&m.bytes),
+            None => {
+                // A publisher's number travels above the 32 bits of its sequence number.
+                let seq = match data.more.as_ref().and_then(|m| m.publisher) {
+                    Some(p) => (u64::from(p) << 32) | (data.next_seq & 0xFFFF_FFFF),
+                    None => data.next_seq,
+                };
+                cfg.content.write_header(&mut self.template, seq, ts);
+                if cfg.content.is_text() {
+                    // ASCII by construction (the header is base64 digits).
+                    Message::Text(std::str::from_utf8(&self.template).unwrap_or_default())
+                } else {
+                    Message::Binary(&self.template)
+                }
+            }
         };
-        if eng.send(key, msg).is_ok() {
-            self.c.sent += 1;
-        } else {
-            eng.slots[key].data.next_seq -= 1;
+        if eng.send(key, msg).is_err() {
+            return false;
         }
+        self.c.sent += 1;
+        let data = &mut eng.slots[key].data;
+        data.next_seq += 1;
+        if self.timed_in_order {
+            data.more.get_or_insert_with(Default::default).sent_at.push_back(ts);
+        }
+        if let Some(p) = data.more.as_ref().and_then(|m| m.publisher) {
+            self.published[p as usize] += 1;
+        }
+        if let Some(due) = due {
+            self.lag.record(now_ns.saturating_sub(due));
+        }
+        true
+    }
+
+    /// Sends every message of the open model's schedule that is due, round-robin over its
+    /// connections, and sets the timer for the next.
+    fn rate_send(&mut self, eng: &mut BenchEngine) {
+        let Load::Rate(r) = self.cfg.load else { return };
+        if self.phase != Phase::Measure {
+            return;
+        }
+        let r = u128::from(r);
+        let due_at = |n: u64| (u128::from(n) * 1_000_000_000 / r) as u64;
+        let now_ns = eng.clock.now_ns();
+        let elapsed = u128::from(now_ns.saturating_sub(self.rate_start_ns));
+        // Messages due by now: those numbered up to elapsed * r / 1e9.
+        let due = (elapsed * r / 1_000_000_000) as u64 + 1;
+        while self.rate_next < due {
+            let at = self.rate_start_ns + due_at(self.rate_next);
+            self.rate_next += 1;
+            self.send_scheduled(eng, at);
+        }
+        let next_ns = self.rate_start_ns + due_at(self.rate_next);
+        let wait_ms = next_ns.saturating_sub(now_ns).div_ceil(1_000_000).max(1);
+        eng.set_timer_at(eng.now + wait_ms, RATE_TIMER);
+    }
+
+    /// Hands one scheduled message to the next open connection in turn.
+    fn send_scheduled(&mut self, eng: &mut BenchEngine, due: u64) {
+        for _ in 0..self.rate_keys.len() {
+            let (key, gen) = self.rate_keys[self.rate_turn];
+            self.rate_turn = (self.rate_turn + 1) % self.rate_keys.len();
+            if eng.is_live(key, gen)
+                && eng.slots[key].data.stage == Stage::Open
+                && self.push_message(eng, key, Some(due))
+            {
+                return;
+            }
+        }
+        self.unsent += 1;
     }
 
     fn on_echo(&mut self, eng: &mut BenchEngine, key: usize, payload: &Payload<'_>) {
         let now_ns = eng.clock.now_ns();
+        self.last_arrival = eng.now;
+        if self.cfg.publishers > 0 {
+            self.on_delivery(eng, key, payload, now_ns);
+            return;
+        }
         self.c.received += 1;
         if now_ns < self.measure_end_ns {
             self.c.measured_received += 1;
         }
+        // An idle run checks nothing either: it counts what the server sends by itself.
+        let expect = if self.cfg.load == Load::Idle {
+            Expect::Nothing
+        } else {
+            self.cfg.expect
+        };
         let data = &mut eng.slots[key].data;
         let content = self.cfg.content;
-        let ok = match payload.as_message() {
-            Message::Binary(b) if !content.is_text() => {
-                check_echo(content, b, &mut data.expect_seq, data.next_seq, &self.template)
+        let ok = match (expect, &self.cfg.message) {
+            (Expect::Nothing, _) => return,
+            (Expect::Reply, _) => data.more.as_mut().and_then(|m| m.sent_at.pop_front()),
+            (Expect::Echo, Some(fixed)) => {
+                let ts = data.more.as_mut().and_then(|m| m.sent_at.pop_front());
+                let same = match payload.as_message() {
+                    Message::Text(t) => fixed.text && t.as_bytes() == fixed.bytes,
+                    Message::Binary(b) => !fixed.text && b == fixed.bytes,
+                };
+                ts.filter(|_| same)
             }
-            Message::Text(t) if content.is_text() => check_echo(
-                content,
-                t.as_bytes(),
-                &mut data.expect_seq,
-                data.next_seq,
-                &self.template,
-            ),
-            _ => None,
+            (Expect::Echo, None) => match payload.as_message() {
+                Message::Binary(b) if !content.is_text() => {
+                    check_echo(content, b, &mut data.expect_seq, data.next_seq, &self.template)
+                }
+                Message::Text(t) if content.is_text() => check_echo(
+                    content,
+                    t.as_bytes(),
+                    &mut data.expect_seq,
+                    data.next_seq,
+                    &self.template,
+                ),
+                _ => None,
+            },
         };
+        if self.timed_in_order && data.expect_seq < data.next_seq {
+            data.expect_seq += 1;
+        }
         match ok {
             Some(ts) => {
                 let rtt = now_ns.saturating_sub(ts);
@@ -442,7 +652,100 @@ impl Bench<'_> {
             None => self.c.corrupted += 1,
         }
         if self.phase == Phase::Measure && matches!(self.cfg.load, Load::Saturate(_)) {
-            self.push_message(eng, key);
+            self.push_message(eng, key, None);
+        }
+    }
+
+    /// A fan-out message: which publisher, which number, once and in order for this receiver.
+    fn on_delivery(&mut self, eng: &mut BenchEngine, key: usize, payload: &Payload<'_>, now_ns: u64) {
+        let content = self.cfg.content;
+        let size = self.cfg.size;
+        let bytes = match payload.as_message() {
+            Message::Binary(b) if !content.is_text() => b,
+            Message::Text(t) if content.is_text() => t.as_bytes(),
+            _ => {
+                self.fan.other += 1;
+                return;
+            }
+        };
+        // A server may put something before what it relays (the rooms example adds `NICK: `
+        // to text): the message is the last `size` bytes.
+        let Some(m) = bytes.len().checked_sub(size).map(|at| &bytes[at..]) else {
+            self.fan.other += 1;
+            return;
+        };
+        let Some((wire_seq, ts)) = content.read_header(m) else {
+            self.fan.other += 1;
+            return;
+        };
+        let (p, seq) = ((wire_seq >> 32) as usize, wire_seq & 0xFFFF_FFFF);
+        if self.published.get(p).is_none_or(|&n| seq >= n) {
+            self.fan.other += 1; // no message of this run
+            return;
+        }
+        if m[MESSAGE_HEADER..] != self.template[MESSAGE_HEADER..] {
+            self.c.corrupted += 1;
+            return;
+        }
+        self.c.received += 1;
+        if now_ns < self.measure_end_ns {
+            self.c.measured_received += 1;
+        }
+        let publishers = self.published.len();
+        let more = eng.slots[key].data.more.get_or_insert_with(Default::default);
+        if more.publisher == Some(p as u32) {
+            self.fan.self_seen = true;
+        }
+        if more.fan.len() < publishers {
+            more.fan.resize(publishers, Track::default());
+        }
+        let t = &mut more.fan[p];
+        let seq = seq as u32;
+        if seq >= t.next {
+            for missed in t.next..seq {
+                if t.gaps.len() < MAX_GAPS {
+                    t.gaps.push(missed);
+                } else {
+                    t.forgotten = t.forgotten.saturating_add(1);
+                }
+            }
+            t.next = seq + 1;
+        } else if let Some(i) = t.gaps.iter().position(|&g| g == seq) {
+            t.gaps.swap_remove(i);
+            self.fan.reordered += 1;
+        } else {
+            self.fan.duplicated += 1;
+            return;
+        }
+        let delay = now_ns.saturating_sub(ts);
+        self.hist.record(delay);
+        self.sampler.hist.record(delay);
+    }
+
+    /// Receivers each fan-out message should reach.
+    fn expected_receivers(&self) -> u64 {
+        self.fan
+            .receivers
+            .saturating_sub(u64::from(!self.fan.self_seen && !self.publishers.is_empty()))
+    }
+
+    /// Counts what a fan-out receiver missed, once it is gone or the run is over.
+    fn settle_receiver(&mut self, more: &ConnMore) {
+        if self.published.is_empty() {
+            return;
+        }
+        let mut missing = 0u64;
+        for (p, &published) in self.published.iter().enumerate() {
+            if more.publisher == Some(p as u32) && !self.fan.self_seen {
+                continue; // the server does not send a message back to its sender
+            }
+            let t = more.fan.get(p).cloned().unwrap_or_default();
+            missing += published.saturating_sub(u64::from(t.next)) + t.gaps.len() as u64 + u64::from(t.forgotten);
+        }
+        self.fan.missing += missing;
+        if missing > 0 {
+            self.fan.receivers_missing += 1;
+            self.fan.most_missing = self.fan.most_missing.max(missing);
         }
     }
 
@@ -490,8 +793,45 @@ impl Bench<'_> {
         if self.phase == Phase::Measure && self.open == 0 {
             self.begin_drain(eng); // nothing left to measure: every connection failed or was closed
         }
-        if self.phase == Phase::Drain && self.c.received + self.c.abandoned >= self.c.sent {
+        if self.phase == Phase::Measure && !self.publishers.is_empty() {
+            self.publish_saturating(eng);
+        }
+        if self.phase == Phase::Drain && self.drained(eng) {
             self.begin_close(eng);
+        }
+    }
+
+    /// Whether the answers still awaited have come (or cannot come).
+    fn drained(&self, eng: &BenchEngine) -> bool {
+        // Where answers are not matched to messages: all of them, or nothing for half a
+        // second (a server that dropped some, or does not answer).
+        let quiet = eng.now >= self.last_arrival.max(self.measure_end_ms()) + 500;
+        if !self.publishers.is_empty() {
+            let all = self.c.sent.saturating_mul(self.expected_receivers());
+            return self.c.received >= all || quiet;
+        }
+        match (self.cfg.load, self.cfg.expect) {
+            (Load::Idle, _) => true,
+            (_, Expect::Nothing) => self.c.received >= self.c.sent || quiet,
+            _ => self.c.received + self.c.abandoned >= self.c.sent,
+        }
+    }
+
+    fn measure_end_ms(&self) -> u64 {
+        self.measure_start + self.measured.as_millis() as u64
+    }
+
+    /// Saturating fan-out: each publisher sends its batch again whenever the last one has
+    /// left its queue.
+    fn publish_saturating(&mut self, eng: &mut BenchEngine) {
+        let Load::Saturate(k) = self.cfg.load else { return };
+        for i in 0..self.publishers.len() {
+            let (key, gen) = self.publishers[i];
+            if eng.is_live(key, gen) && eng.slots[key].data.stage == Stage::Open && eng.queued(key) == 0 {
+                for _ in 0..k {
+                    self.push_message(eng, key, None);
+                }
+            }
         }
     }
 
@@ -534,15 +874,31 @@ impl Bench<'_> {
         }
         self.measure_start = eng.now;
         self.set_phase(eng, Phase::Measure, self.cfg.duration);
-        let keys = Self::open_keys(eng);
+        let mut keys = Self::open_keys(eng);
+        if self.cfg.publishers > 0 {
+            // Every connection receives; the first ones publish.
+            self.fan.receivers = keys.len() as u64;
+            keys.truncate(self.cfg.publishers);
+            for (i, &key) in keys.iter().enumerate() {
+                let slot = &mut eng.slots[key];
+                slot.data.more.get_or_insert_with(Default::default).publisher = Some(i as u32);
+                self.publishers.push((key, slot.gen));
+            }
+            self.published = vec![0; keys.len()];
+        }
         match self.cfg.load {
             Load::Idle => {}
             Load::Saturate(k) => {
                 for key in keys {
                     for _ in 0..k {
-                        self.push_message(eng, key);
+                        self.push_message(eng, key, None);
                     }
                 }
+            }
+            Load::Rate(_) => {
+                self.rate_keys = keys.iter().map(|&k| (k, eng.slots[k].gen)).collect();
+                self.rate_start_ns = eng.clock.now_ns();
+                self.rate_send(eng);
             }
             Load::Periodic(every) => {
                 // Spread the first sends evenly over one period.
@@ -561,7 +917,7 @@ impl Bench<'_> {
         if self.phase != Phase::Measure || !eng.is_live(key, gen) || eng.slots[key].data.stage != Stage::Open {
             return;
         }
-        self.push_message(eng, key);
+        self.push_message(eng, key, None);
         eng.set_timer_at(deadline_after(eng.now, every), send_timer(key, gen));
     }
 
@@ -638,14 +994,20 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
                 self.open_more(eng);
             }
             Event::Message(payload) => self.on_echo(eng, key, &payload),
-            Event::Close { .. } => {
+            Event::Close { code, reason } => {
                 let data = &mut eng.slots[key].data;
                 if data.stage == Stage::Open {
                     data.stage = Stage::Closing;
                     self.open -= 1;
                     if self.phase != Phase::Close {
                         self.c.closed_early += 1;
-                        self.note_error(|| "the server closed a connection".to_string());
+                        let code = code.unwrap_or(close_code::NO_STATUS);
+                        count_code(&mut self.closes, code, 1);
+                        let reason = match reason.as_message() {
+                            Message::Text(t) if !t.is_empty() => format!(" ({t})"),
+                            _ => String::new(),
+                        };
+                        self.note_error(|| format!("the server closed a connection with code {code}{reason}"));
                     }
                 }
             }
@@ -660,6 +1022,11 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
             (Stage::Connecting | Stage::Handshaking, _) => {
                 self.pending -= 1;
                 self.c.handshake_failures += 1;
+                if let proto::Error::Response(r) = err {
+                    if let ResponseError::Status { code, .. } = **r {
+                        count_code(&mut self.statuses, code, 1);
+                    }
+                }
                 self.note_error(|| format!("handshake: {err}"));
                 self.open_more(eng);
             }
@@ -678,6 +1045,10 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
     fn on_removed(&mut self, eng: &mut BenchEngine, key: usize, cause: Cause) {
         let data = &mut eng.slots[key].data;
         self.c.abandoned += data.next_seq.saturating_sub(data.expect_seq);
+        if let Some(more) = data.more.take() {
+            self.settle_receiver(&more);
+        }
+        let data = &eng.slots[key].data;
         match data.stage {
             Stage::Connecting => {
                 self.pending -= 1;
@@ -701,6 +1072,7 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
             Stage::Open => {
                 self.open -= 1;
                 self.c.closed_early += 1;
+                count_code(&mut self.closes, close_code::ABNORMAL, 1);
                 self.note_error(|| match &cause {
                     Cause::Io(e) => format!("connection lost: {e}"),
                     _ => "connection lost: the server closed it without a close frame".to_string(),
@@ -731,6 +1103,7 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
                 self.ramp_armed = false;
                 self.open_more(eng);
             }
+            _ if id == RATE_TIMER => self.rate_send(eng),
             _ => {
                 self.take_sample(eng);
                 self.report_progress(eng);

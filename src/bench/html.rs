@@ -191,6 +191,32 @@ fn summary(o: &mut String, runs: &[(&str, &Report)]) {
         ("load", |r| {
             format!("{}, {} B {} messages", load_name(r.load), r.size, r.content.name())
         }),
+        ("expected of the server", |r| r.expect.name().to_string()),
+        ("schedule (open model)", |r| match r.schedule {
+            Some(s) => {
+                let mut t = format!("asked {}/s, sent {}/s", s.asked, Fixed(s.achieved, 0));
+                if let Some(l) = s.lag {
+                    t.push_str(&format!(
+                        "; behind schedule p50 {}, p99 {}, max {}",
+                        fmt_duration(l.p50),
+                        fmt_duration(l.p99),
+                        fmt_duration(l.max)
+                    ));
+                }
+                if s.unsent > 0 {
+                    t.push_str(&format!("; {} unsent", s.unsent));
+                }
+                t
+            }
+            None => "-".into(),
+        }),
+        ("fan-out", |r| match r.fanout {
+            Some(x) => format!(
+                "{} publisher(s), {} published, {} deliveries; missing {}, duplicated {}, out of order {}",
+                x.publishers, x.published, r.received, x.missing, x.duplicated, x.reordered
+            ),
+            None => "-".into(),
+        }),
         ("connections held", |r| format!("{} of {}", r.held, r.connections)),
         ("connect time", |r| fmt_duration(r.connect_time)),
         ("failures", |r| {
@@ -199,6 +225,8 @@ fn summary(o: &mut String, runs: &[(&str, &Report)]) {
                 r.connect_failures, r.handshake_failures, r.closed_early, r.protocol_errors, r.close_timeouts
             )
         }),
+        ("refused, by HTTP status", |r| codes(&r.handshake_statuses)),
+        ("closed early, by close code", |r| codes(&r.close_codes)),
         ("measured", |r| fmt_duration(r.measured)),
         ("sent / received", |r| format!("{} / {}", r.sent, r.received)),
         ("lost / corrupted", |r| format!("{} / {}", r.lost, r.corrupted)),
@@ -252,6 +280,14 @@ fn summary(o: &mut String, runs: &[(&str, &Report)]) {
         o.push_str("</tr>\n");
     }
     o.push_str("</table>\n");
+}
+
+fn codes(list: &[(u16, u64)]) -> String {
+    if list.is_empty() {
+        return "-".into();
+    }
+    let v: Vec<String> = list.iter().map(|(c, n)| format!("{c} ×{n}")).collect();
+    v.join(", ")
 }
 
 fn lat(r: &Report, f: fn(&super::Latency) -> Duration) -> String {

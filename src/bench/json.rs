@@ -5,13 +5,15 @@
 //! figures, the percentiles) are written for readers and recomputed on reading: the
 //! histograms are the source of every percentile.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::histogram::{Histogram, Sparse};
+use super::report::count_code;
 use super::timeline::Sample;
-use super::{Compression, Content, KernelUsage, Load, Report, ServerUsage};
+use super::{Compression, Content, Expect, Fanout, KernelUsage, Load, Report, Schedule, ServerUsage};
 
 /// Why a text is not a report.
 #[derive(Debug)]
@@ -50,6 +52,10 @@ struct ReportJson {
     every_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     inflight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate: Option<u32>,
+    #[serde(default = "echo")]
+    expect: String,
     size: u64,
     payload: String,
     deflate: Option<DeflateJson>,
@@ -76,11 +82,67 @@ struct ReportJson {
     bench_processes: u64,
     #[serde(default)]
     host: Option<String>,
+    #[serde(default)]
+    schedule: Option<ScheduleJson>,
+    #[serde(default)]
+    fanout: Option<FanoutJson>,
+    /// Refused handshakes by HTTP status: `{"401": 3}`.
+    #[serde(default)]
+    handshake_statuses: BTreeMap<String, u64>,
+    /// Early closes by close code: `{"1001": 2}`.
+    #[serde(default)]
+    close_codes: BTreeMap<String, u64>,
     interrupted: bool,
     clean: bool,
     #[serde(default)]
     timeline: Vec<SampleJson>,
     histogram: HistogramJson,
+}
+
+fn echo() -> String {
+    "echo".into()
+}
+
+#[derive(Serialize, Deserialize)]
+struct ScheduleJson {
+    asked: u32,
+    achieved: f64,
+    unsent: u64,
+    lag_p50_us: Option<f64>,
+    lag_p99_us: Option<f64>,
+    lag_max_us: Option<f64>,
+    /// How late every message was sent: merged exactly, as the latency histogram.
+    lag_histogram: HistogramJson,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FanoutJson {
+    publishers: u64,
+    published: u64,
+    expected: u64,
+    deliveries: u64,
+    deliveries_per_sec: f64,
+    missing: u64,
+    duplicated: u64,
+    reordered: u64,
+    receivers_missing: u64,
+    most_missing: u64,
+    other: u64,
+}
+
+fn codes_out(list: &[(u16, u64)]) -> BTreeMap<String, u64> {
+    list.iter().map(|(c, n)| (c.to_string(), *n)).collect()
+}
+
+fn codes_in(map: BTreeMap<String, u64>, what: &str) -> Result<Vec<(u16, u64)>, ReportError> {
+    let mut out = Vec::with_capacity(map.len());
+    for (c, n) in map {
+        let code = c
+            .parse::<u16>()
+            .map_err(|_| ReportError::Invalid(format!("{what}: '{c}' is not a status or close code")))?;
+        count_code(&mut out, code, n);
+    }
+    Ok(out)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -184,10 +246,11 @@ impl Report {
     /// latency histogram (compact) and the `timeline` of per-second samples.
     /// [`from_json`](Self::from_json) reads it back.
     pub fn to_json(&self) -> String {
-        let (mode, every_ms, inflight) = match self.load {
-            Load::Idle => ("idle", None, None),
-            Load::Periodic(d) => ("periodic", Some(d.as_nanos() as f64 / 1e6), None),
-            Load::Saturate(k) => ("saturate", None, Some(k)),
+        let (mode, every_ms, inflight, rate) = match self.load {
+            Load::Idle => ("idle", None, None, None),
+            Load::Periodic(d) => ("periodic", Some(d.as_nanos() as f64 / 1e6), None, None),
+            Load::Saturate(k) => ("saturate", None, Some(k), None),
+            Load::Rate(r) => ("rate", None, None, Some(r)),
         };
         let j = ReportJson {
             url: self.url.clone(),
@@ -195,6 +258,8 @@ impl Report {
             mode: mode.into(),
             every_ms,
             inflight,
+            rate,
+            expect: self.expect.name().into(),
             size: self.size as u64,
             payload: self.content.name().into(),
             deflate: self.deflate.map(|d| DeflateJson {
@@ -254,6 +319,30 @@ impl Report {
             cores: self.cores as u64,
             bench_processes: self.processes as u64,
             host: self.host.clone(),
+            schedule: self.schedule.map(|s| ScheduleJson {
+                asked: s.asked,
+                achieved: s.achieved,
+                unsent: s.unsent,
+                lag_p50_us: s.lag.map(|l| us(l.p50)),
+                lag_p99_us: s.lag.map(|l| us(l.p99)),
+                lag_max_us: s.lag.map(|l| us(l.max)),
+                lag_histogram: (&self.lag_hist.to_sparse()).into(),
+            }),
+            fanout: self.fanout.map(|x| FanoutJson {
+                publishers: x.publishers,
+                published: x.published,
+                expected: x.expected,
+                deliveries: self.received,
+                deliveries_per_sec: self.msgs_per_sec,
+                missing: x.missing,
+                duplicated: x.duplicated,
+                reordered: x.reordered,
+                receivers_missing: x.receivers_missing,
+                most_missing: x.most_missing,
+                other: x.other,
+            }),
+            handshake_statuses: codes_out(&self.handshake_statuses),
+            close_codes: codes_out(&self.close_codes),
             interrupted: self.interrupted,
             clean: self.is_clean(),
             timeline: self
@@ -286,7 +375,19 @@ impl Report {
             ("idle", _, _) => Load::Idle,
             ("periodic", Some(ms), _) if ms > 0.0 => Load::Periodic(from_secs(ms / 1e3)),
             ("saturate", _, Some(k)) if k > 0 => Load::Saturate(k),
+            ("rate", _, _) => match j.rate {
+                Some(r) if r > 0 => Load::Rate(r),
+                _ => return Err(invalid("mode 'rate' without a valid rate".into())),
+            },
             (m, _, _) => return Err(invalid(format!("mode '{m}' without a valid every_ms or inflight"))),
+        };
+        let expect = Expect::parse(&j.expect).ok_or_else(|| invalid(format!("unknown expect '{}'", j.expect)))?;
+        let lag_hist = match &j.schedule {
+            Some(s) => Histogram::from_sparse(&Sparse {
+                max: s.lag_histogram.max_ns,
+                buckets: s.lag_histogram.buckets.clone(),
+            }),
+            None => Histogram::new(),
         };
         let content = Content::parse(&j.payload).ok_or_else(|| invalid(format!("unknown payload '{}'", j.payload)))?;
         let hist = Histogram::from_sparse(&j.histogram.into());
@@ -354,6 +455,27 @@ impl Report {
                 .collect(),
             hist: Box::new(hist),
             interrupted: j.interrupted,
+            expect,
+            schedule: j.schedule.map(|s| Schedule {
+                asked: s.asked,
+                achieved: s.achieved,
+                lag: lag_hist.summary(),
+                unsent: s.unsent,
+            }),
+            lag_hist: Box::new(lag_hist),
+            fanout: j.fanout.map(|x| Fanout {
+                publishers: x.publishers,
+                published: x.published,
+                expected: x.expected,
+                missing: x.missing,
+                duplicated: x.duplicated,
+                reordered: x.reordered,
+                receivers_missing: x.receivers_missing,
+                most_missing: x.most_missing,
+                other: x.other,
+            }),
+            handshake_statuses: codes_in(j.handshake_statuses, "handshake_statuses")?,
+            close_codes: codes_in(j.close_codes, "close_codes")?,
         })
     }
 }
@@ -407,6 +529,12 @@ mod tests {
             timeline: vec![Sample::new(Duration::from_millis(1_000), 10, n, n, hist.to_sparse())],
             hist: Box::new(hist),
             interrupted: false,
+            expect: Expect::Reply,
+            schedule: None,
+            lag_hist: Box::new(Histogram::new()),
+            fanout: None,
+            handshake_statuses: vec![(401, 2), (503, 1)],
+            close_codes: vec![(1001, 1)],
         }
     }
 
@@ -422,6 +550,47 @@ mod tests {
         assert_eq!(j["timeline"][0]["sent"], 500);
         assert_eq!(j["host"], "loadgen-1");
         assert!(j["histogram"]["buckets"].as_array().unwrap().len() > 100);
+    }
+
+    #[test]
+    fn the_open_model_and_fan_out_figures_survive_their_json() {
+        let mut r = report_of((1..=300).map(|v| v * 777));
+        r.load = Load::Rate(5_000);
+        let mut lag = Histogram::new();
+        for v in 1..=100u64 {
+            lag.record(v * 10_000);
+        }
+        r.schedule = Some(Schedule {
+            asked: 5_000,
+            achieved: 4_987.25,
+            lag: lag.summary(),
+            unsent: 3,
+        });
+        r.lag_hist = Box::new(lag);
+        r.fanout = Some(Fanout {
+            publishers: 2,
+            published: 300,
+            expected: 9,
+            missing: 4,
+            duplicated: 1,
+            reordered: 2,
+            receivers_missing: 3,
+            most_missing: 2,
+            other: 7,
+        });
+        let text = r.to_json();
+        assert_eq!(Report::from_json(&text).unwrap(), r);
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((j["mode"].as_str(), j["rate"].as_u64()), (Some("rate"), Some(5_000)));
+        assert_eq!(j["handshake_statuses"]["401"], 2);
+        assert_eq!(j["close_codes"]["1001"], 1);
+        assert_eq!(j["schedule"]["unsent"], 3);
+        assert_eq!(j["fanout"]["other"], 7);
+        // Two parts of an open-model run: their lag histograms add up too.
+        let m = Report::merge(&[r.clone(), Report::from_json(&text).unwrap()]).unwrap();
+        let s = m.schedule.unwrap();
+        assert_eq!((s.asked, s.unsent, s.lag.unwrap().count), (10_000, 6, 200));
+        assert_eq!(s.lag.unwrap().p50, r.schedule.unwrap().lag.unwrap().p50);
     }
 
     #[test]
@@ -469,6 +638,7 @@ mod tests {
             ("[1,2]", "invalid type"),
             (&good.replace("\"periodic\"", "\"sometimes\""), "mode 'sometimes'"),
             (&good.replace("\"json\"", "\"xml\""), "payload 'xml'"),
+            (&good.replace("\"401\"", "\"x\""), "'x' is not a status"),
             (&good.replace("\"held\":10", "\"held\":-1"), "invalid value"),
         ] {
             let e = Report::from_json(text).unwrap_err().to_string();

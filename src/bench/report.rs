@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::histogram::{Histogram, Latency};
 use super::timeline::{self, Sample};
-use super::{Content, Load};
+use super::{Content, Expect, Load};
 
 /// What the server used, from `/proc/PID/status` and `/proc/PID/stat`: the process given and
 /// its child processes (the workers of `wsloop serve --processes N`), summed.
@@ -91,6 +91,45 @@ impl Compression {
     }
 }
 
+/// The open model's figures (a [`Load::Rate`] run).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Schedule {
+    /// Messages per second asked for.
+    pub asked: u32,
+    /// Messages sent per second of the measured phase.
+    pub achieved: f64,
+    /// How late each message was handed to its connection, after its scheduled time.
+    pub lag: Option<Latency>,
+    /// Messages due when no connection was open to take them.
+    pub unsent: u64,
+}
+
+/// A fan-out run's figures (see [`BenchConfig::publishers`](super::BenchConfig::publishers)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Fanout {
+    /// Connections that published.
+    pub publishers: u64,
+    /// Messages published (the run's `sent`).
+    pub published: u64,
+    /// Receivers that should have got each message: every connection, less the publisher
+    /// itself when the server does not send a message back to its sender.
+    pub expected: u64,
+    /// Messages a receiver never got, summed over the receivers.
+    pub missing: u64,
+    /// Messages a receiver got more than once.
+    pub duplicated: u64,
+    /// Messages a receiver got after a later message of the same publisher.
+    pub reordered: u64,
+    /// Receivers that missed at least one message.
+    pub receivers_missing: u64,
+    /// The most messages one receiver missed.
+    pub most_missing: u64,
+    /// Messages that carried no publisher header (the server's own, e.g. join notices).
+    pub other: u64,
+}
+
 /// The outcome of a run.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -157,6 +196,28 @@ pub struct Report {
     pub(crate) hist: Box<Histogram>,
     /// The run was cut short through [`BenchConfig::stop`](super::BenchConfig::stop).
     pub interrupted: bool,
+    /// What the server was expected to answer.
+    pub expect: Expect,
+    /// The open model's figures, for a [`Load::Rate`] run.
+    pub schedule: Option<Schedule>,
+    /// How late every message of a [`Load::Rate`] run was sent, for merging exactly.
+    pub(crate) lag_hist: Box<Histogram>,
+    /// A fan-out run's figures; then `received` counts deliveries and `latency` is from
+    /// publish to each receiver.
+    pub fanout: Option<Fanout>,
+    /// Refused handshakes by HTTP status, in order of status.
+    pub handshake_statuses: Vec<(u16, u64)>,
+    /// Connections the server closed before the close phase, by close code, in order of code:
+    /// 1005 for a close frame without a code, 1006 for a connection dropped without one.
+    pub close_codes: Vec<(u16, u64)>,
+}
+
+/// Adds `n` to `code`'s count in a list kept in order of code.
+pub(crate) fn count_code(list: &mut Vec<(u16, u64)>, code: u16, n: u64) {
+    match list.binary_search_by_key(&code, |&(c, _)| c) {
+        Ok(i) => list[i].1 += n,
+        Err(i) => list.insert(i, (code, n)),
+    }
 }
 
 impl Report {
@@ -170,6 +231,10 @@ impl Report {
             && self.lost == 0
             && self.corrupted == 0
             && self.deflate.is_none_or(|d| d.agreed == self.opened)
+            && self.schedule.is_none_or(|s| s.unsent == 0)
+            && self
+                .fanout
+                .is_none_or(|f| f.missing == 0 && f.duplicated == 0 && f.reordered == 0)
     }
 
     /// Server resident memory per held connection: `(held - before) / held`, in bytes.
@@ -219,6 +284,18 @@ impl Report {
             m.first_error = m.first_error.take().or_else(|| p.first_error.clone());
             m.processes += p.processes;
             m.interrupted |= p.interrupted;
+            m.lag_hist.merge(&p.lag_hist);
+            if let (Some(a), Some(b)) = (m.schedule.as_mut(), p.schedule) {
+                a.asked += b.asked;
+                a.achieved += b.achieved;
+                a.unsent += b.unsent;
+            }
+            for &(c, n) in &p.handshake_statuses {
+                count_code(&mut m.handshake_statuses, c, n);
+            }
+            for &(c, n) in &p.close_codes {
+                count_code(&mut m.close_codes, c, n);
+            }
             if let (Some(a), Some(b)) = (m.deflate.as_mut(), p.deflate) {
                 a.agreed += b.agreed;
                 a.sent_raw += b.sent_raw;
@@ -228,6 +305,9 @@ impl Report {
             }
         }
         m.latency = m.hist.summary();
+        if let Some(s) = m.schedule.as_mut() {
+            s.lag = m.lag_hist.summary();
+        }
         Some(m)
     }
 }
@@ -344,11 +424,72 @@ impl std::fmt::Display for Report {
                 None => writeln!(f, " (system-wide, both ends; too noisy for a per-socket figure)")?,
             }
         }
+        self.fmt_more(f)?;
         if let Some(e) = &self.first_error {
             writeln!(f, "first error  {e}")?;
         }
         if self.interrupted {
             writeln!(f, "interrupted  the run was cut short; the figures cover what ran")?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// The schedule, fan-out and status lines of the text report.
+    fn fmt_more(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = &self.schedule {
+            write!(
+                f,
+                "schedule     asked {} msgs/s, sent {} msgs/s",
+                s.asked,
+                Fixed(s.achieved, 0)
+            )?;
+            if let Some(l) = &s.lag {
+                write!(
+                    f,
+                    "; behind schedule p50 {}  p99 {}  max {}",
+                    fmt_duration(l.p50),
+                    fmt_duration(l.p99),
+                    fmt_duration(l.max)
+                )?;
+            }
+            if s.unsent > 0 {
+                write!(f, "; {} due with no connection open to send them", s.unsent)?;
+            }
+            writeln!(f, " (latency counts from the scheduled time)")?;
+        }
+        if let Some(x) = &self.fanout {
+            writeln!(
+                f,
+                "fan-out      {} publisher(s) published {}, {} receivers each; {} deliveries ({}/s); missing {} \
+                 ({} receiver(s), at most {} on one), duplicated {}, out of order {}; other messages {}",
+                x.publishers,
+                x.published,
+                x.expected,
+                self.received,
+                Fixed(self.msgs_per_sec, 0),
+                x.missing,
+                x.receivers_missing,
+                x.most_missing,
+                x.duplicated,
+                x.reordered,
+                x.other
+            )?;
+        }
+        let list = |l: &[(u16, u64)]| {
+            let v: Vec<String> = l.iter().map(|(c, n)| format!("{c} x{n}")).collect();
+            v.join(", ")
+        };
+        if !self.handshake_statuses.is_empty() {
+            writeln!(f, "refused      by HTTP status: {}", list(&self.handshake_statuses))?;
+        }
+        if !self.close_codes.is_empty() {
+            writeln!(
+                f,
+                "closed       by the server, by close code: {}",
+                list(&self.close_codes)
+            )?;
         }
         Ok(())
     }
