@@ -27,7 +27,7 @@ p.note{color:#555;font-size:12px;margin:2px 0 10px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0 16px}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}
 th{text-align:left;background:#f3f3f3;font-weight:normal}
-td.t{text-align:left;max-width:320px;word-break:break-all}
+td.t{text-align:left;max-width:520px;overflow-wrap:anywhere}
 .charts{display:flex;flex-wrap:wrap;gap:12px}
 .chart{border:1px solid #ddd;padding:6px;width:540px}
 .legend span{margin-right:14px;font-size:12px;white-space:nowrap}
