@@ -566,7 +566,7 @@ mod tests {
             lag: lag.summary(),
             unsent: 3,
         });
-        r.lag_hist = Box::new(lag);
+        *r.lag_hist = lag;
         r.fanout = Some(Fanout {
             publishers: 2,
             published: 300,
