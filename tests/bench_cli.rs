@@ -181,6 +181,22 @@ fn a_bench_above_the_descriptor_limit_forks_helpers_and_sums_them() {
     assert!(rss > 3 * 300 * 1024, "{j}");
     // Each worker holds some of the 600 connections; together about 600 descriptors.
     assert!(lo > 100 && hi < 600 && lo <= hi, "{j}");
+    // The parts' seconds merged: counts summed, so every message is in one second and the
+    // seconds of the measured phase count all 600 connections; percentiles from the merged
+    // histograms (their counts add up to every round trip).
+    let t = j["timeline"].as_array().expect("a timeline");
+    let sum = |k: &str| t.iter().map(|s| s[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("sent"), sent, "{j}");
+    assert_eq!(sum("received"), sent);
+    let round_trips: u64 = (t.iter())
+        .flat_map(|s| s["histogram"]["buckets"].as_array().unwrap())
+        .map(|b| b[1].as_u64().unwrap())
+        .sum();
+    assert_eq!(round_trips, sent);
+    assert_eq!(t.iter().map(|s| s["connections"].as_u64().unwrap()).max(), Some(600));
+    // The first part measures the server for all, each second (a part may end a second later).
+    let measured = t.iter().filter(|s| s["server_rss"].as_u64().is_some()).count();
+    assert!(measured + 1 >= t.len(), "{j}");
 }
 
 /// SIGTERM to a bench split over processes reaches every part once: they all end the measured
