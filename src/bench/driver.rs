@@ -1159,6 +1159,7 @@ mod tests {
             (Load::Saturate(4), 16),
             (Load::Saturate(1), 100_000),
             (Load::Periodic(Duration::from_millis(20)), 40),
+            (Load::Rate(1000), 16),
             (Load::Idle, 16),
         ] {
             let mut cfg = BenchConfig::new(target.clone());

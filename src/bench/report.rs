@@ -457,7 +457,7 @@ impl Report {
         }
         let [expect, has_schedule, asked, achieved, unsent, has_fanout, publishers, published, expected, missing, duplicated, reordered, receivers_missing, most_missing, other] =
             n;
-        self.lag_hist = Box::new(Histogram::decode(parts.next()?)?);
+        *self.lag_hist = Histogram::decode(parts.next()?)?;
         self.handshake_statuses = decode_codes(parts.next()?)?;
         self.close_codes = decode_codes(parts.next()?)?;
         self.expect = [Expect::Echo, Expect::Reply, Expect::Nothing]
