@@ -1083,6 +1083,7 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::Fanout;
 
     #[test]
     fn echoes_are_checked_for_order_and_content() {
@@ -1233,6 +1234,44 @@ mod tests {
         assert_eq!(Report::decode(&cut.encode()).unwrap().to_json(), cut.to_json());
         assert!(Report::merge(&[b.clone(), cut]).unwrap().interrupted);
         assert!(!m.interrupted);
+        handle.shutdown().unwrap();
+        thread.join().unwrap().unwrap();
+    }
+
+    /// The open model's, the fan-out's and the status figures pass between processes and merge.
+    #[cfg(feature = "server")]
+    #[test]
+    fn open_model_and_fan_out_figures_cross_processes_and_merge() {
+        let (target, handle, thread) = echo_server();
+        let mut cfg = BenchConfig::new(target);
+        cfg.connections = 4;
+        cfg.load = Load::Rate(400);
+        cfg.duration = Duration::from_millis(500);
+        let mut a = super::super::run(&cfg, &mut |_| {}).unwrap();
+        assert!(a.is_clean(), "{a}");
+        let s = a.schedule.expect("a schedule");
+        assert_eq!((s.asked, s.unsent), (400, 0));
+        assert!((150..=250).contains(&a.sent), "{a}");
+        assert_eq!(s.lag.map(|l| l.count), Some(a.sent));
+        a.handshake_statuses = vec![(401, 2), (503, 1)];
+        a.close_codes = vec![(1006, 1)];
+        a.fanout = Some(Fanout {
+            publishers: 1,
+            published: 7,
+            expected: 3,
+            missing: 2,
+            ..Fanout::default()
+        });
+        let back = Report::decode(&a.encode()).expect("decodes");
+        assert_eq!(back.to_json(), a.to_json());
+        assert!(!back.is_clean(), "messages missing");
+        let mut b = a.clone();
+        b.handshake_statuses = vec![(401, 1), (403, 4)];
+        let m = Report::merge(&[a.clone(), b]).unwrap();
+        assert_eq!(m.handshake_statuses, [(401, 3), (403, 4), (503, 1)]);
+        assert_eq!(m.close_codes, [(1006, 2)]);
+        let ms = m.schedule.unwrap();
+        assert_eq!((ms.asked, ms.lag.map(|l| l.count)), (800, Some(2 * a.sent)));
         handle.shutdown().unwrap();
         thread.join().unwrap().unwrap();
     }
