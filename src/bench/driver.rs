@@ -63,7 +63,7 @@ struct ConnMore {
 #[derive(Clone, Default)]
 struct Track {
     /// The sequence number after the highest one received.
-    next: u32,
+    next: u64,
     /// Sequence numbers skipped over and not received since (at most [`MAX_GAPS`]).
     gaps: Vec<u32>,
     /// Skipped numbers past [`MAX_GAPS`]: counted missing, not told apart from late ones.
@@ -73,6 +73,42 @@ struct Track {
 /// Skipped sequence numbers remembered per receiver and publisher, to tell a late message
 /// from a duplicate.
 const MAX_GAPS: usize = 1024;
+
+/// How a fan-out message arrived at one receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arrival {
+    /// At or past the next number expected (numbers skipped over are remembered as gaps).
+    Next,
+    /// A number skipped over earlier: out of order.
+    Late,
+    /// A number already received.
+    Again,
+}
+
+impl Track {
+    fn arrive(&mut self, seq: u32) -> Arrival {
+        if u64::from(seq) >= self.next {
+            // Remember what fits; count the rest (one step however large the gap).
+            let from = self.next as u32; // at most seq
+            let room = (MAX_GAPS - self.gaps.len().min(MAX_GAPS)) as u32;
+            let kept = (seq - from).min(room);
+            self.gaps.extend(from..from + kept);
+            self.forgotten = self.forgotten.saturating_add(seq - from - kept);
+            self.next = u64::from(seq) + 1;
+            Arrival::Next
+        } else if let Some(i) = self.gaps.iter().position(|&g| g == seq) {
+            self.gaps.swap_remove(i);
+            Arrival::Late
+        } else {
+            Arrival::Again
+        }
+    }
+
+    /// Messages not received of the first `published`.
+    fn missing(&self, published: u64) -> u64 {
+        published.saturating_sub(self.next) + self.gaps.len() as u64 + u64::from(self.forgotten)
+    }
+}
 
 type BenchEngine = Engine<ClientStream, BenchConn, OsSeeded>;
 
@@ -679,23 +715,13 @@ impl Bench<'_> {
         if more.fan.len() < publishers {
             more.fan.resize(publishers, Track::default());
         }
-        let t = &mut more.fan[p];
-        let seq = seq as u32;
-        if seq >= t.next {
-            for missed in t.next..seq {
-                if t.gaps.len() < MAX_GAPS {
-                    t.gaps.push(missed);
-                } else {
-                    t.forgotten = t.forgotten.saturating_add(1);
-                }
+        match more.fan[p].arrive(seq as u32) {
+            Arrival::Next => {}
+            Arrival::Late => self.fan.reordered += 1,
+            Arrival::Again => {
+                self.fan.duplicated += 1;
+                return;
             }
-            t.next = seq + 1;
-        } else if let Some(i) = t.gaps.iter().position(|&g| g == seq) {
-            t.gaps.swap_remove(i);
-            self.fan.reordered += 1;
-        } else {
-            self.fan.duplicated += 1;
-            return;
         }
         self.hist.record(now_ns.saturating_sub(ts));
     }
@@ -717,8 +743,7 @@ impl Bench<'_> {
             if more.publisher == Some(p as u32) && !self.fan.self_seen {
                 continue; // the server does not send a message back to its sender
             }
-            let t = more.fan.get(p).cloned().unwrap_or_default();
-            missing += published.saturating_sub(u64::from(t.next)) + t.gaps.len() as u64 + u64::from(t.forgotten);
+            missing += more.fan.get(p).map_or(published, |t| t.missing(published));
         }
         self.fan.missing += missing;
         if missing > 0 {
@@ -1132,6 +1157,25 @@ mod tests {
         assert_eq!(check_echo(Content::Binary, &msg(sent, 5), &mut expect, sent, &t), None);
         assert_eq!(expect, before);
         assert!(expect <= sent);
+    }
+
+    #[test]
+    fn fan_out_arrivals_tell_gaps_late_and_duplicate_messages_apart() {
+        let mut t = Track::default();
+        assert_eq!(t.arrive(0), Arrival::Next);
+        assert_eq!(t.arrive(3), Arrival::Next, "1 and 2 skipped");
+        assert_eq!(t.missing(4), 2);
+        assert_eq!(t.arrive(2), Arrival::Late);
+        assert_eq!(t.arrive(2), Arrival::Again);
+        assert_eq!(t.arrive(3), Arrival::Again);
+        assert_eq!(t.missing(6), 1 + 2, "1, then 4 and 5 never came");
+        // A huge gap is counted in one step, its start remembered.
+        let mut t = Track::default();
+        assert_eq!(t.arrive(u32::MAX), Arrival::Next);
+        assert_eq!(t.gaps.len(), MAX_GAPS);
+        assert_eq!(t.missing(u64::from(u32::MAX) + 1), u64::from(u32::MAX));
+        assert_eq!(t.arrive(5), Arrival::Late);
+        assert_eq!(t.arrive(u32::MAX - 1), Arrival::Again, "forgotten: not told apart");
     }
 
     /// The crate's own echo server on a thread: its URL, its handle and the thread.
