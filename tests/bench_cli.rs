@@ -320,14 +320,19 @@ fn a_one_second_stall_shows_in_the_open_model_and_not_in_the_closed_one() {
     let run = |load: &[&str]| {
         let server = common::spawn_server(&[]);
         let url = format!("ws://{}/", server.addr);
-        let child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
-            .args(["bench", &url, "-c", "1", "-d", "3s", "--json", "--quiet"])
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsloop"))
+            .args(["bench", &url, "-c", "1", "-d", "3s", "--json"])
             .args(load)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run wsloop bench");
-        std::thread::sleep(std::time::Duration::from_millis(1000));
+        // The first progress line of the measured phase comes a second into the run.
+        let (stderr, measuring) =
+            common::wait_for_line(child.stderr.take().unwrap(), std::time::Duration::from_secs(20), |l| {
+                l.contains("measure").then_some(())
+            });
+        measuring.unwrap_or_else(|e| panic!("{e}: {}", stderr.lock().unwrap()));
         let pid = server.pid().to_string();
         assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
         std::thread::sleep(std::time::Duration::from_millis(1000));

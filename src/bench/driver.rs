@@ -64,7 +64,7 @@ struct ConnMore {
 #[derive(Clone, Default)]
 struct Track {
     /// The sequence number after the highest one received.
-    next: u32,
+    next: u64,
     /// Sequence numbers skipped over and not received since (at most [`MAX_GAPS`]).
     gaps: Vec<u32>,
     /// Skipped numbers past [`MAX_GAPS`]: counted missing, not told apart from late ones.
@@ -74,6 +74,42 @@ struct Track {
 /// Skipped sequence numbers remembered per receiver and publisher, to tell a late message
 /// from a duplicate.
 const MAX_GAPS: usize = 1024;
+
+/// How a fan-out message arrived at one receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arrival {
+    /// At or past the next number expected (numbers skipped over are remembered as gaps).
+    Next,
+    /// A number skipped over earlier: out of order.
+    Late,
+    /// A number already received.
+    Again,
+}
+
+impl Track {
+    fn arrive(&mut self, seq: u32) -> Arrival {
+        if u64::from(seq) >= self.next {
+            // Remember what fits; count the rest (one step however large the gap).
+            let from = self.next as u32; // at most seq
+            let room = (MAX_GAPS - self.gaps.len().min(MAX_GAPS)) as u32;
+            let kept = (seq - from).min(room);
+            self.gaps.extend(from..from + kept);
+            self.forgotten = self.forgotten.saturating_add(seq - from - kept);
+            self.next = u64::from(seq) + 1;
+            Arrival::Next
+        } else if let Some(i) = self.gaps.iter().position(|&g| g == seq) {
+            self.gaps.swap_remove(i);
+            Arrival::Late
+        } else {
+            Arrival::Again
+        }
+    }
+
+    /// Messages not received of the first `published`.
+    fn missing(&self, published: u64) -> u64 {
+        published.saturating_sub(self.next) + self.gaps.len() as u64 + u64::from(self.forgotten)
+    }
+}
 
 type BenchEngine = Engine<ClientStream, BenchConn, OsSeeded>;
 
@@ -699,23 +735,13 @@ impl Bench<'_> {
         if more.fan.len() < publishers {
             more.fan.resize(publishers, Track::default());
         }
-        let t = &mut more.fan[p];
-        let seq = seq as u32;
-        if seq >= t.next {
-            for missed in t.next..seq {
-                if t.gaps.len() < MAX_GAPS {
-                    t.gaps.push(missed);
-                } else {
-                    t.forgotten = t.forgotten.saturating_add(1);
-                }
+        match more.fan[p].arrive(seq as u32) {
+            Arrival::Next => {}
+            Arrival::Late => self.fan.reordered += 1,
+            Arrival::Again => {
+                self.fan.duplicated += 1;
+                return;
             }
-            t.next = seq + 1;
-        } else if let Some(i) = t.gaps.iter().position(|&g| g == seq) {
-            t.gaps.swap_remove(i);
-            self.fan.reordered += 1;
-        } else {
-            self.fan.duplicated += 1;
-            return;
         }
         let delay = now_ns.saturating_sub(ts);
         self.hist.record(delay);
@@ -739,8 +765,7 @@ impl Bench<'_> {
             if more.publisher == Some(p as u32) && !self.fan.self_seen {
                 continue; // the server does not send a message back to its sender
             }
-            let t = more.fan.get(p).cloned().unwrap_or_default();
-            missing += published.saturating_sub(u64::from(t.next)) + t.gaps.len() as u64 + u64::from(t.forgotten);
+            missing += more.fan.get(p).map_or(published, |t| t.missing(published));
         }
         self.fan.missing += missing;
         if missing > 0 {
@@ -1116,6 +1141,7 @@ impl Driver<ClientStream, BenchConn, OsSeeded> for Bench<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::Fanout;
 
     #[test]
     fn echoes_are_checked_for_order_and_content() {
@@ -1166,6 +1192,25 @@ mod tests {
         assert!(expect <= sent);
     }
 
+    #[test]
+    fn fan_out_arrivals_tell_gaps_late_and_duplicate_messages_apart() {
+        let mut t = Track::default();
+        assert_eq!(t.arrive(0), Arrival::Next);
+        assert_eq!(t.arrive(3), Arrival::Next, "1 and 2 skipped");
+        assert_eq!(t.missing(4), 2);
+        assert_eq!(t.arrive(2), Arrival::Late);
+        assert_eq!(t.arrive(2), Arrival::Again);
+        assert_eq!(t.arrive(3), Arrival::Again);
+        assert_eq!(t.missing(6), 1 + 2, "1, then 4 and 5 never came");
+        // A huge gap is counted in one step, its start remembered.
+        let mut t = Track::default();
+        assert_eq!(t.arrive(u32::MAX), Arrival::Next);
+        assert_eq!(t.gaps.len(), MAX_GAPS);
+        assert_eq!(t.missing(u64::from(u32::MAX) + 1), u64::from(u32::MAX));
+        assert_eq!(t.arrive(5), Arrival::Late);
+        assert_eq!(t.arrive(u32::MAX - 1), Arrival::Again, "forgotten: not told apart");
+    }
+
     /// The crate's own echo server on a thread: its URL, its handle and the thread.
     #[cfg(feature = "server")]
     fn echo_server() -> (
@@ -1192,6 +1237,7 @@ mod tests {
             (Load::Saturate(4), 16),
             (Load::Saturate(1), 100_000),
             (Load::Periodic(Duration::from_millis(20)), 40),
+            (Load::Rate(1000), 16),
             (Load::Idle, 16),
         ] {
             let mut cfg = BenchConfig::new(target.clone());
@@ -1325,6 +1371,44 @@ mod tests {
         assert_eq!(Report::from_json(&cut.to_json()).unwrap(), cut);
         assert!(Report::merge(&[b.clone(), cut]).unwrap().interrupted);
         assert!(!m.interrupted);
+        handle.shutdown().unwrap();
+        thread.join().unwrap().unwrap();
+    }
+
+    /// The open model's, the fan-out's and the status figures pass between processes and merge.
+    #[cfg(feature = "server")]
+    #[test]
+    fn open_model_and_fan_out_figures_cross_processes_and_merge() {
+        let (target, handle, thread) = echo_server();
+        let mut cfg = BenchConfig::new(target);
+        cfg.connections = 4;
+        cfg.load = Load::Rate(400);
+        cfg.duration = Duration::from_millis(500);
+        let mut a = super::super::run(&cfg, &mut |_| {}).unwrap();
+        assert!(a.is_clean(), "{a}");
+        let s = a.schedule.expect("a schedule");
+        assert_eq!((s.asked, s.unsent), (400, 0));
+        assert!((150..=250).contains(&a.sent), "{a}");
+        assert_eq!(s.lag.map(|l| l.count), Some(a.sent));
+        a.handshake_statuses = vec![(401, 2), (503, 1)];
+        a.close_codes = vec![(1006, 1)];
+        a.fanout = Some(Fanout {
+            publishers: 1,
+            published: 7,
+            expected: 3,
+            missing: 2,
+            ..Fanout::default()
+        });
+        let back = Report::from_json(&a.to_json()).expect("reads back");
+        assert_eq!(back, a);
+        assert!(!back.is_clean(), "messages missing");
+        let mut b = a.clone();
+        b.handshake_statuses = vec![(401, 1), (403, 4)];
+        let m = Report::merge(&[a.clone(), b]).unwrap();
+        assert_eq!(m.handshake_statuses, [(401, 3), (403, 4), (503, 1)]);
+        assert_eq!(m.close_codes, [(1006, 2)]);
+        let ms = m.schedule.unwrap();
+        assert_eq!((ms.asked, ms.lag.map(|l| l.count)), (800, Some(2 * a.sent)));
         handle.shutdown().unwrap();
         thread.join().unwrap().unwrap();
     }

@@ -15,8 +15,12 @@
 //! (nanoseconds since the run started) in the first 16 bytes, then a body that is the same for
 //! every message ([`Content`]: a binary pattern by default, or JSON-like or prose-like text).
 //! Each echo is checked for kind, length, order and content, and its round-trip time goes into
-//! a histogram. The server under test must echo. With `BenchConfig::deflate` the connections
-//! offer permessage-deflate and the report says how many agreed and how well it compressed.
+//! a histogram. A server that answers in its own words is measured with [`Expect::Reply`]
+//! (answers timed in order, not checked), one that may not answer with [`Expect::Nothing`];
+//! a broadcasting server with [`BenchConfig::publishers`] (fan-out). [`Load::Rate`] is the
+//! open model: latency counts from when each message was due, so a stalled server shows in the
+//! percentiles. With `BenchConfig::deflate` the connections offer permessage-deflate and the
+//! report says how many agreed and how well it compressed.
 //!
 //! Every second of the run is sampled too ([`Report::timeline`]: connections, messages,
 //! latency percentiles of that second, the server's memory and CPU). A [`Report`] is written
