@@ -1285,7 +1285,7 @@ mod tests {
             let due = Duration::from_secs(i as u64 + 1);
             if i + 1 < t.len() {
                 // A sample is taken when its second is due (a loaded machine may be late).
-                assert!(s.at >= due && s.at < due + Duration::from_millis(600), "{i}: {s:?}");
+                assert!(s.at >= due && s.at < due + Duration::from_millis(900), "{i}: {s:?}");
             } else {
                 assert!(s.at <= due, "{i}: {s:?}");
             }

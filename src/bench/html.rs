@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::report::{fmt_bytes, fmt_duration, Fixed};
-use super::{Load, Report};
+use super::Report;
 
 /// One colour per run, in turn (distinct in print and for the commonest colour blindness).
 const COLOURS: [&str; 8] = [
@@ -48,7 +48,7 @@ pub fn html_page(title: &str, runs: &[(&str, &Report)]) -> String {
     o.push_str("<p class=\"note\">Written by <code>wsloop</code> ");
     o.push_str(env!("CARGO_PKG_VERSION"));
     o.push_str(". Latency percentiles come from histograms (merged, never averaged).</p>\n");
-    legend(&mut o, runs, "");
+    legend(&mut o, runs);
     summary(&mut o, runs);
     o.push_str("<div class=\"charts\">\n");
     let series = |f: &dyn Fn(&Report) -> Vec<(f64, f64)>| -> Vec<Series> {
@@ -171,12 +171,11 @@ fn swatch(i: usize, dashed: bool) -> String {
     )
 }
 
-fn legend(o: &mut String, runs: &[(&str, &Report)], extra: &str) {
+fn legend(o: &mut String, runs: &[(&str, &Report)]) {
     o.push_str("<p class=\"legend\">");
     for (i, (label, _)) in runs.iter().enumerate() {
         let _ = write!(o, "<span>{} {}</span>", swatch(i, false), esc(label));
     }
-    o.push_str(extra);
     o.push_str("</p>\n");
 }
 
@@ -189,7 +188,7 @@ fn summary(o: &mut String, runs: &[(&str, &Report)]) {
             format!("{host}, {} core(s), {} process(es)", r.cores, r.processes)
         }),
         ("load", |r| {
-            format!("{}, {} B {} messages", load_name(r.load), r.size, r.content.name())
+            format!("{}, {} B {} messages", r.load, r.size, r.content.name())
         }),
         ("expected of the server", |r| r.expect.name().to_string()),
         ("schedule (open model)", |r| match r.schedule {
@@ -292,10 +291,6 @@ fn codes(list: &[(u16, u64)]) -> String {
 
 fn lat(r: &Report, f: fn(&super::Latency) -> Duration) -> String {
     r.latency.as_ref().map_or("-".into(), |l| fmt_duration(f(l)))
-}
-
-fn load_name(l: Load) -> String {
-    l.to_string()
 }
 
 /// Per-second rates of a count: the count over the sample's own length.
