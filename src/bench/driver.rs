@@ -1294,8 +1294,12 @@ mod tests {
             assert_eq!(s.p50.is_some(), s.round_trips() > 0);
             let rss = s.server_rss.expect("the server's RSS each second");
             assert!((1 << 20..1 << 34).contains(&rss), "{s:?}");
-            let cpu = s.server_cpu.expect("the server's CPU each second");
-            assert!((0.0..=r.cores as f64 + 0.5).contains(&cpu), "{s:?}");
+            // The last sample may be too short for a CPU figure.
+            if let Some(cpu) = s.server_cpu {
+                assert!((0.0..=r.cores as f64 + 0.5).contains(&cpu), "{s:?}");
+            } else {
+                assert_eq!(i + 1, t.len(), "the server's CPU each whole second: {s:?}");
+            }
         }
         // Every message of the run is in exactly one second.
         assert_eq!(t.iter().map(|s| s.sent).sum::<u64>(), r.sent);

@@ -23,7 +23,8 @@ pub struct Sample {
     /// The server's resident memory at that time, in bytes (with its pid given; summed over
     /// its processes).
     pub server_rss: Option<u64>,
-    /// The server's CPU time during the second, per second: 1.0 is one core busy.
+    /// The server's CPU time during the second, per second: 1.0 is one core busy (`None` for
+    /// a last sample under half a second, too short for `/proc`'s 10 ms ticks).
     pub server_cpu: Option<f64>,
     /// The second's round trips, so that the seconds of several runs merge exactly.
     pub(crate) hist: Sparse,
@@ -130,7 +131,9 @@ impl Sampler {
         s.server_rss = rss;
         if let (Some((c0, t0)), Some(c)) = (self.last_cpu, cpu) {
             let secs = now.saturating_sub(t0) as f64 / 1000.0;
-            s.server_cpu = (secs > 0.0).then(|| c.saturating_sub(c0).as_secs_f64() / secs);
+            // /proc counts CPU time in 10 ms ticks: over a last sample of a few milliseconds
+            // one tick would read as several cores busy.
+            s.server_cpu = (secs >= 0.5).then(|| c.saturating_sub(c0).as_secs_f64() / secs);
         }
         self.last_cpu = cpu.map(|c| (c, now)).or(self.last_cpu);
         self.last = (sent, received);
@@ -197,5 +200,8 @@ mod tests {
         assert_eq!((a.server_cpu, b.server_cpu), (Some(0.5), Some(1.0)));
         assert_eq!((a.at, b.at), (Duration::from_secs(1), Duration::from_secs(2)));
         assert_eq!(s.due, 3_100);
+        // A last sample of 20 ms: one 10 ms tick is not half a core.
+        s.take(2_120, 5, (25, 20), None, Some(Duration::from_millis(4_510)));
+        assert_eq!(s.samples[2].server_cpu, None);
     }
 }
