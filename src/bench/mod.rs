@@ -15,8 +15,17 @@
 //! (nanoseconds since the run started) in the first 16 bytes, then a body that is the same for
 //! every message ([`Content`]: a binary pattern by default, or JSON-like or prose-like text).
 //! Each echo is checked for kind, length, order and content, and its round-trip time goes into
-//! a histogram. The server under test must echo. With `BenchConfig::deflate` the connections
-//! offer permessage-deflate and the report says how many agreed and how well it compressed.
+//! a histogram. A server that answers in its own words is measured with [`Expect::Reply`]
+//! (answers timed in order, not checked), one that may not answer with [`Expect::Nothing`];
+//! a broadcasting server with [`BenchConfig::publishers`] (fan-out). [`Load::Rate`] is the
+//! open model: latency counts from when each message was due, so a stalled server shows in the
+//! percentiles. With `BenchConfig::deflate` the connections offer permessage-deflate and the
+//! report says how many agreed and how well it compressed.
+//!
+//! Every second of the run is sampled too ([`Report::timeline`]: connections, messages,
+//! latency percentiles of that second, the server's memory and CPU). A [`Report`] is written
+//! and read as JSON ([`Report::to_json`], [`Report::from_json`]) with its histograms, so that
+//! runs merge exactly ([`Report::merge`]), and drawn as a page ([`html_page`]).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -24,14 +33,22 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::proto::handshake::ClientRequest;
+
 mod content;
 mod driver;
 mod histogram;
+mod html;
+mod json;
 mod report;
+mod timeline;
 
 pub use content::Content;
 pub use histogram::Latency;
-pub use report::{Compression, KernelUsage, Report, ServerUsage};
+pub use html::html_page;
+pub use json::ReportError;
+pub use report::{Compression, Fanout, KernelUsage, Report, Schedule, ServerUsage};
+pub use timeline::Sample;
 
 /// Descriptors the load generator keeps for itself (poll, stdio, /proc reads) beyond one per
 /// connection.
@@ -39,6 +56,10 @@ pub const FD_RESERVE: u64 = 32;
 
 /// Bytes at the start of every message: sequence number, then send time.
 pub const MESSAGE_HEADER: usize = 16;
+
+/// Publishers a fan-out run may have: the publisher's number travels in the top 16 bits of
+/// the 48 the text header has for the sequence number.
+pub const MAX_PUBLISHERS: usize = 1 << 16;
 
 /// What each connection does during the measured phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +71,72 @@ pub enum Load {
     Periodic(Duration),
     /// Keep this many messages in flight: send a new one for every echo.
     Saturate(u32),
+    /// The open model: this many messages per second over all connections (over the
+    /// publishers in a fan-out run), each sent at its scheduled time whatever the server
+    /// does, handed round-robin to the connections. A message due while the loop was held
+    /// up is sent late, never skipped; its latency counts from when it was due, so a server
+    /// stall shows in the percentiles instead of slowing the sending (no coordinated
+    /// omission).
+    Rate(u32),
+}
+
+/// What the server is expected to send back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Expect {
+    /// Every message echoed: kind, length, order and content are checked (the default).
+    #[default]
+    Echo,
+    /// One message answers each message sent, in order; its content is not checked.
+    Reply,
+    /// Nothing in particular: messages are sent, what arrives is counted and not checked.
+    Nothing,
+}
+
+impl Expect {
+    /// Parses `echo`, `reply` or `none`.
+    pub fn parse(s: &str) -> Option<Expect> {
+        match s {
+            "echo" => Some(Expect::Echo),
+            "reply" => Some(Expect::Reply),
+            "none" => Some(Expect::Nothing),
+            _ => None,
+        }
+    }
+
+    /// The name [`parse`](Self::parse) takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Expect::Echo => "echo",
+            Expect::Reply => "reply",
+            Expect::Nothing => "none",
+        }
+    }
+}
+
+/// One payload sent as it is in every message, instead of the bench's own (which carries a
+/// sequence number and a timestamp): round trips are then timed in order of sending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FixedMessage {
+    /// The payload.
+    pub bytes: Vec<u8>,
+    /// Sent as a text message (the bytes are UTF-8) rather than binary.
+    pub text: bool,
+}
+
+impl FixedMessage {
+    /// A text message.
+    pub fn text(s: &str) -> FixedMessage {
+        FixedMessage {
+            bytes: s.as_bytes().to_vec(),
+            text: true,
+        }
+    }
+
+    /// A file's bytes: a text message when they are UTF-8, else binary.
+    pub fn from_bytes(bytes: Vec<u8>) -> FixedMessage {
+        let text = std::str::from_utf8(&bytes).is_ok();
+        FixedMessage { bytes, text }
+    }
 }
 
 impl std::fmt::Display for Load {
@@ -58,6 +145,7 @@ impl std::fmt::Display for Load {
             Load::Idle => f.write_str("idle"),
             Load::Periodic(d) => write!(f, "periodic, one message every {}", report::fmt_duration(*d)),
             Load::Saturate(k) => write!(f, "saturate, {k} in flight per connection"),
+            Load::Rate(r) => write!(f, "open model, {r} messages/s in all"),
         }
     }
 }
@@ -285,6 +373,20 @@ pub struct BenchConfig {
     /// Whom to trust on a `wss://` target (default none: the system's CA bundle).
     #[cfg(feature = "tls")]
     pub tls: Option<crate::tls::ClientTls>,
+    /// What the server is expected to answer (default: an echo of each message).
+    pub expect: Expect,
+    /// Fan-out: this many of the connections publish (with the [`Load`]) and every connection
+    /// receives; 0 (the default) for one conversation per connection. Every publisher's
+    /// messages carry its number, a sequence number and the publish time, and each receiver
+    /// checks that it got each message once and in order.
+    pub publishers: usize,
+    /// Extra request headers, e.g. `("Authorization", "Bearer x")` or `("Origin", ...)`.
+    pub headers: Vec<(String, String)>,
+    /// Subprotocols to offer, in order of preference.
+    pub protocols: Vec<String>,
+    /// A fixed payload sent as it is, in place of the bench's messages (and of `size` and
+    /// `content`).
+    pub message: Option<FixedMessage>,
 }
 
 impl BenchConfig {
@@ -309,7 +411,25 @@ impl BenchConfig {
             stop: None,
             #[cfg(feature = "tls")]
             tls: None,
+            expect: Expect::Echo,
+            publishers: 0,
+            headers: Vec::new(),
+            protocols: Vec::new(),
+            message: None,
         }
+    }
+
+    /// Bytes per message: the fixed message's length, else `size`.
+    pub fn message_len(&self) -> usize {
+        self.message.as_ref().map_or(self.size, |m| m.bytes.len())
+    }
+
+    /// The upgrade request every connection sends.
+    fn request(&self) -> ClientRequest {
+        let mut r = ClientRequest::new(self.target.host.clone(), self.target.path.clone());
+        r.headers.clone_from(&self.headers);
+        r.protocols.clone_from(&self.protocols);
+        r
     }
 
     /// Whether the source addresses' local port ranges hold the connections.
@@ -334,12 +454,12 @@ impl BenchConfig {
         if self.connections == 0 {
             return invalid("at least one connection is needed".into());
         }
-        if self.size < MESSAGE_HEADER {
+        if self.message.is_none() && self.size < MESSAGE_HEADER {
             return invalid(format!(
                 "the message size must be at least {MESSAGE_HEADER} bytes (a sequence number and a timestamp)"
             ));
         }
-        if self.size > 64 << 20 {
+        if self.message_len() > 64 << 20 {
             return invalid("the message size must be at most 64 MiB".into());
         }
         if self.ramp == Some(0) {
@@ -348,7 +468,44 @@ impl BenchConfig {
         match self.load {
             Load::Periodic(d) if d.is_zero() => return invalid("the send period must be above zero".into()),
             Load::Saturate(0) => return invalid("at least one message must be in flight".into()),
+            Load::Rate(0) => return invalid("the rate must be at least 1 message per second".into()),
+            Load::Saturate(_) if self.expect == Expect::Nothing && self.publishers == 0 => {
+                return invalid(
+                    "a saturating load sends on each answer: it cannot expect no answer (use a rate or a period)"
+                        .into(),
+                )
+            }
             _ => {}
+        }
+        if let Some(m) = &self.message {
+            if m.text && std::str::from_utf8(&m.bytes).is_err() {
+                return invalid("a fixed text message must be UTF-8".into());
+            }
+        }
+        if let Err(why) = self.request().check() {
+            return invalid(format!("the upgrade request cannot be sent: {why}"));
+        }
+        if self.publishers > 0 {
+            if self.publishers > self.connections {
+                return invalid(format!(
+                    "{} publishers need at least as many connections (there are {})",
+                    self.publishers, self.connections
+                ));
+            }
+            if self.publishers > MAX_PUBLISHERS {
+                return invalid(format!("at most {MAX_PUBLISHERS} publishers"));
+            }
+            if self.load == Load::Idle {
+                return invalid("publishers need a load: a rate, a period or a number in flight".into());
+            }
+            if self.message.is_some() {
+                return invalid(
+                    "a fan-out run sends its own messages (publisher, sequence number, time): no fixed message".into(),
+                );
+            }
+            if self.expect != Expect::Echo {
+                return invalid("a fan-out run checks what every receiver gets: leave the expectation at echo".into());
+            }
         }
         if self.max_pending == 0 {
             return invalid("max_pending must be at least 1".into());
@@ -559,6 +716,12 @@ fn split_by(cfg: &BenchConfig, per_process: usize) -> Result<Vec<BenchConfig>, B
         return Ok(vec![cfg.clone()]);
     }
     cfg.check_ports()?;
+    if cfg.publishers > 0 {
+        return Err(BenchError::InvalidConfig(format!(
+            "a fan-out run is checked in one process, which may hold {per_process} connections here: \
+             use fewer connections or raise the open-file limit"
+        )));
+    }
     let n = cfg.connections;
     let parts = n.div_ceil(per_process.max(1));
     let mut out = Vec::with_capacity(parts);
@@ -572,6 +735,13 @@ fn split_by(cfg: &BenchConfig, per_process: usize) -> Result<Vec<BenchConfig>, B
                 .unwrap_or(r)
                 .max(1)
         });
+        if let Load::Rate(r) = cfg.load {
+            part.load = Load::Rate(
+                u32::try_from(u64::from(r) * share as u64 / n as u64)
+                    .unwrap_or(r)
+                    .max(1),
+            );
+        }
         if !part.source_ips.is_empty() {
             let at = first % part.source_ips.len();
             part.source_ips.rotate_left(at);
@@ -584,6 +754,12 @@ fn split_by(cfg: &BenchConfig, per_process: usize) -> Result<Vec<BenchConfig>, B
         out.push(part);
     }
     Ok(out)
+}
+
+/// This machine's name, from `/proc/sys/kernel/hostname`.
+fn host_name() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 /// CPUs online, from `/sys/devices/system/cpu/online` (e.g. `0-1,4`).

@@ -1,11 +1,12 @@
-//! The outcome of a run: counters, latency, the server's and the kernel's memory, as text or
-//! JSON.
+//! The outcome of a run: counters, latency, the server's and the kernel's memory, as text (the
+//! JSON form is in `json.rs`).
 
 use std::fmt;
 use std::time::Duration;
 
 use super::histogram::{Histogram, Latency};
-use super::{Content, Load};
+use super::timeline::{self, Sample};
+use super::{Content, Expect, Load};
 
 /// What the server used, from `/proc/PID/status` and `/proc/PID/stat`: the process given and
 /// its child processes (the workers of `wsloop serve --processes N`), summed.
@@ -90,8 +91,47 @@ impl Compression {
     }
 }
 
+/// The open model's figures (a [`Load::Rate`] run).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Schedule {
+    /// Messages per second asked for.
+    pub asked: u32,
+    /// Messages sent per second of the measured phase.
+    pub achieved: f64,
+    /// How late each message was handed to its connection, after its scheduled time.
+    pub lag: Option<Latency>,
+    /// Messages due when no connection was open to take them.
+    pub unsent: u64,
+}
+
+/// A fan-out run's figures (see [`BenchConfig::publishers`](super::BenchConfig::publishers)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Fanout {
+    /// Connections that published.
+    pub publishers: u64,
+    /// Messages published (the run's `sent`).
+    pub published: u64,
+    /// Receivers that should have got each message: every connection, less the publisher
+    /// itself when the server does not send a message back to its sender.
+    pub expected: u64,
+    /// Messages a receiver never got, summed over the receivers.
+    pub missing: u64,
+    /// Messages a receiver got more than once.
+    pub duplicated: u64,
+    /// Messages a receiver got after a later message of the same publisher.
+    pub reordered: u64,
+    /// Receivers that missed at least one message.
+    pub receivers_missing: u64,
+    /// The most messages one receiver missed.
+    pub most_missing: u64,
+    /// Messages that carried no publisher header (the server's own, e.g. join notices).
+    pub other: u64,
+}
+
 /// The outcome of a run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Report {
     /// The target URL.
@@ -148,10 +188,36 @@ pub struct Report {
     pub cores: usize,
     /// Load generator processes whose reports were merged into this one (1 for one run).
     pub processes: usize,
+    /// The load generator's host name (the first one's, for merged runs).
+    pub host: Option<String>,
+    /// The run second by second, from the start of the connect phase to the end of the run.
+    pub timeline: Vec<Sample>,
     /// Every round trip, for merging reports exactly.
     pub(crate) hist: Box<Histogram>,
     /// The run was cut short through [`BenchConfig::stop`](super::BenchConfig::stop).
     pub interrupted: bool,
+    /// What the server was expected to answer.
+    pub expect: Expect,
+    /// The open model's figures, for a [`Load::Rate`] run.
+    pub schedule: Option<Schedule>,
+    /// How late every message of a [`Load::Rate`] run was sent, for merging exactly.
+    pub(crate) lag_hist: Box<Histogram>,
+    /// A fan-out run's figures; then `received` counts deliveries and `latency` is from
+    /// publish to each receiver.
+    pub fanout: Option<Fanout>,
+    /// Refused handshakes by HTTP status, in order of status.
+    pub handshake_statuses: Vec<(u16, u64)>,
+    /// Connections the server closed before the close phase, by close code, in order of code:
+    /// 1005 for a close frame without a code, 1006 for a connection dropped without one.
+    pub close_codes: Vec<(u16, u64)>,
+}
+
+/// Adds `n` to `code`'s count in a list kept in order of code.
+pub(crate) fn count_code(list: &mut Vec<(u16, u64)>, code: u16, n: u64) {
+    match list.binary_search_by_key(&code, |&(c, _)| c) {
+        Ok(i) => list[i].1 += n,
+        Err(i) => list.insert(i, (code, n)),
+    }
 }
 
 impl Report {
@@ -165,6 +231,10 @@ impl Report {
             && self.lost == 0
             && self.corrupted == 0
             && self.deflate.is_none_or(|d| d.agreed == self.opened)
+            && self.schedule.is_none_or(|s| s.unsent == 0)
+            && self
+                .fanout
+                .is_none_or(|f| f.missing == 0 && f.duplicated == 0 && f.reordered == 0)
     }
 
     /// Server resident memory per held connection: `(held - before) / held`, in bytes.
@@ -180,10 +250,12 @@ impl Report {
         (cpu > 0.0).then(|| self.measured_received as f64 / cpu)
     }
 
-    /// Merges the reports of the parts of one run (see [`split`](super::split)): counters
-    /// and round-trip histograms are summed (the percentiles are those of every round trip),
-    /// the connect and measured times are the longest, and the server's and the kernel's
-    /// figures are the first part's (it measures for all). `None` for no parts.
+    /// Merges the reports of the parts of one run (see [`split`](super::split)), or of runs
+    /// made at once from several machines against one server: counters and round-trip
+    /// histograms are summed (the percentiles are those of every round trip, never an average
+    /// of percentiles), the timelines second by second, the connect and measured times are
+    /// the longest, and the server's and the kernel's figures are the first part's that has
+    /// them (it measures for all). `None` for no parts.
     pub fn merge(parts: &[Report]) -> Option<Report> {
         let (first, rest) = parts.split_first()?;
         let mut m = first.clone();
@@ -205,11 +277,25 @@ impl Report {
             m.msgs_per_sec += p.msgs_per_sec;
             m.measured_received += p.measured_received;
             m.hist.merge(&p.hist);
+            timeline::merge(&mut m.timeline, &p.timeline);
+            m.host = m.host.take().or_else(|| p.host.clone());
             m.server = m.server.or(p.server);
             m.kernel = m.kernel.or(p.kernel);
             m.first_error = m.first_error.take().or_else(|| p.first_error.clone());
             m.processes += p.processes;
             m.interrupted |= p.interrupted;
+            m.lag_hist.merge(&p.lag_hist);
+            if let (Some(a), Some(b)) = (m.schedule.as_mut(), p.schedule) {
+                a.asked += b.asked;
+                a.achieved += b.achieved;
+                a.unsent += b.unsent;
+            }
+            for &(c, n) in &p.handshake_statuses {
+                count_code(&mut m.handshake_statuses, c, n);
+            }
+            for &(c, n) in &p.close_codes {
+                count_code(&mut m.close_codes, c, n);
+            }
             if let (Some(a), Some(b)) = (m.deflate.as_mut(), p.deflate) {
                 a.agreed += b.agreed;
                 a.sent_raw += b.sent_raw;
@@ -219,271 +305,10 @@ impl Report {
             }
         }
         m.latency = m.hist.summary();
+        if let Some(s) = m.schedule.as_mut() {
+            s.lag = m.lag_hist.summary();
+        }
         Some(m)
-    }
-
-    /// The report as one line of text, its histogram included, to pass it from one process of
-    /// a run to another; [`decode`](Self::decode) reads it back. The form may change between
-    /// versions of this crate.
-    pub fn encode(&self) -> String {
-        let s = self.server.unwrap_or_default();
-        let k = self.kernel.unwrap_or_default();
-        let d = self.deflate.unwrap_or_default();
-        let (load, param) = match self.load {
-            Load::Idle => (0, 0),
-            Load::Periodic(d) => (1, d.as_nanos() as u64),
-            Load::Saturate(k) => (2, u64::from(k)),
-        };
-        let opt = |v: Option<u64>| v.unwrap_or(NONE);
-        let nums: [u64; WIRE_NUMBERS] = [
-            self.connections as u64,
-            load,
-            param,
-            self.size as u64,
-            self.opened,
-            self.held as u64,
-            self.connect_failures,
-            self.handshake_failures,
-            self.closed_early,
-            self.protocol_errors,
-            self.close_timeouts,
-            self.connect_time.as_nanos() as u64,
-            self.measured.as_nanos() as u64,
-            self.sent,
-            self.received,
-            self.lost,
-            self.corrupted,
-            self.msgs_per_sec.to_bits(),
-            self.measured_received,
-            self.cores as u64,
-            self.processes as u64,
-            u64::from(self.server.is_some()),
-            u64::from(s.pid),
-            opt(s.rss_before),
-            opt(s.rss_connected),
-            opt(s.rss_held),
-            opt(s.cpu.map(|c| c.as_nanos() as u64)),
-            u64::from(s.processes),
-            opt(s.descriptors_min),
-            opt(s.descriptors_max),
-            u64::from(self.kernel.is_some()),
-            k.tcp_inuse_before,
-            k.tcp_inuse_held,
-            k.tcp_mem_before,
-            k.tcp_mem_held,
-            k.slab_before,
-            k.slab_held,
-            u64::from(self.interrupted),
-            self.content as u64,
-            u64::from(self.deflate.is_some()),
-            d.agreed,
-            d.sent_raw,
-            d.sent_wire,
-            d.received_wire,
-            d.received_raw,
-        ];
-        let mut out = String::new();
-        for n in nums {
-            out.push_str(&n.to_string());
-            out.push(' ');
-        }
-        out.push_str(&self.hist.encode());
-        out.push(' ');
-        out.push_str(&escape(&self.url));
-        if let Some(e) = &self.first_error {
-            out.push(' ');
-            out.push_str(&escape(e));
-        }
-        out
-    }
-
-    /// Reads a report written by [`encode`](Self::encode); `None` if the text is not one.
-    pub fn decode(line: &str) -> Option<Report> {
-        let mut words = line.split(' ');
-        let mut n = [0u64; WIRE_NUMBERS];
-        for v in n.iter_mut() {
-            *v = words.next()?.parse().ok()?;
-        }
-        let hist = Box::new(Histogram::decode(words.next()?)?);
-        let url = unescape(words.next()?)?;
-        let first_error = match words.next() {
-            Some(e) => Some(unescape(e)?),
-            None => None,
-        };
-        if words.next().is_some() {
-            return None;
-        }
-        let opt = |v: u64| (v != NONE).then_some(v);
-        let [connections, load, param, size, opened, held, connect_failures, handshake_failures, closed_early, protocol_errors, close_timeouts, connect_ns, measured_ns, sent, received, lost, corrupted, rate, measured_received, cores, processes, has_server, pid, rss_before, rss_connected, rss_held, cpu_ns, server_processes, descriptors_min, descriptors_max, has_kernel, tcp_inuse_before, tcp_inuse_held, tcp_mem_before, tcp_mem_held, slab_before, slab_held, interrupted, content, has_deflate, agreed, sent_raw, sent_wire, received_wire, received_raw] =
-            n;
-        Some(Report {
-            url,
-            connections: connections as usize,
-            load: match load {
-                0 => Load::Idle,
-                1 => Load::Periodic(Duration::from_nanos(param)),
-                2 => Load::Saturate(u32::try_from(param).ok()?),
-                _ => return None,
-            },
-            size: size as usize,
-            opened,
-            held: held as usize,
-            connect_failures,
-            handshake_failures,
-            closed_early,
-            protocol_errors,
-            close_timeouts,
-            connect_time: Duration::from_nanos(connect_ns),
-            measured: Duration::from_nanos(measured_ns),
-            sent,
-            received,
-            lost,
-            corrupted,
-            msgs_per_sec: f64::from_bits(rate),
-            measured_received,
-            latency: hist.summary(),
-            server: (has_server == 1).then(|| ServerUsage {
-                pid: pid as u32,
-                rss_before: opt(rss_before),
-                rss_connected: opt(rss_connected),
-                rss_held: opt(rss_held),
-                cpu: opt(cpu_ns).map(Duration::from_nanos),
-                processes: server_processes as u32,
-                descriptors_min: opt(descriptors_min),
-                descriptors_max: opt(descriptors_max),
-            }),
-            kernel: (has_kernel == 1).then_some(KernelUsage {
-                tcp_inuse_before,
-                tcp_inuse_held,
-                tcp_mem_before,
-                tcp_mem_held,
-                slab_before,
-                slab_held,
-            }),
-            first_error,
-            cores: cores as usize,
-            processes: processes as usize,
-            hist,
-            interrupted: interrupted == 1,
-            content: match content {
-                0 => Content::Binary,
-                1 => Content::Json,
-                2 => Content::Text,
-                _ => return None,
-            },
-            deflate: (has_deflate == 1).then_some(Compression {
-                agreed,
-                sent_raw,
-                sent_wire,
-                received_wire,
-                received_raw,
-            }),
-        })
-    }
-
-    /// The report as one JSON object.
-    pub fn to_json(&self) -> String {
-        let mut j = Json::object();
-        j.str("url", &self.url);
-        j.num("connections", self.connections as f64);
-        j.raw(
-            "mode",
-            match self.load {
-                Load::Idle => "\"idle\"",
-                Load::Periodic(_) => "\"periodic\"",
-                Load::Saturate(_) => "\"saturate\"",
-            },
-        );
-        match self.load {
-            Load::Periodic(d) => j.num("every_ms", d.as_millis() as f64),
-            Load::Saturate(k) => j.num("inflight", f64::from(k)),
-            Load::Idle => {}
-        }
-        j.num("size", self.size as f64);
-        j.str("payload", self.content.name());
-        match &self.deflate {
-            Some(d) => {
-                let mut o = Json::object();
-                o.num("agreed", d.agreed as f64);
-                o.num("sent_raw", d.sent_raw as f64);
-                o.num("sent_wire", d.sent_wire as f64);
-                o.opt("sent_ratio", d.sent_ratio());
-                o.num("received_wire", d.received_wire as f64);
-                o.num("received_raw", d.received_raw as f64);
-                o.opt("received_ratio", d.received_ratio());
-                j.raw("deflate", &o.finish());
-            }
-            None => j.raw("deflate", "null"),
-        }
-        j.num("opened", self.opened as f64);
-        j.num("held", self.held as f64);
-        j.num("connect_failures", self.connect_failures as f64);
-        j.num("handshake_failures", self.handshake_failures as f64);
-        j.num("closed_early", self.closed_early as f64);
-        j.num("protocol_errors", self.protocol_errors as f64);
-        j.num("close_timeouts", self.close_timeouts as f64);
-        j.num("connect_s", self.connect_time.as_secs_f64());
-        j.num("measured_s", self.measured.as_secs_f64());
-        j.num("sent", self.sent as f64);
-        j.num("received", self.received as f64);
-        j.num("lost", self.lost as f64);
-        j.num("corrupted", self.corrupted as f64);
-        j.num("measured_received", self.measured_received as f64);
-        j.num("msgs_per_sec", self.msgs_per_sec);
-        match &self.latency {
-            Some(l) => {
-                let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
-                let mut o = Json::object();
-                o.num("count", l.count as f64);
-                o.num("p50", us(l.p50));
-                o.num("p90", us(l.p90));
-                o.num("p99", us(l.p99));
-                o.num("p99_9", us(l.p999));
-                o.num("max", us(l.max));
-                j.raw("latency_us", &o.finish());
-            }
-            None => j.raw("latency_us", "null"),
-        }
-        match &self.server {
-            Some(s) => {
-                let mut o = Json::object();
-                o.num("pid", f64::from(s.pid));
-                o.opt("rss_before", s.rss_before.map(|v| v as f64));
-                o.opt("rss_connected", s.rss_connected.map(|v| v as f64));
-                o.opt("rss_held", s.rss_held.map(|v| v as f64));
-                o.opt("bytes_per_connection", self.server_bytes_per_connection());
-                o.opt("cpu_s", s.cpu.map(|c| c.as_secs_f64()));
-                o.opt("msgs_per_cpu_s", self.msgs_per_server_cpu_sec());
-                o.num("processes", f64::from(s.processes));
-                o.opt("descriptors_min", s.descriptors_min.map(|v| v as f64));
-                o.opt("descriptors_max", s.descriptors_max.map(|v| v as f64));
-                j.raw("server", &o.finish());
-            }
-            None => j.raw("server", "null"),
-        }
-        match &self.kernel {
-            Some(k) => {
-                let mut o = Json::object();
-                o.num("tcp_inuse_before", k.tcp_inuse_before as f64);
-                o.num("tcp_inuse_held", k.tcp_inuse_held as f64);
-                o.num("tcp_mem_before", k.tcp_mem_before as f64);
-                o.num("tcp_mem_held", k.tcp_mem_held as f64);
-                o.num("slab_before", k.slab_before as f64);
-                o.num("slab_held", k.slab_held as f64);
-                o.opt("slab_per_socket", k.slab_per_socket());
-                j.raw("kernel", &o.finish());
-            }
-            None => j.raw("kernel", "null"),
-        }
-        match &self.first_error {
-            Some(e) => j.str("first_error", e),
-            None => j.raw("first_error", "null"),
-        }
-        j.num("cores", self.cores as f64);
-        j.num("bench_processes", self.processes as f64);
-        j.raw("interrupted", if self.interrupted { "true" } else { "false" });
-        j.raw("clean", if self.is_clean() { "true" } else { "false" });
-        j.finish()
     }
 }
 
@@ -599,11 +424,72 @@ impl std::fmt::Display for Report {
                 None => writeln!(f, " (system-wide, both ends; too noisy for a per-socket figure)")?,
             }
         }
+        self.fmt_more(f)?;
         if let Some(e) = &self.first_error {
             writeln!(f, "first error  {e}")?;
         }
         if self.interrupted {
             writeln!(f, "interrupted  the run was cut short; the figures cover what ran")?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// The schedule, fan-out and status lines of the text report.
+    fn fmt_more(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = &self.schedule {
+            write!(
+                f,
+                "schedule     asked {} msgs/s, sent {} msgs/s",
+                s.asked,
+                Fixed(s.achieved, 0)
+            )?;
+            if let Some(l) = &s.lag {
+                write!(
+                    f,
+                    "; behind schedule p50 {}  p99 {}  max {}",
+                    fmt_duration(l.p50),
+                    fmt_duration(l.p99),
+                    fmt_duration(l.max)
+                )?;
+            }
+            if s.unsent > 0 {
+                write!(f, "; {} due with no connection open to send them", s.unsent)?;
+            }
+            writeln!(f, " (latency counts from the scheduled time)")?;
+        }
+        if let Some(x) = &self.fanout {
+            writeln!(
+                f,
+                "fan-out      {} publisher(s) published {}, {} receivers each; {} deliveries ({}/s); missing {} \
+                 ({} receiver(s), at most {} on one), duplicated {}, out of order {}; other messages {}",
+                x.publishers,
+                x.published,
+                x.expected,
+                self.received,
+                Fixed(self.msgs_per_sec, 0),
+                x.missing,
+                x.receivers_missing,
+                x.most_missing,
+                x.duplicated,
+                x.reordered,
+                x.other
+            )?;
+        }
+        let list = |l: &[(u16, u64)]| {
+            let v: Vec<String> = l.iter().map(|(c, n)| format!("{c} x{n}")).collect();
+            v.join(", ")
+        };
+        if !self.handshake_statuses.is_empty() {
+            writeln!(f, "refused      by HTTP status: {}", list(&self.handshake_statuses))?;
+        }
+        if !self.close_codes.is_empty() {
+            writeln!(
+                f,
+                "closed       by the server, by close code: {}",
+                list(&self.close_codes)
+            )?;
         }
         Ok(())
     }
@@ -647,110 +533,13 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
     }
 }
 
-fn fmt_bytes(b: u64) -> String {
+pub(crate) fn fmt_bytes(b: u64) -> String {
     if b < 10 << 10 {
         format!("{b} B")
     } else if b < 10 << 20 {
         format!("{} KiB", Fixed(b as f64 / 1024.0, 1))
     } else {
         format!("{} MiB", Fixed(b as f64 / (1 << 20) as f64, 1))
-    }
-}
-
-/// Numbers in the text form of a report, before its histogram and strings.
-const WIRE_NUMBERS: usize = 45;
-
-/// An absent number in the text form.
-const NONE: u64 = u64::MAX;
-
-/// Percent-escapes bytes that are not printable ASCII, and `%` itself: one word of text.
-fn escape(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_graphic() && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02x}"));
-        }
-    }
-    out
-}
-
-fn unescape(s: &str) -> Option<String> {
-    let mut out = Vec::new();
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hex = [bytes.next()?, bytes.next()?];
-            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// One JSON object, written field by field: keys are fixed names, strings are escaped, and a
-/// number that is not finite becomes `null`.
-struct Json(String);
-
-impl Json {
-    fn object() -> Json {
-        Json(String::from("{"))
-    }
-
-    fn key(&mut self, k: &str) {
-        if self.0.len() > 1 {
-            self.0.push(',');
-        }
-        self.0.push('"');
-        self.0.push_str(k);
-        self.0.push_str("\":");
-    }
-
-    fn raw(&mut self, k: &str, v: &str) {
-        self.key(k);
-        self.0.push_str(v);
-    }
-
-    fn num(&mut self, k: &str, v: f64) {
-        self.key(k);
-        if !v.is_finite() {
-            self.0.push_str("null");
-        } else if v.fract() == 0.0 && v.abs() < 9e15 {
-            self.0.push_str(&format!("{}", v as i64));
-        } else {
-            self.0.push_str(&Fixed(v, 3).to_string());
-        }
-    }
-
-    fn opt(&mut self, k: &str, v: Option<f64>) {
-        match v {
-            Some(v) => self.num(k, v),
-            None => self.raw(k, "null"),
-        }
-    }
-
-    fn str(&mut self, k: &str, s: &str) {
-        self.key(k);
-        self.0.push('"');
-        for c in s.chars() {
-            match c {
-                '"' => self.0.push_str("\\\""),
-                '\\' => self.0.push_str("\\\\"),
-                '\n' => self.0.push_str("\\n"),
-                '\r' => self.0.push_str("\\r"),
-                '\t' => self.0.push_str("\\t"),
-                c if (c as u32) < 0x20 => self.0.push_str(&format!("\\u{:04x}", c as u32)),
-                c => self.0.push(c),
-            }
-        }
-        self.0.push('"');
-    }
-
-    fn finish(mut self) -> String {
-        self.0.push('}');
-        self.0
     }
 }
 
@@ -768,20 +557,6 @@ mod tests {
         assert_eq!(Fixed(f64::NAN, 1).to_string(), "-");
         assert_eq!(fmt_duration(Duration::from_micros(1500)), "1.50ms");
         assert_eq!(fmt_bytes(64 << 10), "64.0 KiB");
-    }
-
-    #[test]
-    fn json_is_escaped_and_numbers_are_plain() {
-        let mut j = Json::object();
-        j.str("s", "a\"b\\c\n\u{1}");
-        j.num("i", 3.0);
-        j.num("f", 2.5);
-        j.num("nan", f64::NAN);
-        j.opt("none", None);
-        assert_eq!(
-            j.finish(),
-            r#"{"s":"a\"b\\c\n\u0001","i":3,"f":2.500,"nan":null,"none":null}"#
-        );
     }
 
     #[test]

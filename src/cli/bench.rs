@@ -18,9 +18,9 @@ pub const HELP: &str = concat!(
     "\
 Usage: wsloop bench [URL] [OPTIONS]
 
-Opens many WebSocket connections to an echo server on one poll loop, applies a load,
-checks every echo (length, order, content) and reports connections held, failures,
-messages and round-trip latency.
+Opens many WebSocket connections on one poll loop, applies a load, checks what comes
+back (by default every echo: length, order, content) and reports connections held,
+failures, messages and latency.
 
 Arguments:
   URL                      ws://HOST:PORT/PATH or wss://... [default: ws://127.0.0.1:9001/]
@@ -31,9 +31,27 @@ Options:
                            then shows their sums and the highest p99)
   --ramp R                 open R connections per second (also R/s) [default: as fast as
                            handshakes complete, 128 at a time]
+  --rate R                 open model: R messages per second over all connections (also
+                           R/s), each sent when due whatever the server does; latency
+                           counts from when a message was due, so a stall shows
   --every DUR              periodic load: each connection sends one message every DUR
   --inflight K             saturating load: each connection keeps K messages in flight
-                           (without --every or --inflight the connections stay idle)
+                           (without --rate, --every or --inflight the connections stay
+                           idle, and what the server sends is counted, not checked)
+  --expect WHAT            echo: every message comes back as sent (checked);
+                           reply: one message answers each (timed, not checked);
+                           none: send only, count what arrives [default: echo]
+  --publishers P           fan-out: P connections publish (with --rate, --every or
+                           --inflight K: K at a time whenever their queue drains), every
+                           connection receives; reports deliveries, publish-to-receiver
+                           latency, missing, duplicated and out-of-order messages
+  -H, --header 'NAME: VALUE'
+                           an extra request header (repeatable)
+  --protocol NAME          a subprotocol to offer (repeatable)
+  --origin ORIGIN          the Origin header
+  --message TEXT           send this text as every message (in place of --size/--payload;
+                           echoes are then checked for content and timed in order)
+  --message-file FILE      send this file as every message: text if UTF-8, else binary
   --size BYTES             message size, at least 16 [default: 16]
   --payload KIND           binary | json | text: a byte pattern, JSON objects or prose
                            (json and text are sent as text messages) [default: binary]
@@ -47,7 +65,10 @@ Options:
   --close-timeout DUR      the close phase: every close handshake, all at once [default: 5s]
   --server-pid PID         report this server's RSS and CPU time, summed over the process
                            and its children (the workers of serve --processes)
-  --json                   print the summary as one JSON object
+  --json                   print the summary as one JSON object (with the latency histogram
+                           and a timeline of per-second samples)
+  --html FILE              also write the run as one self-contained page with charts
+                           (see wsloop report to compare runs)
   -q, --quiet              no progress line
   -V, --version            print the version
 ",
@@ -56,8 +77,8 @@ Options:
 
 Ctrl-C or SIGTERM ends the measured phase early; the report then covers what ran. A second
 one exits at once, with status 1 and no report.
-Exit status: 0 when every connection was held and every echo came back intact, 1 otherwise,
-2 bad usage.
+Exit status: 0 when every connection was held and every echo came back intact (every
+delivery, once and in order, with --publishers), 1 otherwise, 2 bad usage.
 "
 );
 
@@ -65,6 +86,7 @@ Exit status: 0 when every connection was held and every echo came back intact, 1
 struct Parsed {
     cfg: BenchConfig,
     json: bool,
+    html: Option<OsString>,
     quiet: bool,
 }
 
@@ -90,7 +112,14 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut close_timeout = None;
     let mut server_pid = None;
     let mut json = false;
+    let mut html = None;
     let mut quiet = false;
+    let mut rate = None;
+    let mut expect = bench::Expect::Echo;
+    let mut publishers = 0usize;
+    let mut headers = Vec::new();
+    let mut protocols = Vec::new();
+    let mut message = None;
     let mut p = lexopt::Parser::from_args(args);
     #[cfg(feature = "tls")]
     let mut tls = super::TlsArgs::default();
@@ -109,6 +138,32 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("ramp") => {
                 let v = value(&mut p)?;
                 ramp = Some(number::<u32>(v.strip_suffix("/s").unwrap_or(&v), "--ramp")?);
+            }
+            Long("rate") => {
+                let v = value(&mut p)?;
+                rate = Some(number::<u32>(v.strip_suffix("/s").unwrap_or(&v), "--rate")?);
+            }
+            Long("expect") => {
+                let v = value(&mut p)?;
+                expect = bench::Expect::parse(&v).ok_or(format!("invalid --expect '{v}' (echo, reply or none)"))?;
+            }
+            Long("publishers") => publishers = number::<usize>(&value(&mut p)?, "--publishers")?,
+            Long("header") | Short('H') => {
+                let v = value(&mut p)?;
+                let (name, val) = v
+                    .split_once(':')
+                    .filter(|(n, _)| !n.trim().is_empty())
+                    .ok_or(format!("invalid --header '{v}' (NAME: VALUE)"))?;
+                headers.push((name.trim().to_string(), val.trim().to_string()));
+            }
+            Long("protocol") => protocols.push(value(&mut p)?),
+            Long("origin") => headers.push(("Origin".to_string(), value(&mut p)?)),
+            Long("message") => message = Some(bench::FixedMessage::text(&value(&mut p)?)),
+            Long("message-file") => {
+                let path = p.value().map_err(|e| e.to_string())?;
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read --message-file '{}': {e}", path.to_string_lossy()))?;
+                message = Some(bench::FixedMessage::from_bytes(bytes));
             }
             Long("every") => every = Some(duration_above_zero("--every", &value(&mut p)?)?),
             Long("inflight") => inflight = Some(number::<u32>(&value(&mut p)?, "--inflight")?),
@@ -135,19 +190,30 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("close-timeout") => close_timeout = Some(duration_above_zero("--close-timeout", &value(&mut p)?)?),
             Long("server-pid") => server_pid = Some(number::<u32>(&value(&mut p)?, "--server-pid")?),
             Long("json") => json = true,
+            Long("html") => html = Some(p.value().map_err(|e| e.to_string())?),
             Long("quiet") | Short('q') => quiet = true,
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
             _ => return Err(unexpected(arg, "bench")),
         }
     }
-    let load = match (every, inflight) {
-        (Some(_), Some(_)) => return Err("--every and --inflight are two different loads: give one".into()),
-        (Some(d), None) => Load::Periodic(d),
-        (None, Some(0)) => return Err("--inflight must be at least 1".into()),
-        (None, Some(k)) => Load::Saturate(k),
-        (None, None) => Load::Idle,
+    let load = match (every, inflight, rate) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err("--rate, --every and --inflight are different loads: give one".into())
+        }
+        (Some(d), None, None) => Load::Periodic(d),
+        (None, Some(0), None) => return Err("--inflight must be at least 1".into()),
+        (None, Some(k), None) => Load::Saturate(k),
+        (None, None, Some(0)) => return Err("--rate must be at least 1 message per second".into()),
+        (None, None, Some(r)) => Load::Rate(r),
+        (None, None, None) => Load::Idle,
     };
+    if publishers > 0 && load == Load::Idle {
+        return Err("--publishers needs a load: --rate, --every or --inflight".into());
+    }
+    if expect == bench::Expect::Nothing && matches!(load, Load::Saturate(_)) && publishers == 0 {
+        return Err("--inflight sends on each answer: with --expect none use --rate or --every".into());
+    }
     if ramp == Some(0) {
         return Err("--ramp must be at least 1 connection per second".into());
     }
@@ -165,6 +231,11 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     }
     cfg.duration = duration;
     cfg.server_pid = server_pid;
+    cfg.expect = expect;
+    cfg.publishers = publishers;
+    cfg.headers = headers;
+    cfg.protocols = protocols;
+    cfg.message = message;
     if let Some(t) = connect_timeout {
         cfg.connect_timeout = t;
     }
@@ -175,11 +246,16 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     {
         cfg.tls = tls.config()?;
     }
-    Ok(Asked::Run(Parsed { cfg, json, quiet }))
+    Ok(Asked::Run(Parsed { cfg, json, html, quiet }))
 }
 
 fn bench(o: Parsed) -> Outcome {
-    let Parsed { mut cfg, json, quiet } = o;
+    let Parsed {
+        mut cfg,
+        json,
+        html,
+        quiet,
+    } = o;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // In this order: a second signal finds the flag already set and ends the process.
@@ -188,6 +264,11 @@ fn bench(o: Parsed) -> Outcome {
             .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
     }
     cfg.stop = Some(stop);
+    // A page that cannot be written is told before the run, not after it.
+    if let Some(file) = &html {
+        std::fs::File::create(file)
+            .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
+    }
     let live = std::io::stderr().is_terminal();
     let mut shown = false;
     let mut on_line = |t: &Progress| {
@@ -216,6 +297,12 @@ fn bench(o: Parsed) -> Outcome {
     };
     if shown && live {
         print_err("");
+    }
+    if let Some(file) = &html {
+        let title = format!("wsloop bench: {}", report.url);
+        let page = bench::html_page(&title, &[(report.url.as_str(), &report)]);
+        std::fs::write(file, page)
+            .map_err(|e| Failure::Runtime(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
     }
     if json {
         print_out(&format!("{}\n", report.to_json()))?;

@@ -3,7 +3,8 @@
 //! Every part writes short lines (`INDEX KIND ...`) to one channel shared by all: its progress
 //! once a second, `b` when it waits before a phase, `d` when done, `e` if it cannot start. The
 //! parent answers a full round of `b` with one byte on each part's own line, and reads each
-//! report from that line at the end. A signal to the parent is passed on to every part once
+//! report from that line at the end (its JSON, histograms and timeline included, so that the
+//! merged run's percentiles, per second too, are those of every round trip). A signal to the parent is passed on to every part once
 //! (each then cuts its run short, as one process would).
 
 use std::io::{self, ErrorKind, Read, Write};
@@ -78,7 +79,7 @@ pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, String> {
                 match bench::run_observed(cfg, &mut p) {
                     Ok(r) => {
                         p.send(format_args!("d"));
-                        let _ = p.own.write_all(r.encode().as_bytes());
+                        let _ = p.own.write_all(r.to_json().as_bytes());
                         std::process::exit(0);
                     }
                     Err(e) => {
@@ -98,7 +99,10 @@ pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, String> {
         for link in &mut links {
             let mut text = String::new();
             let _ = link.read_to_string(&mut text);
-            reports.push(Report::decode(&text).ok_or("a load generator process sent no report")?);
+            if text.is_empty() {
+                return Err("a load generator process sent no report".into());
+            }
+            reports.push(Report::from_json(&text).map_err(|e| format!("a load generator process: {e}"))?);
         }
         Report::merge(&reports).ok_or_else(|| "no report".to_string())
     });

@@ -94,6 +94,8 @@ mod client;
 #[cfg(feature = "bench")]
 mod fleet;
 mod procs;
+#[cfg(feature = "bench")]
+mod report;
 #[cfg(feature = "server")]
 mod serve;
 #[cfg(feature = "server")]
@@ -107,6 +109,7 @@ Usage:
   wsloop bench [URL] [OPTIONS] open many connections to an echo server and measure
   wsloop client [URL] [OPTS]   send `how are you?` every 2s (or what stdin holds) and
                                print what comes back
+  wsloop report FILE.json...   compare or merge `bench --json` runs, as text or a page
   wsloop help [COMMAND]        this text, or a command's options
 
 Durations are written like 2s, 500ms, 0.5s, 1m; sizes like 65536, 64KiB, 16MiB.
@@ -196,7 +199,7 @@ pub fn version() -> Outcome {
 pub fn main() -> i32 {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let sub = args.first().and_then(|a| a.to_str()).map(str::to_string);
-    let known = matches!(sub.as_deref(), Some("serve" | "bench" | "client" | "help"));
+    let known = matches!(sub.as_deref(), Some("serve" | "bench" | "client" | "report" | "help"));
     if known {
         args.remove(0);
     }
@@ -206,6 +209,8 @@ pub fn main() -> i32 {
         Some("--version") | Some("-V") => version(),
         #[cfg(feature = "bench")]
         Some("bench") => bench::run(args),
+        #[cfg(feature = "bench")]
+        Some("report") => report::run(args),
         #[cfg(feature = "client")]
         Some("client") => client::run(args),
         #[cfg(feature = "server")]
@@ -247,6 +252,8 @@ fn help(command: Option<&str>) -> Outcome {
         Some("serve") => serve::HELP,
         #[cfg(feature = "bench")]
         Some("bench") => bench::HELP,
+        #[cfg(feature = "bench")]
+        Some("report") => report::HELP,
         #[cfg(feature = "client")]
         Some("client") => client::HELP,
         Some(other) => return Err(Failure::Usage(format!("unknown command '{other}' (try: wsloop help)"))),
