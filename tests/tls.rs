@@ -291,6 +291,42 @@ fn cli_client_and_bench_over_tls() {
     assert!(report["received"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["corrupted"], 0, "{report}");
     assert_eq!(report["url"], url.as_str(), "{report}");
+
+    // The open model over wss://, with compression: 400 messages a second for 2 s over 20
+    // connections, sent on schedule and all echoed.
+    let o = run(
+        &[
+            "bench",
+            &url,
+            "--ca",
+            ca,
+            "--connections",
+            "20",
+            "--rate",
+            "400",
+            "--deflate",
+            "--duration",
+            "2s",
+            "--json",
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench JSON");
+    assert_eq!(report["mode"], "rate", "{report}");
+    assert_eq!(report["held"], 20, "{report}");
+    assert_eq!(report["deflate"]["agreed"], 20, "{report}");
+    let achieved = report["schedule"]["achieved"].as_f64().expect("achieved rate");
+    assert!((360.0..=440.0).contains(&achieved), "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["corrupted"], 0, "{report}");
+    assert_eq!(report["received"], report["sent"], "{report}");
 }
 
 /// TLS across processes: `serve --processes 2` serves wss:// from both workers, and a bench
