@@ -429,7 +429,14 @@ pub(crate) struct Board {
     /// Metrics are served: count the descriptors when publishing (workers without metrics
     /// publish only for `/health`'s connection count).
     fds: bool,
+    /// The last count of open descriptors and when it was taken: counting reads every entry of
+    /// `/proc/self/fd`, so scrapes in a row (a peer asking for `/metrics` in a loop) share one
+    /// count a second instead of each walking every connection's descriptor.
+    fd_count: Mutex<Option<(Instant, u64)>>,
 }
+
+/// How long a count of open descriptors serves.
+const FD_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Board {
     pub(crate) fn new(loops: usize, workers: Option<MetricsBoard>, fds: bool) -> Board {
@@ -439,6 +446,21 @@ impl Board {
             loops: (0..loops).map(|_| Mutex::new(Snapshot::default())).collect(),
             workers,
             fds,
+            fd_count: Mutex::new(None),
+        }
+    }
+
+    /// Open descriptors of this process, counted at most once per [`FD_COUNT_AGE`].
+    fn open_fds(&self) -> u64 {
+        let mut last = self.fd_count.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match *last {
+            Some((at, n)) if now.duration_since(at) < FD_COUNT_AGE => n,
+            _ => {
+                let n = crate::io::sys::count_fds(std::process::id()).unwrap_or(0);
+                *last = Some((now, n));
+                n
+            }
         }
     }
 
@@ -466,7 +488,7 @@ impl Board {
         sum.0[MEMORY] = process.memory as u64;
         sum.0[MEMORY_LIMIT] = process.memory_limit as u64;
         if fds {
-            sum.0[FDS] = crate::io::sys::count_fds(std::process::id()).unwrap_or(0);
+            sum.0[FDS] = self.open_fds();
         }
         sum.0[DRAINING] = u64::from(self.draining.load(Ordering::Relaxed));
         sum.0[UPTIME] = self.started.elapsed().as_secs();
