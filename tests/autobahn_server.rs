@@ -1,6 +1,8 @@
 //! Autobahn conformance of `wsloop serve --mode echo`, driven by kosoku: all 517 cases with the
 //! `deflate` feature (groups 12 and 13 are permessage-deflate), 301 without. The server is the
-//! binary `WSLOOP_AUTOBAHN_SERVER` names when set (`.ci/run` names a release build).
+//! binary `WSLOOP_AUTOBAHN_SERVER` names when set (`.ci/run` names a release build), or the
+//! command `WSLOOP_AUTOBAHN_SERVER_CMD` names (`qemu-aarch64 PATH`). tests/arm.rs runs groups 1
+//! to 10 against the aarch64 build.
 
 mod common;
 

@@ -87,9 +87,34 @@ pub fn prebuilt(var: &str) -> Option<PathBuf> {
     Some(path)
 }
 
-/// `wsloop serve --listen 127.0.0.1:0 ARGS...` for the server cases: the binary
-/// [`SERVER_BIN_VAR`] names, or the test build's own.
+/// Names a command that runs a `wsloop` binary, words split at spaces (no quoting), for the
+/// server runs: `qemu-aarch64 target/aarch64-unknown-linux-musl/release/wsloop` runs the Arm
+/// build under emulation. Set, it goes before [`SERVER_BIN_VAR`].
+pub const SERVER_CMD_VAR: &str = "WSLOOP_AUTOBAHN_SERVER_CMD";
+
+/// The command [`SERVER_CMD_VAR`] names, `None` when it is unset or empty.
+pub fn server_command() -> Option<Command> {
+    let line = std::env::var(SERVER_CMD_VAR).ok().filter(|v| !v.trim().is_empty())?;
+    println!("autobahn: {SERVER_CMD_VAR}={line}");
+    let mut words = line.split_whitespace();
+    let mut cmd = Command::new(words.next()?);
+    cmd.args(words);
+    Some(cmd)
+}
+
+/// `COMMAND serve --listen 127.0.0.1:0 ARGS...`, where `command` runs a `wsloop` binary (an
+/// emulator and its argument, say), once it listens.
+pub fn spawn_server_with(mut command: Command, args: &[&str]) -> ServerProcess {
+    command.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+    super::spawn_listening(command)
+}
+
+/// `wsloop serve --listen 127.0.0.1:0 ARGS...` for the server cases: the command
+/// [`SERVER_CMD_VAR`] names, else the binary [`SERVER_BIN_VAR`] names, else the test build's own.
 pub fn spawn_server(args: &[&str]) -> ServerProcess {
+    if let Some(command) = server_command() {
+        return spawn_server_with(command, args);
+    }
     match prebuilt(SERVER_BIN_VAR) {
         Some(binary) => super::spawn_server_from(&binary, args),
         None => super::spawn_server(args),
