@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::read_text;
 use tungstenite::Message as TMessage;
-use wsloop::server::{Conn, ConnId, Ctx, Handler, Server, ServerConfig};
+use wsloop::server::{Conn, ConnId, Ctx, Handler, Server, ServerConfig, ServerConfigError};
 use wsloop::Message;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -293,7 +293,7 @@ fn run_with_one_handler_refuses_several_loops_and_the_config_checks_the_count() 
     for bad in [0, wsloop::server::MAX_THREADS + 1] {
         let mut cfg = ServerConfig::default();
         cfg.threads = bad;
-        assert_eq!(cfg.check(), Err("threads must be 1 to 256"));
+        assert_eq!(cfg.check(), Err(ServerConfigError::Threads));
     }
 }
 

@@ -48,7 +48,7 @@ mod topics;
 
 #[cfg(feature = "cluster")]
 pub use cluster::{ClusterConfig, ClusterState, ClusterStats, ClusterUrlError, RedisUrl};
-pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
+pub use config::{default_max_connections, default_max_memory, ServerConfig, ServerConfigError, SlowConsumer};
 pub use handle::{Handle, HandleError};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
 pub use metrics::MetricsBoard;

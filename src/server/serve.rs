@@ -482,7 +482,7 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
         match err {
             crate::proto::Error::Protocol(e) => {
                 peer_log(log::Level::Debug, addr, format_args!(": protocol error: {e}"));
-                self.notify_close(eng, key, e.code, e.reason);
+                self.notify_close(eng, key, e.code(), e.reason());
             }
             crate::proto::Error::Rejected(r) => {
                 self.shared.counters.refused(r.status);
