@@ -68,13 +68,13 @@ impl Handler for Lab {
             }
             (Some("/to"), Some(id), Some(m)) => {
                 let Ok(id) = id.parse::<u128>() else { return };
-                format!("to {}", ctx.send_text(ConnId::from_u128(id), m))
+                format!("to {}", ctx.send_text(ConnId::from_u128(id), m).is_ok())
             }
             (Some("/count"), None, None) => format!("count {}", ctx.len_everywhere()),
             (Some("/loop"), None, None) => format!("loop {}", ctx.loop_index()),
             _ => return self.inner.on_message(ctx, conn, msg),
         };
-        ctx.send_text(me, &reply);
+        ctx.send_text(me, &reply).unwrap();
     }
 
     fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {

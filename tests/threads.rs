@@ -45,7 +45,7 @@ impl Handler for Room {
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         self.ids.lock().unwrap().insert(conn.id().as_u64(), conn.id());
         let hello = format!("hello {} {}", ctx.loop_index(), conn.id().as_u64());
-        ctx.send_text(conn.id(), &hello);
+        let _ = ctx.send_text(conn.id(), &hello);
     }
 
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
@@ -57,7 +57,7 @@ impl Handler for Room {
             }
             "sub" => {
                 assert!(ctx.subscribe(conn.id(), rest));
-                ctx.send_text(conn.id(), "subscribed");
+                let _ = ctx.send_text(conn.id(), "subscribed");
             }
             "pub" => {
                 let (topic, what) = rest.split_once(' ').unwrap();
@@ -66,17 +66,17 @@ impl Handler for Room {
             "poke" => {
                 let (n, what) = rest.split_once(' ').unwrap();
                 let id = self.ids.lock().unwrap()[&n.parse::<u64>().unwrap()];
-                let sent = ctx.send_text(id, "the wrong connection");
+                let sent = ctx.send_text(id, "the wrong connection").is_ok();
                 let addr = ctx.peer_addr(id).is_some();
                 let state = ctx.state_of(id).is_some();
                 ctx.close(id, 4000, "must not happen");
                 let answer = format!("refused {} {} {}", !sent, !addr, !state);
-                ctx.send_text(conn.id(), &answer);
+                let _ = ctx.send_text(conn.id(), &answer);
                 ctx.handle().send_text(id, what).expect("the server runs");
             }
             "count" => {
                 let answer = format!("open {} {}", ctx.len(), ctx.len_everywhere());
-                ctx.send_text(conn.id(), &answer);
+                let _ = ctx.send_text(conn.id(), &answer);
             }
             "stop" => ctx.shutdown(),
             _ => {}

@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -181,9 +182,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("duration") | Short('d') => duration = parse_duration(&value(&mut p)?)?,
-            Long("source-ips") => {
-                source_ips = Some(bench::parse_source_ips(&value(&mut p)?).map_err(|e| e.to_string())?)
-            }
+            Long("source-ips") => source_ips = Some(parse_source_ips(&value(&mut p)?)?),
             Long("connect-timeout") => {
                 connect_timeout = Some(duration_above_zero("--connect-timeout", &value(&mut p)?)?)
             }
@@ -346,4 +345,50 @@ fn progress_line(p: &Progress) -> String {
         // Whole messages per second, printed without the float formatting code.
         p.msgs_per_sec.max(0.0).round() as u64
     )
+}
+
+/// Parses source addresses: `127.0.0.2`, `127.0.0.2-127.0.0.60` (an IPv4 range, inclusive),
+/// or a comma-separated list of either. At most 65,536 addresses.
+fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, String> {
+    const MAX: usize = 1 << 16;
+    let mut ips = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = || format!("invalid source address '{item}' (use e.g. 127.0.0.2 or 127.0.0.2-127.0.0.60)");
+        if let Some((a, b)) = item.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|_| bad())?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|_| bad())?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || (b - a) as usize >= MAX - ips.len().min(MAX) {
+                return Err(format!(
+                    "source range '{item}' is empty or too large (at most {MAX} addresses)"
+                ));
+            }
+            ips.extend((a..=b).map(|n| IpAddr::V4(Ipv4Addr::from(n))));
+        } else {
+            ips.push(item.parse::<IpAddr>().map_err(|_| bad())?);
+        }
+        if ips.len() > MAX {
+            return Err(format!("too many source addresses (at most {MAX})"));
+        }
+    }
+    if ips.is_empty() {
+        return Err(format!("no source address in '{s}'"));
+    }
+    Ok(ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_parse_as_lists_and_ranges() {
+        let ips = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
+        assert_eq!(ips.len(), 59);
+        assert_eq!(ips[58], "127.0.0.60".parse::<IpAddr>().unwrap());
+        assert_eq!(parse_source_ips("127.0.0.2, 127.0.0.9").unwrap().len(), 2);
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
+        assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
+        assert!(parse_source_ips("nope").is_err());
+    }
 }

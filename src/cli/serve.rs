@@ -562,10 +562,10 @@ impl Handler for Cli {
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
         match &mut self.mode {
             Mode::Echo => {
-                ctx.send(conn.id(), msg);
+                let _ = ctx.send(conn.id(), msg);
             }
             Mode::Reply(text) => {
-                ctx.send_text(conn.id(), text);
+                let _ = ctx.send_text(conn.id(), text);
             }
             Mode::Broadcast(b) => b.on_message(ctx, conn, msg),
         }

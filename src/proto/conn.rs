@@ -650,7 +650,7 @@ impl core::fmt::Debug for Connection {
 
 /// The deadline `d` after the clock reading `since`, never early: the clock reads whole
 /// milliseconds rounded down, so the wait is rounded up and given one millisecond more.
-pub fn deadline_after(since: u64, d: Duration) -> u64 {
+pub(crate) fn deadline_after(since: u64, d: Duration) -> u64 {
     let ms = d.as_millis().min(u128::from(u64::MAX >> 2)) as u64;
     since.saturating_add(ms + u64::from(d.subsec_nanos() % 1_000_000 != 0) + 1)
 }

@@ -14,7 +14,7 @@
 //!         Ok(())
 //!     }
 //!     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
-//!         ctx.send(conn.id(), msg);
+//!         let _ = ctx.send(conn.id(), msg);
 //!     }
 //! }
 //!
@@ -56,7 +56,7 @@ pub use modes::{Broadcast, Echo, Reply};
 pub use run::Server;
 
 use crate::io::engine::reserved_token;
-use loop_state::Shared;
+use loop_state::LoopState;
 
 const LISTENER: Token = reserved_token(0);
 const WAKER: Token = reserved_token(1);
