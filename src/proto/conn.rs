@@ -1735,6 +1735,61 @@ mod tests {
     }
 
     #[test]
+    fn protocol_errors_carry_their_code_and_a_reason_that_fits_a_close_frame() {
+        use ProtocolError::*;
+        let all = [
+            (ReservedBits, 1002),
+            (ReservedOpcode, 1002),
+            (FragmentedControl, 1002),
+            (ControlTooLong, 1002),
+            (LengthOverflow, 1002),
+            (UnmaskedClientFrame, 1002),
+            (MaskedServerFrame, 1002),
+            (ContinuationWithoutMessage, 1002),
+            (MessageInsideFragmented, 1002),
+            (CloseOneByte, 1002),
+            (InvalidCloseCode, 1002),
+            (MessageTooBig, 1009),
+            (InvalidUtf8, 1007),
+            (CutUtf8, 1007),
+            (InvalidCompressedData, 1007),
+            (CloseReasonNotUtf8, 1007),
+        ];
+        for (e, code) in all {
+            assert_eq!(e.code(), code, "{e:?}");
+            // A close frame's payload is at most 125 bytes, two of them the code.
+            assert!(!e.reason().is_empty() && e.reason().len() <= 123, "{e:?}");
+            assert_eq!(e.to_string(), alloc::format!("{} ({code})", e.reason()));
+        }
+        let reasons: alloc::collections::BTreeSet<_> = all.iter().map(|(e, _)| e.reason()).collect();
+        assert_eq!(reasons.len(), all.len(), "one reason per variant");
+    }
+
+    #[test]
+    fn config_check_names_what_cannot_work() {
+        assert_eq!(Config::default().check(), Ok(()));
+        let cases: [(fn(&mut Config), ConfigError); 5] = [
+            (|c| c.max_message = 0, ConfigError::MessageLimitZero),
+            (|c| c.max_head = 255, ConfigError::HeadLimitTooSmall),
+            (
+                |c| c.close_timeout = Duration::ZERO,
+                ConfigError::HandshakeOrCloseTimeoutZero,
+            ),
+            (
+                |c| c.idle_timeout = Some(MAX_TIMEOUT + Duration::from_secs(1)),
+                ConfigError::TimeoutTooLong,
+            ),
+            (|c| c.ping_interval = Some(Duration::ZERO), ConfigError::TimeoutZero),
+        ];
+        for (spoil, want) in cases {
+            let mut cfg = Config::default();
+            spoil(&mut cfg);
+            assert_eq!(cfg.check(), Err(want));
+            assert_eq!(want.to_string(), want.message());
+        }
+    }
+
+    #[test]
     fn events_and_results_are_small() {
         // They are returned for every message: large ones cost a copy each time.
         let w = core::mem::size_of::<usize>();

@@ -372,11 +372,14 @@ mod tests {
     fn bad_request_parts_are_refused() {
         let mut r = ClientRequest::new("h", "/");
         r.headers = vec![("X-A".into(), "1\r\nX-B: 2".into())];
-        assert!(r.check().is_err());
+        assert_eq!(r.check(), Err(ClientRequestError::Header));
         let mut r = ClientRequest::new("h", "/");
         r.protocols = vec!["chat, evil".into()];
-        assert!(r.check().is_err());
-        assert!(ClientRequest::new("h", "/a b").check().is_err());
+        assert_eq!(r.check(), Err(ClientRequestError::Subprotocol));
+        assert_eq!(
+            ClientRequest::new("h", "/a b").check(),
+            Err(ClientRequestError::HostOrPath)
+        );
         assert!(ClientRequest::new("h", "/ok?x=%20").check().is_ok());
     }
 }
