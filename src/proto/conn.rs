@@ -1768,7 +1768,8 @@ mod tests {
     #[test]
     fn config_check_names_what_cannot_work() {
         assert_eq!(Config::default().check(), Ok(()));
-        let cases: [(fn(&mut Config), ConfigError); 5] = [
+        type Spoil = fn(&mut Config);
+        let cases: [(Spoil, ConfigError); 5] = [
             (|c| c.max_message = 0, ConfigError::MessageLimitZero),
             (|c| c.max_head = 255, ConfigError::HeadLimitTooSmall),
             (
