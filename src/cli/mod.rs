@@ -457,6 +457,7 @@ impl log::Log for StderrLogger {
 }
 
 /// Installs the stderr logger at `level` (error, warn, info, debug, trace, off), text lines.
+#[cfg_attr(not(feature = "client"), allow(dead_code))]
 pub fn init_log(level: &str) -> Result<(), Error> {
     init_log_as(level, "text")
 }
