@@ -124,10 +124,10 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
     let mut p = lexopt::Parser::from_args(args);
     #[cfg(feature = "tls")]
     let mut tls = super::TlsArgs::default();
-    while let Some(arg) = p.next().map_err(|e| Error::usage(e.to_string()))? {
+    while let Some(arg) = p.next()? {
         match arg {
             #[cfg(feature = "tls")]
-            Long("ca") => tls.ca = Some(p.value().map_err(|e| Error::usage(e.to_string()))?),
+            Long("ca") => tls.ca = Some(p.value()?),
             #[cfg(feature = "tls")]
             Long("insecure") => tls.insecure = true,
             Value(v) => {
@@ -162,7 +162,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
             Long("origin") => headers.push(("Origin".to_string(), value(&mut p)?)),
             Long("message") => message = Some(bench::FixedMessage::text(&value(&mut p)?)),
             Long("message-file") => {
-                let path = p.value().map_err(|e| Error::usage(e.to_string()))?;
+                let path = p.value()?;
                 let bytes = std::fs::read(&path).map_err(|e| {
                     Error::usage(format!("cannot read --message-file '{}': {e}", path.to_string_lossy()))
                 })?;
@@ -181,7 +181,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
             #[cfg(feature = "deflate")]
             Long("no-deflate") => deflate = false,
             #[cfg(not(feature = "deflate"))]
-            Long("deflate") => return Err(Error::usage(super::NO_DEFLATE.to_string())),
+            Long("deflate") => return Err(Error::usage(super::NO_DEFLATE)),
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("duration") | Short('d') => duration = parse_duration(&value(&mut p)?)?,
@@ -192,7 +192,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
             Long("close-timeout") => close_timeout = Some(duration_above_zero("--close-timeout", &value(&mut p)?)?),
             Long("server-pid") => server_pid = Some(number::<u32>(&value(&mut p)?, "--server-pid")?),
             Long("json") => json = true,
-            Long("html") => html = Some(p.value().map_err(|e| Error::usage(e.to_string()))?),
+            Long("html") => html = Some(p.value()?),
             Long("quiet") | Short('q') => quiet = true,
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),

@@ -320,10 +320,10 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, Error> {
     let mut p = lexopt::Parser::from_args(args);
     #[cfg(feature = "tls")]
     let mut tls = super::TlsArgs::default();
-    while let Some(arg) = p.next().map_err(|e| Error::usage(e.to_string()))? {
+    while let Some(arg) = p.next()? {
         match arg {
             #[cfg(feature = "tls")]
-            Long("ca") => tls.ca = Some(p.value().map_err(|e| Error::usage(e.to_string()))?),
+            Long("ca") => tls.ca = Some(p.value()?),
             #[cfg(feature = "tls")]
             Long("insecure") => tls.insecure = true,
             Long("every") => {
@@ -361,7 +361,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, Error> {
             #[cfg(feature = "deflate")]
             Long("no-deflate") => o.cfg.deflate.enabled = false,
             #[cfg(not(feature = "deflate"))]
-            Long("deflate") => return Err(Error::usage(super::NO_DEFLATE.to_string())),
+            Long("deflate") => return Err(Error::usage(super::NO_DEFLATE)),
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,

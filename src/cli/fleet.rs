@@ -106,7 +106,7 @@ pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, Error> {
             reports
                 .push(Report::from_json(&text).map_err(|e| Error::runtime(format!("a load generator process: {e}")))?);
         }
-        Report::merge(&reports).ok_or_else(|| Error::runtime("no report".to_string()))
+        Report::merge(&reports).ok_or_else(|| Error::runtime("no report"))
     });
     for &pid in &pids {
         if result.is_err() {

@@ -263,7 +263,7 @@ pub fn main() -> i32 {
         #[cfg(feature = "server")]
         _ => serve::run(args),
         #[cfg(not(feature = "server"))]
-        _ => Err(Error::usage("this build has no server (try: wsloop help)".to_string())),
+        _ => Err(Error::usage("this build has no server (try: wsloop help)")),
     };
     match result {
         Ok(()) => EXIT_OK,
@@ -414,7 +414,7 @@ impl TlsArgs {
     /// The client TLS settings the options ask for (`None`: the system's CA bundle).
     pub fn config(&self) -> Result<Option<wsloop::tls::ClientTls>, Error> {
         match (&self.ca, self.insecure) {
-            (Some(_), true) => Err(Error::usage("--ca and --insecure exclude each other".to_string())),
+            (Some(_), true) => Err(Error::usage("--ca and --insecure exclude each other")),
             (Some(f), false) => wsloop::tls::ClientTls::with_ca_file(f)
                 .map(Some)
                 .map_err(|e| Error::usage(e.to_string())),

@@ -49,11 +49,11 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
         json: None,
         merge: false,
     };
-    while let Some(arg) = p.next().map_err(|e| Error::usage(e.to_string()))? {
+    while let Some(arg) = p.next()? {
         match arg {
             Value(v) => out.files.push(v),
-            Long("html") => out.html = Some(p.value().map_err(|e| Error::usage(e.to_string()))?),
-            Long("json") => out.json = Some(p.value().map_err(|e| Error::usage(e.to_string()))?),
+            Long("html") => out.html = Some(p.value()?),
+            Long("json") => out.json = Some(p.value()?),
             Long("merge") => out.merge = true,
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),

@@ -116,7 +116,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
     let (mut tls_cert, mut tls_key): (Option<OsString>, Option<OsString>) = (None, None);
     let (mut cluster, mut cluster_prefix): (Option<String>, Option<String>) = (None, None);
     let mut p = lexopt::Parser::from_args(args);
-    while let Some(arg) = p.next().map_err(|e| Error::usage(e.to_string()))? {
+    while let Some(arg) = p.next()? {
         match arg {
             Long("listen") => listen = value(&mut p)?,
             Long("mode") => mode = value(&mut p)?,
@@ -156,7 +156,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
             Long("max-memory") => {
                 cfg.max_memory = parse_bytes(&value(&mut p)?)?;
                 if cfg.max_memory < 1 << 20 {
-                    return Err(Error::usage("--max-memory must be at least 1MiB".to_string()));
+                    return Err(Error::usage("--max-memory must be at least 1MiB"));
                 }
             }
             Long("max-message") => cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
@@ -194,7 +194,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
             #[cfg(feature = "deflate")]
             Long("deflate-min-size") => cfg.deflate.min_size = parse_bytes(&value(&mut p)?)?,
             #[cfg(not(feature = "deflate"))]
-            Long("deflate" | "deflate-min-size") => return Err(Error::usage(super::NO_DEFLATE.to_string())),
+            Long("deflate" | "deflate-min-size") => return Err(Error::usage(super::NO_DEFLATE)),
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("cluster") => cluster = Some(value(&mut p)?),
@@ -202,12 +202,8 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
             Long("log") => log_level = value(&mut p)?,
             Long("log-format") => log_format = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
-            Long("tls-cert") if cfg!(feature = "tls") => {
-                tls_cert = Some(p.value().map_err(|e| Error::usage(e.to_string()))?)
-            }
-            Long("tls-key") if cfg!(feature = "tls") => {
-                tls_key = Some(p.value().map_err(|e| Error::usage(e.to_string()))?)
-            }
+            Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value()?),
+            Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value()?),
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
             _ => return Err(unexpected(arg, "serve")),
@@ -237,8 +233,8 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
         (Some(cert), Some(key)) => {
             cfg.tls = Some(wsloop::tls::ServerTls::from_pem_files(cert, key).map_err(|e| Error::usage(e.to_string()))?);
         }
-        (Some(_), None) => return Err(Error::usage("--tls-cert needs --tls-key".to_string())),
-        _ => return Err(Error::usage("--tls-key needs --tls-cert".to_string())),
+        (Some(_), None) => return Err(Error::usage("--tls-cert needs --tls-key")),
+        _ => return Err(Error::usage("--tls-key needs --tls-cert")),
     }
     cluster_config(&mut cfg, cluster, cluster_prefix)?;
     init_log_as(&log_level, &log_format)?;
@@ -269,7 +265,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
 fn cluster_config(cfg: &mut ServerConfig, url: Option<String>, prefix: Option<String>) -> Result<(), Error> {
     let Some(url) = url else {
         return match prefix {
-            Some(_) => Err(Error::usage("--cluster-prefix needs --cluster".to_string())),
+            Some(_) => Err(Error::usage("--cluster-prefix needs --cluster")),
             None => Ok(()),
         };
     };
