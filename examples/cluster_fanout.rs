@@ -610,7 +610,10 @@ fn say(line: &str) {
 
 fn child_main(o: ChildOptions) -> Result<(), String> {
     // The open-file limit, raised to the hard limit.
-    let fds = wsloop::bench::connections_per_process() + wsloop::bench::FD_RESERVE as usize;
+    let fds = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::Resource::NOFILE.get().map(|(soft, _)| soft))
+        .unwrap_or(1024)
+        .min(usize::MAX as u64) as usize;
     if o.count + CHILD_FD_RESERVE > fds {
         return Err(format!(
             "{} connections in one client process, but its open-file limit ({fds}) allows {}",

@@ -2,8 +2,7 @@
 //!
 //! Run with `cargo run --example echo`, then connect to ws://127.0.0.1:9001/.
 
-use wsloop::server::{Conn, Ctx, Handler, Upgrade};
-use wsloop::{Message, Server, ServerConfig};
+use wsloop::prelude::*;
 
 struct Echo;
 
@@ -20,15 +19,15 @@ impl Handler for Echo {
     }
 
     fn on_open(&mut self, _ctx: &mut Ctx<'_, String>, conn: &mut Conn<String>) {
-        println!("{} connected to {}", conn.addr(), conn.state);
+        println!("{} connected to {}", conn.peer_addr(), conn.state);
     }
 
     fn on_message(&mut self, ctx: &mut Ctx<'_, String>, conn: &mut Conn<String>, msg: Message<'_>) {
-        ctx.send(conn.id(), msg);
+        let _ = ctx.send(conn.id(), msg);
     }
 
     fn on_close(&mut self, _ctx: &mut Ctx<'_, String>, conn: &mut Conn<String>, code: u16, _reason: &str) {
-        println!("{} left {} ({code})", conn.addr(), conn.state);
+        println!("{} left {} ({code})", conn.peer_addr(), conn.state);
     }
 }
 

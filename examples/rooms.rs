@@ -16,9 +16,7 @@
 
 use std::process::ExitCode;
 
-use wsloop::proto::Answer;
-use wsloop::server::{Conn, Ctx, Handler, Server, ServerConfig, Upgrade};
-use wsloop::Message;
+use wsloop::prelude::*;
 
 /// What the server keeps for each member: set in `on_upgrade`, used by every callback.
 #[derive(Default)]
@@ -63,7 +61,7 @@ impl Handler for Rooms {
         let name = match req.query_param("name") {
             Some(n) if valid_name(n) => n.to_string(),
             Some(_) => return Err(Answer::reject(400, "a name is 1 to 32 letters, digits, - or _")),
-            None => up.peer().to_string(),
+            None => up.peer_addr().to_string(),
         };
         Ok(Member {
             room: room.to_string(),

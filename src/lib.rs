@@ -32,9 +32,7 @@
 //!
 //! ```no_run
 //! # #[cfg(feature = "server")] {
-//! use wsloop::proto::Answer;
-//! use wsloop::server::{Conn, Ctx, Handler, Upgrade};
-//! use wsloop::{Message, Server, ServerConfig};
+//! use wsloop::prelude::*;
 //!
 //! struct Echo;
 //!
@@ -44,7 +42,7 @@
 //!         Ok(()) // accept; Err(Answer::reject(401, "…")) refuses
 //!     }
 //!     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
-//!         ctx.send(conn.id(), msg); // or ctx.broadcast(msg, None)
+//!         let _ = ctx.send(conn.id(), msg); // or ctx.broadcast(msg, None)
 //!     }
 //! }
 //!
@@ -105,6 +103,7 @@ pub mod tls;
 /// Reading the operating system: memory and CPU use of a process (for stats lines and the
 /// load generator's server figures).
 #[cfg(feature = "std")]
+#[doc(hidden)] // Public only for the `wsloop` binary's stats lines; the library uses it inside.
 pub mod sys {
     pub use crate::io::sys::{cores, read_cpu, read_rss};
 }
@@ -114,6 +113,16 @@ pub use client::{Client, ClientConfig, ClientError, ClientEvent};
 pub use proto::{Message, Request};
 #[cfg(feature = "server")]
 pub use server::{Conn, ConnId, Ctx, Handle, Handler, Server, ServerConfig};
+
+/// What a server needs, from one path: `use wsloop::prelude::*;`.
+#[cfg(feature = "server")]
+pub mod prelude {
+    pub use crate::proto::{Answer, Message, NotOpen};
+    pub use crate::server::{
+        Conn, ConnId, Ctx, Handle, HandleError, Handler, Server, ServerConfig, ServerConfigError, Timer, TimerId,
+        Upgrade,
+    };
+}
 
 /// The README's Rust examples, compiled by `cargo test` so they cannot rot.
 #[cfg(all(doctest, feature = "server", feature = "client"))]

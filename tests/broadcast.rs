@@ -31,7 +31,7 @@ impl Peer {
     fn of(conn: &Conn<()>) -> Peer {
         Peer {
             id: conn.id(),
-            addr: conn.addr(),
+            addr: conn.peer_addr(),
         }
     }
 }
@@ -108,7 +108,7 @@ impl Handler for Recorder {
         for a in actions {
             match a {
                 Action::Send(id, text) => {
-                    ctx.send_text(id, &text);
+                    let _ = ctx.send_text(id, &text);
                 }
                 Action::Close(id, code, reason) => ctx.close(id, code, &reason),
             }

@@ -19,6 +19,7 @@ use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
 use wsloop::proto::frame::{FrameHeader, OpCode};
 use wsloop::proto::handshake::{accept_key, ResponseError};
 use wsloop::proto::mask::apply_mask;
+use wsloop::proto::ProtocolError;
 
 /// The longest any single step may take.
 const WAIT: Duration = Duration::from_secs(10);
@@ -850,13 +851,14 @@ fn protocol_errors_close_with_their_code() {
         f.extend_from_slice(&[b'h' ^ 1, b'i' ^ 2]);
         f
     };
-    let cases: [(Vec<u8>, u16, &str); 4] = [
-        (masked, 1002, "server frame masked"),
-        (frame(0x81, &[0xce, 0xba, 0xff]), 1007, "invalid UTF-8 in text message"),
-        (frame(0x82, &[0u8; 2000]), 1009, "message too big"),
-        (frame(0x83, b""), 1002, "reserved opcode"),
+    let cases: [(Vec<u8>, ProtocolError); 4] = [
+        (masked, ProtocolError::MaskedServerFrame),
+        (frame(0x81, &[0xce, 0xba, 0xff]), ProtocolError::InvalidUtf8),
+        (frame(0x82, &[0u8; 2000]), ProtocolError::MessageTooBig),
+        (frame(0x83, b""), ProtocolError::ReservedOpcode),
     ];
-    for (bytes, code, reason) in cases {
+    for (bytes, want) in cases {
+        let (code, reason) = (want.code(), want.reason());
         let (addr, h) = raw_server(move |mut s| {
             accept(&mut s);
             s.write_all(&bytes).unwrap();
@@ -870,7 +872,7 @@ fn protocol_errors_close_with_their_code() {
         let mut c = Client::connect(&format!("ws://{addr}/"), cfg).unwrap();
         let e = next_error(&mut c);
         match &e {
-            ClientError::Protocol(p) => assert_eq!((p.code, p.reason), (code, reason)),
+            ClientError::Protocol(p) => assert_eq!(*p, want),
             e => panic!("expected a protocol error, got {e:?}"),
         }
         assert_eq!(
@@ -898,7 +900,10 @@ fn answers_go_out_before_the_close_frame() {
     let mut c = connect(addr);
     assert_eq!(next(&mut c), ClientEvent::Text("first".into()));
     c.send_text("first").unwrap();
-    assert!(matches!(next_error(&mut c), ClientError::Protocol(p) if p.code == 1002));
+    assert!(matches!(
+        next_error(&mut c),
+        ClientError::Protocol(ProtocolError::ReservedBits)
+    ));
     join(h);
 
     // A message, a ping and the server's close in one write: echo, pong, then the close reply.

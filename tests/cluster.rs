@@ -17,7 +17,7 @@ use common::redis::RedisServer as Redis;
 use common::{next_text, send_text, Tcp};
 use wsloop::server::HandleError;
 use wsloop::server::{Broadcast, Timer};
-use wsloop::server::{ClusterConfig, ClusterState};
+use wsloop::server::{ClusterConfig, ClusterState, ServerConfigError};
 use wsloop::{Conn, ConnId, Ctx, Handle, Handler, Message, Server, ServerConfig};
 
 /// Upper bound on any single wait in these tests.
@@ -68,13 +68,13 @@ impl Handler for Lab {
             }
             (Some("/to"), Some(id), Some(m)) => {
                 let Ok(id) = id.parse::<u128>() else { return };
-                format!("to {}", ctx.send_text(ConnId::from_u128(id), m))
+                format!("to {}", ctx.send_text(ConnId::from_u128(id), m).is_ok())
             }
             (Some("/count"), None, None) => format!("count {}", ctx.len_everywhere()),
             (Some("/loop"), None, None) => format!("loop {}", ctx.loop_index()),
             _ => return self.inner.on_message(ctx, conn, msg),
         };
-        ctx.send_text(me, &reply);
+        ctx.send_text(me, &reply).unwrap();
     }
 
     fn on_close(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, code: u16, reason: &str) {
@@ -616,12 +616,14 @@ fn bad_cluster_options_are_usage_errors() {
     assert_eq!(cfg.check(), Ok(()));
     cluster.heartbeat = Duration::ZERO;
     cfg.cluster = Some(cluster.clone());
-    assert_eq!(cfg.check(), Err("cluster heartbeat must be above zero"));
+    assert_eq!(cfg.check(), Err(ServerConfigError::ClusterHeartbeatZero));
     cluster.heartbeat = Duration::from_secs(1);
     cluster.prefix.clear();
     cfg.cluster = Some(cluster);
     let err = Server::bind("127.0.0.1:0", cfg).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    let why = err.get_ref().and_then(|e| e.downcast_ref::<ServerConfigError>());
+    assert_eq!(why, Some(&ServerConfigError::ClusterPrefixEmpty), "{err}");
     assert!(err.to_string().contains("cluster prefix"), "{err}");
 
     let bin = env!("CARGO_BIN_EXE_wsloop");

@@ -145,7 +145,7 @@ impl Handler for Gate {
             "upgrade {} {} peer={} cookie={:?} xff={:?}",
             req.method(),
             req.path(),
-            up.peer().ip(),
+            up.peer_addr().ip(),
             req.header_str("cookie"),
             req.header_str("x-forwarded-for"),
         ));
@@ -167,7 +167,7 @@ impl Handler for Gate {
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, User>, conn: &mut Conn<User>) {
         let line = format!("hello {} {}", conn.state.name, conn.id().as_u64());
-        ctx.send_text(conn.id(), &line);
+        let _ = ctx.send_text(conn.id(), &line);
     }
 
     fn on_message(&mut self, ctx: &mut Ctx<'_, User>, conn: &mut Conn<User>, msg: Message<'_>) {
@@ -179,12 +179,12 @@ impl Handler for Gate {
                     .and_then(|c| ctx.state_of(c))
                     .map_or("none".to_string(), |u| format!("{} sent {}", u.name, u.messages));
                 let own = ctx.state_of(conn.id()).is_some();
-                ctx.send_text(conn.id(), &format!("{seen}; own state through ctx: {own}"));
+                let _ = ctx.send_text(conn.id(), &format!("{seen}; own state through ctx: {own}"));
                 return;
             }
         }
         conn.state.messages += 1;
-        ctx.send_text(conn.id(), &format!("{} #{}", conn.state.name, conn.state.messages));
+        let _ = ctx.send_text(conn.id(), &format!("{} #{}", conn.state.name, conn.state.messages));
     }
 
     fn on_close(&mut self, _ctx: &mut Ctx<'_, User>, conn: &mut Conn<User>, code: u16, _reason: &str) {
@@ -352,9 +352,9 @@ impl Handler for Clockwork {
                 assert!(ctx.cancel_timer(id));
             }
             Message::Text("ping me") => {
-                let pinged = ctx.ping(conn.id());
-                let first = self.first.filter(|f| *f != conn.id()).map(|f| ctx.ping(f));
-                ctx.send_text(conn.id(), &format!("pinged {pinged}, first {first:?}"));
+                let pinged = ctx.ping(conn.id()).is_ok();
+                let first = self.first.filter(|f| *f != conn.id()).map(|f| ctx.ping(f).is_ok());
+                let _ = ctx.send_text(conn.id(), &format!("pinged {pinged}, first {first:?}"));
             }
             _ => {}
         }
@@ -522,7 +522,7 @@ impl Handler for Rooms {
         assert!(!ctx.subscribe(conn.id(), &conn.state), "already subscribed");
         let n = ctx.subscribers(&conn.state);
         let _ = self.ids.send(conn.id());
-        ctx.send_text(
+        let _ = ctx.send_text(
             conn.id(),
             &format!("joined {} ({n}) as {}", conn.state, conn.id().as_u64()),
         );
@@ -535,7 +535,7 @@ impl Handler for Rooms {
             Message::Text(t) if t.starts_with("count ") => ctx.subscribers(&t[6..]).to_string(),
             _ => format!("sent to {}", ctx.publish(&conn.state, msg, Some(id))),
         };
-        ctx.send_text(id, &reply);
+        let _ = ctx.send_text(id, &reply);
     }
 }
 
@@ -939,7 +939,7 @@ impl Handler for Site {
 
     fn on_message(&mut self, ctx: &mut Ctx<'_, Member>, conn: &mut Conn<Member>, msg: Message<'_>) {
         if let Message::Text(t) = msg {
-            ctx.send_text(conn.id(), &format!("{}: {t}", conn.state.name));
+            let _ = ctx.send_text(conn.id(), &format!("{}: {t}", conn.state.name));
         }
     }
 

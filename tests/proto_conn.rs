@@ -79,7 +79,7 @@ impl Peer {
     #[track_caller]
     fn assert_failed(&self, result: Result<(), ProtocolError>, code: u16) {
         let e = result.expect_err("expected a protocol error");
-        assert_eq!(e.code, code, "error {e}");
+        assert_eq!(e.code(), code, "error {e}");
         assert_eq!(self.conn.state(), State::Closed);
         assert!(!self.conn.is_buffering());
         let frames = self.written();
@@ -715,7 +715,7 @@ fn every_close_code() {
             assert_eq!(r, Ok(()), "code {code}");
             assert_eq!(p.events, [Ev::Close(Some(code), String::new())], "code {code}");
         } else {
-            assert_eq!(r.map_err(|e| e.code), Err(1002), "code {code}");
+            assert_eq!(r.map_err(|e| e.code()), Err(1002), "code {code}");
             assert!(p.events.is_empty());
         }
         assert_eq!(p.conn.state(), State::Closed);
@@ -826,7 +826,7 @@ fn echo_from_the_callback_comes_before_the_close_frame() {
     let e = conn
         .receive(&cfg(BIG), 0, &mut data, &mut rng(), &mut out, &mut echo)
         .unwrap_err();
-    assert_eq!(protocol(e).code, 1002);
+    assert_eq!(protocol(e).code(), 1002);
     let written = frames(&out);
     let kinds: Vec<(OpCode, Vec<u8>)> = written.iter().map(|f| (f.opcode, f.payload.clone())).collect();
     assert_eq!(
@@ -863,7 +863,7 @@ fn echo_of_a_fragmented_message_comes_before_a_1007() {
             conn.receive(&cfg(BIG), 0, &mut data, &mut rng(), &mut out, &mut echo)
                 .unwrap_err()
         )
-        .code,
+        .code(),
         1007
     );
     let written = frames(&out);
@@ -1082,7 +1082,7 @@ fn local_close_then_protocol_error_writes_no_second_close() {
     p.conn.close(1000, "", 0, &mut rng(), &mut p.out).unwrap();
     let before = p.out.clone();
     let e = p.feed(&sf(true, OpCode::Text, b"unmasked")).unwrap_err();
-    assert_eq!(e.code, 1002);
+    assert_eq!(e.code(), 1002);
     assert_eq!(p.conn.state(), State::Closed);
     assert_eq!(p.out, before);
 }

@@ -203,7 +203,7 @@ fn rsv1_only_where_compression_allows_it() {
     for (what, bytes) in cases {
         let mut conn = deflate_server();
         let e = feed(&mut conn, &mut Codec::default(), &bytes, 1 << 20, 1 << 20).unwrap_err();
-        assert!(matches!(e, Error::Protocol(p) if p.code == 1002), "{what}: {e:?}");
+        assert!(matches!(e, Error::Protocol(p) if p.code() == 1002), "{what}: {e:?}");
         assert_eq!(conn.state(), State::Closed);
     }
     // Not negotiated: RSV1 is a reserved bit.
@@ -216,7 +216,7 @@ fn rsv1_only_where_compression_allows_it() {
         1 << 20,
     )
     .unwrap_err();
-    assert!(matches!(e, Error::Protocol(p) if p.code == 1002), "{e:?}");
+    assert!(matches!(e, Error::Protocol(p) if p.code() == 1002), "{e:?}");
     // Uncompressed messages stay allowed on a connection that agreed.
     let mut conn = deflate_server();
     let events = feed(
@@ -241,7 +241,7 @@ fn inflating_stops_at_the_message_limit() {
     for bytes in [&whole, &cut] {
         let mut conn = deflate_server();
         let e = feed(&mut conn, &mut Codec::default(), bytes, 4096, 1 << 20).unwrap_err();
-        assert!(matches!(e, Error::Protocol(p) if p.code == 1009), "{e:?}");
+        assert!(matches!(e, Error::Protocol(p) if p.code() == 1009), "{e:?}");
         assert_eq!((conn.state(), conn.buffered_bytes()), (State::Closed, 0));
     }
     // Exactly the limit passes.
@@ -252,7 +252,7 @@ fn inflating_stops_at_the_message_limit() {
     let mut conn = deflate_server();
     let huge = cf(true, true, OpCode::Binary, &vec![0u8; 3000]);
     let e = feed(&mut conn, &mut Codec::default(), &huge, 1 << 20, 1000).unwrap_err();
-    assert!(matches!(e, Error::Protocol(p) if p.code == 1009), "{e:?}");
+    assert!(matches!(e, Error::Protocol(p) if p.code() == 1009), "{e:?}");
 }
 
 #[test]
@@ -269,7 +269,7 @@ fn broken_compressed_data_and_text() {
     for (what, bytes, code) in cases {
         let mut conn = deflate_server();
         let e = feed(&mut conn, &mut Codec::default(), &bytes, 1 << 20, 1 << 20).unwrap_err();
-        assert!(matches!(e, Error::Protocol(p) if p.code == code), "{what}: {e:?}");
+        assert!(matches!(e, Error::Protocol(p) if p.code() == code), "{what}: {e:?}");
     }
     // The same bytes as binary are fine.
     bad_utf8 = cf(true, true, OpCode::Binary, &bad_utf8);
@@ -309,7 +309,7 @@ fn send_compresses_when_it_pays_and_a_client_reads_it() {
     // A client that agreed reads it back.
     let mut client = Connection::open(wsloop::proto::Role::Client, 0);
     let e = feed(&mut client, &mut Codec::default(), &out, 1 << 20, 1 << 20).unwrap_err();
-    assert!(matches!(e, Error::Protocol(p) if p.code == 1002), "not agreed: {e:?}");
+    assert!(matches!(e, Error::Protocol(p) if p.code() == 1002), "not agreed: {e:?}");
 }
 
 /// A client that offered [`CLIENT_OFFER`] and read `answer`'s extension header.

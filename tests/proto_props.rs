@@ -58,10 +58,10 @@ fn feed_conn(mut conn: Connection, stream: &[u8], cuts: &[usize], max_message: u
             Ok(()) => {}
             Err(e) => {
                 assert!(error.is_none(), "a second error after the connection closed: {e}");
-                assert!(matches!(e.code, 1002 | 1007 | 1009), "unexpected code {e}");
+                assert!(matches!(e.code(), 1002 | 1007 | 1009), "unexpected code {e}");
                 assert_eq!(conn.state(), State::Closed, "state after an error");
                 assert!(!conn.is_buffering(), "parser state kept after an error");
-                error = Some(e.code);
+                error = Some(e.code());
             }
         }
         if conn.state() == State::Closed {

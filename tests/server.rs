@@ -580,11 +580,11 @@ impl wsloop::Handler for ChattyOnClose {
         Ok(())
     }
     fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, msg: wsloop::Message<'_>) {
-        ctx.send(conn.id(), msg);
+        ctx.send(conn.id(), msg).unwrap();
     }
     fn on_close(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, _code: u16, _reason: &str) {
         assert!(
-            !ctx.send_text(conn.id(), "too late"),
+            ctx.send_text(conn.id(), "too late") == Err(wsloop::proto::NotOpen),
             "send after close must be refused"
         );
         ctx.broadcast(wsloop::Message::Text("bye"), None);
@@ -624,7 +624,7 @@ impl wsloop::Handler for StopOnMessage {
         Ok(())
     }
     fn on_message(&mut self, ctx: &mut wsloop::Ctx<'_, ()>, conn: &mut wsloop::Conn<()>, msg: wsloop::Message<'_>) {
-        ctx.send(conn.id(), msg);
+        ctx.send(conn.id(), msg).unwrap();
         ctx.shutdown();
     }
 }

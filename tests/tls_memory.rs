@@ -79,7 +79,7 @@ impl Handler for Count {
         self.0.fetch_add(1, Ordering::SeqCst);
     }
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
-        ctx.send(conn.id(), msg);
+        let _ = ctx.send(conn.id(), msg);
     }
 }
 

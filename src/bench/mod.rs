@@ -52,7 +52,7 @@ pub use timeline::Sample;
 
 /// Descriptors the load generator keeps for itself (poll, stdio, /proc reads) beyond one per
 /// connection.
-pub const FD_RESERVE: u64 = 32;
+pub(crate) const FD_RESERVE: u64 = 32;
 
 /// Bytes at the start of every message: sequence number, then send time.
 pub const MESSAGE_HEADER: usize = 16;
@@ -169,7 +169,7 @@ pub enum BenchError {
     TooFewDescriptors {
         /// Connections asked for.
         connections: usize,
-        /// Descriptors that needs (one per connection and [`FD_RESERVE`]).
+        /// Descriptors that needs (one per connection and 32 for the loop).
         needed: u64,
         /// The open-file limit this process could reach.
         limit: u64,
@@ -283,41 +283,6 @@ impl Target {
     pub fn url(&self) -> String {
         format!("{}://{}{}", if self.tls { "wss" } else { "ws" }, self.host, self.path)
     }
-}
-
-/// Parses source addresses: `127.0.0.2`, `127.0.0.2-127.0.0.60` (an IPv4 range, inclusive),
-/// or a comma-separated list of either. At most 65,536 addresses.
-pub fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, BenchError> {
-    const MAX: usize = 1 << 16;
-    let invalid = |m: String| BenchError::InvalidConfig(m);
-    let mut ips = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let bad = || {
-            invalid(format!(
-                "invalid source address '{item}' (use e.g. 127.0.0.2 or 127.0.0.2-127.0.0.60)"
-            ))
-        };
-        if let Some((a, b)) = item.split_once('-') {
-            let a: Ipv4Addr = a.trim().parse().map_err(|_| bad())?;
-            let b: Ipv4Addr = b.trim().parse().map_err(|_| bad())?;
-            let (a, b) = (u32::from(a), u32::from(b));
-            if b < a || (b - a) as usize >= MAX - ips.len().min(MAX) {
-                return Err(invalid(format!(
-                    "source range '{item}' is empty or too large (at most {MAX} addresses)"
-                )));
-            }
-            ips.extend((a..=b).map(|n| IpAddr::V4(Ipv4Addr::from(n))));
-        } else {
-            ips.push(item.parse::<IpAddr>().map_err(|_| bad())?);
-        }
-        if ips.len() > MAX {
-            return Err(invalid(format!("too many source addresses (at most {MAX})")));
-        }
-    }
-    if ips.is_empty() {
-        return Err(invalid(format!("no source address in '{s}'")));
-    }
-    Ok(ips)
 }
 
 /// The source addresses used when none are given and the target is on loopback:
@@ -531,9 +496,9 @@ impl BenchConfig {
     }
 }
 
-/// Makes sure this process may open `connections` sockets plus [`FD_RESERVE`]: raises the soft
+/// Makes sure this process may open `connections` sockets plus `FD_RESERVE`: raises the soft
 /// limit toward the hard one if needed. Returns the limit.
-pub fn check_fd_limit(connections: usize) -> Result<u64, BenchError> {
+pub(crate) fn check_fd_limit(connections: usize) -> Result<u64, BenchError> {
     let needed = connections as u64 + FD_RESERVE;
     let mut limit = crate::io::sys::fd_limit();
     if limit < needed {
@@ -692,7 +657,7 @@ pub fn run_observed(cfg: &BenchConfig, observer: &mut dyn Observer) -> Result<Re
 }
 
 /// Connections one process can hold: its open-file limit (the soft limit raised to the hard
-/// one) less [`FD_RESERVE`].
+/// one) less 32 for the loop's own descriptors.
 pub fn connections_per_process() -> usize {
     crate::io::sys::raise_fd_limit()
         .saturating_sub(FD_RESERVE)
@@ -706,6 +671,7 @@ pub fn connections_per_process() -> usize {
 /// number of connections. Only the first part measures the server (over all of its
 /// processes) and its figures stand for the run: run the parts at once, with an [`Observer`]
 /// that keeps them in step, and [`Report::merge`] their reports.
+#[doc(hidden)] // Public only for the `wsloop bench` binary, which forks one process per part.
 pub fn split(cfg: &BenchConfig) -> Result<Vec<BenchConfig>, BenchError> {
     split_by(cfg, connections_per_process())
 }
@@ -824,13 +790,6 @@ mod tests {
             assert!(wss.is_err());
         }
         assert!(Target::parse("http://127.0.0.1/").is_err());
-        let ips = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
-        assert_eq!(ips.len(), 59);
-        assert_eq!(ips[58], "127.0.0.60".parse::<IpAddr>().unwrap());
-        assert_eq!(parse_source_ips("127.0.0.2, 127.0.0.9").unwrap().len(), 2);
-        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
-        assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
-        assert!(parse_source_ips("nope").is_err());
     }
 
     #[test]
@@ -871,7 +830,9 @@ mod tests {
     #[test]
     fn a_run_too_large_for_one_process_is_split_evenly() {
         let mut cfg = BenchConfig::new(Target::parse("ws://127.0.0.1:9/").unwrap());
-        cfg.source_ips = parse_source_ips("127.0.0.2-127.0.0.4").unwrap();
+        cfg.source_ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+            .map(|a| a.parse().unwrap())
+            .to_vec();
         cfg.connections = 100;
         cfg.ramp = Some(1000);
         cfg.server_pid = Some(7);

@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use wsloop::bench::{self, BenchConfig, BenchError, Load, Phase, Progress, Target
 use super::fleet;
 use super::{
     count, dispatch, duration_above_zero, parse_bytes, parse_duration, print_err, print_out, unexpected, value, Asked,
-    Failure, Outcome, EXIT_FAILURE,
+    Error, Outcome, EXIT_FAILURE,
 };
 
 /// `wsloop bench --help`.
@@ -95,7 +96,7 @@ pub fn run(args: Vec<OsString>) -> Outcome {
     dispatch(parse(args), HELP, bench)
 }
 
-fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
+fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
     use lexopt::prelude::*;
     let mut url = "ws://127.0.0.1:9001/".to_string();
     let mut connections = 1u64;
@@ -123,16 +124,16 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let mut p = lexopt::Parser::from_args(args);
     #[cfg(feature = "tls")]
     let mut tls = super::TlsArgs::default();
-    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+    while let Some(arg) = p.next()? {
         match arg {
             #[cfg(feature = "tls")]
-            Long("ca") => tls.ca = Some(p.value().map_err(|e| e.to_string())?),
+            Long("ca") => tls.ca = Some(p.value()?),
             #[cfg(feature = "tls")]
             Long("insecure") => tls.insecure = true,
             Value(v) => {
                 url = v
                     .into_string()
-                    .map_err(|v| format!("URL is not UTF-8: '{}'", v.to_string_lossy()))?
+                    .map_err(|v| Error::usage(format!("URL is not UTF-8: '{}'", v.to_string_lossy())))?
             }
             Long("connections") | Short('c') => connections = count("--connections", &value(&mut p)?)?,
             Long("ramp") => {
@@ -145,7 +146,8 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             }
             Long("expect") => {
                 let v = value(&mut p)?;
-                expect = bench::Expect::parse(&v).ok_or(format!("invalid --expect '{v}' (echo, reply or none)"))?;
+                expect = bench::Expect::parse(&v)
+                    .ok_or(Error::usage(format!("invalid --expect '{v}' (echo, reply or none)")))?;
             }
             Long("publishers") => publishers = number::<usize>(&value(&mut p)?, "--publishers")?,
             Long("header") | Short('H') => {
@@ -153,16 +155,17 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
                 let (name, val) = v
                     .split_once(':')
                     .filter(|(n, _)| !n.trim().is_empty())
-                    .ok_or(format!("invalid --header '{v}' (NAME: VALUE)"))?;
+                    .ok_or(Error::usage(format!("invalid --header '{v}' (NAME: VALUE)")))?;
                 headers.push((name.trim().to_string(), val.trim().to_string()));
             }
             Long("protocol") => protocols.push(value(&mut p)?),
             Long("origin") => headers.push(("Origin".to_string(), value(&mut p)?)),
             Long("message") => message = Some(bench::FixedMessage::text(&value(&mut p)?)),
             Long("message-file") => {
-                let path = p.value().map_err(|e| e.to_string())?;
-                let bytes = std::fs::read(&path)
-                    .map_err(|e| format!("cannot read --message-file '{}': {e}", path.to_string_lossy()))?;
+                let path = p.value()?;
+                let bytes = std::fs::read(&path).map_err(|e| {
+                    Error::usage(format!("cannot read --message-file '{}': {e}", path.to_string_lossy()))
+                })?;
                 message = Some(bench::FixedMessage::from_bytes(bytes));
             }
             Long("every") => every = Some(duration_above_zero("--every", &value(&mut p)?)?),
@@ -170,27 +173,26 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("size") => size = parse_bytes(&value(&mut p)?)?,
             Long("payload") => {
                 let v = value(&mut p)?;
-                content = bench::Content::parse(&v).ok_or(format!("invalid --payload '{v}' (binary, json or text)"))?;
+                content = bench::Content::parse(&v)
+                    .ok_or(Error::usage(format!("invalid --payload '{v}' (binary, json or text)")))?;
             }
             #[cfg(feature = "deflate")]
             Long("deflate") => deflate = true,
             #[cfg(feature = "deflate")]
             Long("no-deflate") => deflate = false,
             #[cfg(not(feature = "deflate"))]
-            Long("deflate") => return Err(super::NO_DEFLATE.to_string()),
+            Long("deflate") => return Err(Error::usage(super::NO_DEFLATE)),
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("duration") | Short('d') => duration = parse_duration(&value(&mut p)?)?,
-            Long("source-ips") => {
-                source_ips = Some(bench::parse_source_ips(&value(&mut p)?).map_err(|e| e.to_string())?)
-            }
+            Long("source-ips") => source_ips = Some(parse_source_ips(&value(&mut p)?)?),
             Long("connect-timeout") => {
                 connect_timeout = Some(duration_above_zero("--connect-timeout", &value(&mut p)?)?)
             }
             Long("close-timeout") => close_timeout = Some(duration_above_zero("--close-timeout", &value(&mut p)?)?),
             Long("server-pid") => server_pid = Some(number::<u32>(&value(&mut p)?, "--server-pid")?),
             Long("json") => json = true,
-            Long("html") => html = Some(p.value().map_err(|e| e.to_string())?),
+            Long("html") => html = Some(p.value()?),
             Long("quiet") | Short('q') => quiet = true,
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
@@ -199,25 +201,29 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     }
     let load = match (every, inflight, rate) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-            return Err("--rate, --every and --inflight are different loads: give one".into())
+            return Err(Error::usage(
+                "--rate, --every and --inflight are different loads: give one",
+            ))
         }
         (Some(d), None, None) => Load::Periodic(d),
-        (None, Some(0), None) => return Err("--inflight must be at least 1".into()),
+        (None, Some(0), None) => return Err(Error::usage("--inflight must be at least 1")),
         (None, Some(k), None) => Load::Saturate(k),
-        (None, None, Some(0)) => return Err("--rate must be at least 1 message per second".into()),
+        (None, None, Some(0)) => return Err(Error::usage("--rate must be at least 1 message per second")),
         (None, None, Some(r)) => Load::Rate(r),
         (None, None, None) => Load::Idle,
     };
     if publishers > 0 && load == Load::Idle {
-        return Err("--publishers needs a load: --rate, --every or --inflight".into());
+        return Err(Error::usage("--publishers needs a load: --rate, --every or --inflight"));
     }
     if expect == bench::Expect::Nothing && matches!(load, Load::Saturate(_)) && publishers == 0 {
-        return Err("--inflight sends on each answer: with --expect none use --rate or --every".into());
+        return Err(Error::usage(
+            "--inflight sends on each answer: with --expect none use --rate or --every",
+        ));
     }
     if ramp == Some(0) {
-        return Err("--ramp must be at least 1 connection per second".into());
+        return Err(Error::usage("--ramp must be at least 1 connection per second"));
     }
-    let target = Target::parse(&url).map_err(|e| e.to_string())?;
+    let target = Target::parse(&url).map_err(|e| Error::usage(e.to_string()))?;
     let mut cfg = BenchConfig::new(target);
     cfg.source_ips = source_ips.unwrap_or_else(|| bench::default_source_ips(&cfg.target.addr));
     cfg.connections = usize::try_from(connections).unwrap_or(usize::MAX);
@@ -261,13 +267,13 @@ fn bench(o: Parsed) -> Outcome {
         // In this order: a second signal finds the flag already set and ends the process.
         signal_hook::flag::register_conditional_shutdown(sig, EXIT_FAILURE, Arc::clone(&stop))
             .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
-            .map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
+            .map_err(|e| Error::runtime(format!("cannot handle signals: {e}")))?;
     }
     cfg.stop = Some(stop);
     // A page that cannot be written is told before the run, not after it.
     if let Some(file) = &html {
         std::fs::File::create(file)
-            .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
+            .map_err(|e| Error::usage(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
     }
     let live = std::io::stderr().is_terminal();
     let mut shown = false;
@@ -286,14 +292,14 @@ fn bench(o: Parsed) -> Outcome {
         shown = true;
     };
     let failure = |e| match e {
-        BenchError::InvalidConfig(m) => Failure::Usage(m),
-        e => Failure::Runtime(e.to_string()),
+        BenchError::InvalidConfig(m) => Error::usage(m),
+        e => Error::runtime(e.to_string()),
     };
     let parts = bench::split(&cfg).map_err(failure)?;
     let report = if parts.len() == 1 {
         bench::run(&cfg, &mut on_line).map_err(failure)?
     } else {
-        fleet::run(&parts, &mut on_line).map_err(Failure::Runtime)?
+        fleet::run(&parts, &mut on_line)?
     };
     if shown && live {
         print_err("");
@@ -302,7 +308,7 @@ fn bench(o: Parsed) -> Outcome {
         let title = format!("wsloop bench: {}", report.url);
         let page = bench::html_page(&title, &[(report.url.as_str(), &report)]);
         std::fs::write(file, page)
-            .map_err(|e| Failure::Runtime(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
+            .map_err(|e| Error::runtime(format!("cannot write {}: {e}", std::path::Path::new(file).display())))?;
     }
     if json {
         print_out(&format!("{}\n", report.to_json()))?;
@@ -312,16 +318,18 @@ fn bench(o: Parsed) -> Outcome {
     if report.is_clean() {
         Ok(())
     } else if json {
-        Err(Failure::Reported) // the JSON says so; stderr stays quiet for scripts
+        Err(Error::reported()) // the JSON says so; stderr stays quiet for scripts
     } else {
-        Err(Failure::Runtime(
-            "not every connection was held or not every echo came back intact".into(),
+        Err(Error::runtime(
+            "not every connection was held or not every echo came back intact",
         ))
     }
 }
 
-fn number<T: std::str::FromStr>(s: &str, flag: &str) -> Result<T, String> {
-    s.trim().parse().map_err(|_| format!("invalid {flag} '{s}'"))
+fn number<T: std::str::FromStr>(s: &str, flag: &str) -> Result<T, Error> {
+    s.trim()
+        .parse()
+        .map_err(|_| Error::usage(format!("invalid {flag} '{s}'")))
 }
 
 fn progress_line(p: &Progress) -> String {
@@ -346,4 +354,54 @@ fn progress_line(p: &Progress) -> String {
         // Whole messages per second, printed without the float formatting code.
         p.msgs_per_sec.max(0.0).round() as u64
     )
+}
+
+/// Parses source addresses: `127.0.0.2`, `127.0.0.2-127.0.0.60` (an IPv4 range, inclusive),
+/// or a comma-separated list of either. At most 65,536 addresses.
+fn parse_source_ips(s: &str) -> Result<Vec<IpAddr>, Error> {
+    const MAX: usize = 1 << 16;
+    let mut ips = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let bad = || {
+            Error::usage(format!(
+                "invalid source address '{item}' (use e.g. 127.0.0.2 or 127.0.0.2-127.0.0.60)"
+            ))
+        };
+        if let Some((a, b)) = item.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|_| bad())?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|_| bad())?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || (b - a) as usize >= MAX - ips.len().min(MAX) {
+                return Err(Error::usage(format!(
+                    "source range '{item}' is empty or too large (at most {MAX} addresses)"
+                )));
+            }
+            ips.extend((a..=b).map(|n| IpAddr::V4(Ipv4Addr::from(n))));
+        } else {
+            ips.push(item.parse::<IpAddr>().map_err(|_| bad())?);
+        }
+        if ips.len() > MAX {
+            return Err(Error::usage(format!("too many source addresses (at most {MAX})")));
+        }
+    }
+    if ips.is_empty() {
+        return Err(Error::usage(format!("no source address in '{s}'")));
+    }
+    Ok(ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_parse_as_lists_and_ranges() {
+        let ips = parse_source_ips("127.0.0.2-127.0.0.60").unwrap();
+        assert_eq!(ips.len(), 59);
+        assert_eq!(ips[58], "127.0.0.60".parse::<IpAddr>().unwrap());
+        assert_eq!(parse_source_ips("127.0.0.2, 127.0.0.9").unwrap().len(), 2);
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
+        assert!(parse_source_ips("10.0.0.0-10.255.255.255").is_err());
+        assert!(parse_source_ips("nope").is_err());
+    }
 }

@@ -16,8 +16,7 @@ use wsloop::client::{Client, ClientConfig, ClientError, ClientEvent};
 use wsloop::proto::close_code;
 
 use super::{
-    count, dispatch, duration_above_zero, init_log, size_above_zero, unexpected, value, Asked, Failure, Outcome,
-    EXIT_FAILURE, EXIT_OK,
+    count, dispatch, duration_above_zero, init_log, size_above_zero, unexpected, value, Asked, Error, Outcome, EXIT_OK,
 };
 
 /// `wsloop client --help`.
@@ -128,15 +127,6 @@ enum Source {
     Once(Vec<u8>),
 }
 
-/// A failed run: its exit status and the line that says why.
-struct Exit(i32, String);
-
-impl From<String> for Exit {
-    fn from(why: String) -> Exit {
-        Exit(EXIT_FAILURE, why)
-    }
-}
-
 /// Sends and replies over the whole run (across reconnects).
 #[derive(Default)]
 struct Progress {
@@ -234,8 +224,12 @@ fn normal_close(code: u16) -> bool {
 }
 
 /// A request header from `-H 'NAME: VALUE'`: NAME a token, VALUE on one line.
-fn parse_header(v: &str) -> Result<(String, String), String> {
-    let bad = |why: &str| format!("invalid header '{v}': {why}; write it as -H 'Authorization: Bearer 123'");
+fn parse_header(v: &str) -> Result<(String, String), Error> {
+    let bad = |why: &str| {
+        Error::usage(format!(
+            "invalid header '{v}': {why}; write it as -H 'Authorization: Bearer 123'"
+        ))
+    };
     let (name, value) = v.split_once(':').ok_or_else(|| bad("expected NAME: VALUE"))?;
     let name = name.trim();
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
@@ -270,9 +264,9 @@ fn stdin_has_input() -> bool {
 }
 
 /// Reads standard input whole (`-b`), or its first line (`-1`), before connecting.
-fn read_message(whole: bool, max: usize) -> Result<Option<Vec<u8>>, String> {
+fn read_message(whole: bool, max: usize) -> Result<Option<Vec<u8>>, Error> {
     use std::io::BufRead;
-    let err = |e: io::Error| format!("cannot read standard input: {e}");
+    let err = |e: io::Error| Error::runtime(format!("cannot read standard input: {e}"));
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
     let mut input = io::stdin().lock().take(limit);
     let mut msg = Vec::new();
@@ -282,9 +276,9 @@ fn read_message(whole: bool, max: usize) -> Result<Option<Vec<u8>>, String> {
         input.read_until(b'\n', &mut msg).map_err(err)?
     };
     if msg.len() > max {
-        return Err(format!(
+        return Err(Error::runtime(format!(
             "the message on standard input is longer than {max} bytes (--max-message)"
-        ));
+        )));
     }
     if whole {
         return Ok(Some(msg));
@@ -306,7 +300,7 @@ pub fn run(args: Vec<OsString>) -> Outcome {
     dispatch(parse(args), HELP, client)
 }
 
-fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
+fn parse(args: Vec<OsString>) -> Result<Asked<Options>, Error> {
     use lexopt::prelude::*;
     let mut o = Options {
         url: "ws://127.0.0.1:9001/".to_string(),
@@ -326,10 +320,10 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
     let mut p = lexopt::Parser::from_args(args);
     #[cfg(feature = "tls")]
     let mut tls = super::TlsArgs::default();
-    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+    while let Some(arg) = p.next()? {
         match arg {
             #[cfg(feature = "tls")]
-            Long("ca") => tls.ca = Some(p.value().map_err(|e| e.to_string())?),
+            Long("ca") => tls.ca = Some(p.value()?),
             #[cfg(feature = "tls")]
             Long("insecure") => tls.insecure = true,
             Long("every") => {
@@ -348,7 +342,9 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
             Long("origin") => {
                 let origin = value(&mut p)?;
                 if origin.bytes().any(|b| b.is_ascii_control()) {
-                    return Err(format!("invalid --origin '{origin}': it holds a control character"));
+                    return Err(Error::usage(format!(
+                        "invalid --origin '{origin}': it holds a control character"
+                    )));
                 }
                 o.cfg.headers.push(("Origin".to_string(), origin));
             }
@@ -365,7 +361,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
             #[cfg(feature = "deflate")]
             Long("no-deflate") => o.cfg.deflate.enabled = false,
             #[cfg(not(feature = "deflate"))]
-            Long("deflate") => return Err(super::NO_DEFLATE.to_string()),
+            Long("deflate") => return Err(Error::usage(super::NO_DEFLATE)),
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("log") => log_level = value(&mut p)?,
@@ -375,19 +371,21 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
             Value(v) if !url_set => {
                 o.url = v
                     .into_string()
-                    .map_err(|v| format!("URL is not UTF-8: '{}'", v.to_string_lossy()))?;
+                    .map_err(|v| Error::usage(format!("URL is not UTF-8: '{}'", v.to_string_lossy())))?;
                 url_set = true;
             }
             _ => return Err(unexpected(arg, "client")),
         }
     }
     if o.stdin && (every_set || send_set) {
-        return Err("--stdin sends input lines: it cannot be combined with --every or --send".to_string());
+        return Err(Error::usage(
+            "--stdin sends input lines: it cannot be combined with --every or --send".to_string(),
+        ));
     }
     if o.one && (o.stdin || every_set || o.count.is_some() || o.reconnect) {
-        return Err(
+        return Err(Error::usage(
             "-1 sends one message: it cannot be combined with --stdin, --every, --count or --reconnect".to_string(),
-        );
+        ));
     }
     o.periodic_asked = every_set || send_set;
     #[cfg(feature = "tls")]
@@ -399,19 +397,19 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Options>, String> {
 }
 
 /// What is sent, from the options and what standard input is (see the help).
-fn source(o: &Options) -> Result<Source, Failure> {
+fn source(o: &Options) -> Result<Source, Error> {
     let max = o.cfg.max_message;
     Ok(if o.stdin {
         Source::Lines
     } else if o.one && o.periodic_asked {
         Source::Once(o.send.as_bytes().to_vec())
     } else if o.one {
-        let line = read_message(o.binary, max).map_err(Failure::Runtime)?;
+        let line = read_message(o.binary, max)?;
         Source::Once(line.unwrap_or_else(|| o.send.as_bytes().to_vec()))
     } else if o.periodic_asked {
         Source::Periodic
     } else if o.binary {
-        Source::Once(read_message(true, max).map_err(Failure::Runtime)?.unwrap_or_default())
+        Source::Once(read_message(true, max)?.unwrap_or_default())
     } else if stdin_has_input() {
         Source::Lines
     } else {
@@ -443,9 +441,9 @@ fn tls_advice(_: &ClientError) -> &'static str {
 
 fn client(o: Options) -> Outcome {
     let source = source(&o)?;
-    let interrupts = Interrupts::install().map_err(|e| Failure::Runtime(format!("cannot handle signals: {e}")))?;
+    let interrupts = Interrupts::install().map_err(|e| Error::runtime(format!("cannot handle signals: {e}")))?;
     let mut input = if matches!(source, Source::Lines) {
-        Some(Input::open().map_err(Failure::Runtime)?)
+        Some(Input::open()?)
     } else {
         None
     };
@@ -467,9 +465,9 @@ fn client(o: Options) -> Outcome {
                 Session::new(client, &o, &source, input.as_mut(), &mut progress).run(&interrupts)
             }
             Err(e @ (ClientError::InvalidUrl(_) | ClientError::InvalidConfig(_))) => {
-                return Err(Failure::Usage(e.to_string()))
+                return Err(Error::usage(e.to_string()))
             }
-            Err(e) => Err(Exit(EXIT_CONNECT, format!("{e}{}", tls_advice(&e)))),
+            Err(e) => Err(Error::with_status(EXIT_CONNECT, format!("{e}{}", tls_advice(&e)))),
         };
         if progress.output_gone {
             return Ok(()); // the reader of our output has gone: nothing left to do
@@ -479,7 +477,7 @@ fn client(o: Options) -> Outcome {
             || matches!(source, Source::Once(_)) && progress.sent > 0;
         let why = match ended {
             Ok(End::Done { .. }) if progress.unanswered > 0 => {
-                return Err(Failure::Runtime(format!(
+                return Err(Error::runtime(format!(
                     "{} of {} message(s) got no reply (waited {}s after the last)",
                     progress.unanswered,
                     progress.sent,
@@ -500,23 +498,23 @@ fn client(o: Options) -> Outcome {
                             log::info!("{what}");
                             Ok(())
                         }
-                        (true, true) if o.one => Err(Failure::Runtime(format!("{what} before replying"))),
-                        (true, true) => Err(Failure::Runtime(format!(
+                        (true, true) if o.one => Err(Error::runtime(format!("{what} before replying"))),
+                        (true, true) => Err(Error::runtime(format!(
                             "{what} after {} of {} replies",
                             progress.replies(),
                             o.count.unwrap_or(0)
                         ))),
-                        (false, _) => Err(Failure::Status(EXIT_CLOSED, what)),
+                        (false, _) => Err(Error::with_status(EXIT_CLOSED, what)),
                     };
                 }
-                Exit(EXIT_CLOSED, what)
+                Error::with_status(EXIT_CLOSED, what)
             }
             Err(e) => e,
         };
         if !o.reconnect || finished {
-            return Err(Failure::Status(why.0, why.1));
+            return Err(why);
         }
-        log::warn!("{}; reconnecting in {}ms", why.1, backoff.as_millis());
+        log::warn!("{why}; reconnecting in {}ms", backoff.as_millis());
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -558,11 +556,11 @@ impl Interrupts {
     }
 
     /// Signals close `client` gracefully until the returned guard is dropped.
-    fn graceful(&self, client: &mut Client) -> Result<Graceful<'_>, String> {
+    fn graceful(&self, client: &mut Client) -> Result<Graceful<'_>, Error> {
         self.take();
         client
             .watch(self.fd())
-            .map_err(|e| format!("cannot watch signals: {e}"))?;
+            .map_err(|e| Error::runtime(format!("cannot watch signals: {e}")))?;
         self.hard.store(false, Ordering::SeqCst);
         Ok(Graceful(self))
     }
@@ -616,7 +614,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn run(mut self, interrupts: &Interrupts) -> Result<End, Exit> {
+    fn run(mut self, interrupts: &Interrupts) -> Result<End, Error> {
         let _graceful = interrupts.graceful(&mut self.client)?;
         match (self.source, self.input.as_deref()) {
             (Source::Once(msg), _) => {
@@ -627,7 +625,7 @@ impl<'a> Session<'a> {
                 if input.pollable {
                     self.client
                         .watch(input.fd())
-                        .map_err(|e| format!("cannot watch standard input: {e}"))?;
+                        .map_err(|e| Error::runtime(format!("cannot watch standard input: {e}")))?;
                 }
                 self.read_input()?;
             }
@@ -638,7 +636,7 @@ impl<'a> Session<'a> {
             let event = self
                 .client
                 .next_event(timeout)
-                .map_err(|e| Exit(EXIT_CLOSED, e.to_string()))?;
+                .map_err(|e| Error::with_status(EXIT_CLOSED, e.to_string()))?;
             self.ping_if_due();
             match event {
                 Some(ClientEvent::Text(text)) => self.received(text.as_bytes(), false)?,
@@ -692,7 +690,7 @@ impl<'a> Session<'a> {
     }
 
     /// Prints a message; closes once every send has its reply (with `-1`: the first message).
-    fn received(&mut self, msg: &[u8], binary: bool) -> Result<(), String> {
+    fn received(&mut self, msg: &[u8], binary: bool) -> Result<(), Error> {
         if !self.p.output_gone {
             let mut out = io::stdout().lock();
             // `-b`: a binary message exactly as it came; anything else one per line.
@@ -708,7 +706,7 @@ impl<'a> Session<'a> {
                     self.p.output_gone = true;
                     return self.close();
                 }
-                Err(e) => return Err(format!("cannot write to stdout: {e}")),
+                Err(e) => return Err(Error::runtime(format!("cannot write to stdout: {e}"))),
             }
         }
         self.p.received(msg);
@@ -723,7 +721,7 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn close(&mut self) -> Result<(), String> {
+    fn close(&mut self) -> Result<(), Error> {
         if !self.closing {
             self.closing = true;
             // Fails only when the server is closing too: its close frame then ends the run.
@@ -737,7 +735,7 @@ impl<'a> Session<'a> {
     }
 
     /// Nothing more will be sent: close now if every reply is in, else after a grace period.
-    fn finish_sending(&mut self) -> Result<(), String> {
+    fn finish_sending(&mut self) -> Result<(), Error> {
         self.sending_done = true;
         if self.p.all_replied() && !self.o.one {
             return self.close();
@@ -747,7 +745,7 @@ impl<'a> Session<'a> {
     }
 
     /// Periodic mode: send the message and set the timer for the next one.
-    fn send_next(&mut self) -> Result<(), String> {
+    fn send_next(&mut self) -> Result<(), Error> {
         if !self.client.is_open() {
             return Ok(());
         }
@@ -759,7 +757,7 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn send(&mut self, line: &[u8]) -> Result<(), String> {
+    fn send(&mut self, line: &[u8]) -> Result<(), Error> {
         let sent = match std::str::from_utf8(line) {
             Ok(text) if !self.o.binary => self.client.send_text(text),
             _ => self.client.send_binary(line), // `-b`, or not UTF-8: sent as it is, as binary
@@ -771,12 +769,12 @@ impl<'a> Session<'a> {
             }
             // The server is closing; its close frame ends the run.
             Err(ClientError::NotOpen) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Error::runtime(e.to_string())),
         }
     }
 
     /// `--stdin`: sends the complete lines that are there, pausing while the queue is full.
-    fn read_input(&mut self) -> Result<(), String> {
+    fn read_input(&mut self) -> Result<(), Error> {
         let max_line = self.o.cfg.max_message;
         for _ in 0..INPUT_CHUNKS {
             if self.sending_done || self.closing || !self.client.is_open() {
@@ -836,16 +834,18 @@ struct Input {
 }
 
 impl Input {
-    fn open() -> Result<Input, String> {
+    fn open() -> Result<Input, Error> {
         let (source, pollable) = match Self::reopen() {
             Some(file) => (file, true),
             None => {
-                let err = |e: io::Error| format!("cannot read standard input: {e}");
+                let err = |e: io::Error| Error::runtime(format!("cannot read standard input: {e}"));
                 let file = File::from(io::stdin().as_fd().try_clone_to_owned().map_err(err)?);
                 if file.metadata().map_err(err)?.file_type().is_socket() {
-                    return Err("standard input is a socket, which --stdin cannot read without \
+                    return Err(Error::runtime(
+                        "standard input is a socket, which --stdin cannot read without \
                                 blocking; pipe it in instead (e.g. `... | cat | wsloop client --stdin`)"
-                        .to_string());
+                            .to_string(),
+                    ));
                 }
                 (file, false)
             }
@@ -888,7 +888,7 @@ impl Input {
 
     /// Reads once; returns the complete lines (without `\n` or `\r\n`). At the end of input an
     /// unfinished last line counts as a line.
-    fn read_lines(&mut self, max_line: usize) -> Result<Vec<Vec<u8>>, String> {
+    fn read_lines(&mut self, max_line: usize) -> Result<Vec<Vec<u8>>, Error> {
         let mut buf = [0u8; 16 << 10];
         self.idle = false;
         let n = loop {
@@ -899,7 +899,7 @@ impl Input {
                     self.idle = true;
                     return Ok(Vec::new());
                 }
-                Err(e) => return Err(format!("cannot read standard input: {e}")),
+                Err(e) => return Err(Error::runtime(format!("cannot read standard input: {e}"))),
             }
         };
         let mut lines = Vec::new();
@@ -922,7 +922,7 @@ impl Input {
         }
         self.partial.extend_from_slice(rest);
         if self.partial.len() > max_line {
-            return Err(format!("an input line is longer than {max_line} bytes"));
+            return Err(Error::runtime(format!("an input line is longer than {max_line} bytes")));
         }
         Ok(lines)
     }

@@ -7,6 +7,7 @@
 //! merged run's percentiles, per second too, are those of every round trip). A signal to the parent is passed on to every part once
 //! (each then cuts its run short, as one process would).
 
+use super::Error;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
@@ -55,9 +56,9 @@ pub type Line<'a> = &'a mut dyn FnMut(&Progress);
 
 /// Runs the parts at once, one forked process each, keeps their phases in step and merges
 /// their reports. `line` is called once a second with the sums (and the highest p99).
-pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, String> {
+pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, Error> {
     let me = std::process::id() as i32;
-    let io = |e: io::Error| format!("load generator processes: {e}");
+    let io = |e: io::Error| Error::runtime(format!("load generator processes: {e}"));
     let (mut shared, shared_tx) = UnixStream::pair().map_err(io)?;
     let mut links: Vec<UnixStream> = Vec::new();
     let mut pids = Vec::new();
@@ -100,11 +101,12 @@ pub fn run(parts: &[BenchConfig], line: Line<'_>) -> Result<Report, String> {
             let mut text = String::new();
             let _ = link.read_to_string(&mut text);
             if text.is_empty() {
-                return Err("a load generator process sent no report".into());
+                return Err(Error::runtime("a load generator process sent no report"));
             }
-            reports.push(Report::from_json(&text).map_err(|e| format!("a load generator process: {e}"))?);
+            reports
+                .push(Report::from_json(&text).map_err(|e| Error::runtime(format!("a load generator process: {e}")))?);
         }
-        Report::merge(&reports).ok_or_else(|| "no report".to_string())
+        Report::merge(&reports).ok_or_else(|| Error::runtime("no report"))
     });
     for &pid in &pids {
         if result.is_err() {
@@ -123,7 +125,7 @@ fn follow(
     pids: &[i32],
     parts: &[BenchConfig],
     line: Line<'_>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let n = parts.len();
     // Each part's latest snapshot.
     let mut seen: Vec<Option<Progress>> = vec![None; n];
@@ -149,10 +151,10 @@ fn follow(
             // any other end is a death.
             while let Some((pid, status)) = procs::reap(false) {
                 if pids.contains(&pid) && !procs::exited_ok(status) {
-                    return Err(format!(
+                    return Err(Error::runtime(format!(
                         "a load generator process (pid {pid}) {}",
                         procs::describe(status)
-                    ));
+                    )));
                 }
             }
             let reported: Vec<Progress> = seen.iter().flatten().copied().collect();
@@ -168,14 +170,14 @@ fn follow(
             next_line.saturating_duration_since(now).max(Duration::from_millis(1)),
         ));
         match shared.read(&mut chunk) {
-            Ok(0) => return Err("the load generator processes ended early".into()),
+            Ok(0) => return Err(Error::runtime("the load generator processes ended early")),
             Ok(k) => pending.extend_from_slice(&chunk[..k]),
             Err(e)
                 if matches!(
                     e.kind(),
                     ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
                 ) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Error::runtime(e.to_string())),
         }
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let text: Vec<u8> = pending.drain(..=end).collect();
@@ -185,13 +187,15 @@ fn follow(
                 .next()
                 .and_then(|w| w.parse().ok())
                 .filter(|&i| i < n)
-                .ok_or("bad line")?;
+                .ok_or_else(|| Error::runtime("bad line"))?;
             match (words.next(), words.next().unwrap_or("")) {
-                (Some("p"), rest) => seen[i] = Some(Progress::decode(rest).ok_or("bad progress line")?),
+                (Some("p"), rest) => {
+                    seen[i] = Some(Progress::decode(rest).ok_or_else(|| Error::runtime("bad progress line"))?)
+                }
                 (Some("b"), _) => waits[i] = true,
                 (Some("d"), _) => done += 1,
-                (Some("e"), why) => return Err(why.to_string()),
-                _ => return Err(format!("a load generator process sent '{text}'")),
+                (Some("e"), why) => return Err(Error::runtime(why.to_string())),
+                _ => return Err(Error::runtime(format!("a load generator process sent '{text}'"))),
             }
             // Every part is ready for its next phase or done (a part cut short skips the wait
             // before measuring): let the waiting ones go.
@@ -199,7 +203,7 @@ fn follow(
             if waiting > 0 && waiting + done == n {
                 for (l, w) in links.iter_mut().zip(waits.iter_mut()) {
                     if std::mem::take(w) {
-                        l.write_all(b"g").map_err(|e| e.to_string())?;
+                        l.write_all(b"g").map_err(|e| Error::runtime(e.to_string()))?;
                     }
                 }
             }

@@ -128,29 +128,70 @@ pub const EXIT_FAILURE: i32 = 1;
 /// The command line is wrong: an unknown option, a missing or bad value.
 pub const EXIT_USAGE: i32 = 2;
 
-/// Why a command did not succeed; its exit status follows from it.
-#[derive(Debug)]
-pub enum Failure {
-    /// A bad command line (exit 2).
-    Usage(String),
-    /// The command ran and failed (exit 1).
-    Runtime(String),
-    /// Failed, and has already said why (exit 1).
-    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
-    Reported,
-    /// Failed with a command's own exit status (`client`'s 3 and 4), and why.
-    #[cfg_attr(not(feature = "client"), allow(dead_code))]
-    Status(i32, String),
+/// Why a command did not succeed: the line for standard error (none when it was said
+/// already) and the exit status.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Error {
+    status: i32,
+    message: Option<String>,
 }
 
-impl From<lexopt::Error> for Failure {
+impl Error {
+    /// A bad command line (exit 2).
+    pub fn usage(message: impl Into<String>) -> Error {
+        Error::with_status(EXIT_USAGE, message)
+    }
+
+    /// The command ran and failed (exit 1).
+    pub fn runtime(message: impl Into<String>) -> Error {
+        Error::with_status(EXIT_FAILURE, message)
+    }
+
+    /// Failed, and has already said why (exit 1).
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
+    pub fn reported() -> Error {
+        Error {
+            status: EXIT_FAILURE,
+            message: None,
+        }
+    }
+
+    /// Failed with a command's own exit status (`client`'s 3 and 4), and why.
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
+    pub fn with_status(status: i32, message: impl Into<String>) -> Error {
+        Error {
+            status,
+            message: Some(message.into()),
+        }
+    }
+
+    /// The exit status.
+    pub fn status(&self) -> i32 {
+        self.status
+    }
+
+    /// What to say on standard error, if anything is left to say.
+    pub fn message(&self) -> Option<&str> {
+        self.message.as_deref()
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message().unwrap_or("failed"))
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<lexopt::Error> for Error {
     fn from(e: lexopt::Error) -> Self {
-        Failure::Usage(e.to_string())
+        Error::usage(e.to_string())
     }
 }
 
 /// What a command ends with.
-pub type Outcome = Result<(), Failure>;
+pub type Outcome = Result<(), Error>;
 
 /// What a command line asks for.
 pub enum Asked<T> {
@@ -163,8 +204,8 @@ pub enum Asked<T> {
 }
 
 /// Parses with `parse` (its errors are usage errors) and runs what was asked for.
-pub fn dispatch<T>(parsed: Result<Asked<T>, String>, help: &str, run: impl FnOnce(T) -> Outcome) -> Outcome {
-    match parsed.map_err(Failure::Usage)? {
+pub fn dispatch<T>(parsed: Result<Asked<T>, Error>, help: &str, run: impl FnOnce(T) -> Outcome) -> Outcome {
+    match parsed? {
         Asked::Run(t) => run(t),
         Asked::Help => print_out(help),
         Asked::Version => version(),
@@ -178,7 +219,7 @@ pub fn print_out(text: &str) -> Outcome {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(Failure::Runtime(format!("cannot write to standard output: {e}")))
+            Err(Error::runtime(format!("cannot write to standard output: {e}")))
         }
         _ => Ok(()),
     }
@@ -215,31 +256,22 @@ pub fn main() -> i32 {
         Some("client") => client::run(args),
         #[cfg(feature = "server")]
         Some("serve") => serve::run(args),
-        Some(s) if known => Err(Failure::Usage(format!(
+        Some(s) if known => Err(Error::usage(format!(
             "this build has no `{s}` command (try: wsloop help)"
         ))),
-        Some(s) if !s.starts_with('-') => Err(Failure::Usage(format!("unknown command '{s}' (try: wsloop help)"))),
+        Some(s) if !s.starts_with('-') => Err(Error::usage(format!("unknown command '{s}' (try: wsloop help)"))),
         #[cfg(feature = "server")]
         _ => serve::run(args),
         #[cfg(not(feature = "server"))]
-        _ => Err(Failure::Usage(
-            "this build has no server (try: wsloop help)".to_string(),
-        )),
+        _ => Err(Error::usage("this build has no server (try: wsloop help)")),
     };
     match result {
         Ok(()) => EXIT_OK,
-        Err(Failure::Usage(e)) => {
-            print_err(&format!("wsloop: {e}"));
-            EXIT_USAGE
-        }
-        Err(Failure::Runtime(e)) => {
-            print_err(&format!("wsloop: {e}"));
-            EXIT_FAILURE
-        }
-        Err(Failure::Reported) => EXIT_FAILURE,
-        Err(Failure::Status(code, e)) => {
-            print_err(&format!("wsloop: {e}"));
-            code
+        Err(e) => {
+            if let Some(why) = e.message() {
+                print_err(&format!("wsloop: {why}"));
+            }
+            e.status()
         }
     }
 }
@@ -256,15 +288,15 @@ fn help(command: Option<&str>) -> Outcome {
         Some("report") => report::HELP,
         #[cfg(feature = "client")]
         Some("client") => client::HELP,
-        Some(other) => return Err(Failure::Usage(format!("unknown command '{other}' (try: wsloop help)"))),
+        Some(other) => return Err(Error::usage(format!("unknown command '{other}' (try: wsloop help)"))),
     };
     print_out(text)
 }
 
 /// Parses `2s`, `500ms`, `0.5s`, `1m`, `1h` (up to six decimals), or `0`/`off` (as zero).
 /// Integer arithmetic only: the server-only binary carries no floating-point formatting or parsing.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration '{s}' (use e.g. 2s, 500ms, 0.5s, 1m)");
+pub fn parse_duration(s: &str) -> Result<Duration, Error> {
+    let bad = || Error::usage(format!("invalid duration '{s}' (use e.g. 2s, 500ms, 0.5s, 1m)"));
     let t = s.trim();
     if t == "0" || t.eq_ignore_ascii_case("off") {
         return Ok(Duration::ZERO);
@@ -295,46 +327,46 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     const MAX: u64 = 20 * 86_400 * 1_000_000_000;
     match whole.checked_mul(per_unit).map(|w| w + frac_nanos) {
         Some(nanos) if nanos <= MAX => Ok(Duration::from_nanos(nanos)),
-        _ => Err(format!("duration '{s}' out of range (at most 20 days)")),
+        _ => Err(Error::usage(format!("duration '{s}' out of range (at most 20 days)"))),
     }
 }
 
 /// A duration that can be turned off: `0` or `off` is `None`.
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
-pub fn duration_or_off(s: &str) -> Result<Option<Duration>, String> {
+pub fn duration_or_off(s: &str) -> Result<Option<Duration>, Error> {
     let d = parse_duration(s)?;
     Ok((!d.is_zero()).then_some(d))
 }
 
 /// A duration that cannot be off: zero (or `off`) is refused.
-pub fn duration_above_zero(flag: &str, s: &str) -> Result<Duration, String> {
+pub fn duration_above_zero(flag: &str, s: &str) -> Result<Duration, Error> {
     let d = parse_duration(s)?;
     if d.is_zero() {
-        return Err(format!("{flag} must be above 0 (it cannot be off)"));
+        return Err(Error::usage(format!("{flag} must be above 0 (it cannot be off)")));
     }
     Ok(d)
 }
 
 /// A count of at least one.
-pub fn count(flag: &str, s: &str) -> Result<u64, String> {
+pub fn count(flag: &str, s: &str) -> Result<u64, Error> {
     match s.trim().parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
-        Ok(_) => Err(format!("{flag} must be at least 1")),
-        Err(_) => Err(format!("invalid {flag} '{s}' (a whole number)")),
+        Ok(_) => Err(Error::usage(format!("{flag} must be at least 1"))),
+        Err(_) => Err(Error::usage(format!("invalid {flag} '{s}' (a whole number)"))),
     }
 }
 
 /// A size of at least one byte.
-pub fn size_above_zero(flag: &str, s: &str) -> Result<usize, String> {
+pub fn size_above_zero(flag: &str, s: &str) -> Result<usize, Error> {
     match parse_bytes(s)? {
-        0 => Err(format!("{flag} must be at least 1 byte")),
+        0 => Err(Error::usage(format!("{flag} must be at least 1 byte"))),
         n => Ok(n),
     }
 }
 
 /// Parses a byte count: `1048576`, `64KiB`, `16MiB`, `1k`, `2M`.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let bad = || format!("invalid size '{s}' (use e.g. 65536, 64KiB, 16MiB)");
+pub fn parse_bytes(s: &str) -> Result<usize, Error> {
+    let bad = || Error::usage(format!("invalid size '{s}' (use e.g. 65536, 64KiB, 16MiB)"));
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -350,21 +382,21 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 }
 
 /// The value of an option, as a `String`.
-pub fn value(p: &mut lexopt::Parser) -> Result<String, String> {
+pub fn value(p: &mut lexopt::Parser) -> Result<String, Error> {
     p.value()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Error::usage(e.to_string()))?
         .into_string()
-        .map_err(|v| format!("option value is not UTF-8: '{}'", v.to_string_lossy()))
+        .map_err(|v| Error::usage(format!("option value is not UTF-8: '{}'", v.to_string_lossy())))
 }
 
 /// The one-line message for an argument `cmd` does not take, pointing to its help.
-pub fn unexpected(arg: lexopt::Arg<'_>, cmd: &str) -> String {
+pub fn unexpected(arg: lexopt::Arg<'_>, cmd: &str) -> Error {
     let what = match arg {
         lexopt::Arg::Long(name) => format!("unknown option '--{name}'"),
         lexopt::Arg::Short(c) => format!("unknown option '-{c}'"),
         lexopt::Arg::Value(v) => format!("unexpected argument '{}'", v.to_string_lossy()),
     };
-    format!("{what} (see wsloop {cmd} --help)")
+    Error::usage(format!("{what} (see wsloop {cmd} --help)"))
 }
 
 /// `--ca FILE` and `--insecure`, for the client and the load generator on `wss://` URLs.
@@ -380,12 +412,12 @@ pub struct TlsArgs {
 #[cfg(all(feature = "tls", feature = "client"))]
 impl TlsArgs {
     /// The client TLS settings the options ask for (`None`: the system's CA bundle).
-    pub fn config(&self) -> Result<Option<wsloop::tls::ClientTls>, String> {
+    pub fn config(&self) -> Result<Option<wsloop::tls::ClientTls>, Error> {
         match (&self.ca, self.insecure) {
-            (Some(_), true) => Err("--ca and --insecure exclude each other".to_string()),
+            (Some(_), true) => Err(Error::usage("--ca and --insecure exclude each other")),
             (Some(f), false) => wsloop::tls::ClientTls::with_ca_file(f)
                 .map(Some)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| Error::usage(e.to_string())),
             (None, true) => {
                 eprintln!("wsloop: --insecure: the server's certificate is not verified");
                 Ok(Some(wsloop::tls::ClientTls::insecure()))
@@ -425,20 +457,23 @@ impl log::Log for StderrLogger {
 }
 
 /// Installs the stderr logger at `level` (error, warn, info, debug, trace, off), text lines.
-pub fn init_log(level: &str) -> Result<(), String> {
+#[cfg_attr(not(feature = "client"), allow(dead_code))]
+pub fn init_log(level: &str) -> Result<(), Error> {
     init_log_as(level, "text")
 }
 
 /// Installs the stderr logger at `level`, writing `format`: `text` (`LEVEL message`) or `json`
 /// (one object a line: `ts`, `level`, `target`, `pid`, `peer` when the line is about one, `msg`).
-pub fn init_log_as(level: &str, format: &str) -> Result<(), String> {
-    let filter: log::LevelFilter = level
-        .parse()
-        .map_err(|_| format!("invalid log level '{level}' (error, warn, info, debug, trace, off)"))?;
+pub fn init_log_as(level: &str, format: &str) -> Result<(), Error> {
+    let filter: log::LevelFilter = level.parse().map_err(|_| {
+        Error::usage(format!(
+            "invalid log level '{level}' (error, warn, info, debug, trace, off)"
+        ))
+    })?;
     let json = match format {
         "text" => false,
         "json" => true,
-        _ => return Err(format!("invalid --log-format '{format}' (text or json)")),
+        _ => return Err(Error::usage(format!("invalid --log-format '{format}' (text or json)"))),
     };
     LOG_JSON.store(json, std::sync::atomic::Ordering::Relaxed);
     let _ = log::set_logger(&StderrLogger);
@@ -568,7 +603,7 @@ mod tests {
         assert_eq!(parse_duration("1.5ms"), Ok(Duration::from_micros(1500)));
         assert_eq!(parse_duration("20d").map_err(|_| ()), Err(()));
         assert!(parse_duration("21h").is_ok());
-        assert!(parse_duration("481h").unwrap_err().contains("out of range"));
+        assert!(parse_duration("481h").unwrap_err().to_string().contains("out of range"));
     }
 
     #[test]
@@ -580,15 +615,18 @@ mod tests {
         for zero in ["0", "off", "0ms", "0.0s"] {
             assert_eq!(
                 duration_above_zero("--every", zero),
-                Err("--every must be above 0 (it cannot be off)".to_string())
+                Err(Error::usage("--every must be above 0 (it cannot be off)"))
             );
         }
         assert_eq!(count("--count", "3"), Ok(3));
-        assert_eq!(count("--count", "0"), Err("--count must be at least 1".to_string()));
-        assert!(count("--count", "-1").unwrap_err().starts_with("invalid --count '-1'"));
+        assert_eq!(count("--count", "0"), Err(Error::usage("--count must be at least 1")));
+        assert!(count("--count", "-1")
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid --count '-1'"));
         assert_eq!(
             size_above_zero("--max-message", "0KiB"),
-            Err("--max-message must be at least 1 byte".to_string())
+            Err(Error::usage("--max-message must be at least 1 byte"))
         );
         assert_eq!(size_above_zero("--max-message", "1k"), Ok(1024));
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use wsloop::bench::{self, Report};
 
-use super::{dispatch, print_out, unexpected, Asked, Failure, Outcome};
+use super::{dispatch, print_out, unexpected, Asked, Error, Outcome};
 
 /// `wsloop report --help`.
 pub const HELP: &str = "\
@@ -40,7 +40,7 @@ pub fn run(args: Vec<OsString>) -> Outcome {
     dispatch(parse(args), HELP, report)
 }
 
-fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
+fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
     use lexopt::prelude::*;
     let mut p = lexopt::Parser::from_args(args);
     let mut out = Parsed {
@@ -49,11 +49,11 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         json: None,
         merge: false,
     };
-    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+    while let Some(arg) = p.next()? {
         match arg {
             Value(v) => out.files.push(v),
-            Long("html") => out.html = Some(p.value().map_err(|e| e.to_string())?),
-            Long("json") => out.json = Some(p.value().map_err(|e| e.to_string())?),
+            Long("html") => out.html = Some(p.value()?),
+            Long("json") => out.json = Some(p.value()?),
             Long("merge") => out.merge = true,
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
@@ -61,10 +61,12 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         }
     }
     if out.files.is_empty() {
-        return Err("no report given (wsloop report A.json B.json ... --html OUT.html)".into());
+        return Err(Error::usage(
+            "no report given (wsloop report A.json B.json ... --html OUT.html)",
+        ));
     }
     if out.json.is_some() && !out.merge {
-        return Err("--json writes the merged report: add --merge".into());
+        return Err(Error::usage("--json writes the merged report: add --merge"));
     }
     Ok(Asked::Run(out))
 }
@@ -75,14 +77,14 @@ fn label(file: &Path) -> String {
     name.strip_suffix(".json").unwrap_or(&name).to_string()
 }
 
-fn read(file: &Path) -> Result<Report, Failure> {
+fn read(file: &Path) -> Result<Report, Error> {
     let text =
-        std::fs::read_to_string(file).map_err(|e| Failure::Runtime(format!("cannot read {}: {e}", file.display())))?;
-    Report::from_json(&text).map_err(|e| Failure::Runtime(format!("{}: {e}", file.display())))
+        std::fs::read_to_string(file).map_err(|e| Error::runtime(format!("cannot read {}: {e}", file.display())))?;
+    Report::from_json(&text).map_err(|e| Error::runtime(format!("{}: {e}", file.display())))
 }
 
 fn write(file: &OsString, text: &str) -> Outcome {
-    std::fs::write(file, text).map_err(|e| Failure::Runtime(format!("cannot write {}: {e}", Path::new(file).display())))
+    std::fs::write(file, text).map_err(|e| Error::runtime(format!("cannot write {}: {e}", Path::new(file).display())))
 }
 
 fn report(o: Parsed) -> Outcome {
@@ -93,13 +95,13 @@ fn report(o: Parsed) -> Outcome {
     }
     if o.merge {
         if let Some((other, r)) = runs.iter().find(|(_, r)| r.url != runs[0].1.url) {
-            return Err(Failure::Runtime(format!(
+            return Err(Error::runtime(format!(
                 "--merge combines runs against one target: {} measured {}, {other} measured {}",
                 runs[0].0, runs[0].1.url, r.url
             )));
         }
         let reports: Vec<Report> = runs.iter().map(|(_, r)| r.clone()).collect();
-        let merged = Report::merge(&reports).ok_or_else(|| Failure::Runtime("no report".into()))?;
+        let merged = Report::merge(&reports).ok_or_else(|| Error::runtime("no report"))?;
         if let Some(f) = &o.json {
             write(f, &format!("{}\n", merged.to_json()))?;
         }

@@ -13,7 +13,7 @@ use wsloop::Message;
 use super::workers::{self, Worker};
 use super::{
     count, dispatch, duration_above_zero, duration_or_off, init_log_as, parse_bytes, print_line, size_above_zero,
-    unexpected, value, Asked, Failure, Outcome,
+    unexpected, value, Asked, Error, Outcome,
 };
 
 /// `wsloop serve --help`.
@@ -99,7 +99,7 @@ struct Parsed {
 }
 
 /// Parses and checks the command line.
-fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
+fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, Error> {
     use lexopt::prelude::*;
     let mut cfg = ServerConfig::default();
     cfg.handle_signals = true;
@@ -116,7 +116,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
     let (mut tls_cert, mut tls_key): (Option<OsString>, Option<OsString>) = (None, None);
     let (mut cluster, mut cluster_prefix): (Option<String>, Option<String>) = (None, None);
     let mut p = lexopt::Parser::from_args(args);
-    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+    while let Some(arg) = p.next()? {
         match arg {
             Long("listen") => listen = value(&mut p)?,
             Long("mode") => mode = value(&mut p)?,
@@ -143,7 +143,10 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
                     v.parse()
                         .ok()
                         .filter(|n| (1..=workers::MAX_PROCESSES).contains(n))
-                        .ok_or(format!("invalid --processes '{v}' (1 to {})", workers::MAX_PROCESSES))?,
+                        .ok_or(Error::usage(format!(
+                            "invalid --processes '{v}' (1 to {})",
+                            workers::MAX_PROCESSES
+                        )))?,
                 );
             }
             Long("max-connections-per-ip") => {
@@ -153,7 +156,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("max-memory") => {
                 cfg.max_memory = parse_bytes(&value(&mut p)?)?;
                 if cfg.max_memory < 1 << 20 {
-                    return Err("--max-memory must be at least 1MiB".to_string());
+                    return Err(Error::usage("--max-memory must be at least 1MiB"));
                 }
             }
             Long("max-message") => cfg.max_message = size_above_zero("--max-message", &value(&mut p)?)?,
@@ -162,7 +165,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
                 cfg.slow_consumer = match value(&mut p)?.as_str() {
                     "close" => SlowConsumer::Close,
                     "drop" => SlowConsumer::Drop,
-                    v => return Err(format!("invalid --slow-consumer '{v}' (close or drop)")),
+                    v => return Err(Error::usage(format!("invalid --slow-consumer '{v}' (close or drop)"))),
                 }
             }
             Long("handshake-timeout") => {
@@ -176,9 +179,11 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("metrics") => cfg.metrics = true,
             Long("metrics-listen") => {
                 let v = value(&mut p)?;
-                let a = v
-                    .parse()
-                    .map_err(|_| format!("invalid --metrics-listen '{v}' (use IP:PORT, e.g. 127.0.0.1:9100)"))?;
+                let a = v.parse().map_err(|_| {
+                    Error::usage(format!(
+                        "invalid --metrics-listen '{v}' (use IP:PORT, e.g. 127.0.0.1:9100)"
+                    ))
+                })?;
                 cfg.metrics_listen = Some(a);
             }
             Long("drain-timeout") => cfg.drain_timeout = super::parse_duration(&value(&mut p)?)?,
@@ -189,7 +194,7 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             #[cfg(feature = "deflate")]
             Long("deflate-min-size") => cfg.deflate.min_size = parse_bytes(&value(&mut p)?)?,
             #[cfg(not(feature = "deflate"))]
-            Long("deflate" | "deflate-min-size") => return Err(super::NO_DEFLATE.to_string()),
+            Long("deflate" | "deflate-min-size") => return Err(Error::usage(super::NO_DEFLATE)),
             #[cfg(not(feature = "deflate"))]
             Long("no-deflate") => {}
             Long("cluster") => cluster = Some(value(&mut p)?),
@@ -197,8 +202,8 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
             Long("log") => log_level = value(&mut p)?,
             Long("log-format") => log_format = value(&mut p)?,
             Short('q') | Long("quiet") => log_level = "warn".to_string(),
-            Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value().map_err(|e| e.to_string())?),
-            Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value().map_err(|e| e.to_string())?),
+            Long("tls-cert") if cfg!(feature = "tls") => tls_cert = Some(p.value()?),
+            Long("tls-key") if cfg!(feature = "tls") => tls_key = Some(p.value()?),
             Short('h') | Long("help") => return Ok(Asked::Help),
             Short('V') | Long("version") => return Ok(Asked::Version),
             _ => return Err(unexpected(arg, "serve")),
@@ -208,10 +213,16 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         "echo" => PageKind::Echo,
         "reply" => PageKind::Reply,
         "broadcast" => PageKind::Chat,
-        _ => return Err(format!("invalid --mode '{mode}' (echo, reply or broadcast)")),
+        _ => {
+            return Err(Error::usage(format!(
+                "invalid --mode '{mode}' (echo, reply or broadcast)"
+            )))
+        }
     };
     if bcast_flags && kind != PageKind::Chat {
-        return Err("--no-echo-self and --announce need --mode broadcast".to_string());
+        return Err(Error::usage(
+            "--no-echo-self and --announce need --mode broadcast".to_string(),
+        ));
     }
     if serve_page {
         cfg.page = Some(modes::page(kind).into());
@@ -220,18 +231,20 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
         (None, None) => {}
         #[cfg(feature = "tls")]
         (Some(cert), Some(key)) => {
-            cfg.tls = Some(wsloop::tls::ServerTls::from_pem_files(cert, key).map_err(|e| e.to_string())?);
+            cfg.tls = Some(wsloop::tls::ServerTls::from_pem_files(cert, key).map_err(|e| Error::usage(e.to_string()))?);
         }
-        (Some(_), None) => return Err("--tls-cert needs --tls-key".to_string()),
-        _ => return Err("--tls-key needs --tls-cert".to_string()),
+        (Some(_), None) => return Err(Error::usage("--tls-cert needs --tls-key")),
+        _ => return Err(Error::usage("--tls-key needs --tls-cert")),
     }
     cluster_config(&mut cfg, cluster, cluster_prefix)?;
     init_log_as(&log_level, &log_format)?;
     // An address, not a host name: a listening address is an interface's, and parsing it here
     // keeps the resolver out of the binary.
-    let addr: std::net::SocketAddr = listen
-        .parse()
-        .map_err(|_| format!("invalid --listen '{listen}' (use IP:PORT, e.g. 127.0.0.1:9001 or [::1]:9001)"))?;
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        Error::usage(format!(
+            "invalid --listen '{listen}' (use IP:PORT, e.g. 127.0.0.1:9001 or [::1]:9001)"
+        ))
+    })?;
     let mode = match kind {
         PageKind::Echo => Mode::Echo,
         PageKind::Reply => Mode::Reply(reply),
@@ -249,21 +262,22 @@ fn parse(args: Vec<OsString>) -> Result<Asked<Parsed>, String> {
 
 /// `--cluster URL` and `--cluster-prefix NAME` into the settings.
 #[cfg(feature = "cluster")]
-fn cluster_config(cfg: &mut ServerConfig, url: Option<String>, prefix: Option<String>) -> Result<(), String> {
+fn cluster_config(cfg: &mut ServerConfig, url: Option<String>, prefix: Option<String>) -> Result<(), Error> {
     let Some(url) = url else {
         return match prefix {
-            Some(_) => Err("--cluster-prefix needs --cluster".to_string()),
+            Some(_) => Err(Error::usage("--cluster-prefix needs --cluster")),
             None => Ok(()),
         };
     };
     // The URL is not repeated: it may hold a password.
-    let mut cluster = wsloop::server::ClusterConfig::new(&url).map_err(|e| format!("invalid --cluster: {e}"))?;
+    let mut cluster =
+        wsloop::server::ClusterConfig::new(&url).map_err(|e| Error::usage(format!("invalid --cluster: {e}")))?;
     if let Some(prefix) = prefix {
         let fits = |b: u8| b.is_ascii_alphanumeric() || b"-_.:".contains(&b);
         if prefix.is_empty() || prefix.len() > 64 || !prefix.bytes().all(fits) {
-            return Err(format!(
+            return Err(Error::usage(format!(
                 "invalid --cluster-prefix '{prefix}' (1 to 64 letters, digits, '-', '_', '.' or ':')"
-            ));
+            )));
         }
         cluster.prefix = prefix;
     }
@@ -273,22 +287,22 @@ fn cluster_config(cfg: &mut ServerConfig, url: Option<String>, prefix: Option<St
 
 /// `--cluster` in a build without the `cluster` feature.
 #[cfg(not(feature = "cluster"))]
-fn cluster_config(_: &mut ServerConfig, url: Option<String>, prefix: Option<String>) -> Result<(), String> {
+fn cluster_config(_: &mut ServerConfig, url: Option<String>, prefix: Option<String>) -> Result<(), Error> {
     match url.or(prefix) {
-        Some(_) => Err("this build has no cluster (cargo feature `cluster`)".to_string()),
+        Some(_) => Err(Error::usage("this build has no cluster (cargo feature `cluster`)")),
         None => Ok(()),
     }
 }
 
 /// `--threads`: a count, or `auto` for one loop per core.
-fn threads(v: &str) -> Result<usize, String> {
+fn threads(v: &str) -> Result<usize, Error> {
     if v == "auto" {
         return Ok(wsloop::sys::cores().min(MAX_THREADS));
     }
     v.parse()
         .ok()
         .filter(|n| (1..=MAX_THREADS).contains(n))
-        .ok_or_else(|| format!("invalid --threads '{v}' (1 to {MAX_THREADS}, or auto)"))
+        .ok_or_else(|| Error::usage(format!("invalid --threads '{v}' (1 to {MAX_THREADS}, or auto)")))
 }
 
 fn serve(mut o: Parsed) -> Outcome {
@@ -297,16 +311,13 @@ fn serve(mut o: Parsed) -> Outcome {
     if let Some(n) = o.processes {
         // Workers inherit the raised limit: each holds as many connections as it allows.
         let _ = rlimit::increase_nofile_limit(u64::MAX);
-        o.cfg.max_connections =
-            workers::per_worker(o.max_given, n, wsloop::server::default_max_connections()).map_err(Failure::Usage)?;
+        o.cfg.max_connections = workers::per_worker(o.max_given, n, wsloop::server::default_max_connections())?;
         o.cfg.reuse_port = true;
         // Made before the workers fork: each publishes its metrics there for the others.
         let board = wsloop::server::MetricsBoard::new(n)
-            .map_err(|e| Failure::Runtime(format!("cannot share metrics between workers: {e}")))?;
+            .map_err(|e| Error::runtime(format!("cannot share metrics between workers: {e}")))?;
         let stop_timeout = o.cfg.drain_timeout.saturating_add(o.cfg.shutdown_timeout);
-        match workers::supervise(o.addr, n, threads, stop_timeout, o.cfg.max_connections, board)
-            .map_err(Failure::Runtime)?
-        {
+        match workers::supervise(o.addr, n, threads, stop_timeout, o.cfg.max_connections, board)? {
             None => return Ok(()),
             Some(w) => {
                 o.addr = w.addr;
@@ -320,9 +331,9 @@ fn serve(mut o: Parsed) -> Outcome {
         let what = format!("cannot listen on {}: {e}", o.addr);
         // Settings the machine cannot honour are usage errors; a busy address is not.
         if e.kind() == std::io::ErrorKind::InvalidInput {
-            Failure::Usage(what)
+            Error::usage(what)
         } else {
-            Failure::Runtime(what)
+            Error::runtime(what)
         }
     })?;
     // With workers the parent says where they listen.
@@ -366,7 +377,7 @@ fn serve(mut o: Parsed) -> Outcome {
             worker: worker.take(),
             summary: Summary::default(),
         })
-        .map_err(|e| Failure::Runtime(format!("server failed: {e}")))
+        .map_err(|e| Error::runtime(format!("server failed: {e}")))
 }
 
 /// In a worker: the certificate files read again, so that a worker started after a SIGHUP
@@ -562,10 +573,10 @@ impl Handler for Cli {
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
         match &mut self.mode {
             Mode::Echo => {
-                ctx.send(conn.id(), msg);
+                let _ = ctx.send(conn.id(), msg);
             }
             Mode::Reply(text) => {
-                ctx.send_text(conn.id(), text);
+                let _ = ctx.send_text(conn.id(), text);
             }
             Mode::Broadcast(b) => b.on_message(ctx, conn, msg),
         }

@@ -13,6 +13,7 @@
 //!
 //! SIGHUP to the parent goes on to every worker, each of which reloads its certificate.
 
+use super::Error;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
@@ -85,7 +86,7 @@ impl Worker {
 /// hash spreads connections over the listeners (and 16 for small counts), so that one worker
 /// does not refuse while the others have room; an error, naming the processes needed, when
 /// that is more than `room`.
-pub fn per_worker(total: Option<usize>, n: usize, room: usize) -> Result<usize, String> {
+pub fn per_worker(total: Option<usize>, n: usize, room: usize) -> Result<usize, Error> {
     let Some(t) = total else { return Ok(room) };
     let need = |n: usize| {
         let share = t.div_ceil(n);
@@ -98,11 +99,11 @@ pub fn per_worker(total: Option<usize>, n: usize, room: usize) -> Result<usize, 
         format!("fewer connections (even {MAX_PROCESSES} processes are too few)"),
         |m| format!("--processes {m} or more"),
     );
-    Err(format!(
+    Err(Error::usage(format!(
         "--max-connections {t} over {n} processes needs {} per process (a share and room for the uneven \
          spread of SO_REUSEPORT), but a process can hold {room} (its open-file limit less 64): use {enough}",
         need(n)
-    ))
+    )))
 }
 
 /// What the parent keeps per worker; times in milliseconds since the parent started.
@@ -132,7 +133,7 @@ pub fn supervise(
     stop_timeout: Duration,
     per: usize,
     board: wsloop::server::MetricsBoard,
-) -> Result<Option<Worker>, String> {
+) -> Result<Option<Worker>, Error> {
     // Held bound but not listening (so it gets no connections): finds the port for port 0,
     // reports a busy port before any worker starts, and keeps the port while workers restart.
     let reserve = || -> std::io::Result<_> {
@@ -142,9 +143,9 @@ pub fn supervise(
         s.bind(&addr.into())?;
         Ok(s)
     };
-    let reserve = reserve().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let reserve = reserve().map_err(|e| Error::runtime(format!("cannot listen on {addr}: {e}")))?;
     let addr = reserve.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
-    let io = |e: std::io::Error| format!("cannot supervise workers: {e}");
+    let io = |e: std::io::Error| Error::runtime(format!("cannot supervise workers: {e}"));
     let threads = threads.max(1);
     let beats = procs::shared_counters(n * threads).map_err(io)?;
     // Signals and workers write to `tx`: a signal one `X`, a worker that listens one `R`.
@@ -326,7 +327,7 @@ pub fn supervise(
         }
     }
     match failure {
-        Some(why) => Err(why),
+        Some(why) => Err(Error::runtime(why)),
         None => {
             say(log::Level::Info, format_args!("all {n} workers stopped"));
             Ok(None)
@@ -452,10 +453,11 @@ mod tests {
         // 1,000,000 over 53: a share of 18,868, 5 x 137 and 16 more.
         assert_eq!(per_worker(Some(1_000_000), 53, 19_936), Ok(18_868 + 5 * 137 + 16));
         let e = per_worker(Some(1_000_000), 50, 19_936).unwrap_err();
-        assert!(e.contains("--processes 53 or more"), "{e}");
+        assert!(e.to_string().contains("--processes 53 or more"), "{e}");
         assert_eq!(per_worker(Some(10), 2, 100), Ok(5 + 10 + 16));
         assert!(per_worker(Some(100_000_000), 10, 19_936)
             .unwrap_err()
+            .to_string()
             .contains("are too few"));
     }
 }

@@ -261,7 +261,12 @@ impl std::fmt::Display for ClientError {
             ) => write!(f, "handshake failed: {e}"),
             ClientError::Handshake(e) => e.fmt(f),
             ClientError::Protocol(e) => {
-                write!(f, "protocol error by the server: {} (closed with {})", e.reason, e.code)
+                write!(
+                    f,
+                    "protocol error by the server: {} (closed with {})",
+                    e.reason(),
+                    e.code()
+                )
             }
             ClientError::Abnormal(why) => write!(f, "connection closed abnormally (1006): {why}"),
             ClientError::NotOpen => f.write_str("the connection is not open"),
@@ -384,9 +389,9 @@ impl Client {
             (None, true) => Some(crate::tls::ClientTls::system_roots().map_err(ClientError::TlsConfig)?),
         };
         let request = cfg.request(&target);
-        request.check().map_err(ClientError::InvalidConfig)?;
+        request.check().map_err(|e| ClientError::InvalidConfig(e.message()))?;
         let proto_cfg = cfg.protocol_config();
-        proto_cfg.check().map_err(ClientError::InvalidConfig)?;
+        proto_cfg.check().map_err(|e| ClientError::InvalidConfig(e.message()))?;
         #[cfg(feature = "deflate")]
         let cfg_deflate = cfg.deflate;
         let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)

@@ -110,15 +110,15 @@ impl Default for Config {
 
 impl Config {
     /// Refuses settings that cannot work: zero limits and timeouts, or timeouts over 20 days.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         if self.max_message == 0 {
-            return Err("the message limit must be at least 1 byte");
+            return Err(ConfigError::MessageLimitZero);
         }
         if self.max_head < 256 {
-            return Err("the handshake head limit must be at least 256 bytes");
+            return Err(ConfigError::HeadLimitTooSmall);
         }
         if self.handshake_timeout.is_zero() || self.close_timeout.is_zero() {
-            return Err("the handshake and close timeouts must be above zero");
+            return Err(ConfigError::HandshakeOrCloseTimeoutZero);
         }
         let all = [
             Some(self.handshake_timeout),
@@ -127,14 +127,51 @@ impl Config {
             self.idle_timeout,
         ];
         if all.iter().flatten().any(|d| *d > MAX_TIMEOUT) {
-            return Err("timeouts are limited to 20 days");
+            return Err(ConfigError::TimeoutTooLong);
         }
         if all.iter().flatten().any(|d| d.is_zero()) {
-            return Err("a timeout of zero would fire at once; leave it unset to turn it off");
+            return Err(ConfigError::TimeoutZero);
         }
         Ok(())
     }
 }
+
+/// A [`Config`] setting that cannot work, from [`Config::check`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_message` is zero.
+    MessageLimitZero,
+    /// `max_head` is under 256 bytes.
+    HeadLimitTooSmall,
+    /// `handshake_timeout` or `close_timeout` is zero.
+    HandshakeOrCloseTimeoutZero,
+    /// A timeout is over 20 days.
+    TimeoutTooLong,
+    /// `ping_interval` or `idle_timeout` is set to zero.
+    TimeoutZero,
+}
+
+impl ConfigError {
+    /// What is wrong, in one sentence.
+    pub const fn message(self) -> &'static str {
+        match self {
+            ConfigError::MessageLimitZero => "the message limit must be at least 1 byte",
+            ConfigError::HeadLimitTooSmall => "the handshake head limit must be at least 256 bytes",
+            ConfigError::HandshakeOrCloseTimeoutZero => "the handshake and close timeouts must be above zero",
+            ConfigError::TimeoutTooLong => "timeouts are limited to 20 days",
+            ConfigError::TimeoutZero => "a timeout of zero would fire at once; leave it unset to turn it off",
+        }
+    }
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl core::error::Error for ConfigError {}
 
 /// A complete data message, as sent or handed to an application.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,18 +315,93 @@ impl core::fmt::Display for Error {
 
 impl core::error::Error for Error {}
 
-/// A protocol violation by the peer, and the close code it is answered with.
+/// A protocol violation by the peer, one variant per reason; [`code`](Self::code) is the close
+/// code it is answered with and [`reason`](Self::reason) the close reason sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProtocolError {
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// RSV1, RSV2 or RSV3 set where no agreed extension defines it (1002).
+    ReservedBits,
+    /// Opcode 0x3–0x7 or 0xB–0xF (1002).
+    ReservedOpcode,
+    /// A close, ping or pong with FIN clear (1002).
+    FragmentedControl,
+    /// A close, ping or pong payload over 125 bytes (1002).
+    ControlTooLong,
+    /// A 64-bit length with its most significant bit set (1002).
+    LengthOverflow,
+    /// A server received a frame without a mask (1002).
+    UnmaskedClientFrame,
+    /// A client received a masked frame (1002).
+    MaskedServerFrame,
+    /// A continuation frame arrived with no fragmented message to continue (1002).
+    ContinuationWithoutMessage,
+    /// A text or binary frame arrived inside a fragmented message (1002).
+    MessageInsideFragmented,
+    /// A close frame with a payload of exactly one byte (1002).
+    CloseOneByte,
+    /// A close code that may not be sent on the wire (1002).
+    InvalidCloseCode,
+    /// A message over the configured limit, compressed or not (1009).
+    MessageTooBig,
+    /// A text message that is not UTF-8 (1007).
+    InvalidUtf8,
+    /// A text message that ends inside a character (1007).
+    CutUtf8,
+    /// A compressed message that does not inflate (1007).
+    InvalidCompressedData,
+    /// A close reason that is not UTF-8 (1007).
+    CloseReasonNotUtf8,
+}
+
+impl ProtocolError {
     /// The close code sent: 1002, 1007 or 1009.
-    pub code: u16,
-    /// What the peer did wrong.
-    pub reason: &'static str,
+    pub const fn code(self) -> u16 {
+        use ProtocolError::*;
+        match self {
+            MessageTooBig => 1009,
+            InvalidUtf8 | CutUtf8 | InvalidCompressedData | CloseReasonNotUtf8 => 1007,
+            ReservedBits
+            | ReservedOpcode
+            | FragmentedControl
+            | ControlTooLong
+            | LengthOverflow
+            | UnmaskedClientFrame
+            | MaskedServerFrame
+            | ContinuationWithoutMessage
+            | MessageInsideFragmented
+            | CloseOneByte
+            | InvalidCloseCode => 1002,
+        }
+    }
+
+    /// What the peer did wrong: the close reason sent with [`code`](Self::code).
+    pub const fn reason(self) -> &'static str {
+        use ProtocolError::*;
+        match self {
+            ReservedBits => "reserved bits set",
+            ReservedOpcode => "reserved opcode",
+            FragmentedControl => "fragmented control frame",
+            ControlTooLong => "control frame over 125 bytes",
+            LengthOverflow => "payload length over 2^63",
+            UnmaskedClientFrame => "client frame not masked",
+            MaskedServerFrame => "server frame masked",
+            ContinuationWithoutMessage => "continuation frame without a message to continue",
+            MessageInsideFragmented => "new message inside a fragmented message",
+            CloseOneByte => "close frame with a 1-byte payload",
+            InvalidCloseCode => "invalid close code",
+            MessageTooBig => "message too big",
+            InvalidUtf8 => "invalid UTF-8 in text message",
+            CutUtf8 => "text message ends inside a character",
+            InvalidCompressedData => "invalid compressed data",
+            CloseReasonNotUtf8 => "close reason is not UTF-8",
+        }
+    }
 }
 
 impl core::fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{} ({})", self.reason, self.code)
+        write!(f, "{} ({})", self.reason(), self.code())
     }
 }
 
@@ -536,13 +648,9 @@ impl core::fmt::Debug for Connection {
     }
 }
 
-const fn err(code: u16, reason: &'static str) -> ProtocolError {
-    ProtocolError { code, reason }
-}
-
 /// The deadline `d` after the clock reading `since`, never early: the clock reads whole
 /// milliseconds rounded down, so the wait is rounded up and given one millisecond more.
-pub fn deadline_after(since: u64, d: Duration) -> u64 {
+pub(crate) fn deadline_after(since: u64, d: Duration) -> u64 {
     let ms = d.as_millis().min(u128::from(u64::MAX >> 2)) as u64;
     since.saturating_add(ms + u64::from(d.subsec_nanos() % 1_000_000 != 0) + 1)
 }
@@ -664,7 +772,7 @@ impl Connection {
         let [b0, _, ..] = *head else { return Ok(()) };
         let allowed = self.deflate != 0 && matches!(b0 & 0x0f, 0x1 | 0x2);
         if b0 & 0x40 != 0 && !allowed {
-            return Err(err(1002, "reserved bits set"));
+            return Err(ProtocolError::ReservedBits);
         }
         Ok(())
     }
@@ -1194,7 +1302,7 @@ impl Connection {
         out: &mut Vec<u8>,
     ) -> ProtocolError {
         if self.state == State::Open {
-            write_close(out, self.mask(rng), Some(e.code), e.reason);
+            write_close(out, self.mask(rng), Some(e.code()), e.reason());
         }
         self.set_closed(now);
         e
@@ -1371,8 +1479,8 @@ impl Connection {
     /// Rules that depend on role and on what came before.
     fn check_header(&self, h: &FrameHeader, max_message: usize) -> Result<(), ProtocolError> {
         match (self.flags & CLIENT != 0, h.mask.is_some()) {
-            (false, false) => return Err(err(1002, "client frame not masked")),
-            (true, true) => return Err(err(1002, "server frame masked")),
+            (false, false) => return Err(ProtocolError::UnmaskedClientFrame),
+            (true, true) => return Err(ProtocolError::MaskedServerFrame),
             _ => {}
         }
         if h.opcode.is_control() {
@@ -1381,22 +1489,20 @@ impl Connection {
         let Some(p) = self.partial.as_deref() else {
             // Nothing in progress: the common case.
             return match h.opcode {
-                OpCode::Continuation => Err(err(1002, "continuation frame without a message to continue")),
-                _ if h.payload_len > wire_limit(max_message, h.rsv1) => Err(err(1009, "message too big")),
+                OpCode::Continuation => Err(ProtocolError::ContinuationWithoutMessage),
+                _ if h.payload_len > wire_limit(max_message, h.rsv1) => Err(ProtocolError::MessageTooBig),
                 _ => Ok(()),
             };
         };
         let in_message = p.message;
         match (h.opcode, in_message) {
-            (OpCode::Continuation, None) => return Err(err(1002, "continuation frame without a message to continue")),
-            (OpCode::Text | OpCode::Binary, Some(_)) => {
-                return Err(err(1002, "new message inside a fragmented message"))
-            }
+            (OpCode::Continuation, None) => return Err(ProtocolError::ContinuationWithoutMessage),
+            (OpCode::Text | OpCode::Binary, Some(_)) => return Err(ProtocolError::MessageInsideFragmented),
             _ => {}
         }
         let so_far = p.buf.len() as u64 + p.skipped;
         if so_far.saturating_add(h.payload_len) > wire_limit(max_message, p.is_compressed() || h.rsv1) {
-            return Err(err(1009, "message too big"));
+            return Err(ProtocolError::MessageTooBig);
         }
         Ok(())
     }
@@ -1434,7 +1540,7 @@ impl Connection {
         }
         let compressed = p.is_compressed();
         if p.message == Some(OpCode::Text) && !compressed {
-            p.utf8.feed(chunk).map_err(|_| err(1007, INVALID_UTF8))?;
+            p.utf8.feed(chunk).map_err(|_| ProtocolError::InvalidUtf8)?;
         }
         // After this end's close frame, data is read to find the peer's close but not kept.
         if self.state == State::Open {
@@ -1459,14 +1565,14 @@ impl Connection {
             return Ok((take, Some(Event::Message(message))));
         }
         if kind == Some(OpCode::Text) {
-            p.utf8.finish().map_err(|_| err(1007, CUT_UTF8))?;
+            p.utf8.finish().map_err(|_| ProtocolError::CutUtf8)?;
         }
         if self.state != State::Open {
             return Ok((take, None));
         }
         let payload = match kind {
             // Already checked piece by piece; this second pass only converts the type.
-            Some(OpCode::Text) => Payload::OwnedText(String::from_utf8(buf).map_err(|_| err(1007, INVALID_UTF8))?),
+            Some(OpCode::Text) => Payload::OwnedText(String::from_utf8(buf).map_err(|_| ProtocolError::InvalidUtf8)?),
             _ => Payload::OwnedBinary(buf),
         };
         Ok((take, Some(Event::Message(payload))))
@@ -1501,13 +1607,11 @@ impl Connection {
         codec
             .decompress(window, message, max_message, &mut out)
             .map_err(|e| match e {
-                InflateError::TooBig => err(1009, "message too big"),
-                InflateError::Corrupt => err(1007, "invalid compressed data"),
+                InflateError::TooBig => ProtocolError::MessageTooBig,
+                InflateError::Corrupt => ProtocolError::InvalidCompressedData,
             })?;
         Ok(match kind {
-            OpCode::Text => {
-                Payload::OwnedText(String::from_utf8(out).map_err(|_| err(1007, "invalid UTF-8 in text message"))?)
-            }
+            OpCode::Text => Payload::OwnedText(String::from_utf8(out).map_err(|_| ProtocolError::InvalidUtf8)?),
             _ => Payload::OwnedBinary(out),
         })
     }
@@ -1522,7 +1626,7 @@ impl Connection {
         codec: CodecRef<'_>,
     ) -> Result<Payload<'static>, ProtocolError> {
         match codec {
-            None => Err(err(1002, "reserved bits set")),
+            None => Err(ProtocolError::ReservedBits),
             Some(never) => match *never {},
         }
     }
@@ -1555,14 +1659,14 @@ impl Connection {
             _ => {
                 let (code, reason) = match payload.len() {
                     0 => (None, ""),
-                    1 => return Err(err(1002, "close frame with a 1-byte payload")),
+                    1 => return Err(ProtocolError::CloseOneByte),
                     _ => {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
                         if !close_code::is_valid(code) {
-                            return Err(err(1002, "invalid close code"));
+                            return Err(ProtocolError::InvalidCloseCode);
                         }
                         let reason =
-                            core::str::from_utf8(&payload[2..]).map_err(|_| err(1007, "close reason is not UTF-8"))?;
+                            core::str::from_utf8(&payload[2..]).map_err(|_| ProtocolError::CloseReasonNotUtf8)?;
                         (Some(code), reason)
                     }
                 };
@@ -1593,34 +1697,25 @@ fn wire_limit(max_message: usize, compressed: bool) -> u64 {
     }
 }
 
-const INVALID_UTF8: &str = "invalid UTF-8 in text message";
-const CUT_UTF8: &str = "text message ends inside a character";
-
 /// The close reason for a text frame that arrived whole: the same one the piece-by-piece check
 /// gives, so the peer is told the same thing however the bytes were cut.
 fn utf8_error(e: core::str::Utf8Error) -> ProtocolError {
-    err(
-        1007,
-        if e.error_len().is_none() {
-            CUT_UTF8
-        } else {
-            INVALID_UTF8
-        },
-    )
+    if e.error_len().is_none() {
+        ProtocolError::CutUtf8
+    } else {
+        ProtocolError::InvalidUtf8
+    }
 }
 
 fn frame_error(e: super::frame::FrameError) -> ProtocolError {
-    use super::frame::FrameError::*;
-    err(
-        1002,
-        match e {
-            ReservedBits => "reserved bits set",
-            ReservedOpcode(_) => "reserved opcode",
-            FragmentedControl => "fragmented control frame",
-            ControlTooLong => "control frame over 125 bytes",
-            LengthOverflow => "payload length over 2^63",
-        },
-    )
+    use super::frame::FrameError;
+    match e {
+        FrameError::ReservedBits => ProtocolError::ReservedBits,
+        FrameError::ReservedOpcode(_) => ProtocolError::ReservedOpcode,
+        FrameError::FragmentedControl => ProtocolError::FragmentedControl,
+        FrameError::ControlTooLong => ProtocolError::ControlTooLong,
+        FrameError::LengthOverflow => ProtocolError::LengthOverflow,
+    }
 }
 
 #[cfg(test)]
@@ -1636,6 +1731,62 @@ mod tests {
                 self.0 = self.0.wrapping_add(1);
                 *b = self.0;
             }
+        }
+    }
+
+    #[test]
+    fn protocol_errors_carry_their_code_and_a_reason_that_fits_a_close_frame() {
+        use ProtocolError::*;
+        let all = [
+            (ReservedBits, 1002),
+            (ReservedOpcode, 1002),
+            (FragmentedControl, 1002),
+            (ControlTooLong, 1002),
+            (LengthOverflow, 1002),
+            (UnmaskedClientFrame, 1002),
+            (MaskedServerFrame, 1002),
+            (ContinuationWithoutMessage, 1002),
+            (MessageInsideFragmented, 1002),
+            (CloseOneByte, 1002),
+            (InvalidCloseCode, 1002),
+            (MessageTooBig, 1009),
+            (InvalidUtf8, 1007),
+            (CutUtf8, 1007),
+            (InvalidCompressedData, 1007),
+            (CloseReasonNotUtf8, 1007),
+        ];
+        for (e, code) in all {
+            assert_eq!(e.code(), code, "{e:?}");
+            // A close frame's payload is at most 125 bytes, two of them the code.
+            assert!(!e.reason().is_empty() && e.reason().len() <= 123, "{e:?}");
+            assert_eq!(e.to_string(), alloc::format!("{} ({code})", e.reason()));
+        }
+        let reasons: alloc::collections::BTreeSet<_> = all.iter().map(|(e, _)| e.reason()).collect();
+        assert_eq!(reasons.len(), all.len(), "one reason per variant");
+    }
+
+    #[test]
+    fn config_check_names_what_cannot_work() {
+        assert_eq!(Config::default().check(), Ok(()));
+        type Spoil = fn(&mut Config);
+        let cases: [(Spoil, ConfigError); 5] = [
+            (|c| c.max_message = 0, ConfigError::MessageLimitZero),
+            (|c| c.max_head = 255, ConfigError::HeadLimitTooSmall),
+            (
+                |c| c.close_timeout = Duration::ZERO,
+                ConfigError::HandshakeOrCloseTimeoutZero,
+            ),
+            (
+                |c| c.idle_timeout = Some(MAX_TIMEOUT + Duration::from_secs(1)),
+                ConfigError::TimeoutTooLong,
+            ),
+            (|c| c.ping_interval = Some(Duration::ZERO), ConfigError::TimeoutZero),
+        ];
+        for (spoil, want) in cases {
+            let mut cfg = Config::default();
+            spoil(&mut cfg);
+            assert_eq!(cfg.check(), Err(want));
+            assert_eq!(want.to_string(), want.message());
         }
     }
 

@@ -22,7 +22,11 @@ pub mod mask;
 pub mod rand;
 pub mod utf8;
 
-pub use conn::{Config, Connection, Error, Event, Message, NotOpen, Payload, ProtocolError, Role, State, Timeout};
+pub use conn::{
+    Config, ConfigError, Connection, Error, Event, Message, NotOpen, Payload, ProtocolError, Role, State, Timeout,
+};
 pub use frame::{close_code, FrameHeader, OpCode};
-pub use handshake::{Answer, ClientRequest, HeaderError, Headers, Reject, Request, Response, ResponseError};
+pub use handshake::{
+    Answer, ClientRequest, ClientRequestError, HeaderError, Headers, Reject, Request, Response, ResponseError,
+};
 pub use rand::RandomSource;

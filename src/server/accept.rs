@@ -63,7 +63,7 @@ impl<H: Handler> Srv<H> {
                         Reject::new(503, "too many connections").write(&mut b);
                         for _ in 0..REFUSE_AT_ONCE {
                             let Ok((mut s, a)) = listener.accept() else { break };
-                            self.shared.stats.refused += 1;
+                            self.loop_state.stats.refused += 1;
                             peer_log(log::Level::Debug, a, format_args!(": refused, out of descriptors"));
                             let _ = write_some(&mut s, &b);
                         }
@@ -91,7 +91,7 @@ impl<H: Handler> Srv<H> {
         addr: SocketAddr,
         admin: bool,
     ) {
-        self.shared.counters.accepted += 1;
+        self.loop_state.counters.accepted += 1;
         // Counted over every loop; given back by `give_back`, from `on_removed` or below.
         let slots = self.group().slots.fetch_add(1, Ordering::Relaxed);
         let mut over = slots >= self.cfg.max_connections;
@@ -121,7 +121,7 @@ impl<H: Handler> Srv<H> {
         }
         let mut refusal = Vec::new();
         if over {
-            self.shared.stats.refused += 1;
+            self.loop_state.stats.refused += 1;
             Reject::new(503, why).write(&mut refusal);
             if slots >= self.cfg.max_connections + (config::FD_RESERVE as usize / 2) {
                 // No room even to linger: write the answer if the kernel takes it, then drop.
@@ -142,7 +142,7 @@ impl<H: Handler> Srv<H> {
         if over {
             conn.set_closed(eng.now);
         }
-        let peer = PeerAddr::new(addr, &mut self.shared.peers);
+        let peer = PeerAddr::new(addr, &mut self.loop_state.peers);
         let data_counted = !over && self.cfg.max_connections_per_ip.is_some();
         let data = ConnData::new(peer, data_counted);
         let stream = match server_stream(stream, self.group(), admin) {
@@ -174,10 +174,10 @@ impl<H: Handler> Srv<H> {
         self.group().slots.fetch_sub(1, Ordering::Relaxed);
         let Some(peer) = peer else { return };
         if counted {
-            let ip = peer.get(&self.shared.peers).ip();
+            let ip = peer.get(&self.loop_state.peers).ip();
             self.group().per_ip.lock().unwrap_or_else(|e| e.into_inner()).remove(ip);
         }
-        peer.release(&mut self.shared.peers);
+        peer.release(&mut self.loop_state.peers);
     }
 
     /// Whether connections speak TLS.

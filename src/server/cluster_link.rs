@@ -206,7 +206,7 @@ impl super::Handle {
                     topic: topic.clone(),
                     except,
                 };
-                self.push(lp, c, super::handle::MAX_LOOP_COMMANDS) == Err(super::HandleError::Busy)
+                self.push(lp, c, Some(super::handle::MAX_LOOP_COMMANDS)) == Err(super::HandleError::Busy)
             })
             .count()
     }
@@ -214,10 +214,12 @@ impl super::Handle {
     /// Hands a message from another instance to the loop that owns connection `id`; returns 1
     /// if that loop was too far behind to take it.
     fn send_remote(&self, id: ConnId, payload: &[u8], op: OpCode) -> usize {
-        if id.lp() >= self.group.inboxes.len() {
+        if id.loop_index() >= self.group.inboxes.len() {
             return 0;
         }
         let c = super::handle::Command::Send(id, payload.to_vec(), op);
-        usize::from(self.push(id.lp(), c, super::handle::MAX_LOOP_COMMANDS) == Err(super::HandleError::Busy))
+        usize::from(
+            self.push(id.loop_index(), c, Some(super::handle::MAX_LOOP_COMMANDS)) == Err(super::HandleError::Busy),
+        )
     }
 }

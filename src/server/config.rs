@@ -135,6 +135,57 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
 }
 
+/// A [`ServerConfig`] setting that cannot work, from [`ServerConfig::check`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerConfigError {
+    /// `max_connections` is zero.
+    MaxConnectionsZero,
+    /// `max_connections_per_ip` is `Some(0)`.
+    MaxConnectionsPerIpZero,
+    /// `max_backpressure` is zero.
+    MaxBackpressureZero,
+    /// `max_memory` is under 1 MiB.
+    MaxMemoryTooSmall,
+    /// `read_buffer_size` is under 64 bytes.
+    ReadBufferTooSmall,
+    /// `threads` is not 1 to 256.
+    Threads,
+    /// `read_buffer_size` is under 64 KiB with TLS on.
+    ReadBufferTooSmallForTls,
+    /// `shutdown_timeout` is zero.
+    ShutdownTimeoutZero,
+    /// The cluster channel prefix is empty.
+    ClusterPrefixEmpty,
+    /// The cluster heartbeat is zero.
+    ClusterHeartbeatZero,
+    /// The cluster `queue_limit` is zero.
+    ClusterQueueLimitZero,
+    /// A setting of each connection's protocol core cannot work.
+    Protocol(proto::ConfigError),
+}
+
+impl core::fmt::Display for ServerConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ServerConfigError::MaxConnectionsZero => "max_connections must be at least 1",
+            ServerConfigError::MaxConnectionsPerIpZero => "max_connections_per_ip must be at least 1",
+            ServerConfigError::MaxBackpressureZero => "max_backpressure must be at least 1 byte",
+            ServerConfigError::MaxMemoryTooSmall => "max_memory must be at least 1 MiB",
+            ServerConfigError::ReadBufferTooSmall => "read_buffer_size must be at least 64 bytes",
+            ServerConfigError::Threads => "threads must be 1 to 256",
+            ServerConfigError::ReadBufferTooSmallForTls => "read_buffer_size must be at least 64 KiB with TLS",
+            ServerConfigError::ShutdownTimeoutZero => "shutdown_timeout must be above zero",
+            ServerConfigError::ClusterPrefixEmpty => "cluster prefix must not be empty",
+            ServerConfigError::ClusterHeartbeatZero => "cluster heartbeat must be above zero",
+            ServerConfigError::ClusterQueueLimitZero => "cluster queue_limit must be at least 1 byte",
+            ServerConfigError::Protocol(e) => e.message(),
+        })
+    }
+}
+
+impl std::error::Error for ServerConfigError {}
+
 impl ServerConfig {
     /// Turns on `GET /metrics` on the main listener ([`metrics`](Self::metrics)).
     pub fn with_metrics(mut self) -> Self {
@@ -212,46 +263,46 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// Refuses settings that cannot work (zero limits, zero timeouts), with what is wrong.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), ServerConfigError> {
         if self.max_connections == 0 {
-            return Err("max_connections must be at least 1");
+            return Err(ServerConfigError::MaxConnectionsZero);
         }
         if self.max_connections_per_ip == Some(0) {
-            return Err("max_connections_per_ip must be at least 1");
+            return Err(ServerConfigError::MaxConnectionsPerIpZero);
         }
         if self.max_backpressure == 0 {
-            return Err("max_backpressure must be at least 1 byte");
+            return Err(ServerConfigError::MaxBackpressureZero);
         }
         if self.max_memory < 1 << 20 {
-            return Err("max_memory must be at least 1 MiB");
+            return Err(ServerConfigError::MaxMemoryTooSmall);
         }
         if self.read_buffer_size < 64 {
-            return Err("read_buffer_size must be at least 64 bytes");
+            return Err(ServerConfigError::ReadBufferTooSmall);
         }
         if !(1..=super::MAX_THREADS).contains(&self.threads) {
-            return Err("threads must be 1 to 256");
+            return Err(ServerConfigError::Threads);
         }
         #[cfg(feature = "tls")]
         if self.tls.is_some() && self.read_buffer_size < 64 << 10 {
             // Its upper half must hold a whole TLS record (up to 18 KiB) and what is joined to it.
-            return Err("read_buffer_size must be at least 64 KiB with TLS");
+            return Err(ServerConfigError::ReadBufferTooSmallForTls);
         }
         if self.shutdown_timeout.is_zero() {
-            return Err("shutdown_timeout must be above zero");
+            return Err(ServerConfigError::ShutdownTimeoutZero);
         }
         #[cfg(feature = "cluster")]
         if let Some(c) = &self.cluster {
             if c.prefix.is_empty() {
-                return Err("cluster prefix must not be empty");
+                return Err(ServerConfigError::ClusterPrefixEmpty);
             }
             if c.heartbeat.is_zero() {
-                return Err("cluster heartbeat must be above zero");
+                return Err(ServerConfigError::ClusterHeartbeatZero);
             }
             if c.queue_limit == 0 {
-                return Err("cluster queue_limit must be at least 1 byte");
+                return Err(ServerConfigError::ClusterQueueLimitZero);
             }
         }
-        self.protocol_config().check()
+        self.protocol_config().check().map_err(ServerConfigError::Protocol)
     }
 
     /// The settings of each connection's protocol core.

@@ -128,16 +128,16 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Handle {
-    /// Queues `c` for loop `lp` if fewer than `bound` commands wait there, and wakes the loop
-    /// if its queue was empty (a loop takes its whole queue on each wake).
-    pub(super) fn push(&self, lp: usize, c: Command, bound: usize) -> Result<(), HandleError> {
+    /// Queues `c` for loop `lp` if fewer than `bound` commands wait there (`None`: any number),
+    /// and wakes the loop if its queue was empty (a loop takes its whole queue on each wake).
+    pub(super) fn push(&self, lp: usize, c: Command, bound: Option<usize>) -> Result<(), HandleError> {
         let inbox = &self.group.inboxes[lp];
         let first = {
             let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
             if inbox.stopped.load(Ordering::Acquire) {
                 return Err(HandleError::Stopped);
             }
-            if q.len() >= bound {
+            if bound.is_some_and(|b| q.len() >= b) {
                 return Err(HandleError::Busy);
             }
             q.push_back(c);
@@ -208,7 +208,7 @@ impl Handle {
                     topic: topic.clone(),
                     except,
                 };
-                self.push(lp, c, MAX_LOOP_COMMANDS) == Err(HandleError::Busy)
+                self.push(lp, c, Some(MAX_LOOP_COMMANDS)) == Err(HandleError::Busy)
             })
             .count()
     }
@@ -217,7 +217,7 @@ impl Handle {
     pub(super) fn stop_others(&self, from: usize, now: bool) {
         for lp in (0..self.group.inboxes.len()).filter(|&lp| lp != from) {
             let c = if now { Command::Stop } else { Command::Shutdown };
-            let _ = self.push(lp, c, usize::MAX);
+            let _ = self.push(lp, c, None);
         }
     }
 
@@ -251,10 +251,14 @@ impl Handle {
                 false => Err(HandleError::Unreachable),
             };
         }
-        if id.lp() >= self.group.inboxes.len() {
+        if id.loop_index() >= self.group.inboxes.len() {
             return Ok(());
         }
-        self.push(id.lp(), Command::Send(id, data.to_vec(), op), MAX_COMMANDS)
+        self.push(
+            id.loop_index(),
+            Command::Send(id, data.to_vec(), op),
+            Some(MAX_COMMANDS),
+        )
     }
 
     /// Sends a text message to one connection. With a cluster, a connection of another

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use super::config::SlowConsumer;
 use super::topics::{Joined, Left};
-use super::Shared;
+use super::LoopState;
 use crate::io::budget::SharedFrame;
 use crate::io::engine::Engine;
 use crate::io::stream::ServerStream;
 use crate::proto::frame::write_frame;
 use crate::proto::rand::NoRandom;
-use crate::proto::{close_code, Answer, HeaderError, Headers, Message, Request, State};
+use crate::proto::{close_code, Answer, HeaderError, Headers, Message, NotOpen, Request, State};
 
 /// Identifies one connection for as long as it lives, the loop that owns it (with
 /// [`ServerConfig::threads`](super::ServerConfig::threads) above 1) and, with a cluster
@@ -45,9 +45,6 @@ impl ConnId {
     /// The index of the loop that owns the connection.
     pub fn loop_index(self) -> usize {
         (self.local >> 56) as usize
-    }
-    pub(crate) fn lp(self) -> usize {
-        self.loop_index()
     }
     pub(crate) fn key(self) -> usize {
         (self.local & 0xFFFF_FFFF) as usize
@@ -89,7 +86,7 @@ impl std::fmt::Display for ConnId {
     /// `#SLOT.GEN`, `#LOOP:SLOT.GEN` on loops other than 0, and `@INSTANCE` (16 hex digits)
     /// after it with a cluster.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.lp() {
+        match self.loop_index() {
             0 => write!(f, "#{}.{}", self.key(), self.gen())?,
             lp => write!(f, "#{lp}:{}.{}", self.key(), self.gen())?,
         }
@@ -293,8 +290,8 @@ impl<S> Conn<S> {
         self.id
     }
 
-    /// The peer's address.
-    pub fn addr(&self) -> SocketAddr {
+    /// The peer's address (the proxy's, behind a proxy).
+    pub fn peer_addr(&self) -> SocketAddr {
         self.addr
     }
 }
@@ -317,7 +314,7 @@ impl<'a> Upgrade<'a> {
     }
 
     /// The peer's address (the proxy's, behind a proxy: see `X-Forwarded-For`).
-    pub fn peer(&self) -> SocketAddr {
+    pub fn peer_addr(&self) -> SocketAddr {
         self.peer
     }
 
@@ -507,12 +504,12 @@ fn compressed_for<'f>(
 /// What the handler can do from inside the loop.
 pub struct Ctx<'a, S> {
     pub(crate) eng: &'a mut ServerEngine<S>,
-    pub(crate) shared: &'a mut Shared,
+    pub(crate) loop_state: &'a mut LoopState,
 }
 
 impl<'a, S> Ctx<'a, S> {
     fn addr_of(&self, key: usize) -> SocketAddr {
-        self.eng.slots[key].data.addr.get(&self.shared.peers)
+        self.eng.slots[key].data.addr.get(&self.loop_state.peers)
     }
 
     /// A message encoded once as an unmasked frame, to be shared by many queues (and counted
@@ -526,7 +523,7 @@ impl<'a, S> Ctx<'a, S> {
     /// Whether `id` names a connection of this loop (open or not).
     #[inline]
     fn is_here(&self, id: ConnId) -> bool {
-        id.lp() == usize::from(self.shared.lp) && id.instance() == self.shared.instance
+        id.loop_index() == usize::from(self.loop_state.lp) && id.instance() == self.loop_state.instance
     }
 
     /// The slot of `id` if it is live on this loop (an id of another loop is not).
@@ -535,34 +532,45 @@ impl<'a, S> Ctx<'a, S> {
         (self.is_here(id) && self.eng.is_live(key, id.gen())).then_some(key)
     }
 
-    /// Sends a text message to one connection. Returns false if it is not open.
-    pub fn send_text(&mut self, id: ConnId, text: &str) -> bool {
+    /// Sends a text message to one connection, as [`send`](Self::send) does.
+    pub fn send_text(&mut self, id: ConnId, text: &str) -> Result<(), NotOpen> {
         self.send(id, Message::Text(text))
     }
 
-    /// Sends a message to one connection of this loop. Returns false if it is not open here
-    /// (a connection of another loop is reached through [`handle`](Self::handle)).
+    /// Sends a binary message to one connection, as [`send`](Self::send) does.
+    pub fn send_binary(&mut self, id: ConnId, data: &[u8]) -> Result<(), NotOpen> {
+        self.send(id, Message::Binary(data))
+    }
+
+    /// Sends a message to one connection of this loop. Fails with [`NotOpen`] if it is not
+    /// open here (a connection of another loop is reached through [`handle`](Self::handle)).
     ///
     /// With a cluster, a connection of another instance is reached through Redis: the message
-    /// is queued for it, and this returns whether it was (false when Redis is down or the
-    /// queue to it is full; whether that connection is open is known only there).
+    /// is queued for it, and this fails when it was not (Redis is down or the queue to it is
+    /// full; whether that connection is open is known only there).
     #[inline]
-    pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+    pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> Result<(), NotOpen> {
         // The test first, so that the inlined path below is the same as without it.
-        if self.shared.log_messages {
-            return self.send_logged(id, msg);
+        let sent = if self.loop_state.log_messages {
+            self.send_logged(id, msg)
+        } else {
+            self.send_unlogged(id, msg)
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(NotOpen)
         }
-        self.send_unlogged(id, msg)
     }
 
     #[inline(always)]
     fn send_unlogged(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        if id.instance() != self.shared.instance {
+        if id.instance() != self.loop_state.instance {
             return self.send_elsewhere(id, msg);
         }
-        let here = id.lp() == usize::from(self.shared.lp);
+        let here = id.loop_index() == usize::from(self.loop_state.lp);
         let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
-        self.shared.stats.messages_out += u64::from(ok);
+        self.loop_state.stats.messages_out += u64::from(ok);
         ok
     }
 
@@ -571,7 +579,7 @@ impl<'a, S> Ctx<'a, S> {
     #[inline(never)]
     fn send_logged(&mut self, id: ConnId, msg: Message<'_>) -> bool {
         let ok = self.send_unlogged(id, msg);
-        if ok && id.instance() == self.shared.instance {
+        if ok && id.instance() == self.loop_state.instance {
             let addr = self.addr_of(id.key());
             super::msglog::message(addr, super::msglog::Dir::Out, msg.opcode(), msg.as_bytes());
         }
@@ -582,12 +590,20 @@ impl<'a, S> Ctx<'a, S> {
     #[inline(never)]
     fn send_elsewhere(&mut self, id: ConnId, msg: Message<'_>) -> bool {
         // Instance 0 is a server without a cluster: no instance listens for it.
-        id.instance() != 0 && self.shared.handle.group.link.send_to(id, msg.opcode(), msg.as_bytes())
+        id.instance() != 0
+            && self
+                .loop_state
+                .handle
+                .group
+                .link
+                .send_to(id, msg.opcode(), msg.as_bytes())
     }
 
-    /// Sends a ping to one connection (the pong is not reported). Returns false if it is not open.
-    pub fn ping(&mut self, id: ConnId) -> bool {
-        self.slot_key(id).is_some_and(|key| self.eng.ping(key, b"").is_ok())
+    /// Sends a ping to one connection (the pong is not reported). Fails with [`NotOpen`] if it
+    /// is not open here.
+    pub fn ping(&mut self, id: ConnId) -> Result<(), NotOpen> {
+        let key = self.slot_key(id).ok_or(NotOpen)?;
+        self.eng.ping(key, b"")
     }
 
     /// Sends a message to every open connection except `except`, encoding the frame once and
@@ -602,7 +618,7 @@ impl<'a, S> Ctx<'a, S> {
     /// the bus, never waited for: this server's peers get it at once, Redis up or down).
     pub fn broadcast(&mut self, msg: Message<'_>, except: Option<ConnId>) -> usize {
         let frame = self.shared_frame(msg);
-        self.shared
+        self.loop_state
             .handle
             .group
             .link
@@ -614,7 +630,7 @@ impl<'a, S> Ctx<'a, S> {
     /// hands it to the other loops too.
     pub(crate) fn deliver(&mut self, frame: &Arc<SharedFrame>, except: Option<ConnId>, forward: bool) -> usize {
         let mut sent = 0;
-        let (lp, instance) = (self.shared.lp, self.shared.instance);
+        let (lp, instance) = (self.loop_state.lp, self.loop_state.instance);
         let recipient = |slot: &crate::io::engine::Slot<ServerStream, ConnData<S>>, key: usize| {
             !slot.is_dead()
                 && slot.conn.state() == State::Open
@@ -631,7 +647,7 @@ impl<'a, S> Ctx<'a, S> {
         }
         // The other loops work on it while this one does.
         if forward {
-            self.shared.forward(frame, None, except);
+            self.loop_state.forward(frame, None, except);
         }
         // Index the slab instead of collecting keys: no allocation per broadcast.
         for key in 0..self.eng.slots.capacity() {
@@ -643,7 +659,7 @@ impl<'a, S> Ctx<'a, S> {
                 sent += 1;
             }
         }
-        self.shared.stats.messages_out += sent as u64;
+        self.loop_state.stats.messages_out += sent as u64;
         // Each connection looked at is work for the sender's wakeup (see `io::engine::QUANTUM`).
         self.eng.work += self.eng.slots.len();
         sent
@@ -661,11 +677,11 @@ impl<'a, S> Ctx<'a, S> {
         if !open {
             return false;
         }
-        match self.shared.topics.subscribe(id, topic) {
+        match self.loop_state.topics.subscribe(id, topic) {
             Joined::Already => false,
             Joined::Member => true,
             Joined::First => {
-                self.shared.handle.group.link.topic_joined(topic);
+                self.loop_state.handle.group.link.topic_joined(topic);
                 true
             }
         }
@@ -676,11 +692,11 @@ impl<'a, S> Ctx<'a, S> {
         if !self.is_here(id) {
             return false;
         }
-        match self.shared.topics.unsubscribe(id, topic) {
+        match self.loop_state.topics.unsubscribe(id, topic) {
             Left::NotMember => false,
             Left::Member => true,
             Left::Last => {
-                self.shared.handle.group.link.topic_left(topic);
+                self.loop_state.handle.group.link.topic_left(topic);
                 true
             }
         }
@@ -688,7 +704,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// How many connections of this loop are subscribed to `topic`.
     pub fn subscribers(&self, topic: &str) -> usize {
-        self.shared.topics.count(topic)
+        self.loop_state.topics.count(topic)
     }
 
     /// Sends a message to every open connection subscribed to `topic` except `except`, on every
@@ -699,26 +715,26 @@ impl<'a, S> Ctx<'a, S> {
     /// With a cluster the message also goes to the topic's subscribers on every other
     /// instance, through Redis (queued, never waited for, as with [`broadcast`](Self::broadcast)).
     pub fn publish(&mut self, topic: &str, msg: Message<'_>, except: Option<ConnId>) -> usize {
-        let link = &self.shared.handle.group.link;
+        let link = &self.loop_state.handle.group.link;
         link.publish(topic, msg.opcode(), msg.as_bytes(), except);
-        let alone = self.shared.handle.group.inboxes.len() == 1;
-        if alone && self.shared.topics.find(topic).is_none() {
+        let alone = self.loop_state.handle.group.inboxes.len() == 1;
+        if alone && self.loop_state.topics.find(topic).is_none() {
             return 0;
         }
         let frame = self.shared_frame(msg);
-        self.shared.forward(&frame, Some(topic), except);
+        self.loop_state.forward(&frame, Some(topic), except);
         self.publish_here(topic, &frame, except)
     }
 
     /// Queues a shared frame for this loop's subscribers of `topic` but `except`.
     pub(crate) fn publish_here(&mut self, topic: &str, frame: &Arc<SharedFrame>, except: Option<ConnId>) -> usize {
-        let Some(t) = self.shared.topics.find(topic) else {
+        let Some(t) = self.loop_state.topics.find(topic) else {
             return 0;
         };
         let mut sent = 0;
         let mut i = 0;
         // By index: a slow consumer closed on the way stays subscribed until the turn ends.
-        while let Some(id) = self.shared.topics.subscriber(t, i, self.shared.instance) {
+        while let Some(id) = self.loop_state.topics.subscriber(t, i, self.loop_state.instance) {
             i += 1;
             if except == Some(id) {
                 continue;
@@ -733,7 +749,7 @@ impl<'a, S> Ctx<'a, S> {
                 sent += 1;
             }
         }
-        self.shared.stats.messages_out += sent as u64;
+        self.loop_state.stats.messages_out += sent as u64;
         self.eng.work += i;
         sent
     }
@@ -746,10 +762,10 @@ impl<'a, S> Ctx<'a, S> {
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
         // shared, and refusing would fail every peer on one large message.
         let queued = self.eng.queued(key);
-        if queued > 0 && queued + frame.bytes().len() > self.shared.max_backpressure {
-            match self.shared.slow_consumer {
+        if queued > 0 && queued + frame.bytes().len() > self.loop_state.max_backpressure {
+            match self.loop_state.slow_consumer {
                 SlowConsumer::Drop => {
-                    self.shared.stats.dropped += 1;
+                    self.loop_state.stats.dropped += 1;
                 }
                 SlowConsumer::Close => {
                     super::peer_log(
@@ -759,13 +775,13 @@ impl<'a, S> Ctx<'a, S> {
                     );
                     self.eng.clear_queue(key);
                     close_conn(self.eng, key, close_code::POLICY_VIOLATION, "slow consumer");
-                    self.shared.counters.slow_closes += 1;
+                    self.loop_state.counters.slow_closes += 1;
                 }
             }
             return false;
         }
         self.eng.send_shared(key, frame);
-        if self.shared.log_messages {
+        if self.loop_state.log_messages {
             super::msglog::frame(self.addr_of(key), super::msglog::Dir::Out, plain.bytes());
         }
         true
@@ -780,7 +796,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Open connections on this loop.
     pub fn len(&self) -> usize {
-        self.shared.stats.open
+        self.loop_state.stats.open
     }
 
     /// Open connections on every loop of the server (the same as [`len`](Self::len) with one
@@ -788,31 +804,31 @@ impl<'a, S> Ctx<'a, S> {
     /// told (an instance that stopped without a word leaves the count after three missed
     /// heartbeats).
     pub fn len_everywhere(&self) -> usize {
-        self.shared.open_everywhere() + self.shared.handle.group.link.remote_open()
+        self.loop_state.open_everywhere() + self.loop_state.handle.group.link.remote_open()
     }
 
     /// This server's instance id: random and non-zero with a cluster
     /// ([`ServerConfig::cluster`](super::ServerConfig::cluster)), 0 without. Every
     /// [`ConnId`] of this server carries it.
     pub fn instance(&self) -> u64 {
-        self.shared.instance
+        self.loop_state.instance
     }
 
     /// The cluster's counters, when the server runs with one.
     #[cfg(feature = "cluster")]
     pub fn cluster_stats(&self) -> Option<super::cluster::ClusterStats> {
-        self.shared.handle.group.link.stats()
+        self.loop_state.handle.group.link.stats()
     }
 
     /// This loop's index (0 to [`ServerConfig::threads`](super::ServerConfig::threads) - 1).
     pub fn loop_index(&self) -> usize {
-        usize::from(self.shared.lp)
+        usize::from(self.loop_state.lp)
     }
 
     /// The server's [`Handle`](super::Handle): to reach a connection of another loop, or to
     /// give to another thread.
     pub fn handle(&self) -> super::Handle {
-        self.shared.handle.clone()
+        self.loop_state.handle.clone()
     }
 
     /// Whether no connection is open.
@@ -822,12 +838,17 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Every open connection of this loop: its id and peer address.
     pub fn peers(&self) -> impl Iterator<Item = (ConnId, SocketAddr)> + '_ {
-        let (lp, instance) = (self.shared.lp, self.shared.instance);
+        let (lp, instance) = (self.loop_state.lp, self.loop_state.instance);
         self.eng
             .slots
             .iter()
             .filter(|(_, s)| s.data.opened() && !s.is_dead())
-            .map(move |(k, s)| (ConnId::new(k, s.gen, lp, instance), s.data.addr.get(&self.shared.peers)))
+            .map(move |(k, s)| {
+                (
+                    ConnId::new(k, s.gen, lp, instance),
+                    s.data.addr.get(&self.loop_state.peers),
+                )
+            })
     }
 
     /// The peer address of a connection, if it is still there.
@@ -838,7 +859,7 @@ impl<'a, S> Ctx<'a, S> {
     /// The state of another open connection. The connection a callback is about is not
     /// reachable here: its state is in that callback's [`Conn`].
     pub fn state_of(&mut self, id: ConnId) -> Option<&mut S> {
-        let key = self.slot_key(id).filter(|k| *k != self.shared.lent)?;
+        let key = self.slot_key(id).filter(|k| Some(*k) != self.loop_state.lent)?;
         let data = &mut self.eng.slots[key].data;
         if data.opened() {
             data.state_mut()
@@ -854,23 +875,23 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Calls [`Handler::on_timer`] after `after`. Any number of timers may be pending.
     pub fn set_timer(&mut self, after: Duration) -> TimerId {
-        self.shared.set_timer(self.eng, after, None)
+        self.loop_state.set_timer(self.eng, after, None)
     }
 
     /// Calls [`Handler::on_timer`] after `after` for connection `id` of this loop, unless it has
     /// closed by then (a timer set for another loop's or instance's connection never fires).
     pub fn set_conn_timer(&mut self, id: ConnId, after: Duration) -> TimerId {
-        self.shared.set_timer(self.eng, after, Some(id))
+        self.loop_state.set_timer(self.eng, after, Some(id))
     }
 
     /// Cancels a pending timer. Returns whether it was pending.
     pub fn cancel_timer(&mut self, id: TimerId) -> bool {
-        self.shared.take_timer(id.0).is_some()
+        self.loop_state.take_timer(id.0).is_some()
     }
 
     /// The loop's counters (memory: the whole server's, shared by its loops).
     pub fn stats(&self) -> Stats {
-        let mut s = self.shared.stats;
+        let mut s = self.loop_state.stats;
         s.bytes_queued = self.eng.slots.iter().map(|(_, s)| s.queued()).sum();
         s.memory = self.eng.budget.used();
         s.memory_limit = self.eng.budget.limit();
@@ -882,7 +903,7 @@ impl<'a, S> Ctx<'a, S> {
     /// default), close every peer left with 1001, then return from
     /// [`Server::run`](super::Server::run).
     pub fn shutdown(&mut self) {
-        self.shared.shutdown_requested = true;
+        self.loop_state.shutdown_requested = true;
     }
 }
 

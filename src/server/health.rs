@@ -82,7 +82,7 @@ impl<H: Handler> Srv<H> {
         };
         let body = format!(
             "{{\"status\":\"{status}\",\"connections\":{},\"uptime_s\":{},\"memory\":{},\"memory_limit\":{},\"cluster\":\"{}\"}}\n",
-            board.connections(self.shared.open_everywhere()),
+            board.connections(self.loop_state.open_everywhere()),
             board.started.elapsed().as_secs(),
             eng.budget.used(),
             eng.budget.limit(),
@@ -112,7 +112,7 @@ impl<H: Handler> Srv<H> {
 
     /// `GET /metrics`: every metric of the server, this loop's fresh.
     fn metrics_page(&self, eng: &ServerEngine<H::State>) -> Answer {
-        let lp = usize::from(self.shared.lp);
+        let lp = usize::from(self.loop_state.lp);
         let text = self
             .group()
             .board
@@ -133,8 +133,8 @@ impl<H: Handler> Srv<H> {
         #[cfg(not(feature = "deflate"))]
         let deflate = [0; 4];
         LoopView {
-            stats: self.shared.stats,
-            counters: self.shared.counters,
+            stats: self.loop_state.stats,
+            counters: self.loop_state.counters,
             bytes: (eng.bytes_in, eng.bytes_out),
             queued: eng.slots.iter().map(|(_, s)| s.queued() as u64).sum(),
             tls,
@@ -167,7 +167,7 @@ impl<H: Handler> Srv<H> {
 
     /// Publishes this loop's counters and sets the timer for the next time.
     pub(super) fn publish(&mut self, eng: &mut ServerEngine<H::State>) {
-        let lp = usize::from(self.shared.lp);
+        let lp = usize::from(self.loop_state.lp);
         let (view, process) = (self.loop_view(eng), self.process_view(eng));
         self.group().board.publish(lp, &view, &process);
         let every = metrics::PUBLISH_EVERY.as_millis() as u64;

@@ -11,7 +11,7 @@ use crate::io::budget::SharedFrame;
 use crate::io::timer::deadline_after;
 
 /// The loop's own state that handlers reach through [`Ctx`].
-pub(crate) struct Shared {
+pub(crate) struct LoopState {
     pub(crate) stats: Stats,
     /// The loop's other counters, for the metrics.
     pub(crate) counters: super::metrics::Counters,
@@ -25,8 +25,8 @@ pub(crate) struct Shared {
     /// Peer addresses too long for a slot.
     pub(crate) peers: handler::PeerTable,
     pub(crate) topics: topics::Topics,
-    /// The slot whose state a callback holds in its `Conn` (`usize::MAX`: none).
-    pub(crate) lent: usize,
+    /// The slot whose state a callback holds in its `Conn`, if any.
+    pub(crate) lent: Option<usize>,
     /// This loop's index among the server's loops.
     pub(crate) lp: u8,
     /// The server's instance id (0 without a cluster), in every [`ConnId`] it makes.
@@ -40,10 +40,10 @@ pub(crate) struct Shared {
     pub(crate) log_messages: bool,
 }
 
-impl Shared {
+impl LoopState {
     /// The state of loop `lp`, before it has accepted anything.
-    pub(super) fn new(cfg: &ServerConfig, lp: u8, handle: Handle) -> Shared {
-        Shared {
+    pub(super) fn new(cfg: &ServerConfig, lp: u8, handle: Handle) -> LoopState {
+        LoopState {
             stats: Stats::default(),
             counters: super::metrics::Counters::default(),
             max_backpressure: cfg.max_backpressure,
@@ -53,7 +53,7 @@ impl Shared {
             shutdown_requested: false,
             peers: handler::PeerTable::new(),
             topics: topics::Topics::default(),
-            lent: usize::MAX,
+            lent: None,
             lp,
             instance: handle.group.link.instance(),
             handle,

@@ -342,7 +342,7 @@ pub struct MetricsBoard {
 const SLOT: usize = WORDS + 1;
 
 impl MetricsBoard {
-    /// Shared memory for `workers` workers (numbered from 1), all empty: an anonymous
+    /// LoopState memory for `workers` workers (numbered from 1), all empty: an anonymous
     /// `MAP_SHARED` mapping, never unmapped. Fails when `workers` is 0 or the mapping cannot be
     /// made.
     pub fn new(workers: usize) -> io::Result<MetricsBoard> {

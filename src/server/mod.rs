@@ -14,7 +14,7 @@
 //!         Ok(())
 //!     }
 //!     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
-//!         ctx.send(conn.id(), msg);
+//!         let _ = ctx.send(conn.id(), msg);
 //!     }
 //! }
 //!
@@ -48,7 +48,7 @@ mod topics;
 
 #[cfg(feature = "cluster")]
 pub use cluster::{ClusterConfig, ClusterState, ClusterStats, ClusterUrlError, RedisUrl};
-pub use config::{default_max_connections, default_max_memory, ServerConfig, SlowConsumer};
+pub use config::{default_max_connections, default_max_memory, ServerConfig, ServerConfigError, SlowConsumer};
 pub use handle::{Handle, HandleError};
 pub use handler::{Conn, ConnId, Ctx, Handler, Stats, Timer, TimerId, Upgrade};
 pub use metrics::MetricsBoard;
@@ -56,7 +56,7 @@ pub use modes::{Broadcast, Echo, Reply};
 pub use run::Server;
 
 use crate::io::engine::reserved_token;
-use loop_state::Shared;
+use loop_state::LoopState;
 
 const LISTENER: Token = reserved_token(0);
 const WAKER: Token = reserved_token(1);

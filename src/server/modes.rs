@@ -25,7 +25,9 @@ impl Handler for Echo {
         Ok(())
     }
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, msg: Message<'_>) {
-        ctx.send(conn.id(), msg);
+        // The peer is the one that just spoke: it can be gone only if closing, and then
+        // nobody waits for the echo.
+        let _ = ctx.send(conn.id(), msg);
     }
 }
 
@@ -39,7 +41,7 @@ impl Handler for Reply {
         Ok(())
     }
     fn on_message(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>, _msg: Message<'_>) {
-        ctx.send_text(conn.id(), &self.0);
+        let _ = ctx.send_text(conn.id(), &self.0);
     }
 }
 
@@ -135,7 +137,7 @@ impl Handler for Broadcast {
 
     fn on_open(&mut self, ctx: &mut Ctx<'_, ()>, conn: &mut Conn<()>) {
         if self.announce {
-            self.note(ctx, true, conn.addr());
+            self.note(ctx, true, conn.peer_addr());
         }
     }
 
@@ -148,7 +150,7 @@ impl Handler for Broadcast {
         // The leaving peer has sent or received its close frame: the announcement, a broadcast
         // to open connections, skips it.
         if self.announce {
-            self.note(ctx, false, conn.addr());
+            self.note(ctx, false, conn.peer_addr());
         }
     }
 

@@ -18,7 +18,7 @@ use super::metrics::PUBLISH_TIMER;
 use super::run::LoopParts;
 use super::signals::Signals;
 use super::{msglog, ADMIN, LISTENER, SIGNALS, WAKER};
-use super::{peer_log, Conn, ConnId, Ctx, Handler, ServerConfig, Shared, Timer, TimerId, Upgrade};
+use super::{peer_log, Conn, ConnId, Ctx, Handler, LoopState, ServerConfig, Timer, TimerId, Upgrade};
 use crate::io::engine::{Cause, Driver, Engine, SHED_CODE};
 use crate::io::stream::ServerStream;
 use crate::io::timer::{deadline_after, poll_timeout};
@@ -54,7 +54,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
     eng.quantum = crate::io::engine::QUANTUM;
     let mut srv = Srv {
         handler,
-        shared: Shared::new(&cfg, lp as u8, handle),
+        loop_state: LoopState::new(&cfg, lp as u8, handle),
         listener: Some(listener),
         admin,
         drain_until: None,
@@ -74,7 +74,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
     }
     srv.handler.on_start(&mut Ctx {
         eng: &mut eng,
-        shared: &mut srv.shared,
+        loop_state: &mut srv.loop_state,
     });
     let mut signals_seen = 0usize;
     loop {
@@ -113,7 +113,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
                 }
                 SIGNALS => {
                     if signals.as_mut().is_some_and(|s| s.take_hangup()) {
-                        super::signals::on_hangup(&srv.shared.handle);
+                        super::signals::on_hangup(&srv.loop_state.handle);
                     }
                     let seen = signals.as_mut().map_or(0, |s| s.drain());
                     if seen == 0 {
@@ -122,7 +122,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
                     signals_seen += seen;
                     if signals_seen > 1 && srv.shutdown_deadline.is_some() {
                         log::warn!("second signal: stopping now");
-                        srv.shared.handle.stop_others(lp, true);
+                        srv.loop_state.handle.stop_others(lp, true);
                         return Ok(());
                     }
                     log::info!("signal received: shutting down");
@@ -138,7 +138,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
         eng.fire_timers(&mut srv);
         eng.apply_budget(&mut srv);
         eng.reap(&mut srv);
-        if std::mem::take(&mut srv.shared.shutdown_requested) {
+        if std::mem::take(&mut srv.loop_state.shutdown_requested) {
             srv.shutdown_everywhere(&mut eng);
             eng.reap(&mut srv);
         }
@@ -170,7 +170,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
 /// The server driver: the handler and everything the loop keeps beside the engine.
 pub(super) struct Srv<H: Handler> {
     pub(super) handler: H,
-    pub(super) shared: Shared,
+    pub(super) loop_state: LoopState,
     pub(super) cfg: ServerConfig,
     pub(super) listener: Option<TcpListener>,
     /// The metrics listener (first loop only), open until the loop returns.
@@ -202,17 +202,17 @@ impl<H: Handler> Srv<H> {
             &mut self.handler,
             Ctx {
                 eng,
-                shared: &mut self.shared,
+                loop_state: &mut self.loop_state,
             },
         )
     }
 
     pub(super) fn group(&self) -> &Group {
-        &self.shared.handle.group
+        &self.loop_state.handle.group
     }
 
     fn addr(&self, eng: &ServerEngine<H::State>, key: usize) -> SocketAddr {
-        eng.slots[key].data.addr.get(&self.shared.peers)
+        eng.slots[key].data.addr.get(&self.loop_state.peers)
     }
 
     /// Calls the handler about connection `key`, lending it the connection's state (none is
@@ -227,14 +227,14 @@ impl<H: Handler> Srv<H> {
         // Only an upgraded connection has a state, and only such a one gets callbacks.
         let state = slot.data.take_state()?;
         let mut conn = Conn {
-            id: ConnId::new(key, slot.gen, self.shared.lp, self.shared.instance),
-            addr: slot.data.addr.get(&self.shared.peers),
+            id: ConnId::new(key, slot.gen, self.loop_state.lp, self.loop_state.instance),
+            addr: slot.data.addr.get(&self.loop_state.peers),
             state,
         };
-        self.shared.lent = key;
+        self.loop_state.lent = Some(key);
         let (h, mut ctx) = self.ctx(eng);
         let r = f(h, &mut ctx, &mut conn);
-        self.shared.lent = usize::MAX;
+        self.loop_state.lent = None;
         // Slots are removed only at the end of a turn, so this one is still here.
         eng.slots[key].data.put_state(conn.state);
         Some(r)
@@ -289,7 +289,7 @@ impl<H: Handler> Srv<H> {
         if !upgraded {
             if let Answer::Reject { status, body, .. } = &answer {
                 if req.is_upgrade() {
-                    self.shared.counters.refused(*status);
+                    self.loop_state.counters.refused(*status);
                 }
                 peer_log(
                     log::Level::Info,
@@ -301,8 +301,8 @@ impl<H: Handler> Srv<H> {
         }
         let slot = &mut eng.slots[key];
         slot.data.set_opened(true);
-        self.shared.stats.open += 1;
-        self.shared.counters.opened += 1;
+        self.loop_state.stats.open += 1;
+        self.loop_state.counters.opened += 1;
         self.group().open.fetch_add(1, Ordering::Relaxed);
         // At debug: a line per connection costs a server under churn about a quarter more CPU
         // (docs/operations.md); the CLI sums them up at info.
@@ -347,23 +347,25 @@ impl<H: Handler> Srv<H> {
         if !slot.data.set_opened(false) {
             return;
         }
-        self.shared.stats.open -= 1;
-        self.shared.counters.closed(code);
+        self.loop_state.stats.open -= 1;
+        self.loop_state.counters.closed(code);
         self.group().open.fetch_sub(1, Ordering::Relaxed);
         peer_log(
             log::Level::Debug,
-            slot.data.addr.get(&self.shared.peers),
+            slot.data.addr.get(&self.loop_state.peers),
             format_args!(" disconnected ({})", slot.data.ending(code)),
         );
         self.with_conn(eng, key, |h, ctx, conn| h.on_close(ctx, conn, code, reason));
         // Only an open connection subscribes, so its subscriptions end here.
-        let link = &self.shared.handle.group.link;
-        self.shared.topics.remove_conn(key, &mut |topic| link.topic_left(topic));
+        let link = &self.loop_state.handle.group.link;
+        self.loop_state
+            .topics
+            .remove_conn(key, &mut |topic| link.topic_left(topic));
     }
 
     /// Runs the commands in this loop's inbox; returns true when one says to stop at once.
     fn run_commands(&mut self, eng: &mut ServerEngine<H::State>) -> bool {
-        let lp = usize::from(self.shared.lp);
+        let lp = usize::from(self.loop_state.lp);
         // Bounded like a connection's turn: a full inbox of broadcasts to every peer would
         // otherwise hold the loop (accepts, timers, the worker's heartbeat) for seconds. What
         // is left waits here, and the inbox is taken again only once it is done, so the two
@@ -371,7 +373,7 @@ impl<H: Handler> Srv<H> {
         let mut work = 0usize;
         while work < COMMAND_WORK {
             if self.commands.is_empty() {
-                let inbox = &self.shared.handle.group.inboxes[lp];
+                let inbox = &self.loop_state.handle.group.inboxes[lp];
                 let mut q = inbox.queue.lock().unwrap_or_else(|e| e.into_inner());
                 std::mem::swap(&mut *q, &mut self.commands);
             }
@@ -387,7 +389,8 @@ impl<H: Handler> Srv<H> {
                 },
                 Command::Send(id, bytes, op) => {
                     if let Some(msg) = message(&bytes, op) {
-                        ctx.send(id, msg);
+                        // A connection closed meanwhile: the message has nobody to go to.
+                        let _ = ctx.send(id, msg);
                     }
                     0
                 }
@@ -414,7 +417,9 @@ impl<H: Handler> Srv<H> {
     /// Begins a graceful shutdown here and on every other loop.
     fn shutdown_everywhere(&mut self, eng: &mut ServerEngine<H::State>) {
         if self.shutdown_deadline.is_none() {
-            self.shared.handle.stop_others(usize::from(self.shared.lp), false);
+            self.loop_state
+                .handle
+                .stop_others(usize::from(self.loop_state.lp), false);
         }
         self.begin_shutdown(eng);
     }
@@ -431,7 +436,7 @@ impl<H: Handler> Srv<H> {
             let _ = eng.poll.registry().deregister(&mut l);
         }
         if !drain.is_zero() {
-            if self.shared.lp == 0 {
+            if self.loop_state.lp == 0 {
                 log::info!("draining: not accepting; peers still open are closed in {drain:?}");
             }
             self.drain_until = Some(deadline_after(eng.now, drain));
@@ -462,10 +467,10 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             Event::Message(payload) => {
                 // The test first, on what is at hand, so that the inlined path below is the
                 // same as without it.
-                if self.shared.log_messages {
+                if self.loop_state.log_messages {
                     self.log_received(eng, key, &payload);
                 }
-                self.shared.stats.messages_in += 1;
+                self.loop_state.stats.messages_in += 1;
                 let msg = payload.as_message();
                 self.with_conn(eng, key, |h, ctx, conn| h.on_message(ctx, conn, msg));
             }
@@ -482,10 +487,10 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
         match err {
             crate::proto::Error::Protocol(e) => {
                 peer_log(log::Level::Debug, addr, format_args!(": protocol error: {e}"));
-                self.notify_close(eng, key, e.code, e.reason);
+                self.notify_close(eng, key, e.code(), e.reason());
             }
             crate::proto::Error::Rejected(r) => {
-                self.shared.counters.refused(r.status);
+                self.loop_state.counters.refused(r.status);
                 peer_log(log::Level::Info, addr, format_args!(": refused handshake: {r}"))
             }
             crate::proto::Error::Response(_) => {}
@@ -526,7 +531,7 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             addr,
             format_args!(": closed with 1013, the server is short of memory"),
         );
-        self.shared.counters.budget_closes += 1;
+        self.loop_state.counters.budget_closes += 1;
         self.notify_close(eng, key, SHED_CODE, "server short of memory");
     }
 
@@ -540,12 +545,14 @@ impl<H: Handler> Driver<ServerStream, ConnData<H::State>, NoRandom> for Srv<H> {
             self.publish(eng);
             return;
         }
-        let Some(conn) = self.shared.take_timer(id) else { return };
+        let Some(conn) = self.loop_state.take_timer(id) else {
+            return;
+        };
         // A connection's timers end with it, even while its slot waits for the last bytes; one
         // set for a connection of another loop or instance never finds it here.
-        let (lp, instance) = (usize::from(self.shared.lp), self.shared.instance);
+        let (lp, instance) = (usize::from(self.loop_state.lp), self.loop_state.instance);
         let gone = |c: ConnId| {
-            c.lp() != lp
+            c.loop_index() != lp
                 || c.instance() != instance
                 || !eng.is_live(c.key(), c.gen())
                 || !eng.slots[c.key()].data.opened()

@@ -16,7 +16,7 @@ pub mod request;
 pub mod response;
 
 pub use request::{parse_request, Answer, Reject, Request};
-pub use response::{parse_response, ClientRequest, Response, ResponseError};
+pub use response::{parse_response, ClientRequest, ClientRequestError, Response, ResponseError};
 
 /// The GUID that RFC 6455 appends to the key before hashing.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";

@@ -21,6 +21,38 @@ pub struct ClientRequest {
     pub extensions: Option<String>,
 }
 
+/// A part of a [`ClientRequest`] that would break the request head, from
+/// [`ClientRequest::check`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientRequestError {
+    /// The host or path is not printable ASCII, or the path does not start with `/`.
+    HostOrPath,
+    /// A subprotocol name is not an HTTP token.
+    Subprotocol,
+    /// A header name is not a token, or its value holds a line break or a NUL.
+    Header,
+}
+
+impl ClientRequestError {
+    /// What is wrong, in one sentence.
+    pub const fn message(self) -> &'static str {
+        match self {
+            ClientRequestError::HostOrPath => "the host and path must be printable ASCII, the path starting with /",
+            ClientRequestError::Subprotocol => "a subprotocol name is not a token",
+            ClientRequestError::Header => "a header name is not a token or its value holds a line break",
+        }
+    }
+}
+
+impl core::fmt::Display for ClientRequestError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl core::error::Error for ClientRequestError {}
+
 impl ClientRequest {
     /// A request for `resource` on `host` with nothing extra.
     pub fn new(host: impl Into<String>, resource: impl Into<String>) -> ClientRequest {
@@ -32,17 +64,17 @@ impl ClientRequest {
     }
 
     /// Checks that every part can be sent without breaking the request head.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), ClientRequestError> {
         let printable = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
         if !printable(&self.host) || !printable(&self.resource) || !self.resource.starts_with('/') {
-            return Err("the host and path must be printable ASCII, the path starting with /");
+            return Err(ClientRequestError::HostOrPath);
         }
         if !self.protocols.iter().all(|p| super::is_token(p)) {
-            return Err("a subprotocol name is not a token");
+            return Err(ClientRequestError::Subprotocol);
         }
         for (name, value) in &self.headers {
             if !super::is_token(name) || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Err("a header name is not a token or its value holds a line break");
+                return Err(ClientRequestError::Header);
             }
         }
         Ok(())
@@ -340,11 +372,14 @@ mod tests {
     fn bad_request_parts_are_refused() {
         let mut r = ClientRequest::new("h", "/");
         r.headers = vec![("X-A".into(), "1\r\nX-B: 2".into())];
-        assert!(r.check().is_err());
+        assert_eq!(r.check(), Err(ClientRequestError::Header));
         let mut r = ClientRequest::new("h", "/");
         r.protocols = vec!["chat, evil".into()];
-        assert!(r.check().is_err());
-        assert!(ClientRequest::new("h", "/a b").check().is_err());
+        assert_eq!(r.check(), Err(ClientRequestError::Subprotocol));
+        assert_eq!(
+            ClientRequest::new("h", "/a b").check(),
+            Err(ClientRequestError::HostOrPath)
+        );
         assert!(ClientRequest::new("h", "/ok?x=%20").check().is_ok());
     }
 }
