@@ -12,7 +12,7 @@ use super::handler::ServerEngine;
 use super::metrics::{self, LoopView, ProcessView, PUBLISH_TIMER};
 use super::serve::Srv;
 use super::Handler;
-use crate::io::transport::Transport;
+use crate::io::transport::SlotStream;
 use crate::proto::{Answer, Request};
 
 /// What `/health` says of the cluster.
