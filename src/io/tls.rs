@@ -6,7 +6,7 @@
 //! its session state and, while they exist, the unfinished record it received and the
 //! ciphertext the socket did not take.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -162,18 +162,6 @@ fn discard(tcp: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-thread_local! {
-    /// TLS handshakes this thread completed, and sessions that failed (for the metrics; a
-    /// server loop has a thread of its own).
-    static HANDSHAKES: Cell<u64> = const { Cell::new(0) };
-    static FAILURES: Cell<u64> = const { Cell::new(0) };
-}
-
-/// TLS handshakes completed on this thread, and sessions failed.
-pub(crate) fn counts() -> (u64, u64) {
-    (HANDSHAKES.get(), FAILURES.get())
-}
-
 /// Appends what an `EncodeTlsData` state holds (a handshake message or an alert) to `out`.
 fn encode<D>(e: &mut rustls::unbuffered::EncodeTlsData<'_, D>, out: &mut Vec<u8>) {
     let start = out.len();
@@ -236,7 +224,6 @@ impl<S: Side> Tls<'_, S> {
     fn fail(&mut self, err: rustls::Error, rest: &mut [u8]) -> io::Error {
         let s = &mut *self.s;
         s.flags |= FAILED;
-        FAILURES.set(FAILURES.get() + 1);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = s.conn.process(rest).state {
             encode(&mut e, &mut s.pending_out);
         }
@@ -282,7 +269,6 @@ impl<S: Side> Tls<'_, S> {
                 Ok(ConnectionState::WriteTraffic(_)) => {
                     if s.flags & HANDSHAKE_DONE == 0 {
                         s.flags |= HANDSHAKE_DONE | WRITE_READY;
-                        HANDSHAKES.set(HANDSHAKES.get() + 1);
                     }
                     stop = true;
                 }
@@ -430,7 +416,6 @@ impl<S: Side> Tls<'_, S> {
                 if inc[0].is_ascii_uppercase() && !S::IS_CLIENT {
                     let _ = Write::write(&mut self.tcp, PLAIN_ON_TLS);
                     self.s.flags |= FAILED;
-                    FAILURES.set(FAILURES.get() + 1);
                     return Err(invalid("plain HTTP request on the TLS port"));
                 }
             }
@@ -619,18 +604,56 @@ const SESSION_FOOTPRINT: usize = std::mem::size_of::<ServerSession>() + (2 << 10
 pub(crate) struct LoopTls {
     /// By slot key; `None` for a plain connection (the metrics listener's) or a free slot.
     sessions: Vec<Option<Box<ServerSession>>>,
+    tally: Tally,
+}
+
+/// What a loop's sessions are counted in.
+pub(crate) struct Tally {
     budget: Arc<Budget>,
     /// Memory the sessions freed since the loop last asked (a trim's trigger).
     freed: usize,
+    /// Handshakes completed, and sessions failed (for the metrics).
+    handshakes: u64,
+    failures: u64,
+}
+
+impl Tally {
+    /// Counts what a call on session `s` changed: its buffers against the budget, and a
+    /// handshake completed or a failure (`before`: its flags before the call).
+    fn note(&mut self, s: &mut ServerSession, before: u16) {
+        let held = s.held();
+        if held != s.charged {
+            if held < s.charged {
+                self.freed += s.charged - held;
+            }
+            self.budget.add(held);
+            self.budget.sub(s.charged);
+            s.charged = held;
+        }
+        let changed = s.flags & !before;
+        if changed & (HANDSHAKE_DONE | FAILED) != 0 {
+            self.handshakes += u64::from(changed & HANDSHAKE_DONE != 0);
+            self.failures += u64::from(changed & FAILED != 0);
+        }
+    }
 }
 
 impl LoopTls {
     fn new(budget: &Arc<Budget>) -> LoopTls {
         LoopTls {
             sessions: Vec::new(),
-            budget: Arc::clone(budget),
-            freed: 0,
+            tally: Tally {
+                budget: Arc::clone(budget),
+                freed: 0,
+                handshakes: 0,
+                failures: 0,
+            },
         }
+    }
+
+    /// TLS handshakes this loop completed, and sessions that failed.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (self.tally.handshakes, self.tally.failures)
     }
 
     /// Makes the connection in slot `key` a TLS one, with `session`.
@@ -653,8 +676,9 @@ impl LoopTls {
     fn drop_session(&mut self, mut s: Box<ServerSession>) {
         s.pending_in = Vec::new();
         s.pending_out = Vec::new();
-        recharge(&mut s, &self.budget, &mut self.freed);
-        self.freed += SESSION_FOOTPRINT;
+        let flags = s.flags;
+        self.tally.note(&mut s, flags);
+        self.tally.freed += SESSION_FOOTPRINT;
     }
 }
 
@@ -663,19 +687,6 @@ impl Drop for LoopTls {
         for s in std::mem::take(&mut self.sessions).into_iter().flatten() {
             self.drop_session(s);
         }
-    }
-}
-
-/// Brings the budget up to date with what `s`'s buffers hold now.
-fn recharge(s: &mut ServerSession, budget: &Budget, freed: &mut usize) {
-    let held = s.held();
-    if held != s.charged {
-        if held < s.charged {
-            *freed += s.charged - held;
-        }
-        budget.add(held);
-        budget.sub(s.charged);
-        s.charged = held;
     }
 }
 
@@ -707,16 +718,11 @@ impl SlotStream for ServerStream {
     }
     #[inline]
     fn io<'a>(&'a mut self, key: usize, lp: &'a mut LoopTls) -> ServerIo<'a> {
-        let LoopTls {
-            sessions,
-            budget,
-            freed,
-        } = lp;
+        let LoopTls { sessions, tally } = lp;
         match sessions.get_mut(key) {
             Some(Some(s)) => ServerIo::Tls {
                 tls: Tls { tcp: &mut self.0, s },
-                budget,
-                freed,
+                tally,
             },
             _ => ServerIo::Plain(&mut self.0),
         }
@@ -745,21 +751,20 @@ impl SlotStream for ServerStream {
         }
     }
     fn take_freed(lp: &mut LoopTls) -> usize {
-        std::mem::take(&mut lp.freed)
+        std::mem::take(&mut lp.tally.freed)
     }
 }
 
 /// A server connection's socket joined with its TLS session, if it has one: what the engine
-/// reads and writes for one call. A session's buffers are counted against the budget again
-/// after each call that may change them.
+/// reads and writes for one call. What a call changed in a session (its buffers, a handshake
+/// completed, a failure) is counted after it.
 pub(crate) enum ServerIo<'a> {
     /// A plain TCP connection.
     Plain(&'a mut TcpStream),
     /// A TLS connection.
     Tls {
         tls: Tls<'a, UnbufferedServerConnection>,
-        budget: &'a Budget,
-        freed: &'a mut usize,
+        tally: &'a mut Tally,
     },
 }
 
@@ -771,13 +776,14 @@ impl ServerIo<'_> {
         }
     }
 
-    /// Runs `f` on the TLS session, if there is one, and counts its buffers again.
+    /// Runs `f` on the TLS session, if there is one, and counts what it changed.
     fn with_tls<R>(&mut self, f: impl FnOnce(&mut Tls<'_, UnbufferedServerConnection>) -> R) -> Option<R> {
-        let ServerIo::Tls { tls, budget, freed } = self else {
+        let ServerIo::Tls { tls, tally } = self else {
             return None;
         };
+        let before = tls.s.flags;
         let r = f(tls);
-        recharge(tls.s, budget, freed);
+        tally.note(tls.s, before);
         Some(r)
     }
 }

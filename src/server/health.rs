@@ -122,7 +122,7 @@ impl<H: Handler> Srv<H> {
 
     fn loop_view(&self, eng: &ServerEngine<H::State>) -> LoopView {
         #[cfg(feature = "tls")]
-        let tls = crate::io::tls::counts();
+        let tls = eng.streams.counts();
         #[cfg(not(feature = "tls"))]
         let tls = (0, 0);
         #[cfg(feature = "deflate")]
