@@ -8,15 +8,15 @@ use std::sync::atomic::Ordering;
 
 use mio::net::TcpStream;
 
+#[cfg(feature = "tls")]
 use super::handle::Group;
 use super::handler::{ConnData, PeerAddr, ServerEngine};
 use super::serve::Srv;
 use super::{config, peer_log, Handler};
 use crate::io::outbox::write_some;
-use crate::io::stream::ServerStream;
 use crate::io::sys::is_resource_error;
 #[cfg(feature = "tls")]
-use crate::io::tls::NewSession;
+use crate::io::{stream::ServerStream, tls::NewSession};
 use crate::proto::Reject;
 
 /// The driver timer that resumes accepting after running out of descriptors.
@@ -153,6 +153,8 @@ impl<H: Handler> Srv<H> {
         };
         #[cfg(feature = "tls")]
         let stream = ServerStream::plain(stream);
+        #[cfg(not(feature = "tls"))]
+        let _ = admin; // plain HTTP either way
         match eng.insert(stream, conn, data) {
             Ok(key) => {
                 #[cfg(feature = "tls")]
