@@ -751,6 +751,13 @@ impl SlotStream for ServerStream {
         }
     }
     fn take_freed(lp: &mut LoopTls) -> usize {
+        // The table gives back what a burst of connections grew it to, as the slab does.
+        while lp.sessions.last().is_some_and(Option::is_none) {
+            lp.sessions.pop();
+        }
+        if lp.sessions.len() < lp.sessions.capacity() / 4 {
+            lp.sessions.shrink_to_fit();
+        }
         std::mem::take(&mut lp.tally.freed)
     }
 }
@@ -954,6 +961,11 @@ mod tests {
         assert!(lp.session(key).is_none(), "the session left with its slot");
         assert!(ServerStream::take_freed(&mut lp) >= held + SESSION_FOOTPRINT);
         assert_eq!(ServerStream::take_freed(&mut lp), 0, "counted once");
+        assert_eq!(
+            lp.sessions.capacity(),
+            0,
+            "the table is given back with its last session"
+        );
     }
 
     #[test]
