@@ -29,7 +29,7 @@ use slab::Slab;
 use super::budget::{Budget, SharedFrame};
 use super::outbox::{self, Outbox};
 use super::timer::{Clock, TimerQueue};
-use super::transport::Transport;
+use super::transport::{SlotStream, Transport};
 use crate::proto::{self, Connection, Event, Message, NotOpen, RandomSource, Role, State, Timeout};
 
 // Slot flags.
@@ -89,11 +89,11 @@ impl<T, P> Slot<T, P> {
     /// transport holds for the peer (a TLS record received in part, ciphertext not yet sent),
     /// which the transport counts against the budget itself.
     #[inline]
-    fn weight(&self) -> usize
+    fn weight(&self, key: usize, streams: &T::Loop) -> usize
     where
-        T: Transport,
+        T: SlotStream,
     {
-        self.charge() + self.stream.held()
+        self.charge() + self.stream.held(key, streams)
     }
 
     /// Whether the connection is being removed.
@@ -141,7 +141,7 @@ impl TimerKey {
 }
 
 /// What the engine tells a driver.
-pub(crate) trait Driver<T, P, R> {
+pub(crate) trait Driver<T: SlotStream, P, R> {
     /// Connection `key` produced an event. A server answers [`Event::Request`] with
     /// [`Engine::accept`] before returning.
     fn on_event(&mut self, eng: &mut Engine<T, P, R>, key: usize, ev: Event<'_>);
@@ -193,9 +193,12 @@ struct Ready {
 }
 
 /// The connections of one loop and what they share.
-pub(crate) struct Engine<T, P, R> {
+pub(crate) struct Engine<T: SlotStream, P, R> {
     pub(crate) poll: Poll,
     pub(crate) slots: Slab<Slot<T, P>>,
+    /// What the connections' streams share (a TLS server loop's sessions, by slot): owned
+    /// here, so that it lives as long as the slots and each slot's part leaves with it.
+    pub(crate) streams: T::Loop,
     pub(crate) cfg: proto::Config,
     pub(crate) clock: Clock,
     /// The clock at the start of this turn.
@@ -255,9 +258,10 @@ pub(crate) const fn reserved_token(i: usize) -> Token {
     Token(usize::MAX - i)
 }
 
-impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
+impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     pub(crate) fn new(poll: Poll, cfg: proto::Config, max_backpressure: usize, rng: R, budget: Arc<Budget>) -> Self {
         Engine {
+            streams: T::new_loop(&budget),
             budget,
             mem_paused: std::collections::VecDeque::new(),
             shed: Vec::new(),
@@ -407,7 +411,10 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 // A TLS handshake that completed while reading lets queued data out.
                 // (Plain TCP answers false at once.)
                 if let Some(slot) = self.slots.get_mut(key) {
-                    if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
+                    if slot.stream.io(key, &mut self.streams).take_write_ready()
+                        && slot.out.is_some()
+                        && slot.flags & DEAD == 0
+                    {
                         self.on_writable(key);
                     }
                 }
@@ -419,7 +426,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             && !self.timed_open
             && slot.conn.is_open()
             && slot.charge() == before
-            && slot.stream.held() == 0
+            && slot.stream.held(key, &self.streams) == 0
         {
             return; // the common case after a read: nothing to charge, nothing to change
         }
@@ -436,7 +443,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         let now = slot.charge();
         if now != before {
             self.charge_changed(key, before, now);
-        } else if slot.stream.held() > 0 {
+        } else if slot.stream.held(key, &self.streams) > 0 {
             // What the transport holds counts by itself, and may have grown.
             self.weigh(key);
         }
@@ -460,7 +467,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if used <= self.budget.soft() || slot.flags & DEAD != 0 {
             return;
         }
-        if slot.weight() <= self.share() {
+        if slot.weight(key, &self.streams) <= self.share() {
             return;
         }
         let gen = slot.gen;
@@ -494,7 +501,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             // A TLS record received in part goes too: what the peer sends from now on is read
             // and dropped (it cannot be decrypted without that record) until it closes or the
             // close times out. One still in its handshake cannot be told why: it goes now.
-            if self.slots[key].stream.discard_input() && !failed {
+            if self.slots[key].stream.io(key, &mut self.streams).discard_input() && !failed {
                 self.kill(key, Cause::Dropped);
             }
             self.settle(key);
@@ -540,7 +547,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// Gives freed memory back to the operating system after a burst (at most once a second,
     /// and only when at least 1 MiB was freed): the allocator would otherwise keep it.
     fn maybe_trim(&mut self) {
-        self.freed += T::take_freed();
+        self.freed += T::take_freed(&mut self.streams);
         if self.freed < 1 << 20 || self.trim_armed {
             return;
         }
@@ -560,7 +567,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     fn on_writable(&mut self, key: usize) {
         let slot = &mut self.slots[key];
-        if let Err(e) = outbox::flush(&mut slot.stream, &mut slot.out) {
+        let flushed = outbox::flush(&mut slot.stream.io(key, &mut self.streams), &mut slot.out);
+        if let Err(e) = flushed {
             self.kill(key, Cause::Io(e));
         }
     }
@@ -578,7 +586,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         before: &mut usize,
     ) {
         loop {
-            let (cap, over) = self.read_cap(rbuf.len(), self.slots[key].stream.min_read());
+            let (cap, over) = self.read_cap(rbuf.len(), self.slots[key].stream.min_read(key, &self.streams));
             let slot = &mut self.slots[key];
             if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE) != 0 {
                 return;
@@ -589,7 +597,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 return;
             }
             let slot = &mut self.slots[key];
-            let held = slot.stream.held();
+            let held = slot.stream.held(key, &self.streams);
             if over && (slot.conn.is_open() && slot.conn.buffered_bytes() > 0 || held > 0) {
                 // Past the budget a read could still grow this connection's partial message
                 // (doubling its buffer) or the TLS record it is receiving: every connection of
@@ -603,7 +611,10 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 }
                 return;
             }
-            let n = match slot.stream.read(&mut rbuf[..cap]) {
+            let mut io = slot.stream.io(key, &mut self.streams);
+            let (read, drains) = (io.read(&mut rbuf[..cap]), io.short_read_drains());
+            drop(io);
+            let n = match read {
                 Ok(0) => {
                     self.on_eof(d, key);
                     return;
@@ -620,7 +631,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             };
             // A read that did not fill the buffer took everything, where the transport says so:
             // skip the read that would only return WouldBlock (one system call per message).
-            let drained = n < cap && !hup && slot.stream.short_read_drains();
+            let drained = n < cap && !hup && drains;
             self.work += 1 + n / 256;
             self.bytes_in += n as u64;
             let done = self.process(d, key, &mut rbuf[..n]);
@@ -693,11 +704,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             d.on_error(self, key, &e);
         }
         let slot = &mut self.slots[key];
-        if slot.out.is_none() && !slot.stream.wants_write() {
+        if slot.out.is_none() && !slot.stream.wants_write(key, &self.streams) {
             if slot.conn.state() == State::Closed && slot.flags & SHUT_WR == 0 {
                 // A client ends its side after the server's: over TLS with close_notify.
                 slot.flags |= SHUT_WR;
-                let _ = slot.stream.shutdown_write();
+                let _ = slot.stream.io(key, &mut self.streams).shutdown_write();
             }
             let cause = if slot.flags & SHUT_WR != 0 {
                 Cause::Done
@@ -854,7 +865,10 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             } else if slot.flags & DEAD == 0 {
                 self.on_readable(d, key, r.hup, rbuf, &mut before);
                 if let Some(slot) = self.slots.get_mut(key) {
-                    if slot.stream.take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0 {
+                    if slot.stream.io(key, &mut self.streams).take_write_ready()
+                        && slot.out.is_some()
+                        && slot.flags & DEAD == 0
+                    {
                         self.on_writable(key);
                     }
                 }
@@ -892,7 +906,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         }
         if slot.out.is_none() {
             // Usually the kernel takes it all in one write.
-            if let Ok(n) = slot.stream.write(&self.cork) {
+            if let Ok(n) = slot.stream.io(key, &mut self.streams).write(&self.cork) {
                 if n == self.cork.len() {
                     self.cork.clear();
                     return;
@@ -900,7 +914,12 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 self.cork.drain(..n);
             }
         }
-        if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.cork) {
+        let sent = outbox::send_vec(
+            &mut slot.stream.io(key, &mut self.streams),
+            &mut slot.out,
+            &mut self.cork,
+        );
+        if let Err(e) = sent {
             self.kill(key, Cause::Io(e));
         }
         if self.cork.capacity() > KEEP_BUFFER {
@@ -912,7 +931,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// the registration and the deadline current.
     pub(crate) fn settle(&mut self, key: usize) {
         let Some(slot) = self.slots.get_mut(key) else { return };
-        let idle_stream = !slot.stream.wants_write();
+        let idle_stream = !slot.stream.wants_write(key, &self.streams);
         if slot.flags == 0 && slot.out.is_none() && idle_stream && !self.timed_open && slot.conn.is_open() {
             return; // an open connection with nothing queued, nothing paused, nothing timed
         }
@@ -934,7 +953,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 // for it, unless the server has already gone.
                 if slot.conn.role() == Role::Server || slot.flags & EOF != 0 {
                     slot.flags |= SHUT_WR;
-                    let _ = slot.stream.shutdown_write();
+                    let _ = slot.stream.io(key, &mut self.streams).shutdown_write();
                 }
             }
             if slot.flags & EOF != 0 {
@@ -959,7 +978,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         // that a peer that leaves is noticed; resuming re-arms the edge so that what arrived
         // meanwhile raises an event.
         let want_read = slot.flags & EOF == 0;
-        let want_write = slot.out.is_some() || slot.flags & CONNECTING != 0 || slot.stream.wants_write();
+        let want_write =
+            slot.out.is_some() || slot.flags & CONNECTING != 0 || slot.stream.wants_write(key, &self.streams);
         let has_write = slot.flags & WRITE_INTEREST != 0;
         let has_read = slot.flags & READ_OFF == 0;
         // mio needs some interest: a slot that wants neither keeps WRITABLE, which is quiet
@@ -1040,7 +1060,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             let t = slot.conn.handle_timeout(&self.cfg, self.now, &mut self.rng, &mut out);
             self.bytes_out += out.len() as u64;
             if !out.is_empty() {
-                if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut out) {
+                let sent = outbox::send_vec(&mut slot.stream.io(key, &mut self.streams), &mut slot.out, &mut out);
+                if let Err(e) = sent {
                     self.kill(key, Cause::Io(e));
                 }
             }
@@ -1073,6 +1094,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         while let Some((key, cause)) = self.dead.pop() {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);
+            slot.stream.release(key, &mut self.streams);
             let held = slot.charge();
             self.budget.sub(held);
             self.freed += held + std::mem::size_of::<Slot<T, P>>();
@@ -1136,7 +1158,12 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if !self.scratch.is_empty() {
             self.bytes_out += self.scratch.len() as u64;
             let slot = &mut self.slots[key];
-            if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.scratch) {
+            let sent = outbox::send_vec(
+                &mut slot.stream.io(key, &mut self.streams),
+                &mut slot.out,
+                &mut self.scratch,
+            );
+            if let Err(e) = sent {
                 self.kill(key, Cause::Io(e));
             }
             if self.scratch.capacity() > KEEP_BUFFER {
@@ -1228,7 +1255,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         }
         let before = slot.charge();
         self.bytes_out += frame.bytes().len() as u64;
-        if let Err(e) = outbox::send_shared(&mut slot.stream, &mut slot.out, frame) {
+        let sent = outbox::send_shared(&mut slot.stream.io(key, &mut self.streams), &mut slot.out, frame);
+        if let Err(e) = sent {
             self.kill(key, Cause::Io(e));
         }
         self.account(key, before);

@@ -6,10 +6,9 @@
 //! its session state and, while they exist, the unfinished record it received and the
 //! ciphertext the socket did not take.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use mio::net::TcpStream;
@@ -20,7 +19,7 @@ use rustls::unbuffered::{
 };
 
 use super::budget::Budget;
-use super::transport::{tcp_read, tcp_write, tcp_write_vectored, Transport};
+use super::transport::{tcp_read, tcp_write, tcp_write_vectored, SlotStream, Transport};
 
 /// One side of a TLS session, as the stream drives it.
 pub(crate) trait Side {
@@ -89,7 +88,7 @@ pub(crate) struct TlsStream<S> {
 }
 
 /// A socket and its session, wherever the session is kept: the transport's logic.
-struct Tls<'a, S> {
+pub(crate) struct Tls<'a, S> {
     tcp: &'a mut TcpStream,
     s: &'a mut Session<S>,
 }
@@ -163,18 +162,6 @@ fn discard(tcp: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-thread_local! {
-    /// TLS handshakes this thread completed, and sessions that failed (for the metrics; a
-    /// server loop has a thread of its own).
-    static HANDSHAKES: Cell<u64> = const { Cell::new(0) };
-    static FAILURES: Cell<u64> = const { Cell::new(0) };
-}
-
-/// TLS handshakes completed on this thread, and sessions failed.
-pub(crate) fn counts() -> (u64, u64) {
-    (HANDSHAKES.get(), FAILURES.get())
-}
-
 /// Appends what an `EncodeTlsData` state holds (a handshake message or an alert) to `out`.
 fn encode<D>(e: &mut rustls::unbuffered::EncodeTlsData<'_, D>, out: &mut Vec<u8>) {
     let start = out.len();
@@ -237,7 +224,6 @@ impl<S: Side> Tls<'_, S> {
     fn fail(&mut self, err: rustls::Error, rest: &mut [u8]) -> io::Error {
         let s = &mut *self.s;
         s.flags |= FAILED;
-        FAILURES.set(FAILURES.get() + 1);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = s.conn.process(rest).state {
             encode(&mut e, &mut s.pending_out);
         }
@@ -283,7 +269,6 @@ impl<S: Side> Tls<'_, S> {
                 Ok(ConnectionState::WriteTraffic(_)) => {
                     if s.flags & HANDSHAKE_DONE == 0 {
                         s.flags |= HANDSHAKE_DONE | WRITE_READY;
-                        HANDSHAKES.set(HANDSHAKES.get() + 1);
                     }
                     stop = true;
                 }
@@ -431,7 +416,6 @@ impl<S: Side> Tls<'_, S> {
                 if inc[0].is_ascii_uppercase() && !S::IS_CLIENT {
                     let _ = Write::write(&mut self.tcp, PLAIN_ON_TLS);
                     self.s.flags |= FAILED;
-                    FAILURES.set(FAILURES.get() + 1);
                     return Err(invalid("plain HTTP request on the TLS port"));
                 }
             }
@@ -589,25 +573,24 @@ impl<S: Side> Transport for TlsStream<S> {
     }
 }
 
-/// A server connection's stream: TCP, and the TLS session kept beside it while the loop serves
-/// TLS. The server loop is compiled once for both kinds (a second copy of it changes how the
-/// plain path is optimised: ~120 more instructions per echo, `cargo bench --bench
-/// instructions`), and the slot stays as small as a plain one: the session lives in a
-/// per-thread table indexed by the socket's descriptor. A loop that serves plain TCP pays one
-/// flag test per call.
+/// A server connection's stream: its TCP socket. A TLS connection's session is kept by the
+/// loop ([`LoopTls`]) under the connection's slot, and joined with the socket for each call
+/// ([`ServerIo`]): a TLS connection's slot stays as small as a plain one, and the server loop
+/// is compiled once for both kinds (a second copy of it changes how the plain path is
+/// optimised: ~120 more instructions per echo, `cargo bench --bench instructions`).
 pub(crate) struct ServerStream(TcpStream);
 
 type ServerSession = Session<UnbufferedServerConnection>;
 
-thread_local! {
-    /// Whether this thread's server loop serves TLS.
-    static SERVING: Cell<bool> = const { Cell::new(false) };
-    /// The sessions of this thread's TLS connections, by socket descriptor.
-    static SESSIONS: RefCell<Vec<Option<Box<ServerSession>>>> = const { RefCell::new(Vec::new()) };
-    /// The server's memory budget, which the sessions' buffers count against.
-    static BUDGET: RefCell<Option<Arc<Budget>>> = const { RefCell::new(None) };
-    /// Memory the sessions of this thread freed since the loop last asked (a trim's trigger).
-    static FREED: Cell<usize> = const { Cell::new(0) };
+/// A server-side TLS session not yet given to a loop ([`LoopTls::start`]).
+pub(crate) struct NewSession(Box<ServerSession>);
+
+impl NewSession {
+    /// A session that will answer a client's handshake with `config`.
+    pub(crate) fn new(config: &Arc<rustls::ServerConfig>) -> io::Result<NewSession> {
+        let conn = UnbufferedServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
+        Ok(NewSession(Box::new(Session::new(conn))))
+    }
 }
 
 /// What a server session costs besides its buffers: the box, and rustls's own allocations
@@ -615,105 +598,103 @@ thread_local! {
 /// tests/tls_memory.rs), taken here as 2 KiB. Only the trim's trigger uses it.
 const SESSION_FOOTPRINT: usize = std::mem::size_of::<ServerSession>() + (2 << 10);
 
-/// Brings the budget up to date with what `s`'s buffers hold now.
-fn recharge(s: &mut ServerSession) {
-    let held = s.held();
-    if held < s.charged {
-        FREED.set(FREED.get() + (s.charged - held));
-    }
-    if held != s.charged {
-        BUDGET.with_borrow(|b| {
-            if let Some(b) = b {
-                b.add(held);
-                b.sub(s.charged);
+/// The TLS side of a server loop: the sessions of its TLS connections, by slot, and the memory
+/// budget their buffers count against. The loop's engine owns it, so a session lives no
+/// longer than the loop, and leaves with its slot ([`SlotStream::release`]).
+pub(crate) struct LoopTls {
+    /// By slot key; `None` for a plain connection (the metrics listener's) or a free slot.
+    sessions: Vec<Option<Box<ServerSession>>>,
+    tally: Tally,
+}
+
+/// What a loop's sessions are counted in.
+pub(crate) struct Tally {
+    budget: Arc<Budget>,
+    /// Memory the sessions freed since the loop last asked (a trim's trigger).
+    freed: usize,
+    /// Handshakes completed, and sessions failed (for the metrics).
+    handshakes: u64,
+    failures: u64,
+}
+
+impl Tally {
+    /// Counts what a call on session `s` changed: its buffers against the budget, and a
+    /// handshake completed or a failure (`before`: its flags before the call).
+    fn note(&mut self, s: &mut ServerSession, before: u16) {
+        let held = s.held();
+        if held != s.charged {
+            if held < s.charged {
+                self.freed += s.charged - held;
             }
-        });
-        s.charged = held;
-    }
-}
-
-/// Marks this thread's loop as serving TLS while it lives; the sessions' buffers count against
-/// `budget`.
-pub(crate) struct ServingTls(());
-
-impl ServingTls {
-    pub(crate) fn start(budget: &Arc<Budget>) -> ServingTls {
-        SERVING.set(true);
-        BUDGET.set(Some(Arc::clone(budget)));
-        ServingTls(())
-    }
-}
-
-impl Drop for ServingTls {
-    fn drop(&mut self) {
-        SERVING.set(false);
-        let sessions = SESSIONS.try_with(|t| t.take()).unwrap_or_default();
-        for mut s in sessions.into_iter().flatten() {
-            s.pending_in = Vec::new();
-            s.pending_out = Vec::new();
-            recharge(&mut s);
+            self.budget.add(held);
+            self.budget.sub(s.charged);
+            s.charged = held;
         }
-        let _ = BUDGET.try_with(|b| b.take());
+        let changed = s.flags & !before;
+        if changed & (HANDSHAKE_DONE | FAILED) != 0 {
+            self.handshakes += u64::from(changed & HANDSHAKE_DONE != 0);
+            self.failures += u64::from(changed & FAILED != 0);
+        }
+    }
+}
+
+impl LoopTls {
+    fn new(budget: &Arc<Budget>) -> LoopTls {
+        LoopTls {
+            sessions: Vec::new(),
+            tally: Tally {
+                budget: Arc::clone(budget),
+                freed: 0,
+                handshakes: 0,
+                failures: 0,
+            },
+        }
+    }
+
+    /// TLS handshakes this loop completed, and sessions that failed.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (self.tally.handshakes, self.tally.failures)
+    }
+
+    /// Makes the connection in slot `key` a TLS one, with `session`.
+    pub(crate) fn start(&mut self, key: usize, session: NewSession) {
+        if self.sessions.len() <= key {
+            self.sessions.resize_with(key + 1, || None);
+        }
+        // A slot's session leaves with it: there is none to replace.
+        debug_assert!(self.sessions[key].is_none(), "slot {key} still has a session");
+        if let Some(old) = self.sessions[key].replace(session.0) {
+            self.drop_session(old);
+        }
+    }
+
+    fn session(&self, key: usize) -> Option<&ServerSession> {
+        self.sessions.get(key)?.as_deref()
+    }
+
+    /// Gives back what a session's buffers were counted for, and counts it freed.
+    fn drop_session(&mut self, mut s: Box<ServerSession>) {
+        s.pending_in = Vec::new();
+        s.pending_out = Vec::new();
+        let flags = s.flags;
+        self.tally.note(&mut s, flags);
+        self.tally.freed += SESSION_FOOTPRINT;
+    }
+}
+
+impl Drop for LoopTls {
+    fn drop(&mut self) {
+        for s in std::mem::take(&mut self.sessions).into_iter().flatten() {
+            self.drop_session(s);
+        }
     }
 }
 
 impl ServerStream {
-    /// A plain TCP connection.
+    /// A connection's socket; its session, if it speaks TLS, goes to the loop
+    /// ([`LoopTls::start`]).
     pub(crate) fn plain(tcp: TcpStream) -> ServerStream {
         ServerStream(tcp)
-    }
-
-    /// A TLS connection (on a loop marked with [`ServingTls`]).
-    pub(crate) fn tls(tcp: TcpStream, config: &Arc<rustls::ServerConfig>) -> io::Result<ServerStream> {
-        let conn = UnbufferedServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
-        let fd = tcp.as_raw_fd() as usize;
-        SESSIONS.with_borrow_mut(|t| {
-            if t.len() <= fd {
-                t.resize_with(fd + 1, || None);
-            }
-            t[fd] = Some(Box::new(Session::new(conn)));
-        });
-        Ok(ServerStream(tcp))
-    }
-
-    /// Runs `f` on the connection's TLS session, if it has one.
-    fn with_tls<R>(&mut self, f: impl FnOnce(&mut Tls<'_, UnbufferedServerConnection>) -> R) -> Option<R> {
-        if !SERVING.get() {
-            return None;
-        }
-        let fd = self.0.as_raw_fd() as usize;
-        SESSIONS.with_borrow_mut(|t| {
-            let s = t.get_mut(fd)?.as_deref_mut()?;
-            let r = f(&mut Tls { tcp: &mut self.0, s });
-            recharge(s);
-            Some(r)
-        })
-    }
-
-    /// Reads the connection's session flags, if it has a session.
-    fn session<R>(&self, f: impl FnOnce(&ServerSession) -> R) -> Option<R> {
-        if !SERVING.get() {
-            return None;
-        }
-        let fd = self.0.as_raw_fd() as usize;
-        SESSIONS.with_borrow(|t| t.get(fd)?.as_deref().map(f))
-    }
-}
-
-impl Drop for ServerStream {
-    fn drop(&mut self) {
-        if SERVING.get() {
-            // Before the descriptor closes (and its number can be reused).
-            let fd = self.0.as_raw_fd() as usize;
-            let _ = SESSIONS.try_with(|t| {
-                if let Some(mut s) = t.borrow_mut().get_mut(fd).and_then(Option::take) {
-                    s.pending_in = Vec::new();
-                    s.pending_out = Vec::new();
-                    recharge(&mut s);
-                    FREED.set(FREED.get() + SESSION_FOOTPRINT);
-                }
-            });
-        }
     }
 }
 
@@ -729,108 +710,195 @@ impl mio::event::Source for ServerStream {
     }
 }
 
-// Each method tests the flag inline and leaves the TLS path out of line, so that the plain
-// path stays what it is for a `TcpStream`.
-impl ServerStream {
-    #[inline(never)]
-    fn read_tls(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.with_tls(|t| t.read(buf)) {
-            Some(r) => r,
-            None => tcp_read(&self.0, buf),
-        }
-    }
-    #[inline(never)]
-    fn write_tls(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self.with_tls(|t| t.write_vectored(bufs)) {
-            Some(r) => r,
-            None => tcp_write_vectored(&self.0, bufs),
-        }
-    }
-    #[inline(never)]
-    fn shutdown_tls(&mut self) -> io::Result<()> {
-        match self.with_tls(|t| t.shutdown_write()) {
-            Some(r) => r,
-            None => self.0.shutdown(Shutdown::Write),
-        }
-    }
-    #[inline(never)]
-    fn drains_tls(&self) -> bool {
-        self.session(|s| s.flags & DRAINED != 0)
-            .unwrap_or_else(|| self.0.short_read_drains())
-    }
-}
-
-impl Transport for ServerStream {
-    #[inline]
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if SERVING.get() {
-            return self.read_tls(buf);
-        }
-        tcp_read(&self.0, buf)
+impl SlotStream for ServerStream {
+    type Loop = LoopTls;
+    type Io<'a> = ServerIo<'a>;
+    fn new_loop(budget: &Arc<Budget>) -> LoopTls {
+        LoopTls::new(budget)
     }
     #[inline]
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if SERVING.get() {
-            return self.write_tls(bufs);
+    fn io<'a>(&'a mut self, key: usize, lp: &'a mut LoopTls) -> ServerIo<'a> {
+        let LoopTls { sessions, tally } = lp;
+        match sessions.get_mut(key) {
+            Some(Some(s)) => ServerIo::Tls {
+                tls: Tls { tcp: &mut self.0, s },
+                tally,
+            },
+            _ => ServerIo::Plain(&mut self.0),
         }
-        tcp_write_vectored(&self.0, bufs)
-    }
-    #[inline]
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if SERVING.get() {
-            return self.write_tls(&[IoSlice::new(buf)]);
-        }
-        tcp_write(&self.0, buf)
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        if SERVING.get() {
-            return self.shutdown_tls();
-        }
-        self.0.shutdown(Shutdown::Write)
-    }
-    #[inline]
-    fn short_read_drains(&self) -> bool {
-        if SERVING.get() {
-            return self.drains_tls();
-        }
-        self.0.short_read_drains()
     }
     fn tcp(&self) -> &TcpStream {
         &self.0
     }
     #[inline]
-    fn flush_pending(&mut self) -> io::Result<()> {
-        if SERVING.get() {
-            return self.with_tls(|t| t.flush_pending()).unwrap_or(Ok(()));
+    fn held(&self, key: usize, lp: &LoopTls) -> usize {
+        lp.session(key).map_or(0, |s| s.held())
+    }
+    #[inline]
+    fn wants_write(&self, key: usize, lp: &LoopTls) -> bool {
+        lp.session(key).is_some_and(|s| !s.pending_out.is_empty())
+    }
+    fn min_read(&self, key: usize, lp: &LoopTls) -> usize {
+        if lp.session(key).is_some() {
+            MIN_READ
+        } else {
+            0
         }
-        Ok(())
+    }
+    fn release(&mut self, key: usize, lp: &mut LoopTls) {
+        if let Some(s) = lp.sessions.get_mut(key).and_then(Option::take) {
+            lp.drop_session(s);
+        }
+    }
+    fn take_freed(lp: &mut LoopTls) -> usize {
+        // The table gives back what a burst of connections grew it to, as the slab does.
+        while lp.sessions.last().is_some_and(Option::is_none) {
+            lp.sessions.pop();
+        }
+        if lp.sessions.len() < lp.sessions.capacity() / 4 {
+            lp.sessions.shrink_to_fit();
+        }
+        std::mem::take(&mut lp.tally.freed)
+    }
+}
+
+/// A server connection's socket joined with its TLS session, if it has one: what the engine
+/// reads and writes for one call. What a call changed in a session (its buffers, a handshake
+/// completed, a failure) is counted after it.
+pub(crate) enum ServerIo<'a> {
+    /// A plain TCP connection.
+    Plain(&'a mut TcpStream),
+    /// A TLS connection.
+    Tls {
+        tls: Tls<'a, UnbufferedServerConnection>,
+        tally: &'a mut Tally,
+    },
+}
+
+impl ServerIo<'_> {
+    fn socket(&mut self) -> &mut TcpStream {
+        match self {
+            ServerIo::Plain(tcp) => tcp,
+            ServerIo::Tls { tls, .. } => tls.tcp,
+        }
+    }
+
+    /// Runs `f` on the TLS session, if there is one, and counts what it changed.
+    fn with_tls<R>(&mut self, f: impl FnOnce(&mut Tls<'_, UnbufferedServerConnection>) -> R) -> Option<R> {
+        let ServerIo::Tls { tls, tally } = self else {
+            return None;
+        };
+        let before = tls.s.flags;
+        let r = f(tls);
+        tally.note(tls.s, before);
+        Some(r)
+    }
+}
+
+impl mio::event::Source for ServerIo<'_> {
+    fn register(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        self.socket().register(r, t, i)
+    }
+    fn reregister(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        self.socket().reregister(r, t, i)
+    }
+    fn deregister(&mut self, r: &mio::Registry) -> io::Result<()> {
+        self.socket().deregister(r)
+    }
+}
+
+// Each method tests the variant inline and leaves the TLS path out of line, so that the plain
+// path stays what it is for a `TcpStream`.
+impl ServerIo<'_> {
+    #[inline(never)]
+    fn read_tls(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.with_tls(|t| t.read(buf))
+            .unwrap_or(Err(io::ErrorKind::Unsupported.into()))
+    }
+    #[inline(never)]
+    fn write_tls(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.with_tls(|t| t.write_vectored(bufs))
+            .unwrap_or(Err(io::ErrorKind::Unsupported.into()))
+    }
+}
+
+impl Transport for ServerIo<'_> {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ServerIo::Plain(tcp) => tcp_read(tcp, buf),
+            ServerIo::Tls { .. } => self.read_tls(buf),
+        }
+    }
+    #[inline]
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            ServerIo::Plain(tcp) => tcp_write_vectored(tcp, bufs),
+            ServerIo::Tls { .. } => self.write_tls(bufs),
+        }
+    }
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ServerIo::Plain(tcp) => tcp_write(tcp, buf),
+            ServerIo::Tls { .. } => self.write_tls(&[IoSlice::new(buf)]),
+        }
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        match self {
+            ServerIo::Plain(tcp) => tcp.shutdown(Shutdown::Write),
+            ServerIo::Tls { .. } => self.with_tls(|t| t.shutdown_write()).unwrap_or(Ok(())),
+        }
+    }
+    #[inline]
+    fn short_read_drains(&self) -> bool {
+        match self {
+            ServerIo::Plain(tcp) => tcp.short_read_drains(),
+            ServerIo::Tls { tls, .. } => tls.s.flags & DRAINED != 0,
+        }
+    }
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ServerIo::Plain(tcp) => tcp,
+            ServerIo::Tls { tls, .. } => tls.tcp,
+        }
+    }
+    #[inline]
+    fn flush_pending(&mut self) -> io::Result<()> {
+        match self {
+            ServerIo::Plain(_) => Ok(()),
+            ServerIo::Tls { .. } => self.with_tls(|t| t.flush_pending()).unwrap_or(Ok(())),
+        }
     }
     #[inline]
     fn wants_write(&self) -> bool {
-        SERVING.get() && self.session(|s| !s.pending_out.is_empty()).unwrap_or(false)
+        match self {
+            ServerIo::Plain(_) => false,
+            ServerIo::Tls { tls, .. } => !tls.s.pending_out.is_empty(),
+        }
     }
     #[inline]
     fn take_write_ready(&mut self) -> bool {
-        SERVING.get() && self.with_tls(|t| t.take_write_ready()).unwrap_or(false)
+        match self {
+            ServerIo::Plain(_) => false,
+            ServerIo::Tls { .. } => self.with_tls(|t| t.take_write_ready()).unwrap_or(false),
+        }
     }
     #[inline]
     fn held(&self) -> usize {
-        if SERVING.get() {
-            return self.session(|s| s.held()).unwrap_or(0);
+        match self {
+            ServerIo::Plain(_) => 0,
+            ServerIo::Tls { tls, .. } => tls.s.held(),
         }
-        0
     }
     fn min_read(&self) -> usize {
-        if SERVING.get() {
-            return MIN_READ;
+        match self {
+            ServerIo::Plain(_) => 0,
+            ServerIo::Tls { .. } => MIN_READ,
         }
-        0
     }
     fn discard_input(&mut self) -> bool {
-        SERVING.get() && self.with_tls(|t| t.discard_input()).unwrap_or(false)
-    }
-    fn take_freed() -> usize {
-        FREED.try_with(|f| f.replace(0)).unwrap_or(0)
+        self.with_tls(|t| t.discard_input()).unwrap_or(false)
     }
 }
 
@@ -838,40 +906,106 @@ impl Transport for ServerStream {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_record_received_in_part_counts_against_the_budget_until_the_connection_goes() {
+    fn server_config() -> Arc<rustls::ServerConfig> {
         let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let tls =
             crate::tls::ServerTls::from_pem(key.cert.pem().as_bytes(), key.signing_key.serialize_pem().as_bytes())
                 .unwrap();
-        let budget = Budget::new(1 << 20);
-        let serving = ServingTls::start(&budget);
+        tls.config
+    }
 
+    /// A TLS connection in slot `key` of `lp`, and its peer.
+    fn accepted(lp: &mut LoopTls, key: usize) -> (ServerStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (tcp, _) = listener.accept().unwrap();
         tcp.set_nonblocking(true).unwrap();
-        let mut stream = ServerStream::tls(TcpStream::from_std(tcp), &tls.config).unwrap();
-        assert_eq!(budget.used(), 0, "an idle session holds nothing");
+        lp.start(key, NewSession::new(&server_config()).unwrap());
+        (ServerStream::plain(TcpStream::from_std(tcp)), peer)
+    }
 
-        // A handshake record announcing 1,000 bytes, of which 300 come.
+    /// Sends a handshake record announcing 1,000 bytes, of which 300 come, and reads until the
+    /// session holds them.
+    fn hold_a_partial_record(stream: &mut ServerStream, key: usize, lp: &mut LoopTls, peer: &mut std::net::TcpStream) {
         let mut part = vec![22, 3, 1, (1000u16 >> 8) as u8, 1000u16 as u8];
         part.extend_from_slice(&[1; 300]);
-        std::io::Write::write_all(&mut peer, &part).unwrap();
+        std::io::Write::write_all(peer, &part).unwrap();
         let mut buf = vec![0u8; 64 << 10];
         let start = std::time::Instant::now();
-        while budget.used() == 0 && start.elapsed().as_secs() < 5 {
-            match Transport::read(&mut stream, &mut buf) {
+        while stream.held(key, lp) == 0 && start.elapsed().as_secs() < 5 {
+            match stream.io(key, lp).read(&mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
                 r => panic!("a record in part is neither data nor an error: {r:?}"),
             }
         }
-        let held = budget.used();
-        assert!(held >= part.len(), "{held} bytes counted for {} held", part.len());
+        assert!(stream.held(key, lp) >= part.len(), "the record's bytes are held");
+    }
 
+    #[test]
+    fn a_record_received_in_part_counts_against_the_budget_until_the_connection_goes() {
+        let budget = Budget::new(1 << 20);
+        let mut lp = ServerStream::new_loop(&budget);
+        let key = 3;
+        let (mut stream, mut peer) = accepted(&mut lp, key);
+        assert_eq!(budget.used(), 0, "an idle session holds nothing");
+        assert_eq!(stream.min_read(key, &lp), MIN_READ);
+
+        hold_a_partial_record(&mut stream, key, &mut lp, &mut peer);
+        let held = budget.used();
+        assert!(held >= 305, "{held} bytes counted for 305 held");
+        assert_eq!(held, stream.held(key, &lp));
+
+        stream.release(key, &mut lp);
         drop(stream);
         assert_eq!(budget.used(), 0, "given back with the connection");
-        drop(serving);
+        assert!(lp.session(key).is_none(), "the session left with its slot");
+        assert!(ServerStream::take_freed(&mut lp) >= held + SESSION_FOOTPRINT);
+        assert_eq!(ServerStream::take_freed(&mut lp), 0, "counted once");
+        assert_eq!(
+            lp.sessions.capacity(),
+            0,
+            "the table is given back with its last session"
+        );
+    }
+
+    #[test]
+    fn the_sessions_go_with_their_loop() {
+        let budget = Budget::new(1 << 20);
+        let mut lp = ServerStream::new_loop(&budget);
+        let (mut stream, mut peer) = accepted(&mut lp, 0);
+        hold_a_partial_record(&mut stream, 0, &mut lp, &mut peer);
+        assert!(budget.used() > 0);
+        drop(lp);
+        assert_eq!(budget.used(), 0, "a loop that ends gives back what its sessions held");
+    }
+
+    #[test]
+    fn a_plain_connection_on_a_tls_loop_has_no_session() {
+        let budget = Budget::new(1 << 20);
+        let mut lp = ServerStream::new_loop(&budget);
+        let (_tls, _peer) = accepted(&mut lp, 1);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut plain = ServerStream::plain(TcpStream::from_std(tcp));
+        // Slot 0 (below the TLS one) and slot 7 (past every session) are plain.
+        for key in [0, 7] {
+            assert!(matches!(plain.io(key, &mut lp), ServerIo::Plain(_)));
+            assert_eq!(plain.min_read(key, &lp), 0);
+        }
+        std::io::Write::write_all(&mut peer, b"GET /").unwrap();
+        let mut buf = [0u8; 16];
+        let start = std::time::Instant::now();
+        let n = loop {
+            match plain.io(0, &mut lp).read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed().as_secs() < 5 => {
+                    std::thread::yield_now()
+                }
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(&buf[..n], b"GET /", "read as it came, not as TLS");
     }
 
     #[test]

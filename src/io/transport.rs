@@ -5,8 +5,11 @@ use std::io::{self, IoSlice};
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 use std::io::{Read, Write};
 use std::net::Shutdown;
+use std::sync::Arc;
 
 use mio::net::TcpStream;
+
+use super::budget::Budget;
 
 /// A non-blocking byte stream registered with the loop's poll.
 pub(crate) trait Transport: mio::event::Source {
@@ -59,14 +62,127 @@ pub(crate) trait Transport: mio::event::Source {
     fn discard_input(&mut self) -> bool {
         false
     }
-    /// Memory this thread's transports have freed since the last call (TLS sessions and their
+}
+
+/// A stream as an engine slot keeps it, beside what the streams of one loop share (a server
+/// loop's TLS sessions, by slot). The engine joins the two for each call ([`SlotStream::io`]),
+/// so a slot holds no more than its socket, and whatever the loop keeps for a slot goes with
+/// it ([`SlotStream::release`]).
+pub(crate) trait SlotStream: mio::event::Source + Sized {
+    /// What the streams of one loop share; owned by the engine.
+    type Loop;
+    /// The stream joined with what the loop keeps for it: what reads and writes.
+    type Io<'a>: Transport
+    where
+        Self: 'a;
+    /// The loop's share, for an engine whose connections count against `budget`.
+    fn new_loop(budget: &Arc<Budget>) -> Self::Loop;
+    /// The stream of slot `key`, joined with what `lp` keeps for it.
+    fn io<'a>(&'a mut self, key: usize, lp: &'a mut Self::Loop) -> Self::Io<'a>;
+    /// The TCP socket underneath (addresses, options, connect progress).
+    fn tcp(&self) -> &TcpStream;
+    /// [`Transport::held`], for slot `key`.
+    fn held(&self, key: usize, lp: &Self::Loop) -> usize;
+    /// [`Transport::wants_write`], for slot `key`.
+    fn wants_write(&self, key: usize, lp: &Self::Loop) -> bool;
+    /// [`Transport::min_read`], for slot `key`.
+    fn min_read(&self, key: usize, lp: &Self::Loop) -> usize;
+    /// Gives back what `lp` keeps for slot `key`, which is being removed.
+    fn release(&mut self, _key: usize, _lp: &mut Self::Loop) {}
+    /// Memory the loop's streams have freed since the last call (TLS sessions and their
     /// buffers, which the engine does not see go): part of what decides when the heap is
     /// trimmed.
-    fn take_freed() -> usize
-    where
-        Self: Sized,
-    {
+    fn take_freed(_lp: &mut Self::Loop) -> usize {
         0
+    }
+}
+
+/// A transport that keeps everything it needs itself, as a slot's stream.
+pub(crate) struct Direct<'a, T>(&'a mut T);
+
+impl<T: Transport> SlotStream for T {
+    type Loop = ();
+    type Io<'a>
+        = Direct<'a, T>
+    where
+        T: 'a;
+    fn new_loop(_: &Arc<Budget>) {}
+    #[inline]
+    fn io<'a>(&'a mut self, _: usize, _: &'a mut ()) -> Direct<'a, T> {
+        Direct(self)
+    }
+    fn tcp(&self) -> &TcpStream {
+        Transport::tcp(self)
+    }
+    #[inline]
+    fn held(&self, _: usize, _: &()) -> usize {
+        Transport::held(self)
+    }
+    #[inline]
+    fn wants_write(&self, _: usize, _: &()) -> bool {
+        Transport::wants_write(self)
+    }
+    fn min_read(&self, _: usize, _: &()) -> usize {
+        Transport::min_read(self)
+    }
+}
+
+impl<T: Transport> mio::event::Source for Direct<'_, T> {
+    fn register(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        self.0.register(r, t, i)
+    }
+    fn reregister(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        self.0.reregister(r, t, i)
+    }
+    fn deregister(&mut self, r: &mio::Registry) -> io::Result<()> {
+        self.0.deregister(r)
+    }
+}
+
+impl<T: Transport> Transport for Direct<'_, T> {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+    #[inline]
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.write_vectored(bufs)
+    }
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.0.shutdown_write()
+    }
+    #[inline]
+    fn short_read_drains(&self) -> bool {
+        self.0.short_read_drains()
+    }
+    fn tcp(&self) -> &TcpStream {
+        self.0.tcp()
+    }
+    #[inline]
+    fn flush_pending(&mut self) -> io::Result<()> {
+        self.0.flush_pending()
+    }
+    #[inline]
+    fn wants_write(&self) -> bool {
+        self.0.wants_write()
+    }
+    #[inline]
+    fn take_write_ready(&mut self) -> bool {
+        self.0.take_write_ready()
+    }
+    #[inline]
+    fn held(&self) -> usize {
+        self.0.held()
+    }
+    fn min_read(&self) -> usize {
+        self.0.min_read()
+    }
+    fn discard_input(&mut self) -> bool {
+        self.0.discard_input()
     }
 }
 

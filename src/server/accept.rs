@@ -8,13 +8,15 @@ use std::sync::atomic::Ordering;
 
 use mio::net::TcpStream;
 
+#[cfg(feature = "tls")]
 use super::handle::Group;
 use super::handler::{ConnData, PeerAddr, ServerEngine};
 use super::serve::Srv;
 use super::{config, peer_log, Handler};
 use crate::io::outbox::write_some;
-use crate::io::stream::ServerStream;
 use crate::io::sys::is_resource_error;
+#[cfg(feature = "tls")]
+use crate::io::{stream::ServerStream, tls::NewSession};
 use crate::proto::Reject;
 
 /// The driver timer that resumes accepting after running out of descriptors.
@@ -24,18 +26,13 @@ pub(super) const ACCEPT_TIMER: u64 = u64::MAX >> 1;
 /// as it is refused must not hold the loop).
 const REFUSE_AT_ONCE: usize = 256;
 
-/// The stream for an accepted socket: TLS, with the certificate in use now, when the server
-/// speaks TLS. (The metrics listener's connections, `admin`, are plain HTTP.)
-fn server_stream(tcp: TcpStream, group: &Group, admin: bool) -> io::Result<ServerStream> {
-    #[cfg(feature = "tls")]
-    return match &group.tls {
-        Some(t) if !admin => ServerStream::tls(tcp, &t.config()),
-        _ => Ok(ServerStream::plain(tcp)),
-    };
-    #[cfg(not(feature = "tls"))]
-    {
-        let _ = (group, admin);
-        Ok(tcp)
+/// A TLS session for an accepted socket, with the certificate in use now, when the server speaks
+/// TLS. (The metrics listener's connections, `admin`, are plain HTTP.)
+#[cfg(feature = "tls")]
+fn tls_session(group: &Group, admin: bool) -> io::Result<Option<NewSession>> {
+    match &group.tls {
+        Some(t) if !admin => NewSession::new(&t.config()).map(Some),
+        _ => Ok(None),
     }
 }
 
@@ -145,7 +142,8 @@ impl<H: Handler> Srv<H> {
         let peer = PeerAddr::new(addr, &mut self.loop_state.peers);
         let data_counted = !over && self.cfg.max_connections_per_ip.is_some();
         let data = ConnData::new(peer, data_counted);
-        let stream = match server_stream(stream, self.group(), admin) {
+        #[cfg(feature = "tls")]
+        let session = match tls_session(self.group(), admin) {
             Ok(s) => s,
             Err(e) => {
                 peer_log(log::Level::Warn, addr, format_args!(": {e}"));
@@ -153,12 +151,21 @@ impl<H: Handler> Srv<H> {
                 return;
             }
         };
+        #[cfg(feature = "tls")]
+        let stream = ServerStream::plain(stream);
+        #[cfg(not(feature = "tls"))]
+        let _ = admin; // plain HTTP either way
         match eng.insert(stream, conn, data) {
-            Ok(key) if over => {
-                eng.send_raw(key, &refusal);
-                eng.settle(key);
+            Ok(key) => {
+                #[cfg(feature = "tls")]
+                if let Some(session) = session {
+                    eng.streams.start(key, session);
+                }
+                if over {
+                    eng.send_raw(key, &refusal);
+                    eng.settle(key);
+                }
             }
-            Ok(_) => {}
             Err(e) => {
                 self.give_back(Some(peer), data_counted);
                 peer_log(log::Level::Warn, addr, format_args!(": register failed: {e}"));

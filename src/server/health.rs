@@ -12,7 +12,7 @@ use super::handler::ServerEngine;
 use super::metrics::{self, LoopView, ProcessView, PUBLISH_TIMER};
 use super::serve::Srv;
 use super::Handler;
-use crate::io::transport::Transport;
+use crate::io::transport::SlotStream;
 use crate::proto::{Answer, Request};
 
 /// What `/health` says of the cluster.
@@ -122,7 +122,7 @@ impl<H: Handler> Srv<H> {
 
     fn loop_view(&self, eng: &ServerEngine<H::State>) -> LoopView {
         #[cfg(feature = "tls")]
-        let tls = crate::io::tls::counts();
+        let tls = eng.streams.counts();
         #[cfg(not(feature = "tls"))]
         let tls = (0, 0);
         #[cfg(feature = "deflate")]

@@ -22,7 +22,7 @@ use super::{peer_log, Conn, ConnId, Ctx, Handler, LoopState, ServerConfig, Timer
 use crate::io::engine::{Cause, Driver, Engine, SHED_CODE};
 use crate::io::stream::ServerStream;
 use crate::io::timer::{deadline_after, poll_timeout};
-use crate::io::transport::Transport;
+use crate::io::transport::SlotStream;
 use crate::proto::rand::NoRandom;
 use crate::proto::{close_code, Answer, Event, Headers, Request, State, Timeout};
 
@@ -41,10 +41,7 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
     } else {
         None
     };
-    // Dropped after the engine: the connections' TLS sessions live as long as the loop.
     let budget = Arc::clone(&handle.group.budget);
-    #[cfg(feature = "tls")]
-    let _tls = cfg.tls.is_some().then(|| crate::io::tls::ServingTls::start(&budget));
     let mut eng: ServerEngine<H::State> =
         Engine::new(poll, cfg.protocol_config(), cfg.max_backpressure, NoRandom, budget);
     #[cfg(feature = "deflate")]
@@ -149,11 +146,9 @@ pub(super) fn serve_loop<H: Handler>(parts: LoopParts, handler: H) -> io::Result
                 eng.reap(&mut srv);
             }
             // Done once every peer's close handshake is over and our last bytes are out.
-            if eng
-                .slots
-                .iter()
-                .all(|(_, s)| s.conn.state() == State::Closed && s.out.is_none() && !s.stream.wants_write())
-            {
+            if eng.slots.iter().all(|(k, s)| {
+                s.conn.state() == State::Closed && s.out.is_none() && !s.stream.wants_write(k, &eng.streams)
+            }) {
                 if lp == 0 {
                     log::info!("shutdown complete");
                 }
