@@ -117,6 +117,22 @@ pub(crate) enum Cause {
     Dropped,
 }
 
+/// What a change to one connection may use, lent by the engine for the call to
+/// [`Engine::with_conn`] (never stored: a slot stays as small as it is).
+pub(crate) struct Cx<'a, R> {
+    pub(crate) cfg: &'a proto::Config,
+    /// The clock at the start of this turn.
+    pub(crate) now: u64,
+    pub(crate) rng: &'a mut R,
+    /// Where the connection's output goes: written (or queued) when the change is over.
+    pub(crate) out: &'a mut Vec<u8>,
+    /// The loop's permessage-deflate codec.
+    #[cfg(feature = "deflate")]
+    pub(crate) codec: &'a mut proto::deflate::Codec,
+    /// Set when the change ends the connection: it is removed with this cause.
+    pub(crate) end: Option<Cause>,
+}
+
 /// A connection the budget could not hold: closed with this code.
 pub(crate) const SHED_CODE: u16 = proto::close_code::TRY_AGAIN_LATER;
 
@@ -423,8 +439,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         {
             return; // the common case after a read: nothing to charge, nothing to change
         }
-        self.account(key, before);
-        self.settle(key);
+        self.changed(key, before);
     }
 
     /// Brings the budget up to date with what connection `key` holds now (it held `before`),
@@ -494,10 +509,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             // A TLS record received in part goes too: what the peer sends from now on is read
             // and dropped (it cannot be decrypted without that record) until it closes or the
             // close times out. One still in its handshake cannot be told why: it goes now.
-            if self.slots[key].stream.discard_input() && !failed {
-                self.kill(key, Cause::Dropped);
-            }
-            self.settle(key);
+            self.with_conn(key, |slot, cx| {
+                if slot.stream.discard_input() && !failed {
+                    cx.end = Some(Cause::Dropped);
+                }
+            });
         }
         if !self.mem_paused.is_empty() && self.budget.used() >= self.budget.low() {
             // Memory stays short: a connection paused this long is not going to finish (its
@@ -840,8 +856,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                     r.pos = done;
                     turn = turn.saturating_add(self.spent());
                     self.defer(key, r.hup, r.buf, r.pos);
-                    self.account(key, before);
-                    self.settle(key);
+                    self.changed(key, before);
                     continue;
                 }
             }
@@ -860,8 +875,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
             turn = turn.saturating_add(self.spent());
-            self.account(key, before);
-            self.settle(key);
+            self.changed(key, before);
         }
     }
 
@@ -1034,25 +1048,16 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 continue; // stale entry
             }
             slot.armed = 0;
-            let before = slot.charge();
-            let mut out = std::mem::take(&mut self.scratch);
-            out.clear();
-            let t = slot.conn.handle_timeout(&self.cfg, self.now, &mut self.rng, &mut out);
-            self.bytes_out += out.len() as u64;
-            if !out.is_empty() {
-                if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut out) {
-                    self.kill(key, Cause::Io(e));
+            let t = self.with_conn(key, |slot, cx| {
+                let t = slot.conn.handle_timeout(cx.cfg, cx.now, cx.rng, cx.out);
+                if let Some(t @ (Timeout::Handshake | Timeout::Close)) = t {
+                    cx.end = Some(Cause::Timeout(t));
                 }
-            }
-            self.scratch = out;
-            self.account(key, before);
-            if let Some(t) = t {
+                t
+            });
+            if let Some(Some(t)) = t {
                 d.on_timeout(self, key, t);
-                if matches!(t, Timeout::Handshake | Timeout::Close) {
-                    self.kill(key, Cause::Timeout(t));
-                }
             }
-            self.settle(key);
         }
     }
 
@@ -1083,6 +1088,88 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         self.maybe_trim();
     }
 
+    /// Changes connection `key`: the one path by which anything outside its own read changes a
+    /// connection. `f` gets the slot and a [`Cx`]; what it writes to `cx.out` goes out after it,
+    /// and the budget and the slot's registration and deadline are brought up to date once.
+    /// While the connection's own bytes are processed, its output joins the cork and the read's
+    /// bracket (`on_ready`, `resume`) accounts for it. `None` if the connection is gone or being
+    /// removed.
+    #[inline]
+    pub(crate) fn with_conn<X>(
+        &mut self,
+        key: usize,
+        f: impl FnOnce(&mut Slot<T, P>, &mut Cx<'_, R>) -> X,
+    ) -> Option<X> {
+        self.with_conn_of(key, None, f)
+    }
+
+    /// [`with_conn`](Self::with_conn) if `key` is still generation `gen` (when given): one
+    /// lookup for both.
+    #[inline]
+    fn with_conn_of<X>(
+        &mut self,
+        key: usize,
+        gen: Option<u32>,
+        f: impl FnOnce(&mut Slot<T, P>, &mut Cx<'_, R>) -> X,
+    ) -> Option<X> {
+        let corked = key == self.corked;
+        let slot = self.slots.get_mut(key)?;
+        if slot.flags & DEAD != 0 || gen.is_some_and(|g| g != slot.gen) {
+            return None;
+        }
+        // The read's bracket covers a corked connection.
+        let before = if corked { 0 } else { slot.charge() };
+        let out = if corked {
+            &mut self.cork
+        } else {
+            self.scratch.clear();
+            &mut self.scratch
+        };
+        let mut cx = Cx {
+            cfg: &self.cfg,
+            now: self.now,
+            rng: &mut self.rng,
+            out,
+            #[cfg(feature = "deflate")]
+            codec: &mut self.codec,
+            end: None,
+        };
+        let x = f(slot, &mut cx);
+        let end = cx.end.take();
+        if corked {
+            if let Some(cause) = end {
+                self.kill(key, cause);
+            }
+            return Some(x);
+        }
+        if !self.scratch.is_empty() {
+            self.bytes_out += self.scratch.len() as u64;
+            let slot = &mut self.slots[key];
+            if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.scratch) {
+                self.kill(key, Cause::Io(e));
+            }
+            if self.scratch.capacity() > KEEP_BUFFER {
+                self.scratch = Vec::new();
+            }
+        }
+        if let Some(cause) = end {
+            self.kill(key, cause);
+        }
+        self.changed(key, before);
+        Some(x)
+    }
+
+    /// The end of every change to connection `key` (which held `before`): the budget learns
+    /// what it holds now, then backpressure, the end of a finished connection, its
+    /// registration and its deadline are brought up to date. [`with_conn`](Self::with_conn)
+    /// ends with it, and so does a read (`on_ready`, `resume`), which cannot lend the slot
+    /// alone because the driver it calls gets the whole engine.
+    #[inline]
+    fn changed(&mut self, key: usize, before: usize) {
+        self.account(key, before);
+        self.settle(key);
+    }
+
     /// Answers the request connection `key` handed out (see [`Connection::accept`]).
     #[cfg(not(feature = "deflate"))]
     pub(crate) fn accept(
@@ -1092,9 +1179,10 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         answer: &proto::Answer,
         extensions: Option<&str>,
     ) -> bool {
-        let now = self.now;
-        let (slot, out, _) = self.output(key);
-        slot.conn.accept(req, answer, extensions, now, out)
+        self.with_conn(key, |slot, cx| {
+            slot.conn.accept(req, answer, extensions, cx.now, cx.out)
+        })
+        .unwrap_or(false)
     }
 
     /// Answers the request connection `key` handed out, negotiating permessage-deflate (see
@@ -1107,44 +1195,10 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         answer: &proto::Answer,
         config: &proto::deflate::DeflateConfig,
     ) -> bool {
-        let now = self.now;
-        let (slot, out, _) = self.output(key);
-        slot.conn.accept_deflate(req, answer, config, now, out)
-    }
-
-    /// The slot and where its output goes now: the cork while its bytes are being processed,
-    /// else the scratch buffer (sent by [`Engine::flush_scratch`]).
-    fn output(&mut self, key: usize) -> (&mut Slot<T, P>, &mut Vec<u8>, &mut R) {
-        let out = if key == self.corked {
-            &mut self.cork
-        } else {
-            self.scratch.clear();
-            &mut self.scratch
-        };
-        (&mut self.slots[key], out, &mut self.rng)
-    }
-
-    /// What connection `key` holds before an operation from outside its own read (whose
-    /// bracket in `on_ready` covers everything done to it while it is being processed).
-    fn charge_before(&self, key: usize) -> Option<usize> {
-        (key != self.corked).then(|| self.slots[key].charge())
-    }
-
-    /// Writes what an operation put in `scratch`, brings the budget up to date, and settles.
-    fn flush_scratch(&mut self, key: usize, before: Option<usize>) {
-        let Some(before) = before else { return };
-        if !self.scratch.is_empty() {
-            self.bytes_out += self.scratch.len() as u64;
-            let slot = &mut self.slots[key];
-            if let Err(e) = outbox::send_vec(&mut slot.stream, &mut slot.out, &mut self.scratch) {
-                self.kill(key, Cause::Io(e));
-            }
-            if self.scratch.capacity() > KEEP_BUFFER {
-                self.scratch = Vec::new();
-            }
-        }
-        self.account(key, before);
-        self.settle(key);
+        self.with_conn(key, |slot, cx| {
+            slot.conn.accept_deflate(req, answer, config, cx.now, cx.out)
+        })
+        .unwrap_or(false)
     }
 
     /// Sends a message on connection `key`.
@@ -1155,84 +1209,51 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Sends a message on connection `key` if it is still generation `gen` (one lookup: this
     /// is every reply's path).
+    #[inline]
     pub(crate) fn send_to(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
-        let Some(slot) = self.slots.get_mut(key) else {
-            return Err(NotOpen);
-        };
-        if slot.gen != gen || slot.flags & DEAD != 0 {
-            return Err(NotOpen);
+        if key != self.corked {
+            self.work += 1;
         }
-        if key == self.corked {
+        self.with_conn_of(key, Some(gen), |slot, cx| {
             #[cfg(feature = "deflate")]
-            return slot.conn.send_with(msg, &mut self.codec, &mut self.rng, &mut self.cork);
+            return slot.conn.send_with(msg, cx.codec, cx.rng, cx.out);
             #[cfg(not(feature = "deflate"))]
-            return slot.conn.send(msg, &mut self.rng, &mut self.cork);
-        }
-        self.work += 1;
-        let before = Some(slot.charge());
-        self.scratch.clear();
-        #[cfg(feature = "deflate")]
-        slot.conn
-            .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)?;
-        #[cfg(not(feature = "deflate"))]
-        slot.conn.send(msg, &mut self.rng, &mut self.scratch)?;
-        self.flush_scratch(key, before);
-        Ok(())
+            return slot.conn.send(msg, cx.rng, cx.out);
+        })
+        .unwrap_or(Err(NotOpen))
     }
 
     /// Sends a ping on connection `key`.
     pub(crate) fn ping(&mut self, key: usize, payload: &[u8]) -> Result<(), NotOpen> {
-        let before = self.charge_before(key);
-        let (slot, out, rng) = self.output(key);
-        if slot.flags & DEAD != 0 {
-            return Err(NotOpen);
-        }
-        slot.conn.ping(payload, rng, out)?;
-        self.flush_scratch(key, before);
-        Ok(())
+        self.with_conn(key, |slot, cx| slot.conn.ping(payload, cx.rng, cx.out))
+            .unwrap_or(Err(NotOpen))
     }
 
     /// Starts the close handshake on connection `key`.
     pub(crate) fn close(&mut self, key: usize, code: u16, reason: &str) -> Result<(), NotOpen> {
-        let now = self.now;
-        let before = self.charge_before(key);
-        let (slot, out, rng) = self.output(key);
-        if slot.flags & DEAD != 0 {
-            return Err(NotOpen);
-        }
-        let r = slot.conn.close(code, reason, now, rng, out);
-        self.flush_scratch(key, before);
-        r
+        self.with_conn(key, |slot, cx| slot.conn.close(code, reason, cx.now, cx.rng, cx.out))
+            .unwrap_or(Err(NotOpen))
     }
 
     /// Sends bytes as they are (an HTTP answer written by the driver).
     pub(crate) fn send_raw(&mut self, key: usize, bytes: &[u8]) {
-        let before = self.charge_before(key);
-        let (slot, out, _) = self.output(key);
-        if slot.flags & DEAD == 0 {
-            out.extend_from_slice(bytes);
-        }
-        self.flush_scratch(key, before);
+        self.with_conn(key, |_, cx| cx.out.extend_from_slice(bytes));
     }
 
     /// Sends a frame shared with other connections (encoded once for a broadcast).
     pub(crate) fn send_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) {
-        if key == self.corked {
-            // Behind what this connection's read produced so far.
-            self.cork.extend_from_slice(frame.bytes());
-            return;
+        let corked = key == self.corked;
+        let sent = self.with_conn(key, |slot, cx| {
+            if corked {
+                // Behind what this connection's read produced so far.
+                cx.out.extend_from_slice(frame.bytes());
+            } else if let Err(e) = outbox::send_shared(&mut slot.stream, &mut slot.out, frame) {
+                cx.end = Some(Cause::Io(e));
+            }
+        });
+        if sent.is_some() && !corked {
+            self.bytes_out += frame.bytes().len() as u64;
         }
-        let slot = &mut self.slots[key];
-        if slot.flags & DEAD != 0 {
-            return;
-        }
-        let before = slot.charge();
-        self.bytes_out += frame.bytes().len() as u64;
-        if let Err(e) = outbox::send_shared(&mut slot.stream, &mut slot.out, frame) {
-            self.kill(key, Cause::Io(e));
-        }
-        self.account(key, before);
-        self.settle(key);
     }
 
     /// A frame to share among connections, counted against the budget until the last one
@@ -1244,19 +1265,16 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     /// Drops what is queued for connection `key` except the rest of a frame already partly
     /// written (cutting that short would corrupt the stream).
     pub(crate) fn clear_queue(&mut self, key: usize) {
-        let before = self.charge_before(key);
-        if key == self.corked {
-            self.cork.clear();
-        }
-        if let Some(q) = self.slots[key].out.as_mut() {
-            q.clear();
-            if q.len() == 0 {
-                self.slots[key].out = None;
+        self.with_conn(key, |slot, cx| {
+            // The cork, while this connection's bytes are processed.
+            cx.out.clear();
+            if let Some(q) = slot.out.as_mut() {
+                q.clear();
+                if q.len() == 0 {
+                    slot.out = None;
+                }
             }
-        }
-        if let Some(before) = before {
-            self.account(key, before);
-        }
+        });
     }
 
     /// Memory queued for connection `key` (see [`Slot::queue_held`]), counting what its
