@@ -26,7 +26,7 @@ use std::sync::Arc;
 use mio::{Interest, Poll, Token};
 use slab::Slab;
 
-use super::budget::{Budget, SharedFrame};
+use super::budget::{Budget, SharedFrame, Verdict};
 use super::outbox::{self, Outbox};
 use super::timer::{Clock, TimerQueue};
 use super::transport::Transport;
@@ -146,9 +146,6 @@ const DRIVER_TIMER: u64 = 1 << 63;
 const TRIM_TIMER: u64 = 1 << 62;
 /// Look at connections paused for memory.
 const STALL_TIMER: u64 = (1 << 62) | 1;
-
-/// A connection paused this long for memory, while memory stays short, is closed.
-const MEM_STALL_MS: u64 = 5000;
 
 impl TimerKey {
     fn conn(key: usize, gen: u32) -> TimerKey {
@@ -467,28 +464,17 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         self.weigh(key);
     }
 
-    /// Applies the budget to connection `key`: holding more than its share while memory is
-    /// short, it stops being read; past the limit it is closed.
+    /// Asks the budget about connection `key`, which has grown (see [`Budget::weigh`]).
     fn weigh(&mut self, key: usize) {
         let slot = &self.slots[key];
-        let used = self.budget.used();
-        if used <= self.budget.soft() || slot.flags & DEAD != 0 {
+        if slot.flags & DEAD != 0 {
             return;
         }
-        if slot.weight() <= self.share() {
-            return;
+        match self.budget.weigh(|| slot.weight(), self.slots.len()) {
+            Verdict::Keep => {}
+            Verdict::Pause => self.mem_pause(key),
+            Verdict::Shed => self.shed.push((key, slot.gen)),
         }
-        let gen = slot.gen;
-        if used > self.budget.limit() {
-            self.shed.push((key, gen));
-        } else {
-            self.mem_pause(key);
-        }
-    }
-
-    /// A fair share of the memory while it is short: what lets every connection hold the same.
-    fn share(&self) -> usize {
-        (self.budget.soft() / self.slots.len().max(1)).max(1024)
     }
 
     /// Closes the connections the budget could not hold (with 1013: the server is short of
@@ -515,13 +501,13 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 }
             });
         }
-        if !self.mem_paused.is_empty() && self.budget.used() >= self.budget.low() {
+        if !self.mem_paused.is_empty() && self.budget.short() {
             // Memory stays short: a connection paused this long is not going to finish (its
             // peer may be gone behind a closed window, or be stalling on purpose).
             // Only the due ones are looked at, not every paused connection at every wakeup.
             let now = self.now;
             while let Some(&(key, gen, since)) = self.mem_paused.front() {
-                if now.saturating_sub(since) < MEM_STALL_MS {
+                if !Budget::stalled(since, now) {
                     break;
                 }
                 self.mem_paused.pop_front();
@@ -536,11 +522,12 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             if let Some(&(_, _, first)) = self.mem_paused.front() {
                 if !self.stall_armed {
                     self.stall_armed = true;
-                    self.timers.push(first + MEM_STALL_MS, TimerKey(STALL_TIMER));
+                    self.timers
+                        .push(first + super::budget::MEM_STALL_MS, TimerKey(STALL_TIMER));
                 }
             }
         }
-        if !self.mem_paused.is_empty() && self.budget.used() < self.budget.low() {
+        if !self.mem_paused.is_empty() && !self.budget.short() {
             for (key, gen, _) in std::mem::take(&mut self.mem_paused) {
                 if let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == gen) {
                     slot.flags &= !MEM_PAUSED;
@@ -594,7 +581,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         before: &mut usize,
     ) {
         loop {
-            let (cap, over) = self.read_cap(rbuf.len(), self.slots[key].stream.min_read());
+            let (cap, over) = self.budget.read_cap(rbuf.len(), self.slots[key].stream.min_read());
             let slot = &mut self.slots[key];
             if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE) != 0 {
                 return;
@@ -612,7 +599,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 // a turn doing so would overrun the budget by their sum before any is closed.
                 // One holding more than its share is closed, as `weigh` would have.
                 let (weight, gen) = (slot.charge() + held, slot.gen);
-                if !hup && weight > self.share() {
+                if !hup && weight > self.budget.share(self.slots.len()) {
                     self.shed.push((key, gen));
                 } else {
                     self.mem_pause_or_drop(key, hup);
@@ -659,7 +646,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 slot.flags |= READ_PAUSED;
                 return;
             }
-            if self.budget.used() > self.budget.limit() && !(hup && slot.conn.buffered_bytes() == 0) {
+            if self.budget.over() && !(hup && slot.conn.buffered_bytes() == 0) {
                 self.mem_pause_or_drop(key, hup);
                 return;
             }
@@ -685,19 +672,6 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             slot.flags |= MEM_PAUSED;
             self.mem_paused.push_back((key, slot.gen, self.now));
         }
-    }
-
-    /// How much one read may take: the whole buffer, but less and less as the budget runs
-    /// short (never under 256 bytes, so that small messages still flow), which bounds how
-    /// far the connections read in one turn can overshoot it; and whether the budget is
-    /// overrun already.
-    fn read_cap(&self, len: usize, min: usize) -> (usize, bool) {
-        let used = self.budget.used();
-        if used <= self.budget.soft() {
-            return (len, false);
-        }
-        let limit = self.budget.limit();
-        ((limit.saturating_sub(used) / 8).clamp(min.max(256), len), used > limit)
     }
 
     /// The peer ended its side. What is queued for it still goes out (bounded by the close
