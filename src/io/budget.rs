@@ -12,6 +12,12 @@
 //! What does not count, and makes the constant above the budget: the loop's read buffer, the
 //! one message being handed to the handler and the reply being built for it (both at most
 //! the message limit), the slab of idle connection slots, and the allocator's own overhead.
+//!
+//! Four words for memory, one each, in all of `io`:
+//! - *unsent*: the bytes waiting to be written to a peer;
+//! - *backlog*: the memory a peer's outbound queue keeps alive, what the per-peer bound counts;
+//! - *charge*: what one connection holds against the budget;
+//! - *used*: what the budget holds, every loop's connections and shared frames together.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,6 +46,7 @@ impl Budget {
         self.limit
     }
 
+    /// What the budget holds now.
     pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }

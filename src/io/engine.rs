@@ -68,18 +68,19 @@ pub(crate) struct Slot<T, P> {
 }
 
 impl<T, P> Slot<T, P> {
-    /// Bytes waiting to be written.
-    pub(crate) fn queued(&self) -> usize {
+    /// Unsent: the bytes waiting to be written.
+    pub(crate) fn unsent(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.len())
     }
 
-    /// Memory the outbound queue keeps alive (its entries, buffers and shared frames): what
-    /// the per-peer bound counts.
-    pub(crate) fn queue_held(&self) -> usize {
+    /// Backlog: the memory the outbound queue keeps alive (its entries, buffers and shared
+    /// frames), what the per-peer bound ([`Engine::max_backpressure`]) counts.
+    pub(crate) fn backlog(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.held())
     }
 
-    /// Memory this connection holds against the budget (shared frames count by themselves).
+    /// Charge: the memory this connection holds against the budget (shared frames count by
+    /// themselves).
     #[inline]
     fn charge(&self) -> usize {
         self.conn.buffered_bytes() + self.out.as_ref().map_or(0, |o| o.charge())
@@ -216,7 +217,7 @@ pub(crate) struct Engine<T, P, R> {
     timers: TimerQueue<TimerKey>,
     /// Masks and keys for client connections (servers pass one that is never used).
     pub(crate) rng: R,
-    /// Queued bytes per connection above which reading from it pauses.
+    /// The backlog per connection above which reading from it pauses.
     pub(crate) max_backpressure: usize,
     /// The protocol settings time open connections (ping or idle timeout).
     timed_open: bool,
@@ -642,7 +643,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             // Reading on: not past this peer's queue bound (`settle` resumes it later), nor
             // past the budget.
             let slot = &mut self.slots[key];
-            if slot.queue_held() > self.max_backpressure {
+            if slot.backlog() > self.max_backpressure {
                 slot.flags |= READ_PAUSED;
                 return;
             }
@@ -907,11 +908,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if slot.flags & DEAD != 0 {
             return;
         }
-        let queued = slot.queue_held();
+        let backlog = slot.backlog();
         let mut resumed = false;
-        if queued > self.max_backpressure {
+        if backlog > self.max_backpressure {
             slot.flags |= READ_PAUSED;
-        } else if slot.flags & READ_PAUSED != 0 && queued <= self.max_backpressure / 2 {
+        } else if slot.flags & READ_PAUSED != 0 && backlog <= self.max_backpressure / 2 {
             slot.flags &= !READ_PAUSED;
             resumed = slot.flags & MEM_PAUSED == 0;
         }
@@ -994,10 +995,10 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Runs every deadline that has passed.
     pub(crate) fn fire_timers<D: Driver<T, P, R>>(&mut self, d: &mut D) {
-        let held = self.timers.heap_bytes();
+        let heap = self.timers.heap_bytes();
         self.fire_due(d);
         // After a burst of deadlines (thousands of handshakes) the queue gives memory back.
-        self.freed += held.saturating_sub(self.timers.heap_bytes());
+        self.freed += heap.saturating_sub(self.timers.heap_bytes());
     }
 
     fn fire_due<D: Driver<T, P, R>>(&mut self, d: &mut D) {
@@ -1052,9 +1053,9 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         while let Some((key, cause)) = self.dead.pop() {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);
-            let held = slot.charge();
-            self.budget.sub(held);
-            self.freed += held + std::mem::size_of::<Slot<T, P>>();
+            let charge = slot.charge();
+            self.budget.sub(charge);
+            self.freed += charge + std::mem::size_of::<Slot<T, P>>();
             let _ = self.poll.registry().deregister(&mut slot.stream);
         }
         // What went with them (a TLS session and its buffers among it) is counted only now: a
@@ -1251,11 +1252,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         });
     }
 
-    /// Memory queued for connection `key` (see [`Slot::queue_held`]), counting what its
-    /// current read produced.
-    pub(crate) fn queued(&self, key: usize) -> usize {
+    /// The backlog of connection `key` (see [`Slot::backlog`]), counting what its current read
+    /// produced.
+    pub(crate) fn backlog(&self, key: usize) -> usize {
         let corked = if key == self.corked { self.cork.len() } else { 0 };
-        self.slots.get(key).map_or(0, |s| s.queue_held() + corked)
+        self.slots.get(key).map_or(0, |s| s.backlog() + corked)
     }
 }
 

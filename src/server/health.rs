@@ -136,7 +136,7 @@ impl<H: Handler> Srv<H> {
             stats: self.shared.stats,
             counters: self.shared.counters,
             bytes: (eng.bytes_in, eng.bytes_out),
-            queued: eng.slots.iter().map(|(_, s)| s.queued() as u64).sum(),
+            queued: eng.slots.iter().map(|(_, s)| s.unsent() as u64).sum(),
             tls,
             deflate,
         }
