@@ -127,8 +127,7 @@ pub(crate) struct Cx<'a, R> {
     pub(crate) rng: &'a mut R,
     /// Where the connection's output goes: written (or queued) when the change is over.
     pub(crate) out: &'a mut Vec<u8>,
-    /// The loop's permessage-deflate codec.
-    #[cfg(feature = "deflate")]
+    /// The loop's permessage-deflate codec (zero-sized without the `deflate` feature).
     pub(crate) codec: &'a mut proto::deflate::Codec,
     /// Set when the change ends the connection: it is removed with this cause.
     pub(crate) end: Option<Cause>,
@@ -254,8 +253,8 @@ pub(crate) struct Engine<T, P, R> {
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
     /// permessage-deflate for every connection of the loop: it allocates only once a message
-    /// is compressed or inflated, and no connection holds compression state between messages.
-    #[cfg(feature = "deflate")]
+    /// is compressed or inflated, and no connection holds compression state between messages
+    /// (zero-sized without the `deflate` feature).
     pub(crate) codec: proto::deflate::Codec,
 }
 
@@ -299,7 +298,6 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             ready: std::collections::VecDeque::new(),
             bytes_in: 0,
             bytes_out: 0,
-            #[cfg(feature = "deflate")]
             codec: proto::deflate::Codec::default(),
         }
     }
@@ -709,7 +707,6 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             if slot.flags & DEAD != 0 {
                 break;
             }
-            #[cfg(feature = "deflate")]
             let read = slot.conn.read_with(
                 &self.cfg,
                 self.now,
@@ -718,10 +715,6 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 &mut self.rng,
                 &mut self.cork,
             );
-            #[cfg(not(feature = "deflate"))]
-            let read = slot
-                .conn
-                .read(&self.cfg, self.now, &mut data[pos..], &mut self.rng, &mut self.cork);
             match read {
                 Ok((used, ev)) => {
                     pos += used;
@@ -749,10 +742,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             }
         }
         // Large inflated messages (a bomb's refused output too) are trimmed after, as freed buffers are.
-        #[cfg(feature = "deflate")]
-        {
-            self.freed = self.freed.saturating_add(self.codec.take_released());
-        }
+        self.freed = self.freed.saturating_add(self.codec.take_released());
         self.uncork();
         pos
     }
@@ -761,26 +751,18 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
     #[inline]
     fn begin_work(&mut self) {
         self.work = 0;
-        #[cfg(feature = "deflate")]
-        {
-            let s = self.codec.stats();
-            self.codec_mark = s.inflated_out + s.compressed_in;
-        }
+        let s = self.codec.stats();
+        self.codec_mark = s.inflated_out + s.compressed_in;
     }
 
     /// The work done for the connection being served, with what the codec inflated and
     /// compressed for it.
     #[inline]
     fn spent(&self) -> usize {
-        #[cfg(feature = "deflate")]
-        {
-            let s = self.codec.stats();
-            let coded = (s.inflated_out + s.compressed_in).saturating_sub(self.codec_mark);
-            self.work
-                .saturating_add(usize::try_from(coded / 256).unwrap_or(usize::MAX))
-        }
-        #[cfg(not(feature = "deflate"))]
+        let s = self.codec.stats();
+        let coded = (s.inflated_out + s.compressed_in).saturating_sub(self.codec_mark);
         self.work
+            .saturating_add(usize::try_from(coded / 256).unwrap_or(usize::MAX))
     }
 
     /// Puts connection `key` in the ready list with `buf[pos..]` still to handle: it is not
@@ -1105,7 +1087,6 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             now: self.now,
             rng: &mut self.rng,
             out,
-            #[cfg(feature = "deflate")]
             codec: &mut self.codec,
             end: None,
         };
@@ -1190,10 +1171,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             self.work += 1;
         }
         self.with_conn_of(key, Some(gen), |slot, cx| {
-            #[cfg(feature = "deflate")]
-            return slot.conn.send_with(msg, cx.codec, cx.rng, cx.out);
-            #[cfg(not(feature = "deflate"))]
-            return slot.conn.send(msg, cx.rng, cx.out);
+            slot.conn.send_with(msg, cx.codec, cx.rng, cx.out)
         })
         .unwrap_or(Err(NotOpen))
     }

@@ -125,13 +125,8 @@ impl<H: Handler> Srv<H> {
         let tls = crate::io::tls::counts();
         #[cfg(not(feature = "tls"))]
         let tls = (0, 0);
-        #[cfg(feature = "deflate")]
-        let deflate = {
-            let c = eng.codec.stats();
-            [c.inflated_in, c.inflated_out, c.compressed_in, c.compressed_out]
-        };
-        #[cfg(not(feature = "deflate"))]
-        let deflate = [0; 4];
+        let c = eng.codec.stats();
+        let deflate = [c.inflated_in, c.inflated_out, c.compressed_in, c.compressed_out];
         LoopView {
             stats: self.shared.stats,
             counters: self.shared.counters,
