@@ -528,7 +528,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: 0,
-            deflate: Agreement::default(),
+            deflate: Agreement::NONE,
         }
     }
 
@@ -552,7 +552,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: CLIENT,
-            deflate: Agreement::default(),
+            deflate: Agreement::NONE,
         }
     }
 
@@ -563,7 +563,7 @@ impl Connection {
             since: now as u32,
             state: State::Open,
             flags: if role == Role::Client { CLIENT } else { 0 },
-            deflate: Agreement::default(),
+            deflate: Agreement::NONE,
         }
     }
 

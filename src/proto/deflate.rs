@@ -95,6 +95,9 @@ pub(crate) const COMPILED: bool = true;
 pub(crate) struct Agreement(u8);
 
 impl Agreement {
+    /// Nothing agreed.
+    pub(crate) const NONE: Agreement = Agreement(0);
+
     /// The byte for `a`.
     pub(crate) fn new(a: &Agreed) -> Self {
         let bits = |b: u8| b.clamp(8, MAX_WINDOW_BITS);

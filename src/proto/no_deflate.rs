@@ -11,6 +11,9 @@ pub(crate) const COMPILED: bool = false;
 pub(crate) struct Agreement;
 
 impl Agreement {
+    /// Nothing agreed.
+    pub(crate) const NONE: Agreement = Agreement;
+
     /// Whether compression was agreed: never.
     #[inline(always)]
     pub(crate) fn is_agreed(self) -> bool {
@@ -37,7 +40,9 @@ pub(crate) struct Agreed;
 
 /// The codec of a loop, zero-sized: it compresses and inflates nothing.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Codec;
+pub struct Codec {
+    _nothing: (),
+}
 
 impl Codec {
     /// Nothing to compress with: the message goes as it is.
@@ -65,7 +70,7 @@ impl Codec {
     }
 
     /// Large inflate output released since the last call: none.
-    #[cfg_attr(not(feature = "std"), allow(dead_code))] // only the engine (std) asks
+    #[allow(dead_code)] // only the engine (server and bench builds) asks
     #[inline(always)]
     pub(crate) fn take_released(&mut self) -> usize {
         0
