@@ -1450,7 +1450,7 @@ impl Connection {
         let window = if self.flags & PEER_TAKEOVER != 0 {
             let bits = self.deflate.recv_bits();
             let p = self.partial.get_or_insert_with(Partial::new);
-            Some(p.window.get_or_insert_with(|| InflateWindow::new(bits)))
+            InflateWindow::kept(&mut p.window, bits)
         } else {
             None
         };

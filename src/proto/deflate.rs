@@ -715,6 +715,12 @@ impl InflateWindow {
         }
     }
 
+    /// The window kept in `slot` for a peer compressing with at most `window_bits`, made on
+    /// first use.
+    pub(crate) fn kept(slot: &mut Option<InflateWindow>, window_bits: u8) -> Option<&mut InflateWindow> {
+        Some(slot.get_or_insert_with(|| InflateWindow::new(window_bits)))
+    }
+
     /// Heap bytes held now.
     pub fn heap_bytes(&self) -> usize {
         self.data.capacity()

@@ -93,17 +93,20 @@ pub struct CodecStats {
     pub not_smaller: u64,
 }
 
-/// A peer's window kept between messages: never made without the feature.
+/// A peer's window kept between messages: none can exist without the feature (a connection
+/// holding `Option<InflateWindow>` holds nothing for it).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct InflateWindow;
+pub(crate) enum InflateWindow {}
 
 impl InflateWindow {
-    pub(crate) fn new(_window_bits: u8) -> Self {
-        InflateWindow
+    /// The window kept for the peer: none.
+    #[inline(always)]
+    pub(crate) fn kept(_slot: &mut Option<InflateWindow>, _window_bits: u8) -> Option<&mut InflateWindow> {
+        None
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {
-        0
+        match *self {}
     }
 }
 
