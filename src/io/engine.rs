@@ -1074,7 +1074,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         if slot.flags & DEAD != 0 || gen.is_some_and(|g| g != slot.gen) {
             return None;
         }
-        // The read's bracket covers a corked connection.
+        // A corked connection's output joins the cork, and the read's bracket accounts for it.
         let before = if corked { 0 } else { slot.charge() };
         let out = if corked {
             &mut self.cork
@@ -1091,12 +1091,23 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             end: None,
         };
         let x = f(slot, &mut cx);
-        let end = cx.end.take();
+        let end = cx.end;
+        if !corked || end.is_some() {
+            self.finish_change(key, corked, before, end);
+        }
+        Some(x)
+    }
+
+    /// The rest of [`with_conn`](Self::with_conn) (out of line: the reply path, corked, needs
+    /// none of it): writes what the change produced, ends the connection if it asked, and
+    /// brings the budget and the slot up to date.
+    #[inline(never)]
+    fn finish_change(&mut self, key: usize, corked: bool, before: usize, end: Option<Cause>) {
+        if let Some(cause) = end {
+            self.kill(key, cause);
+        }
         if corked {
-            if let Some(cause) = end {
-                self.kill(key, cause);
-            }
-            return Some(x);
+            return;
         }
         if !self.scratch.is_empty() {
             self.bytes_out += self.scratch.len() as u64;
@@ -1108,11 +1119,7 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
                 self.scratch = Vec::new();
             }
         }
-        if let Some(cause) = end {
-            self.kill(key, cause);
-        }
         self.changed(key, before);
-        Some(x)
     }
 
     /// The end of every change to connection `key` (which held `before`): the budget learns
@@ -1165,7 +1172,6 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
 
     /// Sends a message on connection `key` if it is still generation `gen` (one lookup: this
     /// is every reply's path).
-    #[inline]
     pub(crate) fn send_to(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
         if key != self.corked {
             self.work += 1;
