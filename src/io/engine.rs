@@ -1258,4 +1258,62 @@ mod tests {
         let limit = if cfg!(target_pointer_width = "64") { 40 } else { 32 };
         assert!(size <= limit, "Slot is {size} bytes");
     }
+
+    /// A driver that only lets connections go.
+    struct Quiet;
+
+    impl<T: Transport, P, R: RandomSource> Driver<T, P, R> for Quiet {
+        fn on_event(&mut self, _: &mut Engine<T, P, R>, _: usize, _: Event<'_>) {}
+        fn on_error(&mut self, _: &mut Engine<T, P, R>, _: usize, _: &proto::Error) {}
+        fn on_removed(&mut self, _: &mut Engine<T, P, R>, _: usize, _: Cause) {}
+        fn on_timer(&mut self, _: &mut Engine<T, P, R>, _: u64) {}
+    }
+
+    #[test]
+    fn changes_keep_the_budget_exact_and_clearing_a_queue_resumes_reading() {
+        use mio::net::TcpStream;
+        const BOUND: usize = 1 << 20;
+        let budget = Budget::new(1 << 30);
+        let mut eng: Engine<TcpStream, (), proto::rand::NoRandom> = Engine::new(
+            Poll::new().unwrap(),
+            proto::Config::default(),
+            BOUND,
+            proto::rand::NoRandom,
+            Arc::clone(&budget),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // The peer never reads: what the kernel does not take waits in the queue.
+        let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let key = eng
+            .insert(TcpStream::from_std(ours), Connection::open(Role::Server, 0), ())
+            .unwrap();
+        let chunk = [7u8; 4096];
+        // Bounded: the kernel's buffers and the bound take far less than 256 MiB.
+        for _ in 0..65536 {
+            if eng.slots[key].flags & READ_PAUSED != 0 {
+                break;
+            }
+            eng.send_raw(key, &chunk);
+            assert_eq!(budget.used(), eng.slots[key].charge(), "every change is counted");
+        }
+        assert!(eng.slots[key].flags & READ_PAUSED != 0, "past the bound reading pauses");
+        assert!(eng.slots[key].backlog() > BOUND);
+        eng.clear_queue(key);
+        assert_eq!(
+            budget.used(),
+            eng.slots[key].charge(),
+            "the cleared queue is given back"
+        );
+        assert!(eng.slots[key].backlog() < BOUND / 2, "{}", eng.slots[key].backlog());
+        assert_eq!(
+            eng.slots[key].flags & READ_PAUSED,
+            0,
+            "clearing the queue resumes reading"
+        );
+        eng.kill(key, Cause::Dropped);
+        eng.reap(&mut Quiet);
+        assert_eq!(budget.used(), 0, "everything given back with the connection");
+    }
 }
