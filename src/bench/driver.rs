@@ -859,7 +859,7 @@ impl Bench<'_> {
         let Load::Saturate(k) = self.cfg.load else { return };
         for i in 0..self.publishers.len() {
             let (key, gen) = self.publishers[i];
-            if eng.is_live(key, gen) && eng.slots[key].data.stage == Stage::Open && eng.queued(key) == 0 {
+            if eng.is_live(key, gen) && eng.slots[key].data.stage == Stage::Open && eng.backlog(key) == 0 {
                 for _ in 0..k {
                     self.push_message(eng, key, None);
                 }

@@ -359,8 +359,8 @@ pub struct Client {
     readable: VecDeque<RawFd>,
     /// The last event or error was handed out.
     finished: bool,
-    /// permessage-deflate: made once, allocating only when a message is compressed or inflated.
-    #[cfg(feature = "deflate")]
+    /// permessage-deflate: made once, allocating only when a message is compressed or inflated
+    /// (zero-sized without the `deflate` feature).
     codec: proto::deflate::Codec,
 }
 
@@ -468,9 +468,12 @@ impl Client {
             failure: None,
             readable: VecDeque::new(),
             finished: false,
-            #[cfg(feature = "deflate")]
-            codec: proto::deflate::Codec::new(&cfg_deflate),
+            codec: Default::default(),
         };
+        #[cfg(feature = "deflate")]
+        {
+            client.codec = proto::deflate::Codec::new(&cfg_deflate);
+        }
         client.send_bytes(&first);
         if let Some(show) = client.cfg.on_head {
             show(&first);
@@ -729,7 +732,6 @@ impl Client {
         let now = self.clock.now();
         self.scratch.clear();
         let data = &mut self.rbuf[self.rpos..self.rlen];
-        #[cfg(feature = "deflate")]
         let result = self.conn.read_with(
             &self.proto_cfg,
             now,
@@ -738,10 +740,6 @@ impl Client {
             &mut self.rng,
             &mut self.scratch,
         );
-        #[cfg(not(feature = "deflate"))]
-        let result = self
-            .conn
-            .read(&self.proto_cfg, now, data, &mut self.rng, &mut self.scratch);
         let ev = match result {
             Ok((used, ev)) => {
                 self.rpos += used;
@@ -829,21 +827,16 @@ impl Client {
     /// Sends a message as one frame (compressed where permessage-deflate was agreed and it
     /// pays).
     pub fn send(&mut self, msg: Message<'_>) -> Result<(), ClientError> {
-        #[cfg(feature = "deflate")]
-        {
-            if self.finished {
-                return Err(ClientError::NotOpen);
-            }
-            self.scratch.clear();
-            self.conn
-                .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)
-                .map_err(|_| ClientError::NotOpen)?;
-            self.send_scratch();
-            self.sync_interest()?;
-            Ok(())
+        if self.finished {
+            return Err(ClientError::NotOpen);
         }
-        #[cfg(not(feature = "deflate"))]
-        self.send_frame(msg.opcode(), true, msg.as_bytes())
+        self.scratch.clear();
+        self.conn
+            .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)
+            .map_err(|_| ClientError::NotOpen)?;
+        self.send_scratch();
+        self.sync_interest()?;
+        Ok(())
     }
 
     /// Sends one frame of a fragmented message: the first with [`OpCode::Text`] or

@@ -12,6 +12,12 @@
 //! What does not count, and makes the constant above the budget: the loop's read buffer, the
 //! one message being handed to the handler and the reply being built for it (both at most
 //! the message limit), the slab of idle connection slots, and the allocator's own overhead.
+//!
+//! Four words for memory, one each, in all of `io`:
+//! - *unsent*: the bytes waiting to be written to a peer;
+//! - *backlog*: the memory a peer's outbound queue keeps alive, what the per-peer bound counts;
+//! - *charge*: what one connection holds against the budget;
+//! - *used*: what the budget holds, every loop's connections and shared frames together.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,6 +46,7 @@ impl Budget {
         self.limit
     }
 
+    /// What the budget holds now.
     pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -61,6 +68,76 @@ impl Budget {
     pub(crate) fn low(&self) -> usize {
         self.limit / 2
     }
+
+    /// Whether more is used than the limit allows.
+    #[inline]
+    pub(crate) fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+
+    /// Whether memory is still short for connections paused for it (not yet below
+    /// [`low`](Self::low)).
+    pub(crate) fn short(&self) -> bool {
+        self.used() >= self.low()
+    }
+
+    /// A fair share of the memory while it is short, among `conns` connections: what lets every
+    /// connection hold the same (never under 1 KiB).
+    pub(crate) fn share(&self, conns: usize) -> usize {
+        (self.soft() / conns.max(1)).max(1024)
+    }
+
+    /// What to do with a connection that weighs `weight()` (what it and its transport hold;
+    /// asked only while memory is short) among `conns`, now that it holds more: holding more
+    /// than its share while memory is short, it stops being read; past the limit it is closed.
+    #[inline]
+    pub(crate) fn weigh(&self, weight: impl FnOnce() -> usize, conns: usize) -> Verdict {
+        let used = self.used();
+        if used <= self.soft() || weight() <= self.share(conns) {
+            Verdict::Keep
+        } else if used > self.limit {
+            Verdict::Shed
+        } else {
+            Verdict::Pause
+        }
+    }
+
+    /// How much one read of a buffer of `len` bytes may take: all of it, but less and less as
+    /// memory runs short (never under `min` or 256 bytes, so that small messages still flow),
+    /// which bounds how far the connections read in one turn can overshoot; and whether the
+    /// budget is overrun already.
+    #[inline]
+    pub(crate) fn read_cap(&self, len: usize, min: usize) -> (usize, bool) {
+        let used = self.used();
+        if used <= self.soft() {
+            return (len, false);
+        }
+        (
+            (self.limit.saturating_sub(used) / 8).clamp(min.max(256).min(len), len),
+            used > self.limit,
+        )
+    }
+
+    /// Whether a connection paused for memory since `since` (ms) has waited too long at `now`:
+    /// while memory stays short it is not going to finish (its peer may be gone behind a
+    /// closed window, or be stalling on purpose), and is closed.
+    pub(crate) fn stalled(since: u64, now: u64) -> bool {
+        now.saturating_sub(since) >= MEM_STALL_MS
+    }
+}
+
+/// A connection paused this long for memory, while memory stays short, is closed.
+pub(crate) const MEM_STALL_MS: u64 = 5000;
+
+/// What the budget decides for a connection that has grown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing: memory is not short, or it holds no more than its share.
+    Keep,
+    /// Stop reading from it until memory comes back.
+    Pause,
+    /// Close it (1013, try again later) at the end of the turn.
+    Shed,
 }
 
 /// A frame encoded once and queued for many connections. Its bytes count against the budget
@@ -139,6 +216,86 @@ impl std::fmt::Debug for SharedFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_thresholds_are_three_quarters_and_half_the_limit() {
+        let b = Budget::new(1000);
+        assert_eq!((b.soft(), b.low()), (750, 500));
+        b.add(499);
+        assert!(!b.short() && !b.over());
+        b.add(1);
+        assert!(b.short() && !b.over(), "at the low mark paused connections stay paused");
+        b.add(500);
+        assert!(!b.over(), "the limit itself is not over it");
+        b.add(1);
+        assert!(b.over());
+        b.sub(1001);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_share_divides_the_soft_mark_but_never_under_one_kib() {
+        let b = Budget::new(4 << 20);
+        assert_eq!(b.share(0), 3 << 20, "no connections count as one");
+        assert_eq!(b.share(3), 1 << 20);
+        assert_eq!(b.share(1 << 20), 1024);
+    }
+
+    #[test]
+    fn weighing_keeps_pauses_and_sheds() {
+        let b = Budget::new(1 << 20); // soft 768 KiB; share among 4: 192 KiB
+        let share = b.share(4);
+        b.add(700 << 10);
+        assert_eq!(b.weigh(|| share + 1, 4), Verdict::Keep, "memory is not short");
+        b.add(100 << 10);
+        assert_eq!(b.weigh(|| share, 4), Verdict::Keep, "no more than its share");
+        assert_eq!(
+            b.weigh(|| share + 1, 4),
+            Verdict::Pause,
+            "more than its share while short"
+        );
+        b.add(300 << 10);
+        assert_eq!(b.weigh(|| share + 1, 4), Verdict::Shed, "past the limit");
+        assert_eq!(
+            b.weigh(|| share, 4),
+            Verdict::Keep,
+            "past the limit, but within its share"
+        );
+    }
+
+    #[test]
+    fn reads_shrink_as_memory_runs_short() {
+        let b = Budget::new(1 << 20);
+        assert_eq!(b.read_cap(65536, 0), (65536, false), "plenty: the whole buffer");
+        b.add(800 << 10);
+        assert_eq!(
+            b.read_cap(65536, 0),
+            ((224 << 10) / 8, false),
+            "an eighth of what is left"
+        );
+        b.add(220 << 10);
+        assert_eq!(b.read_cap(65536, 0), (512, false));
+        b.add(4 << 10);
+        assert_eq!(b.read_cap(65536, 0), (256, false), "at the limit: 256 bytes still flow");
+        assert_eq!(
+            b.read_cap(65536, 16 << 10),
+            (16 << 10, false),
+            "the transport's minimum"
+        );
+        assert_eq!(b.read_cap(100, 16 << 10), (100, false), "never past the buffer");
+        b.add(1);
+        assert_eq!(b.read_cap(65536, 0), (256, true), "overrun");
+    }
+
+    #[test]
+    fn a_connection_paused_five_seconds_has_stalled() {
+        assert!(!Budget::stalled(1000, 1000 + MEM_STALL_MS - 1));
+        assert!(Budget::stalled(1000, 1000 + MEM_STALL_MS));
+        assert!(
+            !Budget::stalled(9000, 1000),
+            "a clock read before the pause is no stall"
+        );
+    }
 
     #[test]
     fn a_shared_frame_counts_once_until_the_last_holder_drops_it() {

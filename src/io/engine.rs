@@ -26,7 +26,7 @@ use std::sync::Arc;
 use mio::{Interest, Poll, Token};
 use slab::Slab;
 
-use super::budget::{Budget, SharedFrame};
+use super::budget::{Budget, SharedFrame, Verdict};
 use super::outbox::{self, Outbox};
 use super::timer::{Clock, TimerQueue};
 use super::transport::{SlotStream, Transport};
@@ -68,18 +68,19 @@ pub(crate) struct Slot<T, P> {
 }
 
 impl<T, P> Slot<T, P> {
-    /// Bytes waiting to be written.
-    pub(crate) fn queued(&self) -> usize {
+    /// Unsent: the bytes waiting to be written.
+    pub(crate) fn unsent(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.len())
     }
 
-    /// Memory the outbound queue keeps alive (its entries, buffers and shared frames): what
-    /// the per-peer bound counts.
-    pub(crate) fn queue_held(&self) -> usize {
+    /// Backlog: the memory the outbound queue keeps alive (its entries, buffers and shared
+    /// frames), what the per-peer bound ([`Engine::max_backpressure`]) counts.
+    pub(crate) fn backlog(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.held())
     }
 
-    /// Memory this connection holds against the budget (shared frames count by themselves).
+    /// Charge: the memory this connection holds against the budget (shared frames count by
+    /// themselves).
     #[inline]
     fn charge(&self) -> usize {
         self.conn.buffered_bytes() + self.out.as_ref().map_or(0, |o| o.charge())
@@ -117,6 +118,24 @@ pub(crate) enum Cause {
     Dropped,
 }
 
+/// What a change to one connection may use, lent by the engine for the call to
+/// [`Engine::with_conn`] (never stored: a slot stays as small as it is).
+pub(crate) struct Cx<'a, R, L> {
+    pub(crate) cfg: &'a proto::Config,
+    /// The clock at the start of this turn.
+    pub(crate) now: u64,
+    pub(crate) rng: &'a mut R,
+    /// Where the connection's output goes: written (or queued) when the change is over.
+    pub(crate) out: &'a mut Vec<u8>,
+    /// The loop's permessage-deflate codec (zero-sized without the `deflate` feature).
+    pub(crate) codec: &'a mut proto::deflate::Codec,
+    /// What the loop's streams share (see [`SlotStream`]): a stream's IO goes through
+    /// `slot.stream.io(key, cx.streams)`.
+    pub(crate) streams: &'a mut L,
+    /// Set when the change ends the connection: it is removed with this cause.
+    pub(crate) end: Option<Cause>,
+}
+
 /// A connection the budget could not hold: closed with this code.
 pub(crate) const SHED_CODE: u16 = proto::close_code::TRY_AGAIN_LATER;
 
@@ -130,9 +149,6 @@ const DRIVER_TIMER: u64 = 1 << 63;
 const TRIM_TIMER: u64 = 1 << 62;
 /// Look at connections paused for memory.
 const STALL_TIMER: u64 = (1 << 62) | 1;
-
-/// A connection paused this long for memory, while memory stays short, is closed.
-const MEM_STALL_MS: u64 = 5000;
 
 impl TimerKey {
     fn conn(key: usize, gen: u32) -> TimerKey {
@@ -206,7 +222,7 @@ pub(crate) struct Engine<T: SlotStream, P, R> {
     timers: TimerQueue<TimerKey>,
     /// Masks and keys for client connections (servers pass one that is never used).
     pub(crate) rng: R,
-    /// Queued bytes per connection above which reading from it pauses.
+    /// The backlog per connection above which reading from it pauses.
     pub(crate) max_backpressure: usize,
     /// The protocol settings time open connections (ping or idle timeout).
     timed_open: bool,
@@ -243,8 +259,8 @@ pub(crate) struct Engine<T: SlotStream, P, R> {
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
     /// permessage-deflate for every connection of the loop: it allocates only once a message
-    /// is compressed or inflated, and no connection holds compression state between messages.
-    #[cfg(feature = "deflate")]
+    /// is compressed or inflated, and no connection holds compression state between messages
+    /// (zero-sized without the `deflate` feature).
     pub(crate) codec: proto::deflate::Codec,
 }
 
@@ -289,7 +305,6 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             ready: std::collections::VecDeque::new(),
             bytes_in: 0,
             bytes_out: 0,
-            #[cfg(feature = "deflate")]
             codec: proto::deflate::Codec::default(),
         }
     }
@@ -430,8 +445,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         {
             return; // the common case after a read: nothing to charge, nothing to change
         }
-        self.account(key, before);
-        self.settle(key);
+        self.changed(key, before);
     }
 
     /// Brings the budget up to date with what connection `key` holds now (it held `before`),
@@ -459,28 +473,17 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         self.weigh(key);
     }
 
-    /// Applies the budget to connection `key`: holding more than its share while memory is
-    /// short, it stops being read; past the limit it is closed.
+    /// Asks the budget about connection `key`, which has grown (see [`Budget::weigh`]).
     fn weigh(&mut self, key: usize) {
         let slot = &self.slots[key];
-        let used = self.budget.used();
-        if used <= self.budget.soft() || slot.flags & DEAD != 0 {
+        if slot.flags & DEAD != 0 {
             return;
         }
-        if slot.weight(key, &self.streams) <= self.share() {
-            return;
+        match self.budget.weigh(|| slot.weight(key, &self.streams), self.slots.len()) {
+            Verdict::Keep => {}
+            Verdict::Pause => self.mem_pause(key),
+            Verdict::Shed => self.shed.push((key, slot.gen)),
         }
-        let gen = slot.gen;
-        if used > self.budget.limit() {
-            self.shed.push((key, gen));
-        } else {
-            self.mem_pause(key);
-        }
-    }
-
-    /// A fair share of the memory while it is short: what lets every connection hold the same.
-    fn share(&self) -> usize {
-        (self.budget.soft() / self.slots.len().max(1)).max(1024)
     }
 
     /// Closes the connections the budget could not hold (with 1013: the server is short of
@@ -501,18 +504,19 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             // A TLS record received in part goes too: what the peer sends from now on is read
             // and dropped (it cannot be decrypted without that record) until it closes or the
             // close times out. One still in its handshake cannot be told why: it goes now.
-            if self.slots[key].stream.io(key, &mut self.streams).discard_input() && !failed {
-                self.kill(key, Cause::Dropped);
-            }
-            self.settle(key);
+            self.with_conn(key, |slot, cx| {
+                if slot.stream.io(key, cx.streams).discard_input() && !failed {
+                    cx.end = Some(Cause::Dropped);
+                }
+            });
         }
-        if !self.mem_paused.is_empty() && self.budget.used() >= self.budget.low() {
+        if !self.mem_paused.is_empty() && self.budget.short() {
             // Memory stays short: a connection paused this long is not going to finish (its
             // peer may be gone behind a closed window, or be stalling on purpose).
             // Only the due ones are looked at, not every paused connection at every wakeup.
             let now = self.now;
             while let Some(&(key, gen, since)) = self.mem_paused.front() {
-                if now.saturating_sub(since) < MEM_STALL_MS {
+                if !Budget::stalled(since, now) {
                     break;
                 }
                 self.mem_paused.pop_front();
@@ -527,11 +531,12 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             if let Some(&(_, _, first)) = self.mem_paused.front() {
                 if !self.stall_armed {
                     self.stall_armed = true;
-                    self.timers.push(first + MEM_STALL_MS, TimerKey(STALL_TIMER));
+                    self.timers
+                        .push(first + super::budget::MEM_STALL_MS, TimerKey(STALL_TIMER));
                 }
             }
         }
-        if !self.mem_paused.is_empty() && self.budget.used() < self.budget.low() {
+        if !self.mem_paused.is_empty() && !self.budget.short() {
             for (key, gen, _) in std::mem::take(&mut self.mem_paused) {
                 if let Some(slot) = self.slots.get_mut(key).filter(|s| s.gen == gen) {
                     slot.flags &= !MEM_PAUSED;
@@ -586,7 +591,9 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         before: &mut usize,
     ) {
         loop {
-            let (cap, over) = self.read_cap(rbuf.len(), self.slots[key].stream.min_read(key, &self.streams));
+            let (cap, over) = self
+                .budget
+                .read_cap(rbuf.len(), self.slots[key].stream.min_read(key, &self.streams));
             let slot = &mut self.slots[key];
             if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE) != 0 {
                 return;
@@ -604,7 +611,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 // a turn doing so would overrun the budget by their sum before any is closed.
                 // One holding more than its share is closed, as `weigh` would have.
                 let (weight, gen) = (slot.charge() + held, slot.gen);
-                if !hup && weight > self.share() {
+                if !hup && weight > self.budget.share(self.slots.len()) {
                     self.shed.push((key, gen));
                 } else {
                     self.mem_pause_or_drop(key, hup);
@@ -650,11 +657,11 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             // Reading on: not past this peer's queue bound (`settle` resumes it later), nor
             // past the budget.
             let slot = &mut self.slots[key];
-            if slot.queue_held() > self.max_backpressure {
+            if slot.backlog() > self.max_backpressure {
                 slot.flags |= READ_PAUSED;
                 return;
             }
-            if self.budget.used() > self.budget.limit() && !(hup && slot.conn.buffered_bytes() == 0) {
+            if self.budget.over() && !(hup && slot.conn.buffered_bytes() == 0) {
                 self.mem_pause_or_drop(key, hup);
                 return;
             }
@@ -680,19 +687,6 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             slot.flags |= MEM_PAUSED;
             self.mem_paused.push_back((key, slot.gen, self.now));
         }
-    }
-
-    /// How much one read may take: the whole buffer, but less and less as the budget runs
-    /// short (never under 256 bytes, so that small messages still flow), which bounds how
-    /// far the connections read in one turn can overshoot it; and whether the budget is
-    /// overrun already.
-    fn read_cap(&self, len: usize, min: usize) -> (usize, bool) {
-        let used = self.budget.used();
-        if used <= self.budget.soft() {
-            return (len, false);
-        }
-        let limit = self.budget.limit();
-        ((limit.saturating_sub(used) / 8).clamp(min.max(256), len), used > limit)
     }
 
     /// The peer ended its side. What is queued for it still goes out (bounded by the close
@@ -729,7 +723,6 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             if slot.flags & DEAD != 0 {
                 break;
             }
-            #[cfg(feature = "deflate")]
             let read = slot.conn.read_with(
                 &self.cfg,
                 self.now,
@@ -738,10 +731,6 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 &mut self.rng,
                 &mut self.cork,
             );
-            #[cfg(not(feature = "deflate"))]
-            let read = slot
-                .conn
-                .read(&self.cfg, self.now, &mut data[pos..], &mut self.rng, &mut self.cork);
             match read {
                 Ok((used, ev)) => {
                     pos += used;
@@ -769,10 +758,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             }
         }
         // Large inflated messages (a bomb's refused output too) are trimmed after, as freed buffers are.
-        #[cfg(feature = "deflate")]
-        {
-            self.freed = self.freed.saturating_add(self.codec.take_released());
-        }
+        self.freed = self.freed.saturating_add(self.codec.take_released());
         self.uncork();
         pos
     }
@@ -781,26 +767,18 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     #[inline]
     fn begin_work(&mut self) {
         self.work = 0;
-        #[cfg(feature = "deflate")]
-        {
-            let s = self.codec.stats();
-            self.codec_mark = s.inflated_out + s.compressed_in;
-        }
+        let s = self.codec.stats();
+        self.codec_mark = s.inflated_out + s.compressed_in;
     }
 
     /// The work done for the connection being served, with what the codec inflated and
     /// compressed for it.
     #[inline]
     fn spent(&self) -> usize {
-        #[cfg(feature = "deflate")]
-        {
-            let s = self.codec.stats();
-            let coded = (s.inflated_out + s.compressed_in).saturating_sub(self.codec_mark);
-            self.work
-                .saturating_add(usize::try_from(coded / 256).unwrap_or(usize::MAX))
-        }
-        #[cfg(not(feature = "deflate"))]
+        let s = self.codec.stats();
+        let coded = (s.inflated_out + s.compressed_in).saturating_sub(self.codec_mark);
         self.work
+            .saturating_add(usize::try_from(coded / 256).unwrap_or(usize::MAX))
     }
 
     /// Puts connection `key` in the ready list with `buf[pos..]` still to handle: it is not
@@ -851,8 +829,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                     r.pos = done;
                     turn = turn.saturating_add(self.spent());
                     self.defer(key, r.hup, r.buf, r.pos);
-                    self.account(key, before);
-                    self.settle(key);
+                    self.changed(key, before);
                     continue;
                 }
             }
@@ -874,8 +851,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
             turn = turn.saturating_add(self.spent());
-            self.account(key, before);
-            self.settle(key);
+            self.changed(key, before);
         }
     }
 
@@ -938,11 +914,11 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         if slot.flags & DEAD != 0 {
             return;
         }
-        let queued = slot.queue_held();
+        let backlog = slot.backlog();
         let mut resumed = false;
-        if queued > self.max_backpressure {
+        if backlog > self.max_backpressure {
             slot.flags |= READ_PAUSED;
-        } else if slot.flags & READ_PAUSED != 0 && queued <= self.max_backpressure / 2 {
+        } else if slot.flags & READ_PAUSED != 0 && backlog <= self.max_backpressure / 2 {
             slot.flags &= !READ_PAUSED;
             resumed = slot.flags & MEM_PAUSED == 0;
         }
@@ -1026,10 +1002,10 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
 
     /// Runs every deadline that has passed.
     pub(crate) fn fire_timers<D: Driver<T, P, R>>(&mut self, d: &mut D) {
-        let held = self.timers.heap_bytes();
+        let heap = self.timers.heap_bytes();
         self.fire_due(d);
         // After a burst of deadlines (thousands of handshakes) the queue gives memory back.
-        self.freed += held.saturating_sub(self.timers.heap_bytes());
+        self.freed += heap.saturating_sub(self.timers.heap_bytes());
     }
 
     fn fire_due<D: Driver<T, P, R>>(&mut self, d: &mut D) {
@@ -1054,26 +1030,16 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 continue; // stale entry
             }
             slot.armed = 0;
-            let before = slot.charge();
-            let mut out = std::mem::take(&mut self.scratch);
-            out.clear();
-            let t = slot.conn.handle_timeout(&self.cfg, self.now, &mut self.rng, &mut out);
-            self.bytes_out += out.len() as u64;
-            if !out.is_empty() {
-                let sent = outbox::send_vec(&mut slot.stream.io(key, &mut self.streams), &mut slot.out, &mut out);
-                if let Err(e) = sent {
-                    self.kill(key, Cause::Io(e));
+            let t = self.with_conn(key, |slot, cx| {
+                let t = slot.conn.handle_timeout(cx.cfg, cx.now, cx.rng, cx.out);
+                if let Some(t @ (Timeout::Handshake | Timeout::Close)) = t {
+                    cx.end = Some(Cause::Timeout(t));
                 }
-            }
-            self.scratch = out;
-            self.account(key, before);
-            if let Some(t) = t {
+                t
+            });
+            if let Some(Some(t)) = t {
                 d.on_timeout(self, key, t);
-                if matches!(t, Timeout::Handshake | Timeout::Close) {
-                    self.kill(key, Cause::Timeout(t));
-                }
             }
-            self.settle(key);
         }
     }
 
@@ -1095,9 +1061,9 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);
             slot.stream.release(key, &mut self.streams);
-            let held = slot.charge();
-            self.budget.sub(held);
-            self.freed += held + std::mem::size_of::<Slot<T, P>>();
+            let charge = slot.charge();
+            self.budget.sub(charge);
+            self.freed += charge + std::mem::size_of::<Slot<T, P>>();
             let _ = self.poll.registry().deregister(&mut slot.stream);
         }
         // What went with them (a TLS session and its buffers among it) is counted only now: a
@@ -1105,56 +1071,71 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         self.maybe_trim();
     }
 
-    /// Answers the request connection `key` handed out (see [`Connection::accept`]).
-    #[cfg(not(feature = "deflate"))]
-    pub(crate) fn accept(
+    /// Changes connection `key`: the one path by which anything outside its own read changes a
+    /// connection. `f` gets the slot and a [`Cx`]; what it writes to `cx.out` goes out after it,
+    /// and the budget and the slot's registration and deadline are brought up to date once.
+    /// While the connection's own bytes are processed, its output joins the cork and the read's
+    /// bracket (`on_ready`, `resume`) accounts for it. `None` if the connection is gone or being
+    /// removed.
+    #[inline]
+    pub(crate) fn with_conn<X>(
         &mut self,
         key: usize,
-        req: &proto::Request,
-        answer: &proto::Answer,
-        extensions: Option<&str>,
-    ) -> bool {
-        let now = self.now;
-        let (slot, out, _) = self.output(key);
-        slot.conn.accept(req, answer, extensions, now, out)
+        f: impl FnOnce(&mut Slot<T, P>, &mut Cx<'_, R, T::Loop>) -> X,
+    ) -> Option<X> {
+        self.with_conn_of(key, None, f)
     }
 
-    /// Answers the request connection `key` handed out, negotiating permessage-deflate (see
-    /// [`Connection::accept_deflate`]).
-    #[cfg(feature = "deflate")]
-    pub(crate) fn accept_deflate(
+    /// [`with_conn`](Self::with_conn) if `key` is still generation `gen` (when given): one
+    /// lookup for both.
+    #[inline]
+    fn with_conn_of<X>(
         &mut self,
         key: usize,
-        req: &proto::Request,
-        answer: &proto::Answer,
-        config: &proto::deflate::DeflateConfig,
-    ) -> bool {
-        let now = self.now;
-        let (slot, out, _) = self.output(key);
-        slot.conn.accept_deflate(req, answer, config, now, out)
-    }
-
-    /// The slot and where its output goes now: the cork while its bytes are being processed,
-    /// else the scratch buffer (sent by [`Engine::flush_scratch`]).
-    fn output(&mut self, key: usize) -> (&mut Slot<T, P>, &mut Vec<u8>, &mut R) {
-        let out = if key == self.corked {
+        gen: Option<u32>,
+        f: impl FnOnce(&mut Slot<T, P>, &mut Cx<'_, R, T::Loop>) -> X,
+    ) -> Option<X> {
+        let corked = key == self.corked;
+        let slot = self.slots.get_mut(key)?;
+        if slot.flags & DEAD != 0 || gen.is_some_and(|g| g != slot.gen) {
+            return None;
+        }
+        // A corked connection's output joins the cork, and the read's bracket accounts for it.
+        let before = if corked { 0 } else { slot.charge() };
+        let out = if corked {
             &mut self.cork
         } else {
             self.scratch.clear();
             &mut self.scratch
         };
-        (&mut self.slots[key], out, &mut self.rng)
+        let mut cx = Cx {
+            cfg: &self.cfg,
+            now: self.now,
+            rng: &mut self.rng,
+            out,
+            codec: &mut self.codec,
+            streams: &mut self.streams,
+            end: None,
+        };
+        let x = f(slot, &mut cx);
+        let end = cx.end;
+        if !corked || end.is_some() {
+            self.finish_change(key, corked, before, end);
+        }
+        Some(x)
     }
 
-    /// What connection `key` holds before an operation from outside its own read (whose
-    /// bracket in `on_ready` covers everything done to it while it is being processed).
-    fn charge_before(&self, key: usize) -> Option<usize> {
-        (key != self.corked).then(|| self.slots[key].charge())
-    }
-
-    /// Writes what an operation put in `scratch`, brings the budget up to date, and settles.
-    fn flush_scratch(&mut self, key: usize, before: Option<usize>) {
-        let Some(before) = before else { return };
+    /// The rest of [`with_conn`](Self::with_conn) (out of line: the reply path, corked, needs
+    /// none of it): writes what the change produced, ends the connection if it asked, and
+    /// brings the budget and the slot up to date.
+    #[inline(never)]
+    fn finish_change(&mut self, key: usize, corked: bool, before: usize, end: Option<Cause>) {
+        if let Some(cause) = end {
+            self.kill(key, cause);
+        }
+        if corked {
+            return;
+        }
         if !self.scratch.is_empty() {
             self.bytes_out += self.scratch.len() as u64;
             let slot = &mut self.slots[key];
@@ -1170,8 +1151,49 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 self.scratch = Vec::new();
             }
         }
+        self.changed(key, before);
+    }
+
+    /// The end of every change to connection `key` (which held `before`): the budget learns
+    /// what it holds now, then backpressure, the end of a finished connection, its
+    /// registration and its deadline are brought up to date. [`with_conn`](Self::with_conn)
+    /// ends with it, and so does a read (`on_ready`, `resume`), which cannot lend the slot
+    /// alone because the driver it calls gets the whole engine.
+    #[inline]
+    fn changed(&mut self, key: usize, before: usize) {
         self.account(key, before);
         self.settle(key);
+    }
+
+    /// Answers the request connection `key` handed out (see [`Connection::accept`]).
+    #[cfg(not(feature = "deflate"))]
+    pub(crate) fn accept(
+        &mut self,
+        key: usize,
+        req: &proto::Request,
+        answer: &proto::Answer,
+        extensions: Option<&str>,
+    ) -> bool {
+        self.with_conn(key, |slot, cx| {
+            slot.conn.accept(req, answer, extensions, cx.now, cx.out)
+        })
+        .unwrap_or(false)
+    }
+
+    /// Answers the request connection `key` handed out, negotiating permessage-deflate (see
+    /// [`Connection::accept_deflate`]).
+    #[cfg(feature = "deflate")]
+    pub(crate) fn accept_deflate(
+        &mut self,
+        key: usize,
+        req: &proto::Request,
+        answer: &proto::Answer,
+        config: &proto::deflate::DeflateConfig,
+    ) -> bool {
+        self.with_conn(key, |slot, cx| {
+            slot.conn.accept_deflate(req, answer, config, cx.now, cx.out)
+        })
+        .unwrap_or(false)
     }
 
     /// Sends a message on connection `key`.
@@ -1183,84 +1205,46 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     /// Sends a message on connection `key` if it is still generation `gen` (one lookup: this
     /// is every reply's path).
     pub(crate) fn send_to(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
-        let Some(slot) = self.slots.get_mut(key) else {
-            return Err(NotOpen);
-        };
-        if slot.gen != gen || slot.flags & DEAD != 0 {
-            return Err(NotOpen);
+        if key != self.corked {
+            self.work += 1;
         }
-        if key == self.corked {
-            #[cfg(feature = "deflate")]
-            return slot.conn.send_with(msg, &mut self.codec, &mut self.rng, &mut self.cork);
-            #[cfg(not(feature = "deflate"))]
-            return slot.conn.send(msg, &mut self.rng, &mut self.cork);
-        }
-        self.work += 1;
-        let before = Some(slot.charge());
-        self.scratch.clear();
-        #[cfg(feature = "deflate")]
-        slot.conn
-            .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)?;
-        #[cfg(not(feature = "deflate"))]
-        slot.conn.send(msg, &mut self.rng, &mut self.scratch)?;
-        self.flush_scratch(key, before);
-        Ok(())
+        self.with_conn_of(key, Some(gen), |slot, cx| {
+            slot.conn.send_with(msg, cx.codec, cx.rng, cx.out)
+        })
+        .unwrap_or(Err(NotOpen))
     }
 
     /// Sends a ping on connection `key`.
     pub(crate) fn ping(&mut self, key: usize, payload: &[u8]) -> Result<(), NotOpen> {
-        let before = self.charge_before(key);
-        let (slot, out, rng) = self.output(key);
-        if slot.flags & DEAD != 0 {
-            return Err(NotOpen);
-        }
-        slot.conn.ping(payload, rng, out)?;
-        self.flush_scratch(key, before);
-        Ok(())
+        self.with_conn(key, |slot, cx| slot.conn.ping(payload, cx.rng, cx.out))
+            .unwrap_or(Err(NotOpen))
     }
 
     /// Starts the close handshake on connection `key`.
     pub(crate) fn close(&mut self, key: usize, code: u16, reason: &str) -> Result<(), NotOpen> {
-        let now = self.now;
-        let before = self.charge_before(key);
-        let (slot, out, rng) = self.output(key);
-        if slot.flags & DEAD != 0 {
-            return Err(NotOpen);
-        }
-        let r = slot.conn.close(code, reason, now, rng, out);
-        self.flush_scratch(key, before);
-        r
+        self.with_conn(key, |slot, cx| slot.conn.close(code, reason, cx.now, cx.rng, cx.out))
+            .unwrap_or(Err(NotOpen))
     }
 
     /// Sends bytes as they are (an HTTP answer written by the driver).
     pub(crate) fn send_raw(&mut self, key: usize, bytes: &[u8]) {
-        let before = self.charge_before(key);
-        let (slot, out, _) = self.output(key);
-        if slot.flags & DEAD == 0 {
-            out.extend_from_slice(bytes);
-        }
-        self.flush_scratch(key, before);
+        self.with_conn(key, |_, cx| cx.out.extend_from_slice(bytes));
     }
 
     /// Sends a frame shared with other connections (encoded once for a broadcast).
     pub(crate) fn send_shared(&mut self, key: usize, frame: &Arc<SharedFrame>) {
-        if key == self.corked {
-            // Behind what this connection's read produced so far.
-            self.cork.extend_from_slice(frame.bytes());
-            return;
+        let corked = key == self.corked;
+        let sent = self.with_conn(key, |slot, cx| {
+            if corked {
+                // Behind what this connection's read produced so far.
+                cx.out.extend_from_slice(frame.bytes());
+            } else if let Err(e) = outbox::send_shared(&mut slot.stream.io(key, cx.streams), &mut slot.out, frame) {
+                cx.end = Some(Cause::Io(e));
+            }
+        });
+        if sent.is_some() && !corked {
+            self.bytes_out += frame.bytes().len() as u64;
         }
-        let slot = &mut self.slots[key];
-        if slot.flags & DEAD != 0 {
-            return;
-        }
-        let before = slot.charge();
-        self.bytes_out += frame.bytes().len() as u64;
-        let sent = outbox::send_shared(&mut slot.stream.io(key, &mut self.streams), &mut slot.out, frame);
-        if let Err(e) = sent {
-            self.kill(key, Cause::Io(e));
-        }
-        self.account(key, before);
-        self.settle(key);
     }
 
     /// A frame to share among connections, counted against the budget until the last one
@@ -1272,26 +1256,23 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     /// Drops what is queued for connection `key` except the rest of a frame already partly
     /// written (cutting that short would corrupt the stream).
     pub(crate) fn clear_queue(&mut self, key: usize) {
-        let before = self.charge_before(key);
-        if key == self.corked {
-            self.cork.clear();
-        }
-        if let Some(q) = self.slots[key].out.as_mut() {
-            q.clear();
-            if q.len() == 0 {
-                self.slots[key].out = None;
+        self.with_conn(key, |slot, cx| {
+            // The cork, while this connection's bytes are processed.
+            cx.out.clear();
+            if let Some(q) = slot.out.as_mut() {
+                q.clear();
+                if q.len() == 0 {
+                    slot.out = None;
+                }
             }
-        }
-        if let Some(before) = before {
-            self.account(key, before);
-        }
+        });
     }
 
-    /// Memory queued for connection `key` (see [`Slot::queue_held`]), counting what its
-    /// current read produced.
-    pub(crate) fn queued(&self, key: usize) -> usize {
+    /// The backlog of connection `key` (see [`Slot::backlog`]), counting what its current read
+    /// produced.
+    pub(crate) fn backlog(&self, key: usize) -> usize {
         let corked = if key == self.corked { self.cork.len() } else { 0 };
-        self.slots.get(key).map_or(0, |s| s.queue_held() + corked)
+        self.slots.get(key).map_or(0, |s| s.backlog() + corked)
     }
 }
 
@@ -1308,5 +1289,63 @@ mod tests {
         let size = std::mem::size_of::<Slot<i32, ()>>();
         let limit = if cfg!(target_pointer_width = "64") { 40 } else { 32 };
         assert!(size <= limit, "Slot is {size} bytes");
+    }
+
+    /// A driver that only lets connections go.
+    struct Quiet;
+
+    impl<T: SlotStream, P, R: RandomSource> Driver<T, P, R> for Quiet {
+        fn on_event(&mut self, _: &mut Engine<T, P, R>, _: usize, _: Event<'_>) {}
+        fn on_error(&mut self, _: &mut Engine<T, P, R>, _: usize, _: &proto::Error) {}
+        fn on_removed(&mut self, _: &mut Engine<T, P, R>, _: usize, _: Cause) {}
+        fn on_timer(&mut self, _: &mut Engine<T, P, R>, _: u64) {}
+    }
+
+    #[test]
+    fn changes_keep_the_budget_exact_and_clearing_a_queue_resumes_reading() {
+        use mio::net::TcpStream;
+        const BOUND: usize = 1 << 20;
+        let budget = Budget::new(1 << 30);
+        let mut eng: Engine<TcpStream, (), proto::rand::NoRandom> = Engine::new(
+            Poll::new().unwrap(),
+            proto::Config::default(),
+            BOUND,
+            proto::rand::NoRandom,
+            Arc::clone(&budget),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // The peer never reads: what the kernel does not take waits in the queue.
+        let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let key = eng
+            .insert(TcpStream::from_std(ours), Connection::open(Role::Server, 0), ())
+            .unwrap();
+        let chunk = [7u8; 4096];
+        // Bounded: the kernel's buffers and the bound take far less than 256 MiB.
+        for _ in 0..65536 {
+            if eng.slots[key].flags & READ_PAUSED != 0 {
+                break;
+            }
+            eng.send_raw(key, &chunk);
+            assert_eq!(budget.used(), eng.slots[key].charge(), "every change is counted");
+        }
+        assert!(eng.slots[key].flags & READ_PAUSED != 0, "past the bound reading pauses");
+        assert!(eng.slots[key].backlog() > BOUND);
+        eng.clear_queue(key);
+        assert_eq!(
+            budget.used(),
+            eng.slots[key].charge(),
+            "the cleared queue is given back"
+        );
+        assert!(eng.slots[key].backlog() < BOUND / 2, "{}", eng.slots[key].backlog());
+        assert_eq!(
+            eng.slots[key].flags & READ_PAUSED,
+            0,
+            "clearing the queue resumes reading"
+        );
+        eng.kill(key, Cause::Dropped);
+        eng.reap(&mut Quiet);
+        assert_eq!(budget.used(), 0, "everything given back with the connection");
     }
 }

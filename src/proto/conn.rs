@@ -33,18 +33,13 @@ use super::mask::apply_mask;
 use super::rand::RandomSource;
 use super::utf8::Utf8Validator;
 
+use super::deflate::{self, Agreement, Codec, InflateError, InflateWindow};
 #[cfg(feature = "deflate")]
-use super::deflate::{self, Agreed, Codec, DeflateConfig, InflateError, InflateWindow};
+use super::deflate::{Agreed, DeflateConfig};
 
-/// The loop's codec, where one was lent. Without the `deflate` feature there is none.
-#[cfg(feature = "deflate")]
+/// The loop's codec, where one was lent (without the `deflate` feature, a zero-sized one that
+/// inflates and compresses nothing).
 type CodecRef<'a> = Option<&'a mut Codec>;
-#[cfg(not(feature = "deflate"))]
-type CodecRef<'a> = Option<&'a mut NoCodec>;
-
-/// Stands in for the codec in builds without the `deflate` feature: it has no values.
-#[cfg(not(feature = "deflate"))]
-enum NoCodec {}
 
 /// Which end of the connection this is. Clients mask what they send; servers require masks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -547,10 +542,8 @@ struct Partial {
     trickle: u16,
     client: Option<Box<dyn AnswerCheck>>,
     /// The message being assembled had RSV1 set: `buf` holds it compressed.
-    #[cfg(feature = "deflate")]
     compressed: bool,
     /// Client whose server keeps its context: what it received last (kept between messages).
-    #[cfg(feature = "deflate")]
     window: Option<InflateWindow>,
 }
 
@@ -567,9 +560,7 @@ impl Partial {
             control: Vec::new(),
             trickle: 0,
             client: None,
-            #[cfg(feature = "deflate")]
             compressed: false,
-            #[cfg(feature = "deflate")]
             window: None,
         })
     }
@@ -580,34 +571,17 @@ impl Partial {
             && self.message.is_none()
             && self.buf.is_empty()
             && self.client.is_none()
-            && self.window_is_none()
+            && self.window.is_none()
     }
 
     /// Whether the message being assembled is compressed.
     fn is_compressed(&self) -> bool {
-        #[cfg(feature = "deflate")]
-        return self.compressed && self.message.is_some();
-        #[cfg(not(feature = "deflate"))]
-        false
-    }
-
-    #[cfg(feature = "deflate")]
-    fn window_is_none(&self) -> bool {
-        self.window.is_none()
-    }
-
-    #[cfg(not(feature = "deflate"))]
-    fn window_is_none(&self) -> bool {
-        true
+        deflate::COMPILED && self.compressed && self.message.is_some()
     }
 
     /// Heap bytes of the inflate window, if any.
     fn window_bytes(&self) -> usize {
-        #[cfg(feature = "deflate")]
-        if let Some(w) = &self.window {
-            return w.heap_bytes();
-        }
-        0
+        self.window.as_ref().map_or(0, InflateWindow::heap_bytes)
     }
 }
 
@@ -621,7 +595,6 @@ const AWAITING_ANSWER: u8 = 4;
 /// (see `sending`).
 const CLOSE_QUEUED: u8 = 8;
 /// permessage-deflate: the peer keeps its LZ77 context between messages.
-#[cfg(feature = "deflate")]
 const PEER_TAKEOVER: u8 = 16;
 
 /// One WebSocket connection's protocol state.
@@ -631,11 +604,10 @@ pub struct Connection {
     since: u32,
     state: State,
     flags: u8,
-    /// permessage-deflate, when agreed: this end's window bits in the low nibble, the peer's in
-    /// the high one (each 8..=15); 0 when not agreed. The connection stays 16 bytes (12 on
-    /// 32-bit targets) because the count of a trickled frame lives in `Partial`.
-    #[cfg(feature = "deflate")]
-    deflate: u8,
+    /// permessage-deflate, when agreed (one byte; nothing without the `deflate` feature). The
+    /// connection stays 16 bytes (12 on 32-bit targets) because the count of a trickled frame
+    /// lives in `Partial`.
+    deflate: Agreement,
 }
 
 impl core::fmt::Debug for Connection {
@@ -664,8 +636,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: 0,
-            #[cfg(feature = "deflate")]
-            deflate: 0,
+            deflate: Agreement::NONE,
         }
     }
 
@@ -689,8 +660,7 @@ impl Connection {
             since: now as u32,
             state: State::Connecting,
             flags: CLIENT,
-            #[cfg(feature = "deflate")]
-            deflate: 0,
+            deflate: Agreement::NONE,
         }
     }
 
@@ -701,8 +671,7 @@ impl Connection {
             since: now as u32,
             state: State::Open,
             flags: if role == Role::Client { CLIENT } else { 0 },
-            #[cfg(feature = "deflate")]
-            deflate: 0,
+            deflate: Agreement::NONE,
         }
     }
 
@@ -747,17 +716,12 @@ impl Connection {
     /// The permessage-deflate parameters this connection agreed on, if it did.
     #[cfg(feature = "deflate")]
     pub fn deflate(&self) -> Option<Agreed> {
-        (self.deflate != 0).then_some(Agreed {
-            send_window_bits: self.deflate & 0x0f,
-            recv_window_bits: self.deflate >> 4,
-            recv_context_takeover: self.flags & PEER_TAKEOVER != 0,
-        })
+        self.deflate.agreed(self.flags & PEER_TAKEOVER != 0)
     }
 
     #[cfg(feature = "deflate")]
     fn set_deflate(&mut self, a: Agreed) {
-        let bits = |b: u8| b.clamp(8, deflate::MAX_WINDOW_BITS);
-        self.deflate = bits(a.send_window_bits) | bits(a.recv_window_bits) << 4;
+        self.deflate = Agreement::new(&a);
         if a.recv_context_takeover {
             self.flags |= PEER_TAKEOVER;
         }
@@ -765,23 +729,18 @@ impl Connection {
 
     /// RSV1 marks the first frame of a compressed message, once compression is agreed
     /// (RFC 7692 §6); anywhere else it is a reserved bit. Decided, as the other header checks,
-    /// as soon as two bytes of the header are in.
-    #[cfg(feature = "deflate")]
+    /// as soon as two bytes of the header are in. Without the `deflate` feature
+    /// [`FrameHeader::parse`] refuses RSV1 as it does RSV2 and RSV3.
     #[inline]
     fn check_rsv1(&self, head: &[u8]) -> Result<(), ProtocolError> {
+        if !deflate::COMPILED {
+            return Ok(());
+        }
         let [b0, _, ..] = *head else { return Ok(()) };
-        let allowed = self.deflate != 0 && matches!(b0 & 0x0f, 0x1 | 0x2);
+        let allowed = self.deflate.is_agreed() && matches!(b0 & 0x0f, 0x1 | 0x2);
         if b0 & 0x40 != 0 && !allowed {
             return Err(ProtocolError::ReservedBits);
         }
-        Ok(())
-    }
-
-    /// Without the `deflate` feature [`FrameHeader::parse`] refuses RSV1 as it does RSV2 and
-    /// RSV3.
-    #[cfg(not(feature = "deflate"))]
-    #[inline(always)]
-    fn check_rsv1(&self, _head: &[u8]) -> Result<(), ProtocolError> {
         Ok(())
     }
 
@@ -877,8 +836,8 @@ impl Connection {
     }
 
     /// [`read`](Self::read) with the loop's permessage-deflate codec, which inflates the
-    /// compressed messages of every connection that agreed on it.
-    #[cfg(feature = "deflate")]
+    /// compressed messages of every connection that agreed on it (without the `deflate`
+    /// feature the codec is a zero-sized placeholder, and this is `read`).
     pub fn read_with<'d, R: RandomSource + ?Sized>(
         &mut self,
         cfg: &Config,
@@ -1173,7 +1132,7 @@ impl Connection {
     /// agreed and it pays (see [`Codec::compress`]). [`send`](Self::send) and
     /// [`send_frame`](Self::send_frame) never compress (RSV1 is per message: uncompressed
     /// messages are always allowed).
-    #[cfg(feature = "deflate")]
+    /// Without the `deflate` feature the codec is a zero-sized placeholder, and this is `send`.
     #[inline]
     pub fn send_with<R: RandomSource + ?Sized>(
         &mut self,
@@ -1182,7 +1141,7 @@ impl Connection {
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(), NotOpen> {
-        if self.deflate != 0 {
+        if self.deflate.is_agreed() {
             return self.send_compressed(msg, codec, rng, out);
         }
         self.send(msg, rng, out)
@@ -1190,7 +1149,6 @@ impl Connection {
 
     /// [`send_with`](Self::send_with) where compression was agreed; kept out of line so that
     /// the path of connections without it stays as short as [`send`](Self::send).
-    #[cfg(feature = "deflate")]
     #[inline(never)]
     fn send_compressed<R: RandomSource + ?Sized>(
         &mut self,
@@ -1202,7 +1160,7 @@ impl Connection {
         if self.state != State::Open {
             return Err(NotOpen);
         }
-        if let Some(agreed) = self.deflate() {
+        if let Some(agreed) = self.deflate.agreed(self.flags & PEER_TAKEOVER != 0) {
             if let Some(z) = codec.compress(&agreed, msg.as_bytes()) {
                 super::frame::write_compressed_frame(out, msg.opcode(), self.mask(rng), z);
                 return Ok(());
@@ -1441,7 +1399,7 @@ impl Connection {
                 }
                 let ev = if header.opcode.is_control() {
                     self.on_control(header.opcode, payload, false, now, rng, out)?
-                } else if cfg!(feature = "deflate") && header.rsv1 {
+                } else if deflate::COMPILED && header.rsv1 {
                     let message = self.inflate(header.opcode, payload, cfg.max_message, codec.as_deref_mut())?;
                     (self.state == State::Open).then_some(Event::Message(message))
                 } else {
@@ -1464,8 +1422,7 @@ impl Connection {
                 p.utf8 = Utf8Validator::new();
                 p.buf.clear();
                 p.skipped = 0;
-                #[cfg(feature = "deflate")]
-                {
+                if deflate::COMPILED {
                     p.compressed = header.rsv1;
                 }
             }
@@ -1579,8 +1536,8 @@ impl Connection {
     }
 
     /// Inflates a whole compressed message (all its frames' payloads) into an owned payload, at
-    /// most `max_message` bytes; text is checked once inflated.
-    #[cfg(feature = "deflate")]
+    /// most `max_message` bytes; text is checked once inflated. Without the `deflate` feature
+    /// it is never called (RSV1 does not get past the header).
     fn inflate(
         &mut self,
         kind: OpCode,
@@ -1597,9 +1554,9 @@ impl Connection {
             }
         };
         let window = if self.flags & PEER_TAKEOVER != 0 {
-            let bits = self.deflate >> 4;
+            let bits = self.deflate.recv_bits();
             let p = self.partial.get_or_insert_with(Partial::new);
-            Some(p.window.get_or_insert_with(|| InflateWindow::new(bits)))
+            InflateWindow::kept(&mut p.window, bits)
         } else {
             None
         };
@@ -1614,21 +1571,6 @@ impl Connection {
             OpCode::Text => Payload::OwnedText(String::from_utf8(out).map_err(|_| ProtocolError::InvalidUtf8)?),
             _ => Payload::OwnedBinary(out),
         })
-    }
-
-    /// Without the `deflate` feature RSV1 never passes [`FrameHeader::parse`].
-    #[cfg(not(feature = "deflate"))]
-    fn inflate(
-        &mut self,
-        _kind: OpCode,
-        _message: &[u8],
-        _max_message: usize,
-        codec: CodecRef<'_>,
-    ) -> Result<Payload<'static>, ProtocolError> {
-        match codec {
-            None => Err(ProtocolError::ReservedBits),
-            Some(never) => match *never {},
-        }
     }
 
     /// Handles a whole control frame. `owned` says the payload must be copied out (it lives
@@ -1690,7 +1632,7 @@ impl Connection {
 /// up to 64 KiB, and a few more); the inflated message is held to `max_message`.
 fn wire_limit(max_message: usize, compressed: bool) -> u64 {
     let max = max_message as u64;
-    if cfg!(feature = "deflate") && compressed {
+    if deflate::COMPILED && compressed {
         max + max / 1024 + 64
     } else {
         max

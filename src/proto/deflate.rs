@@ -88,6 +88,46 @@ pub struct Agreed {
     pub recv_context_takeover: bool,
 }
 
+/// Whether permessage-deflate is compiled in (without the feature, the core's placeholder
+/// answers `false`).
+pub(crate) const COMPILED: bool = true;
+
+/// What a connection agreed on, in one byte: this end's window bits in the low nibble, the
+/// peer's in the high one (each 8..=15); 0 when nothing was agreed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Agreement(u8);
+
+impl Agreement {
+    /// Nothing agreed.
+    pub(crate) const NONE: Agreement = Agreement(0);
+
+    /// The byte for `a`.
+    pub(crate) fn new(a: &Agreed) -> Self {
+        let bits = |b: u8| b.clamp(8, MAX_WINDOW_BITS);
+        Agreement(bits(a.send_window_bits) | bits(a.recv_window_bits) << 4)
+    }
+
+    /// Whether compression was agreed.
+    #[inline(always)]
+    pub(crate) fn is_agreed(self) -> bool {
+        self.0 != 0
+    }
+
+    /// The peer's window bits.
+    pub(crate) fn recv_bits(self) -> u8 {
+        self.0 >> 4
+    }
+
+    /// What was agreed, if anything; whether the peer keeps its context is kept elsewhere.
+    pub(crate) fn agreed(self, recv_context_takeover: bool) -> Option<Agreed> {
+        self.is_agreed().then_some(Agreed {
+            send_window_bits: self.0 & 0x0f,
+            recv_window_bits: self.0 >> 4,
+            recv_context_takeover,
+        })
+    }
+}
+
 impl Agreed {
     /// Whether a message of `len` bytes should be sent compressed: at least `min_size` bytes
     /// (e.g. [`DEFAULT_MIN_SIZE`]) and a window zlib can compress with.
@@ -797,6 +837,12 @@ impl InflateWindow {
             size: 1 << window_bits.clamp(8, MAX_WINDOW_BITS),
             data: Vec::new(),
         }
+    }
+
+    /// The window kept in `slot` for a peer compressing with at most `window_bits`, made on
+    /// first use.
+    pub(crate) fn kept(slot: &mut Option<InflateWindow>, window_bits: u8) -> Option<&mut InflateWindow> {
+        Some(slot.get_or_insert_with(|| InflateWindow::new(window_bits)))
     }
 
     /// Heap bytes held now.

@@ -16,6 +16,10 @@
 pub mod conn;
 #[cfg(feature = "deflate")]
 pub mod deflate;
+/// Without the `deflate` feature: the codec's zero-sized placeholder.
+#[cfg(not(feature = "deflate"))]
+#[path = "no_deflate.rs"]
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;

@@ -761,7 +761,7 @@ impl<'a, S> Ctx<'a, S> {
         let frame = compressed_for(frame, self.eng.slots[key].conn.deflate(), &mut self.eng.codec);
         // A peer with nothing queued takes any frame (even one above the bound): the bytes are
         // shared, and refusing would fail every peer on one large message.
-        let queued = self.eng.queued(key);
+        let queued = self.eng.backlog(key);
         if queued > 0 && queued + frame.bytes().len() > self.loop_state.max_backpressure {
             match self.loop_state.slow_consumer {
                 SlowConsumer::Drop => {
@@ -870,7 +870,7 @@ impl<'a, S> Ctx<'a, S> {
 
     /// Bytes queued for a connection.
     pub fn queued(&self, id: ConnId) -> usize {
-        self.slot_key(id).map_or(0, |k| self.eng.queued(k))
+        self.slot_key(id).map_or(0, |k| self.eng.backlog(k))
     }
 
     /// Calls [`Handler::on_timer`] after `after`. Any number of timers may be pending.
@@ -892,7 +892,7 @@ impl<'a, S> Ctx<'a, S> {
     /// The loop's counters (memory: the whole server's, shared by its loops).
     pub fn stats(&self) -> Stats {
         let mut s = self.loop_state.stats;
-        s.bytes_queued = self.eng.slots.iter().map(|(_, s)| s.queued()).sum();
+        s.bytes_queued = self.eng.slots.iter().map(|(_, s)| s.unsent()).sum();
         s.memory = self.eng.budget.used();
         s.memory_limit = self.eng.budget.limit();
         s

@@ -125,18 +125,13 @@ impl<H: Handler> Srv<H> {
         let tls = eng.streams.counts();
         #[cfg(not(feature = "tls"))]
         let tls = (0, 0);
-        #[cfg(feature = "deflate")]
-        let deflate = {
-            let c = eng.codec.stats();
-            [c.inflated_in, c.inflated_out, c.compressed_in, c.compressed_out]
-        };
-        #[cfg(not(feature = "deflate"))]
-        let deflate = [0; 4];
+        let c = eng.codec.stats();
+        let deflate = [c.inflated_in, c.inflated_out, c.compressed_in, c.compressed_out];
         LoopView {
             stats: self.loop_state.stats,
             counters: self.loop_state.counters,
             bytes: (eng.bytes_in, eng.bytes_out),
-            queued: eng.slots.iter().map(|(_, s)| s.queued() as u64).sum(),
+            queued: eng.slots.iter().map(|(_, s)| s.unsent() as u64).sum(),
             tls,
             deflate,
         }
