@@ -619,8 +619,8 @@ impl Client {
         };
         #[cfg(not(feature = "tls"))]
         let stream = ClientStream::Plain(stream);
-        let key = eng.insert(stream, conn, ())?;
-        eng.send_raw(key, &first);
+        // Connected already: the engine finds that at the first event and writes the request.
+        let key = eng.insert_connecting(stream, conn, (), &first)?;
         if let Some(show) = cfg.on_head {
             show(&first);
         }
