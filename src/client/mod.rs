@@ -1,5 +1,5 @@
-//! The client: one outgoing connection with a pull API, a thin driver over the same core and
-//! IO layer as the server.
+//! The client: one outgoing connection with a pull API, a thin driver over the engine the
+//! server and the load generator run, with one slot.
 //!
 //! [`Client::connect`] parses a `ws://` URL, resolves the host, connects without blocking,
 //! performs the opening handshake and returns an open client. The program then sends with
@@ -450,7 +450,7 @@ impl Driver<ClientStream, (), OsSeeded> for Inbox {
         if self.opened {
             if let proto::Error::Protocol(p) = err {
                 log::debug!("{}: protocol error: {p}", self.peer);
-                self.failure = Some(p.clone());
+                self.failure = Some(*p);
             }
             return;
         }
