@@ -673,19 +673,19 @@ impl Client {
         self.eng.slots.get(self.key).filter(|s| !s.is_dead())
     }
 
-    /// One turn of the engine: the rest of the last read if the core stopped in it, else due
-    /// deadlines, else a wait in `poll` (at most until `until`) and what it reports.
-    /// Returns whether it waited.
+    /// One turn of the engine: the rest of the last read if the core stopped in it and due
+    /// deadlines; if they had nothing to tell, a wait in `poll` (at most until `until`) and what
+    /// it reports. Returns whether it waited.
     fn step(&mut self, until: Option<u64>) -> Result<bool, ClientError> {
         let now = self.eng.tick();
         if self.eng.has_ready() {
             self.eng.resume(&mut self.inbox, &mut self.rbuf);
-            self.eng.reap(&mut self.inbox);
-            return Ok(false);
         }
+        // Deadlines between reads too: a server that never stops sending does not hold them up.
         self.eng.fire_timers(&mut self.inbox);
         self.eng.reap(&mut self.inbox);
-        if !self.inbox.events.is_empty() || self.inbox.end.is_some() || self.inbox.opening.is_some() {
+        let news = !self.inbox.events.is_empty() || self.inbox.end.is_some() || self.inbox.opening.is_some();
+        if news || self.eng.has_ready() {
             return Ok(false);
         }
         let deadline = match (self.eng.next_deadline(), until) {
