@@ -74,7 +74,7 @@
 //! written, and frees that memory as soon as it is done. Every outbound queue in the server is
 //! bounded, and everything the server buffers counts against one memory budget
 //! (`ServerConfig::max_memory`); a client reports its own queue with
-//! [`Client::buffered_amount`].
+//! [`Client::queued`].
 //!
 //! # Not supported
 //!

@@ -629,6 +629,40 @@ fn timers_and_timeouts() {
 }
 
 #[test]
+fn a_timer_fires_while_the_server_never_stops_sending() {
+    // The server keeps the socket full: every read fills the client's small buffer, so the
+    // client always has received bytes left. Its timer must still come between the messages.
+    let (addr, h) = raw_server(|mut s| {
+        accept(&mut s);
+        let burst: Vec<u8> = (0..640).flat_map(|_| frame(0x81, &[b'x'; 100])).collect();
+        let until = Instant::now() + WAIT;
+        // Until the client leaves (a write fails) or the bound runs out.
+        while Instant::now() < until && s.write_all(&burst).is_ok() {}
+    });
+    let mut cfg = ClientConfig::default();
+    cfg.read_buffer_size = 1024;
+    let mut c = Client::connect(&format!("ws://{addr}/"), cfg).expect("connect");
+    let t = Instant::now();
+    c.set_timer(Duration::from_millis(100));
+    let mut messages = 0u32;
+    let fired = loop {
+        match c.next_event(Some(WAIT)) {
+            Ok(Some(ClientEvent::Text(_))) => messages += 1,
+            Ok(Some(ClientEvent::Timer)) => break t.elapsed(),
+            other => panic!("unexpected {other:?} after {messages} messages"),
+        }
+        assert!(t.elapsed() < WAIT, "no timer within {WAIT:?} ({messages} messages)");
+    };
+    assert!(
+        fired >= Duration::from_millis(100) && fired < Duration::from_secs(2),
+        "the timer fired after {fired:?}, behind {messages} messages"
+    );
+    assert!(messages > 0, "the server's messages did not arrive before the timer");
+    drop(c);
+    join(h);
+}
+
+#[test]
 fn ipv6_and_host_names() {
     // A host name: `localhost` may resolve to ::1 first, where nothing listens; 127.0.0.1 follows.
     let (addr, h) = tungstenite_server(|mut ws| {

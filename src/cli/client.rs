@@ -780,7 +780,7 @@ impl<'a> Session<'a> {
             if self.sending_done || self.closing || !self.client.is_open() {
                 return Ok(());
             }
-            if self.client.buffered_amount() > INPUT_BACKPRESSURE {
+            if self.client.queued() > INPUT_BACKPRESSURE {
                 self.input_paused = true;
                 self.client.set_timer(INPUT_RETRY);
                 return Ok(());

@@ -1,5 +1,5 @@
-//! The client: one outgoing connection with a pull API, a thin driver over the same core and
-//! IO layer as the server.
+//! The client: one outgoing connection with a pull API, a thin driver over the engine the
+//! server and the load generator run, with one slot.
 //!
 //! [`Client::connect`] parses a `ws://` URL, resolves the host, connects without blocking,
 //! performs the opening handshake and returns an open client. The program then sends with
@@ -60,15 +60,16 @@ mod url;
 pub use url::UrlError;
 pub(crate) use url::WsUrl;
 
+use crate::io::budget::Budget;
 use crate::io::describe;
-use crate::io::outbox::{self, Outbox};
+use crate::io::engine::{reserved_token, Cause, Driver, Engine};
 use crate::io::stream::ClientStream;
-use crate::io::timer::{deadline_after, poll_timeout, Clock, TimerQueue};
+use crate::io::timer::{deadline_after, poll_timeout, Clock};
 use crate::io::transport::Transport;
 use crate::proto::frame::OpCode;
 use crate::proto::handshake::{ClientRequest, ResponseError};
 use crate::proto::rand::OsSeeded;
-use crate::proto::{self, close_code, Connection, Event, Message, Payload, ProtocolError, State, Timeout};
+use crate::proto::{self, close_code, Connection, Event, Message, Payload, ProtocolError, State};
 
 /// Client settings. Every limit has a default; see each field.
 ///
@@ -90,7 +91,7 @@ pub struct ClientConfig {
     /// TCP connection after the close handshake (default 3 s).
     pub close_timeout: Duration,
     /// Unsent bytes above which the client stops reading from the server until they drain
-    /// (default 1 MiB). Sending never blocks: see [`Client::buffered_amount`].
+    /// (default 1 MiB). Sending never blocks: see [`Client::queued`].
     pub max_backpressure: usize,
     /// Size of the read buffer (default 64 KiB; at least 64 KiB for `wss://`).
     pub read_buffer_size: usize,
@@ -309,10 +310,204 @@ impl From<UrlError> for ClientError {
     }
 }
 
-/// The connection's socket.
-const SOCKET: Token = Token(0);
-/// Watched descriptors use tokens from here up (token = base + fd).
+/// Watched descriptors use tokens from the top down (`reserved_token(FD_BASE + fd)`): never a
+/// slab key.
 const FD_BASE: usize = 16;
+
+/// The client's engine: one slot, no per-connection data of the driver's.
+type ClientEngine = Engine<ClientStream, (), OsSeeded>;
+
+/// What the engine tells the client, kept until the program asks for it.
+struct Inbox {
+    peer: SocketAddr,
+    connect_timeout: Duration,
+    close_timeout: Duration,
+    /// Events not yet handed out, in order.
+    events: VecDeque<ClientEvent>,
+    /// How the opening handshake ended: the chosen subprotocol, or why it failed.
+    opening: Option<Result<Option<String>, ClientError>>,
+    opened: bool,
+    /// How the connection ended, handed out after the events before it.
+    end: Option<Result<ClientEvent, ClientError>>,
+    /// The state and whether a message was in progress when the stream ended (the engine
+    /// closes the core right after).
+    hangup: Option<(State, bool)>,
+    /// The server's close frame.
+    peer_close: Option<(u16, String)>,
+    /// The protocol error this client closed for.
+    failure: Option<ProtocolError>,
+    /// The program's timer: its generation.
+    user_timer: Option<u64>,
+    /// The answer head as it came, for `on_head`, while the handshake runs.
+    head: Vec<u8>,
+    on_head: Option<fn(&[u8])>,
+    max_head: usize,
+    #[cfg(feature = "deflate")]
+    agreed: Option<proto::deflate::Agreed>,
+}
+
+impl Inbox {
+    /// Shows the answer head (up to its blank line) to `on_head`.
+    fn show_head(&self) {
+        if let Some(show) = self.on_head {
+            let end = self
+                .head
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(self.head.len(), |i| i + 4);
+            show(&self.head[..end]);
+        }
+    }
+
+    /// Why the opening handshake failed, from how the connection was removed.
+    fn failed_opening(&self, cause: Cause) -> ClientError {
+        match cause {
+            Cause::Timeout(_) => ClientError::Timeout {
+                addr: self.peer,
+                after: self.connect_timeout,
+                handshake: true,
+            },
+            Cause::Io(e) => {
+                #[cfg(feature = "tls")]
+                if let Some(failure) = e.get_ref().and_then(|i| i.downcast_ref::<crate::io::tls::TlsFailure>()) {
+                    return ClientError::Tls {
+                        addr: self.peer,
+                        error: crate::tls::TlsError::from(&failure.0),
+                    };
+                }
+                match e.kind() {
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                        ClientError::Handshake(ResponseError::NoAnswer)
+                    }
+                    _ => ClientError::Io(e),
+                }
+            }
+            Cause::Done | Cause::Eof | Cause::Dropped => ClientError::Handshake(ResponseError::NoAnswer),
+        }
+    }
+
+    /// How an open connection ended: `state` and `in_message` are the core's when the
+    /// transport went (or now).
+    fn ending(&mut self, state: State, in_message: bool, cause: &Cause) -> Result<ClientEvent, ClientError> {
+        let io_error = match cause {
+            Cause::Io(e) => Some(e),
+            _ => None,
+        };
+        match state {
+            State::Connecting | State::Open => Err(ClientError::Abnormal(match io_error {
+                Some(e) => format!("connection error: {}", describe(e)),
+                None if in_message => "the server dropped the connection mid-message".to_string(),
+                None => "the server closed the TCP connection without a close frame".to_string(),
+            })),
+            State::LocalClosing => Err(ClientError::Abnormal(match io_error {
+                Some(e) => format!("connection error before the server answered the close: {}", describe(e)),
+                None => "the server ended the connection without answering the close".to_string(),
+            })),
+            State::Closed => {
+                // The server closes the TCP connection first (RFC 6455 §7.1.1); the engine
+                // waited for it once our last bytes were out, but not beyond the close timeout.
+                if let Some(e) = self.failure.take() {
+                    return Err(ClientError::Protocol(e));
+                }
+                match self.peer_close.take() {
+                    Some((code, reason)) => Ok(ClientEvent::Closed { code, reason }),
+                    None => Err(ClientError::Abnormal(format!(
+                        "the server did not answer the close within {:?}",
+                        self.close_timeout
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+impl Driver<ClientStream, (), OsSeeded> for Inbox {
+    fn on_event(&mut self, eng: &mut ClientEngine, key: usize, ev: Event<'_>) {
+        let ev = match ev {
+            Event::Open(response) => {
+                self.show_head();
+                self.head = Vec::new();
+                self.opened = true;
+                #[cfg(feature = "deflate")]
+                {
+                    self.agreed = eng.slots[key].conn.deflate();
+                }
+                log::debug!("{}: handshake done", self.peer);
+                self.opening = Some(Ok(response.protocol));
+                return;
+            }
+            Event::Message(Payload::Text(t)) => ClientEvent::Text(t.to_owned()),
+            Event::Message(Payload::OwnedText(t)) => ClientEvent::Text(t),
+            Event::Message(Payload::Binary(b)) => ClientEvent::Binary(b.to_vec()),
+            Event::Message(Payload::OwnedBinary(b)) => ClientEvent::Binary(b),
+            Event::Pong(p) => ClientEvent::Pong(p.as_bytes().to_vec()),
+            Event::Close { code, reason } => {
+                self.peer_close = Some((code.unwrap_or(close_code::NO_STATUS), reason.as_str().to_owned()));
+                return;
+            }
+            Event::Ping(_) | Event::Request(_) => return,
+        };
+        let _ = (eng, key);
+        self.events.push_back(ev);
+    }
+
+    fn on_error(&mut self, _eng: &mut ClientEngine, _key: usize, err: &proto::Error) {
+        if self.opened {
+            if let proto::Error::Protocol(p) = err {
+                log::debug!("{}: protocol error: {p}", self.peer);
+                self.failure = Some(*p);
+            }
+            return;
+        }
+        if self.opening.is_none() {
+            self.opening = Some(Err(match err {
+                proto::Error::Response(e) => {
+                    self.show_head();
+                    ClientError::Handshake((**e).clone())
+                }
+                e => ClientError::Abnormal(e.to_string()),
+            }));
+        }
+    }
+
+    fn on_read(&mut self, _key: usize, data: &[u8]) {
+        if !self.opened && self.on_head.is_some() && self.head.len() <= self.max_head {
+            self.head.extend_from_slice(data);
+        }
+    }
+
+    fn on_hangup(&mut self, eng: &mut ClientEngine, key: usize) {
+        let conn = &eng.slots[key].conn;
+        self.hangup.get_or_insert((conn.state(), conn.in_message()));
+    }
+
+    fn on_removed(&mut self, eng: &mut ClientEngine, key: usize, cause: Cause) {
+        let slot = &mut eng.slots[key];
+        if !matches!(cause, Cause::Io(_)) {
+            // Over TLS the stream ends with close_notify, so the server can tell this end
+            // from a cut connection (a plain socket sends its FIN).
+            let _ = slot.stream.shutdown_write();
+        }
+        let _ = slot.stream.tcp().shutdown(std::net::Shutdown::Both);
+        if !self.opened {
+            if self.opening.is_none() {
+                self.opening = Some(Err(self.failed_opening(cause)));
+            }
+            return;
+        }
+        let (state, in_message) = self
+            .hangup
+            .unwrap_or_else(|| (slot.conn.state(), slot.conn.in_message()));
+        self.end = Some(self.ending(state, in_message, &cause));
+    }
+
+    fn on_timer(&mut self, _eng: &mut ClientEngine, id: u64) {
+        if self.user_timer == Some(id) {
+            self.user_timer = None;
+            self.events.push_back(ClientEvent::Timer);
+        }
+    }
+}
 
 /// An open WebSocket connection to a server. See the [module docs](self).
 ///
@@ -321,55 +516,27 @@ const FD_BASE: usize = 16;
 /// [`ClientEvent::Closed`] or an error; dropping a client ends the TCP connection at once
 /// (the server sees `1006`).
 pub struct Client {
-    poll: Poll,
+    /// The engine, with the connection in slot `key` until it is removed.
+    eng: ClientEngine,
+    key: usize,
+    inbox: Inbox,
     events: Events,
-    stream: ClientStream,
-    out: Option<Box<Outbox>>,
-    write_interest: bool,
-    peer: SocketAddr,
-    conn: Connection,
-    cfg: ClientConfig,
-    proto_cfg: proto::Config,
-    rng: OsSeeded,
-    protocol: Option<String>,
-    /// Received bytes; `rbuf[rpos..rlen]` are not yet handed to the core.
     rbuf: Vec<u8>,
-    rpos: usize,
-    rlen: usize,
-    scratch: Vec<u8>,
-    /// The socket may have unread bytes (readiness is edge-triggered).
-    want_read: bool,
-    /// The last readiness event reported the end of the stream or an error: read until it
-    /// shows, whatever the size of the reads.
-    hup: bool,
-    /// The server ended its side of the TCP connection.
-    read_closed: bool,
-    /// A read or write failed.
-    io_error: Option<io::Error>,
-    clock: Clock,
-    timers: TimerQueue<u32>,
-    /// The program's timer: deadline and generation.
-    user_timer: Option<(u64, u32)>,
-    timer_gen: u32,
-    /// The server's close frame.
-    peer_close: Option<(u16, String)>,
-    /// The protocol error this client closed for.
-    failure: Option<ProtocolError>,
+    local: SocketAddr,
+    protocol: Option<String>,
+    timer_gen: u64,
     /// Watched descriptors that became readable, not yet reported.
     readable: VecDeque<RawFd>,
     /// The last event or error was handed out.
     finished: bool,
-    /// permessage-deflate: made once, allocating only when a message is compressed or inflated
-    /// (zero-sized without the `deflate` feature).
-    codec: proto::deflate::Codec,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("peer", &self.peer)
-            .field("state", &self.conn.state())
-            .field("buffered", &self.buffered_amount())
+            .field("peer", &self.inbox.peer)
+            .field("state", &self.slot().map_or(State::Closed, |s| s.conn.state()))
+            .field("queued", &self.queued())
             .finish_non_exhaustive()
     }
 }
@@ -392,8 +559,6 @@ impl Client {
         request.check().map_err(|e| ClientError::InvalidConfig(e.message()))?;
         let proto_cfg = cfg.protocol_config();
         proto_cfg.check().map_err(|e| ClientError::InvalidConfig(e.message()))?;
-        #[cfg(feature = "deflate")]
-        let cfg_deflate = cfg.deflate;
         let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
             .to_socket_addrs()
             .map_err(|error| ClientError::Resolve {
@@ -401,18 +566,37 @@ impl Client {
                 error,
             })?
             .collect();
-        let clock = Clock::new();
-        let mut rng = OsSeeded::new()?;
+        let mut eng: ClientEngine = Engine::new(
+            Poll::new()?,
+            proto_cfg,
+            cfg.max_backpressure,
+            OsSeeded::new()?,
+            Budget::unlimited(),
+        );
+        // One event per step: what the program answers to a message goes out before anything
+        // the core writes for later bytes.
+        eng.quantum = 1;
+        #[cfg(feature = "deflate")]
+        {
+            eng.codec = proto::deflate::Codec::new(&cfg.deflate);
+        }
         let mut first = Vec::new();
         // The handshake timeout runs from here: it covers the TCP connect too.
-        let conn = Connection::client(&request, clock.now(), &mut rng, &mut first);
-        let deadline = deadline_after(clock.now(), cfg.connect_timeout);
-        let mut poll = Poll::new()?;
+        let now = eng.tick();
+        let conn = Connection::client(&request, now, &mut eng.rng, &mut first);
+        let deadline = deadline_after(now, cfg.connect_timeout);
         let mut events = Events::with_capacity(64);
         let mut last_error = None;
         let mut connected = None;
         for addr in addrs {
-            match connect_tcp(&mut poll, &mut events, &clock, deadline, addr, cfg.connect_timeout) {
+            match connect_tcp(
+                &mut eng.poll,
+                &mut events,
+                &eng.clock,
+                deadline,
+                addr,
+                cfg.connect_timeout,
+            ) {
                 Ok(stream) => {
                     connected = Some((stream, addr));
                     break;
@@ -427,6 +611,7 @@ impl Client {
                 error: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
             }));
         };
+        let local = stream.local_addr()?;
         #[cfg(feature = "tls")]
         let stream = match tls {
             Some(tls) => {
@@ -439,218 +624,100 @@ impl Client {
         };
         #[cfg(not(feature = "tls"))]
         let stream = ClientStream::Plain(stream);
-        let mut client = Client {
-            poll,
-            events,
-            stream,
-            out: None,
-            write_interest: true,
-            peer,
-            conn,
-            // TLS needs room for a whole record (up to 18 KiB) in the upper half.
-            rbuf: vec![0; cfg.read_buffer_size.max(if target.tls { 64 << 10 } else { 256 })],
-            rpos: 0,
-            rlen: 0,
-            cfg,
-            proto_cfg,
-            rng,
-            protocol: None,
-            scratch: Vec::new(),
-            want_read: true,
-            hup: false,
-            read_closed: false,
-            io_error: None,
-            clock,
-            timers: TimerQueue::default(),
-            user_timer: None,
-            timer_gen: 0,
-            peer_close: None,
-            failure: None,
-            readable: VecDeque::new(),
-            finished: false,
-            codec: Default::default(),
-        };
-        #[cfg(feature = "deflate")]
-        {
-            client.codec = proto::deflate::Codec::new(&cfg_deflate);
-        }
-        client.send_bytes(&first);
-        if let Some(show) = client.cfg.on_head {
+        // Connected already: the engine finds that at the first event and writes the request.
+        let key = eng.insert_connecting(stream, conn, (), &first)?;
+        if let Some(show) = cfg.on_head {
             show(&first);
         }
-        client.handshake()?;
+        let mut client = Client {
+            eng,
+            key,
+            inbox: Inbox {
+                peer,
+                connect_timeout: cfg.connect_timeout,
+                close_timeout: cfg.close_timeout,
+                events: VecDeque::new(),
+                opening: None,
+                opened: false,
+                end: None,
+                hangup: None,
+                peer_close: None,
+                failure: None,
+                user_timer: None,
+                head: Vec::new(),
+                on_head: cfg.on_head,
+                max_head: cfg.max_response_head,
+                #[cfg(feature = "deflate")]
+                agreed: None,
+            },
+            events,
+            // TLS needs room for a whole record (up to 18 KiB) in the upper half.
+            rbuf: vec![0; cfg.read_buffer_size.max(if target.tls { 64 << 10 } else { 256 })],
+            local,
+            protocol: None,
+            timer_gen: 0,
+            readable: VecDeque::new(),
+            finished: false,
+        };
+        client.protocol = client.handshake()?;
         Ok(client)
     }
 
-    /// Reads the answer; leftover bytes are the first frames.
-    fn handshake(&mut self) -> Result<(), ClientError> {
-        // The answer head as it came, for `on_head`.
-        let mut head = Vec::new();
-        let on_head = self.cfg.on_head;
-        let show = |head: &[u8]| {
-            if let Some(show) = on_head {
-                let end = head
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .map_or(head.len(), |i| i + 4);
-                show(&head[..end]);
+    /// Runs the engine until the server's answer is in; leftover bytes are the first frames.
+    fn handshake(&mut self) -> Result<Option<String>, ClientError> {
+        loop {
+            if let Some(opening) = self.inbox.opening.take() {
+                return opening;
             }
+            self.step(None)?;
+        }
+    }
+
+    /// The connection's slot, until the engine removes it.
+    fn slot(&self) -> Option<&crate::io::engine::Slot<ClientStream, ()>> {
+        self.eng.slots.get(self.key).filter(|s| !s.is_dead())
+    }
+
+    /// One turn of the engine: the rest of the last read if the core stopped in it and due
+    /// deadlines; if they had nothing to tell, a wait in `poll` (at most until `until`) and what
+    /// it reports. Returns whether it waited.
+    fn step(&mut self, until: Option<u64>) -> Result<bool, ClientError> {
+        let now = self.eng.tick();
+        if self.eng.has_ready() {
+            self.eng.resume(&mut self.inbox, &mut self.rbuf);
+        }
+        // Deadlines between reads too: a server that never stops sending does not hold them up.
+        self.eng.fire_timers(&mut self.inbox);
+        self.eng.reap(&mut self.inbox);
+        let news = !self.inbox.events.is_empty() || self.inbox.end.is_some() || self.inbox.opening.is_some();
+        if news || self.eng.has_ready() {
+            return Ok(false);
+        }
+        let deadline = match (self.eng.next_deadline(), until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        loop {
-            if let Some(e) = self.io_error.take() {
-                #[cfg(feature = "tls")]
-                if let Some(failure) = e.get_ref().and_then(|i| i.downcast_ref::<crate::io::tls::TlsFailure>()) {
-                    return Err(ClientError::Tls {
-                        addr: self.peer,
-                        error: crate::tls::TlsError::from(&failure.0),
-                    });
-                }
-                return Err(match e.kind() {
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
-                        ClientError::Handshake(ResponseError::NoAnswer)
-                    }
-                    _ => ClientError::Io(e),
-                });
-            }
-            if self.rpos < self.rlen {
-                let now = self.clock.now();
-                let data = &mut self.rbuf[self.rpos..self.rlen];
-                self.scratch.clear();
-                let read = self
-                    .conn
-                    .read(&self.proto_cfg, now, data, &mut self.rng, &mut self.scratch);
-                match read {
-                    Ok((used, ev)) => {
-                        let opened = match ev {
-                            Some(Event::Open(response)) => Some(response.protocol),
-                            _ => None,
-                        };
-                        if self.cfg.on_head.is_some() && head.len() <= self.cfg.max_response_head {
-                            head.extend_from_slice(&self.rbuf[self.rpos..self.rpos + used]);
-                        }
-                        self.rpos += used;
-                        if let Some(protocol) = opened {
-                            show(&head);
-                            self.protocol = protocol;
-                            log::debug!("{}: handshake done", self.peer);
-                            return Ok(());
-                        }
-                    }
-                    Err(proto::Error::Response(e)) => {
-                        if self.cfg.on_head.is_some() && head.len() <= self.cfg.max_response_head {
-                            head.extend_from_slice(&self.rbuf[self.rpos..self.rlen]);
-                        }
-                        show(&head);
-                        return Err(ClientError::Handshake(*e));
-                    }
-                    Err(e) => return Err(ClientError::Abnormal(e.to_string())),
-                }
-                continue;
-            }
-            if self.read_closed {
-                return Err(match self.conn.read_eof(self.clock.now()) {
-                    Some(proto::Error::Response(e)) => {
-                        show(&head);
-                        ClientError::Handshake(*e)
-                    }
-                    _ => ClientError::Handshake(ResponseError::NoAnswer),
-                });
-            }
-            if self.want_read {
-                self.read_socket();
-                continue;
-            }
-            let now = self.clock.now();
-            if self
-                .conn
-                .handle_timeout(&self.proto_cfg, now, &mut self.rng, &mut self.scratch)
-                .is_some()
+        match self.eng.poll.poll(&mut self.events, poll_timeout(now, deadline)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+        self.eng.tick();
+        for ev in self.events.iter() {
+            let token = ev.token().0;
+            if token == self.key {
+                self.eng.on_ready(&mut self.inbox, token, ev, &mut self.rbuf);
+            } else if let Some(fd) = (usize::MAX - token)
+                .checked_sub(FD_BASE)
+                .and_then(|f| RawFd::try_from(f).ok())
             {
-                return Err(ClientError::Timeout {
-                    addr: self.peer,
-                    after: self.cfg.connect_timeout,
-                    handshake: true,
-                });
-            }
-            let deadline = self.conn.poll_timeout(&self.proto_cfg, now);
-            self.wait(poll_timeout(now, deadline))?;
-        }
-    }
-
-    /// Reads once into the read buffer (only when everything read before has been handed out).
-    fn read_socket(&mut self) {
-        self.rpos = 0;
-        self.rlen = 0;
-        loop {
-            match self.stream.read(&mut self.rbuf) {
-                Ok(0) => {
-                    self.read_closed = true;
-                    self.want_read = false;
-                }
-                Ok(n) => {
-                    self.rlen = n;
-                    if n < self.rbuf.len() && !self.hup && self.stream.short_read_drains() {
-                        self.want_read = false;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.want_read = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.read_closed = true;
-                    self.want_read = false;
-                    self.io_error.get_or_insert(e);
+                if !self.readable.contains(&fd) {
+                    self.readable.push_back(fd);
                 }
             }
-            // A TLS handshake that completed while reading lets the queued request out.
-            if self.stream.take_write_ready() && self.out.is_some() {
-                if let Err(e) = outbox::flush(&mut self.stream, &mut self.out) {
-                    self.io_error.get_or_insert(e);
-                    self.out = None;
-                }
-            }
-            return;
         }
-    }
-
-    /// Writes `bytes` now, or queues what the kernel does not take.
-    fn send_bytes(&mut self, bytes: &[u8]) {
-        if self.io_error.is_some() || bytes.is_empty() {
-            return;
-        }
-        if let Err(e) = outbox::send_slice(&mut self.stream, &mut self.out, bytes) {
-            self.io_error = Some(e);
-        }
-    }
-
-    /// Sends what the core produced into `scratch`.
-    fn send_scratch(&mut self) {
-        if self.scratch.is_empty() || self.io_error.is_some() {
-            self.scratch.clear();
-            return;
-        }
-        let mut buf = std::mem::take(&mut self.scratch);
-        if let Err(e) = outbox::send_vec(&mut self.stream, &mut self.out, &mut buf) {
-            self.io_error = Some(e);
-        }
-        buf.clear();
-        if buf.capacity() <= 64 << 10 {
-            self.scratch = buf;
-        }
-    }
-
-    /// Registers for WRITABLE exactly while bytes wait.
-    fn sync_interest(&mut self) -> io::Result<()> {
-        let want = self.out.is_some() || self.stream.wants_write();
-        if want != self.write_interest {
-            let interest = if want {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            self.poll.registry().reregister(&mut self.stream, SOCKET, interest)?;
-            self.write_interest = want;
-        }
-        Ok(())
+        self.eng.reap(&mut self.inbox);
+        Ok(true)
     }
 
     /// Waits for the next event, at most `timeout` (`None`: until something happens).
@@ -665,152 +732,31 @@ impl Client {
         if self.finished {
             return Err(ClientError::NotOpen);
         }
-        let until = timeout.map(|t| deadline_after(self.clock.now(), t));
+        let until = timeout.map(|t| deadline_after(self.eng.clock.now(), t));
         // Once the caller's time is up: one more look at the socket (so queued bytes still go
         // out when the caller only ever passes a zero timeout), then `None`.
-        let (mut did_read, mut waited) = (false, false);
+        let mut waited = false;
         loop {
             // Bytes already received come first, one event at a time.
-            if self.rpos < self.rlen {
-                if let Some(ev) = self.receive() {
-                    self.sync_interest()?;
-                    return Ok(Some(ev));
-                }
+            if let Some(ev) = self.inbox.events.pop_front() {
+                return Ok(Some(ev));
+            }
+            if self.eng.has_ready() {
+                self.step(until)?;
                 continue;
             }
             if let Some(fd) = self.readable.pop_front() {
                 return Ok(Some(ClientEvent::Readable(fd)));
             }
-            let now = self.clock.now();
-            while let Some((when, gen)) = self.timers.pop_due(now) {
-                if self.user_timer == Some((when, gen)) {
-                    self.user_timer = None;
-                    return Ok(Some(ClientEvent::Timer));
-                }
-            }
-            self.scratch.clear();
-            let t = self
-                .conn
-                .handle_timeout(&self.proto_cfg, now, &mut self.rng, &mut self.scratch);
-            self.send_scratch();
-            if let Some(end) = self.outcome(t) {
+            if let Some(end) = self.inbox.end.take() {
                 self.finished = true;
-                let _ = self.poll.registry().deregister(&mut self.stream);
-                if self.io_error.is_none() {
-                    // Over TLS the stream ends with close_notify, so the server can tell this
-                    // end from a cut connection (a plain socket sends its FIN).
-                    let _ = self.stream.shutdown_write();
-                }
-                let _ = self.stream.tcp().shutdown(std::net::Shutdown::Both);
                 return end.map(Some);
             }
-            let expired = until.is_some_and(|u| now >= u);
-            let backpressured = self.buffered_amount() > self.cfg.max_backpressure;
-            if self.want_read && !backpressured && !(expired && did_read) {
-                self.read_socket();
-                did_read = true;
-                continue;
-            }
-            self.sync_interest()?;
+            let expired = until.is_some_and(|u| self.eng.clock.now() >= u);
             if expired && waited {
                 return Ok(None);
             }
-            let mut deadline = self.timers.next();
-            for d in [self.conn.poll_timeout(&self.proto_cfg, now), until]
-                .into_iter()
-                .flatten()
-            {
-                deadline = Some(deadline.map_or(d, |t| t.min(d)));
-            }
-            self.wait(poll_timeout(now, deadline))?;
-            waited = true;
-        }
-    }
-
-    /// Hands the next received bytes to the core; returns the event they completed, if any.
-    fn receive(&mut self) -> Option<ClientEvent> {
-        let now = self.clock.now();
-        self.scratch.clear();
-        let data = &mut self.rbuf[self.rpos..self.rlen];
-        let result = self.conn.read_with(
-            &self.proto_cfg,
-            now,
-            data,
-            &mut self.codec,
-            &mut self.rng,
-            &mut self.scratch,
-        );
-        let ev = match result {
-            Ok((used, ev)) => {
-                self.rpos += used;
-                if used == 0 && ev.is_none() {
-                    self.rpos = self.rlen;
-                }
-                match ev {
-                    Some(Event::Message(Payload::Text(t))) => Some(ClientEvent::Text(t.to_owned())),
-                    Some(Event::Message(Payload::OwnedText(t))) => Some(ClientEvent::Text(t)),
-                    Some(Event::Message(Payload::Binary(b))) => Some(ClientEvent::Binary(b.to_vec())),
-                    Some(Event::Message(Payload::OwnedBinary(b))) => Some(ClientEvent::Binary(b)),
-                    Some(Event::Pong(p)) => Some(ClientEvent::Pong(p.as_bytes().to_vec())),
-                    Some(Event::Close { code, reason }) => {
-                        self.peer_close = Some((code.unwrap_or(close_code::NO_STATUS), reason.as_str().to_owned()));
-                        None
-                    }
-                    Some(Event::Ping(_) | Event::Open(_) | Event::Request(_)) | None => None,
-                }
-            }
-            Err(e) => {
-                self.rpos = self.rlen;
-                if let proto::Error::Protocol(p) = e {
-                    log::debug!("{}: protocol error: {p}", self.peer);
-                    self.failure = Some(p);
-                }
-                None
-            }
-        };
-        self.send_scratch();
-        ev
-    }
-
-    /// How the connection ended, once it has.
-    fn outcome(&mut self, timeout: Option<Timeout>) -> Option<Result<ClientEvent, ClientError>> {
-        let transport_down = self.read_closed || self.io_error.is_some();
-        let flushed = (self.out.is_none() && !self.stream.wants_write()) || self.io_error.is_some();
-        match self.conn.state() {
-            State::Connecting | State::Open if !transport_down => None,
-            State::Connecting | State::Open => Some(Err(ClientError::Abnormal(self.drop_reason()))),
-            State::LocalClosing if transport_down => Some(Err(ClientError::Abnormal(match &self.io_error {
-                Some(e) => format!("connection error before the server answered the close: {}", describe(e)),
-                None => "the server ended the connection without answering the close".to_string(),
-            }))),
-            State::LocalClosing => None,
-            State::Closed if timeout.is_none() && !(transport_down && flushed) => None,
-            State::Closed if self.peer_close.is_none() && self.failure.is_none() => {
-                // The close timeout ran out while waiting for the server's close frame.
-                Some(Err(ClientError::Abnormal(format!(
-                    "the server did not answer the close within {:?}",
-                    self.cfg.close_timeout
-                ))))
-            }
-            State::Closed => {
-                // The server closes the TCP connection first (RFC 6455 §7.1.1); we waited for
-                // it once our last bytes were out, but not beyond the close timeout.
-                if let Some(e) = self.failure.take() {
-                    return Some(Err(ClientError::Protocol(e)));
-                }
-                self.peer_close
-                    .take()
-                    .map(|(code, reason)| Ok(ClientEvent::Closed { code, reason }))
-            }
-        }
-    }
-
-    /// Why the TCP connection is gone, for an abnormal close.
-    fn drop_reason(&self) -> String {
-        match &self.io_error {
-            Some(e) => format!("connection error: {}", describe(e)),
-            None if self.conn.in_message() => "the server dropped the connection mid-message".to_string(),
-            None => "the server closed the TCP connection without a close frame".to_string(),
+            waited |= self.step(if expired { Some(0) } else { until })?;
         }
     }
 
@@ -824,74 +770,57 @@ impl Client {
         self.send(Message::Binary(data))
     }
 
+    /// The connection's slot key, while messages can still be handed to it.
+    fn live(&mut self) -> Result<usize, ClientError> {
+        if self.finished || self.slot().is_none() {
+            return Err(ClientError::NotOpen);
+        }
+        self.eng.tick();
+        Ok(self.key)
+    }
+
     /// Sends a message as one frame (compressed where permessage-deflate was agreed and it
     /// pays).
     pub fn send(&mut self, msg: Message<'_>) -> Result<(), ClientError> {
-        if self.finished {
-            return Err(ClientError::NotOpen);
-        }
-        self.scratch.clear();
-        self.conn
-            .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)
-            .map_err(|_| ClientError::NotOpen)?;
-        self.send_scratch();
-        self.sync_interest()?;
-        Ok(())
+        let key = self.live()?;
+        self.eng.send(key, msg).map_err(|_| ClientError::NotOpen)
     }
 
     /// Sends one frame of a fragmented message: the first with [`OpCode::Text`] or
     /// [`OpCode::Binary`], the others with [`OpCode::Continuation`], the last with `fin` set.
     pub fn send_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) -> Result<(), ClientError> {
-        if self.finished {
-            return Err(ClientError::NotOpen);
-        }
-        self.scratch.clear();
-        self.conn
-            .send_frame(opcode, fin, payload, &mut self.rng, &mut self.scratch)
+        let key = self.live()?;
+        let mut frame = Vec::new();
+        self.eng.slots[key]
+            .conn
+            .send_frame(opcode, fin, payload, &mut self.eng.rng, &mut frame)
             .map_err(|_| ClientError::NotOpen)?;
-        self.send_scratch();
-        self.sync_interest()?;
+        self.eng.send_raw(key, &frame);
         Ok(())
     }
 
     /// Sends a ping (payload truncated to 125 bytes); the answer arrives as [`ClientEvent::Pong`].
     pub fn ping(&mut self, payload: &[u8]) -> Result<(), ClientError> {
-        if self.finished {
-            return Err(ClientError::NotOpen);
-        }
-        self.scratch.clear();
-        self.conn
-            .ping(payload, &mut self.rng, &mut self.scratch)
-            .map_err(|_| ClientError::NotOpen)?;
-        self.send_scratch();
-        self.sync_interest()?;
-        Ok(())
+        let key = self.live()?;
+        self.eng.ping(key, payload).map_err(|_| ClientError::NotOpen)
     }
 
     /// Starts the close handshake with `code` (an invalid code is sent as 1000) and `reason`
     /// (truncated to 123 bytes). Keep calling [`next_event`](Self::next_event) until
     /// [`ClientEvent::Closed`]; messages that arrive meanwhile are dropped.
     pub fn close(&mut self, code: u16, reason: &str) -> Result<(), ClientError> {
-        if self.finished {
-            return Err(ClientError::NotOpen);
-        }
-        self.scratch.clear();
-        let now = self.clock.now();
-        self.conn
-            .close(code, reason, now, &mut self.rng, &mut self.scratch)
-            .map_err(|_| ClientError::NotOpen)?;
-        self.send_scratch();
-        self.sync_interest()?;
-        Ok(())
+        let key = self.live()?;
+        self.eng.close(key, code, reason).map_err(|_| ClientError::NotOpen)
     }
 
     /// Makes [`next_event`](Self::next_event) return [`ClientEvent::Timer`] after `after`,
     /// replacing any earlier timer. For periodic work, set it again when it fires.
     pub fn set_timer(&mut self, after: Duration) {
-        let when = deadline_after(self.clock.now(), after);
-        self.timer_gen = self.timer_gen.wrapping_add(1);
-        self.user_timer = Some((when, self.timer_gen));
-        self.timers.push(when, self.timer_gen);
+        let when = deadline_after(self.eng.clock.now(), after);
+        // Generations stay below the engine's driver-timer bit.
+        self.timer_gen = (self.timer_gen + 1) & 0xFFFF_FFFF;
+        self.inbox.user_timer = Some(self.timer_gen);
+        self.eng.set_timer_at(when, self.timer_gen);
     }
 
     /// Makes [`next_event`](Self::next_event) also return [`ClientEvent::Readable`] when `fd`
@@ -901,24 +830,26 @@ impl Client {
     /// The caller keeps `fd` open while it is watched.
     pub fn watch(&mut self, fd: RawFd) -> io::Result<()> {
         let fd_index = usize::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        self.poll
+        let token = reserved_token(FD_BASE.saturating_add(fd_index));
+        self.eng
+            .poll
             .registry()
-            .register(&mut SourceFd(&fd), Token(FD_BASE + fd_index), Interest::READABLE)
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
     }
 
     /// Stops watching `fd`.
     pub fn unwatch(&mut self, fd: RawFd) -> io::Result<()> {
-        self.poll.registry().deregister(&mut SourceFd(&fd))
+        self.eng.poll.registry().deregister(&mut SourceFd(&fd))
     }
 
     /// Whether messages can be sent (the handshake is done and no close has started).
     pub fn is_open(&self) -> bool {
-        !self.finished && self.conn.state() == State::Open
+        !self.finished && self.slot().is_some_and(|s| s.conn.state() == State::Open)
     }
 
     /// Bytes sent but not yet taken by the kernel.
-    pub fn buffered_amount(&self) -> usize {
-        self.out.as_ref().map_or(0, |o| o.len())
+    pub fn queued(&self) -> usize {
+        self.slot().map_or(0, |s| s.unsent())
     }
 
     /// The subprotocol the server chose, if any.
@@ -929,63 +860,28 @@ impl Client {
     /// The permessage-deflate parameters agreed with the server, if it accepted the offer.
     #[cfg(feature = "deflate")]
     pub fn deflate(&self) -> Option<proto::deflate::Agreed> {
-        self.conn.deflate()
+        self.inbox.agreed
     }
 
     /// Bytes this client compressed and inflated so far.
     #[cfg(feature = "deflate")]
     pub fn deflate_stats(&self) -> proto::deflate::CodecStats {
-        self.codec.stats()
+        self.eng.codec.stats()
     }
 
     /// The server's address.
     pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
+        self.inbox.peer
     }
 
     /// This end's address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.tcp().local_addr()
-    }
-
-    /// Waits for readiness (at most `timeout`) and handles what the socket reports.
-    fn wait(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
-        match self.poll.poll(&mut self.events, timeout) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let mut writable = false;
-        for ev in self.events.iter() {
-            match ev.token() {
-                SOCKET => {
-                    writable |= ev.is_writable();
-                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                        self.want_read = true;
-                        self.hup |= ev.is_read_closed() || ev.is_error();
-                    }
-                }
-                Token(t) => {
-                    if let Some(fd) = t.checked_sub(FD_BASE).and_then(|f| RawFd::try_from(f).ok()) {
-                        if !self.readable.contains(&fd) {
-                            self.readable.push_back(fd);
-                        }
-                    }
-                }
-            }
-        }
-        if writable && self.io_error.is_none() {
-            if let Err(e) = outbox::flush(&mut self.stream, &mut self.out) {
-                self.io_error = Some(e);
-                self.out = None;
-            }
-        }
-        self.sync_interest()?;
-        Ok(())
+        Ok(self.local)
     }
 }
 
 /// Non-blocking connect to one address, waiting (at most until `deadline`) for it to finish.
+/// The stream comes back unregistered.
 fn connect_tcp(
     poll: &mut Poll,
     events: &mut Events,
@@ -1003,20 +899,16 @@ fn connect_tcp(
     };
     let mut stream = crate::io::connect::start(addr, None).map_err(failed)?;
     poll.registry()
-        .register(&mut stream, SOCKET, Interest::READABLE | Interest::WRITABLE)?;
-    loop {
+        .register(&mut stream, CONNECT, Interest::READABLE | Interest::WRITABLE)?;
+    let result = loop {
         match crate::io::connect::finished(&stream) {
-            Ok(true) => return Ok(stream),
+            Ok(true) => break Ok(()),
             Ok(false) => {}
-            Err(e) => {
-                let _ = poll.registry().deregister(&mut stream);
-                return Err(failed(e));
-            }
+            Err(e) => break Err(failed(e)),
         }
         let now = clock.now();
         if now >= deadline {
-            let _ = poll.registry().deregister(&mut stream);
-            return Err(ClientError::Timeout {
+            break Err(ClientError::Timeout {
                 addr,
                 after: timeout,
                 handshake: false,
@@ -1025,7 +917,12 @@ fn connect_tcp(
         match poll.poll(events, poll_timeout(now, Some(deadline))) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => break Err(e.into()),
         }
-    }
+    };
+    let _ = poll.registry().deregister(&mut stream);
+    result.map(|()| stream)
 }
+
+/// The socket's token while it connects (the engine registers it again under its slot key).
+const CONNECT: Token = reserved_token(0);

@@ -179,6 +179,16 @@ pub(crate) trait Driver<T: SlotStream, P, R> {
     fn on_shed(&mut self, eng: &mut Engine<T, P, R>, key: usize) {
         let _ = (eng, key);
     }
+    /// Bytes were read from connection `key`, before the core sees them (the client shows the
+    /// handshake answer as it came).
+    fn on_read(&mut self, key: usize, data: &[u8]) {
+        let _ = (key, data);
+    }
+    /// The peer ended the stream or reading failed; the connection's state is still what it
+    /// was (the engine closes it next), so a driver can tell what the end cut short.
+    fn on_hangup(&mut self, eng: &mut Engine<T, P, R>, key: usize) {
+        let _ = (eng, key);
+    }
 }
 
 /// No key: the cork is not in use.
@@ -631,6 +641,8 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // A reset: nothing more can be written either.
+                    d.on_hangup(self, key);
+                    let slot = &mut self.slots[key];
                     slot.conn.set_closed(self.now);
                     self.kill(key, Cause::Io(e));
                     return;
@@ -639,6 +651,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             // A read that did not fill the buffer took everything, where the transport says so:
             // skip the read that would only return WouldBlock (one system call per message).
             let drained = n < cap && !hup && drains;
+            d.on_read(key, &rbuf[..n]);
             self.work += 1 + n / 256;
             self.bytes_in += n as u64;
             let done = self.process(d, key, &mut rbuf[..n]);
@@ -692,6 +705,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     /// The peer ended its side. What is queued for it still goes out (bounded by the close
     /// timeout); then the connection is removed.
     fn on_eof<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize) {
+        d.on_hangup(self, key);
         let slot = &mut self.slots[key];
         slot.flags |= EOF;
         if let Some(e) = slot.conn.read_eof(self.now) {

@@ -8,7 +8,7 @@
 
 pub(crate) mod budget;
 pub(crate) mod connect;
-#[cfg(any(feature = "server", feature = "bench"))]
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod engine;
 pub(crate) mod outbox;
 pub(crate) mod stream;

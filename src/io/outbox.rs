@@ -219,6 +219,7 @@ const MOVE_ABOVE: usize = 64 << 10;
 /// Write-or-queue: a connection's transport and the queue that exists only while bytes wait.
 /// Every function writes straight to the transport when nothing is queued (no allocation in the
 /// common case) and queues what the transport did not take.
+#[cfg(test)]
 pub(crate) fn send_slice<T: Transport + ?Sized>(
     t: &mut T,
     out: &mut Option<Box<Outbox>>,
@@ -234,7 +235,7 @@ pub(crate) fn send_slice<T: Transport + ?Sized>(
     Ok(())
 }
 
-/// Like [`send_slice`], but a large remainder moves into the queue without a copy. `bytes` is
+/// Like `send_slice`, but a large remainder moves into the queue without a copy. `bytes` is
 /// left empty, its allocation kept for reuse unless it moved.
 pub(crate) fn send_vec<T: Transport + ?Sized>(
     t: &mut T,
