@@ -888,22 +888,7 @@ pub struct Codec {
     released: usize,
 }
 
-/// Bytes through a [`Codec`] since it was made.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct CodecStats {
-    /// Payload bytes of the messages sent compressed, before compression.
-    pub compressed_in: u64,
-    /// The same messages' bytes on the wire (compressed).
-    pub compressed_out: u64,
-    /// Compressed bytes received and inflated.
-    pub inflated_in: u64,
-    /// What they inflated to.
-    pub inflated_out: u64,
-    /// Messages at or above the size threshold sent uncompressed because compression did not
-    /// make them smaller.
-    pub not_smaller: u64,
-}
+pub use super::codec_stats::CodecStats;
 
 impl Default for Codec {
     fn default() -> Self {

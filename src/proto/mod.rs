@@ -13,6 +13,7 @@
 //! - `deflate` (feature `deflate`, which needs `std`): permessage-deflate negotiation and the
 //!   per-loop codec.
 
+mod codec_stats;
 pub mod conn;
 #[cfg(feature = "deflate")]
 pub mod deflate;

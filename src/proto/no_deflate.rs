@@ -77,21 +77,7 @@ impl Codec {
     }
 }
 
-/// Bytes through a [`Codec`]: none without the feature.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct CodecStats {
-    /// Payload bytes of the messages sent compressed, before compression.
-    pub compressed_in: u64,
-    /// The same messages' bytes on the wire (compressed).
-    pub compressed_out: u64,
-    /// Compressed bytes received and inflated.
-    pub inflated_in: u64,
-    /// What they inflated to.
-    pub inflated_out: u64,
-    /// Messages sent uncompressed because compression did not make them smaller.
-    pub not_smaller: u64,
-}
+pub use super::codec_stats::CodecStats;
 
 /// A peer's window kept between messages: none can exist without the feature (a connection
 /// holding `Option<InflateWindow>` holds nothing for it).
