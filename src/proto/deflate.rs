@@ -463,7 +463,7 @@ fn is_token(s: &[u8]) -> bool {
 ///
 /// One zlib stream per window size in use, made on first use and kept: making one cost about as
 /// much as compressing a 1 KiB message, and most loops see one or two sizes. Each costs about
-/// 12 KB (9 bits) to 268 KB (15 bits): see [`Deflater`].
+/// 12 KB (9 bits) to 268 KB (15 bits): its hash table is sized to its window.
 pub struct Compressor {
     level: u8,
     /// Index: window bits − 9.
