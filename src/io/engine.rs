@@ -171,6 +171,11 @@ const NONE: usize = usize::MAX;
 /// Unsent output buffers larger than this are not kept for reuse.
 const KEEP_BUFFER: usize = 64 << 10;
 
+/// Messages this large are written from where their payload lies, behind their header, with
+/// one vectored write; smaller ones are copied into the output, where several replies to one
+/// read share a single write.
+const DIRECT_FROM: usize = 16 << 10;
+
 /// A server connection's work per wakeup, in units: a message handled, a connection a
 /// broadcast or publish looked at, 256 bytes read, inflated or compressed (a broadcast to 100
 /// peers costs about 100; this many take about half a millisecond). Then the connection waits
@@ -908,6 +913,21 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         }
     }
 
+    /// Writes the corked connection's output so far (ending with a frame header) and `payload`
+    /// behind it with one vectored write, from where they lie; only what the transport leaves
+    /// is copied, into the queue (counted by the caller's budget bracket, as the cork is).
+    fn write_cork_then(&mut self, key: usize, payload: &[u8]) {
+        self.bytes_out += (self.cork.len() + payload.len()) as u64;
+        let slot = &mut self.slots[key];
+        if let Err(e) = outbox::send_parts(&mut slot.stream, &mut slot.out, &self.cork, payload) {
+            self.kill(key, Cause::Io(e));
+        }
+        self.cork.clear();
+        if self.cork.capacity() > KEEP_BUFFER {
+            self.cork = Vec::new();
+        }
+    }
+
     /// After any work on a connection: apply backpressure, end a finished connection, keep
     /// the registration and the deadline current.
     pub(crate) fn settle(&mut self, key: usize) {
@@ -1163,6 +1183,11 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             return Err(NotOpen);
         }
         if key == self.corked {
+            if msg.as_bytes().len() >= DIRECT_FROM && slot.conn.send_header(&msg, &mut self.cork)? {
+                // What the read produced so far, this header and the payload: one write.
+                self.write_cork_then(key, msg.as_bytes());
+                return Ok(());
+            }
             #[cfg(feature = "deflate")]
             return slot.conn.send_with(msg, &mut self.codec, &mut self.rng, &mut self.cork);
             #[cfg(not(feature = "deflate"))]
@@ -1171,6 +1196,16 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         self.work += 1;
         let before = Some(slot.charge());
         self.scratch.clear();
+        if msg.as_bytes().len() >= DIRECT_FROM && slot.conn.send_header(&msg, &mut self.scratch)? {
+            let payload = msg.as_bytes();
+            self.bytes_out += (self.scratch.len() + payload.len()) as u64;
+            if let Err(e) = outbox::send_parts(&mut slot.stream, &mut slot.out, &self.scratch, payload) {
+                self.kill(key, Cause::Io(e));
+            }
+            self.scratch.clear();
+            self.flush_scratch(key, before);
+            return Ok(());
+        }
         #[cfg(feature = "deflate")]
         slot.conn
             .send_with(msg, &mut self.codec, &mut self.rng, &mut self.scratch)?;
