@@ -913,6 +913,22 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
         }
     }
 
+    /// [`Engine::send_to`] for a large message on the corked connection: what its read produced
+    /// so far, this message's header and its payload go out in one write, the payload from
+    /// where it lies. Kept out of line: the path of small replies stays as short as it was.
+    #[inline(never)]
+    fn send_large_corked(&mut self, key: usize, msg: Message<'_>) -> Result<(), NotOpen> {
+        let slot = &mut self.slots[key];
+        if slot.conn.send_header(&msg, &mut self.cork)? {
+            self.write_cork_then(key, msg.as_bytes());
+            return Ok(());
+        }
+        #[cfg(feature = "deflate")]
+        return slot.conn.send_with(msg, &mut self.codec, &mut self.rng, &mut self.cork);
+        #[cfg(not(feature = "deflate"))]
+        return slot.conn.send(msg, &mut self.rng, &mut self.cork);
+    }
+
     /// Writes the corked connection's output so far (ending with a frame header) and `payload`
     /// behind it with one vectored write, from where they lie; only what the transport leaves
     /// is copied, into the queue (counted by the caller's budget bracket, as the cork is).
@@ -1183,10 +1199,8 @@ impl<T: Transport, P, R: RandomSource> Engine<T, P, R> {
             return Err(NotOpen);
         }
         if key == self.corked {
-            if msg.as_bytes().len() >= DIRECT_FROM && slot.conn.send_header(&msg, &mut self.cork)? {
-                // What the read produced so far, this header and the payload: one write.
-                self.write_cork_then(key, msg.as_bytes());
-                return Ok(());
+            if msg.as_bytes().len() >= DIRECT_FROM {
+                return self.send_large_corked(key, msg);
             }
             #[cfg(feature = "deflate")]
             return slot.conn.send_with(msg, &mut self.codec, &mut self.rng, &mut self.cork);
