@@ -629,6 +629,12 @@ fn handle_sends_and_publishes_from_another_thread() {
     server.handle.send_binary(a_conn, b"bytes for a").unwrap();
     assert_eq!(read_text(&mut a), "just for a");
     assert_eq!(a.read().unwrap(), TMessage::binary(&b"bytes for a"[..]));
+    // Large ones leave from the handle's buffer behind their header, in order with the rest.
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+    server.handle.send_binary(a_conn, &big).unwrap();
+    server.handle.send_text(a_conn, "after the big one").unwrap();
+    assert!(a.read().unwrap() == TMessage::binary(big), "the large message differs");
+    assert_eq!(read_text(&mut a), "after the big one");
     b.send(TMessage::text("count x")).unwrap();
     assert_eq!(read_text(&mut b), "2", "b got nothing of a's direct messages");
 

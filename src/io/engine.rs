@@ -197,6 +197,11 @@ const NONE: usize = usize::MAX;
 /// Unsent output buffers larger than this are not kept for reuse.
 const KEEP_BUFFER: usize = 64 << 10;
 
+/// Messages this large are written from where their payload lies, behind their header, with
+/// one vectored write; smaller ones are copied into the output, where several replies to one
+/// read share a single write.
+const DIRECT_FROM: usize = 16 << 10;
+
 /// A server connection's work per wakeup, in units: a message handled, a connection a
 /// broadcast or publish looked at, 256 bytes read, inflated or compressed (a broadcast to 100
 /// peers costs about 100; this many take about half a millisecond). Then the connection waits
@@ -1222,10 +1227,41 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         if key != self.corked {
             self.work += 1;
         }
+        if msg.as_bytes().len() >= DIRECT_FROM {
+            return self.send_large(key, gen, msg);
+        }
         self.with_conn_of(key, Some(gen), |slot, cx| {
             slot.conn.send_with(msg, cx.codec, cx.rng, cx.out)
         })
         .unwrap_or(Err(NotOpen))
+    }
+
+    /// [`Engine::send_to`] for a large message: what the connection produced so far (on the
+    /// corked one, what its read produced), the message's header and its payload go out in
+    /// one vectored write, the payload from where it lies; only what the transport leaves is
+    /// copied, into the queue. Compressed messages and a client's (masked) take the usual way.
+    /// Kept out of line: the path of small replies stays as short as it was.
+    #[inline(never)]
+    fn send_large(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
+        let sent = self.with_conn_of(key, Some(gen), |slot, cx| {
+            if !slot.conn.send_header(&msg, cx.out)? {
+                return slot.conn.send_with(msg, cx.codec, cx.rng, cx.out).map(|()| 0);
+            }
+            let payload = msg.as_bytes();
+            let written = cx.out.len() + payload.len();
+            let parts = outbox::send_parts(&mut slot.stream.io(key, cx.streams), &mut slot.out, cx.out, payload);
+            if let Err(e) = parts {
+                cx.end = Some(Cause::Io(e));
+            }
+            cx.out.clear();
+            Ok(written)
+        });
+        let written = sent.unwrap_or(Err(NotOpen))?;
+        self.bytes_out += written as u64;
+        if self.cork.capacity() > KEEP_BUFFER {
+            self.cork = Vec::new();
+        }
+        Ok(())
     }
 
     /// Sends a ping on connection `key`.

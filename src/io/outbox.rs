@@ -213,6 +213,53 @@ pub(crate) fn write_some<W: Transport + ?Sized>(w: &mut W, bytes: &[u8]) -> io::
     Ok(done)
 }
 
+/// Writes `head` then `body` with vectored writes until the transport stops taking them;
+/// returns how many bytes of the two went out.
+fn write_two<W: Transport + ?Sized>(w: &mut W, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    let total = head.len() + body.len();
+    let mut done = 0;
+    while done < total {
+        let k = if done < head.len() {
+            w.write_vectored(&[IoSlice::new(&head[done..]), IoSlice::new(body)])
+        } else {
+            w.write(&body[done - head.len()..])
+        };
+        match k {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => done += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Like [`send_slice`] for `head` followed by `body`, written together with one vectored write
+/// from where they lie: a large payload behind its header is not copied unless the transport
+/// leaves some of it, and then only what it left is queued.
+pub(crate) fn send_parts<T: Transport + ?Sized>(
+    t: &mut T,
+    out: &mut Option<Box<Outbox>>,
+    head: &[u8],
+    body: &[u8],
+) -> io::Result<()> {
+    let skip = match out {
+        Some(_) => 0,
+        None => write_two(t, head, body)?,
+    };
+    if skip < head.len() + body.len() {
+        let queue = out.get_or_insert_with(Default::default);
+        if skip < head.len() {
+            queue.push_slice(&head[skip..]);
+            queue.push_slice(body);
+        } else {
+            queue.push_slice(&body[skip - head.len()..]);
+        }
+    }
+    Ok(())
+}
+
 /// Unsent remainders at least this large move into the queue instead of being copied.
 const MOVE_ABOVE: usize = 64 << 10;
 
@@ -401,6 +448,60 @@ mod tests {
         }
         assert_eq!(t.got.len(), 5 + 100_004);
         assert_eq!(&t.got[t.got.len() - 4..], b"tail");
+    }
+
+    #[test]
+    fn header_and_payload_go_out_together_and_only_the_rest_is_queued() {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        // The transport takes part of the header and of the payload, then blocks.
+        let mut t = Trickle {
+            got: Vec::new(),
+            cap: 30_000,
+            block_next: false,
+        };
+        let mut out = None;
+        send_parts(&mut t, &mut out, b"HEAD", &payload).unwrap();
+        assert_eq!(t.got.len(), 30_000, "one vectored write took both parts");
+        let queue = out.as_ref().expect("the rest is queued");
+        assert_eq!(queue.len(), 4 + 100_000 - 30_000);
+        assert!(queue.held() >= queue.len(), "the queued copy is counted");
+        send_parts(&mut t, &mut out, b"next", b"!").unwrap();
+        for _ in 0..100 {
+            if out.is_none() {
+                break;
+            }
+            flush(&mut t, &mut out).unwrap();
+        }
+        assert!(out.is_none());
+        let mut want = b"HEAD".to_vec();
+        want.extend_from_slice(&payload);
+        want.extend_from_slice(b"next!");
+        assert!(t.got == want, "bytes out of order or lost");
+
+        // Cut inside the header: the rest of it, then the whole payload, are queued.
+        let mut t = Trickle {
+            got: Vec::new(),
+            cap: 2,
+            block_next: false,
+        };
+        let mut out = None;
+        send_parts(&mut t, &mut out, b"HEAD", b"payload").unwrap();
+        assert_eq!(out.as_ref().map(|o| o.len()), Some(2 + 7));
+        while out.is_some() {
+            flush(&mut t, &mut out).unwrap();
+        }
+        assert_eq!(t.got, b"HEADpayload");
+
+        // Taken whole: nothing allocated.
+        let mut t = Trickle {
+            got: Vec::new(),
+            cap: 1 << 20,
+            block_next: false,
+        };
+        let mut out = None;
+        send_parts(&mut t, &mut out, b"HEAD", &payload).unwrap();
+        assert!(out.is_none());
+        assert_eq!(t.got.len(), 4 + payload.len());
     }
 
     #[test]

@@ -1128,6 +1128,34 @@ impl Connection {
         self.send_frame(msg.opcode(), true, msg.as_bytes(), rng, out)
     }
 
+    /// Starts sending `msg` whole as one frame whose payload the caller writes itself, right
+    /// after the header appended to `out`: a large message then goes out from where it lies
+    /// instead of being copied behind its header. Returns `Ok(false)`, appending nothing,
+    /// where the payload cannot go on the wire as it is (a client masks it; with
+    /// permessage-deflate agreed it may be compressed): [`send`](Self::send) it then.
+    pub fn send_header(&mut self, msg: &Message<'_>, out: &mut Vec<u8>) -> Result<bool, NotOpen> {
+        if self.state != State::Open {
+            return Err(NotOpen);
+        }
+        if self.deflate.is_agreed() {
+            return Ok(false);
+        }
+        if self.flags & CLIENT != 0 {
+            return Ok(false);
+        }
+        let header = FrameHeader {
+            fin: true,
+            rsv1: false,
+            opcode: msg.opcode(),
+            mask: None,
+            payload_len: msg.as_bytes().len() as u64,
+        };
+        let mut h = [0u8; MAX_HEADER_LEN];
+        let n = header.encode(&mut h);
+        out.extend_from_slice(&h[..n]);
+        Ok(true)
+    }
+
     /// [`send`](Self::send), compressed with the loop's codec where permessage-deflate was
     /// agreed and it pays (see [`Codec::compress`]). [`send`](Self::send) and
     /// [`send_frame`](Self::send_frame) never compress (RSV1 is per message: uncompressed
@@ -1791,6 +1819,54 @@ mod tests {
         let (_, ev) = client.read(&cfg, 5, &mut to_client, &mut rng, &mut to_server).unwrap();
         assert!(matches!(ev, Some(Event::Close { code: Some(1000), .. })));
         assert_eq!(client.state(), State::Closed);
+    }
+
+    #[test]
+    fn a_header_sent_alone_is_the_frame_send_writes_up_to_its_payload() {
+        let cfg = Config::default();
+        let mut rng = Counter(0);
+        let mut to_server = Vec::new();
+        let mut client = Connection::client(&ClientRequest::new("h", "/x"), 0, &mut rng, &mut to_server);
+        let mut server = Connection::server(0);
+        let mut head = Vec::new();
+        assert_eq!(server.send_header(&Message::Binary(b"x"), &mut head), Err(NotOpen));
+        let mut to_client = Vec::new();
+        let (_, ev) = server
+            .read(&cfg, 1, &mut to_server, &mut NoRandom, &mut to_client)
+            .unwrap();
+        let Some(Event::Request(req)) = ev else {
+            panic!("no request")
+        };
+        assert!(server.accept(&req, &Answer::accept(), None, 1, &mut to_client));
+        let text = "t".repeat(70_000);
+        let bin = vec![9u8; 126];
+        for msg in [Message::Binary(&[]), Message::Binary(&bin), Message::Text(&text)] {
+            let mut whole = Vec::new();
+            server.send(msg, &mut NoRandom, &mut whole).unwrap();
+            let mut head = b"before".to_vec();
+            assert_eq!(server.send_header(&msg, &mut head), Ok(true));
+            head.extend_from_slice(msg.as_bytes());
+            assert_eq!(&head[..6], b"before", "appended, not overwritten");
+            assert!(head[6..] == whole[..], "{} bytes: header differs", msg.as_bytes().len());
+        }
+        // A client masks its payload: it cannot go out as it lies.
+        let mut bytes = core::mem::take(&mut to_client);
+        let (_, ev) = client.read(&cfg, 2, &mut bytes, &mut rng, &mut to_server).unwrap();
+        assert!(matches!(ev, Some(Event::Open(_))));
+        let mut head = Vec::new();
+        assert_eq!(client.send_header(&Message::Binary(&bin), &mut head), Ok(false));
+        assert!(head.is_empty());
+        #[cfg(feature = "deflate")]
+        {
+            // Compression agreed: the message may be compressed, so `send_with` encodes it.
+            server.set_deflate(Agreed {
+                send_window_bits: 15,
+                recv_window_bits: 15,
+                recv_context_takeover: false,
+            });
+            assert_eq!(server.send_header(&Message::Binary(&bin), &mut head), Ok(false));
+            assert!(head.is_empty());
+        }
     }
 
     #[test]
