@@ -1258,7 +1258,8 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         });
         let written = sent.unwrap_or(Err(NotOpen))?;
         self.bytes_out += written as u64;
-        if self.cork.capacity() > KEEP_BUFFER {
+        // Emptied by a direct write (a compressed or masked message may be in it instead).
+        if self.cork.is_empty() && self.cork.capacity() > KEEP_BUFFER {
             self.cork = Vec::new();
         }
         Ok(())
