@@ -45,6 +45,8 @@ struct Reading {
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 impl Reading {
+    // `time_t` and `c_long` are 32 bits on some 32-bit targets: the conversions are not useless there.
+    #[allow(clippy::useless_conversion)]
     fn now() -> Reading {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux
