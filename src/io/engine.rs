@@ -505,7 +505,19 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     /// memory, try again later), dropping their partial messages and queues, closes those
     /// paused for memory for 5 s while it stays short, and reads from paused ones again once
     /// memory has come back. Runs once per turn, outside handlers.
+    #[inline]
     pub(crate) fn apply_budget<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        // Usually nothing to shed or resume: no call for it at every wakeup.
+        if self.shed.is_empty() && self.mem_paused.is_empty() {
+            self.maybe_trim();
+        } else {
+            self.apply_budget_now(d);
+        }
+    }
+
+    /// [`apply_budget`](Self::apply_budget) with connections to shed or paused for memory.
+    #[inline(never)]
+    fn apply_budget_now<D: Driver<T, P, R>>(&mut self, d: &mut D) {
         while let Some((key, gen)) = self.shed.pop() {
             if !self.is_live(key, gen) {
                 continue;
@@ -566,11 +578,18 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
 
     /// Gives freed memory back to the operating system after a burst (at most once a second,
     /// and only when at least 1 MiB was freed): the allocator would otherwise keep it.
+    #[inline]
     fn maybe_trim(&mut self) {
         self.freed += T::take_freed(&mut self.streams);
-        if self.freed < 1 << 20 || self.trim_armed {
-            return;
+        if self.freed >= 1 << 20 && !self.trim_armed {
+            self.trim();
         }
+    }
+
+    /// [`maybe_trim`](Self::maybe_trim) once enough was freed: trims now, or arms the timer
+    /// for when a second has passed since the last trim.
+    #[inline(never)]
+    fn trim(&mut self) {
         let next = self.last_trim + 1000;
         if self.now < next {
             self.trim_armed = true;
