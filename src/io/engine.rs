@@ -1091,10 +1091,17 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     }
 
     /// Removes the connections marked during this turn, telling the driver first.
+    #[inline]
     pub(crate) fn reap<D: Driver<T, P, R>>(&mut self, d: &mut D) {
-        if self.dead.is_empty() {
-            return;
+        // Usually none died this turn: no call for it at every wakeup.
+        if !self.dead.is_empty() {
+            self.reap_now(d);
         }
+    }
+
+    /// [`reap`](Self::reap) with connections to remove.
+    #[inline(never)]
+    fn reap_now<D: Driver<T, P, R>>(&mut self, d: &mut D) {
         while let Some((key, cause)) = self.dead.pop() {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);
