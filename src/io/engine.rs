@@ -1039,7 +1039,17 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     }
 
     /// Runs every deadline that has passed.
+    #[inline]
     pub(crate) fn fire_timers<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        // Usually none is due: no call for it at every wakeup.
+        if self.timers.next().is_some_and(|when| when <= self.now) {
+            self.fire_timers_now(d);
+        }
+    }
+
+    /// [`fire_timers`](Self::fire_timers) with at least one deadline passed.
+    #[inline(never)]
+    fn fire_timers_now<D: Driver<T, P, R>>(&mut self, d: &mut D) {
         let heap = self.timers.heap_bytes();
         self.fire_due(d);
         // After a burst of deadlines (thousands of handshakes) the queue gives memory back.
