@@ -505,7 +505,19 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     /// memory, try again later), dropping their partial messages and queues, closes those
     /// paused for memory for 5 s while it stays short, and reads from paused ones again once
     /// memory has come back. Runs once per turn, outside handlers.
+    #[inline]
     pub(crate) fn apply_budget<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        // Usually nothing to shed or resume: no call for it at every wakeup.
+        if self.shed.is_empty() && self.mem_paused.is_empty() {
+            self.maybe_trim();
+        } else {
+            self.apply_budget_now(d);
+        }
+    }
+
+    /// [`apply_budget`](Self::apply_budget) with connections to shed or paused for memory.
+    #[inline(never)]
+    fn apply_budget_now<D: Driver<T, P, R>>(&mut self, d: &mut D) {
         while let Some((key, gen)) = self.shed.pop() {
             if !self.is_live(key, gen) {
                 continue;
@@ -566,11 +578,18 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
 
     /// Gives freed memory back to the operating system after a burst (at most once a second,
     /// and only when at least 1 MiB was freed): the allocator would otherwise keep it.
+    #[inline]
     fn maybe_trim(&mut self) {
         self.freed += T::take_freed(&mut self.streams);
-        if self.freed < 1 << 20 || self.trim_armed {
-            return;
+        if self.freed >= 1 << 20 && !self.trim_armed {
+            self.trim();
         }
+    }
+
+    /// [`maybe_trim`](Self::maybe_trim) once enough was freed: trims now, or arms the timer
+    /// for when a second has passed since the last trim.
+    #[inline(never)]
+    fn trim(&mut self) {
         let next = self.last_trim + 1000;
         if self.now < next {
             self.trim_armed = true;
@@ -1020,7 +1039,17 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     }
 
     /// Runs every deadline that has passed.
+    #[inline]
     pub(crate) fn fire_timers<D: Driver<T, P, R>>(&mut self, d: &mut D) {
+        // Usually none is due: no call for it at every wakeup.
+        if self.timers.next().is_some_and(|when| when <= self.now) {
+            self.fire_timers_now(d);
+        }
+    }
+
+    /// [`fire_timers`](Self::fire_timers) with at least one deadline passed.
+    #[inline(never)]
+    fn fire_timers_now<D: Driver<T, P, R>>(&mut self, d: &mut D) {
         let heap = self.timers.heap_bytes();
         self.fire_due(d);
         // After a burst of deadlines (thousands of handshakes) the queue gives memory back.
@@ -1072,10 +1101,17 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     }
 
     /// Removes the connections marked during this turn, telling the driver first.
+    #[inline]
     pub(crate) fn reap<D: Driver<T, P, R>>(&mut self, d: &mut D) {
-        if self.dead.is_empty() {
-            return;
+        // Usually none died this turn: no call for it at every wakeup.
+        if !self.dead.is_empty() {
+            self.reap_now(d);
         }
+    }
+
+    /// [`reap`](Self::reap) with connections to remove.
+    #[inline(never)]
+    fn reap_now<D: Driver<T, P, R>>(&mut self, d: &mut D) {
         while let Some((key, cause)) = self.dead.pop() {
             d.on_removed(self, key, cause);
             let mut slot = self.slots.remove(key);

@@ -7,29 +7,78 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub(crate) use crate::proto::conn::deadline_after;
 
 /// A monotonic millisecond clock relative to the loop's start.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Clock {
-    start: Instant,
+    start: Reading,
 }
 
 impl Clock {
     pub(crate) fn new() -> Self {
-        Clock { start: Instant::now() }
+        Clock { start: Reading::now() }
     }
 
     /// Milliseconds since the clock started, rounded down.
     pub(crate) fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.now_ns() / 1_000_000
     }
 
     /// Nanoseconds since the clock started (for latency measurements, not deadlines).
     pub(crate) fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        Reading::now().ns_since(self.start)
+    }
+}
+
+/// One reading of the clock `Instant` reads (`CLOCK_MONOTONIC` on Linux), taken directly: a
+/// loop reads it twice per wakeup, and `Instant::elapsed` with its `Duration` arithmetic costs
+/// several times the reading itself.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    sec: i64,
+    nsec: i64,
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+impl Reading {
+    // `time_t` and `c_long` are 32 bits on some 32-bit targets: the conversions are not useless there.
+    #[allow(clippy::useless_conversion)]
+    fn now() -> Reading {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux
+        // (std's `Instant::now` reads it the same way and treats a failure as impossible).
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Reading {
+            sec: i64::from(ts.tv_sec),
+            nsec: i64::from(ts.tv_nsec),
+        }
+    }
+
+    /// Nanoseconds from `start` to this reading (0 if it were earlier, as `Instant` saturates).
+    fn ns_since(self, start: Reading) -> u64 {
+        let ns = (self.sec - start.sec) * 1_000_000_000 + (self.nsec - start.nsec);
+        u64::try_from(ns).unwrap_or(0)
+    }
+}
+
+/// A reading of `Instant` where the monotonic clock is not read directly.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[derive(Clone, Copy, Debug)]
+struct Reading(std::time::Instant);
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+impl Reading {
+    fn now() -> Reading {
+        Reading(std::time::Instant::now())
+    }
+
+    /// Nanoseconds from `start` to this reading.
+    fn ns_since(self, start: Reading) -> u64 {
+        self.0.saturating_duration_since(start.0).as_nanos() as u64
     }
 }
 
@@ -88,6 +137,20 @@ pub(crate) fn poll_timeout(now: u64, deadline: Option<u64>) -> Option<Duration> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn the_clock_reads_the_time_instant_reads() {
+        let before = Instant::now();
+        let clock = Clock::new();
+        std::thread::sleep(Duration::from_millis(5));
+        let (ms, ns) = (clock.now(), clock.now_ns());
+        let outer = before.elapsed();
+        // Started after `before` and read before `outer`: within it, and at least the sleep.
+        assert!(ns >= 5_000_000, "{ns} ns");
+        assert!(u128::from(ns) <= outer.as_nanos(), "{ns} ns against {outer:?}");
+        assert!((5..=ns / 1_000_000).contains(&ms), "{ms} ms, {ns} ns");
+    }
 
     #[test]
     fn pops_in_deadline_order_only_when_due() {

@@ -550,11 +550,11 @@ impl<'a, S> Ctx<'a, S> {
     /// full; whether that connection is open is known only there).
     #[inline]
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> Result<(), NotOpen> {
-        // The test first, so that the inlined path below is the same as without it.
-        let sent = if self.loop_state.log_messages {
-            self.send_logged(id, msg)
+        // One test for the usual case: `fast_loop` matches no id when message lines are wanted.
+        let sent = if id.loop_index() == self.loop_state.fast_loop && id.instance() == self.loop_state.instance {
+            self.send_here(id, msg)
         } else {
-            self.send_unlogged(id, msg)
+            self.send_slow(id, msg)
         };
         if sent {
             Ok(())
@@ -563,23 +563,26 @@ impl<'a, S> Ctx<'a, S> {
         }
     }
 
+    /// Queues `msg` for `id`, a connection of this loop, if it is still open.
     #[inline(always)]
-    fn send_unlogged(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        if id.instance() != self.loop_state.instance {
-            return self.send_elsewhere(id, msg);
-        }
-        let here = id.loop_index() == usize::from(self.loop_state.lp);
-        let ok = here && self.eng.send_to(id.key(), id.gen(), msg).is_ok();
+    fn send_here(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+        let ok = self.eng.send_to(id.key(), id.gen(), msg).is_ok();
         self.loop_state.stats.messages_out += u64::from(ok);
         ok
     }
 
-    /// [`send`](Self::send) with the message's `debug` line (out of the inlined path).
-    #[cold]
+    /// [`send`](Self::send) for all but the usual case (out of the inlined path): another
+    /// instance, another loop, or a message to log.
     #[inline(never)]
-    fn send_logged(&mut self, id: ConnId, msg: Message<'_>) -> bool {
-        let ok = self.send_unlogged(id, msg);
-        if ok && id.instance() == self.loop_state.instance {
+    fn send_slow(&mut self, id: ConnId, msg: Message<'_>) -> bool {
+        if id.instance() != self.loop_state.instance {
+            return self.send_elsewhere(id, msg);
+        }
+        if id.loop_index() != usize::from(self.loop_state.lp) {
+            return false;
+        }
+        let ok = self.send_here(id, msg);
+        if ok && self.loop_state.log_messages {
             let addr = self.addr_of(id.key());
             super::msglog::message(addr, super::msglog::Dir::Out, msg.opcode(), msg.as_bytes());
         }

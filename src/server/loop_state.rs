@@ -38,11 +38,16 @@ pub(crate) struct LoopState {
     /// Message lines (`debug`) wanted: asked once at the start, so that a message costs one
     /// test when they are not.
     pub(crate) log_messages: bool,
+    /// The loop index [`Ctx::send`](super::Ctx::send) takes its inlined path for: [`lp`](Self::lp),
+    /// or one no id holds (a loop index is 8 bits) when message lines are wanted, so that one
+    /// compare sends those messages to the path that logs them.
+    pub(crate) fast_loop: usize,
 }
 
 impl LoopState {
     /// The state of loop `lp`, before it has accepted anything.
     pub(super) fn new(cfg: &ServerConfig, lp: u8, handle: Handle) -> LoopState {
+        let log_messages = super::msglog::wanted();
         LoopState {
             stats: Stats::default(),
             counters: super::metrics::Counters::default(),
@@ -58,7 +63,8 @@ impl LoopState {
             instance: handle.group.link.instance(),
             handle,
             behind_logged: false,
-            log_messages: super::msglog::wanted(),
+            log_messages,
+            fast_loop: if log_messages { usize::MAX } else { usize::from(lp) },
         }
     }
 
