@@ -198,16 +198,26 @@ impl Outbox {
     }
 }
 
+/// One write's outcome for the loops below: `Some(k)` bytes taken (0 after an interrupted
+/// call, which is tried again), `None` once the transport takes no more for now.
+#[inline(always)]
+fn taken(r: io::Result<usize>) -> io::Result<Option<usize>> {
+    match r {
+        Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+        Ok(k) => Ok(Some(k)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Some(0)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes `bytes` until the transport stops taking them; returns how many went out.
 pub(crate) fn write_some<W: Transport + ?Sized>(w: &mut W, bytes: &[u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < bytes.len() {
-        match w.write(&bytes[done..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(k) => done += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+        match taken(w.write(&bytes[done..]))? {
+            Some(k) => done += k,
+            None => break,
         }
     }
     Ok(done)
@@ -219,17 +229,14 @@ fn write_two<W: Transport + ?Sized>(w: &mut W, head: &[u8], body: &[u8]) -> io::
     let total = head.len() + body.len();
     let mut done = 0;
     while done < total {
-        let k = if done < head.len() {
+        let r = if done < head.len() {
             w.write_vectored(&[IoSlice::new(&head[done..]), IoSlice::new(body)])
         } else {
             w.write(&body[done - head.len()..])
         };
-        match k {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(k) => done += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+        match taken(r)? {
+            Some(k) => done += k,
+            None => break,
         }
     }
     Ok(done)
