@@ -1259,7 +1259,24 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
 
     /// Sends a message on connection `key` if it is still generation `gen` (one lookup: this
     /// is every reply's path).
+    #[inline]
     pub(crate) fn send_to(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
+        // The usual reply, a small message to the connection whose read is being processed,
+        // joins the cork right here (the read's bracket accounts for it); the rest takes the
+        // call.
+        if key == self.corked {
+            if let Some(slot) = self.slots.get(key) {
+                if slot.gen == gen && slot.flags & DEAD == 0 && slot.conn.send_small(&msg, &mut self.cork) {
+                    return Ok(());
+                }
+            }
+        }
+        self.send_other(key, gen, msg)
+    }
+
+    /// [`send_to`](Self::send_to) for all but a small reply to the corked connection.
+    #[inline(never)]
+    fn send_other(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
         if key != self.corked {
             self.work += 1;
         }

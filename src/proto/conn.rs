@@ -1121,6 +1121,20 @@ impl Connection {
         self.send_frame(msg.opcode(), true, msg.as_bytes(), rng, out)
     }
 
+    /// [`send`](Self::send) for the usual reply, written where it is called: a message under
+    /// 126 bytes on an open server connection that did not agree on compression. Returns
+    /// false, writing nothing, in every other case: send it the general way then.
+    #[cfg(any(feature = "server", feature = "client"))]
+    #[inline(always)]
+    pub(crate) fn send_small(&self, msg: &Message<'_>, out: &mut Vec<u8>) -> bool {
+        let payload = msg.as_bytes();
+        if self.state != State::Open || self.flags & CLIENT != 0 || self.deflate.is_agreed() || payload.len() >= 126 {
+            return false;
+        }
+        super::frame::write_small_frame(out, true, msg.opcode(), payload);
+        true
+    }
+
     /// Starts sending `msg` whole as one frame whose payload the caller writes itself, right
     /// after the header appended to `out`: a large message then goes out from where it lies
     /// instead of being copied behind its header. Returns `Ok(false)`, appending nothing,
