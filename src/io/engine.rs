@@ -158,9 +158,17 @@ impl TimerKey {
 
 /// What the engine tells a driver.
 pub(crate) trait Driver<T: SlotStream, P, R> {
-    /// Connection `key` produced an event. A server answers [`Event::Request`] with
+    /// Connection `key` produced an event other than a message (those go to
+    /// [`on_message`](Self::on_message)). A server answers [`Event::Request`] with
     /// [`Engine::accept`] before returning.
     fn on_event(&mut self, eng: &mut Engine<T, P, R>, key: usize, ev: Event<'_>);
+    /// Connection `key` received a message. The engine calls this from one place for every
+    /// message, so that a driver's message path can be inlined there; the default hands it to
+    /// [`on_event`](Self::on_event) as [`Event::Message`].
+    #[inline]
+    fn on_message(&mut self, eng: &mut Engine<T, P, R>, key: usize, payload: proto::Payload<'_>) {
+        self.on_event(eng, key, Event::Message(payload));
+    }
     /// The protocol core failed the connection (what the peer is told is already queued).
     fn on_error(&mut self, eng: &mut Engine<T, P, R>, key: usize, err: &proto::Error);
     /// A deadline did something (a ping, an idle close; or the end, followed by `on_removed`).
@@ -761,38 +769,59 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             if slot.flags & DEAD != 0 {
                 break;
             }
-            let read = slot.conn.read_with(
-                &self.cfg,
-                self.now,
-                &mut data[pos..],
-                &mut self.codec,
-                &mut self.rng,
-                &mut self.cork,
-            );
-            match read {
-                Ok((used, ev)) => {
-                    pos += used;
-                    match ev {
-                        Some(ev) => {
-                            d.on_event(self, key, ev);
-                            self.work += 1;
-                            if pos < data.len() && self.spent() >= self.quantum {
-                                break;
-                            }
-                        }
-                        None if used == 0 => {
-                            // Waiting for the driver's answer: the rest is not this wakeup's.
-                            pos = data.len();
-                            break;
-                        }
-                        None => {}
-                    }
-                }
-                Err(e) => {
+            // The usual message is taken without the general parser, and every message reaches
+            // the driver from this one place: its path is inlined once, and the usual message
+            // is not copied through the parser's result on its way.
+            let small = slot
+                .conn
+                .read_small(&self.cfg, self.now, &mut data[pos..], &mut self.rng, &mut self.cork);
+            let (used, payload) = match small {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
                     d.on_error(self, key, &e);
                     pos = data.len();
                     break;
                 }
+                None => match slot.conn.read_with(
+                    &self.cfg,
+                    self.now,
+                    &mut data[pos..],
+                    &mut self.codec,
+                    &mut self.rng,
+                    &mut self.cork,
+                ) {
+                    Ok((used, Some(Event::Message(payload)))) => (used, payload),
+                    Ok((used, ev)) => {
+                        pos += used;
+                        match ev {
+                            Some(ev) => {
+                                d.on_event(self, key, ev);
+                                self.work += 1;
+                                if pos < data.len() && self.spent() >= self.quantum {
+                                    break;
+                                }
+                            }
+                            None if used == 0 => {
+                                // Waiting for the driver's answer: the rest is not this wakeup's.
+                                pos = data.len();
+                                break;
+                            }
+                            None => {}
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        d.on_error(self, key, &e);
+                        pos = data.len();
+                        break;
+                    }
+                },
+            };
+            pos += used;
+            d.on_message(self, key, payload);
+            self.work += 1;
+            if pos < data.len() && self.spent() >= self.quantum {
+                break;
             }
         }
         // Large inflated messages (a bomb's refused output too) are trimmed after, as freed buffers are.

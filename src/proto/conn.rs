@@ -923,6 +923,43 @@ impl Connection {
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), Error> {
+        self.take_small(now, data, head, len, rng, out)
+            .map(|(used, p)| (used, Some(Event::Message(p))))
+    }
+
+    /// [`read`](Self::read) for the usual message only, for a caller that checks for it before
+    /// calling `read`, so that the message reaches it without the general parser's result:
+    /// a whole, final text or binary frame under 126 bytes on an open connection with no
+    /// parser state (see [`small_message`](Self::small_message)). `None` for anything else,
+    /// having used nothing.
+    #[cfg(any(feature = "server", feature = "client"))]
+    #[inline(always)]
+    pub(crate) fn read_small<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(usize, Payload<'d>), Error>> {
+        if self.partial.is_some() || self.state != State::Open {
+            return None;
+        }
+        let (head, len) = self.small_message(cfg, data)?;
+        Some(self.take_small(now, data, head, len, rng, out))
+    }
+
+    /// [`take_small_message`](Self::take_small_message) with the payload as it is.
+    #[inline(always)]
+    fn take_small<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        now: u64,
+        data: &'d mut [u8],
+        head: usize,
+        len: usize,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Payload<'d>), Error> {
         let text = data[0] == 0x81;
         let (h, rest) = data.split_at_mut(head);
         let payload = &mut rest[..len];
@@ -943,7 +980,7 @@ impl Connection {
         } else {
             Payload::Binary(payload)
         };
-        Ok((head + len, Some(Event::Message(p))))
+        Ok((head + len, p))
     }
 
     /// Feeds all of `data`, handing each event to `on_event` with `out`. A server accepts every
