@@ -52,6 +52,8 @@ const MEM_PAUSED: u16 = 128;
 /// Its wakeup's work is used up with input left: it is in the ready list, and its socket is not
 /// read until its turn there comes.
 const READ_MORE: u16 = 256;
+/// Not read from now.
+const NOT_READING: u16 = DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE;
 
 /// One connection. Kept small: for the server this is what an idle connection costs.
 pub(crate) struct Slot<T, P> {
@@ -623,7 +625,8 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     /// Reads and processes until the socket is drained. `hup` says the peer's FIN (or an error)
     /// came with this event, so reading must go on until it shows.
     /// `before` is what the connection held when it was last charged: each read is charged
-    /// as it goes, so that the budget stops a connection that is reading a lot.
+    /// as it goes, so that the budget stops a connection that is reading a lot. Called with the
+    /// wakeup's work not used up (the first read needs no look at it).
     fn on_readable<D: Driver<T, P, R>>(
         &mut self,
         d: &mut D,
@@ -637,15 +640,11 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 .budget
                 .read_cap(rbuf.len(), self.slots[key].stream.min_read(key, &self.streams));
             let slot = &mut self.slots[key];
-            if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE) != 0 {
+            if slot.flags & NOT_READING != 0 {
                 return;
             }
-            if self.spent() >= self.quantum {
-                // Everyone else's turn first; this socket is read again from the ready list.
-                self.defer(key, hup, Vec::new(), 0);
-                return;
-            }
-            let slot = &mut self.slots[key];
+            // The wakeup's work is looked at before each read but the first, at the end of this
+            // loop.
             let held = slot.stream.held(key, &self.streams);
             if over && (slot.conn.is_open() && slot.conn.buffered_bytes() > 0 || held > 0) {
                 // Past the budget a read could still grow this connection's partial message
@@ -708,6 +707,14 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             }
             if self.budget.over() && !(hup && slot.conn.buffered_bytes() == 0) {
                 self.mem_pause_or_drop(key, hup);
+                return;
+            }
+            if slot.flags & NOT_READING != 0 {
+                return;
+            }
+            if self.spent() >= self.quantum {
+                // Everyone else's turn first; this socket is read again from the ready list.
+                self.defer(key, hup, Vec::new(), 0);
                 return;
             }
         }
@@ -907,7 +914,13 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 slot.conn.set_closed(self.now);
                 self.kill(key, Cause::Eof);
             } else if slot.flags & DEAD == 0 {
-                self.on_readable(d, key, r.hup, rbuf, &mut before);
+                if slot.flags & NOT_READING == 0 && self.spent() >= self.quantum {
+                    // The rest of its read used up this turn's work: its socket waits for the next
+                    // (`on_readable` looks at the work only before its later reads).
+                    self.defer(key, r.hup, Vec::new(), 0);
+                } else {
+                    self.on_readable(d, key, r.hup, rbuf, &mut before);
+                }
                 if let Some(slot) = self.slots.get_mut(key) {
                     if slot.stream.io(key, &mut self.streams).take_write_ready()
                         && slot.out.is_some()
