@@ -408,6 +408,39 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         rbuf: &mut [u8],
     ) {
         let Some(slot) = self.slots.get_mut(key) else { return };
+        // The usual event, with the slot at hand: bytes to read from a connection that is being
+        // read, nothing to write.
+        if slot.flags & (DEAD | CONNECTING | READ_MORE | MEM_PAUSED) != 0 || ev.is_writable() {
+            return self.on_ready_other(d, key, ev, rbuf);
+        }
+        let mut before = slot.charge();
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            let hup = ev.is_read_closed() || ev.is_error();
+            self.begin_work();
+            self.on_readable(d, key, hup, rbuf, &mut before);
+            if let Some(slot) = self.slots.get_mut(key) {
+                if slot.stream.io(key, &mut self.streams).take_write_ready()
+                    && slot.out.is_some()
+                    && slot.flags & DEAD == 0
+                {
+                    // As below.
+                    self.on_writable(key);
+                } else if Self::unchanged(slot, key, before, self.timed_open, &self.streams) {
+                    return;
+                }
+            }
+        }
+        if Self::unchanged(&self.slots[key], key, before, self.timed_open, &self.streams) {
+            return;
+        }
+        self.changed(key, before);
+    }
+
+    /// [`on_ready`](Self::on_ready) for every other event: a connect in progress, something to
+    /// write, a connection not being read.
+    #[inline(never)]
+    fn on_ready_other<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, ev: &mio::event::Event, rbuf: &mut [u8]) {
+        let slot = &mut self.slots[key];
         if slot.flags & DEAD != 0 {
             return;
         }
@@ -460,17 +493,22 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
         }
-        let slot = &self.slots[key];
-        if slot.flags == 0
-            && slot.out.is_none()
-            && !self.timed_open
-            && slot.conn.is_open()
-            && slot.charge() == before
-            && slot.stream.held(key, &self.streams) == 0
-        {
-            return; // the common case after a read: nothing to charge, nothing to change
+        if Self::unchanged(&self.slots[key], key, before, self.timed_open, &self.streams) {
+            return;
         }
         self.changed(key, before);
+    }
+
+    /// The common case after a read: connection `key` (`slot`), which held `before`, has
+    /// nothing to charge and nothing to change (`timed_open` and `streams` are the engine's).
+    #[inline]
+    fn unchanged(slot: &Slot<T, P>, key: usize, before: usize, timed_open: bool, streams: &T::Loop) -> bool {
+        slot.flags == 0
+            && slot.out.is_none()
+            && !timed_open
+            && slot.conn.is_open()
+            && slot.charge() == before
+            && slot.stream.held(key, streams) == 0
     }
 
     /// Brings the budget up to date with what connection `key` holds now (it held `before`),
