@@ -289,6 +289,21 @@ pub(crate) struct Engine<T: SlotStream, P, R> {
     pub(crate) codec: proto::deflate::Codec,
 }
 
+/// [`Connection::read_with`] for all but the usual message, kept out of line: inlined, the
+/// general parser's registers and stack would weigh on the usual message's path around it.
+#[inline(never)]
+fn read_general<'d, R: RandomSource>(
+    conn: &mut Connection,
+    cfg: &proto::Config,
+    now: u64,
+    data: &'d mut [u8],
+    codec: &mut proto::deflate::Codec,
+    rng: &mut R,
+    out: &mut Vec<u8>,
+) -> Result<(usize, Option<Event<'d>>), proto::Error> {
+    conn.read_with(cfg, now, data, codec, rng, out)
+}
+
 /// A 32-bit clock reading within ±24 days of `now`, back on the 64-bit clock.
 fn expand(now: u64, t: u32) -> u64 {
     (now as i64 + i64::from(t.wrapping_sub(now as u32) as i32)).max(0) as u64
@@ -827,7 +842,8 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                     pos = data.len();
                     break;
                 }
-                None => match slot.conn.read_with(
+                None => match read_general(
+                    &mut slot.conn,
                     &self.cfg,
                     self.now,
                     &mut data[pos..],
