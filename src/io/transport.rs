@@ -334,10 +334,19 @@ pub(crate) fn tcp_write_vectored(s: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Res
 #[inline]
 fn result(n: isize) -> io::Result<usize> {
     if n < 0 {
-        Err(io::Error::from_raw_os_error(n.wrapping_neg() as i32))
+        Err(os_error(n))
     } else {
         Ok(n as usize)
     }
+}
+
+/// The error a system call's negative result names (out of line: building it is not on the
+/// path of a call that succeeds).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cold]
+#[inline(never)]
+fn os_error(n: isize) -> io::Error {
+    io::Error::from_raw_os_error(n.wrapping_neg() as i32)
 }
 
 /// Reads from a non-blocking TCP socket.
