@@ -923,8 +923,7 @@ impl Connection {
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), Error> {
-        self.take_small(now, data, head, len, rng, out)
-            .map(|(used, p)| (used, Some(Event::Message(p))))
+        self.take_small(now, data, head, len, rng, out, |p| Some(Event::Message(p)))
     }
 
     /// [`read`](Self::read) for the usual message only, for a caller that checks for it before
@@ -946,12 +945,14 @@ impl Connection {
             return None;
         }
         let (head, len) = self.small_message(cfg, data)?;
-        Some(self.take_small(now, data, head, len, rng, out))
+        Some(self.take_small(now, data, head, len, rng, out, |p| p))
     }
 
-    /// [`take_small_message`](Self::take_small_message) with the payload as it is.
+    /// [`take_small_message`](Self::take_small_message) with the payload handed out as `wrap`
+    /// makes it.
     #[inline(always)]
-    fn take_small<'d, R: RandomSource + ?Sized>(
+    #[allow(clippy::too_many_arguments)]
+    fn take_small<'d, R: RandomSource + ?Sized, T>(
         &mut self,
         now: u64,
         data: &'d mut [u8],
@@ -959,7 +960,8 @@ impl Connection {
         len: usize,
         rng: &mut R,
         out: &mut Vec<u8>,
-    ) -> Result<(usize, Payload<'d>), Error> {
+        wrap: impl FnOnce(Payload<'d>) -> T,
+    ) -> Result<(usize, T), Error> {
         let text = data[0] == 0x81;
         let (h, rest) = data.split_at_mut(head);
         let payload = &mut rest[..len];
@@ -980,7 +982,7 @@ impl Connection {
         } else {
             Payload::Binary(payload)
         };
-        Ok((head + len, p))
+        Ok((head + len, wrap(p)))
     }
 
     /// Feeds all of `data`, handing each event to `on_event` with `out`. A server accepts every
