@@ -52,7 +52,7 @@ const MEM_PAUSED: u16 = 128;
 /// Its wakeup's work is used up with input left: it is in the ready list, and its socket is not
 /// read until its turn there comes.
 const READ_MORE: u16 = 256;
-/// Not read from now.
+/// Any of these: the connection is not read from now.
 const NOT_READING: u16 = DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE;
 
 /// One connection. Kept small: for the server this is what an idle connection costs.
@@ -438,7 +438,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                     && slot.out.is_some()
                     && slot.flags & DEAD == 0
                 {
-                    // As below.
+                    // A TLS handshake that completed while reading lets queued data out.
                     self.on_writable(key);
                 } else if Self::unchanged(slot, key, before, self.timed_open, &self.streams) {
                     return;
