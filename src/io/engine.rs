@@ -429,8 +429,8 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             return self.on_ready_other(d, key, ev, rbuf);
         }
         let mut before = slot.charge();
-        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            let hup = ev.is_read_closed() || ev.is_error();
+        let hup = ev.is_read_closed() || ev.is_error();
+        if ev.is_readable() || hup {
             self.begin_work();
             self.on_readable(d, key, hup, rbuf, &mut before);
             if let Some(slot) = self.slots.get_mut(key) {
