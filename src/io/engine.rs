@@ -52,6 +52,8 @@ const MEM_PAUSED: u16 = 128;
 /// Its wakeup's work is used up with input left: it is in the ready list, and its socket is not
 /// read until its turn there comes.
 const READ_MORE: u16 = 256;
+/// Any of these: the connection is not read from now.
+const NOT_READING: u16 = DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE;
 
 /// One connection. Kept small: for the server this is what an idle connection costs.
 pub(crate) struct Slot<T, P> {
@@ -158,9 +160,17 @@ impl TimerKey {
 
 /// What the engine tells a driver.
 pub(crate) trait Driver<T: SlotStream, P, R> {
-    /// Connection `key` produced an event. A server answers [`Event::Request`] with
+    /// Connection `key` produced an event other than a message (those go to
+    /// [`on_message`](Self::on_message)). A server answers [`Event::Request`] with
     /// [`Engine::accept`] before returning.
     fn on_event(&mut self, eng: &mut Engine<T, P, R>, key: usize, ev: Event<'_>);
+    /// Connection `key` received a message. The engine calls this from one place for every
+    /// message, so that a driver's message path can be inlined there; the default hands it to
+    /// [`on_event`](Self::on_event) as [`Event::Message`].
+    #[inline]
+    fn on_message(&mut self, eng: &mut Engine<T, P, R>, key: usize, payload: proto::Payload<'_>) {
+        self.on_event(eng, key, Event::Message(payload));
+    }
     /// The protocol core failed the connection (what the peer is told is already queued).
     fn on_error(&mut self, eng: &mut Engine<T, P, R>, key: usize, err: &proto::Error);
     /// A deadline did something (a ping, an idle close; or the end, followed by `on_removed`).
@@ -279,6 +289,21 @@ pub(crate) struct Engine<T: SlotStream, P, R> {
     /// is compressed or inflated, and no connection holds compression state between messages
     /// (zero-sized without the `deflate` feature).
     pub(crate) codec: proto::deflate::Codec,
+}
+
+/// [`Connection::read_with`] for all but the usual message, kept out of line: inlined, the
+/// general parser's registers and stack would weigh on the usual message's path around it.
+#[inline(never)]
+fn read_general<'d, R: RandomSource>(
+    conn: &mut Connection,
+    cfg: &proto::Config,
+    now: u64,
+    data: &'d mut [u8],
+    codec: &mut proto::deflate::Codec,
+    rng: &mut R,
+    out: &mut Vec<u8>,
+) -> Result<(usize, Option<Event<'d>>), proto::Error> {
+    conn.read_with(cfg, now, data, codec, rng, out)
 }
 
 /// A 32-bit clock reading within ±24 days of `now`, back on the 64-bit clock.
@@ -400,6 +425,39 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
         rbuf: &mut [u8],
     ) {
         let Some(slot) = self.slots.get_mut(key) else { return };
+        // The usual event, with the slot at hand: bytes to read from a connection that is being
+        // read, nothing to write.
+        if slot.flags & (DEAD | CONNECTING | READ_MORE | MEM_PAUSED) != 0 || ev.is_writable() {
+            return self.on_ready_other(d, key, ev, rbuf);
+        }
+        let mut before = slot.charge();
+        let hup = ev.is_read_closed() || ev.is_error();
+        if ev.is_readable() || hup {
+            self.begin_work();
+            self.on_readable(d, key, hup, rbuf, &mut before);
+            if let Some(slot) = self.slots.get_mut(key) {
+                if slot.stream.io(key, &mut self.streams).take_write_ready()
+                    && slot.out.is_some()
+                    && slot.flags & DEAD == 0
+                {
+                    // A TLS handshake that completed while reading lets queued data out.
+                    self.on_writable(key);
+                } else if Self::unchanged(slot, key, before, self.timed_open, &self.streams) {
+                    return;
+                }
+            }
+        }
+        if Self::unchanged(&self.slots[key], key, before, self.timed_open, &self.streams) {
+            return;
+        }
+        self.changed(key, before);
+    }
+
+    /// [`on_ready`](Self::on_ready) for every other event: a connect in progress, something to
+    /// write, a connection not being read.
+    #[inline(never)]
+    fn on_ready_other<D: Driver<T, P, R>>(&mut self, d: &mut D, key: usize, ev: &mio::event::Event, rbuf: &mut [u8]) {
+        let slot = &mut self.slots[key];
         if slot.flags & DEAD != 0 {
             return;
         }
@@ -452,17 +510,22 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 }
             }
         }
-        let slot = &self.slots[key];
-        if slot.flags == 0
-            && slot.out.is_none()
-            && !self.timed_open
-            && slot.conn.is_open()
-            && slot.charge() == before
-            && slot.stream.held(key, &self.streams) == 0
-        {
-            return; // the common case after a read: nothing to charge, nothing to change
+        if Self::unchanged(&self.slots[key], key, before, self.timed_open, &self.streams) {
+            return;
         }
         self.changed(key, before);
+    }
+
+    /// The common case after a read: connection `key` (`slot`), which held `before`, has
+    /// nothing to charge and nothing to change (`timed_open` and `streams` are the engine's).
+    #[inline]
+    fn unchanged(slot: &Slot<T, P>, key: usize, before: usize, timed_open: bool, streams: &T::Loop) -> bool {
+        slot.flags == 0
+            && slot.out.is_none()
+            && !timed_open
+            && slot.conn.is_open()
+            && slot.charge() == before
+            && slot.stream.held(key, streams) == 0
     }
 
     /// Brings the budget up to date with what connection `key` holds now (it held `before`),
@@ -617,7 +680,8 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
     /// Reads and processes until the socket is drained. `hup` says the peer's FIN (or an error)
     /// came with this event, so reading must go on until it shows.
     /// `before` is what the connection held when it was last charged: each read is charged
-    /// as it goes, so that the budget stops a connection that is reading a lot.
+    /// as it goes, so that the budget stops a connection that is reading a lot. Called with the
+    /// wakeup's work not used up (the first read needs no look at it).
     fn on_readable<D: Driver<T, P, R>>(
         &mut self,
         d: &mut D,
@@ -631,15 +695,11 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 .budget
                 .read_cap(rbuf.len(), self.slots[key].stream.min_read(key, &self.streams));
             let slot = &mut self.slots[key];
-            if slot.flags & (DEAD | READ_PAUSED | EOF | CONNECTING | MEM_PAUSED | READ_MORE) != 0 {
+            if slot.flags & NOT_READING != 0 {
                 return;
             }
-            if self.spent() >= self.quantum {
-                // Everyone else's turn first; this socket is read again from the ready list.
-                self.defer(key, hup, Vec::new(), 0);
-                return;
-            }
-            let slot = &mut self.slots[key];
+            // The wakeup's work is looked at before each read but the first, at the end of this
+            // loop.
             let held = slot.stream.held(key, &self.streams);
             if over && (slot.conn.is_open() && slot.conn.buffered_bytes() > 0 || held > 0) {
                 // Past the budget a read could still grow this connection's partial message
@@ -704,6 +764,14 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 self.mem_pause_or_drop(key, hup);
                 return;
             }
+            if slot.flags & NOT_READING != 0 {
+                return;
+            }
+            if self.spent() >= self.quantum {
+                // Everyone else's turn first; this socket is read again from the ready list.
+                self.defer(key, hup, Vec::new(), 0);
+                return;
+            }
         }
     }
 
@@ -763,38 +831,60 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             if slot.flags & DEAD != 0 {
                 break;
             }
-            let read = slot.conn.read_with(
-                &self.cfg,
-                self.now,
-                &mut data[pos..],
-                &mut self.codec,
-                &mut self.rng,
-                &mut self.cork,
-            );
-            match read {
-                Ok((used, ev)) => {
-                    pos += used;
-                    match ev {
-                        Some(ev) => {
-                            d.on_event(self, key, ev);
-                            self.work += 1;
-                            if pos < data.len() && self.spent() >= self.quantum {
-                                break;
-                            }
-                        }
-                        None if used == 0 => {
-                            // Waiting for the driver's answer: the rest is not this wakeup's.
-                            pos = data.len();
-                            break;
-                        }
-                        None => {}
-                    }
-                }
-                Err(e) => {
+            // The usual message is taken without the general parser, and every message reaches
+            // the driver from this one place: its path is inlined once, and the usual message
+            // is not copied through the parser's result on its way.
+            let small = slot
+                .conn
+                .read_small(&self.cfg, self.now, &mut data[pos..], &mut self.rng, &mut self.cork);
+            let (used, payload) = match small {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
                     d.on_error(self, key, &e);
                     pos = data.len();
                     break;
                 }
+                None => match read_general(
+                    &mut slot.conn,
+                    &self.cfg,
+                    self.now,
+                    &mut data[pos..],
+                    &mut self.codec,
+                    &mut self.rng,
+                    &mut self.cork,
+                ) {
+                    Ok((used, Some(Event::Message(payload)))) => (used, payload),
+                    Ok((used, ev)) => {
+                        pos += used;
+                        match ev {
+                            Some(ev) => {
+                                d.on_event(self, key, ev);
+                                self.work += 1;
+                                if pos < data.len() && self.spent() >= self.quantum {
+                                    break;
+                                }
+                            }
+                            None if used == 0 => {
+                                // Waiting for the driver's answer: the rest is not this wakeup's.
+                                pos = data.len();
+                                break;
+                            }
+                            None => {}
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        d.on_error(self, key, &e);
+                        pos = data.len();
+                        break;
+                    }
+                },
+            };
+            pos += used;
+            d.on_message(self, key, payload);
+            self.work += 1;
+            if pos < data.len() && self.spent() >= self.quantum {
+                break;
             }
         }
         // Large inflated messages (a bomb's refused output too) are trimmed after, as freed buffers are.
@@ -880,7 +970,13 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 slot.conn.set_closed(self.now);
                 self.kill(key, Cause::Eof);
             } else if slot.flags & DEAD == 0 {
-                self.on_readable(d, key, r.hup, rbuf, &mut before);
+                if slot.flags & NOT_READING == 0 && self.spent() >= self.quantum {
+                    // The rest of its read used up this turn's work: its socket waits for the next
+                    // (`on_readable` looks at the work only before its later reads).
+                    self.defer(key, r.hup, Vec::new(), 0);
+                } else {
+                    self.on_readable(d, key, r.hup, rbuf, &mut before);
+                }
                 if let Some(slot) = self.slots.get_mut(key) {
                     if slot.stream.io(key, &mut self.streams).take_write_ready()
                         && slot.out.is_some()
@@ -1261,7 +1357,24 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
 
     /// Sends a message on connection `key` if it is still generation `gen` (one lookup: this
     /// is every reply's path).
+    #[inline]
     pub(crate) fn send_to(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
+        // The usual reply, a small message to the connection whose read is being processed,
+        // joins the cork right here (the read's bracket accounts for it); the rest takes the
+        // call.
+        if key == self.corked {
+            if let Some(slot) = self.slots.get(key) {
+                if slot.gen == gen && slot.flags & DEAD == 0 && slot.conn.send_small(&msg, &mut self.cork) {
+                    return Ok(());
+                }
+            }
+        }
+        self.send_other(key, gen, msg)
+    }
+
+    /// [`send_to`](Self::send_to) for all but a small reply to the corked connection.
+    #[inline(never)]
+    fn send_other(&mut self, key: usize, gen: u32, msg: Message<'_>) -> Result<(), NotOpen> {
         if key != self.corked {
             self.work += 1;
         }

@@ -923,6 +923,45 @@ impl Connection {
         rng: &mut R,
         out: &mut Vec<u8>,
     ) -> Result<(usize, Option<Event<'d>>), Error> {
+        self.take_small(now, data, head, len, rng, out, |p| Some(Event::Message(p)))
+    }
+
+    /// [`read`](Self::read) for the usual message only, for a caller that checks for it before
+    /// calling `read`, so that the message reaches it without the general parser's result:
+    /// a whole, final text or binary frame under 126 bytes on an open connection with no
+    /// parser state (see [`small_message`](Self::small_message)). `None` for anything else,
+    /// having used nothing.
+    #[cfg(any(feature = "server", feature = "client"))]
+    #[inline(always)]
+    pub(crate) fn read_small<'d, R: RandomSource + ?Sized>(
+        &mut self,
+        cfg: &Config,
+        now: u64,
+        data: &'d mut [u8],
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(usize, Payload<'d>), Error>> {
+        if self.partial.is_some() || self.state != State::Open {
+            return None;
+        }
+        let (head, len) = self.small_message(cfg, data)?;
+        Some(self.take_small(now, data, head, len, rng, out, |p| p))
+    }
+
+    /// [`take_small_message`](Self::take_small_message) with the payload handed out as `wrap`
+    /// makes it.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn take_small<'d, R: RandomSource + ?Sized, T>(
+        &mut self,
+        now: u64,
+        data: &'d mut [u8],
+        head: usize,
+        len: usize,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+        wrap: impl FnOnce(Payload<'d>) -> T,
+    ) -> Result<(usize, T), Error> {
         let text = data[0] == 0x81;
         let (h, rest) = data.split_at_mut(head);
         let payload = &mut rest[..len];
@@ -943,7 +982,7 @@ impl Connection {
         } else {
             Payload::Binary(payload)
         };
-        Ok((head + len, Some(Event::Message(p))))
+        Ok((head + len, wrap(p)))
     }
 
     /// Feeds all of `data`, handing each event to `on_event` with `out`. A server accepts every
@@ -1119,6 +1158,20 @@ impl Connection {
         out: &mut Vec<u8>,
     ) -> Result<(), NotOpen> {
         self.send_frame(msg.opcode(), true, msg.as_bytes(), rng, out)
+    }
+
+    /// [`send`](Self::send) for the usual reply, written where it is called: a message under
+    /// 126 bytes on an open server connection that did not agree on compression. Returns
+    /// false, writing nothing, in every other case: send it the general way then.
+    #[cfg(any(feature = "server", feature = "client"))]
+    #[inline(always)]
+    pub(crate) fn send_small(&self, msg: &Message<'_>, out: &mut Vec<u8>) -> bool {
+        let payload = msg.as_bytes();
+        if self.state != State::Open || self.flags & CLIENT != 0 || self.deflate.is_agreed() || payload.len() >= 126 {
+            return false;
+        }
+        super::frame::write_small_frame(out, true, msg.opcode(), payload);
+        true
     }
 
     /// Starts sending `msg` whole as one frame whose payload the caller writes itself, right

@@ -175,27 +175,34 @@ impl FrameHeader {
     }
 }
 
+/// Appends an unmasked frame whose payload is under 126 bytes: two header bytes and the
+/// payload (a server's small frame, the common case). Written through the pointer because
+/// `push`/`extend_from_slice` stop being inlined once the binary also links rustls: 21 more
+/// instructions per echo (`cargo bench --bench instructions`); `small_frames_are_written_whole`
+/// tests this path.
+#[inline(always)]
+pub(crate) fn write_small_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8]) {
+    debug_assert!(payload.len() < 126);
+    let n = payload.len();
+    out.reserve(2 + n);
+    let len = out.len();
+    // SAFETY: `reserve` made room for at least `2 + n` bytes past `len`; the two header
+    // bytes and the `n` payload bytes are written inside that room, `payload` cannot overlap
+    // it (it is borrowed while `out` is borrowed mutably), and `set_len` then covers exactly
+    // the bytes written, all initialised.
+    unsafe {
+        let end = out.as_mut_ptr().add(len);
+        end.write(u8::from(fin) << 7 | opcode as u8);
+        end.add(1).write(n as u8);
+        core::ptr::copy_nonoverlapping(payload.as_ptr(), end.add(2), n);
+        out.set_len(len + 2 + n);
+    }
+}
+
 /// Appends one whole frame to `out`: header, then the payload, masked when `mask` is given.
 pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, mask: Option<[u8; 4]>, payload: &[u8]) {
     if mask.is_none() && payload.len() < 126 {
-        // A server's small frame: two header bytes and the payload (the common case). Written
-        // through the pointer because `push`/`extend_from_slice` stop being inlined here once the
-        // binary also links rustls: 21 more instructions per echo
-        // (`cargo bench --bench instructions`); `small_frames_are_written_whole` tests this path.
-        let n = payload.len();
-        out.reserve(2 + n);
-        let len = out.len();
-        // SAFETY: `reserve` made room for at least `2 + n` bytes past `len`; the two header
-        // bytes and the `n` payload bytes are written inside that room, `payload` cannot overlap
-        // it (it is borrowed while `out` is borrowed mutably), and `set_len` then covers exactly
-        // the bytes written, all initialised.
-        unsafe {
-            let end = out.as_mut_ptr().add(len);
-            end.write(u8::from(fin) << 7 | opcode as u8);
-            end.add(1).write(n as u8);
-            core::ptr::copy_nonoverlapping(payload.as_ptr(), end.add(2), n);
-            out.set_len(len + 2 + n);
-        }
+        write_small_frame(out, fin, opcode, payload);
         return;
     }
     let header = FrameHeader {

@@ -548,7 +548,7 @@ impl<'a, S> Ctx<'a, S> {
     /// With a cluster, a connection of another instance is reached through Redis: the message
     /// is queued for it, and this fails when it was not (Redis is down or the queue to it is
     /// full; whether that connection is open is known only there).
-    #[inline]
+    #[inline(always)]
     pub fn send(&mut self, id: ConnId, msg: Message<'_>) -> Result<(), NotOpen> {
         // One test for the usual case: `fast_loop` matches no id when message lines are wanted.
         let sent = if id.loop_index() == self.loop_state.fast_loop && id.instance() == self.loop_state.instance {
