@@ -436,11 +436,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             self.begin_work();
             self.on_readable(d, key, hup, rbuf, &mut before);
             if let Some(slot) = self.slots.get_mut(key) {
-                if slot.stream.io(key, &mut self.streams).take_write_ready()
-                    && slot.out.is_some()
-                    && slot.flags & DEAD == 0
-                {
-                    // A TLS handshake that completed while reading lets queued data out.
+                if Self::handshake_done(slot, key, &mut self.streams) {
                     self.on_writable(key);
                 } else if Self::unchanged(slot, key, before, self.timed_open, &self.streams) {
                     return;
@@ -498,22 +494,31 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
             } else {
                 self.begin_work();
                 self.on_readable(d, key, hup, rbuf, &mut before);
-                // A TLS handshake that completed while reading lets queued data out.
-                // (Plain TCP answers false at once.)
-                if let Some(slot) = self.slots.get_mut(key) {
-                    if slot.stream.io(key, &mut self.streams).take_write_ready()
-                        && slot.out.is_some()
-                        && slot.flags & DEAD == 0
-                    {
-                        self.on_writable(key);
-                    }
-                }
+                self.write_after_handshake(key);
             }
         }
         if Self::unchanged(&self.slots[key], key, before, self.timed_open, &self.streams) {
             return;
         }
         self.changed(key, before);
+    }
+
+    /// After a read of connection `key`: a TLS handshake that completed while reading lets
+    /// queued data out (plain TCP answers false at once).
+    #[inline(always)]
+    fn write_after_handshake(&mut self, key: usize) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            if Self::handshake_done(slot, key, &mut self.streams) {
+                self.on_writable(key);
+            }
+        }
+    }
+
+    /// Whether connection `key` (`slot`) has queued data that a TLS handshake completed by its
+    /// read now lets out.
+    #[inline(always)]
+    fn handshake_done(slot: &mut Slot<T, P>, key: usize, streams: &mut T::Loop) -> bool {
+        slot.stream.io(key, streams).take_write_ready() && slot.out.is_some() && slot.flags & DEAD == 0
     }
 
     /// The common case after a read: connection `key` (`slot`), which held `before`, has
@@ -977,14 +982,7 @@ impl<T: SlotStream, P, R: RandomSource> Engine<T, P, R> {
                 } else {
                     self.on_readable(d, key, r.hup, rbuf, &mut before);
                 }
-                if let Some(slot) = self.slots.get_mut(key) {
-                    if slot.stream.io(key, &mut self.streams).take_write_ready()
-                        && slot.out.is_some()
-                        && slot.flags & DEAD == 0
-                    {
-                        self.on_writable(key);
-                    }
-                }
+                self.write_after_handshake(key);
             }
             turn = turn.saturating_add(self.spent());
             self.changed(key, before);

@@ -855,7 +855,7 @@ impl Connection {
     ) -> Result<(usize, Option<Event<'d>>), Error> {
         if self.partial.is_none() && self.state == State::Open {
             if let Some((head, len)) = self.small_message(cfg, data) {
-                return self.take_small_message(now, data, head, len, rng, out);
+                return self.take_small(now, data, head, len, rng, out, |p| Some(Event::Message(p)));
             }
         }
         let result = match self.state {
@@ -912,20 +912,6 @@ impl Connection {
         (len < 126 && len <= cfg.max_message && data.len() >= head + len).then_some((head, len))
     }
 
-    /// Hands out the frame [`small_message`](Self::small_message) found.
-    #[inline]
-    fn take_small_message<'d, R: RandomSource + ?Sized>(
-        &mut self,
-        now: u64,
-        data: &'d mut [u8],
-        head: usize,
-        len: usize,
-        rng: &mut R,
-        out: &mut Vec<u8>,
-    ) -> Result<(usize, Option<Event<'d>>), Error> {
-        self.take_small(now, data, head, len, rng, out, |p| Some(Event::Message(p)))
-    }
-
     /// [`read`](Self::read) for the usual message only, for a caller that checks for it before
     /// calling `read`, so that the message reaches it without the general parser's result:
     /// a whole, final text or binary frame under 126 bytes on an open connection with no
@@ -948,7 +934,7 @@ impl Connection {
         Some(self.take_small(now, data, head, len, rng, out, |p| p))
     }
 
-    /// [`take_small_message`](Self::take_small_message) with the payload handed out as `wrap`
+    /// Hands out the frame [`small_message`](Self::small_message) found, its payload as `wrap`
     /// makes it.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
