@@ -708,3 +708,25 @@ fn a_hostile_server_on_the_redis_port() {
         streamed.load(Ordering::Relaxed) >> 10
     );
 }
+
+/// The tests' Redis is their own: a redis-server started on a port another one already holds
+/// cannot listen, and must not be taken for ready because the other one answers PING there
+/// (two tests that picked one free port would share a Redis).
+#[test]
+fn the_test_harness_never_takes_another_redis_for_its_own() {
+    let Some(first) = Redis::start() else { return };
+    let second = std::panic::catch_unwind(|| Redis::start_on(first.port, &[]));
+    let why = match second {
+        Ok(_) => panic!(
+            "a redis-server on port {} that could not listen was taken as started",
+            first.port
+        ),
+        Err(e) => e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+    };
+    assert!(why.contains("exited at start"), "{why}");
+    assert_eq!(first.command(&["PING"]), "PONG", "the first one is untouched");
+}

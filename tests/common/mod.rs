@@ -423,7 +423,13 @@ impl Nginx {
                     last_log = nginx.log();
                     break; // exited: most likely the port was taken; try another
                 }
-                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                // Ours, not another listener on a port taken between the pick and nginx's
+                // bind: nginx writes its pid file only once it listens (and exits when it
+                // cannot bind).
+                let pid = std::fs::read_to_string(dir.join("nginx.pid")).unwrap_or_default();
+                if pid.trim() == nginx.child.id().to_string()
+                    && std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                {
                     return nginx;
                 }
                 assert!(

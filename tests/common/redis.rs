@@ -67,9 +67,21 @@ pub fn free_port() -> u16 {
 
 impl RedisServer {
     /// Starts redis-server on a free port; `None` (after a loud message) when it is not
-    /// installed and `CI` is not `true`.
+    /// installed and `CI` is not `true`. The port is picked, then given to redis-server: if
+    /// another process takes it in between, redis-server cannot listen and another port is
+    /// tried.
     pub fn start() -> Option<RedisServer> {
-        Self::start_on(free_port(), &[])
+        if !available() {
+            return None;
+        }
+        let mut why = String::new();
+        for _ in 0..5 {
+            match Self::try_start_on(free_port(), &[]) {
+                Ok(server) => return Some(server),
+                Err(e) => why = e,
+            }
+        }
+        panic!("redis-server would not start on any of 5 free ports; the last:\n{why}");
     }
 
     /// Starts redis-server on `port` with `extra` arguments added, and waits until it answers
@@ -78,7 +90,16 @@ impl RedisServer {
         if !available() {
             return None;
         }
-        let dir = std::env::temp_dir().join(format!("wsloop-redis-{}-{port}", std::process::id()));
+        Some(Self::try_start_on(port, extra).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// [`RedisServer::start_on`]; `Err` with the log when redis-server ended at start (most
+    /// likely the port was taken).
+    fn try_start_on(port: u16, extra: &[&str]) -> Result<RedisServer, String> {
+        // One directory per start: two tests that picked one port never share a log.
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wsloop-redis-{}-{port}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("make the redis directory");
         let plain = !extra.contains(&"--tls-port");
         let mut server = RedisServer {
@@ -88,11 +109,20 @@ impl RedisServer {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             plain,
         };
-        server.spawn();
-        Some(server)
+        server.try_spawn()?;
+        Ok(server)
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the child and waits until it is ready: it answers on the port, and its own log
+    /// says it accepts connections. The second half matters: another redis-server on the same
+    /// port (another test's, started from a port picked at the same time) answers PING too.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new(BINARY);
         cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -109,21 +139,32 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd.spawn().expect("start redis-server");
+        let ready_line = format!("{}:", child.id());
         self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let ready = if self.plain {
+            let answers = if self.plain {
                 // NOAUTH is an answer too (a server started with --requirepass).
                 self.try_command(&["PING"])
                     .is_ok_and(|r| r == "PONG" || r.starts_with("ERR: NOAUTH"))
             } else {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             };
-            if ready {
-                return;
+            let ours = answers
+                && self
+                    .log()
+                    .lines()
+                    .any(|l| l.starts_with(&ready_line) && l.contains("Ready to accept connections"));
+            if ours {
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("redis-server exited at start ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(format!(
+                    "redis-server exited at start on port {} ({status}):\n{}",
+                    self.port,
+                    self.log()
+                ));
             }
             assert!(
                 Instant::now() < deadline,
