@@ -935,7 +935,8 @@ impl Connection {
     }
 
     /// Hands out the frame [`small_message`](Self::small_message) found, its payload as `wrap`
-    /// makes it.
+    /// makes it (`read` wraps it into an event inside, rather than mapping the result after:
+    /// 96 bytes less of the firmware core's `.text`, tests/firmware.rs).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn take_small<'d, R: RandomSource + ?Sized, T>(
